@@ -1,0 +1,11 @@
+//! The wire contract between `vmcred-host` and `vmcred-guest`: everything
+//! both sides must agree on lives here, so it cannot drift.
+
+pub mod bootstrap;
+pub mod rpc;
+pub mod rules;
+pub mod tls;
+pub mod transport;
+
+/// Version string both agents send in `Hello`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,202 @@
+//! Credential rules shared by both agents, so that the host refuses at
+//! config time exactly what the guest would refuse on the wire.
+//!
+//! The limits mirror systemd: `/run/credentials/@system` is a 1 MiB,
+//! 1024-inode mount and a single credential may be at most 1 MiB
+//! (`CREDENTIAL_SIZE_MAX`). Names follow `credential_name_valid()`:
+//! a valid file name (no `/`, not `.` or `..`, at most 255 bytes) that is
+//! printable ASCII and carries no `:` (which `LoadCredential=ID:PATH` would
+//! split on).
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Largest single credential systemd accepts.
+pub const MAX_CREDENTIAL_BYTES: usize = 1024 * 1024;
+/// Budget for all of one VM's credentials together: the size of the
+/// credentials mount in the guest.
+pub const MAX_TOTAL_BYTES: usize = 1024 * 1024;
+/// Inodes in the guest's credentials mount.
+pub const MAX_FILES: usize = 1024;
+/// Longest credential name (a file name).
+pub const MAX_NAME_LEN: usize = 255;
+/// Most credentials in one message; well under `MAX_FILES`, and a bound on
+/// the per-request work either side will do.
+pub const MAX_CREDENTIALS_PER_MESSAGE: usize = 1000;
+/// Largest gRPC message either side decodes: a full set plus framing.
+pub const MAX_MESSAGE_BYTES: usize = MAX_TOTAL_BYTES + 256 * 1024;
+/// Name of the bootstrap credential the guest reads at start.
+pub const BOOTSTRAP_CREDENTIAL: &str = "vmcred.bootstrap";
+
+/// Why a credential name or value was refused. Never carries a value.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("credential name is empty")]
+    EmptyName,
+    #[error("credential name is {len} bytes long; the limit is {MAX_NAME_LEN}")]
+    NameTooLong { len: usize },
+    #[error("credential name {name:?} is not allowed: {why}")]
+    BadName { name: String, why: &'static str },
+    #[error("credential {name:?} is {len} bytes; the limit for one credential is {MAX_CREDENTIAL_BYTES} bytes (1 MiB)")]
+    TooLarge { name: String, len: usize },
+    #[error("credentials total {total} bytes; the limit for one VM is {MAX_TOTAL_BYTES} bytes (1 MiB, the size of the guest's credentials mount)")]
+    TotalTooLarge { total: usize },
+    #[error("{count} credentials in one message; the limit is {MAX_CREDENTIALS_PER_MESSAGE}")]
+    TooMany { count: usize },
+    #[error("credential {name:?}: digest does not match its value")]
+    DigestMismatch { name: String },
+    #[error("credential {name:?}: digest must be 32 bytes of SHA-256, got {len}")]
+    DigestLength { name: String, len: usize },
+    #[error("credential {name:?} appears more than once")]
+    Duplicate { name: String },
+}
+
+/// Checks a credential name against systemd's rules.
+///
+/// The name in an error is shown with `{:?}` escaping so that a hostile
+/// name cannot inject control characters into a log line; it is capped at
+/// 64 characters.
+pub fn validate_name(name: &str) -> Result<(), RuleError> {
+    let bad = |why| RuleError::BadName {
+        name: display_name(name),
+        why,
+    };
+    if name.is_empty() {
+        return Err(RuleError::EmptyName);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(RuleError::NameTooLong { len: name.len() });
+    }
+    if name == "." || name == ".." {
+        return Err(bad("'.' and '..' are not file names"));
+    }
+    for b in name.bytes() {
+        match b {
+            b'/' => return Err(bad("contains '/'")),
+            b':' => return Err(bad("contains ':'")),
+            0x21..=0x7e => {}
+            b' ' => return Err(bad("contains a space")),
+            _ => return Err(bad("must be printable ASCII")),
+        }
+    }
+    Ok(())
+}
+
+/// A name shortened and safe to put into an error message.
+pub fn display_name(name: &str) -> String {
+    let mut s: String = name.chars().take(64).collect();
+    if name.chars().count() > 64 {
+        s.push('…');
+    }
+    s
+}
+
+/// Checks one value's size.
+pub fn validate_size(name: &str, len: usize) -> Result<(), RuleError> {
+    if len > MAX_CREDENTIAL_BYTES {
+        return Err(RuleError::TooLarge {
+            name: display_name(name),
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a whole set's total size.
+pub fn validate_total(sizes: impl IntoIterator<Item = usize>) -> Result<(), RuleError> {
+    let total = sizes.into_iter().fold(0usize, usize::saturating_add);
+    if total > MAX_TOTAL_BYTES {
+        return Err(RuleError::TotalTooLarge { total });
+    }
+    Ok(())
+}
+
+/// SHA-256 of a value: what both sides compare to decide whether a write is
+/// needed, and what the guest checks a received value against.
+pub fn digest(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
+}
+
+/// Checks that `claimed` is the SHA-256 of `value`.
+pub fn verify_digest(name: &str, value: &[u8], claimed: &[u8]) -> Result<[u8; 32], RuleError> {
+    if claimed.len() != 32 {
+        return Err(RuleError::DigestLength {
+            name: display_name(name),
+            len: claimed.len(),
+        });
+    }
+    let actual = digest(value);
+    // Not secret-dependent timing that matters: the digest of a value the
+    // peer itself sent. A plain comparison is fine.
+    if actual.as_slice() != claimed {
+        return Err(RuleError::DigestMismatch {
+            name: display_name(name),
+        });
+    }
+    Ok(actual)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for n in ["API_KEY", "vmcred.bootstrap", "a", "db-password", "x~y"] {
+            assert_eq!(validate_name(n), Ok(()), "{n}");
+        }
+        assert!(validate_name(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_names_with_reasons() {
+        let cases = [
+            ("", "empty"),
+            ("../x", "'/'"),
+            ("a/b", "'/'"),
+            ("a:b", "':'"),
+            (".", "'.'"),
+            ("..", "'.'"),
+            ("héllo", "printable ASCII"),
+            ("a b", "space"),
+            ("a\nb", "printable ASCII"),
+        ];
+        for (name, why) in cases {
+            let err = validate_name(name).expect_err(name).to_string();
+            assert!(err.contains(why), "{name:?}: {err}");
+        }
+        let err = validate_name(&"a".repeat(256)).unwrap_err().to_string();
+        assert!(err.contains("256 bytes"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert!(validate_size("x", MAX_CREDENTIAL_BYTES).is_ok());
+        let err = validate_size("x", MAX_CREDENTIAL_BYTES + 1).unwrap_err();
+        assert!(err.to_string().contains("1 MiB"));
+        assert!(validate_total([MAX_TOTAL_BYTES / 2, MAX_TOTAL_BYTES / 2]).is_ok());
+        assert!(validate_total([MAX_TOTAL_BYTES, 1]).is_err());
+        assert!(validate_total([usize::MAX, usize::MAX]).is_err());
+    }
+
+    #[test]
+    fn digests() {
+        let d = digest(b"v");
+        assert_eq!(verify_digest("n", b"v", &d), Ok(d));
+        assert!(matches!(
+            verify_digest("n", b"w", &d),
+            Err(RuleError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            verify_digest("n", b"v", &d[..31]),
+            Err(RuleError::DigestLength { len: 31, .. })
+        ));
+    }
+
+    #[test]
+    fn errors_never_echo_long_names() {
+        let long = "z".repeat(200);
+        let err = validate_name(&format!("{long}/")).unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+    }
+}

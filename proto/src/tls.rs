@@ -1,0 +1,408 @@
+//! TLS between the agents: TLS 1.3 only, the guest as TLS server, the host
+//! as client presenting its own long-lived self-signed certificate.
+//!
+//! Trust runs one way on purpose. The guest accepts a host only if the
+//! SHA-256 of the certificate's SubjectPublicKeyInfo equals the pin from its
+//! SMBIOS bootstrap; no CA, no names, no expiry games. The host does not
+//! authenticate the guest by certificate: it picks the VM by CID or socket
+//! path, and only the guest's root can own the privileged port it dials, so
+//! the guest's certificate is ephemeral and unchecked (its handshake
+//! signature is still verified, so the session key is bound to it).
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+/// The server name the host uses in its ClientHello. Unchecked by design
+/// (see the module doc); fixed so that it is not mistaken for meaning.
+pub const SERVER_NAME: &str = "vmcred-guest";
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+    #[error("host key file {path}: {why}")]
+    KeyFile { path: String, why: String },
+    #[error("TLS setup: {0}")]
+    Setup(#[from] rustls::Error),
+    #[error("certificate is not parseable X.509")]
+    BadCertificate,
+}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo: what a guest pins.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pin(pub [u8; 32]);
+
+impl Pin {
+    /// The pin of the key in a DER certificate.
+    pub fn of_certificate(cert: &[u8]) -> Result<Pin, TlsError> {
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(cert).map_err(|_| TlsError::BadCertificate)?;
+        Ok(Pin(Sha256::digest(parsed.public_key().raw).into()))
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Pin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hexpart = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| "must start with \"sha256:\"".to_string())?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hexpart, &mut out)
+            .map_err(|_| "must be sha256: followed by 64 hex digits".to_string())?;
+        Ok(Pin(out))
+    }
+}
+
+/// A certificate and its private key. The key bytes live in a zeroizing
+/// buffer and are never printed (no `Debug`).
+pub struct Identity {
+    cert: CertificateDer<'static>,
+    key_pkcs8: Zeroizing<Vec<u8>>,
+}
+
+impl Identity {
+    /// A fresh ECDSA P-256 key in a self-signed certificate.
+    pub fn generate(name: &str) -> Result<Identity, TlsError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec![name.to_string()])
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok(Identity {
+            cert: cert.der().clone(),
+            key_pkcs8: Zeroizing::new(key.serialize_der()),
+        })
+    }
+
+    /// Loads the host identity from `dir`, or creates it there on first
+    /// start: `host.key` (0600), `host.crt` and `host.pin` (0644, public;
+    /// `vmcred-host launch` runs as the hypervisor user and reads the pin).
+    pub fn load_or_create(dir: &Path) -> Result<Identity, TlsError> {
+        let key_path = dir.join("host.key");
+        let cert_path = dir.join("host.crt");
+        let err = |p: &Path, why: String| TlsError::KeyFile {
+            path: p.display().to_string(),
+            why,
+        };
+        let id = if key_path.exists() {
+            let key = Zeroizing::new(
+                std::fs::read(&key_path).map_err(|e| err(&key_path, e.to_string()))?,
+            );
+            let cert = std::fs::read(&cert_path).map_err(|e| err(&cert_path, e.to_string()))?;
+            let mode = std::fs::metadata(&key_path)
+                .map_err(|e| err(&key_path, e.to_string()))?
+                .permissions();
+            use std::os::unix::fs::PermissionsExt;
+            if mode.mode() & 0o077 != 0 {
+                return Err(err(
+                    &key_path,
+                    format!(
+                        "mode {:04o} lets others read the host key; expected 0600",
+                        mode.mode() & 0o7777
+                    ),
+                ));
+            }
+            let id = Identity {
+                cert: CertificateDer::from(cert),
+                key_pkcs8: key,
+            };
+            id.check_pair()
+                .map_err(|e| err(&key_path, format!("does not match host.crt: {e}")))?;
+            id
+        } else {
+            let id = Identity::generate("vmcred-host")?;
+            write_file(&key_path, &id.key_pkcs8, 0o600).map_err(|e| err(&key_path, e))?;
+            write_file(&cert_path, id.cert.as_ref(), 0o644).map_err(|e| err(&cert_path, e))?;
+            id
+        };
+        let pin_path = dir.join("host.pin");
+        let pin = format!("{}\n", id.pin()?);
+        if std::fs::read_to_string(&pin_path).ok().as_deref() != Some(pin.as_str()) {
+            write_file(&pin_path, pin.as_bytes(), 0o644).map_err(|e| err(&pin_path, e))?;
+        }
+        Ok(id)
+    }
+
+    pub fn pin(&self) -> Result<Pin, TlsError> {
+        Pin::of_certificate(self.cert.as_ref())
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()))
+    }
+
+    fn check_pair(&self) -> Result<(), TlsError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(self.key())
+            .map_err(TlsError::Setup)?;
+        rustls::sign::CertifiedKey::new(vec![self.cert.clone()], key)
+            .keys_match()
+            .map_err(TlsError::Setup)
+    }
+}
+
+/// Writes `bytes` to `path` with `mode` atomically (temp file + rename).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The host's client configuration: presents `id`, accepts any guest
+/// certificate (see the module doc) but verifies its handshake signature.
+pub fn host_client_config(id: &Identity) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyGuest { provider }))
+        .with_client_auth_cert(vec![id.cert.clone()], id.key())?;
+    Ok(Arc::new(cfg))
+}
+
+/// The guest's server configuration: an ephemeral certificate of its own,
+/// and a client verifier that accepts exactly the pinned host key.
+pub fn guest_server_config(pin: Pin) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let own = Identity::generate(SERVER_NAME)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(PinnedHost { pin, provider }))
+        .with_single_cert(vec![own.cert.clone()], own.key())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The server name to put in the ClientHello.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from(SERVER_NAME).unwrap_or_else(|_| unreachable_name())
+}
+
+#[cold]
+fn unreachable_name() -> ServerName<'static> {
+    // SERVER_NAME is a valid DNS name; this exists only to avoid a panic path.
+    ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+#[derive(Debug)]
+struct PinnedHost {
+    pin: Pin,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for PinnedHost {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let pin = Pin::of_certificate(end_entity.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if pin != self.pin {
+            tracing::warn!(presented = %pin, expected = %self.pin, "refused a host whose key is not the pinned one");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("vmcred speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct AnyGuest {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyGuest {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("vmcred speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn handshake(host: &Identity, pin: Pin) -> Result<Vec<u8>, String> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(guest_server_config(pin).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(host_client_config(host).unwrap());
+        let server = tokio::spawn(async move {
+            let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(buf.to_vec())
+        });
+        let client = async {
+            let mut c = connector
+                .connect(server_name(), a)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            c.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        };
+        let _c = client.await;
+        server.await.map_err(|e| e.to_string())?
+    }
+
+    #[tokio::test]
+    async fn pinned_host_is_accepted_and_others_refused() {
+        let host = Identity::generate("vmcred-host").unwrap();
+        let other = Identity::generate("vmcred-host").unwrap();
+        assert_eq!(
+            handshake(&host, host.pin().unwrap()).await.unwrap(),
+            b"hello"
+        );
+        let err = handshake(&other, host.pin().unwrap()).await.unwrap_err();
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn pin_text_round_trip_and_errors() {
+        let p = Pin([0xab; 32]);
+        assert_eq!(p.to_string().parse::<Pin>(), Ok(p));
+        assert!("abc".parse::<Pin>().is_err());
+        assert!("sha256:00".parse::<Pin>().is_err());
+    }
+
+    #[test]
+    fn identity_persists_with_private_key_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path()).unwrap();
+        let b = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.pin().unwrap(), b.pin().unwrap());
+        let mode = std::fs::metadata(dir.path().join("host.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let pin = std::fs::read_to_string(dir.path().join("host.pin")).unwrap();
+        assert_eq!(pin.trim(), a.pin().unwrap().to_string());
+        std::fs::set_permissions(
+            dir.path().join("host.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let err = Identity::load_or_create(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("0644"), "{err}");
+    }
+}

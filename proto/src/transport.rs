@@ -1,0 +1,354 @@
+//! Byte streams between the agents, before TLS.
+//!
+//! Three real transports:
+//! - AF_VSOCK (qemu with vhost-vsock): the host dials `CID:PORT`; the guest
+//!   listens on `PORT` and accepts only the host, CID 2.
+//! - Hybrid vsock (cloud-hypervisor, Firecracker, vhost-device-vsock): the
+//!   VMM exposes one Unix socket per VM; the host connects to it, writes
+//!   `CONNECT <port>\n` and reads `OK <n>\n`, after which the stream is
+//!   the guest's port. The VMM closes without `OK` when nothing listens
+//!   in the guest yet, which the host treats as "not up yet".
+//! - Plain Unix sockets, for the guest agent in on-machine tests; the peer
+//!   is admitted by its `SO_PEERCRED` uid.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The host's CID as a guest sees it (`VMADDR_CID_HOST`).
+pub const HOST_CID: u32 = 2;
+/// Longest reply line we read from a hybrid-vsock muxer (`OK 4294967295\n`
+/// is 14 bytes).
+const MAX_HYBRID_REPLY: usize = 32;
+
+/// Where the host finds one VM's guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Vsock { cid: u32, port: u32 },
+    Hybrid { socket: PathBuf, port: u32 },
+    Unix { path: PathBuf },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
+            Target::Hybrid { socket, port } => {
+                write!(f, "hybrid vsock {} port {port}", socket.display())
+            }
+            Target::Unix { path } => write!(f, "unix {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect { target: String, source: io::Error },
+    #[error("{target}: the VMM closed the connection before answering CONNECT (guest agent not listening yet?)")]
+    HybridClosed { target: String },
+    #[error("{target}: unexpected answer to CONNECT: {answer:?}")]
+    HybridRefused { target: String, answer: String },
+    #[error("{target}: timed out after {after:?}")]
+    Timeout { target: String, after: Duration },
+    #[error("cannot listen on {what}: {source}")]
+    Listen { what: String, source: io::Error },
+    #[error("refused a connection from {peer}: {why}")]
+    Refused { peer: String, why: String },
+    #[error("accept failed: {0}")]
+    Accept(io::Error),
+}
+
+/// A connected byte stream of any transport.
+pub enum Stream {
+    Unix(UnixStream),
+    Vsock(tokio_vsock::VsockStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Vsock(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Dials `target`, including the hybrid-vsock handshake, within `timeout`.
+pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, TransportError> {
+    match tokio::time::timeout(timeout, dial_inner(target)).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout {
+            target: target.to_string(),
+            after: timeout,
+        }),
+    }
+}
+
+async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
+    let connect_err = |source| TransportError::Connect {
+        target: target.to_string(),
+        source,
+    };
+    match target {
+        Target::Vsock { cid, port } => {
+            let addr = tokio_vsock::VsockAddr::new(*cid, *port);
+            let s = tokio_vsock::VsockStream::connect(addr)
+                .await
+                .map_err(connect_err)?;
+            Ok(Stream::Vsock(s))
+        }
+        Target::Unix { path } => Ok(Stream::Unix(
+            UnixStream::connect(path).await.map_err(connect_err)?,
+        )),
+        Target::Hybrid { socket, port } => {
+            let mut s = UnixStream::connect(socket).await.map_err(connect_err)?;
+            hybrid_handshake(&mut s, *port, target).await?;
+            Ok(Stream::Unix(s))
+        }
+    }
+}
+
+/// `CONNECT <port>\n` → `OK <n>\n`. Reads byte by byte so that not one
+/// byte of the guest's stream (the TLS ServerHello) is consumed here.
+async fn hybrid_handshake(
+    s: &mut UnixStream,
+    port: u32,
+    target: &Target,
+) -> Result<(), TransportError> {
+    let io_err = |source| TransportError::Connect {
+        target: target.to_string(),
+        source,
+    };
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(io_err)?;
+    let mut line = Vec::with_capacity(MAX_HYBRID_REPLY);
+    loop {
+        let mut b = [0u8; 1];
+        let n = s.read(&mut b).await.map_err(io_err)?;
+        if n == 0 {
+            return Err(TransportError::HybridClosed {
+                target: target.to_string(),
+            });
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() >= MAX_HYBRID_REPLY {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&line).into_owned();
+    match answer.strip_prefix("OK ") {
+        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
+        _ => Err(TransportError::HybridRefused {
+            target: target.to_string(),
+            answer: crate::rules::display_name(&answer),
+        }),
+    }
+}
+
+/// Whether a vsock peer may talk to the guest agent: only the host. Other
+/// guests (on hosts that allow guest-to-guest vsock) and the hypervisor
+/// (CID 0) are refused.
+pub fn vsock_peer_allowed(cid: u32) -> bool {
+    cid == HOST_CID
+}
+
+/// The guest agent's listening socket.
+pub enum Listener {
+    Vsock(tokio_vsock::VsockListener),
+    Unix {
+        listener: UnixListener,
+        allowed_uids: Vec<u32>,
+    },
+}
+
+impl Listener {
+    /// Listens on every CID at `port`. Binding a port below 1024 needs
+    /// root (`CAP_NET_BIND_SERVICE`) in the guest, which is what lets the
+    /// host trust that it reached the guest's root.
+    pub fn vsock(port: u32) -> Result<Listener, TransportError> {
+        let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+        tokio_vsock::VsockListener::bind(addr)
+            .map(Listener::Vsock)
+            .map_err(|source| TransportError::Listen {
+                what: format!("vsock port {port}"),
+                source,
+            })
+    }
+
+    /// Listens on a Unix socket (mode 0600), admitting peers whose uid is in
+    /// `allowed_uids`.
+    pub fn unix(path: &Path, allowed_uids: Vec<u32>) -> Result<Listener, TransportError> {
+        let listen_err = |source| TransportError::Listen {
+            what: path.display().to_string(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(listen_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(listen_err)?;
+        Ok(Listener::Unix {
+            listener,
+            allowed_uids,
+        })
+    }
+
+    /// Accepts one connection. A peer that is not allowed gets
+    /// `TransportError::Refused` (its stream is dropped, closing it); the
+    /// caller logs it and accepts again.
+    pub async fn accept(&self) -> Result<(Stream, String), TransportError> {
+        match self {
+            Listener::Vsock(l) => {
+                let (s, addr) = l.accept().await.map_err(TransportError::Accept)?;
+                let peer = format!("vsock CID {} port {}", addr.cid(), addr.port());
+                if !vsock_peer_allowed(addr.cid()) {
+                    return Err(TransportError::Refused {
+                        peer,
+                        why: format!("only the host (CID {HOST_CID}) may connect"),
+                    });
+                }
+                Ok((Stream::Vsock(s), peer))
+            }
+            Listener::Unix {
+                listener,
+                allowed_uids,
+            } => {
+                let (s, _) = listener.accept().await.map_err(TransportError::Accept)?;
+                let cred = s.peer_cred().map_err(TransportError::Accept)?;
+                let peer = format!(
+                    "unix peer pid {} uid {}",
+                    cred.pid().unwrap_or(0),
+                    cred.uid()
+                );
+                if !allowed_uids.contains(&cred.uid()) {
+                    return Err(TransportError::Refused {
+                        peer,
+                        why: format!(
+                            "uid {} is not among the allowed {allowed_uids:?}",
+                            cred.uid()
+                        ),
+                    });
+                }
+                Ok((Stream::Unix(s), peer))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_host_cid_is_allowed() {
+        assert!(vsock_peer_allowed(2));
+        for cid in [0, 1, 3, 4, 42, u32::MAX] {
+            assert!(!vsock_peer_allowed(cid), "{cid}");
+        }
+    }
+
+    async fn fake_muxer(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let l = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"CONNECT 1234\n");
+            s.write_all(answer).await.unwrap();
+            if !answer.starts_with(b"OK") {
+                return; // hang up, as a VMM does when nothing listens
+            }
+            // Echo whatever follows so the test can see no byte was eaten.
+            let mut rest = [0u8; 4];
+            if s.read_exact(&mut rest).await.is_ok() {
+                s.write_all(&rest).await.unwrap();
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn hybrid_ok_leaves_stream_intact() {
+        let (_d, socket) = fake_muxer(b"OK 1234\nPONG").await;
+        let t = Target::Hybrid { socket, port: 1234 };
+        let mut s = dial(&t, Duration::from_secs(5)).await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"PONG");
+    }
+
+    #[tokio::test]
+    async fn hybrid_close_and_garbage_are_errors() {
+        let (_d, socket) = fake_muxer(b"").await;
+        let t = Target::Hybrid {
+            socket: socket.clone(),
+            port: 1234,
+        };
+        let e = dial(&t, Duration::from_secs(5)).await.err().unwrap();
+        assert!(matches!(e, TransportError::HybridClosed { .. }), "{e}");
+        let (_d2, socket) = fake_muxer(b"NO\n").await;
+        let t = Target::Hybrid { socket, port: 1234 };
+        let e = dial(&t, Duration::from_secs(5)).await.err().unwrap();
+        assert!(e.to_string().contains("unexpected answer"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unix_listener_checks_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let me = nix::unistd::geteuid().as_raw();
+        let l = Listener::unix(&path, vec![me.wrapping_add(1)]).unwrap();
+        let t = Target::Unix { path: path.clone() };
+        let (_c, accepted) = tokio::join!(dial(&t, Duration::from_secs(5)), l.accept());
+        assert!(matches!(accepted, Err(TransportError::Refused { .. })));
+        let l = Listener::unix(&path, vec![me]).unwrap();
+        let (_c, accepted) = tokio::join!(dial(&t, Duration::from_secs(5)), l.accept());
+        assert!(accepted.is_ok());
+    }
+}
