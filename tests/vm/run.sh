@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# vmcred in a real VM: qemu (TCG) boots Debian's kernel and a debootstrapped
+# Debian 12 with systemd; the guest gets a real virtio-vsock device through
+# vhost-user-vsock-pci + vhost-device-vsock, whose host side is hybrid vsock
+# (Unix sockets). vmcred-host launches qemu (bootstrap + boot credentials go in
+# through SMBIOS), serves, rotates; vmcred-guest runs under systemd in the
+# guest and writes into /run/credentials/@system; a real unit consumes them.
+#
+# Usage: tests/vm/run.sh [--infra-only] [--keep]
+#   --infra-only  boot the guest without vmcred: SMBIOS credential import and
+#                 guest vsock listening only (the harness's own self-test)
+#   --keep        keep the work directory (logs, console) after the run
+# Env: VMCRED_VM_CACHE (cache dir, default tests/vm/.cache), VMCRED_VM_MIRROR
+#      (Debian mirror), VMCRED_VM_NO_BUILD=1 (use existing target/release
+#      binaries), CARGO_TARGET_DIR.
+# Exit: 0 all checks passed, 1 a check failed, 77 cannot run here (SKIP).
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+
+MODE=full
+KEEP=0
+for a in "$@"; do
+	case $a in
+	--infra-only) MODE=infra ;;
+	--keep) KEEP=1 ;;
+	-h | --help)
+		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+		exit 0
+		;;
+	*)
+		echo "unknown argument: $a" >&2
+		exit 2
+		;;
+	esac
+done
+
+[ "$(id -u)" = 0 ] || skip "the VM test needs root (apt-get, debootstrap, mknod)"
+[ "$(uname -m)" = x86_64 ] || skip "the VM test needs an x86_64 host"
+command -v cargo >/dev/null 2>&1 || skip "cargo not found"
+
+CACHE=${VMCRED_VM_CACHE:-$HERE/.cache}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+WORK=$(mktemp -d /tmp/vmcred-vm.XXXXXX)
+chmod 0700 "$WORK"
+T_START=$(now)
+
+cleanup() {
+	local rc=$?
+	stop_all
+	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
+		log "work directory kept: $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- preparation
+
+T=$(now)
+install_host_packages || skip "cannot install the host packages (qemu-system-x86 from backports, debootstrap, busybox-static, ...)"
+install_vhost_device_vsock || skip "cannot build vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo"
+log "host tools ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
+
+T=$(now)
+prepare_kernel || skip "cannot fetch Debian's kernel package"
+prepare_rootfs_base || skip "debootstrap of the guest failed"
+log "guest kernel $KV and rootfs ready ($(elapsed "$T") s)"
+
+HOST_BIN=
+GUEST_BIN=
+if [ "$MODE" = full ]; then
+	TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+	if [ "${VMCRED_VM_NO_BUILD:-0}" != 1 ]; then
+		T=$(now)
+		log "cargo build --release -p vmcred-host -p vmcred-guest"
+		if ! (cd "$REPO" && cargo build --release -p vmcred-host -p vmcred-guest) >"$WORK/cargo-build.log" 2>&1; then
+			tail -30 "$WORK/cargo-build.log"
+			fail "cargo build --release -p vmcred-host -p vmcred-guest"
+			echo "0 passed, 1 failed"
+			exit 1
+		fi
+		log "release build done ($(elapsed "$T") s)"
+	fi
+	HOST_BIN="$TARGET/release/vmcred-host"
+	GUEST_BIN="$TARGET/release/vmcred-guest"
+	for b in "$HOST_BIN" "$GUEST_BIN"; do
+		[ -x "$b" ] || die "missing binary $b"
+	done
+fi
+
+T=$(now)
+cp "$KDIR/vmlinuz" "$WORK/vmlinuz"
+build_initramfs "$WORK/initramfs.img"
+install_guest_overlay "$GUEST_BIN"
+build_image "$WORK/root.img"
+log "guest image built ($(elapsed "$T") s)"
+
+# ---------------------------------------------------------------- infra only
+
+infra_test() {
+	local hs="$WORK/vm1.vsock" console="$WORK/console.log" t0 out
+	start_vhost_vsock "$hs"
+	probe_open
+	printf 'io.systemd.credential:VMCRED_INFRA_FILE=value-from-a-file' >"$WORK/infra-cred"
+	qemu_argv "$console"
+	t0=$(now)
+	"${QEMU_ARGV[@]}" -smbios type=11,value=io.systemd.credential:VMCRED_INFRA=hello-smbios \
+		-smbios "type=11,path=$WORK/infra-cred" >"$WORK/qemu.log" 2>&1 &
+	QEMU_PID=$!
+	OUR_PIDS+=("$QEMU_PID")
+	if ! probe_wait_ready 300; then
+		tail -30 "$console" >&2 || true
+		fail "guest booted and its command runner answered"
+		return
+	fi
+	pass "guest booted under TCG; command runner ready after $(elapsed "$t0") s"
+
+	if guest_run 'cat /run/credentials/@system/VMCRED_INFRA; echo; cat /run/credentials/@system/VMCRED_INFRA_FILE; echo; systemd-creds --system list --no-legend; findmnt -no FSTYPE,OPTIONS /run/credentials/@system' &&
+		grep -qx hello-smbios <<<"$GUEST_OUT" && grep -qx value-from-a-file <<<"$GUEST_OUT"; then
+		pass "SMBIOS type 11 credentials (value= and path=) imported by PID 1 into /run/credentials/@system"
+	else
+		fail "SMBIOS credentials imported"
+	fi
+	indent <<<"$GUEST_OUT"
+
+	guest_run 'grep -E "^(vsock|vmw_vsock_virtio)" /proc/modules | cut -d" " -f1; setsid socat VSOCK-LISTEN:5000,fork SYSTEM:"echo hello-over-vsock" </dev/null >/dev/null 2>&1 & sleep 1; echo started' || true
+	indent <<<"$GUEST_OUT"
+	out=
+	for _ in 1 2 3 4 5; do
+		# Keep our write side open: a half-close would end the vsock stream.
+		out=$( (printf 'CONNECT 5000\n'; sleep 2) | timeout 10 socat - "UNIX-CONNECT:$hs" 2>&1 || true)
+		grep -q hello-over-vsock <<<"$out" && break
+		sleep 1
+	done
+	if grep -q '^OK 5000' <<<"$out" && grep -q hello-over-vsock <<<"$out"; then
+		pass "host reached a guest AF_VSOCK listener through hybrid vsock (CONNECT 5000 -> OK)"
+	else
+		fail "host reached a guest AF_VSOCK listener through hybrid vsock"
+	fi
+	indent <<<"$out"
+
+	timeout 60 socat "UNIX-LISTEN:${hs}_6000" SYSTEM:"echo hello-from-host" >/dev/null 2>&1 &
+	OUR_PIDS+=("$!")
+	sleep 0.5
+	if guest_run 'timeout 10 socat -T 3 - VSOCK-CONNECT:2:6000 </dev/null' && grep -q hello-from-host <<<"$GUEST_OUT"; then
+		pass "guest connected to host CID 2 port 6000 (arrives at ${hs}_6000)"
+	else
+		fail "guest connected to host CID 2"
+	fi
+	indent <<<"$GUEST_OUT"
+
+	guest_run 'setpriv --reuid=65534 --regid=65534 --clear-groups timeout 2 socat VSOCK-LISTEN:701 /dev/null; echo "port 701 rc=$?"; setpriv --reuid=65534 --regid=65534 --clear-groups timeout 2 socat VSOCK-LISTEN:5001 /dev/null; echo "port 5001 rc=$?"' || true
+	if grep -qi 'permission denied' <<<"$GUEST_OUT" && grep -q 'port 5001 rc=124' <<<"$GUEST_OUT"; then
+		pass "an unprivileged guest user cannot bind vsock port 701 but can bind 5001"
+	else
+		fail "unprivileged vsock bind rules"
+	fi
+	indent <<<"$GUEST_OUT"
+
+	t0=$(now)
+	guest_run -t 5 'systemctl poweroff --no-block' || true
+	for _ in $(seq 600); do
+		kill -0 "$QEMU_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$QEMU_PID" 2>/dev/null; then
+		fail "guest powered off"
+	else
+		pass "guest powered off in $(elapsed "$t0") s"
+	fi
+}
+
+if [ "$MODE" = infra ]; then
+	infra_test
+	log "total $(elapsed "$T_START") s"
+	echo "$PASSED passed, $FAILED failed"
+	[ "$FAILED" = 0 ]
+	exit
+fi
+
+# ---------------------------------------------------------------- full test
+# shellcheck source=full.sh
+. "$HERE/full.sh"
+full_test
+log "total $(elapsed "$T_START") s"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
