@@ -1,0 +1,108 @@
+//! Reading the `vmcred.bootstrap` credential: the host key pin and port
+//! that PID 1 imported from SMBIOS at boot. Parsing is `vmcred_proto`'s;
+//! this is about finding it and explaining clearly when it is not there.
+
+use std::io::Read;
+use std::path::Path;
+
+use thiserror::Error;
+use vmcred_proto::bootstrap::{Bootstrap, BootstrapError, MAX_BOOTSTRAP_BYTES};
+
+/// Ports from here on can be bound by any guest user, who could then pose
+/// as the guest agent to the host.
+pub const FIRST_UNPRIVILEGED_PORT: u32 = 1024;
+
+#[derive(Debug, Error)]
+pub enum BootstrapReadError {
+    #[error(
+        "bootstrap {path} does not exist. It is the vmcred.bootstrap credential (the host key pin \
+         and vsock port) that `vmcred-host launch` passes to the VM through SMBIOS OEM strings \
+         and systemd imports at boot; start the VM through `vmcred-host launch` (the NixOS host \
+         module does), or pass --bootstrap"
+    )]
+    Missing { path: String },
+    #[error("cannot read bootstrap {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("bootstrap {path}: {source}")]
+    Parse {
+        path: String,
+        source: BootstrapError,
+    },
+    #[error(
+        "bootstrap {path} names vsock port {port}, which is not privileged: any guest user could \
+         bind it and pose as the guest agent. The port must be below {FIRST_UNPRIVILEGED_PORT}"
+    )]
+    UnprivilegedPort { path: String, port: u32 },
+}
+
+/// Reads and parses the bootstrap at `path`.
+pub fn read(path: &Path) -> Result<Bootstrap, BootstrapReadError> {
+    let shown = || path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            BootstrapReadError::Missing { path: shown() }
+        } else {
+            BootstrapReadError::Read {
+                path: shown(),
+                source,
+            }
+        }
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_BOOTSTRAP_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| BootstrapReadError::Read {
+            path: shown(),
+            source,
+        })?;
+    Bootstrap::parse(&bytes).map_err(|source| BootstrapReadError::Parse {
+        path: shown(),
+        source,
+    })
+}
+
+/// Refuses a port that an unprivileged guest process could bind.
+pub fn check_vsock_port(path: &Path, b: &Bootstrap) -> Result<(), BootstrapReadError> {
+    if b.port >= FIRST_UNPRIVILEGED_PORT {
+        return Err(BootstrapReadError::UnprivilegedPort {
+            path: path.display().to_string(),
+            port: b.port,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcred_proto::tls::Pin;
+
+    #[test]
+    fn reads_and_explains() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vmcred.bootstrap");
+        let err = read(&p).unwrap_err().to_string();
+        assert!(
+            err.contains(&p.display().to_string()) && err.contains("SMBIOS"),
+            "{err}"
+        );
+        let b = Bootstrap {
+            port: 700,
+            pin: Pin([1; 32]),
+        };
+        std::fs::write(&p, format!("{}\n", b.encode())).unwrap();
+        assert_eq!(read(&p).unwrap(), b);
+        check_vsock_port(&p, &b).unwrap();
+        let high = Bootstrap { port: 1024, ..b };
+        let err = check_vsock_port(&p, &high).unwrap_err().to_string();
+        assert!(err.contains("1024") && err.contains("privileged"), "{err}");
+        std::fs::write(&p, "garbage").unwrap();
+        let err = read(&p).unwrap_err().to_string();
+        assert!(err.contains("vmcred-bootstrap-v1"), "{err}");
+        std::fs::write(&p, vec![b' '; MAX_BOOTSTRAP_BYTES * 2]).unwrap();
+        assert!(read(&p).unwrap_err().to_string().contains("bytes"));
+    }
+}

@@ -1,0 +1,273 @@
+//! The guest's own configuration (`/etc/vmcred/guest.toml`): which units to
+//! restart or reload when a credential changes, and the file mode to write
+//! it with. It holds no secrets and is strict about what it accepts, since a
+//! typo here would otherwise silently leave a service on a stale value.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use vmcred_proto::rules::{validate_name, BOOTSTRAP_CREDENTIAL};
+
+/// Mode of a credential file unless configured: systemd's own.
+pub const DEFAULT_MODE: u32 = 0o400;
+/// Longest unit name systemd accepts.
+const MAX_UNIT_NAME: usize = 255;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// What to do when one credential changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialPolicy {
+    pub restart_units: Vec<String>,
+    pub reload_units: Vec<String>,
+    pub mode: u32,
+}
+
+impl Default for CredentialPolicy {
+    fn default() -> Self {
+        CredentialPolicy {
+            restart_units: Vec::new(),
+            reload_units: Vec::new(),
+            mode: DEFAULT_MODE,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestConfig {
+    pub initial_sync_timeout: Option<Duration>,
+    pub credentials: BTreeMap<String, CredentialPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default, with = "humantime_serde")]
+    initial_sync_timeout: Option<Duration>,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    #[serde(default)]
+    restart_units: Vec<String>,
+    #[serde(default)]
+    reload_units: Vec<String>,
+    mode: Option<String>,
+}
+
+impl GuestConfig {
+    pub fn load(path: &Path) -> Result<GuestConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        GuestConfig::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<GuestConfig, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut credentials = BTreeMap::new();
+        for (name, c) in raw.credentials {
+            let ctx = |e: String| format!("[credentials.{name:?}]: {e}");
+            validate_name(&name).map_err(|e| ctx(e.to_string()))?;
+            if name == BOOTSTRAP_CREDENTIAL {
+                return Err(ctx(
+                    "the bootstrap credential is not managed by vmcred-guest".into(),
+                ));
+            }
+            if let Some(why) = crate::store::reserved_name(&name) {
+                return Err(ctx(why.into()));
+            }
+            for unit in c.restart_units.iter().chain(&c.reload_units) {
+                validate_unit(unit).map_err(ctx)?;
+            }
+            let mode = match c.mode {
+                Some(m) => parse_mode(&m).map_err(ctx)?,
+                None => DEFAULT_MODE,
+            };
+            credentials.insert(
+                name,
+                CredentialPolicy {
+                    restart_units: c.restart_units,
+                    reload_units: c.reload_units,
+                    mode,
+                },
+            );
+        }
+        Ok(GuestConfig {
+            initial_sync_timeout: raw.initial_sync_timeout,
+            credentials,
+        })
+    }
+
+    /// The policy for `name`; unconfigured credentials are written 0400
+    /// and trigger no unit action.
+    pub fn policy(&self, name: &str) -> CredentialPolicy {
+        self.credentials.get(name).cloned().unwrap_or_default()
+    }
+
+    pub fn mode(&self, name: &str) -> u32 {
+        self.credentials.get(name).map_or(DEFAULT_MODE, |c| c.mode)
+    }
+}
+
+/// Parses an octal mode such as "0400" or "0440". Only read bits are
+/// allowed (a credential is never writable or executable), and the owner
+/// must be able to read it, as systemd expects.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(format!("mode {s:?} is not an octal mode such as \"0400\""));
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|e| format!("mode {s:?}: {e}"))?;
+    if mode & !0o444 != 0 {
+        return Err(format!(
+            "mode {s:?} grants more than read access; only bits within 0444 are allowed"
+        ));
+    }
+    if mode & 0o400 == 0 {
+        return Err(format!("mode {s:?} must let the owner read (include 0400)"));
+    }
+    Ok(mode)
+}
+
+/// A unit name that can be passed to systemctl as one argument and never
+/// be taken for an option.
+pub fn validate_unit(unit: &str) -> Result<(), String> {
+    let shown = vmcred_proto::rules::display_name(unit);
+    if unit.is_empty() {
+        return Err("a unit name is empty".into());
+    }
+    if unit.len() > MAX_UNIT_NAME {
+        return Err(format!(
+            "unit name {shown:?} is {} bytes long; the limit is {MAX_UNIT_NAME}",
+            unit.len()
+        ));
+    }
+    if unit.starts_with('-') {
+        return Err(format!("unit name {shown:?} starts with '-'"));
+    }
+    if unit.contains('/') {
+        return Err(format!("unit name {shown:?} contains '/'"));
+    }
+    if unit.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "unit name {shown:?} contains white space or control characters"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_readme_example() {
+        let c = GuestConfig::parse(
+            r#"
+initial_sync_timeout = "30s"
+
+[credentials.API_KEY]
+restart_units = ["demo-consumer.service"]
+reload_units = []
+mode = "0400"
+
+[credentials.SHARED]
+reload_units = ["nginx.service"]
+mode = "0440"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.initial_sync_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            c.policy("API_KEY").restart_units,
+            vec!["demo-consumer.service"]
+        );
+        assert_eq!(c.mode("SHARED"), 0o440);
+        assert_eq!(c.mode("OTHER"), 0o400);
+        assert_eq!(c.policy("OTHER"), CredentialPolicy::default());
+        assert_eq!(GuestConfig::parse("").unwrap(), GuestConfig::default());
+    }
+
+    #[test]
+    fn refuses_unknown_keys() {
+        for text in [
+            "initial_sync_timout = \"3s\"",
+            "[credentials.A]\nrestart_unit = [\"x.service\"]",
+        ] {
+            let err = GuestConfig::parse(text).unwrap_err();
+            assert!(err.contains("unknown field"), "{err}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_names_units_and_modes() {
+        let cases = [
+            ("[credentials.\"a/b\"]", "'/'"),
+            ("[credentials.\"vmcred.bootstrap\"]", "bootstrap"),
+            ("[credentials.\".A.vmcred-tmp\"]", "reserved"),
+            ("[credentials.A]\nrestart_units = [\"\"]", "empty"),
+            ("[credentials.A]\nrestart_units = [\"a/b.service\"]", "'/'"),
+            (
+                "[credentials.A]\nreload_units = [\"a b.service\"]",
+                "white space",
+            ),
+            ("[credentials.A]\nreload_units = [\"-x\"]", "'-'"),
+            ("[credentials.A]\nmode = \"0600\"", "0444"),
+            ("[credentials.A]\nmode = \"0755\"", "0444"),
+            ("[credentials.A]\nmode = \"0040\"", "owner"),
+            ("[credentials.A]\nmode = \"rw\"", "octal"),
+            ("[credentials.A]\nmode = \"\"", "octal"),
+            ("initial_sync_timeout = \"soon\"", "initial_sync_timeout"),
+        ];
+        for (text, want) in cases {
+            let err = GuestConfig::parse(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let long = format!("[credentials.A]\nrestart_units = [\"{}\"]", "u".repeat(256));
+        assert!(GuestConfig::parse(&long).unwrap_err().contains("256 bytes"));
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0400"), Ok(0o400));
+        assert_eq!(parse_mode("400"), Ok(0o400));
+        assert_eq!(parse_mode("0o444"), Ok(0o444));
+        assert!(parse_mode("01400").is_err());
+        assert!(parse_mode("0").is_err());
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("guest.toml");
+        std::fs::write(&p, "bogus = 1").unwrap();
+        let err = GuestConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("guest.toml") && err.contains("bogus"), "{err}");
+        let err = GuestConfig::load(&dir.path().join("nope.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+}

@@ -1,0 +1,10 @@
+//! vmcred's guest agent. The binary (`main.rs`) wires these together; they
+//! are a library so the integration tests can drive the real pieces.
+
+pub mod bootstrap;
+pub mod config;
+pub mod notify;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod units;

@@ -1,0 +1,221 @@
+//! `vmcred-guest`: receives credentials from the host agent and writes them
+//! into systemd's system credentials directory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vmcred_guest::config::GuestConfig;
+use vmcred_guest::notify::Readiness;
+use vmcred_guest::server::{serve, ServerOptions};
+use vmcred_guest::service::GuestService;
+use vmcred_guest::store::{Limits, Store};
+use vmcred_guest::units::UnitRunner;
+use vmcred_proto::rules::{MAX_FILES, MAX_TOTAL_BYTES};
+use vmcred_proto::transport::Listener;
+
+const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// vmcred guest agent: accepts credentials from the pinned vmcred host agent
+/// over vsock and writes them atomically into the system credentials
+/// directory, then restarts or reloads the units that use them.
+#[derive(Debug, Parser)]
+#[command(name = "vmcred-guest", version)]
+struct Cli {
+    /// Guest configuration (TOML): initial_sync_timeout and, per credential,
+    /// restart_units, reload_units and mode. Without it, credentials are
+    /// written 0400 and no unit is touched.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The bootstrap credential (host key pin and vsock port) that systemd
+    /// imported from SMBIOS at boot.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/credentials/@system/vmcred.bootstrap"
+    )]
+    bootstrap: PathBuf,
+
+    /// Where credentials are written: systemd's system credentials
+    /// directory, which `LoadCredential=NAME` in any guest service reads.
+    #[arg(long, value_name = "DIR", default_value = "/run/credentials/@system")]
+    credentials_dir: PathBuf,
+
+    /// Where the applied generation and the names vmcred manages are kept
+    /// (state.json), and the write lock.
+    #[arg(long, value_name = "DIR", default_value = "/run/vmcred")]
+    state_dir: PathBuf,
+
+    /// Listen on this Unix socket instead of AF_VSOCK (for tests and local
+    /// use). Peers are admitted by uid, see --allow-uid.
+    #[arg(long, value_name = "PATH")]
+    listen_unix: Option<PathBuf>,
+
+    /// With --listen-unix: a peer uid that may connect (repeatable;
+    /// default 0, root only).
+    #[arg(long = "allow-uid", value_name = "UID", requires = "listen_unix")]
+    allow_uid: Vec<u32>,
+
+    /// Report ready (sd_notify READY=1) after this long even if the host
+    /// has not synced yet, so that boot goes on without it. Overrides the
+    /// config file's initial_sync_timeout. [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    initial_sync_timeout: Option<humantime::Duration>,
+
+    /// The systemctl used for unit restarts and reloads (a recording
+    /// script in tests).
+    #[arg(long, value_name = "PATH", default_value = "systemctl")]
+    systemctl: PathBuf,
+
+    /// Byte budget of the credentials directory, checked before each write.
+    /// The default is systemd's credentials mount; change it only for tests
+    /// or a differently sized mount.
+    #[arg(long, value_name = "BYTES", default_value_t = MAX_TOTAL_BYTES as u64)]
+    max_total_bytes: u64,
+
+    /// Inode budget of the credentials directory (the directory included),
+    /// checked before each write. The default is systemd's nr_inodes.
+    #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
+    max_files: u64,
+
+    /// Log filter, e.g. "info" or "vmcred_guest=debug"; overrides RUST_LOG.
+    /// Logs go to stderr and never contain credential values.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn init_logging(level: Option<&str>) -> Result<()> {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).with_context(|| format!("bad --log-level {l:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("vmcred-guest: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vmcred-guest: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = match &cli.config {
+        Some(p) => GuestConfig::load(p)?,
+        None => GuestConfig::default(),
+    };
+    let initial_sync_timeout = cli
+        .initial_sync_timeout
+        .map(Duration::from)
+        .or(config.initial_sync_timeout)
+        .unwrap_or(DEFAULT_INITIAL_SYNC_TIMEOUT);
+
+    let bootstrap = vmcred_guest::bootstrap::read(&cli.bootstrap)?;
+    let listener = match &cli.listen_unix {
+        Some(path) => {
+            let uids = if cli.allow_uid.is_empty() {
+                vec![0]
+            } else {
+                cli.allow_uid.clone()
+            };
+            tracing::info!(socket = %path.display(), ?uids, "listening on a Unix socket");
+            Listener::unix(path, uids)?
+        }
+        None => {
+            vmcred_guest::bootstrap::check_vsock_port(&cli.bootstrap, &bootstrap)?;
+            tracing::info!(port = bootstrap.port, "listening on vsock");
+            Listener::vsock(bootstrap.port)?
+        }
+    };
+
+    let limits = Limits {
+        max_total_bytes: cli.max_total_bytes,
+        max_files: cli.max_files,
+    };
+    if limits.max_files < 2 {
+        bail!("--max-files must be at least 2 (the directory and one credential)");
+    }
+    let store = Arc::new(Store::open(&cli.credentials_dir, &cli.state_dir, limits)?);
+    let state = store.state();
+    tracing::info!(
+        credentials_dir = %cli.credentials_dir.display(),
+        applied_generation = state.generation,
+        managed = state.managed.len(),
+        pin = %bootstrap.pin,
+        "vmcred-guest {} starting",
+        vmcred_proto::VERSION
+    );
+
+    let readiness = Arc::new(Readiness::new());
+    readiness.status("waiting for the host's first sync");
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(initial_sync_timeout).await;
+            if !readiness.is_ready() {
+                tracing::warn!(
+                    timeout = %humantime::format_duration(initial_sync_timeout),
+                    "no sync with the host yet; reporting ready anyway so boot goes on"
+                );
+                readiness.ready(
+                    "ready without a host sync (initial sync timeout); waiting for the host",
+                );
+            }
+        });
+    }
+
+    let service = GuestService::new(
+        store.clone(),
+        Arc::new(config),
+        UnitRunner::new(cli.systemctl.clone()),
+        readiness,
+    );
+    let server = serve(listener, bootstrap.pin, service, ServerOptions::default());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    tokio::select! {
+        r = server => {
+            r?;
+            Ok(())
+        }
+        _ = term.recv() => shutdown(store).await,
+        _ = tokio::signal::ctrl_c() => shutdown(store).await,
+    }
+}
+
+/// Lets a write in progress finish (so the credentials directory is
+/// read-only again) and keeps new ones out while the process exits.
+async fn shutdown(store: Arc<Store>) -> Result<()> {
+    tracing::info!("stopping");
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            let guard = store.quiesce();
+            // Exit while holding the lock: no write can start after this.
+            std::mem::forget(guard);
+        }),
+    )
+    .await;
+    if waited.is_err() {
+        tracing::warn!("a write was still in progress after 10s; stopping anyway");
+    }
+    Ok(())
+}
