@@ -150,7 +150,10 @@ infra_test() {
 	timeout 60 socat "UNIX-LISTEN:${hs}_6000" SYSTEM:"echo hello-from-host" >/dev/null 2>&1 &
 	OUR_PIDS+=("$!")
 	sleep 0.5
-	if guest_run 'timeout 10 socat -T 3 - VSOCK-CONNECT:2:6000 </dev/null' && grep -q hello-from-host <<<"$GUEST_OUT"; then
+	# The exit status is not checked: when the host closes first, the guest's
+	# socat may report ENOTCONN after it has read the data.
+	guest_run 'timeout 10 socat -T 3 - VSOCK-CONNECT:2:6000 </dev/null' || true
+	if grep -q hello-from-host <<<"$GUEST_OUT"; then
 		pass "guest connected to host CID 2 port 6000 (arrives at ${hs}_6000)"
 	else
 		fail "guest connected to host CID 2"
