@@ -1,0 +1,384 @@
+//! The host agent's TOML config: which VMs exist, how to reach each, and
+//! where each of its credentials comes from. Everything is validated here,
+//! at load, with the same rules the guest applies on the wire, so a bad name
+//! is reported by `check-config` or `serve` rather than by a guest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use vmcred_proto::rules;
+use vmcred_proto::transport::Target;
+
+/// Default config path, also used by `rotate`, `status` and `launch`.
+pub const DEFAULT_CONFIG: &str = "/etc/vmcred/host.toml";
+/// Default guest agent port: below 1024, so only the guest's root can bind it.
+pub const DEFAULT_PORT: u32 = 700;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: VM {vm:?}: {message}")]
+    Vm {
+        path: String,
+        vm: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
+    #[serde(default = "default_launch_socket")]
+    launch_socket: PathBuf,
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    poll_interval: Duration,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    dial_backoff_max: Duration,
+    #[serde(default = "default_rpc_timeout", with = "humantime_serde")]
+    rpc_timeout: Duration,
+    #[serde(default)]
+    vms: BTreeMap<String, RawVm>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    cid: Option<u32>,
+    hybrid_socket: Option<PathBuf>,
+    /// Tests only: the guest agent's Unix socket, without a muxer.
+    unix_socket: Option<PathBuf>,
+    #[serde(default = "default_port")]
+    port: u32,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    path: Option<PathBuf>,
+    credential: Option<String>,
+    #[serde(default)]
+    boot: bool,
+    #[serde(default)]
+    allow_on_command_line: bool,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/vmcred".into()
+}
+fn default_control_socket() -> PathBuf {
+    "/run/vmcred/control.sock".into()
+}
+fn default_launch_socket() -> PathBuf {
+    "/run/vmcred/launch.sock".into()
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_rpc_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_port() -> u32 {
+    DEFAULT_PORT
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub launch_socket: PathBuf,
+    /// Zero disables polling: sources are then re-read only on `rotate` and
+    /// SIGHUP.
+    pub poll_interval: Duration,
+    pub dial_backoff_max: Duration,
+    pub rpc_timeout: Duration,
+    pub vms: BTreeMap<String, Vm>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vm {
+    pub name: String,
+    pub target: Target,
+    pub port: u32,
+    pub credentials: BTreeMap<String, Credential>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub source: Source,
+    pub boot: bool,
+    pub allow_on_command_line: bool,
+}
+
+/// Where a credential's value is read from on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An absolute path, typically a root-only secret file.
+    Path(PathBuf),
+    /// A name in the agent's own `$CREDENTIALS_DIRECTORY`, i.e. what
+    /// `LoadCredential=` on `vmcred-host.service` provided.
+    Credential(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Path(p) => write!(f, "{}", p.display()),
+            Source::Credential(c) => write!(f, "$CREDENTIALS_DIRECTORY/{c}"),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        for (what, dir) in [
+            ("state_dir", &raw.state_dir),
+            ("control_socket", &raw.control_socket),
+            ("launch_socket", &raw.launch_socket),
+        ] {
+            if !dir.is_absolute() {
+                return Err(ConfigError::Parse {
+                    path: p.clone(),
+                    message: format!("{what} must be an absolute path, got {}", dir.display()),
+                });
+            }
+        }
+        let mut vms = BTreeMap::new();
+        for (name, rv) in raw.vms {
+            let vm = validate_vm(&name, rv).map_err(|message| ConfigError::Vm {
+                path: p.clone(),
+                vm: rules::display_name(&name),
+                message,
+            })?;
+            vms.insert(name, vm);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            state_dir: raw.state_dir,
+            control_socket: raw.control_socket,
+            launch_socket: raw.launch_socket,
+            poll_interval: raw.poll_interval,
+            dial_backoff_max: raw.dial_backoff_max.max(Duration::from_millis(100)),
+            rpc_timeout: raw.rpc_timeout.max(Duration::from_millis(100)),
+            vms,
+        })
+    }
+}
+
+/// VM names end up in file names (`generations/<vm>`) and log lines.
+fn validate_vm_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "a VM name must be 1-64 characters of A-Z a-z 0-9 - _ . @, not starting with '.'"
+                .into(),
+        )
+    }
+}
+
+fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
+    validate_vm_name(name)?;
+    if rv.port == 0 || rv.port == u32::MAX {
+        return Err(format!("port {} is not a usable vsock port", rv.port));
+    }
+    let target = match (rv.cid, rv.hybrid_socket, rv.unix_socket) {
+        (Some(cid), None, None) => {
+            if cid <= 2 || cid == u32::MAX {
+                return Err(format!(
+                    "cid {cid} is reserved (0 hypervisor, 1 local, 2 host, 4294967295 any); guest CIDs start at 3"
+                ));
+            }
+            if rv.port >= 1024 {
+                return Err(format!("port {} must be below 1024 so that only the guest's root can listen on it", rv.port));
+            }
+            Target::Vsock {
+                cid,
+                port: rv.port,
+            }
+        }
+        (None, Some(socket), None) => {
+            if !socket.is_absolute() {
+                return Err(format!("hybrid_socket must be absolute, got {}", socket.display()));
+            }
+            if rv.port >= 1024 {
+                return Err(format!("port {} must be below 1024 so that only the guest's root can listen on it", rv.port));
+            }
+            Target::Hybrid {
+                socket,
+                port: rv.port,
+            }
+        }
+        (None, None, Some(path)) => Target::Unix { path },
+        (None, None, None) => {
+            return Err("set how to reach the guest: cid = N (AF_VSOCK) or hybrid_socket = \"/var/lib/microvms/NAME/notify.vsock\" (cloud-hypervisor, Firecracker)".into())
+        }
+        _ => return Err("set exactly one of cid, hybrid_socket (and unix_socket, for tests)".into()),
+    };
+    let mut credentials = BTreeMap::new();
+    for (cname, rc) in rv.credentials {
+        rules::validate_name(&cname).map_err(|e| e.to_string())?;
+        if cname == rules::BOOTSTRAP_CREDENTIAL {
+            return Err(format!(
+                "credential name {cname:?} is reserved for vmcred's own bootstrap"
+            ));
+        }
+        let source = match (rc.path, rc.credential) {
+            (Some(p), None) => {
+                if !p.is_absolute() {
+                    return Err(format!(
+                        "credential {cname}: path must be absolute, got {}",
+                        p.display()
+                    ));
+                }
+                Source::Path(p)
+            }
+            (None, Some(c)) => {
+                rules::validate_name(&c)
+                    .map_err(|e| format!("credential {cname}: credential = {e}"))?;
+                Source::Credential(c)
+            }
+            (None, None) => {
+                return Err(format!(
+                    "credential {cname}: set its source: path = \"/abs/file\" or credential = \"NAME\" (from $CREDENTIALS_DIRECTORY)"
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "credential {cname}: set path or credential, not both"
+                ))
+            }
+        };
+        if rc.allow_on_command_line && !rc.boot {
+            return Err(format!(
+                "credential {cname}: allow_on_command_line only makes sense with boot = true"
+            ));
+        }
+        credentials.insert(
+            cname.clone(),
+            Credential {
+                name: cname,
+                source,
+                boot: rc.boot,
+                allow_on_command_line: rc.allow_on_command_line,
+            },
+        );
+    }
+    Ok(Vm {
+        name: name.to_string(),
+        target,
+        port: rv.port,
+        credentials,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/t/host.toml"), text)
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+            state_dir = "/tmp/s"
+            poll_interval = "0s"
+            [vms.test-vm]
+            cid = 3
+            [vms.test-vm.credentials.API_KEY]
+            path = "/run/secrets/api-key"
+            [vms.test-vm.credentials.ENVIRONMENT]
+            credential = "test-vm-ENVIRONMENT"
+            boot = true
+            [vms.other]
+            hybrid_socket = "/var/lib/microvms/other/notify.vsock"
+            port = 701
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.poll_interval, Duration::ZERO);
+        let vm = &c.vms["test-vm"];
+        assert_eq!(vm.target, Target::Vsock { cid: 3, port: 700 });
+        assert!(vm.credentials["ENVIRONMENT"].boot);
+        assert_eq!(
+            vm.credentials["ENVIRONMENT"].source,
+            Source::Credential("test-vm-ENVIRONMENT".into())
+        );
+        assert!(matches!(
+            c.vms["other"].target,
+            Target::Hybrid { port: 701, .. }
+        ));
+    }
+
+    #[test]
+    fn refusals_are_clear() {
+        let cases = [
+            ("[vms.a]\ncid = 3\nprot = 1", "unknown field"),
+            ("[vms.a]\n", "set how to reach the guest"),
+            ("[vms.a]\ncid = 2", "reserved"),
+            ("[vms.a]\ncid = 3\nport = 2000", "below 1024"),
+            ("[vms.a]\ncid = 3\nhybrid_socket = \"/x\"", "exactly one"),
+            ("[vms.\"a/b\"]\ncid = 3", "VM name"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.\"../x\"]\npath = \"/x\"", "'/'"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.\"a:b\"]\npath = \"/x\"", "':'"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.\"\"]\npath = \"/x\"", "empty"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.\"é\"]\npath = \"/x\"", "ASCII"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.X]\npath = \"rel\"", "absolute"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.X]\n", "set its source"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.\"vmcred.bootstrap\"]\npath = \"/x\"", "reserved"),
+            ("[vms.a]\ncid = 3\n[vms.a.credentials.X]\npath = \"/x\"\nallow_on_command_line = true", "boot = true"),
+            ("state_dir = \"rel\"", "absolute"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let long = format!(
+            "[vms.a]\ncid = 3\n[vms.a.credentials.{}]\npath = \"/x\"",
+            "n".repeat(256)
+        );
+        assert!(parse(&long).unwrap_err().to_string().contains("255"));
+    }
+}
