@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run). Installs what it needs, then:
+#   1. cargo fmt --check and clippy -D warnings
+#   2. the workspace's unit and end-to-end tests (real agents, real TLS,
+#      hybrid vsock through a muxer stand-in; never AF_VSOCK on this machine)
+#   3. the NixOS module evaluation tests (tests/nix/run.sh)
+#   4. the real-VM test (tests/vm/run.sh): qemu TCG, systemd guest, virtio-vsock
+# Set VMCRED_SKIP_VM=1 or VMCRED_SKIP_NIX=1 to leave a stage out (it is then
+# reported as skipped, never as passed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v base64 >/dev/null || need_apt+=(coreutils)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
+
+echo "== fmt, clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== build"
+cargo build --workspace --bins --quiet
+cargo build --release -p vmcred-host -p vmcred-guest --quiet
+
+echo "== unit and end-to-end tests"
+cargo test --workspace --quiet 2>&1 | tee /tmp/vmcred-cargo-test.log
+grep -q "test result: FAILED" /tmp/vmcred-cargo-test.log && exit 1
+
+stage() { # name script
+  local name=$1 script=$2 rc=0
+  echo "== $name"
+  if [ "${3:-}" = skip ]; then echo "SKIP: $name (disabled by environment)"; return 0; fi
+  "$script" || rc=$?
+  if [ $rc -eq 77 ]; then
+    echo "SKIP: $name could not run here (see above)"
+  elif [ $rc -ne 0 ]; then
+    echo "FAIL: $name (exit $rc)"; exit $rc
+  fi
+}
+stage "NixOS module evaluation" tests/nix/run.sh "$([ "${VMCRED_SKIP_NIX:-}" = 1 ] && echo skip)"
+stage "real VM (qemu TCG)" tests/vm/run.sh "$([ "${VMCRED_SKIP_VM:-}" = 1 ] && echo skip)"
+echo "== all stages done"

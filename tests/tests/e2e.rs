@@ -1,0 +1,408 @@
+//! End-to-end tests: real `vmcred-host` and `vmcred-guest` processes, real
+//! TLS, real files, joined through the hybrid-vsock muxer stand-in. Build
+//! the binaries first (`cargo build --bins`; tests/run.sh does).
+//!
+//! Tests that need a read-only ramfs make it in a private mount namespace,
+//! which needs root; as non-root they say so and stop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmcred_tests::{wait_until, World};
+
+const T: Duration = Duration::from_secs(30);
+const VM: &str = "vm1";
+
+fn root() -> bool {
+    let r = nix::unistd::geteuid().is_root();
+    if !r {
+        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    }
+    r
+}
+
+fn world(read_only: bool) -> World {
+    let mut w = World::new().expect("world");
+    w.log_level = "trace".into();
+    w.add_vm(VM, read_only).expect("vm");
+    w
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn initial_delivery_late_credential_and_rotation() {
+    let mut w = world(false);
+    w.set_secret(VM, "ENVIRONMENT", b"test", true).unwrap();
+    w.set_secret(VM, "API_KEY", b"api-key-v1-4f1c", false)
+        .unwrap();
+    w.start_host().unwrap();
+    let imported = w.boot_guest(VM).unwrap();
+    assert!(imported.contains(&"vmcred.bootstrap".to_string()));
+    assert!(imported.contains(&"ENVIRONMENT".to_string()));
+    assert!(
+        !imported.contains(&"API_KEY".to_string()),
+        "API_KEY is not boot-time"
+    );
+    w.wait_for_guest_value(VM, "API_KEY", b"api-key-v1-4f1c", T)
+        .unwrap();
+
+    // Mode 0400, as systemd's own credentials.
+    let meta = std::fs::metadata(w.guest_view(VM).unwrap().join("API_KEY")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+
+    // A credential added on the host after the guest connected.
+    w.set_secret(VM, "LATE_TOKEN", b"late-token-9a7e", false)
+        .unwrap();
+    w.reload_host().unwrap();
+    w.wait_for_guest_value(VM, "LATE_TOKEN", b"late-token-9a7e", T)
+        .unwrap();
+
+    // Rotation returns 0 only once the guest file holds the new bytes.
+    w.set_secret(VM, "API_KEY", b"api-key-v2-77d0", false)
+        .unwrap();
+    let out = w.rotate(VM, &["API_KEY"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(w.read_guest(VM, "API_KEY").unwrap(), b"api-key-v2-77d0");
+    assert!(
+        stdout(&out).contains("API_KEY: written"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Rotating again with nothing new is a success that writes nothing.
+    let out = w.rotate(VM, &[], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    let st = w.status_json().unwrap();
+    assert_eq!(st[0]["connected"], true, "{st}");
+    assert_eq!(
+        st[0]["generation_applied"], st[0]["generation_sent"],
+        "{st}"
+    );
+}
+
+#[test]
+fn removal_only_on_explicit_removal() {
+    let mut w = world(false);
+    w.set_secret(VM, "KEEP", b"keep-1", false).unwrap();
+    w.set_secret(VM, "DROP", b"drop-1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "DROP", b"drop-1", T).unwrap();
+    w.wait_for_guest_value(VM, "KEEP", b"keep-1", T).unwrap();
+
+    // The host going away deletes nothing.
+    w.kill_host().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w.read_guest(VM, "DROP").unwrap(), b"drop-1");
+
+    // A source file vanishing is not a removal either.
+    let src = w.creds[VM]["KEEP"].0.clone();
+    std::fs::remove_file(&src).unwrap();
+    w.start_host().unwrap();
+    let out = w.rotate(VM, &["KEEP"], "30s").unwrap();
+    assert!(
+        !out.status.success(),
+        "a missing source must fail the rotate"
+    );
+    assert!(stdout(&out).contains("does not exist"), "{}", stdout(&out));
+    assert_eq!(w.read_guest(VM, "KEEP").unwrap(), b"keep-1");
+
+    // Removing it from the config is.
+    w.set_secret(VM, "KEEP", b"keep-1", false).unwrap();
+    w.remove_credential(VM, "DROP");
+    w.reload_host().unwrap();
+    wait_until(T, || w.read_guest(VM, "DROP").is_none()).expect("DROP removed");
+    assert_eq!(w.read_guest(VM, "KEEP").unwrap(), b"keep-1");
+}
+
+#[test]
+fn guest_agent_restart_keeps_files_and_resyncs() {
+    let mut w = world(false);
+    w.set_secret(VM, "A", b"a-1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "A", b"a-1", T).unwrap();
+    w.kill_guest_agent(VM).unwrap();
+    assert_eq!(
+        w.read_guest(VM, "A").unwrap(),
+        b"a-1",
+        "files survive the agent"
+    );
+    w.set_secret(VM, "A", b"a-2", false).unwrap();
+    w.start_guest_agent(VM).unwrap();
+    let out = w.rotate(VM, &["A"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(w.read_guest(VM, "A").unwrap(), b"a-2");
+}
+
+#[test]
+fn host_agent_restart_redials_and_loses_nothing() {
+    let mut w = world(false);
+    w.set_secret(VM, "A", b"a-1", false).unwrap();
+    w.set_secret(VM, "B", b"b-1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "B", b"b-1", T).unwrap();
+    let before = w.status_json().unwrap()[0]["generation_applied"]
+        .as_u64()
+        .unwrap();
+    // Killed hard, mid-life; a value changes while it is down.
+    w.kill_host().unwrap();
+    w.set_secret(VM, "A", b"a-2", false).unwrap();
+    w.start_host().unwrap();
+    w.wait_for_guest_value(VM, "A", b"a-2", T).unwrap();
+    assert_eq!(w.read_guest(VM, "B").unwrap(), b"b-1");
+    let after = w.status_json().unwrap()[0]["generation_applied"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after > before,
+        "generation must move forward: {before} -> {after}"
+    );
+    w.set_secret(VM, "B", b"b-2", false).unwrap();
+    let out = w.rotate(VM, &["B"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(w.read_guest(VM, "B").unwrap(), b"b-2");
+}
+
+#[test]
+fn rotate_to_a_down_guest_times_out_and_applies_when_back() {
+    let mut w = world(false);
+    w.set_secret(VM, "A", b"a-1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "A", b"a-1", T).unwrap();
+    w.kill_guest_agent(VM).unwrap();
+    w.set_secret(VM, "A", b"a-2", false).unwrap();
+    let out = w.rotate(VM, &["A"], "2s").unwrap();
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("timed out"), "{}", stdout(&out));
+    w.start_guest_agent(VM).unwrap();
+    w.wait_for_guest_value(VM, "A", b"a-2", T).unwrap();
+}
+
+#[test]
+fn impostor_host_is_refused_and_nothing_written() {
+    let mut w = world(false);
+    w.set_secret(VM, "A", b"genuine", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "A", b"genuine", T).unwrap();
+    w.stop_host().unwrap();
+    // Same config, new key: a different host.
+    std::fs::remove_dir_all(w.path().join("host-state")).unwrap();
+    w.set_secret(VM, "A", b"forged", false).unwrap();
+    w.set_secret(VM, "NEW", b"forged-new", false).unwrap();
+    w.start_host().unwrap();
+    let out = w.rotate(VM, &[], "3s").unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert_eq!(w.read_guest(VM, "A").unwrap(), b"genuine");
+    assert!(w.read_guest(VM, "NEW").is_none());
+    let st = w.status_json().unwrap();
+    assert_eq!(st[0]["connected"], false, "{st}");
+    assert!(w.logs().contains("not the pinned one"));
+}
+
+#[test]
+fn oversized_credential_and_set_are_refused_clearly() {
+    let mut w = world(false);
+    w.set_secret(VM, "SMALL", b"small", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "SMALL", b"small", T).unwrap();
+    w.set_secret(VM, "BIG", &vec![b'x'; 1024 * 1024 + 1], false)
+        .unwrap();
+    w.reload_host().unwrap();
+    let out = w.rotate(VM, &["BIG"], "10s").unwrap();
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("1 MiB"), "{}", stdout(&out));
+    // Two values that fit alone but not together.
+    w.set_secret(VM, "BIG", &vec![b'x'; 700 * 1024], false)
+        .unwrap();
+    w.set_secret(VM, "BIG2", &vec![b'y'; 700 * 1024], false)
+        .unwrap();
+    w.reload_host().unwrap();
+    let out = w.rotate(VM, &[], "10s").unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("limit for one VM"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(w.read_guest(VM, "BIG").is_none());
+    assert_eq!(w.read_guest(VM, "SMALL").unwrap(), b"small");
+}
+
+#[test]
+fn read_only_mount_readers_never_see_torn_values_and_mount_stays_read_only() {
+    if !root() {
+        return;
+    }
+    let mut w = world(true);
+    let v = |i: u32| {
+        format!("value-{i:04}-")
+            .repeat(200 + (i as usize % 7) * 50)
+            .into_bytes()
+    };
+    w.set_secret(VM, "ROT", &v(0), false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "ROT", &v(0), T).unwrap();
+    assert!(w
+        .guest_mount_options(VM)
+        .unwrap()
+        .split(',')
+        .any(|o| o == "ro"));
+
+    let path = w.guest_view(VM).unwrap().join("ROT");
+    let valid: Vec<Vec<u8>> = (0..=20).map(v).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, valid, path) = (stop.clone(), valid.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let got = std::fs::read(&path).expect("the file never disappears");
+                assert!(
+                    valid.contains(&got),
+                    "torn or empty read ({} bytes)",
+                    got.len()
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for i in 1..=20 {
+        w.set_secret(VM, "ROT", &v(i), false).unwrap();
+        let out = w.rotate(VM, &["ROT"], "30s").unwrap();
+        assert!(out.status.success(), "{}", stdout(&out));
+        assert_eq!(w.read_guest(VM, "ROT").unwrap(), v(i));
+        assert!(w
+            .guest_mount_options(VM)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader saw only whole values");
+    assert!(reads > 20, "reader ran {reads} times");
+
+    // A failed write (over the mount's 1 MiB with what is there) leaves
+    // the mount read-only too.
+    w.set_secret(VM, "FILL", &vec![b'f'; 1000 * 1024], false)
+        .unwrap();
+    w.reload_host().unwrap();
+    let _ = w.rotate(VM, &["FILL"], "10s").unwrap();
+    assert!(w
+        .guest_mount_options(VM)
+        .unwrap()
+        .split(',')
+        .any(|o| o == "ro"));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+}
+
+#[test]
+fn unit_actions_are_run_and_reported() {
+    let mut w = world(false);
+    w.guests
+        .get_mut(VM)
+        .unwrap()
+        .units
+        .insert("API_KEY".into(), vec!["consumer.service".into()]);
+    w.set_secret(VM, "API_KEY", b"k1", false).unwrap();
+    w.set_secret(VM, "OTHER", b"o1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "API_KEY", b"k1", T).unwrap();
+    w.set_secret(VM, "API_KEY", b"k2", false).unwrap();
+    let out = w.rotate(VM, &["API_KEY"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("consumer.service"),
+        "{}",
+        stdout(&out)
+    );
+    let log = std::fs::read_to_string(&w.guests[VM].systemctl_log).unwrap();
+    assert!(log.contains("consumer.service"), "{log}");
+    // A credential without mapped units triggers no action.
+    let before = log.lines().count();
+    w.set_secret(VM, "OTHER", b"o2", false).unwrap();
+    assert!(w.rotate(VM, &["OTHER"], "30s").unwrap().status.success());
+    let log = std::fs::read_to_string(&w.guests[VM].systemctl_log).unwrap();
+    assert_eq!(log.lines().count(), before, "{log}");
+}
+
+#[test]
+fn secrets_never_reach_logs_or_status_even_at_trace() {
+    let mut w = world(false);
+    let secrets: [&[u8]; 3] = [b"s3cr3t-boot-41d9", b"s3cr3t-late-a0c2", b"s3cr3t-rot-77e1"];
+    w.set_secret(VM, "BOOT", secrets[0], true).unwrap();
+    w.set_secret(VM, "LATE", secrets[1], false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "LATE", secrets[1], T).unwrap();
+    w.set_secret(VM, "LATE", secrets[2], false).unwrap();
+    let out = w.rotate(VM, &[], "30s").unwrap();
+    assert!(out.status.success());
+    let status = w.host_cmd(&["status", "--json"]).unwrap();
+    let mut everything = w.logs();
+    everything.push_str(&stdout(&out));
+    everything.push_str(&stdout(&status));
+    assert!(
+        everything.contains("TRACE") || everything.contains("DEBUG"),
+        "trace logging was on"
+    );
+    for s in secrets {
+        let s = std::str::from_utf8(s).unwrap();
+        assert!(!everything.contains(s), "secret {s} leaked");
+    }
+}
+
+#[test]
+fn launch_output_for_both_hypervisors() {
+    let mut w = world(false);
+    w.set_secret(VM, "ENVIRONMENT", b"prod-env-5e2a", true)
+        .unwrap();
+    w.set_secret(VM, "API_KEY", b"api-key-never-argv", false)
+        .unwrap();
+    w.start_host().unwrap();
+    let argv = w.launch_dry_run(VM, "qemu").unwrap();
+    let joined = argv.join(" ");
+    assert!(joined.contains("-smbios type=11,path="), "{joined}");
+    assert!(!joined.contains("prod-env-5e2a") && !joined.contains("api-key-never-argv"));
+    // base64 of the boot value must not be there either.
+    assert!(!joined.contains("cHJvZC1lbnYtNWUyYQ"), "{joined}");
+    // cloud-hypervisor: a boot secret not marked for the command line is refused.
+    let err = w
+        .launch_dry_run(VM, "cloud-hypervisor")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("allow_on_command_line"), "{err}");
+    // With only public data it merges into the one --platform.
+    w.remove_credential(VM, "ENVIRONMENT");
+    w.write_config("").unwrap();
+    let argv = w.launch_dry_run(VM, "cloud-hypervisor").unwrap();
+    let platforms: Vec<&String> = argv.iter().filter(|a| *a == "--platform").collect();
+    assert_eq!(platforms.len(), 1, "{argv:?}");
+    let joined = argv.join(" ");
+    assert!(
+        joined.contains("io.systemd.credential:EXISTING=1"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:"),
+        "{joined}"
+    );
+}
