@@ -1,0 +1,193 @@
+# services.vmcred.guest: the vmcred guest agent inside a VM.
+#
+# It receives credentials from the host agent over vsock and writes them into
+# /run/credentials/@system, where `LoadCredential=NAME` in any service finds
+# them. A service that wants a credential writes:
+#
+#   systemd.services.my-app = {
+#     after = [ "vmcred-guest.service" ];
+#     wants = [ "vmcred-guest.service" ];
+#     serviceConfig.LoadCredential = [ "API_KEY" ];   # $CREDENTIALS_DIRECTORY/API_KEY
+#   };
+#   services.vmcred.guest.credentials.API_KEY.restartUnits = [ "my-app.service" ];
+#
+# Boot ordering (the choice, and why): vmcred-guest.service has
+# DefaultDependencies=no and runs After=systemd-modules-load.service (the
+# vsock transport modules) and local-fs.target, and Before=basic.target, which
+# every ordinary service is ordered after. It needs nothing from
+# sysinit.target beyond /run and the credentials directory, both of which PID 1
+# sets up before any unit. Since it is Type=notify and reports READY=1 only after
+# the first sync with the host (or after initialSyncTimeout), services that
+# start at boot see the synced values; it is not in sysinit.target so that a
+# host that is down delays only ordinary services, not early boot (udev,
+# tmpfiles, journald). Services with DefaultDependencies=no must say
+# After=vmcred-guest.service themselves.
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib)
+    mkOption mkEnableOption mkIf types literalExpression mapAttrs
+    mapAttrsToList concatLists escapeShellArg;
+
+  vlib = import ./lib.nix { inherit lib; };
+  cfg = config.services.vmcred.guest;
+
+  credentialModule = { name, ... }: {
+    options = {
+      restartUnits = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "my-app.service" ];
+        description = ''
+          Units to restart (`systemctl try-restart`) after a new value of
+          this credential has been written. A unit sees a new value only
+          when it (re)starts.
+        '';
+      };
+      reloadUnits = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = ''
+          Units to reload (`systemctl try-reload-or-restart`) after a new
+          value has been written; useful with `RefreshOnReload=` on systemd
+          versions that refresh credentials on reload.
+        '';
+      };
+      mode = mkOption {
+        type = types.strMatching "0?[0-7]{3}";
+        default = "0400";
+        description = "File mode of the credential in the credentials directory.";
+      };
+    };
+  };
+
+  guestSettings = {
+    initial_sync_timeout = cfg.initialSyncTimeout;
+    credentials = mapAttrs (_: c: {
+      restart_units = c.restartUnits;
+      reload_units = c.reloadUnits;
+      inherit (c) mode;
+    }) cfg.credentials;
+  };
+  guestTomlText = vlib.toTOML guestSettings;
+  guestToml = pkgs.writeText "vmcred-guest.toml" guestTomlText;
+in
+{
+  options.services.vmcred.guest = {
+    enable = mkEnableOption "the vmcred guest agent (vmcred-guest.service), which receives credentials from the host over vsock into /run/credentials/@system";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.vmcred or (throw "services.vmcred.guest.package: pkgs.vmcred does not exist; use vmcred's flake module (nixosModules.guest), its overlay (overlays.default), or set this option");
+      defaultText = literalExpression "pkgs.vmcred";
+      description = "The vmcred package (provides bin/vmcred-guest).";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 700;
+      description = ''
+        Informational: the vsock port the agent listens on comes from the
+        `vmcred.bootstrap` credential the host passes at launch
+        (services.vmcred.host.vms.<name>.port on the host).
+      '';
+    };
+
+    credentialsDirectory = mkOption {
+      type = types.str;
+      default = "/run/credentials/@system";
+      description = ''
+        Where credentials are written. The default is the directory PID 1
+        imports SMBIOS credentials into, which `LoadCredential=NAME` searches
+        first.
+      '';
+    };
+
+    initialSyncTimeout = mkOption {
+      type = types.strMatching "[0-9]+(ms|s|m|h)?";
+      default = "30s";
+      description = ''
+        The agent reports ready (and so lets services ordered after it
+        start) after the first sync with the host, or after this long if
+        the host does not connect.
+      '';
+    };
+
+    credentials = mkOption {
+      type = types.attrsOf (types.submodule credentialModule);
+      default = { };
+      example = literalExpression ''
+        { API_KEY.restartUnits = [ "my-app.service" ]; }
+      '';
+      description = ''
+        What to do when a credential changes, by credential name.
+        Credentials not listed here are still written; they just trigger
+        no unit action.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.package;
+      readOnly = true;
+      default = guestToml;
+      defaultText = literalExpression "the rendered guest.toml";
+      description = "The rendered guest agent configuration (also at /etc/vmcred/guest.toml).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = concatLists (mapAttrsToList (name: _:
+      let problem = vlib.credentialNameProblem name; in [{
+        assertion = problem == null;
+        message = ''
+          services.vmcred.guest.credentials.${vlib.tomlKey name}: the credential name ${builtins.toJSON name} ${toString problem}.
+          systemd credential names are ${vlib.credentialNameRules}.
+        '';
+      }]) cfg.credentials)
+      ++ [{
+        assertion = lib.hasPrefix "/" cfg.credentialsDirectory;
+        message = "services.vmcred.guest.credentialsDirectory must be an absolute path.";
+      }];
+
+    # AF_VSOCK and its virtio transport (built in on some kernels; loading a
+    # built-in module is a no-op).
+    boot.kernelModules = [ "vsock" "vmw_vsock_virtio_transport" ];
+
+    environment.etc."vmcred/guest.toml".source = guestToml;
+    environment.systemPackages = [ cfg.package ];
+
+    systemd.services.vmcred-guest = {
+      description = "vmcred guest agent (systemd credentials from the host over vsock)";
+      wantedBy = [ "basic.target" ];
+      before = [ "basic.target" "shutdown.target" ];
+      after = [ "systemd-modules-load.service" "local-fs.target" ];
+      wants = [ "systemd-modules-load.service" ];
+      conflicts = [ "shutdown.target" ];
+      unitConfig = {
+        DefaultDependencies = false;
+        # Keep retrying: credentials already written stay in place meanwhile.
+        StartLimitIntervalSec = 0;
+      };
+      serviceConfig = {
+        Type = "notify";
+        ExecStart = "${cfg.package}/bin/vmcred-guest --config ${guestToml} --credentials-dir ${escapeShellArg cfg.credentialsDirectory}";
+        Restart = "always";
+        RestartSec = "1s";
+        RuntimeDirectory = "vmcred";
+        RuntimeDirectoryMode = "0700";
+        RuntimeDirectoryPreserve = "yes";
+        # No mount-namespace sandboxing (ProtectSystem=, PrivateTmp=, ...):
+        # the agent remounts /run/credentials/@system read-write for each
+        # write, and that must happen in the system's mount namespace.
+        CapabilityBoundingSet = [ "CAP_SYS_ADMIN" ];
+        NoNewPrivileges = true;
+        RestrictAddressFamilies = "AF_UNIX AF_VSOCK";
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+      };
+    };
+  };
+}
