@@ -1,0 +1,327 @@
+# Evaluation checks for nixos-modules/{host,guest}.nix with the real nixpkgs
+# module system (lib.evalModules, 2022 copy shipped as test data by the nixel
+# crate) and the real systemd unit types. Driven by tests/nix/run.sh.
+#
+#   results      name -> { ok; detail; }   checks decided here
+#   artifacts    files for run.sh (rendered TOML, wrapper derivations)
+#   errorCases   name -> expression that must fail to evaluate (run.sh checks
+#                the error text)
+{ nixpkgs }:
+
+let
+  lib = import (nixpkgs + "/lib");
+  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  repo = ../..;
+  nixosStub = import ./nixos-stub.nix { inherit nixpkgs pkgs; };
+  microvmStub = import ./microvm-stub.nix { inherit nixpkgs pkgs; };
+
+  evalHost = { microvm ? true, modules }: (lib.evalModules {
+    modules = [ nixosStub (repo + "/nixos-modules/host.nix") ]
+      ++ lib.optional microvm microvmStub ++ modules;
+  }).config;
+
+  evalGuest = modules: (lib.evalModules {
+    modules = [ nixosStub (repo + "/nixos-modules/guest.nix") ] ++ modules;
+  }).config;
+
+  hasInfix = a: b: lib.hasInfix (builtins.unsafeDiscardStringContext a) (builtins.unsafeDiscardStringContext b);
+  check = ok: detail: { inherit ok detail; };
+  contains = haystack: needle: check (hasInfix needle haystack) "expected to contain: ${needle}";
+  lacks = haystack: needle: check (!(hasInfix needle haystack)) "expected not to contain: ${needle}";
+  eq = a: b: check (a == b) "expected ${builtins.toJSON b}, got ${builtins.toJSON a}";
+
+  secrets = "/run/secrets/vars/test-vm-secrets";
+
+  # The seeds' setup: test-vm on cloud-hypervisor, plus a qemu VM and a VM
+  # that microvm.nix does not manage.
+  seedsModule = {
+    microvm.vms.test-vm.config = { microvm.hypervisor = "cloud-hypervisor"; };
+    microvm.vms.db-vm.config = { microvm.hypervisor = "qemu"; microvm.vsock.cid = 5; };
+    services.vmcred.host = {
+      enable = true;
+      settings.poll_interval = "10s";
+      vms.test-vm.credentials = {
+        API_KEY.source = "${secrets}/api-key";
+        DB_PASSWORD.source = "${secrets}/db-password";
+        JWT_SECRET.source = "${secrets}/jwt-secret";
+        ENVIRONMENT = { source = "/etc/vmcred/test-vm/environment"; boot = true; allowOnCommandLine = true; };
+      };
+      vms.db-vm.credentials = {
+        DB_ROOT = { source = "/run/secrets/db-root"; boot = true; };
+        "weird%name" = { source = "/run/secrets/odd%file"; };
+      };
+      vms.plain = {
+        hybridSocket = "/run/vhost-device-vsock/plain.sock";
+        port = 701;
+        credentials.TOKEN.source = "/run/secrets/token";
+      };
+    };
+  };
+
+  host = evalHost { modules = [ seedsModule ]; };
+  units = host.test.unitText;
+  agentUnit = units.vmcred-host or "";
+  chUnit = units."microvm@test-vm" or "";
+  qemuUnit = units."microvm@db-vm" or "";
+  hostTomlFile = host.services.vmcred.host.configFile;
+  hostToml = builtins.readFile hostTomlFile;
+  parsedToml = builtins.fromTOML hostToml;
+  vmcredPkg = "${pkgs.vmcred}";
+
+  chGuest = host.microvm.vms.test-vm.config.config;
+  qemuGuest = host.microvm.vms.db-vm.config.config;
+  chPkg = chGuest.microvm.cloud-hypervisor.package;
+  qemuPkg = qemuGuest.microvm.qemu.package;
+  # What microvm.nix's qemu runner does with the package (closure trimming).
+  qemuPkgOverridden = qemuPkg.override (oa: { nixosTestRunner = true; });
+
+  expectedToml = {
+    state_dir = "/var/lib/vmcred";
+    control_socket = "/run/vmcred/control.sock";
+    launch_socket = "/run/vmcred/launch.sock";
+    poll_interval = "10s";
+    vms = {
+      test-vm = {
+        hybrid_socket = "/var/lib/microvms/test-vm/notify.vsock";
+        port = 700;
+        credentials = {
+          API_KEY = { credential = "test-vm-API_KEY"; boot = false; allow_on_command_line = false; };
+          DB_PASSWORD = { credential = "test-vm-DB_PASSWORD"; boot = false; allow_on_command_line = false; };
+          JWT_SECRET = { credential = "test-vm-JWT_SECRET"; boot = false; allow_on_command_line = false; };
+          ENVIRONMENT = { credential = "test-vm-ENVIRONMENT"; boot = true; allow_on_command_line = true; };
+        };
+      };
+      db-vm = {
+        cid = 5;
+        port = 700;
+        credentials = {
+          DB_ROOT = { credential = "db-vm-DB_ROOT"; boot = true; allow_on_command_line = false; };
+          "weird%name" = { credential = "db-vm-weird%name"; boot = false; allow_on_command_line = false; };
+        };
+      };
+      plain = {
+        hybrid_socket = "/run/vhost-device-vsock/plain.sock";
+        port = 701;
+        credentials.TOKEN = { credential = "plain-TOKEN"; boot = false; allow_on_command_line = false; };
+      };
+    };
+  };
+
+  # --- guest --------------------------------------------------------------
+  guest = evalGuest [{
+    services.vmcred.guest = {
+      enable = true;
+      credentials.API_KEY.restartUnits = [ "demo-consumer.service" ];
+      credentials.JWT_SECRET = { reloadUnits = [ "web.service" ]; mode = "0440"; };
+    };
+  }];
+  guestUnit = guest.test.unitText.vmcred-guest or "";
+  guestTomlFile = guest.services.vmcred.guest.configFile;
+  guestToml = builtins.readFile guestTomlFile;
+
+  # --- disabled / without microvm.nix --------------------------------------
+  disabledHost = evalHost { modules = [ seedsModule { services.vmcred.host.enable = lib.mkForce false; } ]; };
+  disabledGuest = evalGuest [{ services.vmcred.guest.credentials.API_KEY.restartUnits = [ "x.service" ]; }];
+  noMicrovm = evalHost {
+    microvm = false;
+    modules = [{ services.vmcred.host = { enable = true; vms.vm1 = { cid = 7; credentials.A.source = "/run/secrets/a"; }; }; }];
+  };
+
+  # --- assertions: one bad setting each -----------------------------------
+  failedWith = modules: (evalHost { inherit modules; }).test.failedAssertions;
+  refusedWith = name: modules: needle:
+    let msgs = failedWith modules; in
+    check (lib.any (m: hasInfix needle m) msgs)
+      "${name}: expected an assertion containing \"${needle}\", got ${builtins.toJSON msgs}";
+  vmWith = attrs: [{ services.vmcred.host = { enable = true; vms.v = { cid = 3; } // attrs; }; }];
+  credWith = name: attrs: vmWith { credentials.${name} = { source = "/run/secrets/x"; } // attrs; };
+
+  guestRefused = modules: needle:
+    let msgs = (evalGuest modules).test.failedAssertions; in
+    check (lib.any (m: hasInfix needle m) msgs) "expected a guest assertion containing \"${needle}\", got ${builtins.toJSON msgs}";
+
+  microvmGuestFailed = vmConfig: hostExtra:
+    (evalHost { modules = [{
+      microvm.vms.v.config = vmConfig;
+      services.vmcred.host = { enable = true; vms.v = { credentials.A.source = "/run/secrets/a"; } // hostExtra; };
+    }]; }).microvm.vms.v.config.config.test.failedAssertions;
+
+in
+{
+  artifacts = {
+    hostToml = "${hostTomlFile}";
+    guestToml = "${guestTomlFile}";
+    chWrapper = chPkg.drvPath;
+    qemuWrapper = qemuPkg.drvPath;
+    realCloudHypervisor = "${pkgs.cloud-hypervisor}";
+    realQemu = "${pkgs.qemu_kvm}";
+    vmcred = vmcredPkg;
+  };
+
+  results = {
+    "host: seeds config has no failed assertions" = eq host.test.failedAssertions [ ];
+    "host: warns that ENVIRONMENT goes on cloud-hypervisor's command line" =
+      check (lib.any (w: hasInfix "test-vm.credentials.ENVIRONMENT: allowOnCommandLine" w) host.warnings) (builtins.toJSON host.warnings);
+    "host: vmcred-host.service is Type=notify" = contains agentUnit "Type=notify";
+    "host: ExecStart runs vmcred-host serve with the rendered config" =
+      contains agentUnit "ExecStart=${vmcredPkg}/bin/vmcred-host serve --config /etc/vmcred/host.toml";
+    "host: ExecReload sends SIGHUP" = contains agentUnit "ExecReload=${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+    "host: agent loads each source as <vm>-<cred>" = contains agentUnit "LoadCredential=test-vm-API_KEY:${secrets}/api-key";
+    "host: agent loads every VM's credentials" =
+      check (lib.all (l: hasInfix l agentUnit) [
+        "LoadCredential=test-vm-DB_PASSWORD:${secrets}/db-password"
+        "LoadCredential=test-vm-JWT_SECRET:${secrets}/jwt-secret"
+        "LoadCredential=test-vm-ENVIRONMENT:/etc/vmcred/test-vm/environment"
+        "LoadCredential=db-vm-DB_ROOT:/run/secrets/db-root"
+        "LoadCredential=plain-TOKEN:/run/secrets/token"
+      ]) agentUnit;
+    "host: % in names and paths is escaped for systemd specifiers" =
+      contains agentUnit "LoadCredential=db-vm-weird%%name:/run/secrets/odd%%file";
+    "host: agent is sandboxed (ProtectSystem=strict)" = contains agentUnit "ProtectSystem=strict";
+    "host: agent only opens AF_UNIX and AF_VSOCK sockets" = contains agentUnit "RestrictAddressFamilies=AF_UNIX AF_VSOCK";
+    "host: NoNewPrivileges, PrivateTmp, ProtectHome" =
+      check (lib.all (l: hasInfix l agentUnit) [ "NoNewPrivileges=true" "PrivateTmp=true" "ProtectHome=true" ]) agentUnit;
+    "host: only CAP_DAC_OVERRIDE (for hybrid-vsock sockets)" = contains agentUnit "CapabilityBoundingSet=CAP_DAC_OVERRIDE\n";
+    "host: no capabilities without hybrid vsock" = contains (noMicrovm.test.unitText.vmcred-host or "") "CapabilityBoundingSet=\n";
+    "host: state directory 0755 (host.pin readable by the hypervisor user)" =
+      check (hasInfix "StateDirectory=vmcred\n" agentUnit && hasInfix "StateDirectoryMode=0755" agentUnit) agentUnit;
+    "host: runtime directory kept across restarts" =
+      check (hasInfix "RuntimeDirectory=vmcred\n" agentUnit && hasInfix "RuntimeDirectoryPreserve=yes" agentUnit
+        && hasInfix "RuntimeDirectoryMode=0755" agentUnit) agentUnit;
+    "host: agent starts before microvms.target" = contains agentUnit "Before=microvms.target";
+    "host: agent wanted by multi-user.target" = eq host.systemd.services.vmcred-host.wantedBy [ "multi-user.target" ];
+    "host: config changes reload the agent" = contains agentUnit "X-Reload-Triggers=${hostTomlFile}";
+    "host: /etc/vmcred/host.toml is the rendered config" = eq "${host.environment.etc."vmcred/host.toml".source}" "${hostTomlFile}";
+    "host: vmcred-rotate is on PATH" =
+      check (lib.any (p: (p.name or "") == "vmcred-rotate") host.environment.systemPackages) "no vmcred-rotate in environment.systemPackages";
+    "host: vmcred-rotate runs vmcred-host rotate with the config" =
+      let p = lib.findFirst (p: (p.name or "") == "vmcred-rotate") { text = ""; } host.environment.systemPackages; in
+      contains p.text "exec ${vmcredPkg}/bin/vmcred-host rotate --config /etc/vmcred/host.toml \"$@\"";
+
+    "toml: parses back to exactly the expected structure" = eq parsedToml expectedToml;
+    "toml: cloud-hypervisor VM defaults to microvm.nix's notify.vsock" =
+      contains hostToml "hybrid_socket = \"/var/lib/microvms/test-vm/notify.vsock\"";
+    "toml: qemu VM defaults to microvm.vsock.cid" = eq (parsedToml.vms.db-vm.cid or null) 5;
+    "toml: no secret source path in the agent config" = lacks hostToml secrets;
+
+    "microvm: boot credentials on microvm@test-vm" = contains chUnit "LoadCredential=ENVIRONMENT:/etc/vmcred/test-vm/environment";
+    "microvm: late credentials not on microvm@test-vm" = lacks chUnit "API_KEY";
+    "microvm: microvm@test-vm after and wants vmcred-host.service" =
+      check (hasInfix "After=vmcred-host.service" chUnit && hasInfix "Wants=vmcred-host.service" chUnit) chUnit;
+    "microvm: qemu VM gets its boot credential" = contains qemuUnit "LoadCredential=DB_ROOT:/run/secrets/db-root";
+    "microvm: no microvm@ unit for a VM microvm.nix does not manage" = eq (units ? "microvm@plain") false;
+    "microvm: cloud-hypervisor package is the launch wrapper" = eq (chPkg.vmcredLaunchWrapper or null) "test-vm";
+    "microvm: wrapper keeps the real version" = eq (chPkg.version or null) "48.0";
+    "microvm: cloud-hypervisor VM gets a vsock CID (enables notify.vsock)" = eq chGuest.microvm.vsock.cid 3;
+    "microvm: qemu package is the launch wrapper" = eq (qemuPkg.vmcredLaunchWrapper or null) "db-vm";
+    "microvm: qemu wrapper survives microvm.nix's .override" =
+      check ((qemuPkgOverridden.vmcredLaunchWrapper or null) == "db-vm" && hasInfix "for-tests" qemuPkgOverridden.name) qemuPkgOverridden.name;
+    "microvm: qemu wrapper keeps configureFlags (seccomp detection)" = eq qemuPkg.configureFlags [ "--enable-seccomp" ];
+    "microvm: user-set CID on qemu VM is kept" = eq qemuGuest.microvm.vsock.cid 5;
+    "microvm: guest agent enabled inside the VMs" = eq [ chGuest.services.vmcred.guest.enable qemuGuest.services.vmcred.guest.enable ] [ true true ];
+    "microvm: guests have no failed assertions" = eq (chGuest.test.failedAssertions ++ qemuGuest.test.failedAssertions) [ ];
+    "microvm: a VM not named in services.vmcred.host.vms is untouched" =
+      let h = evalHost { modules = [ seedsModule { microvm.vms.other.config = { microvm.hypervisor = "cloud-hypervisor"; }; } ]; };
+      in check (!(h.microvm.vms.other.config.config ? services) && h.microvm.vms.other.config.config.microvm.cloud-hypervisor.package == pkgs.cloud-hypervisor
+        && !(h.test.unitText ? "microvm@other")) "other VM was modified";
+    "microvm: hypervisorPackage chooses the real binary" =
+      let
+        mine = pkgs.cloud-hypervisor // { version = "99.0"; };
+        h = evalHost { modules = [ seedsModule { services.vmcred.host.vms.test-vm.hypervisorPackage = mine; } ]; };
+      in eq (h.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package.version or null) "99.0";
+
+    "guest: Type=notify, Restart=always" =
+      check (hasInfix "Type=notify" guestUnit && hasInfix "Restart=always" guestUnit) guestUnit;
+    "guest: ExecStart runs vmcred-guest with the rendered config" =
+      contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir '/run/credentials/@system'";
+    "guest: early boot ordering" =
+      check (lib.all (l: hasInfix l guestUnit) [
+        "DefaultDependencies=false" "Before=basic.target shutdown.target"
+        "After=systemd-modules-load.service local-fs.target" ]) guestUnit;
+    "guest: wanted by basic.target" = eq guest.systemd.services.vmcred-guest.wantedBy [ "basic.target" ];
+    "guest: vsock modules loaded" = eq guest.boot.kernelModules [ "vsock" "vmw_vsock_virtio_transport" ];
+    "guest: toml parses to the expected structure" = eq (builtins.fromTOML guestToml) {
+      initial_sync_timeout = "30s";
+      credentials = {
+        API_KEY = { restart_units = [ "demo-consumer.service" ]; reload_units = [ ]; mode = "0400"; };
+        JWT_SECRET = { restart_units = [ ]; reload_units = [ "web.service" ]; mode = "0440"; };
+      };
+    };
+
+    "disabled host: no units" = eq (builtins.attrNames disabledHost.systemd.services) [ ];
+    "disabled host: no /etc files, no packages" = eq [ disabledHost.environment.etc disabledHost.environment.systemPackages ] [ { } [ ] ];
+    "disabled host: microvm guests untouched" =
+      eq disabledHost.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package pkgs.cloud-hypervisor;
+    "disabled guest: renders nothing" =
+      eq [ disabledGuest.systemd.services disabledGuest.environment.etc disabledGuest.boot.kernelModules ] [ { } { } [ ] ];
+    "without microvm.nix: evaluates, renders the agent" =
+      check (noMicrovm.test.failedAssertions == [ ] && hasInfix "LoadCredential=vm1-A:/run/secrets/a" (noMicrovm.test.unitText.vmcred-host or ""))
+        (builtins.toJSON noMicrovm.test.failedAssertions);
+
+    "refused: source in the Nix store" =
+      refusedWith "store" (credWith "A" { source = "${builtins.storeDir}/0000-secret"; }) "is in the Nix store,\nwhich every local user can read";
+    "refused: source from a package (string context)" =
+      refusedWith "context" (credWith "A" { source = "${pkgs.vmcred}/secret"; }) "plain string";
+    "refused: source as a Nix path literal" =
+      refusedWith "path" (credWith "A" { source = ./checks.nix; }) "is a Nix path literal";
+    "refused: relative source" = refusedWith "relative" (credWith "A" { source = "secrets/a"; }) "must be an absolute path";
+    "refused: newline in source" = refusedWith "newline" (credWith "A" { source = "/run/a\nExecStart=/bin/sh"; }) "control character";
+    "refused: credential name with /" = refusedWith "slash" (credWith "a/b" { }) "contains \"/\"";
+    "refused: credential name with :" = refusedWith "colon" (credWith "a:b" { }) "contains \":\"";
+    "refused: credential name with a space" = refusedWith "space" (credWith "a b" { }) "contains a space";
+    "refused: credential name .." = refusedWith "dotdot" (credWith ".." { }) "is \"..\"";
+    "refused: empty credential name" = refusedWith "empty" (credWith "" { }) "is empty";
+    "refused: non-ASCII credential name" = refusedWith "utf8" (credWith "pässword" { }) "not printable ASCII";
+    "refused: 256-character credential name" =
+      refusedWith "long" (credWith (lib.concatStrings (lib.genList (_: "a") 256)) { }) "at most 255";
+    "refused: <vm>-<cred> LoadCredential ID too long" =
+      refusedWith "id" (credWith (lib.concatStrings (lib.genList (_: "a") 254)) { }) "must itself be a valid credential name";
+    "refused: port 1024" = refusedWith "port" (vmWith { port = 1024; }) "must be 1-1023";
+    "refused: both cid and hybridSocket" = refusedWith "both" (vmWith { hybridSocket = "/run/x.sock"; }) "set exactly one of `cid`";
+    "refused: neither cid nor hybridSocket" =
+      refusedWith "neither" [{ services.vmcred.host = { enable = true; vms.v = { }; }; }] "neither is set";
+    "refused: reserved CID 2" = refusedWith "cid" (vmWith { cid = 2; }) "CIDs 0, 1 and 2 are reserved";
+    "refused: relative hybridSocket" =
+      refusedWith "hybrid" [{ services.vmcred.host = { enable = true; vms.v.hybridSocket = "x.sock"; }; }] "must be an absolute path";
+    "refused: qemu microvm without vsock CID" =
+      refusedWith "nocid" [{ microvm.vms.v.config = { microvm.hypervisor = "qemu"; };
+                              services.vmcred.host = { enable = true; vms.v = { }; }; }] "microvm.vms.v.config.microvm.vsock.cid";
+    "refused: secret boot credential on cloud-hypervisor" =
+      refusedWith "chboot" [{ microvm.vms.v.config = { microvm.hypervisor = "cloud-hypervisor"; };
+                              services.vmcred.host = { enable = true; vms.v.credentials.K = { source = "/run/secrets/k"; boot = true; }; }; }]
+        "/proc/<pid>/cmdline";
+    "refused: settings.state_dir" =
+      refusedWith "settings" [{ services.vmcred.host = { enable = true; settings.state_dir = "/tmp"; }; }] "fixed by the NixOS module";
+    "refused: unsupported hypervisor (guest assertion)" =
+      let msgs = microvmGuestFailed { microvm.hypervisor = "firecracker"; } { hybridSocket = "/var/lib/microvms/v/v.vsock"; }; in
+      check (lib.any (hasInfix "launch wrapper") msgs) (builtins.toJSON msgs);
+    "refused: hypervisor package forced past the wrapper (guest assertion)" =
+      let msgs = microvmGuestFailed { microvm.hypervisor = "cloud-hypervisor"; microvm.cloud-hypervisor.package = lib.mkForce pkgs.cloud-hypervisor; } { }; in
+      check (lib.any (hasInfix "hypervisorPackage") msgs) (builtins.toJSON msgs);
+    "refused: guest credential name with /" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials."a/b" = { }; }; }] "systemd credential names are";
+  };
+
+  # Each must fail to evaluate; run.sh checks the message.
+  errorCases =
+    let
+      forceHost = modules: let c = evalHost { inherit modules; }; in
+        builtins.deepSeq [ c.test.unitText c.test.failedAssertions (builtins.readFile c.services.vmcred.host.configFile) ] true;
+      forceGuest = modules: let c = evalGuest modules; in
+        builtins.deepSeq [ c.test.unitText c.test.failedAssertions (builtins.readFile c.services.vmcred.guest.configFile) ] true;
+    in
+    {
+      host-port-string = forceHost (vmWith { port = "700"; });
+      host-typo-credentails = forceHost (vmWith { credentails.A.source = "/run/secrets/a"; });
+      host-typo-sources = forceHost (credWith "A" { sources = "/run/secrets/a"; });
+      host-boot-string = forceHost (credWith "A" { boot = "yes"; });
+      host-cid-negative = forceHost (vmWith { cid = -3; });
+      host-source-int = forceHost (credWith "A" { source = 42; });
+      host-unknown-top = forceHost [{ services.vmcred.host.enabel = true; }];
+      host-path-literal-unit = let c = evalHost { modules = credWith "A" { source = ./checks.nix; }; }; in builtins.deepSeq c.test.unitText true;
+      guest-mode-bad = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0999"; }; }];
+      guest-typo-restartunit = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnit = [ "x" ]; }; }];
+      guest-timeout-bad = forceGuest [{ services.vmcred.guest = { enable = true; initialSyncTimeout = "soon"; }; }];
+      control-valid-host = forceHost (credWith "A" { });
+    };
+}
