@@ -395,6 +395,13 @@ let
           message = "${copt}.source contains a control character (such as a newline).";
         }
         {
+          assertion = !c.boot || builtins.match ''.*[],=["].*'' credName == null;
+          message = ''
+            ${copt}: boot = true, but the name contains one of = , [ ] or " which cannot be
+            carried in an SMBIOS OEM string (io.systemd.credential:NAME=VALUE). Rename it or set boot = false.
+          '';
+        }
+        {
           assertion = !(hv == "cloud-hypervisor" && c.boot && !c.allowOnCommandLine);
           message = ''
             ${copt}: boot = true on a cloud-hypervisor VM. cloud-hypervisor takes SMBIOS OEM strings

@@ -276,6 +276,9 @@ in
       refusedWith "long" (credWith (lib.concatStrings (lib.genList (_: "a") 256)) { }) "at most 255";
     "refused: <vm>-<cred> LoadCredential ID too long" =
       refusedWith "id" (credWith (lib.concatStrings (lib.genList (_: "a") 254)) { }) "must itself be a valid credential name";
+    "refused: boot credential name with , (cannot go into an OEM string)" =
+      refusedWith "oem" (credWith "A,B" { boot = true; }) "cannot be\ncarried in an SMBIOS OEM string";
+    "accepted: late credential name with , (vsock only)" = eq (failedWith (credWith "A,B" { })) [ ];
     "refused: port 1024" = refusedWith "port" (vmWith { port = 1024; }) "must be 1-1023";
     "refused: both cid and hybridSocket" = refusedWith "both" (vmWith { hybridSocket = "/run/x.sock"; }) "set exactly one of `cid`";
     "refused: neither cid nor hybridSocket" =
