@@ -1,5 +1,6 @@
-# services.vmcred.host: the vmcred host agent, and (when microvm.nix's host
-# module is imported) the wiring of each microvm.nix VM named in
+# services.vmcred.host: the vmcred host agent, which reads every credential's
+# source file itself (host.toml: path = "<source>"), and (when microvm.nix's
+# host module is imported) the wiring of each microvm.nix VM named in
 # services.vmcred.host.vms:
 #   - LoadCredential=<cred>:<source> of its boot-time credentials on
 #     microvm@<name>.service, ordered after vmcred-host.service;
@@ -70,8 +71,17 @@ let
           Absolute path of the file on the host holding the credential's
           value, e.g. a sops-nix / agenix / clan vars secret under
           `/run/secrets`. Give it as a string: it is never copied into the
-          Nix store (which every local user can read). systemd reads it
-          with `LoadCredential=` when vmcred-host.service starts.
+          Nix store (which every local user can read).
+
+          The agent (vmcred-host.service, root) reads the file itself
+          (`path = "<source>"` in host.toml) when it starts, every
+          `settings.poll_interval` (10 s by default) and on
+          `vmcred-rotate`, so a replaced file reaches the guest without
+          restarting anything. The file may appear after boot (a late
+          credential): until it does, `vmcred-host status` shows it as
+          `source-missing`, and it is delivered as soon as it appears. It
+          must not be under /home, /root, /run/user, /tmp or /var/tmp,
+          which the agent's sandbox hides.
         '';
       };
       boot = mkOption {
@@ -82,6 +92,9 @@ let
           so systemd (PID 1) in the guest imports it before any service
           starts. Without it, the credential arrives over vsock shortly after
           boot (services can order themselves after vmcred-guest.service).
+          systemd reads a boot credential's source with `LoadCredential=`
+          when `microvm@<name>.service` starts, so it must exist by then:
+          a missing one makes that start fail.
         '';
       };
       allowOnCommandLine = mkOption {
@@ -161,15 +174,15 @@ let
   };
 
   # --- rendering ----------------------------------------------------------
-  credId = vm: cred: "${vm}-${cred}";
-
   renderedVms = mapAttrs (vmName: vm:
     optionalAttrs (vm.cid != null) { inherit (vm) cid; }
     // optionalAttrs (vm.hybridSocket != null) { hybrid_socket = vm.hybridSocket; }
     // {
       inherit (vm) port;
+      # The agent reads the source itself: no LoadCredential= copy, which
+      # systemd would take only once, when the unit starts.
       credentials = mapAttrs (credName: c: {
-        credential = credId vmName credName;
+        path = sourceString vmName credName c;
         inherit (c) boot;
         allow_on_command_line = c.allowOnCommandLine;
       }) vm.credentials;
@@ -181,31 +194,17 @@ let
 
   # A path literal must never reach a string context (it would be copied into
   # the store); the assertions below explain, this only guards evaluation of
-  # unit files when assertions are not checked (e.g. `nix eval`).
+  # the config and unit files when assertions are not checked (e.g. `nix eval`).
   sourceString = vm: cred: c:
     if builtins.isPath c.source
     then throw "services.vmcred.host.vms.${vm}.credentials.${cred}.source is a Nix path literal; write it as a string"
     else c.source;
 
-  loadCredentialLines = concatLists (mapAttrsToList (vmName: vm:
-    mapAttrsToList (credName: c:
-      "${vlib.escapeUnitValue (credId vmName credName)}:${vlib.escapeUnitValue (sourceString vmName credName c)}")
-    vm.credentials) cfg.vms);
-
   anyHybrid = any (vm: vm.hybridSocket != null) (attrValues cfg.vms);
 
+  # The agent re-reads the sources itself on rotate, so this only fills in
+  # the config path: push, then return when the guest has acknowledged.
   rotateCommand = pkgs.writeShellScriptBin "vmcred-rotate" ''
-    set -eu
-    # LoadCredential= copies each source when vmcred-host.service starts and
-    # never again, so restart the agent first to make it read the current
-    # files (it then re-syncs every VM), then push and wait for the guests'
-    # acknowledgement. VMCRED_ROTATE_NO_RESTART=1 skips the restart.
-    if [ "''${VMCRED_ROTATE_NO_RESTART:-0}" != 1 ]; then
-      case "''${1:-}" in
-        -h|--help|help) ;;
-        *) systemctl restart vmcred-host.service ;;
-      esac
-    fi
     exec ${cfg.package}/bin/vmcred-host rotate --config ${configPath} "$@"
   '';
 
@@ -304,6 +303,30 @@ let
     };
 
   # --- assertions ---------------------------------------------------------
+  # The agent reads sources from inside its sandbox: ProtectHome= hides
+  # /home, /root and /run/user (unless "read-only"), PrivateTmp= gives it
+  # its own empty /tmp and /var/tmp. Returns the setting hiding `src`, or
+  # null. Follows what the unit actually gets, so an administrator who
+  # relaxes the sandbox can use those places.
+  agentServiceConfig = hostConfig.systemd.services.vmcred-host.serviceConfig or { };
+  sandboxHides = [
+    {
+      setting = "ProtectHome=${showUnitValue (agentServiceConfig.ProtectHome or false)}";
+      active = builtins.elem (agentServiceConfig.ProtectHome or false) [ true "yes" "tmpfs" ];
+      dirs = [ "/home" "/root" "/run/user" ];
+    }
+    {
+      setting = "PrivateTmp=true";
+      active = builtins.elem (agentServiceConfig.PrivateTmp or false) [ true "yes" ];
+      dirs = [ "/tmp" "/var/tmp" ];
+    }
+  ];
+  showUnitValue = v: if builtins.isBool v then lib.boolToString v else toString v;
+  under = dir: p: p == dir || hasPrefix "${dir}/" p;
+  hiddenFromAgent = src:
+    let hit = lib.findFirst (h: h.active && any (d: under d src) h.dirs) null sandboxHides; in
+    if hit == null then null else hit.setting;
+
   vmAssertions = vmName: vm:
     let
       opt = "services.vmcred.host.vms.${vmName}";
@@ -348,9 +371,9 @@ let
       let
         copt = "${opt}.credentials.${vlib.tomlKey credName}";
         nameProblem = vlib.credentialNameProblem credName;
-        idProblem = vlib.credentialNameProblem (credId vmName credName);
         src = c.source;
         isStr = builtins.isString src;
+        hiddenBy = if isStr then hiddenFromAgent src else null;
       in
       [
         {
@@ -358,14 +381,6 @@ let
           message = ''
             ${copt}: the credential name ${builtins.toJSON credName} ${toString nameProblem}.
             systemd credential names are ${vlib.credentialNameRules}.
-          '';
-        }
-        {
-          assertion = nameProblem != null || idProblem == null;
-          message = ''
-            ${copt}: the agent loads this credential as LoadCredential=${credId vmName credName}:...,
-            and that ID must itself be a valid credential name, but it ${toString idProblem}.
-            Shorten the VM or credential name.
           '';
         }
         {
@@ -393,6 +408,15 @@ let
         {
           assertion = !isStr || builtins.match "[^[:cntrl:]]*" src != null;
           message = "${copt}.source contains a control character (such as a newline).";
+        }
+        {
+          assertion = hiddenBy == null;
+          message = ''
+            ${copt}.source ${builtins.toJSON (builtins.unsafeDiscardStringContext src)} is hidden from
+            vmcred-host.service by its sandbox (${toString hiddenBy}): the agent reads each source
+            itself and would never find this one. Keep secrets where sops-nix, agenix or clan vars
+            put them (/run/secrets/...), or somewhere else outside /home, /root, /run/user, /tmp and /var/tmp.
+          '';
         }
         {
           assertion = !c.boot || builtins.match ''.*[],=["].*'' credName == null;
@@ -511,8 +535,14 @@ in
         description = "vmcred host agent (systemd credentials into VMs over vsock)";
         wantedBy = [ "multi-user.target" ];
         before = [ "microvms.target" ];
-        # A config change that only touches host.toml is applied with SIGHUP;
-        # a changed credential list changes LoadCredential= and restarts.
+        # The unit no longer depends on the credential list (no
+        # LoadCredential=), so a change to VMs or credentials changes only
+        # host.toml, a reload trigger: switch-to-configuration reloads
+        # (SIGHUP: the agent re-reads host.toml and re-syncs the VMs whose
+        # entries changed) instead of restarting. restartIfChanged stays
+        # true on purpose: a change to the unit itself (a new package) must
+        # restart to run the new binary, and restarting the agent does not
+        # touch the running VMs.
         reloadTriggers = [ hostToml ];
         serviceConfig = {
           Type = "notify";
@@ -521,10 +551,13 @@ in
           Restart = "on-failure";
           RestartSec = "2s";
 
-          # The agent reads each source from its own $CREDENTIALS_DIRECTORY
-          # (host.toml: credential = "<vm>-<cred>"), so it needs no access
-          # to /run/secrets itself.
-          LoadCredential = loadCredentialLines;
+          # No LoadCredential=: the agent reads each source file itself
+          # (host.toml: path = "<source>"). systemd would copy a
+          # LoadCredential= source only when the unit starts (so a rotation
+          # would need a restart), and one missing source would fail the
+          # whole start (so a secret that appears after boot could not be
+          # delivered). ProtectSystem=strict leaves every path readable;
+          # ProtectHome=/PrivateTmp= hide a few, refused by an assertion.
 
           # host.pin there must be readable by the hypervisor user (launch).
           StateDirectory = "vmcred";
@@ -535,11 +568,18 @@ in
           RuntimeDirectoryMode = "0755";
           RuntimeDirectoryPreserve = "yes";
 
-          # It dials AF_VSOCK and Unix sockets and serves two Unix sockets;
-          # root owns its state. Hybrid-vsock sockets belong to the
-          # hypervisor user (microvm.nix: microvm, mode 0755), so connecting
-          # to them needs CAP_DAC_OVERRIDE; nothing else needs a capability.
-          CapabilityBoundingSet = if anyHybrid then [ "CAP_DAC_OVERRIDE" ] else [ "" ];
+          # It dials AF_VSOCK and Unix sockets, serves two Unix sockets and
+          # reads the source files; root owns its state.
+          # - CAP_DAC_READ_SEARCH: root reads a root-owned 0400 secret
+          #   without any capability, but sops-nix/agenix/clan secrets can
+          #   be owned by another user (`owner = "..."`, mode 0400) or sit in
+          #   a directory root may not search; this capability lets it read
+          #   and traverse, and grants no write access.
+          # - CAP_DAC_OVERRIDE, only with hybrid vsock: those sockets belong
+          #   to the hypervisor user (microvm.nix: microvm, mode 0755), and
+          #   connecting needs write permission on them.
+          # Several CapabilityBoundingSet= lines are ORed by systemd.
+          CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ] ++ optional anyHybrid "CAP_DAC_OVERRIDE";
           NoNewPrivileges = true;
           RestrictAddressFamilies = "AF_UNIX AF_VSOCK";
           IPAddressDeny = "any";

@@ -85,24 +85,24 @@ let
         hybrid_socket = "/var/lib/microvms/test-vm/notify.vsock";
         port = 700;
         credentials = {
-          API_KEY = { credential = "test-vm-API_KEY"; boot = false; allow_on_command_line = false; };
-          DB_PASSWORD = { credential = "test-vm-DB_PASSWORD"; boot = false; allow_on_command_line = false; };
-          JWT_SECRET = { credential = "test-vm-JWT_SECRET"; boot = false; allow_on_command_line = false; };
-          ENVIRONMENT = { credential = "test-vm-ENVIRONMENT"; boot = true; allow_on_command_line = true; };
+          API_KEY = { path = "${secrets}/api-key"; boot = false; allow_on_command_line = false; };
+          DB_PASSWORD = { path = "${secrets}/db-password"; boot = false; allow_on_command_line = false; };
+          JWT_SECRET = { path = "${secrets}/jwt-secret"; boot = false; allow_on_command_line = false; };
+          ENVIRONMENT = { path = "/etc/vmcred/test-vm/environment"; boot = true; allow_on_command_line = true; };
         };
       };
       db-vm = {
         cid = 5;
         port = 700;
         credentials = {
-          DB_ROOT = { credential = "db-vm-DB_ROOT"; boot = true; allow_on_command_line = false; };
-          "weird%name" = { credential = "db-vm-weird%name"; boot = false; allow_on_command_line = false; };
+          DB_ROOT = { path = "/run/secrets/db-root"; boot = true; allow_on_command_line = false; };
+          "weird%name" = { path = "/run/secrets/odd%file"; boot = false; allow_on_command_line = false; };
         };
       };
       plain = {
         hybrid_socket = "/run/vhost-device-vsock/plain.sock";
         port = 701;
-        credentials.TOKEN = { credential = "plain-TOKEN"; boot = false; allow_on_command_line = false; };
+        credentials.TOKEN = { path = "/run/secrets/token"; boot = false; allow_on_command_line = false; };
       };
     };
   };
@@ -166,23 +166,24 @@ in
     "host: ExecStart runs vmcred-host serve with the rendered config" =
       contains agentUnit "ExecStart=${vmcredPkg}/bin/vmcred-host serve --config /etc/vmcred/host.toml";
     "host: ExecReload sends SIGHUP" = contains agentUnit "ExecReload=${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-    "host: agent loads each source as <vm>-<cred>" = contains agentUnit "LoadCredential=test-vm-API_KEY:${secrets}/api-key";
-    "host: agent loads every VM's credentials" =
-      check (lib.all (l: hasInfix l agentUnit) [
-        "LoadCredential=test-vm-DB_PASSWORD:${secrets}/db-password"
-        "LoadCredential=test-vm-JWT_SECRET:${secrets}/jwt-secret"
-        "LoadCredential=test-vm-ENVIRONMENT:/etc/vmcred/test-vm/environment"
-        "LoadCredential=db-vm-DB_ROOT:/run/secrets/db-root"
-        "LoadCredential=plain-TOKEN:/run/secrets/token"
-      ]) agentUnit;
-    "host: % in names and paths is escaped for systemd specifiers" =
-      contains agentUnit "LoadCredential=db-vm-weird%%name:/run/secrets/odd%%file";
+    "host: no LoadCredential= on vmcred-host.service (the agent reads sources itself)" = lacks agentUnit "LoadCredential";
+    "host: no LoadCredential= on vmcred-host.service without microvm.nix either" =
+      lacks (noMicrovm.test.unitText.vmcred-host or "") "LoadCredential";
+    "host: agent has no $CREDENTIALS_DIRECTORY sources (no SetCredential=, no ImportCredential=)" =
+      check (!(hasInfix "SetCredential" agentUnit) && !(hasInfix "ImportCredential" agentUnit)) agentUnit;
     "host: agent is sandboxed (ProtectSystem=strict)" = contains agentUnit "ProtectSystem=strict";
     "host: agent only opens AF_UNIX and AF_VSOCK sockets" = contains agentUnit "RestrictAddressFamilies=AF_UNIX AF_VSOCK";
     "host: NoNewPrivileges, PrivateTmp, ProtectHome" =
       check (lib.all (l: hasInfix l agentUnit) [ "NoNewPrivileges=true" "PrivateTmp=true" "ProtectHome=true" ]) agentUnit;
-    "host: only CAP_DAC_OVERRIDE (for hybrid-vsock sockets)" = contains agentUnit "CapabilityBoundingSet=CAP_DAC_OVERRIDE\n";
-    "host: no capabilities without hybrid vsock" = contains (noMicrovm.test.unitText.vmcred-host or "") "CapabilityBoundingSet=\n";
+    "host: capabilities: CAP_DAC_READ_SEARCH (sources) + CAP_DAC_OVERRIDE (hybrid-vsock sockets), nothing else" =
+      let lines = lib.filter (hasInfix "CapabilityBoundingSet=") (lib.splitString "\n" agentUnit); in
+      eq lines [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE" ];
+    "host: only CAP_DAC_READ_SEARCH without hybrid vsock" =
+      let lines = lib.filter (hasInfix "CapabilityBoundingSet=") (lib.splitString "\n" (noMicrovm.test.unitText.vmcred-host or "")); in
+      eq lines [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" ];
+    "host: sandbox does not hide /run/secrets (no InaccessiblePaths=, no TemporaryFileSystem=/run)" =
+      check (!(hasInfix "InaccessiblePaths" agentUnit) && !(hasInfix "TemporaryFileSystem" agentUnit)
+        && !(hasInfix "ProtectHome=tmpfs" agentUnit)) agentUnit;
     "host: state directory 0755 (host.pin readable by the hypervisor user)" =
       check (hasInfix "StateDirectory=vmcred\n" agentUnit && hasInfix "StateDirectoryMode=0755" agentUnit) agentUnit;
     "host: runtime directory kept across restarts" =
@@ -191,18 +192,36 @@ in
     "host: agent starts before microvms.target" = contains agentUnit "Before=microvms.target";
     "host: agent wanted by multi-user.target" = eq host.systemd.services.vmcred-host.wantedBy [ "multi-user.target" ];
     "host: config changes reload the agent" = contains agentUnit "X-Reload-Triggers=${hostTomlFile}";
+    "host: a changed credential list only changes host.toml (reload, not restart)" =
+      let
+        more = evalHost { modules = [ seedsModule { services.vmcred.host.vms.test-vm.credentials.NEW.source = "/run/secrets/new"; } ]; };
+        strip = t: lib.concatStringsSep "\n" (lib.filter (l: !(lib.hasPrefix "X-Reload-Triggers=" l)) (lib.splitString "\n" t));
+        moreUnit = more.test.unitText.vmcred-host or "";
+      in check (strip moreUnit == strip agentUnit && moreUnit != agentUnit) "unit text differs beyond X-Reload-Triggers";
+    "host: package changes still restart the agent (restartIfChanged not disabled)" =
+      check (!(hasInfix "X-RestartIfChanged=false" agentUnit) && !(hasInfix "X-ReloadIfChanged" agentUnit)) agentUnit;
     "host: /etc/vmcred/host.toml is the rendered config" = eq "${host.environment.etc."vmcred/host.toml".source}" "${hostTomlFile}";
     "host: vmcred-rotate is on PATH" =
       check (lib.any (p: (p.name or "") == "vmcred-rotate") host.environment.systemPackages) "no vmcred-rotate in environment.systemPackages";
     "host: vmcred-rotate runs vmcred-host rotate with the config" =
       let p = lib.findFirst (p: (p.name or "") == "vmcred-rotate") { text = ""; } host.environment.systemPackages; in
       contains p.text "exec ${vmcredPkg}/bin/vmcred-host rotate --config /etc/vmcred/host.toml \"$@\"";
+    "host: vmcred-rotate restarts nothing" =
+      let p = lib.findFirst (p: (p.name or "") == "vmcred-rotate") { text = ""; } host.environment.systemPackages; in
+      check (!(hasInfix "systemctl" p.text) && !(hasInfix "restart" p.text) && !(hasInfix "VMCRED_ROTATE_NO_RESTART" p.text)) p.text;
 
     "toml: parses back to exactly the expected structure" = eq parsedToml expectedToml;
     "toml: cloud-hypervisor VM defaults to microvm.nix's notify.vsock" =
       contains hostToml "hybrid_socket = \"/var/lib/microvms/test-vm/notify.vsock\"";
     "toml: qemu VM defaults to microvm.vsock.cid" = eq (parsedToml.vms.db-vm.cid or null) 5;
-    "toml: no secret source path in the agent config" = lacks hostToml secrets;
+    "toml: every credential's path = is its source" =
+      let
+        rendered = lib.concatLists (lib.mapAttrsToList (vm: v: lib.mapAttrsToList (c: x: "${vm}.${c}=${x.path or "<none>"}") v.credentials) parsedToml.vms);
+        sources = lib.concatLists (lib.mapAttrsToList (vm: v: lib.mapAttrsToList (c: x: "${vm}.${c}=${x.source}") v.credentials) host.services.vmcred.host.vms);
+      in eq rendered sources;
+    "toml: no credential = (nothing read through $CREDENTIALS_DIRECTORY)" = lacks hostToml "credential =";
+    "toml: % in a source path is kept as is (no unit-file escaping in TOML)" =
+      eq (parsedToml.vms.db-vm.credentials."weird%name".path or null) "/run/secrets/odd%file";
 
     "microvm: boot credentials on microvm@test-vm" = contains chUnit "LoadCredential=ENVIRONMENT:/etc/vmcred/test-vm/environment";
     "microvm: late credentials not on microvm@test-vm" = lacks chUnit "API_KEY";
@@ -255,7 +274,8 @@ in
     "disabled guest: renders nothing" =
       eq [ disabledGuest.systemd.services disabledGuest.environment.etc disabledGuest.boot.kernelModules ] [ { } { } [ ] ];
     "without microvm.nix: evaluates, renders the agent" =
-      check (noMicrovm.test.failedAssertions == [ ] && hasInfix "LoadCredential=vm1-A:/run/secrets/a" (noMicrovm.test.unitText.vmcred-host or ""))
+      check (noMicrovm.test.failedAssertions == [ ] && hasInfix "ExecStart=" (noMicrovm.test.unitText.vmcred-host or "")
+        && (builtins.fromTOML (builtins.readFile noMicrovm.services.vmcred.host.configFile)).vms.vm1.credentials.A.path == "/run/secrets/a")
         (builtins.toJSON noMicrovm.test.failedAssertions);
 
     "refused: source in the Nix store" =
@@ -274,8 +294,18 @@ in
     "refused: non-ASCII credential name" = refusedWith "utf8" (credWith "pässword" { }) "not printable ASCII";
     "refused: 256-character credential name" =
       refusedWith "long" (credWith (lib.concatStrings (lib.genList (_: "a") 256)) { }) "at most 255";
-    "refused: <vm>-<cred> LoadCredential ID too long" =
-      refusedWith "id" (credWith (lib.concatStrings (lib.genList (_: "a") 254)) { }) "must itself be a valid credential name";
+    "accepted: 255-character credential name (no <vm>-<cred> ID to fit any more)" =
+      eq (failedWith (credWith (lib.concatStrings (lib.genList (_: "a") 255)) { })) [ ];
+    "refused: source under /root (hidden by ProtectHome=)" =
+      refusedWith "root" (credWith "A" { source = "/root/secrets/a"; }) "hidden from\nvmcred-host.service by its sandbox (ProtectHome=true)";
+    "refused: source under /home (hidden by ProtectHome=)" =
+      refusedWith "home" (credWith "A" { source = "/home/alice/a"; }) "(ProtectHome=true)";
+    "refused: source under /tmp (hidden by PrivateTmp=)" =
+      refusedWith "tmp" (credWith "A" { source = "/tmp/a"; }) "(PrivateTmp=true)";
+    "accepted: source under /root once ProtectHome=read-only" =
+      eq (failedWith (credWith "A" { source = "/root/secrets/a"; } ++ [{ systemd.services.vmcred-host.serviceConfig.ProtectHome = lib.mkForce "read-only"; }])) [ ];
+    "accepted: /rootfs and /tmpx are not /root and /tmp" =
+      eq (failedWith (vmWith { credentials = { A.source = "/rootfs/a"; B.source = "/tmpx/b"; }; })) [ ];
     "refused: boot credential name with , (cannot go into an OEM string)" =
       refusedWith "oem" (credWith "A,B" { boot = true; }) "cannot be\ncarried in an SMBIOS OEM string";
     "accepted: late credential name with , (vsock only)" = eq (failedWith (credWith "A,B" { })) [ ];

@@ -152,12 +152,28 @@ elif [ -z "$host_toml" ] || [ ! -f "$host_toml" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "rendered host.toml not found: $(cat "$work/err")"
 elif out=$("$host_bin" check-config --config "$host_toml" 2>&1); then
   pass "vmcred-host check-config accepts the module's host.toml"
-  for want in "test-vm" "API_KEY" "test-vm-ENVIRONMENT" "db-vm" "notify.vsock"; do
+  for want in "test-vm" "API_KEY" "db-vm" "notify.vsock"; do
     grep -q -- "$want" <<<"$out" || { fail "check-config output names $want" "$out"; continue; }
   done
-  grep -q "test-vm-ENVIRONMENT.*boot" <<<"$out" \
+  grep -q "ENVIRONMENT <- /etc/vmcred/test-vm/environment \[boot\]" <<<"$out" \
     && pass "check-config sees ENVIRONMENT as a boot credential" \
     || fail "check-config sees ENVIRONMENT as a boot credential" "$out"
+  # The agent reads each source file itself: check-config must show the
+  # very path given as `source`, not a $CREDENTIALS_DIRECTORY name.
+  missing_src=""
+  for want in "API_KEY <- /run/secrets/vars/test-vm-secrets/api-key" \
+              "DB_PASSWORD <- /run/secrets/vars/test-vm-secrets/db-password" \
+              "JWT_SECRET <- /run/secrets/vars/test-vm-secrets/jwt-secret" \
+              "DB_ROOT <- /run/secrets/db-root [boot]" \
+              "weird%name <- /run/secrets/odd%file" \
+              "TOKEN <- /run/secrets/token"; do
+    grep -qF -- "$want" <<<"$out" || missing_src+="$want"$'\n'
+  done
+  if [ -z "$missing_src" ] && ! grep -q 'CREDENTIALS_DIRECTORY' <<<"$out"; then
+    pass "check-config reads every source as path = <source>"
+  else
+    fail "check-config reads every source as path = <source>" "missing: $missing_src"$'\n'"$out"
+  fi
 else
   fail "vmcred-host check-config accepts the module's host.toml" "$out"$'\n'"--- host.toml:"$'\n'"$(cat "$host_toml")"
 fi

@@ -12,7 +12,9 @@
 # It checks: a late credential (API_KEY) and a boot-time one (ENVIRONMENT,
 # SMBIOS) reach a guest service through LoadCredential=; a rotation with
 # vmcred-rotate is applied and restarts the consumer without restarting the
-# VM; the value never shows on a command line.
+# VM or the agent; a credential whose file appears only after boot
+# (JWT_SECRET) is reported missing, then delivered, without a restart; the
+# value never shows on a command line.
 { pkgs, self, microvm }:
 
 let
@@ -42,6 +44,8 @@ pkgs.testers.runNixOSTest {
       settings.poll_interval = "0s";
       vms.test-vm.credentials = {
         API_KEY.source = "/run/secrets/vars/test-vm-secrets/api-key";
+        # Not created at boot: a late credential.
+        JWT_SECRET.source = "/run/secrets/vars/test-vm-secrets/jwt-secret";
         ENVIRONMENT = { source = "/etc/vmcred/test-vm/environment"; boot = true; };
       };
     };
@@ -89,6 +93,7 @@ pkgs.testers.runNixOSTest {
     host.wait_until_succeeds("journalctl -u microvm@test-vm | grep -q 'vmcred-demo ENVIRONMENT=test'", timeout=900)
     host.wait_until_succeeds("journalctl -u microvm@test-vm | grep -q 'vmcred-demo API_KEY sha256=${sha initial}'", timeout=300)
     vm_pid = host.succeed("systemctl show -P MainPID microvm@test-vm").strip()
+    agent_pid = host.succeed("systemctl show -P MainPID vmcred-host").strip()
 
     # Rotate: new file, one command, acknowledged, consumer restarted, VM not.
     host.succeed("printf %s ${rotated} > /run/secrets/vars/test-vm-secrets/api-key")
@@ -96,9 +101,18 @@ pkgs.testers.runNixOSTest {
     host.wait_until_succeeds("journalctl -u microvm@test-vm | grep -q 'vmcred-demo API_KEY sha256=${sha rotated}'", timeout=120)
     assert host.succeed("systemctl show -P MainPID microvm@test-vm").strip() == vm_pid, "the VM was restarted"
 
+    # Late credential: missing when the agent started (which did not stop
+    # it from starting), reported, then delivered once the file exists.
+    host.wait_until_succeeds("vmcred-host status --config /etc/vmcred/host.toml | grep -q 'JWT_SECRET: source-missing'", timeout=120)
+    host.succeed("printf %s late-jwt-value > /run/secrets/vars/test-vm-secrets/jwt-secret")
+    host.succeed("vmcred-rotate test-vm JWT_SECRET --timeout 120s")
+    host.succeed("vmcred-host status --config /etc/vmcred/host.toml | grep -q 'JWT_SECRET: applied'")
+    assert host.succeed("systemctl show -P MainPID vmcred-host").strip() == agent_pid, "the agent was restarted"
+    assert host.succeed("systemctl show -P MainPID microvm@test-vm").strip() == vm_pid, "the VM was restarted"
+
     print(host.succeed("vmcred-host status --config /etc/vmcred/host.toml"))
     # No secret on any command line, and none in the agent's journal.
-    host.fail("grep -a -e ${initial} -e ${rotated} /proc/[0-9]*/cmdline")
-    host.fail("journalctl -u vmcred-host | grep -e ${initial} -e ${rotated}")
+    host.fail("grep -a -e ${initial} -e ${rotated} -e late-jwt-value /proc/[0-9]*/cmdline")
+    host.fail("journalctl -u vmcred-host | grep -e ${initial} -e ${rotated} -e late-jwt-value")
   '';
 }
