@@ -169,11 +169,12 @@ impl Daemon {
         for (name, vm) in &cfg.vms {
             match vms.get(name) {
                 Some(h) if h.vm.target == vm.target => {
-                    if *h.vm != *vm {
-                        let _ =
-                            h.tx.send(Command::Reconfigure(Box::new(vm.clone()), t))
-                                .await;
-                    }
+                    // Every reload re-reads every source, changed entry or
+                    // not: SIGHUP is also how a secret manager says "files
+                    // replaced".
+                    let _ =
+                        h.tx.send(Command::Reconfigure(Box::new(vm.clone()), t))
+                            .await;
                 }
                 _ => {
                     let h = vm::spawn(
