@@ -19,8 +19,10 @@ GUEST_MODULES="vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transpor
 virtio_pci virtio_blk crc32c_generic ext4"
 
 log() { printf '[vm-test %s] %s\n' "$(date +%T)" "$*" >&2; }
+# die: the harness cannot go on; counts as a failed check.
 die() {
-	log "ERROR: $*"
+	fail "$*"
+	summary
 	exit 1
 }
 skip() {
@@ -109,7 +111,7 @@ install_vhost_device_vsock() {
 		return 0
 	fi
 	log "building vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (cargo install, ~1 min)"
-	cargo install --locked --quiet vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" \
+	env -u CARGO_TARGET_DIR cargo install --locked --quiet vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION" \
 		--root "$CACHE/vhost-device-vsock" >"$CACHE/vhost-device-vsock-install.log" 2>&1 || {
 		tail -5 "$CACHE/vhost-device-vsock-install.log" >&2
 		return 1
@@ -391,6 +393,12 @@ console_lines() { tr -d '\r' <"$1" 2>/dev/null | grep -a -E "$2"; }
 
 PASSED=0
 FAILED=0
+SUMMARY_DONE=0
+summary() {
+	[ "$SUMMARY_DONE" = 1 ] && return 0
+	SUMMARY_DONE=1
+	echo "$PASSED passed, $FAILED failed"
+}
 pass() {
 	echo "PASS: $*"
 	PASSED=$((PASSED + 1))
@@ -398,4 +406,20 @@ pass() {
 fail() {
 	echo "FAIL: $*"
 	FAILED=$((FAILED + 1))
+}
+
+# non_unix_sockets PID...: sockets of these processes that are neither
+# AF_UNIX nor netlink (this machine must never hold an AF_VSOCK socket).
+non_unix_sockets() {
+	local pid fd l ino known
+	known=$(awk 'NR > 1 { print $7 }' /proc/net/unix; awk 'NR > 1 { print $10 }' /proc/net/netlink)
+	for pid in "$@"; do
+		for fd in /proc/"$pid"/fd/*; do
+			l=$(readlink "$fd" 2>/dev/null) || continue
+			case $l in socket:\[*\]) ;; *) continue ;; esac
+			ino=${l#socket:[}
+			ino=${ino%]}
+			grep -qx -- "$ino" <<<"$known" || echo "pid $pid ($(cat "/proc/$pid/comm")) fd ${fd##*/}: $l is not AF_UNIX"
+		done
+	done
 }

@@ -52,6 +52,10 @@ T_START=$(now)
 
 cleanup() {
 	local rc=$?
+	if [ "$rc" != 0 ] && [ "$rc" != 77 ] && [ "$SUMMARY_DONE" = 0 ]; then
+		fail "the harness stopped early (exit status $rc); see the log above"
+		summary
+	fi
 	stop_all
 	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
 		log "work directory kept: $WORK"
@@ -77,15 +81,15 @@ log "guest kernel $KV and rootfs ready ($(elapsed "$T") s)"
 HOST_BIN=
 GUEST_BIN=
 if [ "$MODE" = full ]; then
-	TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+	TARGET=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+		grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4) || true
+	TARGET=${TARGET:-$REPO/target}
 	if [ "${VMCRED_VM_NO_BUILD:-0}" != 1 ]; then
 		T=$(now)
 		log "cargo build --release -p vmcred-host -p vmcred-guest"
 		if ! (cd "$REPO" && cargo build --release -p vmcred-host -p vmcred-guest) >"$WORK/cargo-build.log" 2>&1; then
 			tail -30 "$WORK/cargo-build.log"
-			fail "cargo build --release -p vmcred-host -p vmcred-guest"
-			echo "0 passed, 1 failed"
-			exit 1
+			die "cargo build --release -p vmcred-host -p vmcred-guest"
 		fi
 		log "release build done ($(elapsed "$T") s)"
 	fi
@@ -184,7 +188,7 @@ infra_test() {
 if [ "$MODE" = infra ]; then
 	infra_test
 	log "total $(elapsed "$T_START") s"
-	echo "$PASSED passed, $FAILED failed"
+	summary
 	[ "$FAILED" = 0 ]
 	exit
 fi
@@ -194,5 +198,5 @@ fi
 . "$HERE/full.sh"
 full_test
 log "total $(elapsed "$T_START") s"
-echo "$PASSED passed, $FAILED failed"
+summary
 [ "$FAILED" = 0 ]
