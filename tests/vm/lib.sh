@@ -8,7 +8,7 @@
 # vsock"); the guest has no network; downloads live in the cache only.
 
 # Bump to throw away cached guest pieces built by an older harness.
-VM_LAYOUT=2
+VM_LAYOUT=3
 GUEST_SUITE=bookworm
 GUEST_PACKAGES=systemd,systemd-sysv,socat,procps
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
@@ -125,7 +125,7 @@ install_vhost_device_vsock() {
 # vmlinuz and the modules the initramfs loads are kept.
 prepare_kernel() {
 	KDIR="$CACHE/kernel"
-	if [ -f "$KDIR/.complete" ]; then
+	if [ -f "$KDIR/.complete" ] && [ "$(cat "$KDIR/layout" 2>/dev/null)" = "$VM_LAYOUT" ]; then
 		KV=$(cat "$KDIR/version")
 		return 0
 	fi
@@ -151,6 +151,7 @@ prepare_kernel() {
 	depmod -b "$tmp/root" "$KV"
 	mkdir -p "$tmp/out/modules"
 	cp "$tmp/root/boot/vmlinuz-$KV" "$tmp/out/vmlinuz"
+	cp "$tmp/root/lib/modules/$KV/modules.builtin" "$tmp/root/lib/modules/$KV/modules.builtin.modinfo" "$tmp/out/"
 	# shellcheck disable=SC2086 # word splitting of the module list is wanted
 	for m in $GUEST_MODULES; do
 		modprobe -d "$tmp/root" -S "$KV" --show-depends "$m"
@@ -161,6 +162,7 @@ prepare_kernel() {
 		basename "$p" >>"$tmp/out/modules/load-order"
 	done <"$tmp/paths"
 	echo "$KV" >"$tmp/out/version"
+	echo "$VM_LAYOUT" >"$tmp/out/layout"
 	rm -rf "$KDIR"
 	mv "$tmp/out" "$KDIR"
 	rm -rf "$tmp"
@@ -222,7 +224,15 @@ prepare_rootfs_base() {
 install_guest_overlay() {
 	local agent=$1 r=$ROOTFS s="$HERE/guest" u
 	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-guest" "$r/usr/local/bin/demo-consumer" \
-		"$r/etc/vmcred" "$r/etc/modules-load.d/vsock.conf"
+		"$r/etc/vmcred" "$r/etc/modules-load.d/vsock.conf" "$r/lib/modules"
+	# The initramfs's modules, also in the root fs, so that modules-load.d
+	# and udev find them (they are loaded already).
+	local md="$r/lib/modules/$KV"
+	mkdir -p "$md/kernel/vmcred"
+	cp "$KDIR"/modules/*.ko "$md/kernel/vmcred/"
+	cp "$KDIR/modules.builtin" "$KDIR/modules.builtin.modinfo" "$md/"
+	sed 's|^|kernel/vmcred/|' "$KDIR/modules/load-order" >"$md/modules.order"
+	depmod -b "$r" "$KV"
 	for u in vmcred-probe vmcred-boot-evidence vmcred-guest demo-consumer; do
 		rm -f "$r/etc/systemd/system/$u.service" "$r/etc/systemd/system/"*.wants/"$u.service"
 	done
