@@ -306,8 +306,8 @@ pub fn exec(argv: &[OsString]) -> LaunchError {
 
 /// Tells the serving agent, through its launch socket, that `vm` is about
 /// to start, so that it dials the guest at once: writes one line
-/// `{"launched":"<vm>"}` and waits for one reply line (its content is not
-/// interpreted). Everything is bounded by one second. A failure is only
+/// `control::Request::Launched` and waits for the reply line; an error reply
+/// (an unknown VM, say) is returned. Everything is bounded by one second. A failure is only
 /// worth a warning: the agent dials with back-off anyway.
 pub fn notify_launched(socket: &Path, vm: &str) -> Result<(), String> {
     use nix::sys::socket::{connect, socket as new_socket, AddressFamily, SockFlag, SockType};
@@ -347,9 +347,9 @@ pub fn notify_launched(socket: &Path, vm: &str) -> Result<(), String> {
     stream
         .set_write_timeout(Some(NOTIFY_TIMEOUT))
         .map_err(io_err)?;
-    let mut line = serde_json::json!({ "launched": vm })
-        .to_string()
-        .into_bytes();
+    let request = crate::control::Request::Launched { vm: vm.to_string() };
+    let mut line = serde_json::to_vec(&request)
+        .map_err(|e| format!("launch socket {shown}: cannot encode the request: {e}"))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
 
@@ -370,10 +370,17 @@ pub fn notify_launched(socket: &Path, vm: &str) -> Result<(), String> {
                 ))
             }
             Ok(n) => {
-                if reply[filled..filled + n].contains(&b'\n') {
-                    return Ok(());
-                }
                 filled += n;
+                if let Some(end) = reply[..filled].iter().position(|b| *b == b'\n') {
+                    return match serde_json::from_slice::<crate::control::Reply>(&reply[..end]) {
+                        Ok(crate::control::Reply::Error(e)) => Err(format!(
+                            "launch socket {shown}: the agent answered: {}",
+                            crate::vm::guest_text(&e)
+                        )),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(format!("launch socket {shown}: unreadable reply: {e}")),
+                    };
+                }
                 if filled == reply.len() {
                     return Err(format!(
                         "launch socket {shown}: reply line longer than {NOTIFY_REPLY_MAX} bytes"
@@ -1626,11 +1633,14 @@ mod tests {
             let mut reader = BufReader::new(conn);
             let mut line = String::new();
             reader.read_line(&mut line).unwrap();
-            reader.get_mut().write_all(b"{\"ok\":true}\n").unwrap();
+            reader.get_mut().write_all(b"\"ok\"\n").unwrap();
             line
         });
         notify_launched(&path, "test-vm").unwrap();
-        assert_eq!(server.join().unwrap(), "{\"launched\":\"test-vm\"}\n");
+        assert_eq!(
+            server.join().unwrap(),
+            "{\"cmd\":\"launched\",\"vm\":\"test-vm\"}\n"
+        );
     }
 
     #[test]

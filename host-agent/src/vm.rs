@@ -27,7 +27,7 @@ use crate::source;
 const BACKOFF_START: Duration = Duration::from_millis(250);
 /// How often a connected VM is asked `Hello`, to notice a dead connection
 /// (cloud-hypervisor does not propagate half-close).
-const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Longest guest-supplied string we keep.
 const MAX_GUEST_TEXT: usize = 300;
 
@@ -256,7 +256,13 @@ impl VmTask {
             let result = tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => return SessionEnd::Stopped,
-                    Some(Command::Wake) => continue,
+                    // A launch during a session means the old connection
+                    // belongs to a VM that is gone: find out now, not at the
+                    // next keepalive.
+                    Some(Command::Wake) => self.hello(&mut client).await.map(|g| {
+                        guest.applied = g.applied;
+                        guest.held = g.held;
+                    }),
                     Some(Command::Rotate { credentials, reply }) => {
                         let r = self.sync(&mut client, &mut guest, &credentials).await;
                         if let Ok(report) = &r {

@@ -406,3 +406,23 @@ fn launch_output_for_both_hypervisors() {
         "{joined}"
     );
 }
+
+#[test]
+fn launch_tells_the_serving_agent_and_execs() {
+    let mut w = world(false);
+    w.set_secret(VM, "A", b"a-1", false).unwrap();
+    w.start_host().unwrap();
+    // /bin/true stands in for the hypervisor: it ignores the -smbios
+    // arguments and exits 0, so the exec itself is exercised.
+    let out = std::process::Command::new(&w.bins.host)
+        .args(["launch", "--config"])
+        .arg(w.config_path())
+        .args(["--vm", VM, "--hypervisor", "qemu", "--runtime-dir"])
+        .arg(w.path().join("launch-rt"))
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("could not tell"), "{}", stdout(&out));
+    wait_until(T, || w.logs().contains("VM launched; dialling now")).expect("agent woken");
+}
