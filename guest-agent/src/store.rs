@@ -133,6 +133,8 @@ pub enum StoreError {
     },
     #[error("{name} in {dir} is not a regular file; left in place")]
     NotRegular { name: String, dir: String },
+    #[error("{0}")]
+    BadName(String),
     #[error("cannot remount {dir} read-write for the write: {why}")]
     Remount { dir: String, why: String },
 }
@@ -146,6 +148,19 @@ pub fn reserved_name(name: &str) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// The store's own check, so that no caller can make it leave the
+/// directory or touch a temporary file, whatever it validated before.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    validate_name(name).map_err(|e| StoreError::BadName(e.to_string()))?;
+    if let Some(why) = reserved_name(name) {
+        return Err(StoreError::BadName(format!(
+            "credential name {:?} is not allowed: {why}",
+            vmcred_proto::rules::display_name(name)
+        )));
+    }
+    Ok(())
 }
 
 /// The temporary file for `name`; a hashed name when the readable one would
@@ -278,6 +293,7 @@ impl Store {
     /// buffer. Only regular files are opened: opening a FIFO or a device
     /// could block or have side effects.
     pub fn current(&self, name: &str) -> Result<Current, StoreError> {
+        check_name(name)?;
         let st = match fstatat(Some(self.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => return Ok(Current::Missing),
@@ -537,6 +553,13 @@ impl Batch<'_> {
 
     /// Replaces `name` with `value` (mode `mode`) atomically.
     pub fn write(&mut self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
+        check_name(name)?;
+        if mode & !0o444 != 0 || mode & 0o400 == 0 {
+            // The config refuses these; the store does not trust callers.
+            return Err(StoreError::BadName(format!(
+                "mode {mode:04o} for {name} is not a read-only mode the owner can read"
+            )));
+        }
         let store = self.store;
         self.ensure_writable()?;
         let dirfd = store.dirfd();
@@ -578,6 +601,7 @@ impl Batch<'_> {
     /// Removes `name` if it is a regular file; a missing file is already
     /// removed. The caller decides whether the name is vmcred's to remove.
     pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
+        check_name(name)?;
         let store = self.store;
         match fstatat(Some(store.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if is_regular(&st) => {}
@@ -1042,6 +1066,19 @@ mod tests {
                 .to_string();
             assert!(err.contains("rollback protection"), "{err}");
         }
+    }
+
+    #[test]
+    fn names_are_checked_by_the_store_itself() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        for bad in ["../escape", "a/b", "", "..", ".X.vmcred-tmp"] {
+            assert!(write(&store, bad, b"v").is_err(), "{bad:?}");
+            assert!(store.batch().unwrap().remove(bad).is_err(), "{bad:?}");
+            assert!(store.current(bad).is_err(), "{bad:?}");
+        }
+        assert!(!f._tmp.path().join("escape").exists());
+        assert_eq!(std::fs::read_dir(&f.creds).unwrap().count(), 0);
     }
 
     #[test]

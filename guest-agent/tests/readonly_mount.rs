@@ -1,0 +1,202 @@
+//! Writing into a read-only credentials mount, as systemd leaves
+//! `/run/credentials/@system`: the store must remount it read-write only
+//! for the write and read-only again afterwards, after a failed write too.
+//!
+//! Mounting needs root and must not touch this machine's mounts, so each
+//! test re-executes this test binary under `unshare --mount` (a private
+//! mount namespace whose mounts vanish with it) and runs its body there.
+
+use std::path::Path;
+use std::process::Command;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::statvfs::{statvfs, FsFlags};
+use vmcred_guest::store::{Limits, Store};
+
+const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";
+
+/// Runs `body` in a private mount namespace, or explains why it cannot.
+fn in_private_mount_namespace(test: &str, body: fn()) {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        body();
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED {test}: needs root to mount (running as uid {})",
+            nix::unistd::geteuid()
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = match Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: cannot run unshare(1) from util-linux: {e}");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("SKIPPED {test}: no mount namespaces here: {stderr}");
+        return;
+    }
+    eprintln!("{test} ran in a private mount namespace:\n{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+fn flags(dir: &Path) -> FsFlags {
+    statvfs(dir).expect("statvfs").flags()
+}
+
+fn is_ro(dir: &Path) -> bool {
+    flags(dir).contains(FsFlags::ST_RDONLY)
+}
+
+/// A fresh file system at `creds`, holding one boot-time credential, made
+/// read-only the way systemd does it (per mount, `MS_BIND|MS_REMOUNT`), or
+/// mounted read-only outright (`superblock`).
+fn mount_credentials(creds: &Path, fstype: &str, superblock: bool) {
+    std::fs::create_dir_all(creds).unwrap();
+    let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let data = if fstype == "tmpfs" {
+        "mode=0700,size=1m,nr_inodes=1024"
+    } else {
+        "mode=0700"
+    };
+    mount(Some(fstype), creds, Some(fstype), base, Some(data)).expect("mount");
+    std::fs::write(creds.join("BOOT"), b"from SMBIOS").unwrap();
+    std::fs::create_dir(creds.join("ADIR")).unwrap();
+    if superblock {
+        mount(
+            None::<&str>,
+            creds,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | base,
+            None::<&str>,
+        )
+        .expect("remount ro");
+    } else {
+        mount(
+            None::<&str>,
+            creds,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | base,
+            None::<&str>,
+        )
+        .expect("bind remount ro");
+    }
+    assert!(is_ro(creds));
+    assert!(
+        std::fs::write(creds.join("X"), b"x").is_err(),
+        "the mount should refuse plain writes"
+    );
+}
+
+fn exercise(fstype: &str, superblock: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    mount_credentials(&creds, fstype, superblock);
+    let before = flags(&creds);
+    let store = Store::open(
+        &creds,
+        &tmp.path().join("state"),
+        Limits {
+            max_total_bytes: 4096,
+            max_files: 1024,
+        },
+    )
+    .unwrap();
+
+    // A successful write: new content, read-only again, same flags.
+    store
+        .batch()
+        .unwrap()
+        .write("API_KEY", b"v1", 0o400)
+        .unwrap();
+    assert_eq!(std::fs::read(creds.join("API_KEY")).unwrap(), b"v1");
+    assert!(is_ro(&creds), "read-only again after a write");
+    assert_eq!(flags(&creds), before, "mount flags kept");
+
+    // Several changes in one batch, then a failure inside the batch (over
+    // the limit, after the remount): read-only again, old values kept.
+    {
+        let mut b = store.batch().unwrap();
+        b.write("API_KEY", b"v2", 0o400).unwrap();
+        b.write("OTHER", b"o", 0o440).unwrap();
+        assert!(!is_ro(&creds), "writable while the batch runs");
+        let err = b.write("API_KEY", &[0u8; 5000], 0o400).unwrap_err();
+        assert!(err.to_string().contains("its limit is 4096"), "{err}");
+    }
+    assert!(is_ro(&creds), "read-only again after a failed write");
+    assert_eq!(flags(&creds), before);
+    assert_eq!(std::fs::read(creds.join("API_KEY")).unwrap(), b"v2");
+
+    // A failure at the rename (a directory at the name).
+    {
+        let err = store.batch().unwrap().write("ADIR", b"x", 0o400);
+        assert!(err.is_err());
+    }
+    assert!(is_ro(&creds));
+    assert!(creds.join("ADIR").is_dir());
+
+    // Removal goes through the same remount.
+    store.batch().unwrap().remove("OTHER").unwrap();
+    assert!(!creds.join("OTHER").exists());
+    assert!(is_ro(&creds));
+    assert_eq!(std::fs::read(creds.join("BOOT")).unwrap(), b"from SMBIOS");
+
+    // A batch that changes nothing does not remount at all.
+    drop(store.batch().unwrap());
+    assert!(is_ro(&creds));
+}
+
+#[test]
+fn tmpfs_made_read_only_per_mount() {
+    in_private_mount_namespace("tmpfs_made_read_only_per_mount", || {
+        exercise("tmpfs", false)
+    });
+}
+
+#[test]
+fn ramfs_made_read_only_per_mount() {
+    in_private_mount_namespace("ramfs_made_read_only_per_mount", || {
+        exercise("ramfs", false)
+    });
+}
+
+#[test]
+fn tmpfs_mounted_read_only() {
+    in_private_mount_namespace("tmpfs_mounted_read_only", || exercise("tmpfs", true));
+}
+
+#[test]
+fn writable_directory_is_not_remounted() {
+    in_private_mount_namespace("writable_directory_is_not_remounted", || {
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("credentials");
+        std::fs::create_dir(&creds).unwrap();
+        mount(
+            Some("tmpfs"),
+            &creds,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID,
+            Some("mode=0700"),
+        )
+        .unwrap();
+        let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
+        store.batch().unwrap().write("A", b"a", 0o400).unwrap();
+        assert!(!is_ro(&creds), "a writable mount stays writable");
+    });
+}

@@ -1,0 +1,517 @@
+//! The guest agent's gRPC service, driven as the host drives it: a real
+//! Unix socket, real TLS with a pinned host key, real files.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::{apply, connect, cred, start};
+use tonic::Code;
+use vmcred_guest::store::Limits;
+use vmcred_proto::rpc::pb::{HelloRequest, Outcome};
+use vmcred_proto::rules::{digest, MAX_CREDENTIAL_BYTES};
+use vmcred_proto::tls::Identity;
+
+fn hello() -> HelloRequest {
+    HelloRequest {
+        host_version: "test".into(),
+        vm: "test-vm".into(),
+    }
+}
+
+fn outcomes(reply: &vmcred_proto::rpc::pb::ApplyReply) -> Vec<(String, Outcome)> {
+    reply
+        .results
+        .iter()
+        .map(|r| (r.name.clone(), Outcome::try_from(r.outcome).unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn hello_reports_generation_and_held_digests() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.applied_generation, 0);
+    assert!(h.held.is_empty());
+    assert_eq!(h.guest_version, vmcred_proto::VERSION);
+    assert!(!g.readiness.is_ready(), "nothing synced yet");
+
+    // A file vmcred did not write is not reported as held.
+    std::fs::write(g.creds.join("FOREIGN"), b"f").unwrap();
+    c.apply(apply(1, vec![cred("A", b"a"), cred("B", b"b")], &[]))
+        .await
+        .unwrap();
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.applied_generation, 1);
+    let held: Vec<_> = h
+        .held
+        .iter()
+        .map(|x| (x.name.as_str(), x.sha256.clone()))
+        .collect();
+    assert_eq!(
+        held,
+        vec![("A", digest(b"a").to_vec()), ("B", digest(b"b").to_vec())]
+    );
+    // A managed file that vanished is skipped.
+    std::fs::remove_file(g.creds.join("B")).unwrap();
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held.len(), 1);
+    assert_eq!(h.held[0].name, "A");
+}
+
+#[tokio::test]
+async fn apply_writes_with_configured_modes_then_reports_unchanged() {
+    let g = start("[credentials.SHARED]\nmode = \"0440\"\n", Limits::default()).await;
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(
+            3,
+            vec![cred("API_KEY", b"secret-1"), cred("SHARED", b"shared")],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 3);
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("API_KEY".into(), Outcome::Written),
+            ("SHARED".into(), Outcome::Written)
+        ]
+    );
+    assert!(r.results.iter().all(|x| x.error.is_empty()));
+    assert_eq!(g.read("API_KEY").unwrap(), b"secret-1");
+    let mode = |n: &str| std::fs::metadata(g.creds.join(n)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("API_KEY"), 0o400);
+    assert_eq!(mode("SHARED"), 0o440);
+    assert!(
+        g.readiness.is_ready(),
+        "ready after the first successful Apply"
+    );
+
+    let r = c
+        .apply(apply(
+            4,
+            vec![cred("API_KEY", b"secret-2"), cred("SHARED", b"shared")],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 4);
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("API_KEY".into(), Outcome::Written),
+            ("SHARED".into(), Outcome::Unchanged)
+        ]
+    );
+    assert_eq!(g.read("API_KEY").unwrap(), b"secret-2");
+    assert_eq!(g.store.state().generation, 4);
+}
+
+#[tokio::test]
+async fn an_identical_file_becomes_managed_as_unchanged() {
+    let g = start("", Limits::default()).await;
+    // As if PID 1 had imported it from SMBIOS at boot.
+    std::fs::write(g.creds.join("BOOT"), b"boot").unwrap();
+    std::fs::set_permissions(
+        g.creds.join("BOOT"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o400),
+    )
+    .unwrap();
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(1, vec![cred("BOOT", b"boot")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&r), vec![("BOOT".into(), Outcome::Unchanged)]);
+    assert!(g.store.state().managed.contains("BOOT"));
+    // Being managed now, the host may remove it.
+    let r = c
+        .apply(apply(2, vec![], &["BOOT"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&r), vec![("BOOT".into(), Outcome::Removed)]);
+    assert!(g.read("BOOT").is_none());
+}
+
+#[tokio::test]
+async fn older_or_equal_generation_is_refused_and_nothing_written() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    let e = c
+        .apply(apply(0, vec![cred("A", b"zero")], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(g.read("A").is_none());
+
+    c.apply(apply(7, vec![cred("A", b"seven")], &[]))
+        .await
+        .unwrap();
+    for old in [7, 4] {
+        let e = c
+            .apply(apply(
+                old,
+                vec![cred("A", b"rolled back"), cred("NEW", b"n")],
+                &[],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(
+            e.message(),
+            format!(
+                "generation {old} is not newer than the applied generation 7; refusing (rollback protection)"
+            )
+        );
+    }
+    assert_eq!(g.read("A").unwrap(), b"seven");
+    assert!(g.read("NEW").is_none());
+    assert_eq!(g.store.state().generation, 7);
+}
+
+#[tokio::test]
+async fn a_host_with_another_key_is_refused_at_the_handshake() {
+    let g = start("", Limits::default()).await;
+    let impostor = Identity::generate("vmcred-host").unwrap();
+    // TLS 1.3 lets the client finish before the server has checked its
+    // certificate, so the refusal may surface at connect or at the first call.
+    match connect(&g.socket, &impostor).await {
+        Err(_) => {}
+        Ok(mut c) => {
+            let e = c.hello(hello()).await.unwrap_err();
+            assert_ne!(e.code(), Code::Ok);
+            let e = c
+                .apply(apply(1, vec![cred("EVIL", b"evil")], &[]))
+                .await
+                .unwrap_err();
+            assert_ne!(e.code(), Code::Ok);
+        }
+    }
+    assert!(g.read("EVIL").is_none());
+    assert_eq!(std::fs::read_dir(&g.creds).unwrap().count(), 0);
+    assert_eq!(g.store.state().generation, 0);
+    // The real host still gets in afterwards.
+    let mut c = g.client().await;
+    c.hello(hello()).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_names_are_refused_whole_with_clear_errors() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    let long = "n".repeat(256);
+    let cases: Vec<(&str, &str)> = vec![
+        ("../x", "contains '/'"),
+        ("a/b", "contains '/'"),
+        ("a:b", "contains ':'"),
+        ("", "empty"),
+        (&long, "256 bytes"),
+        ("héllo", "printable ASCII"),
+        (".", "'.'"),
+        ("vmcred.bootstrap", "bootstrap"),
+        (".A.vmcred-tmp", "reserved"),
+    ];
+    for (name, why) in cases {
+        // A valid credential rides along: it must not be written either.
+        let e = c
+            .apply(apply(1, vec![cred("GOOD", b"g"), cred(name, b"v")], &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name:?}: {e:?}");
+        assert!(e.message().contains(why), "{name:?}: {}", e.message());
+        // As a removal too.
+        let e = c
+            .apply(apply(1, vec![cred("GOOD", b"g")], &[name]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name:?}: {e:?}");
+    }
+    let e = c
+        .apply(apply(1, vec![cred("D", b"1")], &["D"]))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("more than once"), "{}", e.message());
+    assert!(g.read("GOOD").is_none());
+    assert_eq!(std::fs::read_dir(&g.creds).unwrap().count(), 0);
+    assert_eq!(g.store.state().generation, 0);
+}
+
+#[tokio::test]
+async fn oversized_values_and_totals_are_refused() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    let big = vec![b'x'; MAX_CREDENTIAL_BYTES + 1];
+    let e = c
+        .apply(apply(1, vec![cred("BIG", &big)], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("1 MiB"), "{}", e.message());
+    assert!(!e.message().contains("xxxx"), "no value in errors");
+
+    let half = vec![b'y'; 600 * 1024];
+    let e = c
+        .apply(apply(1, vec![cred("H1", &half), cred("H2", &half)], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("total"), "{}", e.message());
+    assert_eq!(std::fs::read_dir(&g.creds).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn digest_mismatch_is_refused() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    let mut bad = cred("A", b"value");
+    bad.sha256 = digest(b"other").to_vec();
+    let e = c
+        .apply(apply(1, vec![cred("OK", b"ok"), bad], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("digest does not match"),
+        "{}",
+        e.message()
+    );
+    let mut short = cred("A", b"value");
+    short.sha256.truncate(8);
+    let e = c.apply(apply(1, vec![short], &[])).await.unwrap_err();
+    assert!(e.message().contains("32 bytes"), "{}", e.message());
+    assert_eq!(std::fs::read_dir(&g.creds).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn only_managed_credentials_are_removed() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("MINE", b"m")], &[]))
+        .await
+        .unwrap();
+    std::fs::write(g.creds.join("FOREIGN"), b"not ours").unwrap();
+    let r = c
+        .apply(apply(2, vec![], &["MINE", "FOREIGN"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("MINE".into(), Outcome::Removed),
+            ("FOREIGN".into(), Outcome::Failed)
+        ]
+    );
+    assert_eq!(r.results[1].error, "not written by vmcred; left in place");
+    assert!(g.read("MINE").is_none());
+    assert_eq!(g.read("FOREIGN").unwrap(), b"not ours");
+    // A failure keeps the generation where it was, so the host retries.
+    assert_eq!(r.applied_generation, 1);
+    assert_eq!(g.store.state().generation, 1);
+    assert!(!g.store.state().managed.contains("MINE"));
+    let r = c.apply(apply(2, vec![], &[])).await.unwrap().into_inner();
+    assert_eq!(r.applied_generation, 2);
+}
+
+#[tokio::test]
+async fn a_write_over_the_limit_fails_clearly_and_keeps_the_generation() {
+    let g = start(
+        "",
+        Limits {
+            max_total_bytes: 1000,
+            max_files: 100,
+        },
+    )
+    .await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("A", &[1; 600])], &[]))
+        .await
+        .unwrap();
+    let r = c
+        .apply(apply(
+            2,
+            vec![cred("B", b"small"), cred("A", &[2; 600])],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("B".into(), Outcome::Written),
+            ("A".into(), Outcome::Failed)
+        ]
+    );
+    assert!(
+        r.results[1].error.contains("would bring")
+            && r.results[1].error.contains("its limit is 1000"),
+        "{}",
+        r.results[1].error
+    );
+    assert_eq!(r.applied_generation, 1);
+    assert_eq!(g.read("A").unwrap(), vec![1; 600]);
+    assert_eq!(g.read("B").unwrap(), b"small");
+}
+
+#[tokio::test]
+async fn unit_actions_run_for_changed_credentials_and_are_reported() {
+    let g = start(
+        r#"
+[credentials.A]
+restart_units = ["a.service", "shared.service"]
+reload_units = ["r.service"]
+
+[credentials.B]
+restart_units = ["shared.service"]
+reload_units = ["bad.service"]
+
+[credentials.C]
+restart_units = ["c.service"]
+"#,
+        Limits::default(),
+    )
+    .await;
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(1, vec![cred("A", b"a"), cred("B", b"b")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let units: Vec<_> = r
+        .units
+        .iter()
+        .map(|u| (u.unit.as_str(), u.action.as_str(), u.ok))
+        .collect();
+    assert_eq!(
+        units,
+        vec![
+            ("a.service", "restart", true),
+            ("shared.service", "restart", true),
+            ("r.service", "reload", true),
+            ("bad.service", "reload", false),
+        ]
+    );
+    assert!(
+        r.units[3].error.contains("not found"),
+        "{}",
+        r.units[3].error
+    );
+    // A failed unit action is reported, but the credentials were applied.
+    assert_eq!(r.applied_generation, 1);
+    assert_eq!(
+        g.calls(),
+        "try-restart a.service\ntry-restart shared.service\ntry-reload-or-restart r.service\ntry-reload-or-restart bad.service\n"
+    );
+
+    // Unchanged credentials trigger nothing; a removal does.
+    std::fs::write(&g.calls, b"").unwrap();
+    let r = c
+        .apply(apply(2, vec![cred("A", b"a")], &["B"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("A".into(), Outcome::Unchanged),
+            ("B".into(), Outcome::Removed)
+        ]
+    );
+    assert_eq!(
+        g.calls(),
+        "try-restart shared.service\ntry-reload-or-restart bad.service\n"
+    );
+}
+
+#[tokio::test]
+async fn serves_again_after_the_host_goes_away() {
+    let g = start("", Limits::default()).await;
+    for generation in 1..=3 {
+        let mut c = g.client().await;
+        c.hello(hello()).await.unwrap();
+        c.apply(apply(generation, vec![cred("A", &[generation as u8])], &[]))
+            .await
+            .unwrap();
+        drop(c);
+    }
+    // Garbage instead of TLS, then a hang-up: logged and forgotten.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::UnixStream::connect(&g.socket).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    }
+    let mut c = g.client().await;
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.applied_generation, 3);
+    assert_eq!(g.read("A").unwrap(), vec![3]);
+}
+
+#[tokio::test]
+async fn concurrent_applies_are_serialized() {
+    let g = start("", Limits::default()).await;
+    let client = g.client().await;
+    let mut tasks = Vec::new();
+    // Eight at once: the server allows 8 concurrent streams per connection.
+    for generation in 1..=8u64 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.apply(apply(
+                generation,
+                vec![cred("A", format!("v{generation}").as_bytes())],
+                &[],
+            ))
+            .await
+            .map(|r| r.into_inner().applied_generation)
+            .map_err(|e| e.code())
+        }));
+    }
+    let mut applied = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(g) => applied.push(g),
+            Err(code) => assert_eq!(code, Code::FailedPrecondition),
+        }
+    }
+    // Whatever order they ran in, the generations that went through rose
+    // strictly, and the file holds the value of the highest one.
+    let max = *applied.iter().max().unwrap();
+    assert_eq!(g.store.state().generation, max);
+    assert_eq!(g.read("A").unwrap(), format!("v{max}").into_bytes());
+}
+
+#[tokio::test]
+async fn host_connections_are_bounded() {
+    let g = start("", Limits::default()).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut c = g.client().await;
+        c.hello(hello()).await.unwrap();
+        held.push(c);
+    }
+    // The ninth authenticated connection is dropped after its handshake.
+    let ninth = match connect(&g.socket, &g.host).await {
+        Ok(mut c) => c.hello(hello()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(ninth, "a ninth connection was served");
+    // Closing one frees its slot.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = connect(&g.socket, &g.host).await {
+            if c.hello(hello()).await.is_ok() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
