@@ -204,20 +204,21 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Lets a write in progress finish (so the credentials directory is
-/// read-only again) and keeps new ones out while the process exits.
+/// read-only again), then exits while still holding the store's lock, so
+/// that no write can start in between. Exiting here rather than returning
+/// also spares waiting for blocking tasks queued behind that lock.
 async fn shutdown(store: Arc<Store>) -> Result<()> {
     tracing::info!("stopping");
-    let waited = tokio::time::timeout(
+    let quiesced = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || {
-            let guard = store.quiesce();
-            // Exit while holding the lock: no write can start after this.
-            std::mem::forget(guard);
+            let _guard = store.quiesce();
+            std::process::exit(0);
         }),
     )
     .await;
-    if waited.is_err() {
+    if quiesced.is_err() {
         tracing::warn!("a write was still in progress after 10s; stopping anyway");
     }
-    Ok(())
+    std::process::exit(0)
 }

@@ -33,7 +33,9 @@ pub struct ServerOptions {
     /// How long a peer may take to complete the TLS handshake.
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; further connections wait in the
-    /// listen backlog.
+    /// listen backlog. Any host user can open connections, so this is
+    /// generous (a pending handshake costs a few KiB) and the timeout is
+    /// what frees the slots of one who never completes.
     pub max_handshakes: usize,
     /// Authenticated host connections served at once.
     pub max_connections: usize,
@@ -47,7 +49,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 8,
+            max_handshakes: 32,
             max_connections: 8,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),

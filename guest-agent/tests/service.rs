@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::{apply, connect, cred, start};
+use common::{apply, connect, cred, start, start_with};
 use tonic::Code;
 use vmcred_guest::store::Limits;
 use vmcred_proto::rpc::pb::{HelloRequest, Outcome};
@@ -514,4 +514,70 @@ async fn host_connections_are_bounded() {
         assert!(std::time::Instant::now() < deadline, "slot never freed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn silent_peers_time_out_and_free_their_handshake_slots() {
+    use std::time::{Duration, Instant};
+    let opts = vmcred_guest::server::ServerOptions {
+        handshake_timeout: Duration::from_millis(300),
+        max_handshakes: 2,
+        ..Default::default()
+    };
+    let g = start_with("", Limits::default(), opts).await;
+    // Two peers that connect and say nothing hold both handshake slots.
+    let _idle: Vec<_> = idle_peers(&g.socket, 2).await;
+    let t = Instant::now();
+    let mut c = tokio::time::timeout(Duration::from_secs(10), g.client())
+        .await
+        .expect("the real host got in once the idle peers timed out");
+    c.hello(hello()).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+async fn idle_peers(socket: &std::path::Path, n: usize) -> Vec<tokio::net::UnixStream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::UnixStream::connect(socket).await.unwrap());
+    }
+    // Let the server accept them before the real host queues up.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    v
+}
+
+#[tokio::test]
+async fn an_apply_finishes_its_unit_actions_when_the_host_hangs_up() {
+    use std::time::{Duration, Instant};
+    let g = start(
+        "[credentials.A]\nrestart_units = [\"slow1.service\", \"slow2.service\"]\n",
+        Limits::default(),
+    )
+    .await;
+    let mut c = g.client().await;
+    let cut = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.apply(apply(1, vec![cred("A", b"a")], &[])),
+    )
+    .await;
+    assert!(cut.is_err(), "the call should still be running");
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.calls().lines().count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "unit actions abandoned: {:?}",
+            g.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        g.calls(),
+        "try-restart slow1.service\ntry-restart slow2.service\n"
+    );
+    assert_eq!(g.store.state().generation, 1);
+    assert_eq!(g.read("A").unwrap(), b"a");
 }

@@ -39,13 +39,13 @@ impl Drop for Guest {
 }
 
 /// A recording systemctl: appends its arguments to `calls`, fails for
-/// units whose name starts with "bad".
+/// units whose name starts with "bad", takes half a second for "slow".
 pub fn recording_systemctl(dir: &Path, calls: &Path) -> PathBuf {
     let p = dir.join("systemctl");
     std::fs::write(
         &p,
         format!(
-            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\nexit 0\n",
+            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in slow*) sleep 0.5;; esac\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\nexit 0\n",
             calls.display()
         ),
     )
@@ -55,6 +55,10 @@ pub fn recording_systemctl(dir: &Path, calls: &Path) -> PathBuf {
 }
 
 pub async fn start(config: &str, limits: Limits) -> Guest {
+    start_with(config, limits, ServerOptions::default()).await
+}
+
+pub async fn start_with(config: &str, limits: Limits, opts: ServerOptions) -> Guest {
     let tmp = tempfile::tempdir().unwrap();
     let creds = tmp.path().join("credentials");
     let state = tmp.path().join("state");
@@ -71,7 +75,7 @@ pub async fn start(config: &str, limits: Limits) -> Guest {
     let listener = Listener::unix(&socket, vec![me]).unwrap();
     let pin = host.pin().unwrap();
     let task = tokio::spawn(async move {
-        let r = serve(listener, pin, service, ServerOptions::default()).await;
+        let r = serve(listener, pin, service, opts).await;
         panic!("server stopped: {r:?}");
     });
     Guest {
