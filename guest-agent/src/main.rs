@@ -112,7 +112,8 @@ async fn main() -> std::process::ExitCode {
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // Printed rather than logged so that it shows whatever the log
+            // filter; systemd puts stderr in the journal either way.
             eprintln!("vmcred-guest: {e:#}");
             std::process::ExitCode::FAILURE
         }
