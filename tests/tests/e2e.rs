@@ -30,6 +30,20 @@ fn world(read_only: bool) -> World {
     w
 }
 
+/// A world whose guest booted and holds `creds` (all vsock-only).
+fn booted(creds: &[(&str, &[u8])]) -> World {
+    let mut w = world(false);
+    for (name, value) in creds {
+        w.set_secret(VM, name, value, false).unwrap();
+    }
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    for (name, value) in creds {
+        w.wait_for_guest_value(VM, name, value, T).unwrap();
+    }
+    w
+}
+
 fn stdout(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -92,13 +106,7 @@ fn initial_delivery_late_credential_and_rotation() {
 
 #[test]
 fn removal_only_on_explicit_removal() {
-    let mut w = world(false);
-    w.set_secret(VM, "KEEP", b"keep-1", false).unwrap();
-    w.set_secret(VM, "DROP", b"drop-1", false).unwrap();
-    w.start_host().unwrap();
-    w.boot_guest(VM).unwrap();
-    w.wait_for_guest_value(VM, "DROP", b"drop-1", T).unwrap();
-    w.wait_for_guest_value(VM, "KEEP", b"keep-1", T).unwrap();
+    let mut w = booted(&[("KEEP", b"keep-1"), ("DROP", b"drop-1")]);
 
     // The host going away deletes nothing.
     w.kill_host().unwrap();
@@ -127,11 +135,7 @@ fn removal_only_on_explicit_removal() {
 
 #[test]
 fn guest_agent_restart_keeps_files_and_resyncs() {
-    let mut w = world(false);
-    w.set_secret(VM, "A", b"a-1", false).unwrap();
-    w.start_host().unwrap();
-    w.boot_guest(VM).unwrap();
-    w.wait_for_guest_value(VM, "A", b"a-1", T).unwrap();
+    let mut w = booted(&[("A", b"a-1")]);
     w.kill_guest_agent(VM).unwrap();
     assert_eq!(
         w.read_guest(VM, "A").unwrap(),
@@ -177,11 +181,7 @@ fn host_agent_restart_redials_and_loses_nothing() {
 
 #[test]
 fn rotate_to_a_down_guest_times_out_and_applies_when_back() {
-    let mut w = world(false);
-    w.set_secret(VM, "A", b"a-1", false).unwrap();
-    w.start_host().unwrap();
-    w.boot_guest(VM).unwrap();
-    w.wait_for_guest_value(VM, "A", b"a-1", T).unwrap();
+    let mut w = booted(&[("A", b"a-1")]);
     w.kill_guest_agent(VM).unwrap();
     w.set_secret(VM, "A", b"a-2", false).unwrap();
     let out = w.rotate(VM, &["A"], "2s").unwrap();
@@ -193,11 +193,7 @@ fn rotate_to_a_down_guest_times_out_and_applies_when_back() {
 
 #[test]
 fn impostor_host_is_refused_and_nothing_written() {
-    let mut w = world(false);
-    w.set_secret(VM, "A", b"genuine", false).unwrap();
-    w.start_host().unwrap();
-    w.boot_guest(VM).unwrap();
-    w.wait_for_guest_value(VM, "A", b"genuine", T).unwrap();
+    let mut w = booted(&[("A", b"genuine")]);
     w.stop_host().unwrap();
     // Same config, new key: a different host.
     std::fs::remove_dir_all(w.path().join("host-state")).unwrap();
@@ -215,11 +211,7 @@ fn impostor_host_is_refused_and_nothing_written() {
 
 #[test]
 fn oversized_credential_and_set_are_refused_clearly() {
-    let mut w = world(false);
-    w.set_secret(VM, "SMALL", b"small", false).unwrap();
-    w.start_host().unwrap();
-    w.boot_guest(VM).unwrap();
-    w.wait_for_guest_value(VM, "SMALL", b"small", T).unwrap();
+    let mut w = booted(&[("SMALL", b"small")]);
     w.set_secret(VM, "BIG", &vec![b'x'; 1024 * 1024 + 1], false)
         .unwrap();
     w.reload_host().unwrap();
