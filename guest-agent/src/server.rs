@@ -9,13 +9,10 @@
 //! runs.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -68,36 +65,7 @@ pub enum ServerError {
 }
 
 /// An authenticated host connection; holds its slot until tonic drops it.
-pub struct HostConn {
-    tls: TlsStream<Stream>,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for HostConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for HostConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
-    }
-}
+type HostConn = Accepted<TlsStream<Stream>, OwnedSemaphorePermit>;
 
 /// Serves `service` to hosts holding the key `pin` on `listener`. Returns
 /// only on a fatal error.
@@ -108,7 +76,7 @@ pub async fn serve(
     opts: ServerOptions,
 ) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(guest_server_config(pin)?);
-    let (tx, rx) = mpsc::channel::<io::Result<Accepted<HostConn>>>(opts.max_connections.max(1));
+    let (tx, rx) = mpsc::channel::<io::Result<HostConn>>(opts.max_connections.max(1));
     let accept = accept_loop(listener, acceptor, tx, opts);
     let grpc = tonic::transport::Server::builder()
         .accept_http1(false)
@@ -130,7 +98,7 @@ pub async fn serve(
 async fn accept_loop(
     listener: Listener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<io::Result<Accepted<HostConn>>>,
+    tx: mpsc::Sender<io::Result<HostConn>>,
     opts: ServerOptions,
 ) {
     let handshakes = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
@@ -173,8 +141,11 @@ async fn accept_loop(
                 return;
             };
             tracing::info!(%peer, "host connected");
-            let conn = HostConn { tls, _slot: slot };
-            if tx.send(Ok(Accepted(conn))).await.is_err() {
+            let conn = HostConn {
+                stream: tls,
+                guard: slot,
+            };
+            if tx.send(Ok(conn)).await.is_err() {
                 tracing::warn!(%peer, "gRPC server is gone; connection dropped");
             }
         });

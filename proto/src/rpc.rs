@@ -48,42 +48,52 @@ where
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Wraps an accepted server-side stream so tonic can serve it.
-pub struct Accepted<S>(pub S);
+/// Wraps an accepted server-side stream so tonic can serve it. `guard`
+/// lives exactly as long as the connection (a connection-slot permit, say).
+pub struct Accepted<S, G = ()> {
+    pub stream: S,
+    pub guard: G,
+}
 
-impl<S> tonic::transport::server::Connected for Accepted<S> {
+impl<S> Accepted<S> {
+    pub fn new(stream: S) -> Self {
+        Accepted { stream, guard: () }
+    }
+}
+
+impl<S, G> tonic::transport::server::Connected for Accepted<S, G> {
     type ConnectInfo = ();
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Accepted<S> {
+impl<S: AsyncRead + Unpin, G: Unpin> AsyncRead for Accepted<S, G> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Accepted<S> {
+impl<S: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Accepted<S, G> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
