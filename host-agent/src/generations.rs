@@ -2,8 +2,7 @@
 //! host agent never reuses a number: the guest refuses anything not newer
 //! than what it applied, so a reused number would be a refused rotation.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
@@ -40,16 +39,11 @@ impl Generations {
 
     /// Records `generation` durably before it is sent.
     pub fn set(&self, vm: &str, generation: u64) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!(".{vm}.tmp"));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        writeln!(f, "{generation}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(vm))
+        vmcred_proto::fsutil::write_atomic(
+            &self.dir.join(vm),
+            format!("{generation}\n").as_bytes(),
+            0o600,
+        )
     }
 }
 

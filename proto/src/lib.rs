@@ -2,6 +2,7 @@
 //! both sides must agree on lives here, so it cannot drift.
 
 pub mod bootstrap;
+pub mod fsutil;
 pub mod rpc;
 pub mod rules;
 pub mod tls;

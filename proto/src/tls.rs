@@ -168,22 +168,8 @@ impl Identity {
     }
 }
 
-/// Writes `bytes` to `path` with `mode` atomically (temp file + rename).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))
+    crate::fsutil::write_atomic(path, bytes, mode).map_err(|e| format!("cannot write: {e}"))
 }
 
 fn provider() -> Arc<CryptoProvider> {

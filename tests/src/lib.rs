@@ -547,19 +547,7 @@ fn base64_decode(s: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub fn write_atomic(path: &Path, value: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("harness-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(value)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(vmcred_proto::fsutil::write_atomic(path, value, mode)?)
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
