@@ -147,10 +147,21 @@ pub struct LaunchInput {
 }
 
 /// The rewritten argv, ready for `exec`, and what to warn the user about.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// For cloud-hypervisor the argv can hold values marked
+/// `allow_on_command_line`, so `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub argv: Vec<OsString>,
     pub warnings: Vec<String>,
+}
+
+impl fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prepared")
+            .field("argv", &format_args!("<{} arguments>", self.argv.len()))
+            .field("warnings", &self.warnings)
+            .finish()
+    }
 }
 
 /// Why a launch was refused. Never carries a credential value.
