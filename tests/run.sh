@@ -6,7 +6,8 @@
 #   3. the NixOS module evaluation tests (tests/nix/run.sh)
 #   4. the real-VM test (tests/vm/run.sh): qemu TCG, systemd guest, virtio-vsock
 # Set VMCRED_SKIP_VM=1 or VMCRED_SKIP_NIX=1 to leave a stage out (it is then
-# reported as skipped, never as passed).
+# reported as skipped, never as passed). With CI=true nothing is skipped: a
+# stage that cannot run (exit 77), or one disabled by environment, fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +34,14 @@ grep -q "test result: FAILED" /tmp/vmcred-cargo-test.log && exit 1
 stage() { # name script
   local name=$1 script=$2 rc=0
   echo "== $name"
-  if [ "${3:-}" = skip ]; then echo "SKIP: $name (disabled by environment)"; return 0; fi
+  if [ "${3:-}" = skip ]; then
+    if [ "${CI:-}" = true ]; then echo "FAIL: $name disabled by environment under CI=true"; exit 1; fi
+    echo "SKIP: $name (disabled by environment)"; return 0
+  fi
   "$script" || rc=$?
-  if [ $rc -eq 77 ]; then
+  if [ $rc -eq 77 ] && [ "${CI:-}" = true ]; then
+    echo "FAIL: $name could not run, and under CI=true a stage that cannot run is a failure"; exit 1
+  elif [ $rc -eq 77 ]; then
     echo "SKIP: $name could not run here (see above)"
   elif [ $rc -ne 0 ]; then
     echo "FAIL: $name (exit $rc)"; exit $rc

@@ -92,6 +92,7 @@ mod tests {
         let b = Bootstrap {
             port: 700,
             pin: Pin([1; 32]),
+            host: vmcred_proto::bootstrap::HostTransport::Vsock,
         };
         std::fs::write(&p, format!("{}\n", b.encode())).unwrap();
         assert_eq!(read(&p).unwrap(), b);

@@ -38,6 +38,7 @@ impl Setup {
         let b = Bootstrap {
             port: 700,
             pin: host.pin().unwrap(),
+            host: vmcred_proto::bootstrap::HostTransport::Hybrid,
         };
         std::fs::create_dir(tmp.path().join("credentials")).unwrap();
         std::fs::write(tmp.path().join("credentials/vmcred.bootstrap"), b.encode()).unwrap();

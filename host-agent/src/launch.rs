@@ -988,12 +988,13 @@ mod tests {
         Bootstrap {
             port: 700,
             pin: Pin([0xab; 32]),
+            host: vmcred_proto::bootstrap::HostTransport::Vsock,
         }
     }
 
     fn bootstrap_oem() -> String {
         format!(
-            "io.systemd.credential:vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:{}",
+            "io.systemd.credential:vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:{} host=vsock",
             "ab".repeat(32)
         )
     }

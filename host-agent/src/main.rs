@@ -1,14 +1,6 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
-mod config;
-mod control;
-mod generations;
-mod launch;
-mod serve;
-mod source;
-mod vm;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,8 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use config::{Config, DEFAULT_CONFIG};
-use control::{Reply, Request};
+use vmcred_host::config::{Config, DEFAULT_CONFIG};
+use vmcred_host::control::{self, Reply, Request};
+use vmcred_host::{launch, serve, source};
 
 #[derive(Parser)]
 #[command(
@@ -264,6 +257,7 @@ fn run_launch(
         bootstrap: vmcred_proto::bootstrap::Bootstrap {
             port: vm.port,
             pin: read_pin(&cfg)?,
+            host: vm.target.host_transport(),
         },
         boot_credentials: vm
             .credentials

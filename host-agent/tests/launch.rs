@@ -145,7 +145,7 @@ fn binary_oem(name: &str, value: &[u8]) -> String {
 
 fn bootstrap_oem() -> String {
     format!(
-        "io.systemd.credential:vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:{PIN_HEX}"
+        "io.systemd.credential:vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:{PIN_HEX} host=vsock"
     )
 }
 

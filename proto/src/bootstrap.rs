@@ -4,7 +4,11 @@
 //! which is what makes the pin trustworthy.
 //!
 //! Format, one line, no commas (cloud-hypervisor's `oem_strings=[...]` splits
-//! on them): `vmcred-bootstrap-v1 port=700 pin=sha256:<64 hex>`.
+//! on them): `vmcred-bootstrap-v1 port=700 pin=sha256:<64 hex> host=vsock`.
+//!
+//! `host=` tells the guest how to recognise the real host before TLS (see
+//! [`HostTransport`]). It is absent in bootstraps written before it existed;
+//! those are read as `vsock`, the strict rule.
 
 use crate::tls::Pin;
 use thiserror::Error;
@@ -13,6 +17,34 @@ const MAGIC: &str = "vmcred-bootstrap-v1";
 /// Largest bootstrap we read; a real one is about 110 bytes.
 pub const MAX_BOOTSTRAP_BYTES: usize = 4096;
 
+/// How the host side of this VM's vsock reaches the guest, which decides
+/// what the guest can check about a connection before spending a TLS
+/// handshake on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostTransport {
+    /// The host dials with `AF_VSOCK` (qemu vhost-vsock, crosvm, kvmtool,
+    /// alioth). Any host user can open such a connection, so the host agent
+    /// binds a privileged source port (< 1024, only root can) and the guest
+    /// refuses every other source port.
+    #[default]
+    Vsock,
+    /// Hybrid vsock (cloud-hypervisor, firecracker, vhost-device-vsock): the
+    /// VMM picks the source port, and the permissions of the VMM's Unix
+    /// socket on the host are the gate. The guest cannot tell host users
+    /// apart, so it accepts any source port from CID 2.
+    Hybrid,
+}
+
+impl HostTransport {
+    /// The word used in the bootstrap.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostTransport::Vsock => "vsock",
+            HostTransport::Hybrid => "hybrid",
+        }
+    }
+}
+
 /// What the guest learns at launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bootstrap {
@@ -20,6 +52,8 @@ pub struct Bootstrap {
     pub port: u32,
     /// SHA-256 of the host key's SubjectPublicKeyInfo.
     pub pin: Pin,
+    /// Which admission rule applies to the host's connections.
+    pub host: HostTransport,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -42,12 +76,21 @@ pub enum BootstrapError {
     BadPort(String),
     #[error("bootstrap pin: {0}")]
     BadPin(String),
+    #[error("bootstrap host transport {0:?} is neither \"vsock\" nor \"hybrid\"")]
+    BadHost(String),
+    #[error("bootstrap field {0:?} appears more than once")]
+    Duplicate(&'static str),
 }
 
 impl Bootstrap {
     /// The credential value, as the guest will read it.
     pub fn encode(&self) -> String {
-        format!("{MAGIC} port={} pin={}", self.port, self.pin)
+        format!(
+            "{MAGIC} port={} pin={} host={}",
+            self.port,
+            self.pin,
+            self.host.as_str()
+        )
     }
 
     /// Parses a bootstrap, tolerating surrounding white space (a trailing
@@ -61,7 +104,7 @@ impl Bootstrap {
         if words.next() != Some(MAGIC) {
             return Err(BootstrapError::BadMagic);
         }
-        let (mut port, mut pin) = (None, None);
+        let (mut port, mut pin, mut host) = (None, None, None);
         for word in words {
             let (k, v) = word
                 .split_once('=')
@@ -73,13 +116,21 @@ impl Bootstrap {
                         .ok()
                         .filter(|p| *p != 0 && *p != u32::MAX)
                         .ok_or_else(|| BootstrapError::BadPort(crate::rules::display_name(v)))?;
-                    port = Some(p);
+                    set_once(&mut port, p, "port")?;
                 }
                 "pin" => {
-                    pin = Some(
-                        v.parse::<Pin>()
-                            .map_err(|e| BootstrapError::BadPin(e.to_string()))?,
-                    )
+                    let p = v
+                        .parse::<Pin>()
+                        .map_err(|e| BootstrapError::BadPin(e.to_string()))?;
+                    set_once(&mut pin, p, "pin")?;
+                }
+                "host" => {
+                    let h = match v {
+                        "vsock" => HostTransport::Vsock,
+                        "hybrid" => HostTransport::Hybrid,
+                        _ => return Err(BootstrapError::BadHost(crate::rules::display_name(v))),
+                    };
+                    set_once(&mut host, h, "host")?;
                 }
                 _ => return Err(BootstrapError::UnknownField(crate::rules::display_name(k))),
             }
@@ -87,8 +138,19 @@ impl Bootstrap {
         Ok(Bootstrap {
             port: port.ok_or(BootstrapError::Missing("port"))?,
             pin: pin.ok_or(BootstrapError::Missing("pin"))?,
+            host: host.unwrap_or_default(),
         })
     }
+}
+
+/// A field given twice is refused rather than letting the last one win:
+/// a bootstrap is written by one program and never needs it.
+fn set_once<T>(slot: &mut Option<T>, value: T, field: &'static str) -> Result<(), BootstrapError> {
+    if slot.is_some() {
+        return Err(BootstrapError::Duplicate(field));
+    }
+    *slot = Some(value);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -99,6 +161,7 @@ mod tests {
         Bootstrap {
             port: 700,
             pin: Pin([7u8; 32]),
+            host: HostTransport::Hybrid,
         }
     }
 
@@ -109,6 +172,21 @@ mod tests {
         assert!(!s.contains(','), "{s}");
         assert_eq!(Bootstrap::parse(s.as_bytes()), Ok(b));
         assert_eq!(Bootstrap::parse(format!("{s}\n").as_bytes()), Ok(b));
+        let strict = Bootstrap {
+            host: HostTransport::Vsock,
+            ..b
+        };
+        assert_eq!(Bootstrap::parse(strict.encode().as_bytes()), Ok(strict));
+    }
+
+    #[test]
+    fn without_host_field_the_strict_rule_applies() {
+        let pin = sample().pin;
+        let old = format!("{MAGIC} port=700 pin={pin}");
+        assert_eq!(
+            Bootstrap::parse(old.as_bytes()).map(|b| b.host),
+            Ok(HostTransport::Vsock)
+        );
     }
 
     #[test]
@@ -131,6 +209,14 @@ mod tests {
             Bootstrap::parse(format!("{MAGIC} port=700 pin={pin} x=1").as_bytes()),
             Err(BootstrapError::UnknownField(_))
         ));
+        assert!(matches!(
+            Bootstrap::parse(format!("{MAGIC} port=700 pin={pin} host=tcp").as_bytes()),
+            Err(BootstrapError::BadHost(_))
+        ));
+        assert_eq!(
+            Bootstrap::parse(format!("{MAGIC} port=700 port=701 pin={pin}").as_bytes()),
+            Err(BootstrapError::Duplicate("port"))
+        );
         assert_eq!(
             Bootstrap::parse(&vec![b' '; MAX_BOOTSTRAP_BYTES + 1]),
             Err(BootstrapError::TooLarge(MAX_BOOTSTRAP_BYTES + 1))

@@ -36,6 +36,19 @@ pub enum Target {
     Unix { path: PathBuf },
 }
 
+impl Target {
+    /// The admission rule the guest must apply to connections on this
+    /// transport (carried to it in the bootstrap). A Unix socket is only
+    /// used by tests and demos, where the host side is a stand-in for a
+    /// VMM's hybrid socket.
+    pub fn host_transport(&self) -> crate::bootstrap::HostTransport {
+        match self {
+            Target::Vsock { .. } => crate::bootstrap::HostTransport::Vsock,
+            Target::Hybrid { .. } | Target::Unix { .. } => crate::bootstrap::HostTransport::Hybrid,
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -394,7 +394,8 @@ fn launch_output_for_both_hypervisors() {
         "{joined}"
     );
     assert!(
-        joined.contains("vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:"),
+        joined.contains("vmcred.bootstrap=vmcred-bootstrap-v1 port=700 pin=sha256:")
+            && joined.contains(" host=hybrid"),
         "{joined}"
     );
 }

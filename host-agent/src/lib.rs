@@ -1,0 +1,10 @@
+//! vmcred's host agent. The binary (`main.rs`) is the command line; these
+//! are a library so integration tests and fuzz targets drive the real code.
+
+pub mod config;
+pub mod control;
+pub mod generations;
+pub mod launch;
+pub mod serve;
+pub mod source;
+pub mod vm;
