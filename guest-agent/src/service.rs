@@ -284,6 +284,7 @@ impl Inner {
             applied_generation: done.applied_generation,
             results: done.results,
             units,
+            owed_units: Vec::new(),
         })
     }
 }
@@ -315,6 +316,7 @@ impl Guest for GuestService {
                 .ready(&format!("host connected; generation {generation} applied"));
         }
         Ok(Response::new(HelloReply {
+            owed_units: Vec::new(),
             applied_generation: generation,
             held: held
                 .into_iter()
