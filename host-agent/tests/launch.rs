@@ -275,14 +275,21 @@ fn cloud_hypervisor_merges_allowed_values_with_a_warning() {
         ["cloud-hypervisor", "--cpus", "boot=1", "--platform"]
     );
     assert_eq!(argv.len(), 5);
+    // The dry run shows the allowed secrets redacted, and says so.
     assert_eq!(
         argv[4],
         format!(
             "oem_strings=[x=1,{},{},{}],serial_number=abc",
             bootstrap_oem(),
-            binary_oem("API_KEY", SECRET),
-            binary_oem("ENVIRONMENT", ENVIRONMENT)
+            "io.systemd.credential.binary:API_KEY=<redacted>",
+            "io.systemd.credential.binary:ENVIRONMENT=<redacted>"
         )
+    );
+    assert_no_secret(&out);
+    assert!(
+        has(&out.stderr, b"API_KEY, ENVIRONMENT are shown as <redacted>"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let err = String::from_utf8_lossy(&out.stderr);
     for name in ["API_KEY", "ENVIRONMENT"] {
