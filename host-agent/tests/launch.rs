@@ -10,7 +10,7 @@
 //! tests are in `host-agent/src/launch.rs`); until then they fail.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -1097,4 +1097,306 @@ fn hypervisor_is_named_in_unknown_program_errors() {
     ] {
         assert!(e.contains(h), "{h} missing in: {e}");
     }
+}
+
+// ------------------------------------------------------------------
+// A real exec of a stand-in hypervisor, and the runtime directory as the
+// hypervisor's (unprivileged) user.
+// ------------------------------------------------------------------
+
+/// A stand-in hypervisor: bash, whose `-c` script records the process's
+/// real argv (argv[0] included, from /proc) and, for every file argument a
+/// carrier added, the file's mode, owner and content as that process sees
+/// them. `--hypervisor` tells the launcher which adapter to use.
+fn stand_in(record: &Path) -> Vec<String> {
+    let script = format!(
+        r#"out={record}
+cat /proc/$$/cmdline > "$out/cmdline"
+n=0
+for a in "$0" "$@"; do
+  case "$a" in
+    name=opt/io.systemd.credentials/*,file=*) f="${{a##*,file=}}" ;;
+    type=11,path=*) f="${{a#type=11,path=}}" ;;
+    /*.firecracker.json) f="$a" ;;
+    *) continue ;;
+  esac
+  n=$((n+1))
+  stat -c '%a %u' "$f" > "$out/$n.meta"
+  cat "$f" > "$out/$n.content"
+done
+"#,
+        record = record.display()
+    );
+    strings(&["/bin/bash", "-c", &script])
+}
+
+fn recorded_argv(record: &Path) -> Vec<String> {
+    let raw = fs::read(record.join("cmdline")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn exec_keeps_the_process_name_and_hands_over_private_files() {
+    let env = setup_vm(VSOCK, &qemu_creds());
+    let record = env._tmp.path().join("record");
+    fs::create_dir(&record).unwrap();
+    // The agent's launch socket, answering like `serve` does.
+    let socket = env._tmp.path().join("launch.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let agent = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (conn, _) = listener.accept().unwrap();
+        let mut reader = std::io::BufReader::new(conn);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        reader.get_mut().write_all(b"\"ok\"\n").unwrap();
+        line
+    });
+
+    let mut argv = stand_in(&record);
+    let qemu = qemu_argv(MICROVM, "device");
+    argv.extend_from_slice(&qemu[1..]);
+    let run = env.run.display().to_string();
+    let mut args = vec![
+        "--vm",
+        "test-vm",
+        "--hypervisor",
+        "qemu",
+        "--argv0",
+        "microvm@test-vm",
+        "--runtime-dir",
+        &run,
+        "--",
+    ];
+    args.extend(argv.iter().map(String::as_str));
+    let out = launch(&env, true, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_no_secret(&out);
+    assert_eq!(
+        agent.join().unwrap(),
+        "{\"cmd\":\"launched\",\"vm\":\"test-vm\"}\n"
+    );
+
+    let got = recorded_argv(&record);
+    assert_eq!(got[0], "microvm@test-vm", "process name");
+    assert_eq!(
+        got[1..argv.len()],
+        argv[1..],
+        "other arguments kept, in order"
+    );
+    let tail = &got[argv.len()..];
+    assert_eq!(tail.len(), 6, "{tail:?}");
+    assert!(tail.chunks(2).all(|p| p[0] == "-fw_cfg"), "{tail:?}");
+    assert!(
+        !got.iter()
+            .any(|a| a.contains("hunter2") || a.contains("xyzzy")),
+        "no value on the argv"
+    );
+    let me = nix::unistd::geteuid().as_raw();
+    let bootstrap = bootstrap_text("vsock");
+    let want: [&[u8]; 3] = [bootstrap.as_bytes(), SECRET, ENVIRONMENT];
+    for (i, value) in want.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(
+            fs::read_to_string(record.join(format!("{n}.meta"))).unwrap(),
+            format!("400 {me}\n")
+        );
+        assert_eq!(
+            &fs::read(record.join(format!("{n}.content"))).unwrap(),
+            value
+        );
+    }
+}
+
+#[test]
+fn exec_failure_of_the_notification_is_one_warning() {
+    let env = setup_vm(VSOCK, &[]);
+    let record = env._tmp.path().join("record");
+    fs::create_dir(&record).unwrap();
+    let mut argv = stand_in(&record);
+    argv.extend(strings(&["run", "-p", "console=ttyS0", "--vsock", "3"]));
+    let mut args = vec!["--vm", "test-vm", "--hypervisor", "crosvm", "--"];
+    args.extend(argv.iter().map(String::as_str));
+    let out = launch(&env, true, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert_eq!(
+        e.lines().filter(|l| l.contains("launch socket")).count(),
+        1,
+        "{e}"
+    );
+    let got = recorded_argv(&record);
+    assert_eq!(got[0], "/bin/bash", "argv[0] as given by default");
+    assert_eq!(
+        got[3..],
+        strings(&[
+            "run",
+            "-p",
+            &format!(
+                "console=ttyS0 {}",
+                cmdline_param("vmcred.bootstrap", &bootstrap_text("vsock"))
+            ),
+            "--vsock",
+            "3"
+        ])[..]
+    );
+}
+
+/// Runs the launcher as uid/gid 65534 with `envs` (and nothing inherited
+/// that names a runtime directory).
+fn launch_as_nobody(env: &Env, envs: &[(&str, &Path)], args: &[&str]) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vmcred-host"))
+        .arg("launch")
+        .arg("--config")
+        .arg(&env.config)
+        .args(args)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("VMCRED_LAUNCH_RUNTIME_DIR")
+        .env("CREDENTIALS_DIRECTORY", &env.creds);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// Makes the test tree readable by the unprivileged user, as a VM's
+/// config and credentials are to `User=microvm`.
+fn open_to_nobody(env: &Env) {
+    let root = env._tmp.path();
+    for dir in [root.to_path_buf(), root.join("state"), env.creds.clone()] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for entry in fs::read_dir(&env.creds).unwrap() {
+        let path = entry.unwrap().path();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+fn nobody_dir(path: &Path, mode: u32) {
+    fs::create_dir_all(path).unwrap();
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn runtime_dir_rules_as_the_hypervisors_user() {
+    if !is_root() {
+        eprintln!("SKIP: runtime_dir_rules_as_the_hypervisors_user needs root to become uid 65534");
+        return;
+    }
+    let env = setup_vm(VSOCK, &[cred("API_KEY", SECRET, true, false)]);
+    open_to_nobody(&env);
+    let root = env._tmp.path();
+    let qemu = qemu_argv(MICROVM, "device");
+    let dry = |extra: &[&str]| {
+        let mut a = vec!["--vm", "test-vm"];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--dry-run", "--json", "--"]);
+        a.extend(qemu.iter().map(String::as_str));
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let refs = |v: &[String]| {
+        v.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\u{0}")
+    };
+    let run = |envs: &[(&str, &Path)], extra: &[&str]| {
+        let args = dry(extra);
+        let joined = refs(&args);
+        let args: Vec<&str> = joined.split('\u{0}').collect();
+        launch_as_nobody(&env, envs, &args)
+    };
+
+    // systemd's RuntimeDirectory= (owned by the user, 0700), used as is.
+    let rt = root
+        .join("systemd-run")
+        .join("vmcred-launch")
+        .join("test-vm");
+    nobody_dir(&rt, 0o700);
+    let out = run(&[("RUNTIME_DIRECTORY", &rt)], &[]);
+    assert_no_secret(&out);
+    let d = parse_dry(&out);
+    assert_eq!(d.files.len(), 2);
+    for f in &d.files {
+        assert_eq!(f.path.parent(), Some(rt.as_path()));
+        let meta = fs::symlink_metadata(&f.path).unwrap();
+        assert_eq!(meta.uid(), 65534);
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o400);
+    }
+
+    // Nothing named and not root: the error names RuntimeDirectory=.
+    let out = run(&[], &[]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("RuntimeDirectory=") && e.contains("uid 65534") && e.contains("--runtime-dir"),
+        "{e}"
+    );
+    // ... which only hypervisors that need files need.
+    let env2 = setup_vm(VSOCK, &[]);
+    open_to_nobody(&env2);
+    let mut args = vec!["--vm", "test-vm", "--dry-run", "--"];
+    let crosvm = crosvm_argv();
+    args.extend(crosvm.iter().map(String::as_str));
+    assert!(launch_as_nobody(&env2, &[], &args).status.success());
+
+    // A directory that is not the user's, or open to others, is refused.
+    let roots = root.join("root-owned");
+    fs::create_dir(&roots).unwrap();
+    fs::set_permissions(&roots, fs::Permissions::from_mode(0o700)).unwrap();
+    let e = stderr(&run(&[("RUNTIME_DIRECTORY", &roots)], &[]));
+    assert!(
+        e.contains("owned by uid 0") && e.contains("uid 65534"),
+        "{e}"
+    );
+    let open = root.join("open");
+    nobody_dir(&open, 0o750);
+    let e = stderr(&run(&[("RUNTIME_DIRECTORY", &open)], &[]));
+    assert!(e.contains("mode 0750") && e.contains("0700"), "{e}");
+
+    // $VMCRED_LAUNCH_RUNTIME_DIR wins over $RUNTIME_DIRECTORY; a missing
+    // directory under a parent the user may write is created 0700.
+    let parent = root.join("nobody-parent");
+    nobody_dir(&parent, 0o755);
+    let fresh = parent.join("fresh");
+    let out = run(
+        &[
+            ("RUNTIME_DIRECTORY", &open),
+            ("VMCRED_LAUNCH_RUNTIME_DIR", &fresh),
+        ],
+        &[],
+    );
+    let d = parse_dry(&out);
+    assert_eq!(d.files[0].path.parent(), Some(fresh.as_path()));
+    let meta = fs::symlink_metadata(&fresh).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (65534, 0o700)
+    );
+    // --runtime-dir wins over both.
+    let fresh_s = rt.display().to_string();
+    let d = parse_dry(&run(
+        &[
+            ("RUNTIME_DIRECTORY", &open),
+            ("VMCRED_LAUNCH_RUNTIME_DIR", &open),
+        ],
+        &["--runtime-dir", &fresh_s],
+    ));
+    assert_eq!(d.files[0].path.parent(), Some(rt.as_path()));
 }
