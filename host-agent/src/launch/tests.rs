@@ -770,3 +770,163 @@ fn notify_failures_are_bounded_errors() {
     assert!(e.contains("without a reply"), "{e}");
     server.join().unwrap();
 }
+
+// ----------------------------------------------------- runtime dir --
+
+#[test]
+fn runtime_dir_precedence() {
+    use runtime_dir::choose;
+    let p = |s: &str| Some(PathBuf::from(s));
+    let os = |s: &'static str| Some(OsStr::new(s));
+    assert_eq!(
+        choose(p("/cli"), os("/env"), os("/rd"), "vm", true),
+        p("/cli")
+    );
+    assert_eq!(choose(None, os("/env"), os("/rd"), "vm", false), p("/env"));
+    // $RUNTIME_DIRECTORY: the first of several, as is.
+    assert_eq!(
+        choose(
+            None,
+            None,
+            os("/run/vmcred-launch/vm:/run/other"),
+            "vm",
+            false
+        ),
+        p("/run/vmcred-launch/vm")
+    );
+    assert_eq!(
+        choose(None, None, None, "vm", true),
+        p("/run/vmcred/launch/vm")
+    );
+    assert_eq!(choose(None, None, None, "vm", false), None);
+    // Empty values count as unset.
+    assert_eq!(choose(p(""), os(""), os(""), "vm", false), None);
+}
+
+#[test]
+fn no_runtime_dir_is_an_error_only_when_files_are_needed() {
+    let f = fixture();
+    let mut input = f.input(Hypervisor::Qemu, &[], &["qemu-system-x86_64"]);
+    input.runtime_dir = None;
+    let e = prepare(&input).unwrap_err();
+    assert!(matches!(e, LaunchError::NoRuntimeDir { .. }), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("RuntimeDirectory=vmcred-launch/test-vm")
+            && e.contains("RuntimeDirectoryMode=0700"),
+        "{e}"
+    );
+    let mut input = f.input(Hypervisor::Crosvm, &[], &["crosvm", "run", "k"]);
+    input.runtime_dir = None;
+    assert!(prepare(&input).is_ok());
+}
+
+// --------------------------------------------------------- cmdline --
+
+#[test]
+fn cmdline_names_already_set_are_found() {
+    use carrier::cmdline::defined_names;
+    assert_eq!(
+        defined_names(
+            "console=ttyS0 \"systemd.set_credential=A:x y\" systemd.set_credential_binary=B:eA== systemd.set_credentialX=C"
+        ),
+        ["A", "B"]
+    );
+    assert!(defined_names("").is_empty());
+}
+
+#[test]
+fn cmdline_longer_than_the_kernel_keeps_is_refused() {
+    let f = fixture();
+    let long = "x".repeat(carrier::cmdline::MAX_LEN - 50);
+    let input = f.input(Hypervisor::Kvmtool, &[], &["lkvm", "run", "-p", &long]);
+    let e = prepare(&input).unwrap_err();
+    assert!(matches!(e, LaunchError::CommandLineTooLong { .. }), "{e}");
+    assert!(e.to_string().contains("2047"), "{e}");
+    let ok = "x".repeat(100);
+    let input = f.input(Hypervisor::Kvmtool, &[], &["lkvm", "run", "-p", &ok]);
+    assert!(prepare(&input).is_ok());
+}
+
+#[test]
+fn cmdline_inline_and_repeated_options() {
+    let f = fixture();
+    let input = f.input(
+        Hypervisor::Alioth,
+        &[],
+        &["alioth", "run", "--cmdline=console=ttyS0", "--num-cpu", "1"],
+    );
+    let p = prepare(&input).unwrap();
+    let out = strs(&p.argv);
+    assert_eq!(
+        out[2],
+        format!(
+            "--cmdline=console=ttyS0 \"systemd.set_credential=vmcred.bootstrap:{}\"",
+            bootstrap().encode()
+        )
+    );
+    assert_eq!(out[3..], ["--num-cpu", "1"]);
+    let input = f.input(
+        Hypervisor::Crosvm,
+        &[],
+        &["crosvm", "run", "-p", "a", "--params", "b", "k"],
+    );
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(
+        e.contains("crosvm argv") && e.contains("given 2 times"),
+        "{e}"
+    );
+}
+
+#[test]
+fn qemu_machine_types() {
+    use hypervisor::{carriers_for_machine, MachineCarrier};
+    for m in ["pc", "q35", "pc-q35-9.2", "pc-i440fx-8.1"] {
+        assert_eq!(carriers_for_machine(m), Some(MachineCarrier::Smbios), "{m}");
+    }
+    for m in ["microvm", "virt", "virt-9.2"] {
+        assert_eq!(carriers_for_machine(m), Some(MachineCarrier::FwCfg), "{m}");
+    }
+    assert_eq!(carriers_for_machine("isapc"), None);
+    // The last -M that names a type wins; `-M accel=kvm` names none.
+    let f = fixture();
+    let input = f.input(
+        Hypervisor::Qemu,
+        &[],
+        &[
+            "qemu-system-x86_64",
+            "-M",
+            "q35",
+            "-machine",
+            "type=microvm",
+            "-M",
+            "accel=kvm",
+        ],
+    );
+    let p = prepare(&input).unwrap();
+    assert_eq!(p.files[0].carrier, Carrier::FwCfg);
+}
+
+#[test]
+fn firecracker_config_must_be_a_bounded_regular_file() {
+    let f = fixture();
+    let fifo = f.tmp.path().join("fc.json");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo_s = fifo.display().to_string();
+    let argv = ["firecracker", "--config-file", fifo_s.as_str()];
+    let e = prepare(&f.input(Hypervisor::Firecracker, &[], &argv))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    fs::remove_file(&fifo).unwrap();
+    fs::write(&fifo, vec![b' '; 2 * 1024 * 1024]).unwrap();
+    let e = prepare(&f.input(Hypervisor::Firecracker, &[], &argv))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("larger than"), "{e}");
+    fs::write(&fifo, b"{not json").unwrap();
+    let e = prepare(&f.input(Hypervisor::Firecracker, &[], &argv))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not valid JSON"), "{e}");
+}
