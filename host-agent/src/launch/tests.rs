@@ -930,3 +930,63 @@ fn firecracker_config_must_be_a_bounded_regular_file() {
         .to_string();
     assert!(e.contains("not valid JSON"), "{e}");
 }
+
+#[test]
+fn a_name_the_kernel_command_line_already_sets_is_refused_for_any_carrier() {
+    let f = fixture();
+    f.put("API_KEY", SECRET);
+    let argv = [
+        "qemu-system-x86_64",
+        "-M",
+        "microvm",
+        "-kernel",
+        "k",
+        "-append",
+        "console=ttyS0 systemd.set_credential=API_KEY:hunter2",
+    ];
+    let e = prepare(&f.input(Hypervisor::Qemu, &[("API_KEY", false)], &argv))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already defines credential \"API_KEY\"") && e.contains("-append"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
+    let argv = [
+        "cloud-hypervisor",
+        "--kernel",
+        "k",
+        "--cmdline",
+        "\"systemd.set_credential=vmcred.bootstrap:old\"",
+    ];
+    let e = prepare(&f.input(Hypervisor::CloudHypervisor, &[], &argv))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--cmdline") && e.contains("vmcred.bootstrap"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_command_line_carrier_needs_a_directly_booted_kernel() {
+    let f = fixture();
+    let mut input = f.input(Hypervisor::Qemu, &[], &["qemu-system-x86_64", "-M", "q35"]);
+    input.carrier = CarrierChoice::Cmdline;
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(e.contains("qemu argv") && e.contains("-kernel"), "{e}");
+    let mut input = f.input(
+        Hypervisor::CloudHypervisor,
+        &[],
+        &["cloud-hypervisor", "--firmware", "fw"],
+    );
+    input.carrier = CarrierChoice::Cmdline;
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(
+        e.contains("cloud-hypervisor argv") && e.contains("--kernel"),
+        "{e}"
+    );
+    input.argv.extend(["--kernel".into(), "k".into()]);
+    let p = prepare(&input).unwrap();
+    assert_eq!(strs(&p.argv)[5], "--cmdline");
+}

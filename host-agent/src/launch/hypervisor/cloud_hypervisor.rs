@@ -64,13 +64,24 @@ pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
     if let Some(at) = find_once(CH, &input.argv, 1, CMDLINE)? {
         let text = value_at(&input.argv, at)
             .ok_or_else(|| bad_argv(CH, "the --cmdline value is not UTF-8 text".into()))?;
-        if on_cmdline && cmdline::defined_names(text).contains(&BOOTSTRAP_CREDENTIAL) {
+        // Whatever the carrier, a name the kernel command line already sets
+        // would shadow (or be shadowed by) ours.
+        if let Some(name) = cmdline::defined_names(text)
+            .into_iter()
+            .find(|n| names.contains(n))
+        {
             return Err(LaunchError::AlreadyDefined {
                 hypervisor: CH,
-                name: BOOTSTRAP_CREDENTIAL.into(),
+                name: name.to_string(),
                 place: "on the kernel command line (--cmdline)",
             });
         }
+    }
+    if on_cmdline && find_once(CH, &input.argv, 1, &["--kernel"])?.is_none() {
+        return Err(bad_argv(
+            CH,
+            "--carrier cmdline needs a kernel booted directly (--kernel): with firmware, --cmdline is not read; use the default carrier (--platform oem_strings)".into(),
+        ));
     }
     Ok(())
 }

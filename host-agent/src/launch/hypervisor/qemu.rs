@@ -179,18 +179,29 @@ pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
             fw_cfg::check_name(&input.vm, &c.name)?;
         }
     }
-    if plan.bootstrap == Carrier::Cmdline {
-        if let Some(at) = find_once(Q, &input.argv, 1, APPEND)? {
-            let text = value_at(&input.argv, at)
-                .ok_or_else(|| bad_argv(Q, "the -append value is not UTF-8 text".into()))?;
-            if cmdline::defined_names(text).contains(&BOOTSTRAP_CREDENTIAL) {
-                return Err(LaunchError::AlreadyDefined {
-                    hypervisor: Q,
-                    name: BOOTSTRAP_CREDENTIAL.into(),
-                    place: "on the kernel command line (-append)",
-                });
-            }
+    // Whatever the carrier, a name the kernel command line already sets
+    // would shadow (or be shadowed by) ours.
+    if let Some(at) = find_once(Q, &input.argv, 1, APPEND)? {
+        let text = value_at(&input.argv, at)
+            .ok_or_else(|| bad_argv(Q, "the -append value is not UTF-8 text".into()))?;
+        if let Some(name) = cmdline::defined_names(text)
+            .into_iter()
+            .find(|n| names.contains(n))
+        {
+            return Err(LaunchError::AlreadyDefined {
+                hypervisor: Q,
+                name: name.to_string(),
+                place: "on the kernel command line (-append)",
+            });
         }
+    }
+    if plan.bootstrap == Carrier::Cmdline
+        && find_option(Q, &input.argv, 1, &["-kernel", "--kernel"])?.is_empty()
+    {
+        return Err(bad_argv(
+            Q,
+            "--carrier cmdline needs a kernel booted directly (-kernel): qemu takes -append only with -kernel; use --carrier fw-cfg or smbios".into(),
+        ));
     }
     Ok(())
 }
