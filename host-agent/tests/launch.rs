@@ -539,12 +539,24 @@ fn check_file(f: &DryFile, dir: &Path, carrier: &str) -> Vec<u8> {
     fs::read(&f.path).unwrap()
 }
 
+/// The value of LATE, a credential that is not `boot`: it must never
+/// appear anywhere at launch.
+const LATE_VALUE: &[u8] = b"late-only-over-vsock-q9";
+
 fn qemu_creds() -> Vec<Cred> {
     vec![
         cred("API_KEY", SECRET, true, false),
         cred("ENVIRONMENT", ENVIRONMENT, true, false),
-        cred("LATE", b"late", false, false),
+        cred("LATE", LATE_VALUE, false, false),
     ]
+}
+
+/// No value of a credential that is not `boot` in the output or the files.
+fn assert_no_late(out: &Output, files: &[DryFile]) {
+    assert!(!has(&out.stdout, LATE_VALUE) && !has(&out.stderr, LATE_VALUE));
+    for f in files {
+        assert!(!has(&fs::read(&f.path).unwrap(), LATE_VALUE), "{f:?}");
+    }
 }
 
 #[test]
@@ -554,6 +566,7 @@ fn qemu_microvm_machine_gets_fw_cfg_files() {
     let out = dry_json(&env, &[], &argv);
     assert_no_secret(&out);
     let dry = parse_dry(&out);
+    assert_no_late(&out, &dry.files);
     assert_eq!(dry.argv0, argv[0], "the process name defaults to argv[0]");
     let pairs = tail_pairs(&argv, &dry.argv);
     assert_eq!(pairs.len(), 3, "{pairs:?}");
@@ -600,6 +613,7 @@ fn qemu_q35_and_default_machine_get_smbios_files() {
         let out = dry_json(&env, &[], &argv);
         assert_no_secret(&out);
         let dry = parse_dry(&out);
+        assert_no_late(&out, &dry.files);
         let pairs = tail_pairs(&argv, &dry.argv);
         assert_eq!(pairs.len(), 3, "{pairs:?}");
         let mut contents = Vec::new();
@@ -1399,4 +1413,68 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
         &["--runtime-dir", &fresh_s],
     ));
     assert_eq!(d.files[0].path.parent(), Some(rt.as_path()));
+}
+
+#[test]
+fn firecracker_exec_as_the_hypervisors_user_reads_its_private_copy() {
+    if !is_root() {
+        eprintln!("SKIP: firecracker_exec_as_the_hypervisors_user_reads_its_private_copy needs root to become uid 65534");
+        return;
+    }
+    let env = setup_vm(HYBRID, &[cred("LATE", LATE_VALUE, false, false)]);
+    open_to_nobody(&env);
+    let root = env._tmp.path();
+    let original = root.join("firecracker-test-vm.json");
+    fs::write(
+        &original,
+        serde_json::to_vec(&firecracker_config()).unwrap(),
+    )
+    .unwrap();
+    fs::set_permissions(&original, fs::Permissions::from_mode(0o444)).unwrap();
+    let record = root.join("record");
+    nobody_dir(&record, 0o700);
+    let rt = root.join("rt");
+    nobody_dir(&rt, 0o700);
+
+    let mut argv = stand_in(&record);
+    argv.extend(strings(&[
+        "--config-file",
+        &original.display().to_string(),
+        "--api-sock",
+        "test-vm.sock",
+    ]));
+    let mut args = vec![
+        "--vm",
+        "test-vm",
+        "--hypervisor",
+        "firecracker",
+        "--argv0",
+        "microvm@test-vm",
+        "--",
+    ];
+    args.extend(argv.iter().map(String::as_str));
+    let out = launch_as_nobody(&env, &[("RUNTIME_DIRECTORY", &rt)], &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let got = recorded_argv(&record);
+    let copy = rt.join("config.firecracker.json");
+    let mut want = argv.clone();
+    want[0] = "microvm@test-vm".into();
+    want[4] = copy.display().to_string();
+    assert_eq!(got, want);
+    assert_eq!(
+        fs::read_to_string(record.join("1.meta")).unwrap(),
+        "400 65534\n"
+    );
+    let seen: serde_json::Value =
+        serde_json::from_slice(&fs::read(record.join("1.content")).unwrap()).unwrap();
+    let args = seen["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(
+        args.ends_with(&cmdline_param(
+            "vmcred.bootstrap",
+            &bootstrap_text("hybrid")
+        )),
+        "{args}"
+    );
+    assert!(!args.contains("late-only"), "{args}");
 }
