@@ -18,8 +18,8 @@ use vmcred_host::{launch, serve, source};
     version,
     about = "Deliver systemd credentials into microVMs over vsock, and rotate them without a restart",
     long_about = "vmcred-host serves credentials to the guest agents of many VMs (serve), wraps a \
-                  hypervisor launch so the guest gets its bootstrap and boot-time credentials through \
-                  SMBIOS (launch), and triggers and reports rotations (rotate, status). \
+                  hypervisor launch so the guest gets its bootstrap and boot-time credentials at boot \
+                  (SMBIOS, fw_cfg or the kernel command line: launch), and triggers and reports rotations (rotate, status). \
                   Secret values are never printed."
 )]
 struct Cli {
