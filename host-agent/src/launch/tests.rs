@@ -990,3 +990,25 @@ fn a_command_line_carrier_needs_a_directly_booted_kernel() {
     let p = prepare(&input).unwrap();
     assert_eq!(strs(&p.argv)[5], "--cmdline");
 }
+
+#[test]
+fn qemu_smbios_override_is_refused_only_where_tables_never_exist() {
+    let f = fixture();
+    let mut input = f.input(
+        Hypervisor::Qemu,
+        &[],
+        &[
+            "qemu-system-aarch64",
+            "-M",
+            "virt,gic-version=max",
+            "-bios",
+            "QEMU_EFI.fd",
+        ],
+    );
+    assert_eq!(prepare(&input).unwrap().files[0].carrier, Carrier::FwCfg);
+    input.carrier = CarrierChoice::Smbios;
+    assert_eq!(prepare(&input).unwrap().files[0].carrier, Carrier::Smbios);
+    input.argv[2] = "microvm".into();
+    let e = prepare(&input).unwrap_err();
+    assert!(matches!(e, LaunchError::CarrierUnsupported { .. }), "{e}");
+}

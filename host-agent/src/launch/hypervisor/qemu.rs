@@ -88,7 +88,9 @@ fn plan(input: &LaunchInput) -> Result<Plan, LaunchError> {
             })
         }
         Some(Carrier::Smbios) => {
-            if matches!(auto, Ok(Carrier::FwCfg)) {
+            // `microvm` never builds SMBIOS tables; `virt` does when booted
+            // through UEFI firmware, which the user may know it is.
+            if machine.as_deref() == Some("microvm") {
                 return Err(unsupported(
                     Q,
                     Carrier::Smbios,
