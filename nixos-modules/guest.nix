@@ -35,7 +35,7 @@ let
   credentialModule = { name, ... }: {
     options = {
       restartUnits = mkOption {
-        type = types.listOf types.str;
+        type = types.listOf vlib.unitNameType;
         default = [ ];
         example = [ "my-app.service" ];
         description = ''
@@ -45,7 +45,7 @@ let
         '';
       };
       reloadUnits = mkOption {
-        type = types.listOf types.str;
+        type = types.listOf vlib.unitNameType;
         default = [ ];
         description = ''
           Units to reload (`systemctl try-reload-or-restart`) after a new
@@ -54,7 +54,7 @@ let
         '';
       };
       mode = mkOption {
-        type = types.strMatching "0?[0-7]{3}";
+        type = vlib.modeType;
         default = "0400";
         description = "File mode of the credential in the credentials directory.";
       };
@@ -104,7 +104,7 @@ in
     };
 
     initialSyncTimeout = mkOption {
-      type = types.strMatching "[0-9]+(ms|s|m|h)?";
+      type = vlib.durationType;
       default = "30s";
       description = ''
         The agent reports ready (and so lets services ordered after it

@@ -16,7 +16,7 @@
 nix_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 nix_cache="$nix_here/.cache"
 
-export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =\nwarn-dirty = false'
+export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =\nwarn-dirty = false\nsandbox = false'
 
 nix_setup() {
   if ! command -v nix-instantiate >/dev/null 2>&1; then
@@ -36,7 +36,8 @@ nix_setup() {
     for f in lib/default.nix nixos/lib/utils.nix nixos/lib/systemd-lib.nix nixos/lib/systemd-types.nix nixos/lib/systemd-unit-options.nix; do
       [ -f "$nixpkgs/$f" ] || { echo "VMCRED_NIXPKGS_LIB=$nixpkgs has no $f" >&2; return 1; }
     done
-    nixpkgs_kind="real: nixpkgs lib at $nixpkgs$( [ -f "$nixpkgs/COMMIT" ] && printf ' (%s)' "$(cat "$nixpkgs/COMMIT")")"
+    nixpkgs_kind="real: nixpkgs lib at $nixpkgs"
+    if [ -f "$nixpkgs/COMMIT" ]; then nixpkgs_kind+=" ($(cat "$nixpkgs/COMMIT"))"; fi
     return 0
   fi
 

@@ -2,7 +2,7 @@
 # Builders produce real derivations (builder /bin/sh, no dependencies), so
 # tests can build and run e.g. the launch wrapper with nix-build; writeText
 # uses builtins.toFile so rendered configs exist right after evaluation.
-{ lib, system ? builtins.currentSystem }:
+{ lib, system ? builtins.currentSystem, path ? null }:
 
 let
   mkDrv = name: script: attrs: derivation ({
@@ -26,7 +26,33 @@ let
 in
 rec {
   inherit lib;
-  stdenv.hostPlatform.system = system;
+  # What lib.types.pkgs (microvm.vmHostPackages) checks for.
+  _type = "pkgs";
+  # microvm.nix's host module evaluates `config` VMs with
+  # "${pkgs.path}/nixos/lib/eval-config.nix" (a stand-in there, see
+  # mini-nixos.nix).
+  inherit path;
+  stdenv.hostPlatform = {
+    inherit system;
+    isLinux = true;
+    isDarwin = false;
+    linux-kernel.target = "bzImage";
+  };
+  stdenv.targetPlatform = stdenv.hostPlatform;
+  buildPackages = import ./stub-pkgs.nix { inherit lib system path; };
+  runtimeShell = "/bin/sh";
+  linux.target = "bzImage";
+
+  # A kernel package's shape as the runners read it: bzImage (out) and, for
+  # cloud-hypervisor, dev/vmlinux.
+  vmcredFixtures.kernel = (mkDrv "linux-6.12"
+    "mkdir -p $out $dev; echo kernel > $out/bzImage; echo kernel > $dev/vmlinux"
+    { outputs = [ "out" "dev" ]; }) // { version = "6.12.0"; };
+
+  # A derivation, as in nixpkgs: the JSON may name store paths of
+  # derivations (kernel, initrd), which builtins.toFile refuses.
+  writers.writeJSON = name: value: mkDrv name ''printf '%s' "$json" > "$out"'' { json = builtins.toJSON value; };
+  runCommandLocal = runCommand;
 
   writeText = name: text: builtins.toFile name text;
 
@@ -48,7 +74,11 @@ rec {
     done
   '' { inherit paths; };
 
-  runCommand = name: env: script: mkDrv name script env;
+  # Like nixpkgs' runCommand: `passthru` lands on the result, `meta` too,
+  # neither in the build environment.
+  runCommand = name: env: script:
+    mkDrv name script (builtins.removeAttrs env [ "passthru" "meta" ])
+    // (env.passthru or { }) // { meta = env.meta or { }; };
 
   coreutils = fakeTool "coreutils" [ "kill" ] { };
   findutils = fakeTool "findutils" [ "find" ] { };
@@ -57,6 +87,20 @@ rec {
   systemd = fakeTool "systemd" [ "systemctl" ] { };
 
   vmcred = fakeTool "vmcred" [ "vmcred-host" "vmcred-guest" ] { };
+  socat = fakeTool "socat" [ "socat" ] { };
+  jq = fakeTool "jq" [ "jq" ] { };
+  gawk = fakeTool "gawk" [ "awk" ] { };
+  netcat = fakeTool "netcat" [ "nc" ] { };
+  python3 = fakeTool "python3" [ "python3" ] { };
+  iproute2 = fakeTool "iproute2" [ "ip" ] { };
+  util-linux = fakeTool "util-linux" [ "mount" ] { };
+  curl = fakeTool "curl" [ "curl" ] { };
+  coreutils-full = coreutils;
+  firecracker = fakeTool "firecracker-1.12.0" [ "firecracker" ] { version = "1.12.0"; };
+  crosvm = fakeTool "crosvm-140.0" [ "crosvm" ] { version = "140.0"; };
+  kvmtool = fakeTool "kvmtool-3.18" [ "lkvm" ] { version = "3.18"; };
+  alioth = fakeTool "alioth-0.8.0" [ "alioth" ] { version = "0.8.0"; };
+  qemu = qemu_kvm;
 
   cloud-hypervisor = fakeTool "cloud-hypervisor-48.0" [ "cloud-hypervisor" "ch-remote" ] {
     version = "48.0";
