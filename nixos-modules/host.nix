@@ -66,6 +66,14 @@ let
     else if kind == "flake" then vm.flake.nixosConfigurations.${name}.config
     else null;
 
+  # Its declared options: whether it imports vmcred's guest modules.
+  guestOptionsOf = name:
+    let vm = microvmVms.${name}; kind = kindOf name; in
+    if kind == "config" then vm.config.options
+    else if kind == "evaluatedConfig" then vm.evaluatedConfig.options
+    else if kind == "flake" then vm.flake.nixosConfigurations.${name}.options
+    else { };
+
   hypervisorOf = name:
     let g = guestOf name; in if g == null then null else g.microvm.hypervisor;
 
@@ -367,7 +375,7 @@ let
       g = guestOf vmName;
       hv = hypervisorOf vmName;
       where = if kind == "config" then "microvm.vms.${vmName}.config" else "the VM's own NixOS configuration (microvm.vms.${vmName}.${kind})";
-      guestHas = path: lib.attrByPath path false g;
+      guestHas = path: lib.hasAttrByPath path (guestOptionsOf vmName) && lib.attrByPath path false g;
     in
     optionals (g != null) ([
       {

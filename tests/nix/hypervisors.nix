@@ -27,7 +27,21 @@ let
     if microvmSrc != null then microvmSrc + "/nixos-modules/microvm"
     else (import ./microvm-stub.nix { inherit nixpkgs pkgs; }).guestModule or ./microvm-stub-guest.nix;
   guestModulesOf = settings: { imports = [ microvmGuest settings ]; microvm.socket = "control.sock"; };
-  vmcredPkg = if hostPackage != null then hostPackage else pkgs.vmcred;
+  # The vmcred package the launch wrappers exec: a test shim that runs the
+  # real binary (named by $VMCRED_TEST_HOST_BIN at run time) as
+  # `launch <dry-run args> --config <the rendered host.toml, state_dir
+  # rewritten>`, keeping every other argument the wrapper passes.
+  vmcredShim = pkgs.runCommand "vmcred-test-shim" { } ''
+    mkdir -p "$out/bin"
+    cat > "$out/bin/vmcred-host" <<'EOF'
+    #!/bin/sh
+    [ "$1" = launch ] && [ "$2" = --config ] || { echo "vmcred test shim: unexpected arguments: $*" >&2; exit 97; }
+    shift 3
+    exec "$VMCRED_TEST_HOST_BIN" launch $VMCRED_TEST_DRY_RUN_ARGS --config "$VMCRED_TEST_HOST_CONFIG" "$@"
+    EOF
+    chmod +x "$out/bin/vmcred-host"
+  '';
+  vmcredPkg = if hostPackage != null then hostPackage else vmcredShim;
 
   evalHost = modules: (lib.evalModules {
     modules = [ nixosStub (repo + "/nixos-modules/host.nix") ] ++ microvmHost ++ modules
@@ -138,7 +152,7 @@ in
     }];
     evaluated-config-without-guest-module = failedOf [{
       microvm.vms.e.evaluatedConfig = (import ./mini-nixos.nix { inherit nixpkgs; standinPkgs = pkgs; }) {
-        modules = [ guestModulesOf vmSettings.qemu-microvm ];
+        modules = [ (guestModulesOf vmSettings.qemu-microvm) ];
       };
       services.vmcred.host = { enable = true; vms.e.credentials.A.source = "/run/secrets/x"; };
     }];

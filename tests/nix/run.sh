@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Evaluation tests of the NixOS modules and the flake, run offline:
-# - the real nixpkgs module system and systemd unit types from a 2022 copy of
-#   nixpkgs' lib/ and nixos/lib/ (test data of the `nixel` crate, fetched with
-#   cargo into tests/nix/.cache, never committed);
-# - stand-ins for the rest of NixOS, microvm.nix and the packages
-#   (tests/nix/*-stub.nix), declaring only what the modules touch;
-# - the rendered agent config is fed to the real `vmcred-host check-config`.
+# Evaluation tests of the NixOS modules and the flake, offline.
+#
+# What is real, what is a stand-in (each check's name says which run it is):
+# - the nixpkgs module system: the current nixpkgs lib when
+#   VMCRED_NIXPKGS_LIB names it (github:nix-community/nixpkgs.lib, plus
+#   nixos/lib/), else the 2022 copy shipped as test data by the `nixel` crate
+#   (fetched with cargo into tests/nix/.cache, never committed); the systemd
+#   unit types (nixos/lib/systemd-*.nix) come from the same tree;
+# - microvm.nix: the real one when VMCRED_MICROVM_SRC names a checkout
+#   (github:microvm-nix/microvm.nix: its host module, guest module and
+#   runners, evaluated as they are), else tests/nix/microvm-stub.nix, a
+#   stand-in that follows the real runners for everything vmcred touches;
+# - the rest of NixOS: tests/nix/nixos-stub.nix and mini-nixos.nix (the
+#   options the modules touch, a freeform sink for the others, fake kernel
+#   and store paths); packages: tests/nix/stub-pkgs.nix;
+# - the binaries: the real `vmcred-host` (check-config, and `launch
+#   --dry-run` run by microvm.nix's own microvm-run as an unprivileged user).
 # No NixOS VM boots here; tests/nix/vm-test.nix is for `nix flake check`.
 #
 # Prints PASS:/FAIL: per check and "N passed, M failed"; exits 77 only if Nix
@@ -14,55 +24,29 @@ set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-cache="$here/.cache"
 host_bin="${VMCRED_HOST_BIN:-$repo/target/release/vmcred-host}"
 case "$host_bin" in /*) ;; *) host_bin="$repo/$host_bin" ;; esac
-
-export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =\nwarn-dirty = false'
 
 passed=0 failed=0
 pass() { echo "PASS: $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL: $1"; [ -n "${2:-}" ] && printf '%s\n' "$2" | sed 's/^/    /' | head -40; failed=$((failed + 1)); }
 
-# --- Nix ---------------------------------------------------------------------
-if ! command -v nix-instantiate >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing nix-bin (Debian) ..."
-    apt-get update >/dev/null 2>&1
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nix-bin >/dev/null 2>&1
-  fi
-  if ! command -v nix-instantiate >/dev/null 2>&1; then
-    echo "SKIP: nix-bin is not installed and could not be installed (needs root and apt-get)"
-    exit 77
-  fi
-fi
+# shellcheck source=tests/nix/common.sh
+. "$here/common.sh"
+nix_setup; rc=$?
+if [ "$rc" = 77 ]; then exit 77; elif [ "$rc" != 0 ]; then echo "FAIL: setting up Nix and nixpkgs lib"; echo "0 passed, 1 failed"; exit 1; fi
 echo "using $(nix --version)"
-
-# --- nixpkgs lib from the nixel crate ----------------------------------------
-nixpkgs="$cache/nixpkgs"
-if [ ! -f "$nixpkgs/lib/default.nix" ] || [ ! -f "$nixpkgs/nixos/lib/systemd-unit-options.nix" ]; then
-  mkdir -p "$cache/fetch/src"
-  cat > "$cache/fetch/Cargo.toml" <<'EOF'
-[package]
-name = "nixel-fetch"
-version = "0.0.0"
-edition = "2021"
-
-[workspace]
-
-[dependencies]
-nixel = "=5.2.0"
-EOF
-  echo 'fn main() {}' > "$cache/fetch/src/main.rs"
-  (cd "$cache/fetch" && cargo fetch --quiet) || { echo "FAIL: cargo fetch of nixel 5.2.0"; echo "0 passed, 1 failed"; exit 1; }
-  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/nixel-5.2.0.crate 2>/dev/null | head -1)
-  [ -n "$crate" ] || { echo "FAIL: nixel-5.2.0.crate not found in the cargo cache"; echo "0 passed, 1 failed"; exit 1; }
-  tmp=$(mktemp -d)
-  tar xzf "$crate" -C "$tmp" nixel-5.2.0/tests/inputs/nixpkgs/lib nixel-5.2.0/tests/inputs/nixpkgs/nixos/lib
-  rm -rf "$nixpkgs"
-  mv "$tmp/nixel-5.2.0/tests/inputs/nixpkgs" "$nixpkgs"
-  rm -rf "$tmp"
+echo "nixpkgs lib: $nixpkgs_kind"
+microvm_src="${VMCRED_MICROVM_SRC:-}"
+if [ -n "$microvm_src" ]; then
+  [ -f "$microvm_src/nixos-modules/host/default.nix" ] || { echo "FAIL: VMCRED_MICROVM_SRC=$microvm_src is not a microvm.nix checkout"; echo "0 passed, 1 failed"; exit 1; }
+  microvm_kind="real microvm.nix at $microvm_src$( [ -f "$microvm_src/COMMIT" ] && printf ' (%s)' "$(cat "$microvm_src/COMMIT")" || true)"
+  microvm_arg="microvmSrc = $microvm_src;"
+else
+  microvm_kind="stand-in microvm.nix (tests/nix/microvm-stub.nix)"
+  microvm_arg=""
 fi
+echo "microvm.nix: $microvm_kind"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -204,6 +188,60 @@ if [ -n "$ch_out" ] && [ "$(readlink -f "$ch_out/bin/ch-remote")" = "$(readlink 
   pass "launch wrapper keeps the real ch-remote (microvm.nix's balloon/shutdown scripts use it)"
 else
   fail "launch wrapper keeps the real ch-remote (microvm.nix's balloon/shutdown scripts use it)" "$(ls -l "$ch_out/bin" 2>&1)"
+fi
+
+# --- every hypervisor microvm.nix runs with vsock -------------------------------------
+# microvm.nix's host module evaluates `config` VMs through
+# "${pkgs.path}/nixos/lib/eval-config.nix": point it at mini-nixos.nix.
+standin="$work/nixpkgs-standin"
+mkdir -p "$standin/nixos/lib"
+cat > "$standin/nixos/lib/eval-config.nix" <<EOF
+import $here/mini-nixos.nix {
+  nixpkgs = $nixpkgs;
+  standinPkgs = import $here/stub-pkgs.nix { lib = import $nixpkgs/lib; path = $standin; };
+}
+EOF
+hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; $microvm_arg }"
+tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
+if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_expr" 2>"$work/hv-err"); then
+  pass "$tag the module evaluates for qemu (-M microvm, q35), cloud-hypervisor (two vsock forms), firecracker, crosvm, kvmtool, alioth"
+  printf '%s' "$hv_json" > "$work/hv.json"
+  python3 "$here/hypervisors-check.py" "$work/hv.json" > "$work/hv-results"
+  while IFS=$'\t' read -r st name detail; do
+    if [ "$st" = PASS ]; then pass "$tag $name"; else fail "$tag $name" "$(printf '%s' "$detail" | tr '|' '\n')"; fi
+  done < "$work/hv-results"
+
+  # The agent's config as rendered for all of them, to the real binary.
+  hv_toml=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hostToml"])' "$work/hv.json")
+  if [ -x "$host_bin" ] && out=$("$host_bin" check-config --config "$hv_toml" 2>&1); then
+    pass "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])"
+  else
+    fail "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])" "${out:-no executable at $host_bin}"$'\n'"$(cat "$hv_toml")"
+  fi
+
+  # Each VM's microvm-run, as microvm@<vm>.service runs it, as uid 65534.
+  if [ "$(id -u)" != 0 ] || ! command -v setpriv >/dev/null; then
+    fail "$tag launch matrix" "needs root and setpriv to run microvm-run as an unprivileged user"
+  elif [ ! -x "$host_bin" ]; then
+    fail "$tag launch matrix" "no executable at $host_bin"
+  else
+    mx="$work/matrix"; mkdir -p "$mx/state"; chmod 755 "$work" "$mx"
+    # The rendered host.toml with state_dir pointing at a pin the test made.
+    printf 'sha256:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$mx/state/host.pin"
+    chmod 755 "$mx/state"; chmod 644 "$mx/state/host.pin"
+    sed "s|^state_dir = .*|state_dir = \"$mx/state\"|" "$hv_toml" > "$mx/host.toml"; chmod 644 "$mx/host.toml"
+    python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1]))["cases"], open(sys.argv[2], "w"))' "$work/hv.json" "$mx/cases.json"
+    python3 "$here/launch-matrix.py" "$mx/cases.json" "$host_bin" "$mx/host.toml" "$mx" > "$work/matrix-out" 2>&1
+    while IFS= read -r line; do
+      case "$line" in
+        "PASS: "*) pass "$tag ${line#PASS: }" ;;
+        "FAIL: "*) fail "$tag ${line#FAIL: }" ;;
+        *) echo "$line" ;;
+      esac
+    done < "$work/matrix-out"
+  fi
+else
+  fail "$tag the module evaluates for every hypervisor" "$(tail -30 "$work/hv-err")"
 fi
 
 # --- the flake, offline, with stand-in nixpkgs and microvm.nix inputs -------------------
