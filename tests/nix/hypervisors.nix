@@ -25,7 +25,7 @@ let
   # microvm.nix's guest module (options, runners, declaredRunner).
   microvmGuest =
     if microvmSrc != null then microvmSrc + "/nixos-modules/microvm"
-    else (import ./microvm-stub.nix { inherit nixpkgs pkgs; }).guestModule or ./microvm-stub-guest.nix;
+    else ./microvm-stub-guest.nix;
   guestModulesOf = settings: { imports = [ microvmGuest settings ]; microvm.socket = "control.sock"; };
   # The vmcred package the launch wrappers exec: a test shim that runs the
   # real binary (named by $VMCRED_TEST_HOST_BIN at run time) as

@@ -11,7 +11,6 @@ Prints PASS:/FAIL: lines (counted by run.sh).
 import json
 import os
 import pwd
-import re
 import shlex
 import subprocess
 import sys
@@ -90,14 +89,16 @@ def run_case(name, c):
         return
     wrapper_bin, orig_args = words[3], words[4:]
     wrapper = open(wrapper_bin).read() if os.path.isfile(wrapper_bin) else ""
-    m = re.search(r"exec (\S+/bin/vmcred-host) launch (.*) -- (\S+) \"\$@\"", wrapper)
-    want_flags = f"--config /etc/vmcred/host.toml --vm {vm} --hypervisor {hv} --argv0 {c['argv0']}"
-    ok = bool(m) and m.group(2) == want_flags and m.group(3).endswith("/bin/" + BIN[hv]) \
-        and os.path.realpath(m.group(3)) != os.path.realpath(wrapper_bin) and os.access(m.group(3), os.X_OK)
-    result(ok, f"{label}: the runner's {BIN[hv]} is vmcred's wrapper: vmcred-host launch {want_flags} -- <the user's {BIN[hv]}>", wrapper)
+    wl = exec_line(wrapper)
+    ww = shlex.split(wl) if wl else []
+    want = ["launch", "--config", "/etc/vmcred/host.toml", "--vm", vm, "--hypervisor", hv, "--argv0", c["argv0"], "--"]
+    ok = len(ww) == 14 and ww[0] == "exec" and ww[1].endswith("/bin/vmcred-host") and ww[2:12] == want \
+        and ww[12].endswith("/bin/" + BIN[hv]) and ww[13] == "$@" \
+        and os.path.realpath(ww[12]) != os.path.realpath(wrapper_bin) and os.access(ww[12], os.X_OK)
+    result(ok, f"{label}: the runner's {BIN[hv]} is vmcred's wrapper: vmcred-host {' '.join(want)} <the user's {BIN[hv]}> \"$@\"", wrapper)
     if not ok:
         return
-    real_bin = m.group(3)
+    real_bin = ww[12]
 
     # The unit's environment: the VM's state directory as working directory,
     # a 0700 runtime directory of its own, the boot credentials systemd
