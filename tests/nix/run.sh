@@ -67,7 +67,17 @@ canary_dir="$work/canary"; mkdir -p "$canary_dir"
 canary_name="vmcred-canary-secret-$$-$RANDOM"
 echo "canary" > "$canary_dir/$canary_name"
 
-checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; }"
+# microvm.nix's host module evaluates `config` VMs through
+# "${pkgs.path}/nixos/lib/eval-config.nix": point it at mini-nixos.nix.
+standin="$work/nixpkgs-standin"
+mkdir -p "$standin/nixos/lib"
+cat > "$standin/nixos/lib/eval-config.nix" <<EOF
+import $here/mini-nixos.nix {
+  nixpkgs = $nixpkgs;
+  standinPkgs = import $here/stub-pkgs.nix { lib = import $nixpkgs/lib; path = $standin; };
+}
+EOF
+checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; standin = $standin; }"
 eval_json() { nix-instantiate --read-write-mode --eval --strict --json -E "$1"; }
 
 if json=$(eval_json "($checks_expr).results" 2>"$work/err"); then
@@ -115,12 +125,19 @@ expect_error host-typo-credentails "option .services\.vmcred\.host\.vms\.v\.cred
 expect_error host-typo-sources "option .services\.vmcred\.host\.vms\.v\.credentials\.A\.sources' does not exist" "refused: typo 'sources' (unknown option)"
 expect_error host-boot-string "credentials\.A\.boot' is not of type .boolean" "refused: boot = \"yes\" (type error)"
 expect_error host-cid-negative "vms\.v\.cid' is not of type" "refused: negative CID (type error)"
-expect_error host-source-int "credentials\.A\.source' is not of type .absolute path, as a string" "refused: source = 42 (type error)"
+expect_error host-source-int "credentials\.A\.source' is not of type .null or \(?absolute path, as a string" "refused: source = 42 (type error)"
 expect_error host-unknown-top "option .services\.vmcred\.host\.enabel' does not exist" "refused: typo 'enabel' (unknown option)"
 expect_error host-path-literal-unit "source is a Nix path literal; write it as a string" "refused: rendering units with a path-literal source throws instead of copying"
 expect_error guest-mode-bad "credentials\.A\.mode' is not of type" "refused: guest mode 0999 (type error)"
 expect_error guest-typo-restartunit "credentials\.A\.restartUnit' does not exist" "refused: guest typo 'restartUnit' (unknown option)"
 expect_error guest-timeout-bad "initialSyncTimeout' is not of type" "refused: guest initialSyncTimeout = \"soon\" (type error)"
+# What the guest agent refuses at boot (guest-agent/src/config.rs) must not evaluate.
+expect_error guest-timeout-bare-number "initialSyncTimeout' is not of type .duration with a unit" "refused: guest initialSyncTimeout = \"30\" (the agent needs a unit)"
+expect_error guest-mode-0644 "credentials\.A\.mode' is not of type .credential file mode" "refused: guest mode 0644 (the agent allows read bits only)"
+expect_error guest-mode-0040 "credentials\.A\.mode' is not of type .credential file mode" "refused: guest mode 0040 (the owner must read)"
+expect_error guest-unit-space "restartUnits.*is not of type .systemd unit name" "refused: guest unit name with a space"
+expect_error guest-unit-dash "restartUnits.*is not of type .systemd unit name" "refused: guest unit name starting with -"
+expect_error host-unit-slash "restartUnits.*is not of type .systemd unit name" "refused: host restartUnits with /"
 if out=$(nix-instantiate --read-write-mode --eval --strict -E "($checks_expr).errorCases.control-valid-host" 2>&1) && [ "$out" = true ]; then
   pass "control: the same harness evaluates a valid config"
 else
@@ -173,7 +190,7 @@ check_wrapper() { # artifact binary hypervisor vm real-artifact
     return
   fi
   pass "launch wrapper for $4 builds with bin/$2"
-  expected=$(printf '%s\n' vmcred-host launch --config /etc/vmcred/host.toml --vm "$4" --hypervisor "$3" -- "$real/bin/$2" --cpus 'boot=2' 'a b')
+  expected=$(printf '%s\n' vmcred-host launch --config /etc/vmcred/host.toml --vm "$4" --hypervisor "$3" --argv0 "microvm@$4" -- "$real/bin/$2" --cpus 'boot=2' 'a b')
   got=$("$out/bin/$2" --cpus 'boot=2' 'a b' 2>&1)
   if [ "$got" = "$expected" ]; then
     pass "launch wrapper for $4 execs vmcred-host launch -- <real $2> \"\$@\""
@@ -191,16 +208,6 @@ else
 fi
 
 # --- every hypervisor microvm.nix runs with vsock -------------------------------------
-# microvm.nix's host module evaluates `config` VMs through
-# "${pkgs.path}/nixos/lib/eval-config.nix": point it at mini-nixos.nix.
-standin="$work/nixpkgs-standin"
-mkdir -p "$standin/nixos/lib"
-cat > "$standin/nixos/lib/eval-config.nix" <<EOF
-import $here/mini-nixos.nix {
-  nixpkgs = $nixpkgs;
-  standinPkgs = import $here/stub-pkgs.nix { lib = import $nixpkgs/lib; path = $standin; };
-}
-EOF
 hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; $microvm_arg }"
 tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
 if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_expr" 2>"$work/hv-err"); then
