@@ -64,5 +64,12 @@ check(e["failed"] == [] and e["configIsNull"] and e["wrapped"] and e["cid"] == 1
       "evaluatedConfig VM importing vmcred's module: accepted, nothing injected, its own wrapper, CID read from it",
       json.dumps(e))
 
+r = d.get("readme")
+if r is not None:
+    check(r["failed"] == [] and 'path = "/run/secrets/api-key"' in r["toml"]
+          and 'hybrid_socket = "/var/lib/microvms/test-vm/notify.vsock"' in r["toml"]
+          and 'restart_units = ["app.service"]' in r["guestToml"],
+          "the README's seeds setup evaluates: sops path, hybrid socket, restartUnits forwarded",
+          json.dumps(r))
 for st, name, detail in out:
     print(st, name, detail.replace("\t", " ").replace("\n", " | "), sep="\t")

@@ -10,7 +10,7 @@
 #                    cid; hybridSocket; argv0; realBin; }
 #   refusals.<name> = list of failed assertion messages (must be non-empty)
 #   accepted.<name> = list of failed assertion messages (must be empty)
-{ nixpkgs, standin, microvmSrc ? null, hostPackage ? null }:
+{ nixpkgs, standin, microvmSrc ? null, hostPackage ? null, readmeSnippet ? null }:
 
 let
   lib = import (nixpkgs + "/lib");
@@ -166,6 +166,35 @@ in
       credentials.THIS_NAME_IS_TOO_LONG_FOR_FW_CFG = { source = "/run/secrets/x"; boot = true; };
     });
   };
+
+  # The README's seeds setup, as written (a sops-nix secret path included).
+  readme = if readmeSnippet == null then null else
+    let
+      h = (lib.evalModules {
+        specialArgs.inputs = {
+          microvm.nixosModules.host = { imports = microvmHost; };
+          vmcred.nixosModules.host = { imports = [ (repo + "/nixos-modules/host.nix") ]; services.vmcred.host.package = vmcredPkg; };
+        };
+        modules = [
+          nixosStub
+          ({ lib, ... }: {
+            options.sops.secrets = lib.mkOption {
+              type = lib.types.attrsOf (lib.types.submodule ({ name, ... }: {
+                options.path = lib.mkOption { type = lib.types.str; default = "/run/secrets/${name}"; };
+              }));
+              default = { };
+            };
+            config.sops.secrets.api-key = { };
+          })
+          readmeSnippet
+        ];
+      }).config;
+    in
+    {
+      failed = h.test.failedAssertions;
+      toml = builtins.unsafeDiscardStringContext (builtins.readFile h.services.vmcred.host.configFile);
+      guestToml = builtins.readFile h.microvm.vms.test-vm.config.config.services.vmcred.guest.configFile;
+    };
 
   # An evaluatedConfig VM that imports vmcred's module itself: accepted,
   # and vmcred added nothing to it (its wrapper is its own setting).

@@ -208,7 +208,9 @@ else
 fi
 
 # --- every hypervisor microvm.nix runs with vsock -------------------------------------
-hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; $microvm_arg }"
+# The README's seeds setup: the first nix block after its heading.
+awk '/^### Host: a microvm.nix VM/{f=1} f&&/^```nix/{g=1; next} g&&/^```/{exit} g' "$repo/README.md" > "$work/readme-snippet.nix"
+hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; readmeSnippet = $work/readme-snippet.nix; $microvm_arg }"
 tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
 if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_expr" 2>"$work/hv-err"); then
   pass "$tag the module evaluates for qemu (-M microvm, q35), cloud-hypervisor (two vsock forms), firecracker, crosvm, kvmtool, alioth"
@@ -249,6 +251,18 @@ if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_ex
   fi
 else
   fail "$tag the module evaluates for every hypervisor" "$(tail -30 "$work/hv-err")"
+fi
+
+# --- the guest unit as the VM test runs it --------------------------------------------
+if out=$("$here/render-guest-unit.sh" "$work/render" 2>&1) \
+   && grep -qx 'ExecStart=@VMCRED_GUEST@ --config @VMCRED_GUEST_CONFIG@ --credentials-dir '"'"'/run/credentials/@system'"'"' --systemctl /usr/bin/systemctl' "$work/render/vmcred-guest.service" \
+   && grep -qx 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' "$work/render/vmcred-guest.service" \
+   && [ "$(grep -c '^\[Install\]' "$work/render/vmcred-guest.service")" = 1 ] \
+   && grep -qx 'WantedBy=basic.target' "$work/render/vmcred-guest.service" \
+   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml"; then
+  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml"
+else
+  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" 2>&1)"
 fi
 
 # --- the flake, offline, with stand-in nixpkgs and microvm.nix inputs -------------------
