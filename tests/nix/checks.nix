@@ -272,7 +272,7 @@ in
     "guest: Type=notify, Restart=always" =
       check (hasInfix "Type=notify" guestUnit && hasInfix "Restart=always" guestUnit) guestUnit;
     "guest: ExecStart runs vmcred-guest with the rendered config" =
-      contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir '/run/credentials/@system' --systemctl ${pkgs.systemd}/bin/systemctl";
+      contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir ${lib.escapeShellArg "/run/credentials/@system"} --systemctl ${pkgs.systemd}/bin/systemctl";
     "guest: can bind its vsock port below 1024 and remount the credentials (CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN, @mount)" =
       let lines = lib.filter (l: hasInfix "CapabilityBoundingSet=" l || hasInfix "SystemCallFilter=" l) (lib.splitString "\n" guestUnit); in
       eq lines [ "CapabilityBoundingSet=CAP_SYS_ADMIN" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" "SystemCallFilter=@system-service" "SystemCallFilter=@mount" ];

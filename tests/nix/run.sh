@@ -255,7 +255,7 @@ fi
 
 # --- the guest unit as the VM test runs it --------------------------------------------
 if out=$("$here/render-guest-unit.sh" "$work/render" 2>&1) \
-   && grep -qx 'ExecStart=@VMCRED_GUEST@ --config @VMCRED_GUEST_CONFIG@ --credentials-dir '"'"'/run/credentials/@system'"'"' --systemctl /usr/bin/systemctl' "$work/render/vmcred-guest.service" \
+   && grep -Eqx "ExecStart=@VMCRED_GUEST@ --config @VMCRED_GUEST_CONFIG@ --credentials-dir '?/run/credentials/@system'? --systemctl /usr/bin/systemctl" "$work/render/vmcred-guest.service" \
    && grep -qx 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' "$work/render/vmcred-guest.service" \
    && [ "$(grep -c '^\[Install\]' "$work/render/vmcred-guest.service")" = 1 ] \
    && grep -qx 'WantedBy=basic.target' "$work/render/vmcred-guest.service" \
