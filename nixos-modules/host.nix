@@ -294,7 +294,16 @@ let
     // optionalAttrs hasMicrovmHost { launch_users = [ microvmUser ]; }
     // { vms = renderedVms; };
   hostTomlText = vlib.toTOML hostSettings;
-  hostToml = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  hostTomlRaw = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  # Checked at build time by the agent itself, as nixpkgs does for nginx or
+  # sshd: a config the agent would refuse never reaches a running system.
+  hostToml =
+    if cfg.checkConfig
+    then pkgs.runCommand "vmcred-host.toml" { } ''
+      ${cfg.package}/bin/vmcred-host check-config --config ${hostTomlRaw} > /dev/null \
+        && cp ${hostTomlRaw} "$out"
+    ''
+    else hostTomlRaw;
 
   # A path literal must never reach a string context (it would be copied into
   # the store); the assertions below explain, this only guards evaluation of
@@ -602,6 +611,16 @@ in
         defaults from its hypervisor, its runner gets the launch wrapper, its
         unit gets the boot credentials, and the guest gets
         `services.vmcred.guest`.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `vmcred-host check-config` on the rendered host.toml at build
+        time. Turn it off only when the package cannot run on the build
+        machine (cross-compiling).
       '';
     };
 

@@ -128,7 +128,8 @@ in
 {
   inherit cases;
   kind = if microvmSrc != null then "real microvm.nix" else "stand-in microvm.nix";
-  hostToml = str host.services.vmcred.host.configFile;
+  # Built (import from derivation): the module checks it at build time.
+  hostTomlText = str (builtins.readFile host.services.vmcred.host.configFile);
   hostFailed = host.test.failedAssertions;
   templateUnit = host.test.unitText."microvm@" or "";
   agentUnit = host.test.unitText.vmcred-host or "";

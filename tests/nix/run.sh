@@ -147,6 +147,7 @@ fi
 # --- the rendered config against the real binary -------------------------------------
 artifact() { eval_json "($checks_expr).artifacts.$1" 2>>"$work/err" | python3 -c 'import json,sys; print(json.load(sys.stdin))'; }
 host_toml=$(artifact hostToml)
+[ -n "$host_toml" ] && nix-store --realise "$host_toml" >/dev/null 2>&1
 if [ ! -x "$host_bin" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "no executable at $host_bin (build it: cargo build --release -p vmcred-host, or set VMCRED_HOST_BIN)"
 elif [ -z "$host_toml" ] || [ ! -f "$host_toml" ]; then
@@ -221,7 +222,8 @@ if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_ex
   done < "$work/hv-results"
 
   # The agent's config as rendered for all of them, to the real binary.
-  hv_toml=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hostToml"])' "$work/hv.json")
+  hv_toml="$work/hv-host.toml"
+  python3 -c 'import json,sys; open(sys.argv[2], "w").write(json.load(open(sys.argv[1]))["hostTomlText"])' "$work/hv.json" "$hv_toml"
   if [ -x "$host_bin" ] && out=$("$host_bin" check-config --config "$hv_toml" 2>&1); then
     pass "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])"
   else
@@ -251,6 +253,44 @@ if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_ex
   fi
 else
   fail "$tag the module evaluates for every hypervisor" "$(tail -30 "$work/hv-err")"
+fi
+
+# --- host.toml is checked at build time by the real binary ---------------------------
+# services.vmcred.host.package: a package whose bin/vmcred-host is the real
+# binary; the module's configFile derivation runs its check-config.
+build_host_toml() { # extra-settings-nix
+  local drv
+  drv=$(nix-instantiate --read-write-mode --eval --strict --json -E "
+    let
+      lib = import $nixpkgs/lib;
+      pkgs = import $here/stub-pkgs.nix { inherit lib; };
+      real = derivation {
+        name = \"vmcred-real\"; system = builtins.currentSystem; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\";
+        args = [ \"-c\" \"mkdir -p \$out/bin; ln -s $host_bin \$out/bin/vmcred-host\" ];
+      };
+      c = (lib.evalModules { modules = [
+        (import $here/nixos-stub.nix { nixpkgs = $nixpkgs; inherit pkgs; })
+        $repo/nixos-modules/host.nix
+        { services.vmcred.host = { enable = true; package = real; vms.v = { cid = 3; credentials.A.source = \"/run/secrets/a\"; }; } // $1; }
+      ]; }).config;
+    in builtins.unsafeDiscardStringContext c.services.vmcred.host.configFile.drvPath" 2>&1 | tr -d '"') || { echo "$drv"; return 2; }
+  nix-store --realise "$drv" 2>&1
+}
+if [ ! -x "$host_bin" ]; then
+  fail "host.toml is checked at build time by vmcred-host check-config" "no executable at $host_bin"
+else
+  if out=$(build_host_toml '{ }'); then
+    pass "host.toml is checked at build time by vmcred-host check-config: a valid one builds"
+  else
+    fail "host.toml is checked at build time by vmcred-host check-config: a valid one builds" "$out"
+  fi
+  if out=$(build_host_toml '{ settings.poll_interval = "soon"; }'); then
+    fail "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build" "$out"
+  elif grep -q "poll_interval" <<<"$out"; then
+    pass "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build"
+  else
+    fail "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build" "$out"
+  fi
 fi
 
 # --- the guest unit as the VM test runs it --------------------------------------------
