@@ -297,10 +297,15 @@ let
   hostTomlRaw = pkgs.writeText "vmcred-host.toml" hostTomlText;
   # Checked at build time by the agent itself, as nixpkgs does for nginx or
   # sshd: a config the agent would refuse never reaches a running system.
+  # The agent resolves `launch_users` to uids when it loads the config; the
+  # build sandbox has no such users, so the copy it checks leaves them out
+  # (every other key is checked as written).
+  hostTomlForCheck = pkgs.writeText "vmcred-host-check.toml"
+    (vlib.toTOML (builtins.removeAttrs hostSettings [ "launch_users" ]));
   hostToml =
     if cfg.checkConfig
     then pkgs.runCommand "vmcred-host.toml" { } ''
-      ${cfg.package}/bin/vmcred-host check-config --config ${hostTomlRaw} > /dev/null \
+      ${cfg.package}/bin/vmcred-host check-config --config ${hostTomlForCheck} > /dev/null \
         && cp ${hostTomlRaw} "$out"
     ''
     else hostTomlRaw;

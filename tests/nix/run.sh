@@ -31,6 +31,21 @@ passed=0 failed=0
 pass() { echo "PASS: $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL: $1"; [ -n "${2:-}" ] && printf '%s\n' "$2" | sed 's/^/    /' | head -40; failed=$((failed + 1)); }
 
+# The host config names launch_users = ["microvm"] (microvm.nix's user),
+# which the agent resolves to a uid when it loads the config. This machine has
+# no such user: commands that load the config run in a private mount
+# namespace whose /etc/passwd adds `microvm` as uid/gid 65534, the
+# unprivileged user the launch matrix runs the hypervisor as.
+with_microvm_user() {
+  if getent passwd microvm >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || ! command -v unshare >/dev/null; then
+    "$@"; return
+  fi
+  local pw="$work/passwd-with-microvm"
+  [ -f "$pw" ] || { cat /etc/passwd; echo "microvm:x:65534:65534:microvm.nix hypervisor user (test):/var/lib/microvms:/usr/sbin/nologin"; } > "$pw"
+  chmod 644 "$pw"
+  unshare -m sh -c 'mount --make-rprivate / && mount --bind "$0" /etc/passwd && exec "$@"' "$pw" "$@"
+}
+
 # shellcheck source=tests/nix/common.sh
 . "$here/common.sh"
 nix_setup; rc=$?
@@ -152,7 +167,7 @@ if [ ! -x "$host_bin" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "no executable at $host_bin (build it: cargo build --release -p vmcred-host, or set VMCRED_HOST_BIN)"
 elif [ -z "$host_toml" ] || [ ! -f "$host_toml" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "rendered host.toml not found: $(cat "$work/err")"
-elif out=$("$host_bin" check-config --config "$host_toml" 2>&1); then
+elif out=$(with_microvm_user "$host_bin" check-config --config "$host_toml" 2>&1); then
   pass "vmcred-host check-config accepts the module's host.toml"
   for want in "test-vm" "API_KEY" "db-vm" "notify.vsock"; do
     grep -q -- "$want" <<<"$out" || { fail "check-config output names $want" "$out"; continue; }
@@ -224,7 +239,7 @@ if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_ex
   # The agent's config as rendered for all of them, to the real binary.
   hv_toml="$work/hv-host.toml"
   python3 -c 'import json,sys; open(sys.argv[2], "w").write(json.load(open(sys.argv[1]))["hostTomlText"])' "$work/hv.json" "$hv_toml"
-  if [ -x "$host_bin" ] && out=$("$host_bin" check-config --config "$hv_toml" 2>&1); then
+  if [ -x "$host_bin" ] && out=$(with_microvm_user "$host_bin" check-config --config "$hv_toml" 2>&1); then
     pass "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])"
   else
     fail "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])" "${out:-no executable at $host_bin}"$'\n'"$(cat "$hv_toml")"
@@ -242,7 +257,7 @@ if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_ex
     chmod 755 "$mx/state"; chmod 644 "$mx/state/host.pin"
     sed "s|^state_dir = .*|state_dir = \"$mx/state\"|" "$hv_toml" > "$mx/host.toml"; chmod 644 "$mx/host.toml"
     python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1]))["cases"], open(sys.argv[2], "w"))' "$work/hv.json" "$mx/cases.json"
-    python3 "$here/launch-matrix.py" "$mx/cases.json" "$host_bin" "$mx/host.toml" "$mx" > "$work/matrix-out" 2>&1
+    with_microvm_user python3 "$here/launch-matrix.py" "$mx/cases.json" "$host_bin" "$mx/host.toml" "$mx" > "$work/matrix-out" 2>&1
     while IFS= read -r line; do
       case "$line" in
         "PASS: "*) pass "$tag ${line#PASS: }" ;;
