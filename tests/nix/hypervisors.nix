@@ -17,10 +17,9 @@ let
   pkgs = import ./stub-pkgs.nix { inherit lib; path = standin; };
   repo = ../..;
   nixosStub = import ./nixos-stub.nix { inherit nixpkgs pkgs; };
-  sink = { lib, ... }: { _module.freeformType = lib.types.lazyAttrsOf lib.types.anything; };
   microvmHost =
     if microvmSrc != null
-    then [ sink (microvmSrc + "/nixos-modules/host") ]
+    then [ ./host-sinks.nix (microvmSrc + "/nixos-modules/host") ]
     else [ (import ./microvm-stub.nix { inherit nixpkgs pkgs; }) ];
   # microvm.nix's guest module (options, runners, declaredRunner).
   microvmGuest =

@@ -62,6 +62,8 @@ else
   microvm_arg=""
 fi
 echo "microvm.nix: $microvm_kind"
+# Checks that evaluate microvm.nix say which one they ran on.
+tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -92,12 +94,12 @@ import $here/mini-nixos.nix {
   standinPkgs = import $here/stub-pkgs.nix { lib = import $nixpkgs/lib; path = $standin; };
 }
 EOF
-checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; standin = $standin; }"
+checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; standin = $standin; $microvm_arg }"
 eval_json() { nix-instantiate --read-write-mode --eval --strict --json -E "$1"; }
 
 if json=$(eval_json "($checks_expr).results" 2>"$work/err"); then
   while IFS=$'\t' read -r ok name detail; do
-    if [ "$ok" = true ]; then pass "$name"; else fail "$name" "$detail"; fi
+    if [ "$ok" = true ]; then pass "$tag $name"; else fail "$tag $name" "$detail"; fi
   done < <(printf '%s' "$json" | python3 -c '
 import json, sys
 for k, v in json.load(sys.stdin).items():
@@ -227,7 +229,6 @@ fi
 # The README's seeds setup: the first nix block after its heading.
 awk '/^### Host: a microvm.nix VM/{f=1} f&&/^```nix/{g=1; next} g&&/^```/{exit} g' "$repo/README.md" > "$work/readme-snippet.nix"
 hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; readmeSnippet = $work/readme-snippet.nix; $microvm_arg }"
-tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
 if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_expr" 2>"$work/hv-err"); then
   pass "$tag the module evaluates for qemu (-M microvm, q35), cloud-hypervisor (two vsock forms), firecracker, crosvm, kvmtool, alioth"
   printf '%s' "$hv_json" > "$work/hv.json"

@@ -41,6 +41,14 @@ rec {
   stdenv.targetPlatform = stdenv.hostPlatform;
   buildPackages = import ./stub-pkgs.nix { inherit lib system path; };
   runtimeShell = "/bin/bash";
+  # What microvm.nix's host module builds its `microvm` command with.
+  callPackage = f: args:
+    let fn = if builtins.isFunction f then f else import f;
+    in fn (builtins.intersectAttrs (builtins.functionArgs fn) (stubPkgsSelf // { inherit lib; }) // args);
+  stubPkgsSelf = import ./stub-pkgs.nix { inherit lib system path; };
+  git = fakeTool "git" [ "git" ] { };
+  nix = fakeTool "nix" [ "nix" ] { };
+  openssh = fakeTool "openssh" [ "ssh" ] { };
   linux.target = "bzImage";
 
   # A kernel package's shape as the runners read it: bzImage (out) and, for
@@ -60,9 +68,13 @@ rec {
     printf '#!/bin/bash\n%s' "$text" > "$out"; chmod +x "$out"
   '' { inherit text; };
 
-  writeShellScriptBin = name: text: (mkDrv name ''
-    mkdir -p "$out/bin"; printf '#!/bin/bash\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
-  '' { inherit text; binName = name; }) // { meta.mainProgram = name; };
+  # overrideAttrs: NixOS's unit job scripts rename the derivation with it.
+  writeShellScriptBin = name: text:
+    let
+      d = (mkDrv name ''
+        mkdir -p "$out/bin"; printf '#!/bin/bash\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
+      '' { inherit text; binName = name; }) // { meta.mainProgram = name; overrideAttrs = _: d; };
+    in d;
 
   # Like nixpkgs' symlinkJoin (lndir): the first path providing a file wins.
   symlinkJoin = { name, paths, ... }: mkDrv name ''
