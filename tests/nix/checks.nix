@@ -263,6 +263,13 @@ in
         h = evalHost { modules = [ seedsModule { microvm.vms.test-vm.config.microvm.cloud-hypervisor.package = lib.mkForce mine; } ]; };
         p = h.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package;
       in eq [ (p.vmcredLaunchWrapper or null) (p.vmcredWrapped.version or null) ] [ "test-vm" "98.0" ];
+    "microvm: an aarch64 guest on this host gets qemu-system-aarch64 (the guest's architecture)" =
+      let
+        h = evalHost { modules = [ seedsModule {
+          microvm.vms.db-vm.pkgs = import ./stub-pkgs.nix { inherit lib; path = standin; system = "aarch64-linux"; };
+        } ]; };
+        p = h.microvm.vms.db-vm.config.config.microvm.qemu.package;
+      in eq [ (p.meta.mainProgram or null) (p.vmcredLaunchWrapper or null) ] [ "qemu-system-aarch64" "db-vm" ];
     "microvm: restartUnits on the host credential reach the guest's config" =
       eq (chGuest.services.vmcred.guest.credentials.DB_PASSWORD.restartUnits or null) [ "db-client.service" ];
     "microvm: an inline value is a store file named in host.toml, loaded at boot" =

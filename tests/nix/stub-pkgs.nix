@@ -77,14 +77,14 @@ rec {
     in d;
 
   # Like nixpkgs' symlinkJoin (lndir): the first path providing a file wins.
-  symlinkJoin = { name, paths, ... }: mkDrv name ''
+  symlinkJoin = { name, paths, meta ? { }, ... }: mkDrv name ''
     mkdir -p "$out/bin"
     for p in $paths; do
       for f in "$p"/bin/*; do
         [ -e "$out/bin/''${f##*/}" ] || ln -s "$f" "$out/bin/''${f##*/}"
       done
     done
-  '' { inherit paths; };
+  '' { inherit paths; } // { inherit meta; };
 
   # Like nixpkgs' runCommand: `passthru` lands on the result, `meta` too,
   # neither in the build environment.
