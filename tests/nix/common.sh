@@ -26,6 +26,8 @@ nix_at_least() { # VERSION
 
 # Debian trixie's nix-bin through a PRIVATE sources list (the machine's own
 # apt configuration is left as it is), from the mirror that configuration uses.
+# Only for VMCRED_NIXPKGS_LIB (never in CI's stand-in run): on bookworm it
+# pulls trixie's libc6, perl, openssl, curl... with it (87 packages here).
 nix_install_trixie() {
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
   local mirror dir opts
