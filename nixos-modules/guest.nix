@@ -35,7 +35,7 @@ let
   credentialModule = { name, ... }: {
     options = {
       restartUnits = mkOption {
-        type = types.listOf types.str;
+        type = types.listOf vlib.unitNameType;
         default = [ ];
         example = [ "my-app.service" ];
         description = ''
@@ -45,7 +45,7 @@ let
         '';
       };
       reloadUnits = mkOption {
-        type = types.listOf types.str;
+        type = types.listOf vlib.unitNameType;
         default = [ ];
         description = ''
           Units to reload (`systemctl try-reload-or-restart`) after a new
@@ -54,7 +54,7 @@ let
         '';
       };
       mode = mkOption {
-        type = types.strMatching "0?[0-7]{3}";
+        type = vlib.modeType;
         default = "0400";
         description = "File mode of the credential in the credentials directory.";
       };
@@ -104,7 +104,7 @@ in
     };
 
     initialSyncTimeout = mkOption {
-      type = types.strMatching "[0-9]+(ms|s|m|h)?";
+      type = vlib.durationType;
       default = "30s";
       description = ''
         The agent reports ready (and so lets services ordered after it
@@ -170,23 +170,42 @@ in
       };
       serviceConfig = {
         Type = "notify";
-        ExecStart = "${cfg.package}/bin/vmcred-guest --config ${guestToml} --credentials-dir ${escapeShellArg cfg.credentialsDirectory}";
+        ExecStart = "${cfg.package}/bin/vmcred-guest --config ${guestToml} --credentials-dir ${escapeShellArg cfg.credentialsDirectory} --systemctl ${config.systemd.package}/bin/systemctl";
         Restart = "always";
         RestartSec = "1s";
         RuntimeDirectory = "vmcred";
         RuntimeDirectoryMode = "0700";
         RuntimeDirectoryPreserve = "yes";
-        # No mount-namespace sandboxing (ProtectSystem=, PrivateTmp=, ...):
-        # the agent remounts /run/credentials/@system read-write for each
-        # write, and that must happen in the system's mount namespace.
-        CapabilityBoundingSet = [ "CAP_SYS_ADMIN" ];
+        UMask = "0077";
+
+        # What the agent does, and what each needs:
+        # - listens on a vsock port below 1024 (only the guest's root can
+        #   bind it: that is how the host knows who answers):
+        #   CAP_NET_BIND_SERVICE; AF_VSOCK.
+        # - remounts /run/credentials/@system read-write for each write and
+        #   read-only again: CAP_SYS_ADMIN, mount(2) (@mount), and the
+        #   SYSTEM's mount namespace: any setting that gives the unit its
+        #   own namespace (ProtectSystem=, ProtectHome=, PrivateTmp=,
+        #   PrivateDevices=, PrivateMounts=, ReadWritePaths=,
+        #   ProtectKernel*=, ProtectControlGroups=, ProtectProc=, ...)
+        #   would make the remount, and so the write, invisible to the
+        #   units that read the credentials. None of them is set here.
+        # - asks PID 1 to try-restart/reload units with systemctl (its
+        #   private AF_UNIX socket; PID 1 checks the caller is uid 0, which
+        #   needs no capability); sd_notify (AF_UNIX).
+        CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_NET_BIND_SERVICE" ];
         NoNewPrivileges = true;
-        RestrictAddressFamilies = "AF_UNIX AF_VSOCK";
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_VSOCK" ];
+        IPAddressDeny = "any";
+        SystemCallFilter = [ "@system-service" "@mount" ];
+        SystemCallErrorNumber = "EPERM";
+        SystemCallArchitectures = "native";
+        RestrictNamespaces = true;
         RestrictRealtime = true;
         RestrictSUIDSGID = true;
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
+        RemoveIPC = true;
       };
     };
   };

@@ -2,12 +2,18 @@
 # source file itself (host.toml: path = "<source>"), and (when microvm.nix's
 # host module is imported) the wiring of each microvm.nix VM named in
 # services.vmcred.host.vms:
-#   - LoadCredential=<cred>:<source> of its boot-time credentials on
-#     microvm@<name>.service, ordered after vmcred-host.service;
-#   - the launch wrapper as the VM's hypervisor package
-#     (microvm.cloud-hypervisor.package / microvm.qemu.package), so the runner
-#     microvm.nix builds execs `vmcred-host launch ... -- <real hypervisor>`;
-#   - services.vmcred.guest enabled inside the guest.
+#   - on microvm@<name>.service (microvm.nix's template runs it as
+#     User=microvm in /var/lib/microvms/<name>): LoadCredential= of its boot
+#     credentials, RuntimeDirectory=vmcred-launch/<name> (0700, owned by
+#     that user: the launcher's private carrier files), ordered after
+#     vmcred-host.service;
+#   - the transport read from the VM's own microvm.nix settings: its
+#     hypervisor, `microvm.vsock.cid`, cloud-hypervisor's `--vsock` in
+#     `microvm.cloud-hypervisor.extraArgs`, Firecracker's `uds_path`;
+#   - for a `microvm.vms.<name>.config` VM: ./microvm-guest.nix in the guest
+#     (the guest agent, and the launch wrapper around the hypervisor package
+#     microvm.nix runs). `evaluatedConfig` and `flake` VMs are evaluated
+#     elsewhere: they import it themselves, and an assertion says so.
 # No declaredRunner and no binScripts are replaced.
 { config, lib, pkgs, options, ... }:
 
@@ -37,19 +43,93 @@ let
   hasMicrovmHost = options ? microvm && options.microvm ? host;
   microvmVms = if hasMicrovmHost then hostConfig.microvm.vms else { };
   microvmStateDir = if hasMicrovmHost then hostConfig.microvm.stateDir else "/var/lib/microvms";
+  # microvm.nix's host module runs every microvm@ unit as this user.
+  microvmUser = "microvm";
 
   isMicrovm = name: cfg.vms ? ${name} && microvmVms ? ${name};
 
-  # The evaluated guest NixOS config of a declarative (`config = ...`) VM,
-  # else null (flake-based VMs are evaluated elsewhere; see the warning below).
-  guestOf = name:
+  # How microvm.nix got the VM's NixOS configuration (host/options.nix).
+  kindOf = name:
     let vm = microvmVms.${name} or null; in
-    if vm == null || (vm.config or null) == null then null else vm.config.config;
+    if vm == null then "none"
+    else if (vm.config or null) != null then "config"
+    else if (vm.evaluatedConfig or null) != null then "evaluatedConfig"
+    else if (vm.flake or null) != null then "flake"
+    else "none";
+
+  # The VM's evaluated NixOS config, read the way microvm.nix's host module
+  # reads it, else null.
+  guestOf = name:
+    let vm = microvmVms.${name}; kind = kindOf name; in
+    if kind == "config" then vm.config.config
+    else if kind == "evaluatedConfig" then vm.evaluatedConfig.config
+    else if kind == "flake" then vm.flake.nixosConfigurations.${name}.config
+    else null;
+
+  # Its declared options: whether it imports vmcred's guest modules.
+  guestOptionsOf = name:
+    let vm = microvmVms.${name}; kind = kindOf name; in
+    if kind == "config" then vm.config.options
+    else if kind == "evaluatedConfig" then vm.evaluatedConfig.options
+    else if kind == "flake" then vm.flake.nixosConfigurations.${name}.options
+    else { };
 
   hypervisorOf = name:
     let g = guestOf name; in if g == null then null else g.microvm.hypervisor;
 
-  supportedHypervisors = [ "cloud-hypervisor" "qemu" ];
+  # Hypervisors microvm.nix runs with vsock, and where each takes boot data.
+  afVsockHypervisors = [ "qemu" "crosvm" "kvmtool" "alioth" ];
+  hybridHypervisors = [ "cloud-hypervisor" "firecracker" ];
+  supportedHypervisors = afVsockHypervisors ++ hybridHypervisors;
+  # Only a command line can carry boot data (OEM strings or the kernel's).
+  commandLineHypervisors = [ "cloud-hypervisor" "firecracker" "crosvm" "kvmtool" "alioth" ];
+
+  # `--vsock cid=N,socket=S` in cloud-hypervisor's extraArgs, as microvm.nix's
+  # runner reads it (the value after each `--vsock`, key=value pairs).
+  chUserVsock = g:
+    let
+      args = g.microvm.cloud-hypervisor.extraArgs or [ ];
+      idx = lib.findFirst (i: builtins.elemAt args i == "--vsock") null
+        (lib.range 0 (builtins.length args - 2));
+      pairs = if idx == null then [ ] else lib.splitString "," (builtins.elemAt args (idx + 1));
+      kv = builtins.listToAttrs (map (p:
+        let m = builtins.match "([^=]*)=(.*)" p; in
+        if m == null then lib.nameValuePair p "" else lib.nameValuePair (builtins.elemAt m 0) (builtins.elemAt m 1)) pairs);
+    in
+    {
+      cid = if kv ? cid then lib.toInt kv.cid else null;
+      socket = kv.socket or null;
+    };
+
+  inStateDir = name: p: if hasPrefix "/" p then p else "${microvmStateDir}/${name}/${p}";
+
+  # { cid; hybridSocket; } as microvm.nix configures the VM's vsock, or null
+  # when it has none.
+  transportOf = name:
+    let
+      g = guestOf name;
+      hv = g.microvm.hypervisor;
+      cid = g.microvm.vsock.cid;
+    in
+    if g == null then null
+    else if builtins.elem hv afVsockHypervisors then
+      (if cid == null then null else { inherit cid; hybridSocket = null; })
+    else if hv == "cloud-hypervisor" then
+      let user = chUserVsock g; in
+      if cid == null && user.cid == null then null
+      else { cid = null; hybridSocket = inStateDir name (if user.socket != null then user.socket else "notify.vsock"); }
+    else if hv == "firecracker" then
+      (if cid == null then null
+       else { cid = null; hybridSocket = inStateDir name (g.microvm.firecracker.extraConfig.vsock.uds_path or "notify.vsock"); })
+    else null;
+
+  # qemu machine types with SMBIOS tables; the others get fw_cfg.
+  qemuHasSmbios = machine: builtins.match "(q35|pc)([-,].*)?" machine != null;
+  # fw_cfg file names are at most 55 bytes; "opt/io.systemd.credentials/" takes 27.
+  fwCfgNameMax = 28;
+  usesFwCfg = name:
+    let g = guestOf name; in
+    g != null && g.microvm.hypervisor == "qemu" && !(qemuHasSmbios g.microvm.qemu.machine);
 
   # --- options ------------------------------------------------------------
   sourceType = lib.mkOptionType {
@@ -65,13 +145,16 @@ let
   credentialModule = { name, ... }: {
     options = {
       source = mkOption {
-        type = sourceType;
+        type = types.nullOr sourceType;
+        default = null;
         example = "/run/secrets/vars/test-vm-secrets/api-key";
         description = ''
           Absolute path of the file on the host holding the credential's
-          value, e.g. a sops-nix / agenix / clan vars secret under
-          `/run/secrets`. Give it as a string: it is never copied into the
-          Nix store (which every local user can read).
+          value, e.g. `config.sops.secrets.<name>.path` (sops-nix),
+          `config.age.secrets.<name>.path` (agenix) or
+          `config.clan.core.vars.generators.<gen>.files.<file>.path` (clan).
+          Give it as a string: it is never copied into the Nix store (which
+          every local user can read). Set exactly one of `source` and `value`.
 
           The agent (vmcred-host.service, root) reads the file itself
           (`path = "<source>"` in host.toml) when it starts, every
@@ -84,13 +167,44 @@ let
           which the agent's sandbox hides.
         '';
       };
+      value = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "production";
+        description = ''
+          An inline value for a NON-SECRET constant (like systemd's
+          `SetCredential=`): it is written to the Nix store, which every
+          local user can read. Secrets go in `source`.
+        '';
+      };
+      restartUnits = mkOption {
+        type = types.listOf vlib.unitNameType;
+        default = [ ];
+        example = [ "my-app.service" ];
+        description = ''
+          Units in the guest to restart after a new value was written there;
+          forwarded into the guest's `services.vmcred.guest.credentials`
+          (for `microvm.vms.<name>.config` VMs).
+        '';
+      };
+      reloadUnits = mkOption {
+        type = types.listOf vlib.unitNameType;
+        default = [ ];
+        description = ''
+          Units in the guest to reload after a new value was written there
+          (with `RefreshOnReload=credentials`, systemd >= 260, a reload hands
+          the unit its new credential); forwarded like `restartUnits`.
+        '';
+      };
       boot = mkOption {
         type = types.bool;
         default = false;
         description = ''
-          Also pass this credential at VM launch through SMBIOS OEM strings,
-          so systemd (PID 1) in the guest imports it before any service
-          starts. Without it, the credential arrives over vsock shortly after
+          Also pass this credential at VM launch, in the form the VM's
+          hypervisor and machine type carry (qemu: fw_cfg or SMBIOS files;
+          cloud-hypervisor: OEM strings; Firecracker, crosvm, kvmtool,
+          alioth: the kernel command line), so systemd (PID 1) in the guest
+          imports it before any service starts. Without it, the credential arrives over vsock shortly after
           boot (services can order themselves after vmcred-guest.service).
           systemd reads a boot credential's source with `LoadCredential=`
           when `microvm@<name>.service` starts, so it must exist by then:
@@ -101,10 +215,12 @@ let
         type = types.bool;
         default = false;
         description = ''
-          cloud-hypervisor only: allow this boot-time value onto the
-          hypervisor's command line. cloud-hypervisor takes OEM strings only
-          as arguments, which every local user can read in
-          `/proc/<pid>/cmdline`; use it for non-secret values only.
+          Allow this boot-time value onto the hypervisor's command line, on
+          the hypervisors that take boot data only there (cloud-hypervisor:
+          OEM strings; Firecracker, crosvm, kvmtool, alioth: the kernel
+          command line). Every local user can read it in
+          `/proc/<pid>/cmdline` (and, for a kernel command line, every
+          process in the guest in /proc/cmdline): non-secret values only.
         '';
       };
     };
@@ -114,26 +230,21 @@ let
     options = {
       cid = mkOption {
         type = types.nullOr types.ints.unsigned;
-        default =
-          if isMicrovm name && hypervisorOf name == "qemu"
-          then (guestOf name).microvm.vsock.cid
-          else null;
+        default = let t = if isMicrovm name then transportOf name else null; in if t == null then null else t.cid;
         defaultText = literalExpression
-          ''for a microvm.nix qemu VM: microvm.vms.<name>.config.microvm.vsock.cid, else null'';
+          ''for a microvm.nix qemu, crosvm, kvmtool or alioth VM: its microvm.vsock.cid, else null'';
         example = 3;
         description = ''
-          AF_VSOCK CID of the guest (qemu's vhost-vsock `guest-cid`). Set
-          exactly one of `cid` and `hybridSocket`.
+          AF_VSOCK CID of the guest. Set exactly one of `cid` and
+          `hybridSocket`; for a microvm.nix VM both default from its own
+          settings.
         '';
       };
       hybridSocket = mkOption {
         type = types.nullOr types.str;
-        default =
-          if isMicrovm name && hypervisorOf name == "cloud-hypervisor" && config.cid == null
-          then "${microvmStateDir}/${name}/notify.vsock"
-          else null;
+        default = let t = if isMicrovm name then transportOf name else null; in if t == null then null else t.hybridSocket;
         defaultText = literalExpression
-          ''for a microvm.nix cloud-hypervisor VM: "/var/lib/microvms/<name>/notify.vsock", else null'';
+          ''for a microvm.nix cloud-hypervisor or Firecracker VM: its vsock socket in /var/lib/microvms/<name> ("notify.vsock", or `socket=` of `--vsock` in microvm.cloud-hypervisor.extraArgs), else null'';
         example = "/var/lib/microvms/test-vm/notify.vsock";
         description = ''
           Host-side Unix socket of a hybrid-vsock hypervisor
@@ -149,17 +260,6 @@ let
           root inside the guest can bind a privileged port, which is how the
           host knows it talks to the guest's root. Reaches the guest in the
           `vmcred.bootstrap` credential at launch.
-        '';
-      };
-      hypervisorPackage = mkOption {
-        type = types.nullOr types.package;
-        default = null;
-        description = ''
-          microvm.nix VMs only: the real hypervisor package the launch wrapper
-          execs. null uses microvm.nix's default
-          (`microvm.cloud-hypervisor.package` / `microvm.qemu.package`).
-          Set this instead of those options: vmcred replaces them with its
-          wrapper.
         '';
       };
       credentials = mkOption {
@@ -188,16 +288,39 @@ let
       }) vm.credentials;
     }) cfg.vms;
 
-  hostSettings = cfg.settings // fixedKeys // { vms = renderedVms; };
+  hostSettings = cfg.settings // fixedKeys
+    # Who may tell the agent a VM launched (root always may): microvm.nix
+    # runs the hypervisor, and so the launcher, as this user.
+    // optionalAttrs hasMicrovmHost { launch_users = [ microvmUser ]; }
+    // { vms = renderedVms; };
   hostTomlText = vlib.toTOML hostSettings;
-  hostToml = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  hostTomlRaw = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  # Checked at build time by the agent itself, as nixpkgs does for nginx or
+  # sshd: a config the agent would refuse never reaches a running system.
+  # The agent resolves `launch_users` to uids when it loads the config; the
+  # build sandbox has no such users, so the copy it checks leaves them out
+  # (every other key is checked as written).
+  hostTomlForCheck = pkgs.writeText "vmcred-host-check.toml"
+    (vlib.toTOML (builtins.removeAttrs hostSettings [ "launch_users" ]));
+  hostToml =
+    if cfg.checkConfig
+    then pkgs.runCommand "vmcred-host.toml" { } ''
+      ${cfg.package}/bin/vmcred-host check-config --config ${hostTomlForCheck} > /dev/null \
+        && cp ${hostTomlRaw} "$out"
+    ''
+    else hostTomlRaw;
 
   # A path literal must never reach a string context (it would be copied into
   # the store); the assertions below explain, this only guards evaluation of
   # the config and unit files when assertions are not checked (e.g. `nix eval`).
   sourceString = vm: cred: c:
-    if builtins.isPath c.source
+    if c.value != null
+    # A non-secret constant: a store file is what it is meant to be.
+    then "${pkgs.writeText "vmcred-${vm}-${lib.strings.sanitizeDerivationName cred}" c.value}"
+    else if builtins.isPath c.source
     then throw "services.vmcred.host.vms.${vm}.credentials.${cred}.source is a Nix path literal; write it as a string"
+    else if c.source == null
+    then throw "services.vmcred.host.vms.${vm}.credentials.${cred}: set `source` (a file) or `value` (a non-secret constant)"
     else c.source;
 
   anyHybrid = any (vm: vm.hybridSocket != null) (attrValues cfg.vms);
@@ -208,98 +331,28 @@ let
     exec ${cfg.package}/bin/vmcred-host rotate --config ${configPath} "$@"
   '';
 
-  # --- launch wrappers (microvm.nix) --------------------------------------
-  launchScript = vmName: hypervisor: realBin:
-    ''
-      exec ${cfg.package}/bin/vmcred-host launch --config ${configPath} --vm ${escapeShellArg vmName} --hypervisor ${hypervisor} -- ${realBin} "$@"
-    '';
-
-  # Keeps what microvm.nix's runners read from the package: bin/ch-remote,
-  # `version` (cloud-hypervisor argument syntax), `override`/`overrideAttrs`
-  # and `configureFlags` (qemu closure trimming, seccomp sandbox detection).
-  wrapHypervisor = vmName: hypervisor: binName: real:
-    (pkgs.symlinkJoin {
-      name = "vmcred-${real.name or hypervisor}";
-      paths = [
-        (pkgs.writeShellScriptBin binName (launchScript vmName hypervisor "${real}/bin/${binName}"))
-        real
-      ];
-      meta.mainProgram = binName;
-    }) // {
-      version = real.version or "";
-      vmcredLaunchWrapper = vmName;
-      configureFlags = real.configureFlags or [ ];
-      override = f: wrapHypervisor vmName hypervisor binName (real.override f);
-      overrideAttrs = f: wrapHypervisor vmName hypervisor binName (real.overrideAttrs f);
-    };
-
-  hostArch = builtins.head (builtins.split "-" pkgs.stdenv.hostPlatform.system);
-
-  # Module added to microvm.vms.<name>.config: evaluated in the guest's NixOS.
-  guestWiring = vmName: { config, options, lib, ... }:
-    let
-      hv = config.microvm.hypervisor;
-      vmCfg = cfg.vms.${vmName};
-      mv = options.microvm;
-      hasPackageOption = hvName: mv ? ${hvName} && mv.${hvName} ? package;
-      realPackage = hvName:
-        if vmCfg.hypervisorPackage != null then vmCfg.hypervisorPackage
-        else mv.${hvName}.package.default;
-      wrapperFor = {
-        cloud-hypervisor = wrapHypervisor vmName "cloud-hypervisor" "cloud-hypervisor" (realPackage "cloud-hypervisor");
-        qemu = wrapHypervisor vmName "qemu" "qemu-system-${hostArch}" (realPackage "qemu");
-      };
-    in
+  # --- the guest side of a `microvm.vms.<name>.config` VM -----------------
+  # Added to microvm.vms.<name>.config: evaluated in the guest's NixOS.
+  guestWiring = vmName: { lib, ... }:
+    let vmCfg = cfg.vms.${vmName}; in
     {
       _file = "vmcred host.nix (microvm.vms.${vmName}.config)";
-      imports = [ ./guest.nix ];
-
-      config = mkMerge ([
-        {
-          services.vmcred.guest.enable = mkDefault true;
-          services.vmcred.guest.package = mkDefault cfg.package;
-          services.vmcred.guest.port = mkDefault vmCfg.port;
-
-          assertions = [
-            {
-              assertion = builtins.elem hv supportedHypervisors;
-              message = ''
-                services.vmcred.host.vms.${vmName}: microvm.nix runs this VM with "${hv}", but vmcred's
-                launch wrapper supports ${concatStringsSep " and " supportedHypervisors}. The wrapper is what
-                hands the guest its bootstrap (the host key pin and port) through SMBIOS, so set
-                microvm.vms.${vmName}.config.microvm.hypervisor to one of those.
-              '';
-            }
-            {
-              assertion = !(builtins.elem hv supportedHypervisors) || hasPackageOption hv;
-              message = ''
-                services.vmcred.host.vms.${vmName}: this microvm.nix has no microvm.${hv}.package option,
-                which vmcred uses to put its launch wrapper in the runner. Update microvm.nix.
-              '';
-            }
-            {
-              assertion = !(builtins.elem hv supportedHypervisors) || !(hasPackageOption hv)
-                || (config.microvm.${hv}.package.vmcredLaunchWrapper or null) == vmName;
-              message = ''
-                services.vmcred.host.vms.${vmName}: microvm.${hv}.package is forced to something other than
-                vmcred's launch wrapper, so the VM would start without its bootstrap. To choose the real
-                hypervisor package, set services.vmcred.host.vms.${vmName}.hypervisorPackage instead.
-              '';
-            }
-          ];
-        }
-        # cloud-hypervisor only enables vsock (notify.vsock) when a CID is set;
-        # with hybrid vsock the CID is private to the VM, so any value >= 3 works.
-        (mkIf (hv == "cloud-hypervisor") {
-          microvm.vsock.cid = mkDefault 3;
-        })
-      ]
-      ++ optional (hasPackageOption "cloud-hypervisor") (mkIf (hv == "cloud-hypervisor") {
-        microvm.cloud-hypervisor.package = mkOverride 90 wrapperFor.cloud-hypervisor;
-      })
-      ++ optional (hasPackageOption "qemu") (mkIf (hv == "qemu") {
-        microvm.qemu.package = mkOverride 90 wrapperFor.qemu;
-      }));
+      imports = [ ./microvm-guest.nix ];
+      services.vmcred.guest = {
+        enable = mkDefault true;
+        package = mkDefault cfg.package;
+        port = mkDefault vmCfg.port;
+        microvm = {
+          launchWrapper = mkDefault true;
+          vmName = vmName;
+          hostPackage = mkDefault cfg.package;
+          hostConfig = configPath;
+        };
+        credentials = mapAttrs (_: c: {
+          restartUnits = c.restartUnits;
+          reloadUnits = c.reloadUnits;
+        }) (filterAttrs (_: c: c.restartUnits != [ ] || c.reloadUnits != [ ]) vmCfg.credentials);
+      };
     };
 
   # --- assertions ---------------------------------------------------------
@@ -327,21 +380,105 @@ let
     let hit = lib.findFirst (h: h.active && any (d: under d src) h.dirs) null sandboxHides; in
     if hit == null then null else hit.setting;
 
+  # A microvm.nix VM as vmcred needs it: the hypervisor has vsock, the VM
+  # has it turned on, and the guest runs vmcred's guest module and wrapper.
+  microvmAssertions = vmName: vm:
+    let
+      opt = "services.vmcred.host.vms.${vmName}";
+      kind = kindOf vmName;
+      g = guestOf vmName;
+      hv = hypervisorOf vmName;
+      where = if kind == "config" then "microvm.vms.${vmName}.config" else "the VM's own NixOS configuration (microvm.vms.${vmName}.${kind})";
+      guestHas = path: lib.hasAttrByPath path (guestOptionsOf vmName) && lib.attrByPath path false g;
+    in
+    optionals (g != null) ([
+      {
+        assertion = kind == "config"
+          || (guestHas [ "services" "vmcred" "guest" "enable" ] && guestHas [ "services" "vmcred" "guest" "microvm" "launchWrapper" ]);
+        message = ''
+          ${opt}: microvm.vms.${vmName} is given as `${kind}`, so vmcred cannot add anything to it (it is
+          evaluated outside this host's configuration). In that NixOS configuration, import vmcred's
+          guest module for microvm.nix and turn it on:
+            imports = [ vmcred.nixosModules.microvm-guest ];
+            services.vmcred.guest = { enable = true; microvm.launchWrapper = true; };
+        '';
+      }
+      {
+        assertion = builtins.elem hv supportedHypervisors;
+        message = ''
+          ${opt}: microvm.nix runs this VM with "${hv}", which it gives no vsock (microvm.nix
+          lib/runners/${hv}.nix), so vmcred cannot reach the guest agent. Set ${where}'s
+          microvm.hypervisor to one of: ${concatStringsSep ", " supportedHypervisors}.
+        '';
+      }
+      {
+        assertion = !(builtins.elem hv supportedHypervisors) || transportOf vmName != null
+          || vm.cid != null || vm.hybridSocket != null;
+        message = ''
+          ${opt}: the VM has no vsock: set microvm.vsock.cid in ${where}
+          (a CID of 3 or more, unique on this host for qemu, crosvm, kvmtool and alioth)${lib.optionalString (hv == "cloud-hypervisor") ",\n          or `--vsock cid=N,socket=PATH` in microvm.cloud-hypervisor.extraArgs"}.
+        '';
+      }
+    ]
+    ++ concatLists (mapAttrsToList (credName: c:
+      let copt = "${opt}.credentials.${vlib.tomlKey credName}"; in
+      [
+        {
+          assertion = kind == "config" || (c.restartUnits == [ ] && c.reloadUnits == [ ]);
+          message = ''
+            ${copt}: restartUnits/reloadUnits can be forwarded only into a `microvm.vms.<name>.config`
+            VM; this one is `${kind}`. Set them in that configuration:
+              services.vmcred.guest.credentials.${vlib.tomlKey credName}.restartUnits = [ ... ];
+          '';
+        }
+        {
+          assertion = !(c.boot && usesFwCfg vmName) || builtins.stringLength credName <= fwCfgNameMax;
+          message = ''
+            ${copt}: boot = true on a qemu VM with machine type "${g.microvm.qemu.machine or ""}", whose only
+            file carrier is fw_cfg (no SMBIOS tables): its names are opt/io.systemd.credentials/NAME,
+            at most 55 bytes, which leaves ${toString fwCfgNameMax} for NAME; "${credName}" has
+            ${toString (builtins.stringLength credName)}. Use a shorter name, set boot = false (it then
+            arrives over vsock), or run the VM with microvm.qemu.machine = "q35" (SMBIOS).
+          '';
+        }
+        {
+          assertion = !(c.boot && builtins.elem hv commandLineHypervisors && !c.allowOnCommandLine);
+          message = ''
+            ${copt}: boot = true on a ${hv} VM. ${hv} takes boot data only on its command line
+            (${if hv == "cloud-hypervisor" then "--platform oem_strings" else "the kernel command line"}), which every local user can read in
+            /proc/<pid>/cmdline${lib.optionalString (hv != "cloud-hypervisor") " and every process in the guest in /proc/cmdline"}.
+            Either set boot = false (the value then arrives over vsock right after boot; order its
+            consumers after vmcred-guest.service), or, for a value that is not secret, set
+            allowOnCommandLine = true.
+          '';
+        }
+      ]) vm.credentials));
+
+  # AF_VSOCK CIDs are host-wide: two VMs with one CID reach each other's
+  # traffic. (Hybrid-vsock CIDs are private to each VM.)
+  cidClashes =
+    let
+      byCid = lib.groupBy (n: toString cfg.vms.${n}.cid)
+        (builtins.filter (n: cfg.vms.${n}.cid != null) (builtins.attrNames cfg.vms));
+    in
+    filterAttrs (_: names: builtins.length names > 1) byCid;
+
   vmAssertions = vmName: vm:
     let
       opt = "services.vmcred.host.vms.${vmName}";
-      hv = if isMicrovm vmName then hypervisorOf vmName else null;
     in
     [
       {
-        assertion = (vm.cid == null) != (vm.hybridSocket == null);
+        assertion = (vm.cid == null) != (vm.hybridSocket == null)
+          # A microvm.nix VM without vsock has its own, more precise message.
+          || (isMicrovm vmName && vm.cid == null && transportOf vmName == null);
         message =
           if vm.cid == null then ''
             ${opt}: set exactly one of `cid` or `hybridSocket`; neither is set.
-            - `cid`: the guest's AF_VSOCK CID (qemu vhost-vsock-pci guest-cid; for a microvm.nix
-              qemu VM, set microvm.vms.${vmName}.config.microvm.vsock.cid and it is used).
+            - `cid`: the guest's AF_VSOCK CID (qemu vhost-vsock guest-cid).
             - `hybridSocket`: the Unix socket of a hybrid-vsock hypervisor (cloud-hypervisor,
-              Firecracker), e.g. "/var/lib/microvms/${vmName}/notify.vsock".
+              Firecracker, vhost-device-vsock), e.g. "/var/lib/microvms/${vmName}/notify.vsock".
+            For a microvm.nix VM both come from its microvm.vsock.cid.
           '' else ''
             ${opt}: set exactly one of `cid` (${toString vm.cid}) or `hybridSocket` ("${vm.hybridSocket}"):
             a VM has one vsock transport. Set the other to null.
@@ -367,11 +504,13 @@ let
         '';
       }
     ]
+    ++ optionals (isMicrovm vmName) (microvmAssertions vmName vm)
     ++ concatLists (mapAttrsToList (credName: c:
       let
         copt = "${opt}.credentials.${vlib.tomlKey credName}";
         nameProblem = vlib.credentialNameProblem credName;
         src = c.source;
+        hasValue = c.value != null;
         isStr = builtins.isString src;
         hiddenBy = if isStr then hiddenFromAgent src else null;
       in
@@ -384,7 +523,14 @@ let
           '';
         }
         {
-          assertion = isStr;
+          assertion = (src == null) != (c.value == null);
+          message = ''
+            ${copt}: set exactly one of `source` (a file on the host, for secrets) or `value` (an
+            inline non-secret constant, which lands in the world-readable Nix store).
+          '';
+        }
+        {
+          assertion = hasValue || src == null || isStr;
           message = ''
             ${copt}.source is a Nix path literal. Nix copies such paths into the Nix store, which
             every local user can read. Give the path as a string, e.g. "/run/secrets/...".
@@ -402,7 +548,8 @@ let
           message = ''
             ${copt}.source ${builtins.toJSON (builtins.unsafeDiscardStringContext src)} is in the Nix store,
             which every local user can read: a secret there is no secret. Keep it outside the store
-            (sops-nix, agenix or clan vars put secrets under /run/secrets) and give vmcred that path.
+            (sops-nix, agenix or clan vars put secrets under /run/secrets) and give vmcred that path;
+            for a constant that is not secret, use `value`.
           '';
         }
         {
@@ -421,18 +568,9 @@ let
         {
           assertion = !c.boot || builtins.match ''.*[],=["].*'' credName == null;
           message = ''
-            ${copt}: boot = true, but the name contains one of = , [ ] or " which cannot be
-            carried in an SMBIOS OEM string (io.systemd.credential:NAME=VALUE). Rename it or set boot = false.
-          '';
-        }
-        {
-          assertion = !(hv == "cloud-hypervisor" && c.boot && !c.allowOnCommandLine);
-          message = ''
-            ${copt}: boot = true on a cloud-hypervisor VM. cloud-hypervisor takes SMBIOS OEM strings
-            only on its command line, which every local user can read in /proc/<pid>/cmdline.
-            Either set boot = false (the value then arrives over vsock right after boot; order
-            consumers after vmcred-guest.service), or, for a value that is not secret, set
-            allowOnCommandLine = true.
+            ${copt}: boot = true, but the name contains one of = , [ ] or " which no boot carrier
+            can hold (SMBIOS/OEM string io.systemd.credential:NAME=VALUE, the quoted
+            "systemd.set_credential=NAME:VALUE" on a kernel command line). Rename it or set boot = false.
           '';
         }
       ]) vm.credentials);
@@ -481,6 +619,16 @@ in
       '';
     };
 
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `vmcred-host check-config` on the rendered host.toml at build
+        time. Turn it off only when the package cannot run on the build
+        machine (cross-compiling).
+      '';
+    };
+
     configFile = mkOption {
       type = types.package;
       readOnly = true;
@@ -498,7 +646,10 @@ in
   options.microvm.vms = mkOption {
     visible = false;
     type = types.attrsOf (types.submodule ({ name, config, ... }: {
-      config = mkIf (cfg.enable && cfg.vms ? ${name} && (config.flake or null) == null) {
+      # Only a VM microvm.nix evaluates from `config` modules; an
+      # `evaluatedConfig` or `flake` VM is left as it is (see the assertion).
+      config = mkIf (cfg.enable && cfg.vms ? ${name}
+                     && (config.flake or null) == null && (config.evaluatedConfig or null) == null) {
         config = guestWiring name;
       };
     }));
@@ -510,22 +661,22 @@ in
 
     (mkIf cfg.enable {
       assertions = concatLists (mapAttrsToList vmAssertions cfg.vms)
+        ++ mapAttrsToList (cid: names: {
+          assertion = false;
+          message = ''
+            services.vmcred.host.vms: ${concatStringsSep ", " names} all have AF_VSOCK CID ${cid}. A CID names
+            one VM on the host; give each VM its own (microvm.vsock.cid in each VM's configuration).
+          '';
+        }) cidClashes
         ++ map (k: {
           assertion = !(cfg.settings ? ${k});
           message = "services.vmcred.host.settings.${k} is fixed by the NixOS module (${if k == "vms" then "use services.vmcred.host.vms" else "it must match the unit's StateDirectory/RuntimeDirectory"}); remove it from settings.";
         }) (builtins.attrNames fixedKeys ++ [ "vms" ]);
 
       warnings = concatLists (mapAttrsToList (vmName: vm:
-        optional (cfg.vms ? ${vmName} && microvmVms ? ${vmName} && guestOf vmName == null) ''
-          services.vmcred.host.vms.${vmName}: microvm.vms.${vmName} is built from a flake, so vmcred cannot
-          add its launch wrapper to it. In that flake's nixosConfiguration, import vmcred's
-          nixosModules.guest and set microvm.<hypervisor>.package to a wrapper that execs
-          `vmcred-host launch --config ${configPath} --vm ${vmName} --hypervisor <hv> -- <real binary> "$@"`.
-        '') microvmVms)
-        ++ concatLists (mapAttrsToList (vmName: vm:
           mapAttrsToList (credName: c:
-            "services.vmcred.host.vms.${vmName}.credentials.${credName}: allowOnCommandLine = true puts its boot-time value on cloud-hypervisor's command line, readable by every local user in /proc/<pid>/cmdline."
-          ) (filterAttrs (_: c: c.boot && c.allowOnCommandLine && hypervisorOf vmName == "cloud-hypervisor") vm.credentials)
+            "services.vmcred.host.vms.${vmName}.credentials.${credName}: allowOnCommandLine = true puts its boot-time value on ${hypervisorOf vmName}'s command line, readable by every local user in /proc/<pid>/cmdline."
+          ) (filterAttrs (_: c: c.boot && c.allowOnCommandLine && builtins.elem (hypervisorOf vmName) commandLineHypervisors) vm.credentials)
         ) (filterAttrs (n: _: isMicrovm n) cfg.vms));
 
       environment.etc."vmcred/host.toml".source = hostToml;
@@ -550,6 +701,9 @@ in
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "on-failure";
           RestartSec = "2s";
+          # One connection (and a few files) per VM, plus the control and
+          # launch sockets' clients.
+          LimitNOFILE = 1024 + 8 * builtins.length (builtins.attrNames cfg.vms);
 
           # No LoadCredential=: the agent reads each source file itself
           # (host.toml: path = "<source>"). systemd would copy a
@@ -607,13 +761,21 @@ in
       };
     })
 
-    # microvm.nix VMs: boot credentials and ordering on microvm@<name>.
+    # microvm.nix VMs: on microvm@<name> (a drop-in: microvm.nix renders it
+    # with overrideStrategy = "asDropin" over its microvm@ template).
     (mkIf (cfg.enable && hasMicrovmHost) {
       systemd.services = mapAttrs' (vmName: vm: nameValuePair "microvm@${vmName}" {
         after = [ "vmcred-host.service" ];
         wants = [ "vmcred-host.service" ];
-        # The launch wrapper reads $CREDENTIALS_DIRECTORY/<cred> for boot = true.
-        serviceConfig = optionalAttrs (any (c: c.boot) (attrValues vm.credentials)) {
+        serviceConfig = {
+          # The launcher runs as the unit's User= (microvm): systemd makes
+          # this directory for it, 0700, and names it in
+          # $RUNTIME_DIRECTORY; the carrier files (SMBIOS/fw_cfg files, a
+          # Firecracker config copy) are written there, never in /tmp.
+          RuntimeDirectory = "vmcred-launch/${vlib.escapeUnitValue vmName}";
+          RuntimeDirectoryMode = "0700";
+        } // optionalAttrs (any (c: c.boot) (attrValues vm.credentials)) {
+          # The launcher reads $CREDENTIALS_DIRECTORY/<cred> for boot = true.
           LoadCredential = mapAttrsToList (credName: c:
             "${vlib.escapeUnitValue credName}:${vlib.escapeUnitValue (sourceString vmName credName c)}")
             (filterAttrs (_: c: c.boot) vm.credentials);

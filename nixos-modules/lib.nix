@@ -32,6 +32,27 @@ rec {
 
   isValidCredentialName = n: credentialNameProblem n == null;
 
+  # The guest agent's own rules (guest-agent/src/config.rs), so that what
+  # evaluates is what the agent accepts at boot (and the reverse):
+  # - a unit name: 1-255 bytes, no leading "-", no "/", no white space or
+  #   control characters (validate_unit);
+  unitNameType = lib.types.addCheck
+    (lib.types.strMatching "[^-/[:space:][:cntrl:]][^/[:space:][:cntrl:]]*")
+    (s: stringLength s <= 255) // {
+      description = "systemd unit name (1-255 bytes, no leading \"-\", no \"/\", no white space)";
+    };
+  # - a mode: octal, read bits only, owner-readable (parse_mode): 0400,
+  #   0440, 0404, 0444, with or without the leading 0 or "0o";
+  modeType = lib.types.strMatching "(0o)?0?4[04][04]" // {
+    description = "credential file mode: \"0400\", \"0440\", \"0404\" or \"0444\" (read bits only, owner-readable)";
+  };
+  # - a duration: humantime, every number with its unit ("30s", "1m 30s",
+  #   "500ms"); a bare number is refused by the agent, so here too.
+  durationType = lib.types.strMatching
+    "[0-9]+(ms|s|sec|m|min|h|d)( ?[0-9]+(ms|s|sec|m|min|h|d))*" // {
+      description = "duration with a unit, e.g. \"30s\", \"1m 30s\", \"500ms\"";
+    };
+
   # Unit-file values undergo specifier expansion (%) and C-style unescaping (\).
   escapeUnitValue = s: builtins.replaceStrings [ "%" "\\" ] [ "%%" "\\\\" ] s;
 

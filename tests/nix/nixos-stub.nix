@@ -21,6 +21,7 @@ in
       default = { };
       type = types.attrsOf (types.submodule {
         options.source = mkOption { type = types.path; };
+        options.text = mkOption { type = types.nullOr types.lines; default = null; };
       });
     };
     systemd.package = mkOption { type = types.package; default = pkgs.systemd; };

@@ -2,7 +2,7 @@
 # Builders produce real derivations (builder /bin/sh, no dependencies), so
 # tests can build and run e.g. the launch wrapper with nix-build; writeText
 # uses builtins.toFile so rendered configs exist right after evaluation.
-{ lib, system ? builtins.currentSystem }:
+{ lib, system ? builtins.currentSystem, path ? null }:
 
 let
   mkDrv = name: script: attrs: derivation ({
@@ -26,29 +26,71 @@ let
 in
 rec {
   inherit lib;
-  stdenv.hostPlatform.system = system;
+  # What lib.types.pkgs (microvm.vmHostPackages) checks for.
+  _type = "pkgs";
+  # microvm.nix's host module evaluates `config` VMs with
+  # "${pkgs.path}/nixos/lib/eval-config.nix" (a stand-in there, see
+  # mini-nixos.nix).
+  inherit path;
+  stdenv.hostPlatform = {
+    inherit system;
+    isLinux = true;
+    isDarwin = false;
+    linux-kernel.target = "bzImage";
+  };
+  stdenv.targetPlatform = stdenv.hostPlatform;
+  buildPackages = import ./stub-pkgs.nix { inherit lib system path; };
+  runtimeShell = "/bin/bash";
+  # What microvm.nix's host module builds its `microvm` command with.
+  callPackage = f: args:
+    let fn = if builtins.isFunction f then f else import f;
+    in fn (builtins.intersectAttrs (builtins.functionArgs fn) (stubPkgsSelf // { inherit lib; }) // args);
+  stubPkgsSelf = import ./stub-pkgs.nix { inherit lib system path; };
+  git = fakeTool "git" [ "git" ] { };
+  nix = fakeTool "nix" [ "nix" ] { };
+  openssh = fakeTool "openssh" [ "ssh" ] { };
+  linux.target = "bzImage";
+
+  # A kernel package's shape as the runners read it: bzImage (out) and, for
+  # cloud-hypervisor, dev/vmlinux.
+  vmcredFixtures.kernel = (mkDrv "linux-6.12"
+    "mkdir -p $out $dev; echo kernel > $out/bzImage; echo kernel > $dev/vmlinux"
+    { outputs = [ "out" "dev" ]; }) // { version = "6.12.0"; };
+
+  # A derivation, as in nixpkgs: the JSON may name store paths of
+  # derivations (kernel, initrd), which builtins.toFile refuses.
+  writers.writeJSON = name: value: mkDrv name ''printf '%s' "$json" > "$out"'' { json = builtins.toJSON value; };
+  runCommandLocal = runCommand;
 
   writeText = name: text: builtins.toFile name text;
 
   writeShellScript = name: text: mkDrv name ''
-    printf '#!/bin/sh\n%s' "$text" > "$out"; chmod +x "$out"
+    printf '#!/bin/bash\n%s' "$text" > "$out"; chmod +x "$out"
   '' { inherit text; };
 
-  writeShellScriptBin = name: text: (mkDrv name ''
-    mkdir -p "$out/bin"; printf '#!/bin/sh\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
-  '' { inherit text; binName = name; }) // { meta.mainProgram = name; };
+  # overrideAttrs: NixOS's unit job scripts rename the derivation with it.
+  writeShellScriptBin = name: text:
+    let
+      d = (mkDrv name ''
+        mkdir -p "$out/bin"; printf '#!/bin/bash\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
+      '' { inherit text; binName = name; }) // { meta.mainProgram = name; overrideAttrs = _: d; };
+    in d;
 
   # Like nixpkgs' symlinkJoin (lndir): the first path providing a file wins.
-  symlinkJoin = { name, paths, ... }: mkDrv name ''
+  symlinkJoin = { name, paths, meta ? { }, ... }: mkDrv name ''
     mkdir -p "$out/bin"
     for p in $paths; do
       for f in "$p"/bin/*; do
         [ -e "$out/bin/''${f##*/}" ] || ln -s "$f" "$out/bin/''${f##*/}"
       done
     done
-  '' { inherit paths; };
+  '' { inherit paths; } // { inherit meta; };
 
-  runCommand = name: env: script: mkDrv name script env;
+  # Like nixpkgs' runCommand: `passthru` lands on the result, `meta` too,
+  # neither in the build environment.
+  runCommand = name: env: script:
+    mkDrv name script (builtins.removeAttrs env [ "passthru" "meta" ])
+    // (env.passthru or { }) // { meta = env.meta or { }; };
 
   coreutils = fakeTool "coreutils" [ "kill" ] { };
   findutils = fakeTool "findutils" [ "find" ] { };
@@ -57,6 +99,20 @@ rec {
   systemd = fakeTool "systemd" [ "systemctl" ] { };
 
   vmcred = fakeTool "vmcred" [ "vmcred-host" "vmcred-guest" ] { };
+  socat = fakeTool "socat" [ "socat" ] { };
+  jq = fakeTool "jq" [ "jq" ] { };
+  gawk = fakeTool "gawk" [ "awk" ] { };
+  netcat = fakeTool "netcat" [ "nc" ] { };
+  python3 = fakeTool "python3" [ "python3" ] { };
+  iproute2 = fakeTool "iproute2" [ "ip" ] { };
+  util-linux = fakeTool "util-linux" [ "mount" ] { };
+  curl = fakeTool "curl" [ "curl" ] { };
+  coreutils-full = coreutils;
+  firecracker = fakeTool "firecracker-1.12.0" [ "firecracker" ] { version = "1.12.0"; };
+  crosvm = fakeTool "crosvm-140.0" [ "crosvm" ] { version = "140.0"; };
+  kvmtool = fakeTool "kvmtool-3.18" [ "lkvm" ] { version = "3.18"; };
+  alioth = fakeTool "alioth-0.8.0" [ "alioth" ] { version = "0.8.0"; };
+  qemu = qemu_kvm;
 
   cloud-hypervisor = fakeTool "cloud-hypervisor-48.0" [ "cloud-hypervisor" "ch-remote" ] {
     version = "48.0";
