@@ -1,10 +1,22 @@
 //! Reading credential values on the host. Values go straight into zeroizing
 //! buffers and are bounded while reading, so a runaway source (a device, a
 //! huge file) costs at most 1 MiB + 1 byte.
+//!
+//! A source may hang: a FIFO, a hung FUSE or NFS mount. Files are opened
+//! with `O_NONBLOCK` (a FIFO then opens at once and is refused by `fstat`
+//! as not a regular file), and every read runs on a blocking thread under
+//! a deadline, so a hung `open()` or `read()` costs one parked thread and
+//! a `timed out` error for that credential, never the VM's task or the
+//! runtime. While a read of a path is still hung, later reads of the same
+//! path fail at once instead of parking another thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use thiserror::Error;
 use vmcred_proto::rules::{self, MAX_CREDENTIAL_BYTES};
@@ -20,6 +32,13 @@ pub enum SourceError {
     Unreadable { source_desc: String, why: String },
     #[error("source {source_desc} is not a regular file")]
     NotAFile { source_desc: String },
+    #[error("reading source {source_desc} timed out after {after:?} (a hung mount or a FIFO?); the guest keeps the value it has")]
+    TimedOut {
+        source_desc: String,
+        after: Duration,
+    },
+    #[error("source {source_desc}: an earlier read is still blocked (a hung mount?); the guest keeps the value it has")]
+    StillBlocked { source_desc: String },
     #[error("$CREDENTIALS_DIRECTORY is not set, but credential {name} is configured as credential = \"{id}\"; add LoadCredential={id}:SOURCE to vmcred-host.service")]
     NoCredentialsDirectory { name: String, id: String },
     #[error(transparent)]
@@ -52,7 +71,13 @@ pub fn resolve(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Path
 pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, SourceError> {
     let path = resolve(cred, credentials_dir)?;
     let desc = cred.source.to_string();
-    let file = match std::fs::File::open(&path) {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer. It changes
+    // nothing for a regular file, the only kind read.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(SourceError::Missing { source_desc: desc })
@@ -85,27 +110,104 @@ pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, 
     Ok(Value { bytes, digest })
 }
 
-/// Reads the named credentials of a VM (all when `only` is empty). Values
-/// that cannot be read are reported per name, not fatal: a late credential
-/// whose file does not exist yet must not block the others.
-pub fn read_vm(
+/// Paths whose read is parked on a hung source.
+static BLOCKED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Reads one credential on a blocking thread, giving up after `deadline`.
+pub async fn read_with_deadline(
+    cred: &Credential,
+    credentials_dir: Option<&Path>,
+    deadline: Duration,
+) -> Result<Value, SourceError> {
+    let path = resolve(cred, credentials_dir)?;
+    let cred = cred.clone();
+    let dir = credentials_dir.map(Path::to_path_buf);
+    run_with_deadline(path, cred.source.to_string(), deadline, move || {
+        read(&cred, dir.as_deref())
+    })
+    .await
+}
+
+/// Runs `f` (a read of `path`) on a blocking thread under `deadline`.
+async fn run_with_deadline<F>(
+    path: PathBuf,
+    desc: String,
+    deadline: Duration,
+    f: F,
+) -> Result<Value, SourceError>
+where
+    F: FnOnce() -> Result<Value, SourceError> + Send + 'static,
+{
+    if BLOCKED.lock().map(|b| b.contains(&path)).unwrap_or(false) {
+        return Err(SourceError::StillBlocked { source_desc: desc });
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let (done2, path2) = (done.clone(), path.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        let r = f();
+        // Under the lock, so that a timeout cannot mark the path blocked
+        // after this read has finished.
+        if let Ok(mut b) = BLOCKED.lock() {
+            done2.store(true, Ordering::SeqCst);
+            b.remove(&path2);
+        }
+        r
+    });
+    match tokio::time::timeout(deadline, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(SourceError::Unreadable {
+            source_desc: desc,
+            why: format!("the reader thread failed: {e}"),
+        }),
+        Err(_) => {
+            if let Ok(mut b) = BLOCKED.lock() {
+                if !done.load(Ordering::SeqCst) {
+                    b.insert(path);
+                }
+            }
+            Err(SourceError::TimedOut {
+                source_desc: desc,
+                after: deadline,
+            })
+        }
+    }
+}
+
+/// Reads the named credentials of a VM (all when `only` is empty), each
+/// on its own blocking thread under `deadline`. Values that cannot be read
+/// are reported per name, not fatal: a late credential whose file does not
+/// exist yet, or a hung one, must not block the others.
+pub async fn read_vm(
     vm: &Vm,
     only: &[String],
     credentials_dir: Option<&Path>,
+    deadline: Duration,
 ) -> (BTreeMap<String, Value>, BTreeMap<String, SourceError>) {
     let mut values = BTreeMap::new();
     let mut errors = BTreeMap::new();
+    let mut reads = tokio::task::JoinSet::new();
     for (name, cred) in &vm.credentials {
         if !only.is_empty() && !only.contains(name) {
             continue;
         }
-        match read(cred, credentials_dir) {
-            Ok(v) => {
-                values.insert(name.clone(), v);
+        let (name, cred) = (name.clone(), cred.clone());
+        let dir = credentials_dir.map(Path::to_path_buf);
+        reads.spawn(async move {
+            let r = read_with_deadline(&cred, dir.as_deref(), deadline).await;
+            (name, r)
+        });
+    }
+    while let Some(joined) = reads.join_next().await {
+        match joined {
+            Ok((name, Ok(v))) => {
+                values.insert(name, v);
             }
-            Err(e) => {
-                errors.insert(name.clone(), e);
+            Ok((name, Err(e))) => {
+                errors.insert(name, e);
             }
+            // Only a panic in our own code; the name is lost with it, and
+            // the caller reports it as "not read".
+            Err(_) => {}
         }
     }
     // The guest's mount holds 1 MiB in all: refuse a set that cannot fit,
@@ -169,5 +271,86 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("1 MiB"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_fifo_is_refused_at_once_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever opens it: a blocking open() would hang forever.
+        let e = read_with_deadline(
+            &cred("A", Source::Path(fifo.clone())),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::NotAFile { .. }), "{e}");
+        // A symlink to a regular file is still followed (sops-nix layout).
+        std::fs::write(d.path().join("real"), b"v").unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+        let v = read_with_deadline(
+            &cred("A", Source::Path(d.path().join("link"))),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&v.bytes[..], b"v");
+    }
+
+    #[tokio::test]
+    async fn a_hung_read_times_out_and_is_not_stacked() {
+        let path = PathBuf::from("/nonexistent/hung-source-test");
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let e = run_with_deadline(
+            path.clone(),
+            "hung".into(),
+            Duration::from_millis(50),
+            move || {
+                let _ = gate.recv();
+                Err(SourceError::Missing {
+                    source_desc: "hung".into(),
+                })
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::TimedOut { .. }), "{e}");
+        assert!(e.to_string().contains("timed out"), "{e}");
+        // While the first read is parked, the path is not read again.
+        let e = run_with_deadline(path.clone(), "hung".into(), Duration::from_secs(30), || {
+            panic!("must not run while an earlier read is blocked")
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::StillBlocked { .. }), "{e}");
+        // Once the hung read returns, the path is usable again.
+        release.send(()).unwrap();
+        vmcred_wait(|| !BLOCKED.lock().unwrap().contains(&path)).await;
+        let e = run_with_deadline(path, "x".into(), Duration::from_secs(30), || {
+            Err(SourceError::Missing {
+                source_desc: "x".into(),
+            })
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::Missing { .. }), "{e}");
+    }
+
+    /// Waits (bounded) for a condition another thread makes true.
+    async fn vmcred_wait(mut f: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not met within 10 s");
     }
 }
