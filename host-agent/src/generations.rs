@@ -24,7 +24,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 /// How far past the clock the durable mark is moved each time.
-pub const RESERVE_AHEAD: Duration = Duration::from_secs(10);
+pub const RESERVE_AHEAD: Duration = Duration::from_secs(2);
 /// The file that holds the mark, inside the generations directory.
 const MARK_FILE: &str = "reserved";
 

@@ -123,6 +123,7 @@ pub fn spawn(
         status,
         rx,
         cred_state: BTreeMap::new(),
+        retry_due: false,
     };
     tokio::spawn(task.run());
     handle
@@ -151,6 +152,8 @@ enum Why {
     Rotate,
     Reload,
     Poll,
+    /// A keepalive after a refused push.
+    Retry,
 }
 
 impl Why {
@@ -160,6 +163,7 @@ impl Why {
             Why::Rotate => "rotate",
             Why::Reload => "config reload",
             Why::Poll => "poll",
+            Why::Retry => "retry after a refusal",
         }
     }
 }
@@ -221,6 +225,10 @@ struct VmTask {
     status: Arc<Mutex<VmStatus>>,
     rx: mpsc::Receiver<Command>,
     cred_state: BTreeMap<String, (CredState, Option<String>)>,
+    /// The last push was refused as busy (ABORTED) or as not newer
+    /// (FAILED_PRECONDITION): the next keepalive syncs instead of only
+    /// asking Hello, with a fresh, higher generation.
+    retry_due: bool,
 }
 
 type Pending = Vec<(Vec<String>, oneshot::Sender<RotateReport>)>;
@@ -275,9 +283,10 @@ impl VmTask {
                 }
             }
             // Wait out the back-off, or less if someone needs us now.
-            let sleep =
-                tokio::time::sleep(backoff_delay(attempt, self.timing.backoff_max, &mut rng));
+            let delay = backoff_delay(attempt, self.timing.backoff_max, &mut rng);
             attempt = attempt.saturating_add(1);
+            debug!(vm = %self.vm.name, attempt, delay_ms = delay.as_millis() as u64, "redialling after back-off");
+            let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
@@ -419,7 +428,13 @@ impl VmTask {
                 _ = poll.tick(), if !self.timing.poll.is_zero() => {
                     self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| log_report(&r, Why::Poll))
                 }
-                _ = keepalive.tick() => self.hello(&mut client).await.map(|g| guest = g),
+                _ = keepalive.tick() => {
+                    if self.retry_due {
+                        self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| log_report(&r, Why::Retry))
+                    } else {
+                        self.hello(&mut client).await.map(|g| guest = g)
+                    }
+                }
             };
             if let Err(e) = result {
                 return SessionEnd::Lost(e);
@@ -437,6 +452,7 @@ impl VmTask {
         only: &[String],
         why: Why,
     ) -> Result<RotateReport, String> {
+        self.retry_due = false;
         let mut report = RotateReport {
             vm: self.vm.name.clone(),
             applied: false,
@@ -591,6 +607,7 @@ impl VmTask {
             }
             report.error = Some(refusal);
             report.credentials = outcomes.into_values().collect();
+            self.retry_due = matches!(status.code(), Code::Aborted | Code::FailedPrecondition);
             if status.code() == Code::FailedPrecondition {
                 // Learn what the guest now claims, for status.
                 *guest = self.hello(client).await?;
