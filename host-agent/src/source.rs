@@ -69,6 +69,92 @@ pub fn resolve(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Path
 /// Reads one credential. Symlinks are followed on purpose: sops-nix and
 /// clan publish secrets as links into a generation directory.
 pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, SourceError> {
+    match read_if_changed(cred, credentials_dir, None)? {
+        Fetched::Value(v) => Ok(v),
+        // `known: None` always reads.
+        Fetched::Unchanged { .. } => Err(SourceError::Unreadable {
+            source_desc: cred.source.to_string(),
+            why: "internal: a forced read returned no bytes".into(),
+        }),
+    }
+}
+
+/// One credential as a sync sees it: its bytes, or only its digest when
+/// the file is the same version as one already read whose digest the
+/// guest holds.
+pub enum Fetched {
+    Value(Value),
+    Unchanged { digest: [u8; 32], len: usize },
+}
+
+impl Fetched {
+    pub fn digest(&self) -> [u8; 32] {
+        match self {
+            Fetched::Value(v) => v.digest,
+            Fetched::Unchanged { digest, .. } => *digest,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Fetched::Value(v) => v.bytes.len(),
+            Fetched::Unchanged { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What identifies one version of a file without reading it. A file
+/// replaced by rename (sops-nix, clan, `install`) gets a new inode; one
+/// rewritten in place gets a new mtime and ctime (nanoseconds on tmpfs,
+/// ext4, xfs, btrfs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// The digest of the version of each source path last read, shared by
+/// every VM, so a source several VMs use is read once per change.
+static DIGESTS: Mutex<BTreeMap<PathBuf, (Stamp, [u8; 32])>> = Mutex::new(BTreeMap::new());
+/// Entries kept at most; past it the cache starts over (paths of
+/// credentials since removed from the config would otherwise stay).
+const MAX_CACHED: usize = 65_536;
+/// Full reads done, for tests and benchmarks.
+static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a source's bytes were read by this process.
+pub fn reads() -> u64 {
+    READS.load(Ordering::Relaxed)
+}
+
+/// Opens the source (never blocking on a FIFO), and reads it unless its
+/// stamp is that of the version last read and that version's digest is
+/// `known` (what the guest holds): then only the digest is returned.
+pub fn read_if_changed(
+    cred: &Credential,
+    credentials_dir: Option<&Path>,
+    known: Option<[u8; 32]>,
+) -> Result<Fetched, SourceError> {
     let path = resolve(cred, credentials_dir)?;
     let desc = cred.source.to_string();
     // O_NONBLOCK: opening a FIFO must not wait for a writer. It changes
@@ -96,9 +182,21 @@ pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, 
     if !meta.is_file() {
         return Err(SourceError::NotAFile { source_desc: desc });
     }
+    let stamp = Stamp::of(&meta);
+    if let Some(known) = known {
+        let cached = DIGESTS.lock().ok().and_then(|c| c.get(&path).copied());
+        if cached == Some((stamp, known)) {
+            rules::validate_size(&cred.name, meta.len() as usize)?;
+            return Ok(Fetched::Unchanged {
+                digest: known,
+                len: meta.len() as usize,
+            });
+        }
+    }
     let mut bytes = Zeroizing::new(Vec::with_capacity(
         (meta.len() as usize).min(MAX_CREDENTIAL_BYTES) + 1,
     ));
+    READS.fetch_add(1, Ordering::Relaxed);
     file.take(MAX_CREDENTIAL_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| SourceError::Unreadable {
@@ -107,36 +205,47 @@ pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, 
         })?;
     rules::validate_size(&cred.name, bytes.len())?;
     let digest = rules::digest(&bytes);
-    Ok(Value { bytes, digest })
+    // The stamp is from before the read: a write during it changes the
+    // stamp, so the next sync reads again.
+    if let Ok(mut c) = DIGESTS.lock() {
+        if c.len() >= MAX_CACHED && !c.contains_key(&path) {
+            c.clear();
+        }
+        c.insert(path, (stamp, digest));
+    }
+    Ok(Fetched::Value(Value { bytes, digest }))
 }
 
 /// Paths whose read is parked on a hung source.
 static BLOCKED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-/// Reads one credential on a blocking thread, giving up after `deadline`.
+/// Reads one credential (see [`read_if_changed`]) on a blocking thread,
+/// giving up after `deadline`.
 pub async fn read_with_deadline(
     cred: &Credential,
     credentials_dir: Option<&Path>,
+    known: Option<[u8; 32]>,
     deadline: Duration,
-) -> Result<Value, SourceError> {
+) -> Result<Fetched, SourceError> {
     let path = resolve(cred, credentials_dir)?;
     let cred = cred.clone();
     let dir = credentials_dir.map(Path::to_path_buf);
     run_with_deadline(path, cred.source.to_string(), deadline, move || {
-        read(&cred, dir.as_deref())
+        read_if_changed(&cred, dir.as_deref(), known)
     })
     .await
 }
 
 /// Runs `f` (a read of `path`) on a blocking thread under `deadline`.
-async fn run_with_deadline<F>(
+async fn run_with_deadline<T, F>(
     path: PathBuf,
     desc: String,
     deadline: Duration,
     f: F,
-) -> Result<Value, SourceError>
+) -> Result<T, SourceError>
 where
-    F: FnOnce() -> Result<Value, SourceError> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, SourceError> + Send + 'static,
 {
     if BLOCKED.lock().map(|b| b.contains(&path)).unwrap_or(false) {
         return Err(SourceError::StillBlocked { source_desc: desc });
@@ -174,15 +283,18 @@ where
 }
 
 /// Reads the named credentials of a VM (all when `only` is empty), each
-/// on its own blocking thread under `deadline`. Values that cannot be read
-/// are reported per name, not fatal: a late credential whose file does not
+/// on its own blocking thread under `deadline`; a credential whose file is
+/// unchanged since it was last read and whose digest is in `known` (what
+/// the guest holds) is not read again. Values that cannot be read are
+/// reported per name, not fatal: a late credential whose file does not
 /// exist yet, or a hung one, must not block the others.
 pub async fn read_vm(
     vm: &Vm,
     only: &[String],
     credentials_dir: Option<&Path>,
+    known: &BTreeMap<String, [u8; 32]>,
     deadline: Duration,
-) -> (BTreeMap<String, Value>, BTreeMap<String, SourceError>) {
+) -> (BTreeMap<String, Fetched>, BTreeMap<String, SourceError>) {
     let mut values = BTreeMap::new();
     let mut errors = BTreeMap::new();
     let mut reads = tokio::task::JoinSet::new();
@@ -192,8 +304,9 @@ pub async fn read_vm(
         }
         let (name, cred) = (name.clone(), cred.clone());
         let dir = credentials_dir.map(Path::to_path_buf);
+        let known = known.get(&name).copied();
         reads.spawn(async move {
-            let r = read_with_deadline(&cred, dir.as_deref(), deadline).await;
+            let r = read_with_deadline(&cred, dir.as_deref(), known, deadline).await;
             (name, r)
         });
     }
@@ -212,7 +325,7 @@ pub async fn read_vm(
     }
     // The guest's mount holds 1 MiB in all: refuse a set that cannot fit,
     // before any byte of it leaves the host.
-    if let Err(e) = rules::validate_total(values.values().map(|v| v.bytes.len())) {
+    if let Err(e) = rules::validate_total(values.values().map(Fetched::len)) {
         for name in values.keys() {
             errors.insert(name.clone(), SourceError::Rule(e.clone()));
         }
@@ -282,6 +395,7 @@ mod tests {
         let e = read_with_deadline(
             &cred("A", Source::Path(fifo.clone())),
             None,
+            None,
             Duration::from_secs(30),
         )
         .await
@@ -294,11 +408,12 @@ mod tests {
         let v = read_with_deadline(
             &cred("A", Source::Path(d.path().join("link"))),
             None,
+            None,
             Duration::from_secs(30),
         )
         .await
         .unwrap();
-        assert_eq!(&v.bytes[..], b"v");
+        assert!(matches!(v, Fetched::Value(v) if &v.bytes[..] == b"v"));
     }
 
     #[tokio::test]
@@ -311,7 +426,7 @@ mod tests {
             Duration::from_millis(50),
             move || {
                 let _ = gate.recv();
-                Err(SourceError::Missing {
+                Err::<(), _>(SourceError::Missing {
                     source_desc: "hung".into(),
                 })
             },
@@ -323,7 +438,10 @@ mod tests {
         assert!(e.to_string().contains("timed out"), "{e}");
         // While the first read is parked, the path is not read again.
         let e = run_with_deadline(path.clone(), "hung".into(), Duration::from_secs(30), || {
-            panic!("must not run while an earlier read is blocked")
+            Err::<(), _>(SourceError::Unreadable {
+                source_desc: "x".into(),
+                why: "must not run while an earlier read is blocked".into(),
+            })
         })
         .await
         .err()
@@ -333,7 +451,7 @@ mod tests {
         release.send(()).unwrap();
         vmcred_wait(|| !BLOCKED.lock().unwrap().contains(&path)).await;
         let e = run_with_deadline(path, "x".into(), Duration::from_secs(30), || {
-            Err(SourceError::Missing {
+            Err::<(), _>(SourceError::Missing {
                 source_desc: "x".into(),
             })
         })
@@ -341,6 +459,34 @@ mod tests {
         .err()
         .unwrap();
         assert!(matches!(e, SourceError::Missing { .. }), "{e}");
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_read_again_and_every_kind_of_change_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, b"one").unwrap();
+        let c = cred("A", Source::Path(p.clone()));
+        let fetch = |known| read_if_changed(&c, None, known).unwrap();
+        let first = fetch(None);
+        assert!(matches!(first, Fetched::Value(_)));
+        let d1 = first.digest();
+        // Same file, the guest holds its digest: no read.
+        assert!(matches!(fetch(Some(d1)), Fetched::Unchanged { digest, len: 3 } if digest == d1));
+        // The guest holds something else: the bytes are needed.
+        assert!(matches!(fetch(Some([0; 32])), Fetched::Value(_)));
+        // Replaced by rename (new inode), same size and content length.
+        let tmp = d.path().join("s.new");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let f = fetch(Some(d1));
+        assert!(matches!(&f, Fetched::Value(v) if &v.bytes[..] == b"two"));
+        let d2 = f.digest();
+        assert!(matches!(fetch(Some(d2)), Fetched::Unchanged { .. }));
+        // Rewritten in place, same size.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"six").unwrap();
+        assert!(matches!(fetch(Some(d2)), Fetched::Value(v) if &v.bytes[..] == b"six"));
     }
 
     /// Waits (bounded) for a condition another thread makes true.

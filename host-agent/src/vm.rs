@@ -482,9 +482,25 @@ impl VmTask {
             ));
             return Ok(report);
         }
+        // An explicit rotate while the guest owes unit actions resends
+        // the same bytes under a new generation: the guest retries what it
+        // owes on every Apply, and the report then says whether that
+        // worked. Other syncs leave the retrying to the guest.
+        let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
         let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
-        let (values, errors) =
-            source::read_vm(&self.vm, only, self.credentials_dir.as_deref(), deadline).await;
+        let no_digests = BTreeMap::new();
+        let (values, errors) = source::read_vm(
+            &self.vm,
+            only,
+            self.credentials_dir.as_deref(),
+            if resend_for_owed {
+                &no_digests
+            } else {
+                &guest.held
+            },
+            deadline,
+        )
+        .await;
         let mut outcomes: BTreeMap<String, CredentialOutcome> = BTreeMap::new();
         for (name, e) in &errors {
             outcomes.insert(
@@ -499,19 +515,14 @@ impl VmTask {
             self.cred_state
                 .insert(name.clone(), (state, Some(e.to_string())));
         }
-        // An explicit rotate while the guest owes unit actions resends
-        // the same bytes under a new generation: the guest retries what it
-        // owes on every Apply, and the report then says whether that
-        // worked. Other syncs leave the retrying to the guest.
-        let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
         let mut upserts = Vec::new();
-        for (name, v) in &values {
-            let current = guest.held.get(name) == Some(&v.digest);
-            if current && !resend_for_owed {
-                outcomes.insert(name.clone(), outcome(name, Outcome::Unchanged, None));
-                self.cred_state
-                    .insert(name.clone(), (CredState::Applied, None));
-            } else {
+        for (name, f) in &values {
+            let current = guest.held.get(name) == Some(&f.digest());
+            let v = match f {
+                source::Fetched::Value(v) if !current || resend_for_owed => Some(v),
+                _ => None,
+            };
+            if let Some(v) = v {
                 upserts.push(pb::Credential {
                     name: name.clone(),
                     // This copy lives only for the duration of the call;
@@ -519,6 +530,10 @@ impl VmTask {
                     value: v.bytes.to_vec(),
                     sha256: v.digest.to_vec(),
                 });
+            } else {
+                outcomes.insert(name.clone(), outcome(name, Outcome::Unchanged, None));
+                self.cred_state
+                    .insert(name.clone(), (CredState::Applied, None));
             }
         }
         let removals: Vec<String> = if only.is_empty() {
@@ -532,8 +547,10 @@ impl VmTask {
         } else {
             Vec::new()
         };
-        let digests: BTreeMap<String, [u8; 32]> =
-            values.iter().map(|(n, v)| (n.clone(), v.digest)).collect();
+        let digests: BTreeMap<String, [u8; 32]> = values
+            .iter()
+            .map(|(n, f)| (n.clone(), f.digest()))
+            .collect();
         drop(values);
 
         if upserts.is_empty() && removals.is_empty() {

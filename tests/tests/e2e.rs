@@ -250,11 +250,14 @@ fn read_only_mount_readers_never_see_torn_values_and_mount_stays_read_only() {
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();
     w.wait_for_guest_value(VM, "ROT", &v(0), T).unwrap();
-    assert!(w
-        .guest_mount_options(VM)
-        .unwrap()
-        .split(',')
-        .any(|o| o == "ro"));
+    // The file is visible from its rename; the guest remounts read-only
+    // right after, before it acknowledges.
+    wait_until(T, || {
+        w.guest_mount_options(VM)
+            .map(|o| o.split(',').any(|o| o == "ro"))
+            .unwrap_or(false)
+    })
+    .expect("read-only again after the initial sync");
 
     let path = w.guest_view(VM).unwrap().join("ROT");
     let valid: Vec<Vec<u8>> = (0..=20).map(v).collect();
