@@ -515,21 +515,14 @@ impl VmTask {
             self.cred_state
                 .insert(name.clone(), (state, Some(e.to_string())));
         }
-        let mut upserts = Vec::new();
+        // The names to push; their bytes stay in the zeroizing buffers
+        // until a request is built (once per try).
+        let mut push: Vec<String> = Vec::new();
         for (name, f) in &values {
             let current = guest.held.get(name) == Some(&f.digest());
-            let v = match f {
-                source::Fetched::Value(v) if !current || resend_for_owed => Some(v),
-                _ => None,
-            };
-            if let Some(v) = v {
-                upserts.push(pb::Credential {
-                    name: name.clone(),
-                    // This copy lives only for the duration of the call;
-                    // prost messages cannot be zeroizing (see ARCHITECTURE.md).
-                    value: v.bytes.to_vec(),
-                    sha256: v.digest.to_vec(),
-                });
+            let has_bytes = matches!(f, source::Fetched::Value(_));
+            if has_bytes && (!current || resend_for_owed) {
+                push.push(name.clone());
             } else {
                 outcomes.insert(name.clone(), outcome(name, Outcome::Unchanged, None));
                 self.cred_state
@@ -541,7 +534,7 @@ impl VmTask {
                 .held
                 .keys()
                 .filter(|n| !self.vm.credentials.contains_key(*n))
-                .take(rules::MAX_CREDENTIALS_PER_MESSAGE.saturating_sub(upserts.len()))
+                .take(rules::MAX_CREDENTIALS_PER_MESSAGE.saturating_sub(push.len()))
                 .cloned()
                 .collect()
         } else {
@@ -551,9 +544,8 @@ impl VmTask {
             .iter()
             .map(|(n, f)| (n.clone(), f.digest()))
             .collect();
-        drop(values);
 
-        if upserts.is_empty() && removals.is_empty() {
+        if push.is_empty() && removals.is_empty() {
             report.applied = errors.is_empty() && guest.owed.is_empty();
             if !guest.owed.is_empty() {
                 report.error = Some(owed_error(&guest.owed));
@@ -574,17 +566,29 @@ impl VmTask {
         };
         self.update(|s| s.generation_sent = generation);
         report.generation = generation;
-        let names: Vec<String> = upserts.iter().map(|c| c.name.clone()).collect();
+        let names = push;
         info!(vm = %self.vm.name, generation, push = ?names, remove = ?removals, "pushing to guest");
-        let req = pb::ApplyRequest {
+        let request = || pb::ApplyRequest {
             generation,
-            upserts,
+            upserts: names
+                .iter()
+                .filter_map(|n| match values.get(n) {
+                    Some(source::Fetched::Value(v)) => Some(pb::Credential {
+                        name: n.clone(),
+                        // This copy lives only for the duration of the
+                        // call; prost messages cannot be zeroizing (see
+                        // ARCHITECTURE.md).
+                        value: v.bytes.to_vec(),
+                        sha256: v.digest.to_vec(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
             removals: removals.clone(),
         };
         let mut busy = 0u32;
         let reply = loop {
-            let sent =
-                tokio::time::timeout(self.timing.rpc_timeout, client.apply(req.clone())).await;
+            let sent = tokio::time::timeout(self.timing.rpc_timeout, client.apply(request())).await;
             let status = match sent {
                 Err(_) => return Err(format!("Apply of generation {generation} timed out")),
                 Ok(Ok(r)) => break r.into_inner(),
@@ -612,7 +616,7 @@ impl VmTask {
                 }
                 _ => return Err(format!("Apply failed: {msg}")),
             };
-            drop(req);
+            drop(values);
             warn!(vm = %self.vm.name, generation, error = %refusal, "push not applied");
             for n in names.iter().chain(removals.iter()) {
                 outcomes.insert(
@@ -632,7 +636,7 @@ impl VmTask {
             self.finish(&report, guest);
             return Ok(report);
         };
-        drop(req);
+        drop(values);
 
         // A claim: shown, compared with what we sent, never adopted.
         guest.applied = reply.applied_generation;
