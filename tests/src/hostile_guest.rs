@@ -11,11 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +51,11 @@ pub enum Mode {
     WrongAck,
     /// Completes TLS, then closes the connection at once.
     CloseAfterTls,
+    /// Resets the connection in the middle of an Apply, after applying it
+    /// (the acknowledgement is lost).
+    ResetMidApply,
+    /// Answers Hello with a message over the host's decode limit.
+    Oversized,
 }
 
 /// What the double holds and what it saw.
@@ -65,6 +73,8 @@ pub struct State {
 pub struct HostileGuest {
     pub state: Arc<Mutex<State>>,
     pub accepts: Arc<AtomicUsize>,
+    /// Connections reset by `ResetMidApply`.
+    pub resets: Arc<AtomicUsize>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -98,8 +108,13 @@ impl HostileGuest {
         let accepts = Arc::new(AtomicUsize::new(0));
         let acceptor = TlsAcceptor::from(server_config()?);
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Accepted<_>>>(8);
+        // The cutter of the newest connection, which Apply may cut.
+        let current: Arc<Mutex<Arc<Cutter>>> = Arc::new(Mutex::new(Arc::new(Cutter::default())));
+        let resets = Arc::new(AtomicUsize::new(0));
         let svc = Double {
             state: state.clone(),
+            current: current.clone(),
+            resets: resets.clone(),
         };
         rt.spawn(
             tonic::transport::Server::builder()
@@ -115,6 +130,7 @@ impl HostileGuest {
             while let Ok((s, _)) = listener.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
                 let (acceptor, tx, st) = (acceptor.clone(), tx.clone(), st.clone());
+                let current = current.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(s).await else {
                         return;
@@ -127,13 +143,20 @@ impl HostileGuest {
                         drop(tls);
                         return;
                     }
-                    let _ = tx.send(Ok(Accepted::new(tls))).await;
+                    let cutter = Arc::new(Cutter::default());
+                    if let Ok(mut c) = current.lock() {
+                        *c = cutter.clone();
+                    }
+                    let _ = tx
+                        .send(Ok(Accepted::new(Cuttable { inner: tls, cutter })))
+                        .await;
                 });
             }
         });
         Ok(HostileGuest {
             state,
             accepts,
+            resets,
             rt: Some(rt),
         })
     }
@@ -165,6 +188,82 @@ impl HostileGuest {
     }
 }
 
+/// Cuts every live connection when `ResetMidApply` asks: reads and writes
+/// then fail, and the parked read is woken so the failure is seen at once.
+#[derive(Default)]
+struct Cutter {
+    cut: std::sync::atomic::AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Cutter {
+    fn cut_all(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut w) = self.wakers.lock() {
+            for w in w.drain(..) {
+                w.wake();
+            }
+        }
+    }
+    fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+}
+
+struct Cuttable<S> {
+    inner: S,
+    cutter: Arc<Cutter>,
+}
+
+fn reset() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "reset by the hostile guest",
+    )
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Cuttable<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.cutter.is_cut() {
+            return Poll::Ready(Err(reset()));
+        }
+        if let Ok(mut w) = me.cutter.wakers.lock() {
+            w.retain(|w| !w.will_wake(cx.waker()));
+            w.push(cx.waker().clone());
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if me.cutter.is_cut() {
+            return Poll::Ready(Err(reset()));
+        }
+        Pin::new(&mut me.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.cutter.is_cut() {
+            return Poll::Ready(Err(reset()));
+        }
+        Pin::new(&mut me.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// A certificate of its own; the host accepts any.
 fn server_config() -> Result<Arc<rustls::ServerConfig>> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -184,6 +283,8 @@ fn server_config() -> Result<Arc<rustls::ServerConfig>> {
 
 struct Double {
     state: Arc<Mutex<State>>,
+    current: Arc<Mutex<Arc<Cutter>>>,
+    resets: Arc<AtomicUsize>,
 }
 
 fn junk_names() -> Vec<String> {
@@ -252,6 +353,17 @@ impl Guest for Double {
                     owed_units: flood_units(2000),
                 }
             }
+            Mode::Oversized => HelloReply {
+                applied_generation: st.applied,
+                held: (0..40_000)
+                    .map(|i| Held {
+                        name: format!("N{i:063}"),
+                        sha256: vec![0; 32],
+                    })
+                    .collect(),
+                guest_version: "oversized".into(),
+                owed_units: Vec::new(),
+            },
             Mode::Owes(units) => HelloReply {
                 applied_generation: st.applied,
                 held: held(&st),
@@ -360,6 +472,14 @@ impl Guest for Double {
                 reply.owed_units = flood_units(800);
             }
             Mode::WrongAck => reply.applied_generation = u64::MAX,
+            Mode::ResetMidApply => {
+                self.resets.fetch_add(1, Ordering::SeqCst);
+                if let Ok(c) = self.current.lock() {
+                    c.cut_all();
+                }
+                // The answer never leaves: the connection is gone.
+                return Err(Status::unavailable("reset"));
+            }
             Mode::Owes(units) => {
                 reply.owed_units = units
                     .iter()

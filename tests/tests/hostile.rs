@@ -388,3 +388,39 @@ fn a_fifo_source_is_reported_and_the_vm_goes_on() {
     good_still_rotates(&mut w, b"good-2");
     w.stop_host().expect("SIGTERM still stops the agent");
 }
+
+#[test]
+fn a_reset_mid_apply_is_a_lost_connection_resolved_by_what_the_guest_holds() {
+    let (mut w, bad) = world(Mode::Honest);
+    wait_until(T, || bad.held("S").is_some()).unwrap();
+    let accepts = bad.accepts.load(std::sync::atomic::Ordering::SeqCst);
+    bad.set_mode(Mode::ResetMidApply);
+    w.set_secret(BAD, "S", b"bad-2", false).unwrap();
+    // The guest applies, then the connection dies before the answer: the
+    // host redials, sees the guest holds the new value, and only then
+    // reports the rotation applied.
+    let out = w.rotate(BAD, &["S"], "30s").unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(bad.resets.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(bad.accepts.load(std::sync::atomic::Ordering::SeqCst) > accepts);
+    assert_eq!(bad.held("S").unwrap(), b"bad-2");
+    good_still_rotates(&mut w, b"good-2");
+}
+
+#[test]
+fn an_oversized_reply_costs_only_its_own_vm() {
+    let (mut w, bad) = world(Mode::Oversized);
+    let mut st = serde_json::Value::Null;
+    wait_until(T, || {
+        st = status_of(&w, BAD);
+        st["last_error"].is_string() && st["connected"] == false
+    })
+    .unwrap();
+    let e = st["last_error"].as_str().unwrap();
+    assert!(e.chars().count() < 2100, "{e}");
+    assert_escaped(e);
+    assert!(bad.held("S").is_none());
+    good_still_rotates(&mut w, b"good-2");
+    let out = w.rotate(BAD, &["S"], "2s").unwrap();
+    assert!(!out.status.success());
+}
