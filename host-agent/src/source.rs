@@ -252,7 +252,8 @@ where
     }
     let done = Arc::new(AtomicBool::new(false));
     let (done2, path2) = (done.clone(), path.clone());
-    let task = tokio::task::spawn_blocking(move || {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let submitted = readers::submit(Box::new(move || {
         let r = f();
         // Under the lock, so that a timeout cannot mark the path blocked
         // after this read has finished.
@@ -260,13 +261,19 @@ where
             done2.store(true, Ordering::SeqCst);
             b.remove(&path2);
         }
-        r
-    });
-    match tokio::time::timeout(deadline, task).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(SourceError::Unreadable {
+        let _ = tx.send(r);
+    }));
+    if let Err(why) = submitted {
+        return Err(SourceError::Unreadable {
             source_desc: desc,
-            why: format!("the reader thread failed: {e}"),
+            why,
+        });
+    }
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(SourceError::Unreadable {
+            source_desc: desc,
+            why: "the reader thread failed".into(),
         }),
         Err(_) => {
             if let Ok(mut b) = BLOCKED.lock() {
@@ -279,6 +286,77 @@ where
                 after: deadline,
             })
         }
+    }
+}
+
+/// The threads that open and read sources. Not tokio's blocking pool: the
+/// runtime waits for its threads at shutdown, so one read parked on a hung
+/// mount would keep SIGTERM from stopping the agent. These threads are
+/// detached and die with the process. The pool grows by one when no reader
+/// is idle (a hung read keeps its thread), up to [`MAX_READERS`]; past
+/// that, reads fail at once instead of queueing without bound.
+mod readers {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+    pub type Job = Box<dyn FnOnce() + Send>;
+    /// Reader threads at most: each hung source path holds one.
+    pub const MAX_READERS: usize = 64;
+
+    struct Pool {
+        tx: Mutex<mpsc::Sender<Job>>,
+        rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+        idle: Arc<AtomicUsize>,
+        total: AtomicUsize,
+    }
+
+    fn pool() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            Pool {
+                tx: Mutex::new(tx),
+                rx: Arc::new(Mutex::new(rx)),
+                idle: Arc::new(AtomicUsize::new(0)),
+                total: AtomicUsize::new(0),
+            }
+        })
+    }
+
+    pub fn submit(job: Job) -> Result<(), String> {
+        let p = pool();
+        if p.idle.load(Ordering::SeqCst) == 0 {
+            let n = p.total.fetch_add(1, Ordering::SeqCst);
+            if n >= MAX_READERS {
+                p.total.fetch_sub(1, Ordering::SeqCst);
+                return Err(format!(
+                    "all {MAX_READERS} source reader threads are busy (hung mounts?)"
+                ));
+            }
+            let (rx, idle) = (p.rx.clone(), p.idle.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vmcred-source-{n}"))
+                .spawn(move || loop {
+                    idle.fetch_add(1, Ordering::SeqCst);
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    idle.fetch_sub(1, Ordering::SeqCst);
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                p.total.fetch_sub(1, Ordering::SeqCst);
+                return Err(format!("cannot start a source reader thread: {e}"));
+            }
+        }
+        p.tx.lock()
+            .map_err(|_| "the source reader pool is broken".to_string())?
+            .send(job)
+            .map_err(|_| "the source reader pool is gone".to_string())
     }
 }
 
@@ -487,6 +565,41 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&p, b"six").unwrap();
         assert!(matches!(fetch(Some(d2)), Fetched::Value(v) if &v.bytes[..] == b"six"));
+    }
+
+    #[test]
+    fn a_hung_read_does_not_keep_the_runtime_from_shutting_down() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_keep, gate) = std::sync::mpsc::channel::<()>();
+        let e = rt
+            .block_on(run_with_deadline(
+                PathBuf::from("/nonexistent/hung-at-shutdown"),
+                "hung".into(),
+                Duration::from_millis(20),
+                move || {
+                    // Parked for as long as the test lives.
+                    let _ = gate.recv();
+                    Err::<(), _>(SourceError::Missing {
+                        source_desc: "hung".into(),
+                    })
+                },
+            ))
+            .err()
+            .unwrap();
+        assert!(matches!(e, SourceError::TimedOut { .. }), "{e}");
+        // Dropping the runtime (what `serve` does on SIGTERM) must not
+        // wait for the parked read.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rt);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("runtime shutdown waited for a hung source read");
     }
 
     /// Waits (bounded) for a condition another thread makes true.
