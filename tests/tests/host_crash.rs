@@ -179,5 +179,18 @@ fn host_kill_9_mid_rotation_never_rolls_back_tears_or_lies() {
     }
     eprintln!("{} cycles, {acked} acknowledged before the kill", cycles());
     assert!(acked < cycles(), "no kill landed before an acknowledgement");
+    // No restarted host ever offered a generation the guest already had
+    // (it would have been refused as not newer, then retried higher).
+    let host_log = std::fs::read_to_string(&w.host_log).unwrap();
+    assert!(
+        !host_log.contains("not newer"),
+        "a restarted host reused a generation:\n{}",
+        host_log
+            .lines()
+            .filter(|l| l.contains("not newer"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     wait_until(T, || w.status_json().is_ok()).unwrap();
 }
