@@ -294,7 +294,9 @@ where
 /// mount would keep SIGTERM from stopping the agent. These threads are
 /// detached and die with the process. The pool grows by one when no reader
 /// is idle (a hung read keeps its thread), up to [`MAX_READERS`]; past
-/// that, reads fail at once instead of queueing without bound.
+/// that, reads queue, each still under its deadline. The queue is bounded
+/// by the number of source paths: a read that timed out marks its path
+/// blocked, and a blocked path is not submitted again until that read ran.
 mod readers {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -325,14 +327,14 @@ mod readers {
 
     pub fn submit(job: Job) -> Result<(), String> {
         let p = pool();
-        if p.idle.load(Ordering::SeqCst) == 0 {
-            let n = p.total.fetch_add(1, Ordering::SeqCst);
-            if n >= MAX_READERS {
-                p.total.fetch_sub(1, Ordering::SeqCst);
-                return Err(format!(
-                    "all {MAX_READERS} source reader threads are busy (hung mounts?)"
-                ));
-            }
+        let grow = p.idle.load(Ordering::SeqCst) == 0
+            && p.total
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < MAX_READERS).then_some(n + 1)
+                })
+                .is_ok();
+        if grow {
+            let n = p.total.load(Ordering::SeqCst);
             let (rx, idle) = (p.rx.clone(), p.idle.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vmcred-source-{n}"))
@@ -600,6 +602,28 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(30))
             .expect("runtime shutdown waited for a hung source read");
+    }
+
+    #[tokio::test]
+    async fn a_burst_beyond_the_reader_pool_queues_instead_of_failing() {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..(readers::MAX_READERS * 3) {
+            set.spawn(run_with_deadline(
+                PathBuf::from(format!("/nonexistent/burst-{i}")),
+                format!("burst-{i}"),
+                Duration::from_secs(60),
+                move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    Ok(i)
+                },
+            ));
+        }
+        let mut done = 0;
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+            done += 1;
+        }
+        assert_eq!(done, readers::MAX_READERS * 3);
     }
 
     /// Waits (bounded) for a condition another thread makes true.
