@@ -257,6 +257,9 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
     let mut credentials = BTreeMap::new();
     for (cname, rc) in rv.credentials {
         rules::validate_name(&cname).map_err(|e| e.to_string())?;
+        if rc.boot {
+            rules::validate_boot_name(&cname).map_err(|e| e.to_string())?;
+        }
         if cname == rules::BOOTSTRAP_CREDENTIAL {
             return Err(format!(
                 "credential name {cname:?} is reserved for vmcred's own bootstrap"

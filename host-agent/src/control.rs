@@ -42,13 +42,21 @@ pub struct VmStatus {
     /// Seconds since the Unix epoch of the last successful sync.
     pub last_sync: Option<u64>,
     pub credentials: Vec<CredentialStatus>,
+    /// Unit actions the guest reports it still owes (failed, retried by
+    /// the guest); bounded, with a final "… N more" entry when cut.
+    #[serde(default)]
+    pub owed_units: Vec<UnitOutcome>,
+    /// The guest agent's version as it reports it (escaped, bounded).
+    #[serde(default)]
+    pub guest_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialStatus {
     pub name: String,
     pub boot: bool,
-    /// `applied`, `pending`, `source-missing`, `error`.
+    /// `applied`, `pending`, `source-missing`, `source-error` (unreadable,
+    /// not a regular file, timed out), `error` (the guest refused it).
     pub state: String,
     pub error: Option<String>,
 }
@@ -79,6 +87,10 @@ pub struct RotateReport {
     pub credentials: Vec<CredentialOutcome>,
     pub units: Vec<UnitOutcome>,
     pub error: Option<String>,
+    /// Unit actions the guest still owes after this rotation; `applied` is
+    /// false while any is owed.
+    #[serde(default)]
+    pub owed_units: Vec<UnitOutcome>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,10 +1,22 @@
 //! Reading credential values on the host. Values go straight into zeroizing
 //! buffers and are bounded while reading, so a runaway source (a device, a
 //! huge file) costs at most 1 MiB + 1 byte.
+//!
+//! A source may hang: a FIFO, a hung FUSE or NFS mount. Files are opened
+//! with `O_NONBLOCK` (a FIFO then opens at once and is refused by `fstat`
+//! as not a regular file), and every read runs on a blocking thread under
+//! a deadline, so a hung `open()` or `read()` costs one parked thread and
+//! a `timed out` error for that credential, never the VM's task or the
+//! runtime. While a read of a path is still hung, later reads of the same
+//! path fail at once instead of parking another thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use thiserror::Error;
 use vmcred_proto::rules::{self, MAX_CREDENTIAL_BYTES};
@@ -20,6 +32,13 @@ pub enum SourceError {
     Unreadable { source_desc: String, why: String },
     #[error("source {source_desc} is not a regular file")]
     NotAFile { source_desc: String },
+    #[error("reading source {source_desc} timed out after {after:?} (a hung mount or a FIFO?); the guest keeps the value it has")]
+    TimedOut {
+        source_desc: String,
+        after: Duration,
+    },
+    #[error("source {source_desc}: an earlier read is still blocked (a hung mount?); the guest keeps the value it has")]
+    StillBlocked { source_desc: String },
     #[error("$CREDENTIALS_DIRECTORY is not set, but credential {name} is configured as credential = \"{id}\"; add LoadCredential={id}:SOURCE to vmcred-host.service")]
     NoCredentialsDirectory { name: String, id: String },
     #[error(transparent)]
@@ -50,9 +69,101 @@ pub fn resolve(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Path
 /// Reads one credential. Symlinks are followed on purpose: sops-nix and
 /// clan publish secrets as links into a generation directory.
 pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, SourceError> {
+    match read_if_changed(cred, credentials_dir, None)? {
+        Fetched::Value(v) => Ok(v),
+        // `known: None` always reads.
+        Fetched::Unchanged { .. } => Err(SourceError::Unreadable {
+            source_desc: cred.source.to_string(),
+            why: "internal: a forced read returned no bytes".into(),
+        }),
+    }
+}
+
+/// One credential as a sync sees it: its bytes, or only its digest when
+/// the file is the same version as one already read whose digest the
+/// guest holds.
+pub enum Fetched {
+    Value(Value),
+    Unchanged { digest: [u8; 32], len: usize },
+}
+
+impl Fetched {
+    pub fn digest(&self) -> [u8; 32] {
+        match self {
+            Fetched::Value(v) => v.digest,
+            Fetched::Unchanged { digest, .. } => *digest,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Fetched::Value(v) => v.bytes.len(),
+            Fetched::Unchanged { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What identifies one version of a file without reading it. A file
+/// replaced by rename (sops-nix, clan, `install`) gets a new inode; one
+/// rewritten in place gets a new mtime and ctime (nanoseconds on tmpfs,
+/// ext4, xfs, btrfs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// The digest of the version of each source path last read, shared by
+/// every VM, so a source several VMs use is read once per change.
+static DIGESTS: Mutex<BTreeMap<PathBuf, (Stamp, [u8; 32])>> = Mutex::new(BTreeMap::new());
+/// Entries kept at most; past it the cache starts over (paths of
+/// credentials since removed from the config would otherwise stay).
+const MAX_CACHED: usize = 65_536;
+/// Full reads done, for tests and benchmarks.
+static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a source's bytes were read by this process.
+pub fn reads() -> u64 {
+    READS.load(Ordering::Relaxed)
+}
+
+/// Opens the source (never blocking on a FIFO), and reads it unless its
+/// stamp is that of the version last read and that version's digest is
+/// `known` (what the guest holds): then only the digest is returned.
+pub fn read_if_changed(
+    cred: &Credential,
+    credentials_dir: Option<&Path>,
+    known: Option<[u8; 32]>,
+) -> Result<Fetched, SourceError> {
     let path = resolve(cred, credentials_dir)?;
     let desc = cred.source.to_string();
-    let file = match std::fs::File::open(&path) {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer. It changes
+    // nothing for a regular file, the only kind read.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(SourceError::Missing { source_desc: desc })
@@ -71,9 +182,21 @@ pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, 
     if !meta.is_file() {
         return Err(SourceError::NotAFile { source_desc: desc });
     }
+    let stamp = Stamp::of(&meta);
+    if let Some(known) = known {
+        let cached = DIGESTS.lock().ok().and_then(|c| c.get(&path).copied());
+        if cached == Some((stamp, known)) {
+            rules::validate_size(&cred.name, meta.len() as usize)?;
+            return Ok(Fetched::Unchanged {
+                digest: known,
+                len: meta.len() as usize,
+            });
+        }
+    }
     let mut bytes = Zeroizing::new(Vec::with_capacity(
         (meta.len() as usize).min(MAX_CREDENTIAL_BYTES) + 1,
     ));
+    READS.fetch_add(1, Ordering::Relaxed);
     file.take(MAX_CREDENTIAL_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| SourceError::Unreadable {
@@ -82,35 +205,207 @@ pub fn read(cred: &Credential, credentials_dir: Option<&Path>) -> Result<Value, 
         })?;
     rules::validate_size(&cred.name, bytes.len())?;
     let digest = rules::digest(&bytes);
-    Ok(Value { bytes, digest })
+    // The stamp is from before the read: a write during it changes the
+    // stamp, so the next sync reads again.
+    if let Ok(mut c) = DIGESTS.lock() {
+        if c.len() >= MAX_CACHED && !c.contains_key(&path) {
+            c.clear();
+        }
+        c.insert(path, (stamp, digest));
+    }
+    Ok(Fetched::Value(Value { bytes, digest }))
 }
 
-/// Reads the named credentials of a VM (all when `only` is empty). Values
-/// that cannot be read are reported per name, not fatal: a late credential
-/// whose file does not exist yet must not block the others.
-pub fn read_vm(
+/// Paths whose read is parked on a hung source.
+static BLOCKED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Reads one credential (see [`read_if_changed`]) on a blocking thread,
+/// giving up after `deadline`.
+pub async fn read_with_deadline(
+    cred: &Credential,
+    credentials_dir: Option<&Path>,
+    known: Option<[u8; 32]>,
+    deadline: Duration,
+) -> Result<Fetched, SourceError> {
+    let path = resolve(cred, credentials_dir)?;
+    let cred = cred.clone();
+    let dir = credentials_dir.map(Path::to_path_buf);
+    run_with_deadline(path, cred.source.to_string(), deadline, move || {
+        read_if_changed(&cred, dir.as_deref(), known)
+    })
+    .await
+}
+
+/// Runs `f` (a read of `path`) on a blocking thread under `deadline`.
+async fn run_with_deadline<T, F>(
+    path: PathBuf,
+    desc: String,
+    deadline: Duration,
+    f: F,
+) -> Result<T, SourceError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, SourceError> + Send + 'static,
+{
+    if BLOCKED.lock().map(|b| b.contains(&path)).unwrap_or(false) {
+        return Err(SourceError::StillBlocked { source_desc: desc });
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let (done2, path2) = (done.clone(), path.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let submitted = readers::submit(Box::new(move || {
+        let r = f();
+        // Under the lock, so that a timeout cannot mark the path blocked
+        // after this read has finished.
+        if let Ok(mut b) = BLOCKED.lock() {
+            done2.store(true, Ordering::SeqCst);
+            b.remove(&path2);
+        }
+        let _ = tx.send(r);
+    }));
+    if let Err(why) = submitted {
+        return Err(SourceError::Unreadable {
+            source_desc: desc,
+            why,
+        });
+    }
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(SourceError::Unreadable {
+            source_desc: desc,
+            why: "the reader thread failed".into(),
+        }),
+        Err(_) => {
+            if let Ok(mut b) = BLOCKED.lock() {
+                if !done.load(Ordering::SeqCst) {
+                    b.insert(path);
+                }
+            }
+            Err(SourceError::TimedOut {
+                source_desc: desc,
+                after: deadline,
+            })
+        }
+    }
+}
+
+/// The threads that open and read sources. Not tokio's blocking pool: the
+/// runtime waits for its threads at shutdown, so one read parked on a hung
+/// mount would keep SIGTERM from stopping the agent. These threads are
+/// detached and die with the process. The pool grows by one when no reader
+/// is idle (a hung read keeps its thread), up to [`MAX_READERS`]; past
+/// that, reads queue, each still under its deadline. The queue is bounded
+/// by the number of source paths: a read that timed out marks its path
+/// blocked, and a blocked path is not submitted again until that read ran.
+mod readers {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+    pub type Job = Box<dyn FnOnce() + Send>;
+    /// Reader threads at most: each hung source path holds one.
+    pub const MAX_READERS: usize = 64;
+
+    struct Pool {
+        tx: Mutex<mpsc::Sender<Job>>,
+        rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+        idle: Arc<AtomicUsize>,
+        total: AtomicUsize,
+    }
+
+    fn pool() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            Pool {
+                tx: Mutex::new(tx),
+                rx: Arc::new(Mutex::new(rx)),
+                idle: Arc::new(AtomicUsize::new(0)),
+                total: AtomicUsize::new(0),
+            }
+        })
+    }
+
+    pub fn submit(job: Job) -> Result<(), String> {
+        let p = pool();
+        let grow = p.idle.load(Ordering::SeqCst) == 0
+            && p.total
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < MAX_READERS).then_some(n + 1)
+                })
+                .is_ok();
+        if grow {
+            let n = p.total.load(Ordering::SeqCst);
+            let (rx, idle) = (p.rx.clone(), p.idle.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vmcred-source-{n}"))
+                .spawn(move || loop {
+                    idle.fetch_add(1, Ordering::SeqCst);
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    idle.fetch_sub(1, Ordering::SeqCst);
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                p.total.fetch_sub(1, Ordering::SeqCst);
+                return Err(format!("cannot start a source reader thread: {e}"));
+            }
+        }
+        p.tx.lock()
+            .map_err(|_| "the source reader pool is broken".to_string())?
+            .send(job)
+            .map_err(|_| "the source reader pool is gone".to_string())
+    }
+}
+
+/// Reads the named credentials of a VM (all when `only` is empty), each
+/// on its own blocking thread under `deadline`; a credential whose file is
+/// unchanged since it was last read and whose digest is in `known` (what
+/// the guest holds) is not read again. Values that cannot be read are
+/// reported per name, not fatal: a late credential whose file does not
+/// exist yet, or a hung one, must not block the others.
+pub async fn read_vm(
     vm: &Vm,
     only: &[String],
     credentials_dir: Option<&Path>,
-) -> (BTreeMap<String, Value>, BTreeMap<String, SourceError>) {
+    known: &BTreeMap<String, [u8; 32]>,
+    deadline: Duration,
+) -> (BTreeMap<String, Fetched>, BTreeMap<String, SourceError>) {
     let mut values = BTreeMap::new();
     let mut errors = BTreeMap::new();
+    let mut reads = tokio::task::JoinSet::new();
     for (name, cred) in &vm.credentials {
         if !only.is_empty() && !only.contains(name) {
             continue;
         }
-        match read(cred, credentials_dir) {
-            Ok(v) => {
-                values.insert(name.clone(), v);
+        let (name, cred) = (name.clone(), cred.clone());
+        let dir = credentials_dir.map(Path::to_path_buf);
+        let known = known.get(&name).copied();
+        reads.spawn(async move {
+            let r = read_with_deadline(&cred, dir.as_deref(), known, deadline).await;
+            (name, r)
+        });
+    }
+    while let Some(joined) = reads.join_next().await {
+        match joined {
+            Ok((name, Ok(v))) => {
+                values.insert(name, v);
             }
-            Err(e) => {
-                errors.insert(name.clone(), e);
+            Ok((name, Err(e))) => {
+                errors.insert(name, e);
             }
+            // Only a panic in our own code; the name is lost with it, and
+            // the caller reports it as "not read".
+            Err(_) => {}
         }
     }
     // The guest's mount holds 1 MiB in all: refuse a set that cannot fit,
     // before any byte of it leaves the host.
-    if let Err(e) = rules::validate_total(values.values().map(|v| v.bytes.len())) {
+    if let Err(e) = rules::validate_total(values.values().map(Fetched::len)) {
         for name in values.keys() {
             errors.insert(name.clone(), SourceError::Rule(e.clone()));
         }
@@ -169,5 +464,176 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("1 MiB"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_fifo_is_refused_at_once_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever opens it: a blocking open() would hang forever.
+        let e = read_with_deadline(
+            &cred("A", Source::Path(fifo.clone())),
+            None,
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::NotAFile { .. }), "{e}");
+        // A symlink to a regular file is still followed (sops-nix layout).
+        std::fs::write(d.path().join("real"), b"v").unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+        let v = read_with_deadline(
+            &cred("A", Source::Path(d.path().join("link"))),
+            None,
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(v, Fetched::Value(v) if &v.bytes[..] == b"v"));
+    }
+
+    #[tokio::test]
+    async fn a_hung_read_times_out_and_is_not_stacked() {
+        let path = PathBuf::from("/nonexistent/hung-source-test");
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let e = run_with_deadline(
+            path.clone(),
+            "hung".into(),
+            Duration::from_millis(50),
+            move || {
+                let _ = gate.recv();
+                Err::<(), _>(SourceError::Missing {
+                    source_desc: "hung".into(),
+                })
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::TimedOut { .. }), "{e}");
+        assert!(e.to_string().contains("timed out"), "{e}");
+        // While the first read is parked, the path is not read again.
+        let e = run_with_deadline(path.clone(), "hung".into(), Duration::from_secs(30), || {
+            Err::<(), _>(SourceError::Unreadable {
+                source_desc: "x".into(),
+                why: "must not run while an earlier read is blocked".into(),
+            })
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::StillBlocked { .. }), "{e}");
+        // Once the hung read returns, the path is usable again.
+        release.send(()).unwrap();
+        vmcred_wait(|| !BLOCKED.lock().unwrap().contains(&path)).await;
+        let e = run_with_deadline(path, "x".into(), Duration::from_secs(30), || {
+            Err::<(), _>(SourceError::Missing {
+                source_desc: "x".into(),
+            })
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, SourceError::Missing { .. }), "{e}");
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_read_again_and_every_kind_of_change_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, b"one").unwrap();
+        let c = cred("A", Source::Path(p.clone()));
+        let fetch = |known| read_if_changed(&c, None, known).unwrap();
+        let first = fetch(None);
+        assert!(matches!(first, Fetched::Value(_)));
+        let d1 = first.digest();
+        // Same file, the guest holds its digest: no read.
+        assert!(matches!(fetch(Some(d1)), Fetched::Unchanged { digest, len: 3 } if digest == d1));
+        // The guest holds something else: the bytes are needed.
+        assert!(matches!(fetch(Some([0; 32])), Fetched::Value(_)));
+        // Replaced by rename (new inode), same size and content length.
+        let tmp = d.path().join("s.new");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let f = fetch(Some(d1));
+        assert!(matches!(&f, Fetched::Value(v) if &v.bytes[..] == b"two"));
+        let d2 = f.digest();
+        assert!(matches!(fetch(Some(d2)), Fetched::Unchanged { .. }));
+        // Rewritten in place, same size.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"six").unwrap();
+        assert!(matches!(fetch(Some(d2)), Fetched::Value(v) if &v.bytes[..] == b"six"));
+    }
+
+    #[test]
+    fn a_hung_read_does_not_keep_the_runtime_from_shutting_down() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_keep, gate) = std::sync::mpsc::channel::<()>();
+        let e = rt
+            .block_on(run_with_deadline(
+                PathBuf::from("/nonexistent/hung-at-shutdown"),
+                "hung".into(),
+                Duration::from_millis(20),
+                move || {
+                    // Parked for as long as the test lives.
+                    let _ = gate.recv();
+                    Err::<(), _>(SourceError::Missing {
+                        source_desc: "hung".into(),
+                    })
+                },
+            ))
+            .err()
+            .unwrap();
+        assert!(matches!(e, SourceError::TimedOut { .. }), "{e}");
+        // Dropping the runtime (what `serve` does on SIGTERM) must not
+        // wait for the parked read.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rt);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("runtime shutdown waited for a hung source read");
+    }
+
+    #[tokio::test]
+    async fn a_burst_beyond_the_reader_pool_queues_instead_of_failing() {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..(readers::MAX_READERS * 3) {
+            set.spawn(run_with_deadline(
+                PathBuf::from(format!("/nonexistent/burst-{i}")),
+                format!("burst-{i}"),
+                Duration::from_secs(60),
+                move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    Ok(i)
+                },
+            ));
+        }
+        let mut done = 0;
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+            done += 1;
+        }
+        assert_eq!(done, readers::MAX_READERS * 3);
+    }
+
+    /// Waits (bounded) for a condition another thread makes true.
+    async fn vmcred_wait(mut f: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not met within 10 s");
     }
 }

@@ -2,10 +2,13 @@
 //! push every change and answer rotations with the guest's acknowledgement.
 //!
 //! The task owns the connection; everything else talks to it through a
-//! channel (`Command`) and reads its `VmStatus`. The guest is treated as
-//! untrusted input: its replies are bounded by the gRPC message limit,
-//! every call has a deadline, and any string from it is sanitised before it
-//! reaches a log line or a `rotate` report.
+//! channel (`Command`) and reads its `VmStatus`. The guest is untrusted:
+//! its replies are bounded by the gRPC message limit, every call has a
+//! deadline, what it says it applied is a claim that is shown but never
+//! becomes the host's counter (see `generations`), every list it sends is
+//! cut to a fixed count and every string to a fixed length (see
+//! [`bound`]) and escaped ([`guest_text`]) before it reaches a log line,
+//! `status` or a `rotate` report.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
+use tonic::Code;
 use tracing::{debug, info, warn};
+use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
 use vmcred_proto::rpc::GuestClient;
 use vmcred_proto::{rules, tls, transport};
@@ -24,12 +29,40 @@ use crate::control::{CredentialOutcome, CredentialStatus, RotateReport, UnitOutc
 use crate::generations::Generations;
 use crate::source;
 
+/// First back-off ceiling after a failed dial or a session that ended
+/// before the guest was in sync.
 const BACKOFF_START: Duration = Duration::from_millis(250);
+/// Shortest wait between two dials, whatever the jitter draws: a guest
+/// that accepts and closes at once must not cost a core.
+const BACKOFF_FLOOR: Duration = Duration::from_millis(20);
 /// How often a connected VM is asked `Hello`, to notice a dead connection
 /// (cloud-hypervisor does not propagate half-close).
 const KEEPALIVE: Duration = Duration::from_secs(5);
-/// Longest guest-supplied string we keep.
-const MAX_GUEST_TEXT: usize = 300;
+/// Longest source read before that credential is reported `timed out`.
+const SOURCE_DEADLINE: Duration = Duration::from_secs(10);
+/// How often an Apply the guest answered ABORTED (its store is busy) is
+/// sent again, with the same generation and content, on the same
+/// connection, before the rotation is reported as not applied.
+const APPLY_BUSY_TRIES: u32 = 5;
+/// Wait before the first resend after ABORTED; grows linearly.
+const APPLY_BUSY_DELAY: Duration = Duration::from_millis(100);
+
+/// Bounds on what is kept from a guest's reply.
+pub mod bound {
+    /// Characters of one guest-supplied error or message.
+    pub const TEXT: usize = 300;
+    /// Characters of a unit name as the guest reports it.
+    pub const UNIT: usize = 256;
+    /// Characters of a unit action ("restart", "reload").
+    pub const ACTION: usize = 16;
+    /// Characters of the guest's version string.
+    pub const VERSION: usize = 64;
+    /// Unit results or owed unit actions kept from one reply; the rest
+    /// become one "… N more" entry.
+    pub const UNITS: usize = 64;
+    /// Characters of a VM's `last_error` in `status`.
+    pub const LAST_ERROR: usize = 2000;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -68,11 +101,13 @@ pub fn spawn(
         vm: vm.name.clone(),
         target: vm.target.to_string(),
         connected: false,
-        generation_sent: generations.get(&vm.name).unwrap_or(0),
+        generation_sent: generations.last_issued(&vm.name).unwrap_or(0),
         generation_applied: 0,
         last_error: None,
         last_sync: None,
         credentials: Vec::new(),
+        owed_units: Vec::new(),
+        guest_version: None,
     }));
     let handle = VmHandle {
         tx,
@@ -88,15 +123,17 @@ pub fn spawn(
         status,
         rx,
         cred_state: BTreeMap::new(),
+        retry_due: false,
     };
     tokio::spawn(task.run());
     handle
 }
 
-/// What we know of the guest's side.
+/// What the guest says it holds. All of it is a claim.
 struct GuestView {
     applied: u64,
     held: BTreeMap<String, [u8; 32]>,
+    owed: Vec<UnitOutcome>,
 }
 
 /// Why a session ended.
@@ -107,6 +144,78 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// What a sync is for: it decides whether owed unit actions are worth an
+/// Apply of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Connect,
+    Rotate,
+    Reload,
+    Poll,
+    /// A keepalive after a refused push.
+    Retry,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::Connect => "initial sync",
+            Why::Rotate => "rotate",
+            Why::Reload => "config reload",
+            Why::Poll => "poll",
+            Why::Retry => "retry after a refusal",
+        }
+    }
+}
+
+/// A credential's state as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CredState {
+    Applied,
+    SourceMissing,
+    SourceError,
+    Refused,
+}
+
+impl CredState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CredState::Applied => "applied",
+            CredState::SourceMissing => "source-missing",
+            CredState::SourceError => "source-error",
+            CredState::Refused => "error",
+        }
+    }
+}
+
+/// A credential's outcome in a rotate report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Written,
+    Unchanged,
+    Removed,
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Written => "written",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Removed => "removed",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+fn outcome(name: &str, o: Outcome, error: Option<String>) -> CredentialOutcome {
+    CredentialOutcome {
+        name: name.to_string(),
+        outcome: o.as_str().into(),
+        error,
+    }
+}
+
 struct VmTask {
     vm: Vm,
     timing: Timing,
@@ -115,41 +224,69 @@ struct VmTask {
     credentials_dir: Option<PathBuf>,
     status: Arc<Mutex<VmStatus>>,
     rx: mpsc::Receiver<Command>,
-    cred_state: BTreeMap<String, (String, Option<String>)>,
+    cred_state: BTreeMap<String, (CredState, Option<String>)>,
+    /// The last push was refused as busy (ABORTED) or as not newer
+    /// (FAILED_PRECONDITION): the next keepalive syncs instead of only
+    /// asking Hello, with a fresh, higher generation.
+    retry_due: bool,
 }
 
 type Pending = Vec<(Vec<String>, oneshot::Sender<RotateReport>)>;
 
+/// The wait before redial number `attempt` (0 = the first after a good
+/// session): "full jitter", uniform between [`BACKOFF_FLOOR`] and an
+/// exponential ceiling capped at `max`. VMs that went down together (a
+/// host restart) spread out instead of redialling in lockstep.
+pub fn backoff_delay(attempt: u32, max: Duration, rng: &mut fastrand::Rng) -> Duration {
+    let floor = BACKOFF_FLOOR.as_micros() as u64;
+    let ceiling = BACKOFF_START
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max)
+        .as_micros()
+        .min(u128::from(u64::MAX)) as u64;
+    Duration::from_micros(rng.u64(floor..=ceiling.max(floor)))
+}
+
 impl VmTask {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_START;
+        let mut attempt = 0u32;
+        let mut rng = fastrand::Rng::new();
         let mut pending: Pending = Vec::new();
         loop {
             match self.connect().await {
                 Ok(client) => {
-                    backoff = BACKOFF_START;
                     self.update(|s| {
                         s.connected = true;
                         s.last_error = None;
                     });
                     info!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
-                    let end = self.session(client, &mut pending).await;
+                    let mut synced = false;
+                    let end = self.session(client, &mut pending, &mut synced).await;
                     self.update(|s| s.connected = false);
+                    // Only a session that got the guest in sync resets the
+                    // back-off: a guest that accepts and hangs up at once
+                    // is treated like one that refuses.
+                    if synced {
+                        attempt = 0;
+                    }
                     match end {
                         SessionEnd::Stopped => return,
                         SessionEnd::Lost(e) => {
                             warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
-                            self.update(|s| s.last_error = Some(e));
+                            self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                         }
                     }
                 }
                 Err(e) => {
                     debug!(vm = %self.vm.name, error = %e, "guest agent not reachable");
-                    self.update(|s| s.last_error = Some(e));
+                    self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                 }
             }
             // Wait out the back-off, or less if someone needs us now.
-            let sleep = tokio::time::sleep(backoff);
+            let delay = backoff_delay(attempt, self.timing.backoff_max, &mut rng);
+            attempt = attempt.saturating_add(1);
+            debug!(vm = %self.vm.name, attempt, delay_ms = delay.as_millis() as u64, "redialling after back-off");
+            let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
@@ -169,7 +306,6 @@ impl VmTask {
                 }
             }
             pending.retain(|(_, reply)| !reply.is_closed());
-            backoff = (backoff * 2).min(self.timing.backoff_max);
         }
     }
 
@@ -215,9 +351,17 @@ impl VmTask {
                 }
             }
         }
+        let owed = bound_units(reply.owed_units);
+        let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
+        self.update(|s| {
+            s.generation_applied = reply.applied_generation;
+            s.owed_units = owed.clone();
+            s.guest_version = Some(version);
+        });
         Ok(GuestView {
             applied: reply.applied_generation,
             held,
+            owed,
         })
     }
 
@@ -225,18 +369,22 @@ impl VmTask {
         &mut self,
         mut client: GuestClient<Channel>,
         pending: &mut Pending,
+        synced: &mut bool,
     ) -> SessionEnd {
         let mut guest = match self.hello(&mut client).await {
             Ok(g) => g,
             Err(e) => return SessionEnd::Lost(e),
         };
-        self.update(|s| s.generation_applied = guest.applied);
-        match self.sync(&mut client, &mut guest, &[]).await {
-            Ok(r) => log_report(&r, "initial sync"),
+        match self.sync(&mut client, &mut guest, &[], Why::Connect).await {
+            Ok(r) => log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),
         }
+        *synced = true;
         for (creds, reply) in pending.drain(..) {
-            match self.sync(&mut client, &mut guest, &creds).await {
+            match self
+                .sync(&mut client, &mut guest, &creds, Why::Rotate)
+                .await
+            {
                 Ok(r) => {
                     let _ = reply.send(r);
                 }
@@ -259,14 +407,11 @@ impl VmTask {
                     // A launch during a session means the old connection
                     // belongs to a VM that is gone: find out now, not at the
                     // next keepalive.
-                    Some(Command::Wake) => self.hello(&mut client).await.map(|g| {
-                        guest.applied = g.applied;
-                        guest.held = g.held;
-                    }),
+                    Some(Command::Wake) => self.hello(&mut client).await.map(|g| guest = g),
                     Some(Command::Rotate { credentials, reply }) => {
-                        let r = self.sync(&mut client, &mut guest, &credentials).await;
+                        let r = self.sync(&mut client, &mut guest, &credentials, Why::Rotate).await;
                         if let Ok(report) = &r {
-                            log_report(report, "rotate");
+                            log_report(report, Why::Rotate);
                             let _ = reply.send(report.clone());
                         } else {
                             // Keep the caller waiting for the redial.
@@ -277,17 +422,18 @@ impl VmTask {
                     Some(Command::Reconfigure(vm, timing)) => {
                         self.vm = *vm;
                         self.timing = timing;
-                        self.sync(&mut client, &mut guest, &[]).await.map(|r| log_report(&r, "config reload"))
+                        self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| log_report(&r, Why::Reload))
                     }
                 },
                 _ = poll.tick(), if !self.timing.poll.is_zero() => {
-                    self.sync(&mut client, &mut guest, &[]).await.map(|r| log_report(&r, "poll"))
+                    self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| log_report(&r, Why::Poll))
                 }
                 _ = keepalive.tick() => {
-                    self.hello(&mut client).await.map(|g| {
-                        guest.applied = g.applied;
-                        guest.held = g.held;
-                    })
+                    if self.retry_due {
+                        self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| log_report(&r, Why::Retry))
+                    } else {
+                        self.hello(&mut client).await.map(|g| guest = g)
+                    }
                 }
             };
             if let Err(e) = result {
@@ -304,14 +450,20 @@ impl VmTask {
         client: &mut GuestClient<Channel>,
         guest: &mut GuestView,
         only: &[String],
+        why: Why,
     ) -> Result<RotateReport, String> {
+        self.retry_due = false;
         let mut report = RotateReport {
             vm: self.vm.name.clone(),
             applied: false,
-            generation: guest.applied,
+            generation: self
+                .generations
+                .last_issued(&self.vm.name)
+                .unwrap_or(guest.applied),
             credentials: Vec::new(),
             units: Vec::new(),
             error: None,
+            owed_units: guest.owed.clone(),
         };
         let unknown: Vec<&String> = only
             .iter()
@@ -323,52 +475,58 @@ impl VmTask {
                 self.vm.name,
                 unknown
                     .iter()
+                    .take(10)
                     .map(|n| format!("{:?}", rules::display_name(n)))
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
             return Ok(report);
         }
-        let (values, errors) = source::read_vm(&self.vm, only, self.credentials_dir.as_deref());
+        // An explicit rotate while the guest owes unit actions resends
+        // the same bytes under a new generation: the guest retries what it
+        // owes on every Apply, and the report then says whether that
+        // worked. Other syncs leave the retrying to the guest.
+        let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
+        let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
+        let no_digests = BTreeMap::new();
+        let (values, errors) = source::read_vm(
+            &self.vm,
+            only,
+            self.credentials_dir.as_deref(),
+            if resend_for_owed {
+                &no_digests
+            } else {
+                &guest.held
+            },
+            deadline,
+        )
+        .await;
         let mut outcomes: BTreeMap<String, CredentialOutcome> = BTreeMap::new();
         for (name, e) in &errors {
             outcomes.insert(
                 name.clone(),
-                CredentialOutcome {
-                    name: name.clone(),
-                    outcome: "failed".into(),
-                    error: Some(e.to_string()),
-                },
+                outcome(name, Outcome::Failed, Some(e.to_string())),
             );
             let state = if matches!(e, source::SourceError::Missing { .. }) {
-                "source-missing"
+                CredState::SourceMissing
             } else {
-                "error"
+                CredState::SourceError
             };
             self.cred_state
-                .insert(name.clone(), (state.into(), Some(e.to_string())));
+                .insert(name.clone(), (state, Some(e.to_string())));
         }
-        let mut upserts = Vec::new();
-        for (name, v) in &values {
-            if guest.held.get(name) == Some(&v.digest) {
-                outcomes.insert(
-                    name.clone(),
-                    CredentialOutcome {
-                        name: name.clone(),
-                        outcome: "unchanged".into(),
-                        error: None,
-                    },
-                );
-                self.cred_state
-                    .insert(name.clone(), ("applied".into(), None));
+        // The names to push; their bytes stay in the zeroizing buffers
+        // until a request is built (once per try).
+        let mut push: Vec<String> = Vec::new();
+        for (name, f) in &values {
+            let current = guest.held.get(name) == Some(&f.digest());
+            let has_bytes = matches!(f, source::Fetched::Value(_));
+            if has_bytes && (!current || resend_for_owed) {
+                push.push(name.clone());
             } else {
-                upserts.push(pb::Credential {
-                    name: name.clone(),
-                    // This copy lives only for the duration of the call;
-                    // prost messages cannot be zeroizing (see ARCHITECTURE.md).
-                    value: v.bytes.to_vec(),
-                    sha256: v.digest.to_vec(),
-                });
+                outcomes.insert(name.clone(), outcome(name, Outcome::Unchanged, None));
+                self.cred_state
+                    .insert(name.clone(), (CredState::Applied, None));
             }
         }
         let removals: Vec<String> = if only.is_empty() {
@@ -376,162 +534,184 @@ impl VmTask {
                 .held
                 .keys()
                 .filter(|n| !self.vm.credentials.contains_key(*n))
+                .take(rules::MAX_CREDENTIALS_PER_MESSAGE.saturating_sub(push.len()))
                 .cloned()
                 .collect()
         } else {
             Vec::new()
         };
-        let digests: BTreeMap<String, [u8; 32]> =
-            values.iter().map(|(n, v)| (n.clone(), v.digest)).collect();
-        drop(values);
+        let digests: BTreeMap<String, [u8; 32]> = values
+            .iter()
+            .map(|(n, f)| (n.clone(), f.digest()))
+            .collect();
 
-        if upserts.is_empty() && removals.is_empty() {
-            report.applied = errors.is_empty();
-            report.generation = guest.applied;
+        if push.is_empty() && removals.is_empty() {
+            report.applied = errors.is_empty() && guest.owed.is_empty();
+            if !guest.owed.is_empty() {
+                report.error = Some(owed_error(&guest.owed));
+            }
             report.credentials = outcomes.into_values().collect();
-            self.finish(&report, guest.applied);
+            self.finish(&report, guest);
             return Ok(report);
         }
 
-        let sent = match self.generations.get(&self.vm.name) {
+        let generation = match self.generations.issue(&self.vm.name).await {
             Ok(g) => g,
             Err(e) => {
-                report.error = Some(format!("cannot read the generation state: {e}"));
+                report.error = Some(format!("no generation issued, nothing sent: {e}"));
+                report.credentials = outcomes.into_values().collect();
+                self.finish(&report, guest);
                 return Ok(report);
             }
         };
-        let generation = sent.max(guest.applied).saturating_add(1);
-        if let Err(e) = self.generations.set(&self.vm.name, generation) {
-            report.error = Some(format!("cannot record generation {generation}: {e}"));
-            return Ok(report);
-        }
         self.update(|s| s.generation_sent = generation);
-        let names: Vec<String> = upserts.iter().map(|c| c.name.clone()).collect();
+        report.generation = generation;
+        let names = push;
         info!(vm = %self.vm.name, generation, push = ?names, remove = ?removals, "pushing to guest");
-        let req = pb::ApplyRequest {
+        let request = || pb::ApplyRequest {
             generation,
-            upserts,
+            upserts: names
+                .iter()
+                .filter_map(|n| match values.get(n) {
+                    Some(source::Fetched::Value(v)) => Some(pb::Credential {
+                        name: n.clone(),
+                        // This copy lives only for the duration of the
+                        // call; prost messages cannot be zeroizing (see
+                        // ARCHITECTURE.md).
+                        value: v.bytes.to_vec(),
+                        sha256: v.digest.to_vec(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
             removals: removals.clone(),
         };
-        let reply = match tokio::time::timeout(self.timing.rpc_timeout, client.apply(req)).await {
-            Err(_) => return Err(format!("Apply of generation {generation} timed out")),
-            Ok(Err(status)) => {
-                use tonic::Code;
-                let msg = guest_text(status.message());
-                match status.code() {
-                    Code::InvalidArgument
-                    | Code::FailedPrecondition
-                    | Code::ResourceExhausted
-                    | Code::OutOfRange => {
-                        warn!(vm = %self.vm.name, generation, error = %msg, "guest refused the push");
-                        report.error =
-                            Some(format!("guest refused generation {generation}: {msg}"));
-                        for n in &names {
-                            outcomes.insert(
-                                n.clone(),
-                                CredentialOutcome {
-                                    name: n.clone(),
-                                    outcome: "failed".into(),
-                                    error: Some(msg.clone()),
-                                },
-                            );
-                        }
-                        report.credentials = outcomes.into_values().collect();
-                        self.update(|s| s.last_error = Some(msg.clone()));
-                        if status.code() == Code::FailedPrecondition {
-                            *guest = self.hello(client).await?;
-                        }
-                        return Ok(report);
-                    }
-                    _ => return Err(format!("Apply failed: {msg}")),
+        let mut busy = 0u32;
+        let reply = loop {
+            let sent = tokio::time::timeout(self.timing.rpc_timeout, client.apply(request())).await;
+            let status = match sent {
+                Err(_) => return Err(format!("Apply of generation {generation} timed out")),
+                Ok(Ok(r)) => break r.into_inner(),
+                Ok(Err(status)) => status,
+            };
+            let msg = guest_text(status.message());
+            let refusal = match status.code() {
+                // The guest's store is busy and nothing was applied: the
+                // same content and generation again, after a short wait.
+                Code::Aborted if busy + 1 < APPLY_BUSY_TRIES => {
+                    busy += 1;
+                    debug!(vm = %self.vm.name, generation, tries = busy, "guest store busy; resending");
+                    tokio::time::sleep(APPLY_BUSY_DELAY * busy).await;
+                    continue;
                 }
+                Code::Aborted => format!(
+                    "the guest's store stayed busy through {APPLY_BUSY_TRIES} tries of generation {generation}; nothing applied; the next rotate or poll tries again ({msg})"
+                ),
+                Code::FailedPrecondition => format!(
+                    "the guest refused generation {generation} as not newer than the one it says it applied ({}); nothing applied; the next attempt uses a higher generation ({msg})",
+                    guest.applied
+                ),
+                Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
+                    format!("the guest refused generation {generation}; nothing applied: {msg}")
+                }
+                _ => return Err(format!("Apply failed: {msg}")),
+            };
+            drop(values);
+            warn!(vm = %self.vm.name, generation, error = %refusal, "push not applied");
+            for n in names.iter().chain(removals.iter()) {
+                outcomes.insert(
+                    n.clone(),
+                    outcome(n, Outcome::Failed, Some(refusal.clone())),
+                );
+                self.cred_state
+                    .insert(n.clone(), (CredState::Refused, Some(refusal.clone())));
             }
-            Ok(Ok(r)) => r.into_inner(),
+            report.error = Some(refusal);
+            report.credentials = outcomes.into_values().collect();
+            self.retry_due = matches!(status.code(), Code::Aborted | Code::FailedPrecondition);
+            if status.code() == Code::FailedPrecondition {
+                // Learn what the guest now claims, for status.
+                *guest = self.hello(client).await?;
+            }
+            self.finish(&report, guest);
+            return Ok(report);
         };
+        drop(values);
 
-        // The guest may not claim more than we sent.
-        let applied = reply.applied_generation.min(generation);
-        guest.applied = guest.applied.max(applied);
+        // A claim: shown, compared with what we sent, never adopted.
+        guest.applied = reply.applied_generation;
         let mut all_ok = true;
         for r in reply
             .results
             .into_iter()
             .take(rules::MAX_CREDENTIALS_PER_MESSAGE)
         {
-            let known = names.contains(&r.name) || removals.contains(&r.name);
-            if !known {
+            // Only names we sent count; anything else is ignored.
+            if !(names.contains(&r.name) || removals.contains(&r.name)) {
                 continue;
             }
-            let outcome = match pb::Outcome::try_from(r.outcome) {
-                Ok(pb::Outcome::Written) => "written",
-                Ok(pb::Outcome::Unchanged) => "unchanged",
-                Ok(pb::Outcome::Removed) => "removed",
-                _ => "failed",
+            let o = match pb::Outcome::try_from(r.outcome) {
+                Ok(pb::Outcome::Written) => Outcome::Written,
+                Ok(pb::Outcome::Unchanged) => Outcome::Unchanged,
+                Ok(pb::Outcome::Removed) if removals.contains(&r.name) => Outcome::Removed,
+                _ => Outcome::Failed,
             };
-            match outcome {
-                "written" | "unchanged" => {
+            let error = (!r.error.is_empty()).then(|| guest_text(&r.error));
+            match o {
+                Outcome::Written | Outcome::Unchanged => {
                     if let Some(d) = digests.get(&r.name) {
                         guest.held.insert(r.name.clone(), *d);
                     }
                     self.cred_state
-                        .insert(r.name.clone(), ("applied".into(), None));
+                        .insert(r.name.clone(), (CredState::Applied, None));
                 }
-                "removed" => {
+                Outcome::Removed => {
                     guest.held.remove(&r.name);
                     self.cred_state.remove(&r.name);
                 }
-                _ => {
+                Outcome::Failed => {
                     all_ok = false;
+                    let e = error
+                        .clone()
+                        .unwrap_or_else(|| "the guest reported a failure".into());
                     self.cred_state
-                        .insert(r.name.clone(), ("error".into(), Some(guest_text(&r.error))));
+                        .insert(r.name.clone(), (CredState::Refused, Some(e)));
                 }
             }
-            outcomes.insert(
-                r.name.clone(),
-                CredentialOutcome {
-                    name: r.name,
-                    outcome: outcome.into(),
-                    error: (!r.error.is_empty()).then(|| guest_text(&r.error)),
-                },
-            );
+            outcomes.insert(r.name.clone(), outcome(&r.name, o, error));
         }
         for n in names.iter().chain(removals.iter()) {
             if !outcomes.contains_key(n) {
                 all_ok = false;
                 outcomes.insert(
                     n.clone(),
-                    CredentialOutcome {
-                        name: n.clone(),
-                        outcome: "failed".into(),
-                        error: Some("the guest did not report on it".into()),
-                    },
+                    outcome(
+                        n,
+                        Outcome::Failed,
+                        Some("the guest did not report on it".into()),
+                    ),
                 );
             }
         }
-        report.units = reply
-            .units
-            .into_iter()
-            .take(rules::MAX_CREDENTIALS_PER_MESSAGE)
-            .map(|u| UnitOutcome {
-                unit: guest_text(&u.unit),
-                action: guest_text(&u.action),
-                ok: u.ok,
-                error: (!u.error.is_empty()).then(|| guest_text(&u.error)),
-            })
-            .collect();
-        report.generation = applied;
-        report.applied = applied == generation && all_ok && errors.is_empty();
-        if applied != generation && report.error.is_none() {
+        report.units = bound_units(reply.units);
+        guest.owed = bound_units(reply.owed_units);
+        report.owed_units = guest.owed.clone();
+        let took = reply.applied_generation == generation;
+        report.applied = took && all_ok && errors.is_empty() && guest.owed.is_empty();
+        if !took {
             report.error = Some(format!(
-                "the guest did not apply generation {generation} (it is at {applied})"
+                "the guest did not apply generation {generation} (it says it is at {})",
+                reply.applied_generation
             ));
+        } else if !guest.owed.is_empty() {
+            report.error = Some(owed_error(&guest.owed));
         }
         report.credentials = outcomes.into_values().collect();
-        self.finish(&report, guest.applied);
+        self.finish(&report, guest);
         Ok(report)
     }
 
-    fn finish(&self, report: &RotateReport, applied: u64) {
+    fn finish(&self, report: &RotateReport, guest: &GuestView) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -541,15 +721,14 @@ impl VmTask {
             .credentials
             .values()
             .map(|c| {
-                let (state, error) = self
-                    .cred_state
-                    .get(&c.name)
-                    .cloned()
-                    .unwrap_or_else(|| ("pending".into(), None));
+                let (state, error) = match self.cred_state.get(&c.name) {
+                    Some((s, e)) => (s.as_str(), e.clone()),
+                    None => ("pending", None),
+                };
                 CredentialStatus {
                     name: c.name.clone(),
                     boot: c.boot,
-                    state,
+                    state: state.into(),
                     error,
                 }
             })
@@ -561,22 +740,69 @@ impl VmTask {
             .chain(report.error.clone())
             .collect();
         self.update(|s| {
-            s.generation_applied = applied;
-            s.generation_sent = s.generation_sent.max(applied);
+            s.generation_applied = guest.applied;
             s.last_sync = Some(now);
             s.credentials = creds;
-            s.last_error = (!problems.is_empty()).then(|| problems.join("; "));
+            s.owed_units = guest.owed.clone();
+            s.last_error =
+                (!problems.is_empty()).then(|| cap(&problems.join("; "), bound::LAST_ERROR));
         });
     }
 }
 
-fn log_report(r: &RotateReport, why: &str) {
+fn owed_error(owed: &[UnitOutcome]) -> String {
+    let list: Vec<String> = owed
+        .iter()
+        .take(5)
+        .map(|u| format!("{} {}", u.unit, u.action))
+        .collect();
+    let more = owed.len().saturating_sub(list.len());
+    format!(
+        "the guest still owes {} unit action(s): {}{}; it retries them, and the next rotate asks again",
+        owed.len(),
+        list.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// A guest's list of unit results, cut to [`bound::UNITS`] entries with
+/// every string bounded and escaped; a cut list ends with one "… N more"
+/// entry.
+fn bound_units(units: Vec<pb::UnitResult>) -> Vec<UnitOutcome> {
+    let total = units.len();
+    let mut out: Vec<UnitOutcome> = units
+        .into_iter()
+        .take(bound::UNITS)
+        .map(|u| UnitOutcome {
+            unit: cap(&guest_text(&u.unit), bound::UNIT),
+            action: cap(&guest_text(&u.action), bound::ACTION),
+            ok: u.ok,
+            error: (!u.error.is_empty()).then(|| guest_text(&u.error)),
+        })
+        .collect();
+    if total > bound::UNITS {
+        out.push(UnitOutcome {
+            unit: format!("… {} more", total - bound::UNITS),
+            action: String::new(),
+            ok: false,
+            error: None,
+        });
+    }
+    out
+}
+
+fn log_report(r: &RotateReport, why: Why) {
     let changed: Vec<String> = r
         .credentials
         .iter()
-        .filter(|c| c.outcome != "unchanged")
+        .filter(|c| c.outcome != Outcome::Unchanged.as_str())
         .map(|c| format!("{}={}", c.name, c.outcome))
         .collect();
+    let why = why.as_str();
     if changed.is_empty() && r.error.is_none() {
         debug!(vm = %r.vm, generation = r.generation, why, "in sync");
     } else {
@@ -584,27 +810,165 @@ fn log_report(r: &RotateReport, why: &str) {
     }
 }
 
-/// A guest-supplied string made safe for logs and terminals: bounded, with
-/// control characters escaped.
+/// `s` cut to `max` characters, ending "… N more" when cut (the marker
+/// may take the total a few characters past `max`).
+fn cap(s: &str, max: usize) -> String {
+    let total = s.chars().count();
+    if total <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max).collect();
+    out.push_str(&format!("… {} more", total - max));
+    out
+}
+
+/// True for a character that shows as itself: not a control, format
+/// (bidi overrides, zero-width), line or paragraph separator, private-use,
+/// surrogate or unassigned code point, and not a space other than ASCII's.
+fn visible(ch: char) -> bool {
+    use GeneralCategory as G;
+    if ch == ' ' {
+        return true;
+    }
+    !matches!(
+        get_general_category(ch),
+        G::Control
+            | G::Format
+            | G::LineSeparator
+            | G::ParagraphSeparator
+            | G::SpaceSeparator
+            | G::PrivateUse
+            | G::Surrogate
+            | G::Unassigned
+    )
+}
+
+/// A guest-supplied string made safe for logs and terminals: at most
+/// [`bound::TEXT`] characters (then "… N more"), every character that is
+/// not printable and visible written as `\u{…}` (or `\n`, `\t`, …).
 pub fn guest_text(s: &str) -> String {
+    let total = s.chars().count();
     let mut out = String::new();
-    for ch in s.chars().take(MAX_GUEST_TEXT) {
-        if ch.is_control() {
-            out.extend(ch.escape_default());
-        } else {
+    for ch in s.chars().take(bound::TEXT) {
+        if visible(ch) {
             out.push(ch);
+        } else {
+            out.extend(ch.escape_default());
         }
+    }
+    if total > bound::TEXT {
+        out.push_str(&format!("… {} more", total - bound::TEXT));
     }
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::guest_text;
+    use super::*;
 
     #[test]
     fn guest_text_is_bounded_and_escaped() {
         assert_eq!(guest_text("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
-        assert_eq!(guest_text(&"x".repeat(1000)).len(), 300);
+        let long = guest_text(&"x".repeat(1000));
+        assert!(long.starts_with(&"x".repeat(bound::TEXT)), "{long}");
+        assert!(long.ends_with("… 700 more"), "{long}");
+        assert_eq!(
+            guest_text(&"x".repeat(bound::TEXT)),
+            "x".repeat(bound::TEXT)
+        );
+    }
+
+    #[test]
+    fn guest_text_escapes_invisible_and_reordering_characters() {
+        let cases = [
+            // Bidi overrides and isolates (Cf): "Trojan Source".
+            ("evil\u{202e}txt.exe", "evil\\u{202e}txt.exe"),
+            ("a\u{2066}b\u{2069}", "a\\u{2066}b\\u{2069}"),
+            // Zero-width space, joiner, non-joiner, BOM (Cf).
+            (
+                "a\u{200b}b\u{200d}c\u{200c}\u{feff}",
+                "a\\u{200b}b\\u{200d}c\\u{200c}\\u{feff}",
+            ),
+            // Line and paragraph separators (Zl, Zp).
+            ("line\u{2028}para\u{2029}", "line\\u{2028}para\\u{2029}"),
+            // Spaces other than ASCII's (Zs): no-break, ideographic.
+            ("a\u{a0}b\u{3000}c d", "a\\u{a0}b\\u{3000}c d"),
+            // C1 control, DEL, private use, unassigned.
+            (
+                "\u{85}\u{7f}\u{e000}\u{378}",
+                "\\u{85}\\u{7f}\\u{e000}\\u{378}",
+            ),
+            // ANSI escape sequences.
+            ("\x1b]0;title\x07", "\\u{1b}]0;title\\u{7}"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(guest_text(input), want, "{input:?}");
+        }
+        // Visible text of other scripts passes unchanged.
+        assert_eq!(guest_text("héllo wörld 日本 ✓"), "héllo wörld 日本 ✓");
+    }
+
+    #[test]
+    fn units_are_bounded_with_a_marker() {
+        let many: Vec<pb::UnitResult> = (0..1000)
+            .map(|i| pb::UnitResult {
+                unit: format!("u{i}.service{}", "x".repeat(10_000)),
+                action: "restart\u{202e}".repeat(100),
+                ok: false,
+                error: "e".repeat(100_000),
+            })
+            .collect();
+        let out = bound_units(many);
+        assert_eq!(out.len(), bound::UNITS + 1);
+        assert_eq!(
+            out[bound::UNITS].unit,
+            format!("… {} more", 1000 - bound::UNITS)
+        );
+        for u in &out[..bound::UNITS] {
+            assert!(u.unit.chars().count() < bound::UNIT + 20);
+            assert!(u.action.chars().count() < bound::ACTION + 20);
+            assert!(!u.action.contains('\u{202e}'));
+            assert!(u.error.as_ref().unwrap().chars().count() < bound::TEXT + 20);
+        }
+    }
+
+    #[test]
+    fn backoff_spreads_vms_out_and_stays_in_bounds() {
+        let max = Duration::from_secs(30);
+        // Many VMs' first redial after a host restart: seeded, so the test
+        // is deterministic, and the draws must not bunch up.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let draws: Vec<Duration> = (0..1000).map(|_| backoff_delay(0, max, &mut rng)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= BACKOFF_FLOOR && *d <= BACKOFF_START));
+        let mut buckets = [0u32; 10];
+        let width = BACKOFF_START.as_micros() / 10;
+        for d in &draws {
+            buckets[((d.as_micros() / width) as usize).min(9)] += 1;
+        }
+        // Uniform would be 100 per bucket (the first is a little short:
+        // the floor); no bucket holds more than twice its share.
+        assert!(buckets.iter().all(|b| *b < 200), "{buckets:?}");
+        assert!(buckets[1..].iter().all(|b| *b > 50), "{buckets:?}");
+        // The ceiling grows, and is capped.
+        let mut rng = fastrand::Rng::with_seed(8);
+        let late: Vec<Duration> = (0..1000)
+            .map(|_| backoff_delay(40, max, &mut rng))
+            .collect();
+        assert!(late.iter().all(|d| *d <= max));
+        assert!(late.iter().any(|d| *d > max / 2));
+        // Two VMs with different seeds do not draw the same sequence.
+        let mut a = fastrand::Rng::with_seed(1);
+        let mut b = fastrand::Rng::with_seed(2);
+        let sa: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut a)).collect();
+        let sb: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut b)).collect();
+        assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn cap_marks_what_it_cut() {
+        assert_eq!(cap("abc", 3), "abc");
+        assert_eq!(cap("abcdef", 3), "abc… 3 more");
     }
 }

@@ -27,6 +27,16 @@ pub const MAX_CREDENTIALS_PER_MESSAGE: usize = 1000;
 pub const MAX_MESSAGE_BYTES: usize = MAX_TOTAL_BYTES + 256 * 1024;
 /// Name of the bootstrap credential the guest reads at start.
 pub const BOOTSTRAP_CREDENTIAL: &str = "vmcred.bootstrap";
+/// Suffix of the guest store's temporary files (`.NAME.vmcred-tmp`).
+pub const TMP_SUFFIX: &str = ".vmcred-tmp";
+/// Prefix of the guest store's hashed temporary names, used when
+/// `.NAME.vmcred-tmp` would be longer than a file name may be.
+pub const TMP_HASHED_PREFIX: &str = ".vmcred-tmp.";
+/// Characters a credential carried at boot may not contain: `=` ends the
+/// name in an SMBIOS `io.systemd.credential:NAME=VALUE` string; `,` `[` `]`
+/// are cloud-hypervisor's option syntax; `"` ends the quoted kernel
+/// command line form `"systemd.set_credential=NAME:VALUE"`.
+pub const BOOT_FORBIDDEN_CHARS: &[char] = &['=', ',', '[', ']', '"'];
 
 /// Why a credential name or value was refused. Never carries a value.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -47,6 +57,8 @@ pub enum RuleError {
     DigestMismatch { name: String },
     #[error("credential {name:?}: digest must be 32 bytes of SHA-256, got {len}")]
     DigestLength { name: String, len: usize },
+    #[error("credential name {name:?} cannot be carried at boot (boot = true): it contains {ch:?}, which the SMBIOS, fw_cfg or kernel command line form cannot express; rename it or drop boot = true")]
+    BadBootName { name: String, ch: char },
     #[error("credential {name:?} appears more than once")]
     Duplicate { name: String },
 }
@@ -78,6 +90,26 @@ pub fn validate_name(name: &str) -> Result<(), RuleError> {
             b' ' => return Err(bad("contains a space")),
             _ => return Err(bad("must be printable ASCII")),
         }
+    }
+    if name.ends_with(TMP_SUFFIX) || name.starts_with(TMP_HASHED_PREFIX) {
+        return Err(bad(
+            "names ending in '.vmcred-tmp' or starting with '.vmcred-tmp.' are reserved for the guest's temporary files",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a credential that is also carried at boot (`boot = true`): the
+/// ordinary rules, plus what the boot carriers cannot express. Called by
+/// the host's config validation so that `check-config`, `serve` and reload
+/// refuse it, not `launch` at the VM's next start.
+pub fn validate_boot_name(name: &str) -> Result<(), RuleError> {
+    validate_name(name)?;
+    if let Some(c) = name.chars().find(|c| BOOT_FORBIDDEN_CHARS.contains(c)) {
+        return Err(RuleError::BadBootName {
+            name: display_name(name),
+            ch: c,
+        });
     }
     Ok(())
 }
@@ -167,6 +199,45 @@ mod tests {
         }
         let err = validate_name(&"a".repeat(256)).unwrap_err().to_string();
         assert!(err.contains("256 bytes"), "{err}");
+    }
+
+    #[test]
+    fn temp_file_names_are_reserved() {
+        for n in [
+            ".A.vmcred-tmp",
+            "A.vmcred-tmp",
+            ".vmcred-tmp",
+            ".vmcred-tmp.0123abcd",
+        ] {
+            let err = validate_name(n).expect_err(n).to_string();
+            assert!(
+                err.contains("reserved for the guest's temporary files"),
+                "{n}: {err}"
+            );
+        }
+        for n in ["vmcred-tmp", "A.vmcred-tmpX", ".vmcred", "x.vmcred-tmp.y"] {
+            assert_eq!(validate_name(n), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn boot_names_refuse_carrier_syntax() {
+        assert_eq!(validate_boot_name("ENVIRONMENT"), Ok(()));
+        for (n, ch) in [
+            ("x=y", '='),
+            ("a,b", ','),
+            ("a[b", '['),
+            ("a]b", ']'),
+            ("a\"b", '"'),
+        ] {
+            assert_eq!(validate_name(n), Ok(()), "{n} is fine for vsock delivery");
+            let err = validate_boot_name(n).expect_err(n);
+            assert_eq!(err, RuleError::BadBootName { name: n.into(), ch }, "{n}");
+            assert!(err.to_string().contains("boot = true"), "{err}");
+        }
+        // The ordinary rules still apply.
+        assert!(validate_boot_name("a/b").is_err());
+        assert!(validate_boot_name(".A.vmcred-tmp").is_err());
     }
 
     #[test]

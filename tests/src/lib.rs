@@ -11,6 +11,7 @@
 //! credentials directory, mode 0400), which is how the guest agent gets its
 //! bootstrap.
 
+pub mod hostile_guest;
 pub mod muxer;
 
 use std::collections::BTreeMap;
@@ -396,6 +397,17 @@ impl World {
         wait_until(Duration::from_secs(20), || sock.exists())
             .context("vmcred-guest did not create its socket")?;
         Ok(())
+    }
+
+    /// Puts the hostile-guest double where the guest agent of `vm` would
+    /// listen, so the host reaches it through the VM's muxer.
+    pub fn start_hostile(
+        &mut self,
+        vm: &str,
+        mode: hostile_guest::Mode,
+    ) -> Result<hostile_guest::HostileGuest> {
+        let g = self.guests.get(vm).context("no such VM")?;
+        hostile_guest::HostileGuest::start(&g.agent_socket, mode)
     }
 
     pub fn kill_guest_agent(&mut self, vm: &str) -> Result<()> {

@@ -157,22 +157,23 @@ fn host_agent_restart_redials_and_loses_nothing() {
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();
     w.wait_for_guest_value(VM, "B", b"b-1", T).unwrap();
-    let before = w.status_json().unwrap()[0]["generation_applied"]
-        .as_u64()
-        .unwrap();
+    // The file is there before the acknowledgement reaches `status`.
+    let applied = |w: &World| {
+        w.status_json()
+            .ok()
+            .and_then(|s| s[0]["generation_applied"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_until(T, || applied(&w) > 0).unwrap();
+    let before = applied(&w);
     // Killed hard, mid-life; a value changes while it is down.
     w.kill_host().unwrap();
     w.set_secret(VM, "A", b"a-2", false).unwrap();
     w.start_host().unwrap();
     w.wait_for_guest_value(VM, "A", b"a-2", T).unwrap();
     assert_eq!(w.read_guest(VM, "B").unwrap(), b"b-1");
-    let after = w.status_json().unwrap()[0]["generation_applied"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        after > before,
-        "generation must move forward: {before} -> {after}"
-    );
+    wait_until(T, || applied(&w) > before)
+        .unwrap_or_else(|_| panic!("generation must move forward: {before} -> {}", applied(&w)));
     w.set_secret(VM, "B", b"b-2", false).unwrap();
     let out = w.rotate(VM, &["B"], "30s").unwrap();
     assert!(out.status.success(), "{}", stdout(&out));
@@ -250,11 +251,14 @@ fn read_only_mount_readers_never_see_torn_values_and_mount_stays_read_only() {
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();
     w.wait_for_guest_value(VM, "ROT", &v(0), T).unwrap();
-    assert!(w
-        .guest_mount_options(VM)
-        .unwrap()
-        .split(',')
-        .any(|o| o == "ro"));
+    // The file is visible from its rename; the guest remounts read-only
+    // right after, before it acknowledges.
+    wait_until(T, || {
+        w.guest_mount_options(VM)
+            .map(|o| o.split(',').any(|o| o == "ro"))
+            .unwrap_or(false)
+    })
+    .expect("read-only again after the initial sync");
 
     let path = w.guest_view(VM).unwrap().join("ROT");
     let valid: Vec<Vec<u8>> = (0..=20).map(v).collect();
