@@ -51,6 +51,8 @@ struct RawConfig {
     rpc_timeout: Duration,
     #[serde(default)]
     vms: BTreeMap<String, RawVm>,
+    /// The OpenBao / Vault server credentials may come from.
+    openbao: Option<crate::openbao::config::RawServer>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,6 +73,7 @@ struct RawVm {
 struct RawCredential {
     path: Option<PathBuf>,
     credential: Option<String>,
+    openbao: Option<crate::openbao::config::RawSecret>,
     #[serde(default)]
     boot: bool,
     #[serde(default)]
@@ -112,6 +115,8 @@ pub struct Config {
     pub dial_backoff_max: Duration,
     pub rpc_timeout: Duration,
     pub vms: BTreeMap<String, Vm>,
+    /// Set when an `[openbao]` table is present.
+    pub openbao: Option<crate::openbao::config::Server>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +143,8 @@ pub enum Source {
     /// A name in the agent's own `$CREDENTIALS_DIRECTORY`, i.e. what
     /// `LoadCredential=` on `vmcred-host.service` provided.
     Credential(String),
+    /// A field of a KV v2 secret in the `[openbao]` server.
+    OpenBao(crate::openbao::config::SecretRef),
 }
 
 impl std::fmt::Display for Source {
@@ -145,6 +152,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::Path(p) => write!(f, "{}", p.display()),
             Source::Credential(c) => write!(f, "$CREDENTIALS_DIRECTORY/{c}"),
+            Source::OpenBao(s) => write!(f, "{s}"),
         }
     }
 }
@@ -176,6 +184,14 @@ impl Config {
                 });
             }
         }
+        let openbao = raw
+            .openbao
+            .map(crate::openbao::config::Server::validate)
+            .transpose()
+            .map_err(|message| ConfigError::Parse {
+                path: p.clone(),
+                message: format!("[openbao]: {message}"),
+            })?;
         let mut vms = BTreeMap::new();
         for (name, rv) in raw.vms {
             let vm = validate_vm(&name, rv).map_err(|message| ConfigError::Vm {
@@ -183,6 +199,18 @@ impl Config {
                 vm: rules::display_name(&name),
                 message,
             })?;
+            if openbao.is_none()
+                && vm
+                    .credentials
+                    .values()
+                    .any(|c| matches!(c.source, Source::OpenBao(_)))
+            {
+                return Err(ConfigError::Vm {
+                    path: p.clone(),
+                    vm: rules::display_name(&name),
+                    message: "a credential uses openbao = { ... } but there is no [openbao] table with the server's address".into(),
+                });
+            }
             vms.insert(name, vm);
         }
         Ok(Config {
@@ -194,6 +222,7 @@ impl Config {
             dial_backoff_max: raw.dial_backoff_max.max(Duration::from_millis(100)),
             rpc_timeout: raw.rpc_timeout.max(Duration::from_millis(100)),
             vms,
+            openbao,
         })
     }
 }
@@ -265,8 +294,19 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
                 "credential name {cname:?} is reserved for vmcred's own bootstrap"
             ));
         }
-        let source = match (rc.path, rc.credential) {
-            (Some(p), None) => {
+        let source = match (rc.path, rc.credential, rc.openbao) {
+            (None, None, Some(s)) => {
+                if rc.boot {
+                    return Err(format!(
+                        "credential {cname}: boot = true needs a file source (path or credential); an openbao credential is delivered over vsock once the guest agent runs"
+                    ));
+                }
+                Source::OpenBao(
+                    crate::openbao::config::SecretRef::validate(s)
+                        .map_err(|e| format!("credential {cname}: openbao: {e}"))?,
+                )
+            }
+            (Some(p), None, None) => {
                 if !p.is_absolute() {
                     return Err(format!(
                         "credential {cname}: path must be absolute, got {}",
@@ -275,19 +315,19 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
                 }
                 Source::Path(p)
             }
-            (None, Some(c)) => {
+            (None, Some(c), None) => {
                 rules::validate_name(&c)
                     .map_err(|e| format!("credential {cname}: credential = {e}"))?;
                 Source::Credential(c)
             }
-            (None, None) => {
+            (None, None, None) => {
                 return Err(format!(
-                    "credential {cname}: set its source: path = \"/abs/file\" or credential = \"NAME\" (from $CREDENTIALS_DIRECTORY)"
+                    "credential {cname}: set its source: path = \"/abs/file\", credential = \"NAME\" (from $CREDENTIALS_DIRECTORY) or openbao = {{ mount = \"secret\", path = \"app/db\", field = \"password\" }}"
                 ))
             }
-            (Some(_), Some(_)) => {
+            _ => {
                 return Err(format!(
-                    "credential {cname}: set path or credential, not both"
+                    "credential {cname}: set exactly one of path, credential, openbao"
                 ))
             }
         };

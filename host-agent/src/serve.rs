@@ -163,6 +163,7 @@ fn spawn_client(daemon: Arc<Daemon>, s: UnixStream, slots: Arc<Semaphore>, contr
 
 impl Daemon {
     async fn apply_config(&self, cfg: &Config) {
+        crate::openbao::store().configure(cfg, self.credentials_dir.clone());
         let t = timing(cfg);
         let mut vms = self.vms.write().await;
         vms.retain(|name, _| cfg.vms.contains_key(name));
