@@ -77,6 +77,16 @@ impl Problem {
     }
 }
 
+/// What one read of a secret found.
+enum Read {
+    /// The version is the one already held.
+    Unchanged,
+    New {
+        version: u64,
+        body: Zeroizing<Vec<u8>>,
+    },
+}
+
 /// One secret as last read.
 #[derive(Default)]
 struct Entry {
@@ -277,7 +287,7 @@ impl Store {
         };
         for key in &secrets {
             let outcome = self.read_one(engine, &token, key, force).await;
-            if outcome == Err(Problem::Denied) {
+            if matches!(outcome, Err(Problem::Denied)) {
                 engine.auth.refused();
             }
             self.record(key, outcome);
@@ -292,7 +302,7 @@ impl Store {
 
     /// Stores the outcome of one read, and tells the VM tasks if anything
     /// they would see changed.
-    fn record(&self, key: &SecretKey, outcome: Result<Option<(u64, Zeroizing<Vec<u8>>)>, Problem>) {
+    fn record(&self, key: &SecretKey, outcome: Result<Read, Problem>) {
         let Ok(mut s) = self.shared.lock() else {
             return;
         };
@@ -305,8 +315,8 @@ impl Store {
         let changed = {
             let e = s.cache.entry(key.clone()).or_default();
             match outcome {
-                Ok(None) => e.problem.take().is_some(),
-                Ok(Some((version, body))) => {
+                Ok(Read::Unchanged) => e.problem.take().is_some(),
+                Ok(Read::New { version, body }) => {
                     let changed = e.version != version || e.problem.is_some() || e.body.is_none();
                     e.version = version;
                     e.body = Some(Arc::new(body));
@@ -344,14 +354,14 @@ impl Store {
     }
 
     /// One secret: its metadata, then its data if the version is new (or
-    /// `force`). `Ok(None)`: unchanged.
+    /// `force`).
     async fn read_one(
         &self,
         engine: &Engine,
         token: &str,
         key: &SecretKey,
         force: bool,
-    ) -> Result<Option<(u64, Zeroizing<Vec<u8>>)>, Problem> {
+    ) -> Result<Read, Problem> {
         let r = engine
             .client
             .request(
@@ -397,7 +407,7 @@ impl Store {
         }
         if !force && cached == Some(meta.current_version) {
             debug!(secret = %key, version = meta.current_version, "openbao: unchanged");
-            return Ok(None);
+            return Ok(Read::Unchanged);
         }
         let r = engine
             .client
@@ -419,7 +429,10 @@ impl Store {
             s => return Err(Problem::Http(s, reply::errors(&r.body))),
         }
         match reply::check_data(&r.body) {
-            Ok(()) => Ok(Some((meta.current_version, r.body))),
+            Ok(()) => Ok(Read::New {
+                version: meta.current_version,
+                body: r.body,
+            }),
             Err(reply::FieldError::NoData) => Err(Problem::VersionDeleted(meta.current_version)),
             Err(_) => Err(Problem::BadReply("the data reply is not KV v2 data".into())),
         }
