@@ -488,55 +488,65 @@ async fn concurrent_applies_are_serialized() {
 }
 
 #[tokio::test]
-async fn host_connections_are_bounded() {
+async fn a_new_host_session_supersedes_the_old_one() {
+    use std::time::{Duration, Instant};
     let g = start("", Limits::default()).await;
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let mut c = g.client().await;
-        c.hello(hello()).await.unwrap();
-        held.push(c);
+    let mut old = g.client().await;
+    old.hello(hello()).await.unwrap();
+    let mut new = g.client().await;
+    new.hello(hello()).await.unwrap();
+    // The old session is closed by the guest; the new one keeps working.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.hello(hello()).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the superseded session stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The ninth authenticated connection is dropped after its handshake.
-    let ninth = match connect(&g.socket, &g.host).await {
-        Ok(mut c) => c.hello(hello()).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(ninth, "a ninth connection was served");
-    // Closing one frees its slot.
-    drop(held.pop());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Ok(mut c) = connect(&g.socket, &g.host).await {
-            if c.hello(hello()).await.is_ok() {
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "slot never freed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    new.hello(hello()).await.unwrap();
+    new.apply(apply(1, vec![cred("A", b"a")], &[]))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
-async fn silent_peers_time_out_and_free_their_handshake_slots() {
-    use std::time::{Duration, Instant};
+async fn silent_peers_time_out() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     let opts = vmcred_guest::server::ServerOptions {
         handshake_timeout: Duration::from_millis(300),
-        max_handshakes: 2,
         ..Default::default()
     };
     let g = start_with("", Limits::default(), opts).await;
-    // Two peers that connect and say nothing hold both handshake slots.
-    let _idle: Vec<_> = idle_peers(&g.socket, 2).await;
-    let t = Instant::now();
-    let mut c = tokio::time::timeout(Duration::from_secs(10), g.client())
+    let mut idle = idle_peers(&g.socket, 1).await;
+    // The guest closes the silent peer once its deadline passed (EOF),
+    // within a bounded wait.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut buf))
         .await
-        .expect("the real host got in once the idle peers timed out");
+        .expect("the guest never closed the silent peer")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+/// 40 stalled connections, more than the handshake slots, with a deadline
+/// far away: the real host still gets in at once, because a new
+/// connection evicts the oldest unauthenticated one.
+#[tokio::test]
+async fn stalled_handshakes_cannot_lock_the_host_out() {
+    use std::time::Duration;
+    let opts = vmcred_guest::server::ServerOptions {
+        handshake_timeout: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let g = start_with("", Limits::default(), opts).await;
+    let _idle = idle_peers(&g.socket, 40).await;
+    let mut c = tokio::time::timeout(Duration::from_secs(20), g.client())
+        .await
+        .expect("the real host got in past 40 stalled connections");
     c.hello(hello()).await.unwrap();
-    assert!(
-        t.elapsed() >= Duration::from_millis(200),
-        "{:?}",
-        t.elapsed()
-    );
+    c.apply(apply(1, vec![cred("A", b"a")], &[])).await.unwrap();
 }
 
 async fn idle_peers(socket: &std::path::Path, n: usize) -> Vec<tokio::net::UnixStream> {

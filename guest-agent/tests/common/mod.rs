@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Channel;
 use vmcred_guest::config::GuestConfig;
+use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
 use vmcred_guest::server::{serve, ServerOptions};
 use vmcred_guest::service::GuestService;
@@ -18,7 +19,7 @@ use vmcred_guest::units::UnitRunner;
 use vmcred_proto::rpc::pb::{ApplyRequest, Credential};
 use vmcred_proto::rpc::{client_over, GuestClient};
 use vmcred_proto::tls::{host_client_config, server_name, Identity};
-use vmcred_proto::transport::{dial, Listener, Target};
+use vmcred_proto::transport::{dial, Target};
 
 pub struct Guest {
     pub tmp: tempfile::TempDir,
@@ -72,7 +73,7 @@ pub async fn start_with(config: &str, limits: Limits, opts: ServerOptions) -> Gu
     let units = UnitRunner::new(recording_systemctl(tmp.path(), &calls));
     let service = GuestService::new(store.clone(), config, units, readiness.clone());
     let me = nix::unistd::geteuid().as_raw();
-    let listener = Listener::unix(&socket, vec![me]).unwrap();
+    let listener = GuestListener::unix(&socket, vec![me]).unwrap();
     let pin = host.pin().unwrap();
     let task = tokio::spawn(async move {
         let r = serve(listener, pin, service, opts).await;
