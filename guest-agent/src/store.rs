@@ -32,13 +32,18 @@ use thiserror::Error;
 use vmcred_proto::rules::{validate_name, MAX_FILES, MAX_NAME_LEN, MAX_TOTAL_BYTES};
 use zeroize::Zeroizing;
 
+use crate::units::Action;
+
 /// Suffix of the temporary file a write goes through. Names that look like
 /// one are refused as credentials (see [`reserved_name`]), so a stale-tmp
 /// cleanup can never delete a credential.
 const TMP_SUFFIX: &str = ".vmcred-tmp";
 /// Prefix of the temporary name used when `.NAME.vmcred-tmp` would exceed
-/// the file name limit.
+/// the file name limit, and of the backup names a push keeps the old
+/// values under until it is committed.
 const TMP_HASHED_PREFIX: &str = ".vmcred-tmp.";
+/// tmpfs's magic number (`statfs.f_type`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Largest state file we read: 1024 names of 255 bytes is about 270 KiB.
 const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -68,6 +73,93 @@ impl Default for Limits {
 pub struct State {
     pub generation: u64,
     pub managed: BTreeSet<String>,
+    /// Unit actions the guest still owes (planned and not yet succeeded),
+    /// so that a failure or a crash never forgets one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed: Vec<Owed>,
+}
+
+/// One unit action still owed, and the credentials it is owed for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owed {
+    pub unit: String,
+    pub action: Action,
+    pub credentials: BTreeSet<String>,
+    /// The last attempt's error; empty while the first attempt is pending.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// What the store expects of the credentials mount, recorded at the first
+/// start (before the agent ever remounts it), so that a later start can
+/// repair what a crash left behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MountRecord {
+    read_only: bool,
+    /// A tmpfs's `size=` in bytes, to restore after a temporary enlarging.
+    size_bytes: Option<u64>,
+}
+
+/// The in-flight push, written before the first rename: lets a start after
+/// a crash roll it back (state.json has an older generation) or finish it
+/// (state.json has this generation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Journal {
+    generation: u64,
+    entries: Vec<JournalEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalEntry {
+    name: String,
+    remove: bool,
+    /// Something was at the name before: it is kept under the backup name
+    /// until the push is committed.
+    had_old: bool,
+}
+
+/// One change of an all-or-nothing push.
+pub enum Change<'a> {
+    Write {
+        name: &'a str,
+        value: &'a [u8],
+        mode: u32,
+    },
+    Remove {
+        name: &'a str,
+    },
+}
+
+impl Change<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            Change::Write { name, .. } | Change::Remove { name } => name,
+        }
+    }
+}
+
+/// Why a push was not applied, and exactly what of it was.
+#[derive(Debug, Error)]
+pub enum TxError {
+    /// The credentials directory is as it was before the push.
+    #[error("{error}")]
+    NothingApplied {
+        /// The credential whose change failed, if it was one in particular.
+        name: Option<String>,
+        error: StoreError,
+    },
+    /// Undoing a failed push failed too: `applied` hold their new state.
+    #[error("{error}; undoing the push failed as well ({rollback}), so {applied:?} changed")]
+    Partial {
+        name: Option<String>,
+        error: StoreError,
+        rollback: StoreError,
+        applied: Vec<String>,
+    },
 }
 
 /// What is at a credential's name right now.
@@ -137,6 +229,13 @@ pub enum StoreError {
     BadName(String),
     #[error("cannot remount {dir} read-write for the write: {why}")]
     Remount { dir: String, why: String },
+    #[error(
+        "{path} is locked by another process (another vmcred-guest?); nothing was changed, \
+         retry later"
+    )]
+    Busy { path: String },
+    #[error("{name} in {dir} is a directory; a credential cannot replace it")]
+    IsDirectory { name: String, dir: String },
 }
 
 /// Why `name` may not be used as a credential name even though systemd
@@ -175,6 +274,12 @@ fn tmp_name(name: &str) -> String {
     }
 }
 
+/// The name the old value of `name` is kept under during a push.
+fn backup_name(name: &str) -> String {
+    let d = Sha256::digest(name.as_bytes());
+    format!("{TMP_HASHED_PREFIX}old.{}", hex::encode(&d[..16]))
+}
+
 /// Takes ownership of a descriptor a `nix` call just returned.
 fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: `fd` was returned by a successful open(2)/openat(2) call a
@@ -191,18 +296,28 @@ pub struct Store {
     dir: OwnedFd,
     dir_path: PathBuf,
     state_path: PathBuf,
+    journal_path: PathBuf,
     lock_path: PathBuf,
     limits: Limits,
+    mount: MountRecord,
     /// Serializes writers inside this process; the `flock` on `lock_path`
     /// serializes them across processes.
     write_lock: Mutex<()>,
     state: Mutex<State>,
+    /// Digests of the managed files, so that an idle host's Hello reads no
+    /// file. Only PID 1 (at boot, before we start) and this store write
+    /// the directory; every batch drops the cache.
+    digests: Mutex<Option<Vec<(String, [u8; 32])>>>,
 }
 
 impl Store {
     /// Opens the credentials directory (creating it, 0700, if systemd has
-    /// not) and loads the state. A corrupt state file is an error: silently
-    /// starting from generation 0 would let an old generation be replayed.
+    /// not), loads the state, and repairs what a crash may have left: a
+    /// push half done is rolled back (or finished, if it was committed),
+    /// staging files are removed, an enlarged tmpfs is shrunk back, and a
+    /// mount that was read-only is made read-only again. A corrupt state
+    /// file is an error: silently starting from generation 0 would let an
+    /// old generation be replayed.
     pub fn open(
         credentials_dir: &Path,
         state_dir: &Path,
@@ -252,15 +367,168 @@ impl Store {
         let dir = owned(fd);
         let state_path = state_dir.join("state.json");
         let state = load_state(&state_path)?;
-        Ok(Store {
+        let mount = mount_record(&dir, &state_dir.join("mount.json"))
+            .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
+        let store = Store {
             dir,
             dir_path: credentials_dir.to_path_buf(),
             lock_path: state_dir.join("write.lock"),
+            journal_path: state_dir.join("push.json"),
             state_path,
             limits,
+            mount,
             write_lock: Mutex::new(()),
             state: Mutex::new(state),
-        })
+            digests: Mutex::new(None),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Brings the directory back to a whole state after a crash: see
+    /// [`Store::open`]. Holds the write locks while it does.
+    fn recover(&self) -> Result<(), StoreError> {
+        let journal = load_journal(&self.journal_path)?;
+        let leftovers = self.staging_names()?;
+        let mut batch = self.batch()?;
+        let writable_but_expected_ro = self.mount.read_only && !self.is_read_only()?;
+        let grown = self
+            .mount
+            .size_bytes
+            .is_some_and(|want| self.tmpfs_size().is_some_and(|have| have != want));
+        if journal.is_none() && leftovers.is_empty() && !writable_but_expected_ro && !grown {
+            return Ok(());
+        }
+        tracing::warn!(
+            dir = %self.dir_display(),
+            push_in_flight = journal.is_some(),
+            staging_files = leftovers.len(),
+            writable = writable_but_expected_ro,
+            enlarged = grown,
+            "repairing what an interrupted write left behind"
+        );
+        batch.ensure_writable()?;
+        if let Some(j) = journal {
+            let committed = self.state().generation >= j.generation;
+            for e in j.entries.iter().rev() {
+                if committed {
+                    self.finish_entry(e);
+                } else if let Err(err) = self.undo_entry(e) {
+                    // The journal stays, so the next start tries again.
+                    return Err(err);
+                }
+            }
+            tracing::warn!(
+                generation = j.generation,
+                "{} the push that was interrupted",
+                if committed { "finished" } else { "rolled back" }
+            );
+            remove_file_if_exists(&self.journal_path).map_err(|e| StoreError::SaveState {
+                path: self.journal_path.display().to_string(),
+                why: e.to_string(),
+            })?;
+        }
+        for name in self.staging_names()? {
+            match unlinkat(
+                Some(self.dirfd()),
+                name.as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(self.io("remove the leftover staging file", &name, e)),
+            }
+        }
+        self.sync_dir();
+        // Dropping the batch shrinks the tmpfs back and remounts read-only.
+        drop(batch);
+        if self.mount.read_only && !self.is_read_only()? {
+            return Err(StoreError::Remount {
+                dir: self.dir_display(),
+                why: "it is still writable after the repair".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Names in the directory that are vmcred's staging files.
+    fn staging_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut d = Dir::openat(
+            Some(self.dirfd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| StoreError::DirIo {
+            op: "list",
+            dir: self.dir_display(),
+            errno: e,
+        })?;
+        let mut out = Vec::new();
+        for entry in d.iter() {
+            let entry = entry.map_err(|e| StoreError::DirIo {
+                op: "list",
+                dir: self.dir_display(),
+                errno: e,
+            })?;
+            if let Ok(name) = entry.file_name().to_str() {
+                if reserved_name(name).is_some() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_read_only(&self) -> Result<bool, StoreError> {
+        fstatvfs(self.dir.as_fd())
+            .map(|s| s.flags().contains(FsFlags::ST_RDONLY))
+            .map_err(|e| StoreError::Remount {
+                dir: self.dir_display(),
+                why: format!("statvfs: {e}"),
+            })
+    }
+
+    /// The size limit of a tmpfs, `None` for anything else or no limit.
+    fn tmpfs_size(&self) -> Option<u64> {
+        tmpfs_size(&self.dir)
+    }
+
+    /// Undoes one change of an uncommitted push (idempotent).
+    fn undo_entry(&self, e: &JournalEntry) -> Result<(), StoreError> {
+        let dirfd = self.dirfd();
+        let backup = backup_name(&e.name);
+        if e.had_old {
+            match renameat(Some(dirfd), backup.as_str(), Some(dirfd), e.name.as_str()) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => return Err(self.io("restore the old value of", &e.name, err)),
+            }
+        } else if !e.remove {
+            match unlinkat(Some(dirfd), e.name.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => return Err(self.io("remove the new", &e.name, err)),
+            }
+        }
+        // A rename between two links of one file does nothing: drop the
+        // backup name in that case, and the staged value in any case.
+        for n in [backup, tmp_name(&e.name)] {
+            match unlinkat(Some(dirfd), n.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => return Err(self.io("remove the staging file for", &e.name, err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes one change of a committed push: drops the old value.
+    fn finish_entry(&self, e: &JournalEntry) {
+        for n in [backup_name(&e.name), tmp_name(&e.name)] {
+            match unlinkat(Some(self.dirfd()), n.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(err) => {
+                    tracing::warn!(name = %e.name, error = %err, "cannot remove a staging file; the next start removes it")
+                }
+            }
+        }
     }
 
     pub fn dir_path(&self) -> &Path {
@@ -341,7 +609,11 @@ impl Store {
     }
 
     /// The digests of the managed credentials whose files are still there.
+    /// Served from memory until the next batch: see `digests`.
     pub fn held(&self) -> Result<Vec<(String, [u8; 32])>, StoreError> {
+        if let Some(cached) = lock(&self.digests).as_ref() {
+            return Ok(cached.clone());
+        }
         let managed = self.state().managed;
         let mut out = Vec::with_capacity(managed.len());
         for name in managed {
@@ -349,11 +621,14 @@ impl Store {
                 out.push((name, sha256));
             }
         }
+        *lock(&self.digests) = Some(out.clone());
         Ok(out)
     }
 
     /// Starts a series of changes: takes the process and file locks. The
-    /// directory is remounted read-write lazily, on the first change.
+    /// directory is remounted read-write lazily, on the first change. A
+    /// lock another process holds is [`StoreError::Busy`] at once: the
+    /// caller says so (the host retries) rather than waiting blind.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
         let guard = lock(&self.write_lock);
         let lock_err = |why: String| StoreError::Lock {
@@ -368,8 +643,17 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.lock_path)
             .map_err(|e| lock_err(e.to_string()))?;
-        let flock =
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e.to_string()))?;
+        let flock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            if e == Errno::EWOULDBLOCK {
+                StoreError::Busy {
+                    path: self.lock_path.display().to_string(),
+                }
+            } else {
+                lock_err(e.to_string())
+            }
+        })?;
+        // Whatever this batch does, what is on disk may change.
+        *lock(&self.digests) = None;
         Ok(Batch {
             remount: None,
             store: self,
@@ -416,34 +700,51 @@ impl Store {
         Ok((bytes, inodes))
     }
 
-    fn check_limits(&self, name: &str, len: usize) -> Result<(), StoreError> {
+    /// Checks a push against the budget: the set after the push must fit
+    /// (bytes), and every staging file needs an inode while the old files
+    /// are still there. Old and new values need not fit in the bytes budget
+    /// at once: the file system is enlarged for the push where it has a
+    /// size limit (see [`ReadWrite::ensure_room`]).
+    fn check_limits(&self, plan: &[Planned<'_>]) -> Result<(), StoreError> {
         let (bytes, inodes) = self.usage()?;
-        let total = bytes.saturating_add(len as u64);
+        let old: u64 = plan.iter().map(|p| p.old_size).sum();
+        let new: u64 = plan.iter().map(|p| p.new_len() as u64).sum();
+        let total = bytes.saturating_sub(old).saturating_add(new);
+        let first_write = plan.iter().find(|p| p.value.is_some());
         if total > self.limits.max_total_bytes {
+            let (name, len) = first_write
+                .map(|p| (p.name.to_string(), p.new_len()))
+                .unwrap_or_default();
             return Err(StoreError::TotalLimit {
-                name: name.to_string(),
+                name: if plan.iter().filter(|p| p.value.is_some()).count() > 1 {
+                    format!("{name} and the other credentials of this push")
+                } else {
+                    name
+                },
                 len,
                 dir: self.dir_display(),
                 total,
                 limit: self.limits.max_total_bytes,
                 why: if self.limits.max_total_bytes == MAX_TOTAL_BYTES as u64 {
-                    " (systemd's 1 MiB credentials mount; old and new value must fit together during the replace)"
+                    " (systemd's 1 MiB credentials mount)"
                 } else {
-                    " (old and new value must fit together during the replace)"
+                    ""
                 },
             });
         }
-        let needed = inodes + 1;
-        if needed > self.limits.max_files {
+        let writes = plan.iter().filter(|p| p.value.is_some()).count() as u64;
+        let needed = inodes + writes;
+        if writes > 0 && needed > self.limits.max_files {
             return Err(StoreError::FileLimit {
-                name: name.to_string(),
+                name: first_write.map(|p| p.name.to_string()).unwrap_or_default(),
                 dir: self.dir_display(),
                 needed,
                 limit: self.limits.max_files,
                 why: if self.limits.max_files == MAX_FILES as u64 {
-                    " (systemd's credentials mount has nr_inodes=1024)"
+                    " (systemd's credentials mount has nr_inodes=1024; each new value is staged in \
+                     a file of its own until the push is committed)"
                 } else {
-                    ""
+                    " (each new value is staged in a file of its own until the push is committed)"
                 },
             });
         }
@@ -498,13 +799,82 @@ fn load_state(path: &Path) -> Result<State, StoreError> {
     Ok(state)
 }
 
+fn remove_file_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The push journal, if a push was interrupted. One that cannot be read
+/// stops the start: guessing could lose a credential.
+fn load_journal(path: &Path) -> Result<Option<Journal>, StoreError> {
+    let corrupt = |why: String| StoreError::CorruptState {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(corrupt(e.to_string())),
+    };
+    let j: Journal = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+    for e in &j.entries {
+        check_name(&e.name).map_err(|err| corrupt(err.to_string()))?;
+    }
+    Ok(Some(j))
+}
+
+/// A tmpfs's size limit in bytes; `None` for other file systems (ramfs
+/// has no limit) and for a tmpfs without one.
+fn tmpfs_size(dir: &OwnedFd) -> Option<u64> {
+    let fs = nix::sys::statfs::fstatfs(dir).ok()?;
+    if fs.filesystem_type().0 as i64 != TMPFS_MAGIC {
+        return None;
+    }
+    let vfs = fstatvfs(dir.as_fd()).ok()?;
+    let blocks = vfs.blocks() as u64;
+    (blocks > 0).then(|| blocks.saturating_mul(vfs.fragment_size() as u64))
+}
+
+/// Reads the mount record, writing it first if there is none: what the
+/// mount looks like now, before this agent ever remounted it. A mount found
+/// read-only is always expected read-only from then on.
+fn mount_record(dir: &OwnedFd, path: &Path) -> Result<MountRecord, String> {
+    let now_ro = fstatvfs(dir.as_fd())
+        .map_err(|e| format!("statvfs: {e}"))?
+        .flags()
+        .contains(FsFlags::ST_RDONLY);
+    let recorded: Option<MountRecord> = match std::fs::read(path) {
+        Ok(t) => Some(serde_json::from_slice(&t).map_err(|e| format!("{}: {e}", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    match recorded {
+        Some(r) if r.read_only || !now_ro => Ok(r),
+        _ => {
+            let r = MountRecord {
+                read_only: now_ro,
+                size_bytes: if now_ro { tmpfs_size(dir) } else { None },
+            };
+            save_json(path, &r).map_err(|e| e.to_string())?;
+            Ok(r)
+        }
+    }
+}
+
 /// Writes the state atomically (tmp + rename, 0600).
 fn save_state(path: &Path, state: &State) -> Result<(), StoreError> {
+    save_json(path, state)
+}
+
+/// Writes `value` as JSON atomically (tmp + rename, 0600, synced).
+fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     let err = |why: String| StoreError::SaveState {
         path: path.display().to_string(),
         why,
     };
-    let json = serde_json::to_vec_pretty(state).map_err(|e| err(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(value).map_err(|e| err(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -533,6 +903,22 @@ fn save_state(path: &Path, state: &State) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// One change of a push, as planned under the locks.
+struct Planned<'a> {
+    name: &'a str,
+    /// `Some` for a write, `None` for a removal.
+    value: Option<(&'a [u8], u32)>,
+    had_old: bool,
+    /// Bytes of the regular file at the name now (0 if none).
+    old_size: u64,
+}
+
+impl Planned<'_> {
+    fn new_len(&self) -> usize {
+        self.value.map_or(0, |(v, _)| v.len())
+    }
+}
+
 /// Changes made under the store's locks. Dropping it remounts the
 /// directory read-only again if it was remounted for these changes.
 pub struct Batch<'a> {
@@ -553,74 +939,217 @@ impl Batch<'_> {
 
     /// Replaces `name` with `value` (mode `mode`) atomically.
     pub fn write(&mut self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
-        check_name(name)?;
-        if mode & !0o444 != 0 || mode & 0o400 == 0 {
-            // The config refuses these; the store does not trust callers.
-            return Err(StoreError::BadName(format!(
-                "mode {mode:04o} for {name} is not a read-only mode the owner can read"
-            )));
-        }
-        let store = self.store;
-        self.ensure_writable()?;
-        let dirfd = store.dirfd();
-        let tmp = tmp_name(name);
-        match unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(store.io("remove the stale temporary file for", name, e)),
-        }
-        store.check_limits(name, value.len())?;
-        let fd = openat(
-            Some(dirfd),
-            tmp.as_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(|e| store.io("create the temporary file for", name, e))?;
-        let fd = owned(fd);
-        let result = (|| {
-            // The umask may have narrowed the mode; set exactly what was asked.
-            fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
-                .map_err(|e| store.io("set the mode of", name, e))?;
-            let mut file = File::from(fd);
-            file.write_all(value)
-                .map_err(|e| store.io("write", name, errno_of(&e)))?;
-            file.sync_all()
-                .map_err(|e| store.io("sync", name, errno_of(&e)))?;
-            drop(file);
-            renameat(Some(dirfd), tmp.as_str(), Some(dirfd), name)
-                .map_err(|e| store.io("move into place", name, e))
-        })();
-        if result.is_err() {
-            let _ = unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-            return result;
-        }
-        store.sync_dir();
-        Ok(())
+        let next = self.store.state();
+        self.push(&[Change::Write { name, value, mode }], None, next)
+            .map_err(TxError::into_store_error)
     }
 
     /// Removes `name` if it is a regular file; a missing file is already
     /// removed. The caller decides whether the name is vmcred's to remove.
     pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
-        check_name(name)?;
+        let next = self.store.state();
+        self.push(&[Change::Remove { name }], None, next)
+            .map_err(TxError::into_store_error)
+    }
+
+    /// Applies `changes` all or nothing, and makes `next` the state (saved
+    /// to state.json) if and only if every change was made. `generation`
+    /// is the push's (recorded in the journal so that a start after a
+    /// crash knows whether it was committed); `None` for changes outside a
+    /// push (tests, repairs), whose state is saved as given.
+    ///
+    /// Every new value is staged in a file and synced first; then the old
+    /// values are kept under backup names (a hard link, so the name never
+    /// goes missing) while the staged files are renamed over; then
+    /// state.json is saved, which is the commit; only then are the old
+    /// values dropped. A failure before the commit puts every old value
+    /// back.
+    pub fn push(
+        &mut self,
+        changes: &[Change<'_>],
+        generation: Option<u64>,
+        next: State,
+    ) -> Result<(), TxError> {
         let store = self.store;
-        match fstatat(Some(store.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) if is_regular(&st) => {}
-            Ok(_) => {
-                return Err(StoreError::NotRegular {
-                    name: name.to_string(),
-                    dir: store.dir_display(),
-                })
+        let none = |name: Option<&str>, error| TxError::NothingApplied {
+            name: name.map(str::to_string),
+            error,
+        };
+        let mut plan = Vec::with_capacity(changes.len());
+        for c in changes {
+            let p = self.plan(c).map_err(|e| none(Some(c.name()), e))?;
+            if let Some(p) = p {
+                plan.push(p);
             }
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(store.io("inspect", name, e)),
         }
-        self.ensure_writable()?;
-        match unlinkat(Some(store.dirfd()), name, UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(store.io("remove", name, e)),
+        if plan.is_empty() {
+            return self.commit(next).map_err(|e| none(None, e));
+        }
+        store.check_limits(&plan).map_err(|e| {
+            let name = plan.iter().find(|p| p.value.is_some()).map(|p| p.name);
+            none(name, e)
+        })?;
+        self.ensure_writable().map_err(|e| none(None, e))?;
+        let pages: u64 = plan
+            .iter()
+            .map(|p| (p.new_len() as u64).div_ceil(4096).max(1) * 4096)
+            .sum();
+        if let Some(rw) = self.remount.as_mut() {
+            if let Err(e) = rw.ensure_room(store, pages) {
+                tracing::warn!(error = %e, "cannot enlarge the credentials file system for the push; trying as it is");
+            }
+        }
+        // Stage every new value.
+        let mut staged: Vec<&str> = Vec::new();
+        let unstage = |staged: &[&str]| {
+            for name in staged {
+                let _ = unlinkat(
+                    Some(store.dirfd()),
+                    tmp_name(name).as_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+            }
+        };
+        for p in &plan {
+            if let Some((value, mode)) = p.value {
+                if let Err(e) = store.stage(p.name, value, mode) {
+                    unstage(&staged);
+                    return Err(none(Some(p.name), e));
+                }
+                staged.push(p.name);
+            }
+        }
+        let journal = Journal {
+            // Outside a push, an interrupted change is rolled back.
+            generation: generation.unwrap_or(u64::MAX),
+            entries: plan
+                .iter()
+                .map(|p| JournalEntry {
+                    name: p.name.to_string(),
+                    remove: p.value.is_none(),
+                    had_old: p.had_old,
+                })
+                .collect(),
+        };
+        if let Err(e) = save_json(&store.journal_path, &journal) {
+            unstage(&staged);
+            return Err(none(None, e));
+        }
+        let mut failure = None;
+        for p in &plan {
+            if let Err(e) = store.swap_in(p) {
+                failure = Some((Some(p.name), e));
+                break;
+            }
         }
         store.sync_dir();
+        let committed = match failure {
+            Some(f) => Err(f),
+            None => {
+                let target = next.clone();
+                save_state(&store.state_path, &target)
+                    .map(|()| *lock(&store.state) = target)
+                    .map_err(|e| (None, e))
+            }
+        };
+        if let Err((name, error)) = committed {
+            let mut failed_undo = None;
+            let mut applied = Vec::new();
+            for e in journal.entries.iter().rev() {
+                if let Err(err) = store.undo_entry(e) {
+                    applied.push(e.name.clone());
+                    failed_undo.get_or_insert(err);
+                }
+            }
+            store.sync_dir();
+            let name = name.map(str::to_string);
+            return match failed_undo {
+                None => {
+                    let _ = remove_file_if_exists(&store.journal_path);
+                    Err(TxError::NothingApplied { name, error })
+                }
+                Some(rollback) => {
+                    // The journal stays: the next start retries the undo.
+                    let mut st = lock(&store.state);
+                    for n in &applied {
+                        if journal.entries.iter().any(|e| &e.name == n && e.remove) {
+                            st.managed.remove(n);
+                        } else {
+                            st.managed.insert(n.clone());
+                        }
+                    }
+                    Err(TxError::Partial {
+                        name,
+                        error,
+                        rollback,
+                        applied,
+                    })
+                }
+            };
+        }
+        for e in &journal.entries {
+            store.finish_entry(e);
+        }
+        store.sync_dir();
+        if let Err(e) = remove_file_if_exists(&store.journal_path) {
+            tracing::warn!(error = %e, "cannot remove the push journal; the next start does");
+        }
         Ok(())
+    }
+
+    /// Looks at what is at the name now. `None`: nothing to do (removing
+    /// a name that is already gone).
+    fn plan<'c>(&self, c: &Change<'c>) -> Result<Option<Planned<'c>>, StoreError> {
+        let store = self.store;
+        let name = c.name();
+        check_name(name)?;
+        let st = match fstatat(Some(store.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(store.io("inspect", name, e)),
+        };
+        let is_dir = st.as_ref().is_some_and(|st| {
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+        });
+        let old_size = st
+            .as_ref()
+            .filter(|st| is_regular(st))
+            .map_or(0, |st| st.st_size.max(0) as u64);
+        match *c {
+            Change::Write { name, value, mode } => {
+                if mode & !0o444 != 0 || mode & 0o400 == 0 {
+                    // The config refuses these; the store does not trust callers.
+                    return Err(StoreError::BadName(format!(
+                        "mode {mode:04o} for {name} is not a read-only mode the owner can read"
+                    )));
+                }
+                if is_dir {
+                    return Err(StoreError::IsDirectory {
+                        name: name.to_string(),
+                        dir: store.dir_display(),
+                    });
+                }
+                Ok(Some(Planned {
+                    name,
+                    value: Some((value, mode)),
+                    had_old: st.is_some(),
+                    old_size,
+                }))
+            }
+            Change::Remove { name } => match st {
+                None => Ok(None),
+                Some(st) if is_regular(&st) => Ok(Some(Planned {
+                    name,
+                    value: None,
+                    had_old: true,
+                    old_size,
+                })),
+                Some(_) => Err(StoreError::NotRegular {
+                    name: name.to_string(),
+                    dir: store.dir_display(),
+                }),
+            },
+        }
     }
 
     /// Persists `state`, then makes it current. If it cannot be saved, the
@@ -629,6 +1158,9 @@ impl Batch<'_> {
     /// only once it survives a restart.
     pub fn commit(&mut self, state: State) -> Result<(), StoreError> {
         let store = self.store;
+        if *lock(&store.state) == state {
+            return Ok(());
+        }
         let saved = save_state(&store.state_path, &state);
         let mut current = lock(&store.state);
         match saved {
@@ -644,8 +1176,81 @@ impl Batch<'_> {
     }
 }
 
-/// A read-only credentials mount made writable for one batch. Drop makes it
-/// read-only again with the flags it had.
+impl TxError {
+    /// The underlying error, for callers of one-change batches.
+    pub fn into_store_error(self) -> StoreError {
+        match self {
+            TxError::NothingApplied { error, .. } | TxError::Partial { error, .. } => error,
+        }
+    }
+}
+
+impl Store {
+    /// Writes `value` to the staging file of `name` and syncs it.
+    fn stage(&self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
+        let dirfd = self.dirfd();
+        let tmp = tmp_name(name);
+        match unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
+        }
+        let fd = openat(
+            Some(dirfd),
+            tmp.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(mode),
+        )
+        .map_err(|e| self.io("create the temporary file for", name, e))?;
+        let fd = owned(fd);
+        let result = (|| {
+            // The umask may have narrowed the mode; set exactly what was asked.
+            fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
+                .map_err(|e| self.io("set the mode of", name, e))?;
+            let mut file = File::from(fd);
+            file.write_all(value)
+                .map_err(|e| self.io("write", name, errno_of(&e)))?;
+            file.sync_all()
+                .map_err(|e| self.io("sync", name, errno_of(&e)))
+        })();
+        if result.is_err() {
+            let _ = unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        result
+    }
+
+    /// Keeps the old value under its backup name and puts the new one in
+    /// place (or, for a removal, moves the old value aside).
+    fn swap_in(&self, p: &Planned<'_>) -> Result<(), StoreError> {
+        let dirfd = self.dirfd();
+        let backup = backup_name(p.name);
+        match unlinkat(Some(dirfd), backup.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(self.io("remove the stale backup of", p.name, e)),
+        }
+        match p.value {
+            Some(_) => {
+                if p.had_old {
+                    nix::unistd::linkat(
+                        Some(dirfd),
+                        p.name,
+                        Some(dirfd),
+                        backup.as_str(),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| self.io("keep the old value of", p.name, e))?;
+                }
+                renameat(Some(dirfd), tmp_name(p.name).as_str(), Some(dirfd), p.name)
+                    .map_err(|e| self.io("move into place", p.name, e))
+            }
+            None => renameat(Some(dirfd), p.name, Some(dirfd), backup.as_str())
+                .map_err(|e| self.io("remove", p.name, e)),
+        }
+    }
+}
+
+/// A read-only credentials mount made writable for one batch (or a mount
+/// found writable that is expected read-only). Drop shrinks an enlarged
+/// tmpfs back and makes the mount read-only again with the flags it had.
 struct ReadWrite {
     target: PathBuf,
     dir: String,
@@ -656,25 +1261,22 @@ struct ReadWrite {
     /// Superblock flag cleared with a plain `MS_REMOUNT` (a file system
     /// mounted `ro`).
     superblock: bool,
+    /// The tmpfs size to restore, once enlarged for a push.
+    restore_size: Option<u64>,
 }
 
 impl ReadWrite {
-    /// `None` when the directory is writable already.
+    /// `None` when the directory is writable and that is how it was found
+    /// at the first start.
     fn acquire(store: &Store) -> Result<Option<ReadWrite>, StoreError> {
         let dir = store.dir_display();
-        let rdonly = || -> Result<bool, StoreError> {
-            fstatvfs(store.dir.as_fd())
-                .map(|s| s.flags().contains(FsFlags::ST_RDONLY))
-                .map_err(|e| StoreError::Remount {
-                    dir: dir.clone(),
-                    why: format!("statvfs: {e}"),
-                })
-        };
+        let rdonly = || store.is_read_only();
         let st = fstatvfs(store.dir.as_fd()).map_err(|e| StoreError::Remount {
             dir: dir.clone(),
             why: format!("statvfs: {e}"),
         })?;
-        if !st.flags().contains(FsFlags::ST_RDONLY) {
+        let now_ro = st.flags().contains(FsFlags::ST_RDONLY);
+        if !now_ro && !store.mount.read_only {
             return Ok(None);
         }
         // Remount exactly the directory we opened, even if its path was
@@ -691,7 +1293,17 @@ impl ReadWrite {
             flags: mount_flags(st.flags()),
             bind: false,
             superblock: false,
+            restore_size: store.mount.size_bytes,
         };
+        if !now_ro {
+            // Writable though it must not be (a crash, or someone else):
+            // this guard makes it read-only when dropped, per mount as
+            // systemd does, or the whole file system if it is no mount
+            // point of its own.
+            tracing::warn!(dir = %rw.dir, "the credentials mount is writable; it is made read-only again after this write");
+            rw.bind = true;
+            return Ok(Some(rw));
+        }
         match rw.remount(true, false) {
             Ok(()) => rw.bind = true,
             // Not a mount point of its own (or an old kernel): try the
@@ -724,6 +1336,37 @@ impl ReadWrite {
         Ok(Some(rw))
     }
 
+    /// Makes room for `bytes` more on a size-limited tmpfs (systemd's
+    /// 1 MiB), so that a value larger than half of it can replace its old
+    /// value: both exist until the push is committed. Shrunk back on drop.
+    fn ensure_room(&mut self, store: &Store, bytes: u64) -> Result<(), Errno> {
+        let Some(size) = store.tmpfs_size() else {
+            return Ok(());
+        };
+        let vfs = fstatvfs(store.dir.as_fd())?;
+        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+        if free >= bytes {
+            return Ok(());
+        }
+        let grown = size + (bytes - free) + 64 * 1024;
+        self.resize(grown)?;
+        if self.restore_size.is_none() {
+            self.restore_size = Some(size);
+        }
+        tracing::debug!(dir = %self.dir, from = size, to = grown, "enlarged the credentials tmpfs for the push");
+        Ok(())
+    }
+
+    fn resize(&self, bytes: u64) -> Result<(), Errno> {
+        mount(
+            None::<&str>,
+            &self.target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | self.flags,
+            Some(format!("size={bytes}").as_str()),
+        )
+    }
+
     fn remount(&self, bind: bool, rdonly: bool) -> Result<(), Errno> {
         let mut flags = MsFlags::MS_REMOUNT | self.flags;
         if bind {
@@ -744,14 +1387,37 @@ impl ReadWrite {
 
 impl Drop for ReadWrite {
     fn drop(&mut self) {
+        if let Some(size) = self.restore_size {
+            let fd = nix::fcntl::open(
+                &self.target,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map(owned);
+            let current = fd.ok().and_then(|fd| tmpfs_size(&fd));
+            if current.is_some_and(|c| c != size) {
+                if let Err(e) = self.resize(size) {
+                    tracing::warn!(dir = %self.dir, size, error = %e, "cannot shrink the credentials tmpfs back to its size (it holds more than that now)");
+                }
+            }
+        }
         if self.superblock {
             if let Err(e) = self.remount(false, true) {
                 tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials file system read-only again");
             }
         }
         if self.bind {
-            if let Err(e) = self.remount(true, true) {
-                tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials directory read-only again");
+            match self.remount(true, true) {
+                Ok(()) => {}
+                // Not a mount point of its own: the file system, then.
+                Err(Errno::EINVAL) if !self.superblock => {
+                    if let Err(e) = self.remount(false, true) {
+                        tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials file system read-only again");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials directory read-only again")
+                }
             }
         }
         tracing::debug!(dir = %self.dir, "remounted read-only");
@@ -955,16 +1621,214 @@ mod tests {
             },
         );
         write(&store, "A", &[1u8; 400]).unwrap();
-        // Old (400) + new (700) would not fit together during the rename.
-        let err = write(&store, "A", &[2u8; 700]).unwrap_err().to_string();
+        write(&store, "B", &[1u8; 300]).unwrap();
+        // The set after the write (300 + 800) would not fit.
+        let err = write(&store, "A", &[2u8; 800]).unwrap_err().to_string();
         assert!(
-            err.contains("writing A (700 bytes) would bring")
+            err.contains("writing A (800 bytes) would bring")
                 && err.contains("to 1100 bytes; its limit is 1000"),
             "{err}"
         );
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), vec![1u8; 400]);
         assert!(!f.creds.join(".A.vmcred-tmp").exists());
-        write(&store, "A", &[3u8; 600]).unwrap();
+        // Old (400) and new (700) together exceed the budget, but the set
+        // after the write fits: allowed (the file system is enlarged for
+        // the push where it has a limit).
+        write(&store, "A", &[3u8; 700]).unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), vec![3u8; 700]);
+    }
+
+    fn names(f: &Fixture) -> Vec<String> {
+        let mut v: Vec<_> = std::fs::read_dir(&f.creds)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn st(generation: u64, managed: &[&str]) -> State {
+        State {
+            generation,
+            managed: managed.iter().map(|s| s.to_string()).collect(),
+            owed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_push_is_all_or_nothing() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a1").unwrap();
+        write(&store, "B", b"b1").unwrap();
+        store.batch().unwrap().commit(st(1, &["A", "B"])).unwrap();
+        // C's name is taken by a directory: found at planning, nothing done.
+        std::fs::create_dir(f.creds.join("C")).unwrap();
+        let err = store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap_err();
+        match &err {
+            TxError::NothingApplied { name, .. } => assert_eq!(name.as_deref(), Some("C")),
+            other => panic!("{other}"),
+        }
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+        assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+        assert_eq!(store.state(), st(1, &["A", "B"]));
+        assert_eq!(names(&f), ["A", "B", "C"]);
+        std::fs::remove_dir(f.creds.join("C")).unwrap();
+
+        // A failure at the commit (state.json cannot be written): every
+        // rename is undone.
+        let state_json = f.state.join("state.json");
+        std::fs::remove_file(&state_json).unwrap();
+        std::fs::create_dir(&state_json).unwrap();
+        let err = store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, TxError::NothingApplied { name: None, .. }),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+        assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+        assert_eq!(names(&f), ["A", "B"]);
+        assert_eq!(store.state().generation, 1);
+        assert!(!f.state.join("push.json").exists());
+        std::fs::remove_dir(&state_json).unwrap();
+
+        store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(f.creds.join("C")).unwrap(), b"c");
+        assert_eq!(names(&f), ["A", "C"]);
+        assert_eq!(store.state(), st(2, &["A", "C"]));
+    }
+
+    /// What a kill -9 at each step of a push leaves, repaired by the next
+    /// open: rolled back before the commit, finished after it.
+    #[test]
+    fn open_repairs_an_interrupted_push() {
+        for committed in [false, true] {
+            let f = fixture();
+            let store = open(&f, Limits::default());
+            write(&store, "A", b"a1").unwrap();
+            write(&store, "B", b"b1").unwrap();
+            store.batch().unwrap().commit(st(1, &["A", "B"])).unwrap();
+            drop(store);
+            // The push of generation 2 (A=a2, B removed, C new) stopped
+            // after its renames.
+            let backup_a = f.creds.join(backup_name("A"));
+            std::fs::hard_link(f.creds.join("A"), &backup_a).unwrap();
+            std::fs::write(f.creds.join(".A.tmp"), b"a2").unwrap();
+            std::fs::rename(f.creds.join(".A.tmp"), f.creds.join("A")).unwrap();
+            std::fs::rename(f.creds.join("B"), f.creds.join(backup_name("B"))).unwrap();
+            std::fs::write(f.creds.join("C"), b"c").unwrap();
+            std::fs::write(f.creds.join(".D.vmcred-tmp"), b"staged").unwrap();
+            let j = Journal {
+                generation: 2,
+                entries: vec![
+                    JournalEntry {
+                        name: "A".into(),
+                        remove: false,
+                        had_old: true,
+                    },
+                    JournalEntry {
+                        name: "B".into(),
+                        remove: true,
+                        had_old: true,
+                    },
+                    JournalEntry {
+                        name: "C".into(),
+                        remove: false,
+                        had_old: false,
+                    },
+                ],
+            };
+            save_json(&f.state.join("push.json"), &j).unwrap();
+            if committed {
+                save_state(&f.state.join("state.json"), &st(2, &["A", "C"])).unwrap();
+            }
+            let store = open(&f, Limits::default());
+            assert!(!f.state.join("push.json").exists());
+            if committed {
+                assert_eq!(names(&f), ["A", "C"]);
+                assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+                assert_eq!(store.state(), st(2, &["A", "C"]));
+            } else {
+                assert_eq!(names(&f), ["A", "B"]);
+                assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+                assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+                assert_eq!(store.state(), st(1, &["A", "B"]));
+            }
+        }
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_busy_at_once() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        let other = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let held = Flock::lock(other, FlockArg::LockExclusive).unwrap();
+        let err = store.batch().err().unwrap();
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("another vmcred-guest"), "{err}");
+        drop(held);
+        write(&store, "A", b"a").unwrap();
     }
 
     #[test]
@@ -1033,6 +1897,7 @@ mod tests {
         let st = State {
             generation: 7,
             managed: ["A".to_string(), "B".to_string()].into(),
+            owed: Vec::new(),
         };
         store.batch().unwrap().commit(st.clone()).unwrap();
         drop(store);
