@@ -150,14 +150,14 @@ pub enum TxError {
     NothingApplied {
         /// The credential whose change failed, if it was one in particular.
         name: Option<String>,
-        error: StoreError,
+        error: Box<StoreError>,
     },
     /// Undoing a failed push failed too: `applied` hold their new state.
     #[error("{error}; undoing the push failed as well ({rollback}), so {applied:?} changed")]
     Partial {
         name: Option<String>,
-        error: StoreError,
-        rollback: StoreError,
+        error: Box<StoreError>,
+        rollback: Box<StoreError>,
         applied: Vec<String>,
     },
 }
@@ -304,10 +304,29 @@ pub struct Store {
     /// serializes them across processes.
     write_lock: Mutex<()>,
     state: Mutex<State>,
-    /// Digests of the managed files, so that an idle host's Hello reads no
-    /// file. Only PID 1 (at boot, before we start) and this store write
-    /// the directory; every batch drops the cache.
-    digests: Mutex<Option<Vec<(String, [u8; 32])>>>,
+    /// Digests of the managed files by their [`Stamp`], so that an idle
+    /// host's Hello reads no file.
+    digests: Mutex<std::collections::HashMap<String, (Stamp, [u8; 32])>>,
+}
+
+/// What changes when a file is replaced or written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(st: &FileStat) -> Stamp {
+        Stamp {
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 impl Store {
@@ -379,7 +398,7 @@ impl Store {
             mount,
             write_lock: Mutex::new(()),
             state: Mutex::new(state),
-            digests: Mutex::new(None),
+            digests: Mutex::new(Default::default()),
         };
         store.recover()?;
         Ok(store)
@@ -413,9 +432,9 @@ impl Store {
             for e in j.entries.iter().rev() {
                 if committed {
                     self.finish_entry(e);
-                } else if let Err(err) = self.undo_entry(e) {
-                    // The journal stays, so the next start tries again.
-                    return Err(err);
+                } else {
+                    // On failure the journal stays: the next start retries.
+                    self.undo_entry(e)?;
                 }
             }
             tracing::warn!(
@@ -609,19 +628,37 @@ impl Store {
     }
 
     /// The digests of the managed credentials whose files are still there.
-    /// Served from memory until the next batch: see `digests`.
+    /// A file whose inode, size and change times are what they were when
+    /// it was last hashed is not read again: an idle host's Hello costs
+    /// one `fstatat` per credential and no file read.
     pub fn held(&self) -> Result<Vec<(String, [u8; 32])>, StoreError> {
-        if let Some(cached) = lock(&self.digests).as_ref() {
-            return Ok(cached.clone());
-        }
         let managed = self.state().managed;
+        let mut cache = lock(&self.digests);
         let mut out = Vec::with_capacity(managed.len());
         for name in managed {
+            let st = match fstatat(
+                Some(self.dirfd()),
+                name.as_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) if is_regular(&st) => st,
+                Ok(_) | Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(self.io("inspect", &name, e)),
+            };
+            let stamp = Stamp::of(&st);
+            if let Some((s, d)) = cache.get(&name) {
+                if *s == stamp {
+                    out.push((name, *d));
+                    continue;
+                }
+            }
             if let Current::Regular { sha256, .. } = self.current(&name)? {
+                // Hashed after the stat: if the file changed in between,
+                // the stamp no longer matches next time and it is re-read.
+                cache.insert(name.clone(), (stamp, sha256));
                 out.push((name, sha256));
             }
         }
-        *lock(&self.digests) = Some(out.clone());
         Ok(out)
     }
 
@@ -652,8 +689,6 @@ impl Store {
                 lock_err(e.to_string())
             }
         })?;
-        // Whatever this batch does, what is on disk may change.
-        *lock(&self.digests) = None;
         Ok(Batch {
             remount: None,
             store: self,
@@ -712,16 +747,14 @@ impl Store {
         let total = bytes.saturating_sub(old).saturating_add(new);
         let first_write = plan.iter().find(|p| p.value.is_some());
         if total > self.limits.max_total_bytes {
-            let (name, len) = first_write
-                .map(|p| (p.name.to_string(), p.new_len()))
-                .unwrap_or_default();
+            let writes: Vec<&str> = plan
+                .iter()
+                .filter(|p| p.value.is_some())
+                .map(|p| p.name)
+                .collect();
             return Err(StoreError::TotalLimit {
-                name: if plan.iter().filter(|p| p.value.is_some()).count() > 1 {
-                    format!("{name} and the other credentials of this push")
-                } else {
-                    name
-                },
-                len,
+                name: writes.join(", "),
+                len: new as usize,
                 dir: self.dir_display(),
                 total,
                 limit: self.limits.max_total_bytes,
@@ -973,7 +1006,7 @@ impl Batch<'_> {
         let store = self.store;
         let none = |name: Option<&str>, error| TxError::NothingApplied {
             name: name.map(str::to_string),
-            error,
+            error: Box::new(error),
         };
         let mut plan = Vec::with_capacity(changes.len());
         for c in changes {
@@ -986,7 +1019,12 @@ impl Batch<'_> {
             return self.commit(next).map_err(|e| none(None, e));
         }
         store.check_limits(&plan).map_err(|e| {
-            let name = plan.iter().find(|p| p.value.is_some()).map(|p| p.name);
+            // One write: that one; several: the push as a whole.
+            let mut writes = plan.iter().filter(|p| p.value.is_some());
+            let name = match (writes.next(), writes.next()) {
+                (Some(p), None) => Some(p.name),
+                _ => None,
+            };
             none(name, e)
         })?;
         self.ensure_writable().map_err(|e| none(None, e))?;
@@ -1066,7 +1104,10 @@ impl Batch<'_> {
             return match failed_undo {
                 None => {
                     let _ = remove_file_if_exists(&store.journal_path);
-                    Err(TxError::NothingApplied { name, error })
+                    Err(TxError::NothingApplied {
+                        name,
+                        error: Box::new(error),
+                    })
                 }
                 Some(rollback) => {
                     // The journal stays: the next start retries the undo.
@@ -1080,8 +1121,8 @@ impl Batch<'_> {
                     }
                     Err(TxError::Partial {
                         name,
-                        error,
-                        rollback,
+                        error: Box::new(error),
+                        rollback: Box::new(rollback),
                         applied,
                     })
                 }
@@ -1180,7 +1221,7 @@ impl TxError {
     /// The underlying error, for callers of one-change batches.
     pub fn into_store_error(self) -> StoreError {
         match self {
-            TxError::NothingApplied { error, .. } | TxError::Partial { error, .. } => error,
+            TxError::NothingApplied { error, .. } | TxError::Partial { error, .. } => *error,
         }
     }
 }

@@ -302,22 +302,34 @@ async fn only_managed_credentials_are_removed() {
         .await
         .unwrap()
         .into_inner();
+    // All or nothing: MINE is not removed either.
     assert_eq!(
         outcomes(&r),
         vec![
-            ("MINE".into(), Outcome::Removed),
+            ("MINE".into(), Outcome::Failed),
             ("FOREIGN".into(), Outcome::Failed)
         ]
     );
     assert_eq!(r.results[1].error, "not written by vmcred; left in place");
-    assert!(g.read("MINE").is_none());
+    assert!(
+        r.results[0].error.contains("all or nothing") && r.results[0].error.contains("FOREIGN"),
+        "{}",
+        r.results[0].error
+    );
+    assert_eq!(g.read("MINE").unwrap(), b"m");
     assert_eq!(g.read("FOREIGN").unwrap(), b"not ours");
     // A failure keeps the generation where it was, so the host retries.
     assert_eq!(r.applied_generation, 1);
     assert_eq!(g.store.state().generation, 1);
-    assert!(!g.store.state().managed.contains("MINE"));
-    let r = c.apply(apply(2, vec![], &[])).await.unwrap().into_inner();
+    assert!(g.store.state().managed.contains("MINE"));
+    let r = c
+        .apply(apply(2, vec![], &["MINE"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&r), vec![("MINE".into(), Outcome::Removed)]);
     assert_eq!(r.applied_generation, 2);
+    assert!(g.read("MINE").is_none());
 }
 
 #[tokio::test]
@@ -334,10 +346,12 @@ async fn a_write_over_the_limit_fails_clearly_and_keeps_the_generation() {
     c.apply(apply(1, vec![cred("A", &[1; 600])], &[]))
         .await
         .unwrap();
+    // B (300) and the new A (800) would not fit together: nothing of the
+    // push is applied, B included.
     let r = c
         .apply(apply(
             2,
-            vec![cred("B", b"small"), cred("A", &[2; 600])],
+            vec![cred("B", &[3; 300]), cred("A", &[2; 800])],
             &[],
         ))
         .await
@@ -345,20 +359,28 @@ async fn a_write_over_the_limit_fails_clearly_and_keeps_the_generation() {
         .into_inner();
     assert_eq!(
         outcomes(&r),
-        vec![
-            ("B".into(), Outcome::Written),
-            ("A".into(), Outcome::Failed)
-        ]
+        vec![("B".into(), Outcome::Failed), ("A".into(), Outcome::Failed)]
     );
-    assert!(
-        r.results[1].error.contains("would bring")
-            && r.results[1].error.contains("its limit is 1000"),
-        "{}",
-        r.results[1].error
-    );
+    for res in &r.results {
+        assert!(
+            res.error.contains("would bring")
+                && res.error.contains("to 1100 bytes; its limit is 1000"),
+            "{}",
+            res.error
+        );
+    }
     assert_eq!(r.applied_generation, 1);
+    assert_eq!(g.store.state().generation, 1);
     assert_eq!(g.read("A").unwrap(), vec![1; 600]);
-    assert_eq!(g.read("B").unwrap(), b"small");
+    assert!(g.read("B").is_none());
+    // A value larger than half the budget still replaces its old value.
+    let r = c
+        .apply(apply(3, vec![cred("A", &[4; 900])], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 3);
+    assert_eq!(g.read("A").unwrap(), vec![4; 900]);
 }
 
 #[tokio::test]
@@ -590,4 +612,146 @@ async fn an_apply_finishes_its_unit_actions_when_the_host_hangs_up() {
     );
     assert_eq!(g.store.state().generation, 1);
     assert_eq!(g.read("A").unwrap(), b"a");
+}
+
+/// Issue 9, "also": the store's lock held by another process is ABORTED
+/// (the host retries the same content), not a dropped connection, and
+/// nothing is applied.
+#[tokio::test]
+async fn a_busy_store_is_aborted_and_nothing_applied() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("A", b"a1")], &[]))
+        .await
+        .unwrap();
+    let lock = std::fs::File::open(g.state.join("write.lock")).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let e = c
+        .apply(apply(2, vec![cred("A", b"a2")], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(e.message().contains("locked"), "{}", e.message());
+    assert_eq!(g.read("A").unwrap(), b"a1");
+    assert_eq!(g.store.state().generation, 1);
+    // Same connection, same content, once the lock is free: applied.
+    drop(held);
+    let r = c
+        .apply(apply(2, vec![cred("A", b"a2")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 2);
+    assert_eq!(g.read("A").unwrap(), b"a2");
+}
+
+fn owed(units: &[vmcred_proto::rpc::pb::UnitResult]) -> Vec<(String, String)> {
+    units
+        .iter()
+        .map(|u| (u.unit.clone(), u.action.clone()))
+        .collect()
+}
+
+/// Issue 9, operator: a failed unit action stays owed (state.json), is
+/// reported in both replies, retried on the next Apply even with unchanged
+/// bytes, and cleared when it succeeds or its credential is unmapped.
+#[tokio::test]
+async fn a_failed_unit_action_stays_owed_until_it_succeeds() {
+    let g = start(
+        "[credentials.A]\nrestart_units = [\"flaky.service\"]\n[credentials.B]\nreload_units = [\"bad.service\"]\n",
+        Limits::default(),
+    )
+    .await;
+    let broken = g.calls.with_extension("broken");
+    std::fs::write(&broken, b"").unwrap();
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(1, vec![cred("A", b"a1"), cred("B", b"b1")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 1);
+    let want = vec![
+        ("flaky.service".to_string(), "restart".to_string()),
+        ("bad.service".to_string(), "reload".to_string()),
+    ];
+    assert_eq!(owed(&r.owed_units), want);
+    assert!(r.owed_units.iter().all(|u| !u.ok && !u.error.is_empty()));
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(owed(&h.owed_units), want);
+    let text = std::fs::read_to_string(g.state.join("state.json")).unwrap();
+    assert!(text.contains("flaky.service"), "{text}");
+
+    // Unchanged bytes, a newer generation: nothing written, but the owed
+    // actions are retried (and still fail).
+    std::fs::write(&g.calls, b"").unwrap();
+    let r = c
+        .apply(apply(2, vec![cred("A", b"a1"), cred("B", b"b1")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 2);
+    assert_eq!(owed(&r.owed_units), want);
+    assert!(
+        g.calls().contains("try-restart flaky.service"),
+        "{}",
+        g.calls()
+    );
+
+    // The unit is fixed: the next Apply's retry clears it; B's unmapped
+    // or removed credential clears the other.
+    std::fs::remove_file(&broken).unwrap();
+    let r = c
+        .apply(apply(3, vec![cred("A", b"a1")], &["B"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        owed(&r.owed_units),
+        vec![("bad.service".to_string(), "reload".to_string())],
+        "the removal's own reload failed and is owed until the next prune"
+    );
+    let r = c
+        .apply(apply(4, vec![cred("A", b"a1")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.owed_units.is_empty(), "{:?}", r.owed_units);
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert!(h.owed_units.is_empty());
+}
+
+/// A Hello wakes the retry of owed actions in the background.
+#[tokio::test]
+async fn a_hello_retries_owed_actions() {
+    use std::time::{Duration, Instant};
+    let g = start(
+        "[credentials.A]\nrestart_units = [\"flaky.service\"]\n",
+        Limits::default(),
+    )
+    .await;
+    let broken = g.calls.with_extension("broken");
+    std::fs::write(&broken, b"").unwrap();
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(1, vec![cred("A", b"a1")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.owed_units.len(), 1);
+    std::fs::remove_file(&broken).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = c.hello(hello()).await.unwrap().into_inner();
+        if h.owed_units.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never retried: {:?}",
+            h.owed_units
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(g.store.state().owed, vec![]);
 }

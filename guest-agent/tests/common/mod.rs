@@ -40,13 +40,15 @@ impl Drop for Guest {
 }
 
 /// A recording systemctl: appends its arguments to `calls`, fails for
-/// units whose name starts with "bad", takes half a second for "slow".
+/// units whose name starts with "bad", and for "flaky" ones while the file
+/// `calls.broken` exists; takes half a second for "slow".
 pub fn recording_systemctl(dir: &Path, calls: &Path) -> PathBuf {
     let p = dir.join("systemctl");
     std::fs::write(
         &p,
         format!(
-            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in slow*) sleep 0.5;; esac\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\nexit 0\n",
+            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in slow*) sleep 0.5;; esac\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\ncase \"$2\" in flaky*) if [ -e '{}.broken' ]; then echo \"Job for $2 failed.\" >&2; exit 1; fi;; esac\nexit 0\n",
+            calls.display(),
             calls.display()
         ),
     )
