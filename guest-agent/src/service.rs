@@ -244,8 +244,15 @@ fn apply_to_store(
     }
     for name in &removals {
         if !before.managed.contains(name) {
-            planned.push((name.clone(), Outcome::Failed));
-            refused.get_or_insert((name.clone(), NOT_OURS.into()));
+            // Already gone is removed (a push that named it may never have
+            // been applied); a file vmcred did not write is not touched.
+            match store.current(name) {
+                Ok(Current::Missing) => planned.push((name.clone(), Outcome::Removed)),
+                _ => {
+                    planned.push((name.clone(), Outcome::Failed));
+                    refused.get_or_insert((name.clone(), NOT_OURS.into()));
+                }
+            }
             continue;
         }
         planned.push((name.clone(), Outcome::Removed));
@@ -264,15 +271,12 @@ fn apply_to_store(
             _ => {}
         }
     }
-    let changed: Vec<String> = planned
+    // Only what changes on disk runs unit actions.
+    let changed: Vec<String> = changes.iter().map(|c| c.name().to_string()).collect();
+    let removed: Vec<String> = changes
         .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Written | Outcome::Removed))
-        .map(|(n, _)| n.clone())
-        .collect();
-    let removed: Vec<String> = planned
-        .iter()
-        .filter(|(_, o)| *o == Outcome::Removed)
-        .map(|(n, _)| n.clone())
+        .filter(|c| matches!(c, Change::Remove { .. }))
+        .map(|c| c.name().to_string())
         .collect();
     merge_owed(config, &mut next.owed, &next.managed, &changed);
     prune_owed(config, &mut next.owed, &next.managed, &removed);

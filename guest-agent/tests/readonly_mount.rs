@@ -6,55 +6,15 @@
 //! test re-executes this test binary under `unshare --mount` (a private
 //! mount namespace whose mounts vanish with it) and runs its body there.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::in_private_mount_namespace;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use vmcred_guest::store::{Limits, Store};
-
-const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";
-
-/// Runs `body` in a private mount namespace, or explains why it cannot.
-fn in_private_mount_namespace(test: &str, body: fn()) {
-    if std::env::var_os(IN_NAMESPACE).is_some() {
-        body();
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED {test}: needs root to mount (running as uid {})",
-            nix::unistd::geteuid()
-        );
-        return;
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = match Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(IN_NAMESPACE, "1")
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: cannot run unshare(1) from util-linux: {e}");
-            return;
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && stderr.contains("unshare failed") {
-        eprintln!("SKIPPED {test}: no mount namespaces here: {stderr}");
-        return;
-    }
-    eprintln!("{test} ran in a private mount namespace:\n{stdout}");
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{test} in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-}
 
 fn flags(dir: &Path) -> FsFlags {
     statvfs(dir).expect("statvfs").flags()

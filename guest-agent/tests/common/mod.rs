@@ -140,3 +140,46 @@ pub fn apply(generation: u64, upserts: Vec<Credential>, removals: &[&str]) -> Ap
         removals: removals.iter().map(|s| s.to_string()).collect(),
     }
 }
+
+const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";
+
+/// Runs `body` in a private mount namespace, or explains why it cannot.
+pub fn in_private_mount_namespace(test: &str, body: fn()) {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        body();
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED {test}: needs root to mount (running as uid {})",
+            nix::unistd::geteuid()
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = match std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: cannot run unshare(1) from util-linux: {e}");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("SKIPPED {test}: no mount namespaces here: {stderr}");
+        return;
+    }
+    eprintln!("{test} ran in a private mount namespace:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
