@@ -626,10 +626,14 @@ async fn a_busy_store_is_aborted_and_nothing_applied() {
         .unwrap();
     let lock = std::fs::File::open(g.state.join("write.lock")).unwrap();
     let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
-    let e = c
-        .apply(apply(2, vec![cred("A", b"a2")], &[]))
-        .await
-        .unwrap_err();
+    // A bounded wait: an agent that blocks on the lock never answers.
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.apply(apply(2, vec![cred("A", b"a2")], &[])),
+    )
+    .await
+    .expect("the Apply waited on the lock instead of answering")
+    .unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert!(e.message().contains("locked"), "{}", e.message());
     assert_eq!(g.read("A").unwrap(), b"a1");
@@ -754,4 +758,71 @@ async fn a_hello_retries_owed_actions() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(g.store.state().owed, vec![]);
+}
+
+/// Owed actions survive an agent restart (state.json) and are retried at
+/// start; one the configuration no longer maps is dropped.
+#[tokio::test]
+async fn owed_actions_are_retried_after_a_restart() {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+    use vmcred_guest::store::{Owed, State, Store};
+    use vmcred_guest::units::{Action, UnitRunner};
+    let tmp = tempfile::tempdir().unwrap();
+    let (creds, state, calls) = (
+        tmp.path().join("creds"),
+        tmp.path().join("state"),
+        tmp.path().join("calls"),
+    );
+    std::fs::create_dir(&creds).unwrap();
+    let store = Store::open(&creds, &state, Limits::default()).unwrap();
+    store.batch().unwrap().write("A", b"a", 0o400).unwrap();
+    let a: BTreeSet<String> = ["A".to_string()].into();
+    let owed = vec![
+        Owed {
+            unit: "flaky.service".into(),
+            action: Action::Restart,
+            credentials: a.clone(),
+            error: "Job for flaky.service failed.".into(),
+        },
+        Owed {
+            unit: "gone.service".into(),
+            action: Action::Restart,
+            credentials: a.clone(),
+            error: String::new(),
+        },
+    ];
+    store
+        .batch()
+        .unwrap()
+        .commit(State {
+            generation: 5,
+            managed: a,
+            owed,
+        })
+        .unwrap();
+    drop(store);
+    // The "restart": a new store and service on the same directories.
+    let store = std::sync::Arc::new(Store::open(&creds, &state, Limits::default()).unwrap());
+    let config = vmcred_guest::config::GuestConfig::parse(
+        "[credentials.A]\nrestart_units = [\"flaky.service\"]\n",
+    )
+    .unwrap();
+    let _service = vmcred_guest::service::GuestService::new(
+        store.clone(),
+        std::sync::Arc::new(config),
+        UnitRunner::new(common::recording_systemctl(tmp.path(), &calls)),
+        std::sync::Arc::new(vmcred_guest::notify::Readiness::new()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.state().owed.is_empty() {
+        assert!(Instant::now() < deadline, "owed: {:?}", store.state().owed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "try-restart flaky.service\n"
+    );
+    let text = std::fs::read_to_string(state.join("state.json")).unwrap();
+    assert!(!text.contains("owed"), "{text}");
 }
