@@ -307,6 +307,8 @@ pub struct Store {
     /// Digests of the managed files by their [`Stamp`], so that an idle
     /// host's Hello reads no file.
     digests: Mutex<std::collections::HashMap<String, (Stamp, [u8; 32])>>,
+    /// Files hashed since open: lets tests prove an idle Hello reads none.
+    hashed: std::sync::atomic::AtomicU64,
 }
 
 /// What changes when a file is replaced or written to.
@@ -399,6 +401,7 @@ impl Store {
             write_lock: Mutex::new(()),
             state: Mutex::new(state),
             digests: Mutex::new(Default::default()),
+            hashed: Default::default(),
         };
         store.recover()?;
         Ok(store)
@@ -559,6 +562,11 @@ impl Store {
         lock(&self.state).clone()
     }
 
+    /// How many files were read and hashed since open (diagnostics).
+    pub fn files_hashed(&self) -> u64 {
+        self.hashed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn dirfd(&self) -> RawFd {
         self.dir.as_raw_fd()
     }
@@ -609,6 +617,8 @@ impl Store {
             // Swapped between the two looks; judge what we actually opened.
             return Ok(Current::NotRegular);
         }
+        self.hashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut file = File::from(fd);
         let mut hasher = Sha256::new();
         let mut buf = Zeroizing::new([0u8; 8192]);

@@ -53,6 +53,21 @@ async fn hello_reports_generation_and_held_digests() {
         held,
         vec![("A", digest(b"a").to_vec()), ("B", digest(b"b").to_vec())]
     );
+    // Issue 10: a Hello while nothing changed reads no file.
+    let hashed = g.store.files_hashed();
+    for _ in 0..3 {
+        c.hello(hello()).await.unwrap();
+    }
+    assert_eq!(
+        g.store.files_hashed(),
+        hashed,
+        "an idle Hello re-read files"
+    );
+    // A value replaced behind the agent's back is seen (and re-read).
+    std::fs::remove_file(g.creds.join("A")).unwrap();
+    std::fs::write(g.creds.join("A"), b"changed").unwrap();
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held[0].sha256, digest(b"changed").to_vec());
     // A managed file that vanished is skipped.
     std::fs::remove_file(g.creds.join("B")).unwrap();
     let h = c.hello(hello()).await.unwrap().into_inner();
