@@ -95,7 +95,8 @@ impl AsyncRead for Session {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.closed.as_mut().poll(cx).is_ready() {
+        // Polling `closed` registers the waker that ends a pending read.
+        if me.token.is_cancelled() || me.closed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut me.stream).poll_read(cx, buf)

@@ -388,7 +388,7 @@ impl Store {
         let dir = owned(fd);
         let state_path = state_dir.join("state.json");
         let state = load_state(&state_path)?;
-        let mount = mount_record(&dir, &state_dir.join("mount.json"))
+        let mount = mount_record(&dir, credentials_dir, &state_dir.join("mount.json"))
             .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
         let store = Store {
             dir,
@@ -880,10 +880,46 @@ fn tmpfs_size(dir: &OwnedFd) -> Option<u64> {
     (blocks > 0).then(|| blocks.saturating_mul(vfs.fragment_size() as u64))
 }
 
+/// Whether `dir` is a mount point the way systemd mounts the system
+/// credentials: ramfs, or tmpfs with `nr_inodes=1024` (its own option).
+fn looks_like_systemd_credentials_mount(dir: &Path) -> bool {
+    let (Ok(info), Ok(canon)) = (
+        std::fs::read_to_string("/proc/self/mountinfo"),
+        std::fs::canonicalize(dir),
+    ) else {
+        return false;
+    };
+    let target = canon.to_string_lossy();
+    // The last mount on a path is the one in effect.
+    let Some(post) = info.lines().rev().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mount_point = pre.split(' ').nth(4)?;
+        (unescape_mountinfo(mount_point) == target).then_some(post)
+    }) else {
+        return false;
+    };
+    let mut fields = post.split(' ');
+    let fstype = fields.next().unwrap_or("");
+    let options = fields.nth(1).unwrap_or("");
+    match fstype {
+        "ramfs" => true,
+        "tmpfs" => options.split(',').any(|o| o == "nr_inodes=1024"),
+        _ => false,
+    }
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
 /// Reads the mount record, writing it first if there is none: what the
 /// mount looks like now, before this agent ever remounted it. A mount found
 /// read-only is always expected read-only from then on.
-fn mount_record(dir: &OwnedFd, path: &Path) -> Result<MountRecord, String> {
+fn mount_record(dir: &OwnedFd, dir_path: &Path, path: &Path) -> Result<MountRecord, String> {
     let now_ro = fstatvfs(dir.as_fd())
         .map_err(|e| format!("statvfs: {e}"))?
         .flags()
@@ -896,9 +932,16 @@ fn mount_record(dir: &OwnedFd, path: &Path) -> Result<MountRecord, String> {
     match recorded {
         Some(r) if r.read_only || !now_ro => Ok(r),
         _ => {
+            // No record, yet writable: systemd never leaves its mount so,
+            // so this is what a crash of an agent that kept no record left.
+            let systemd = !now_ro && looks_like_systemd_credentials_mount(dir_path);
+            if systemd {
+                tracing::warn!(dir = %dir_path.display(), "systemd's credentials mount is writable; making it read-only again");
+            }
+            let read_only = now_ro || systemd;
             let r = MountRecord {
-                read_only: now_ro,
-                size_bytes: if now_ro { tmpfs_size(dir) } else { None },
+                read_only,
+                size_bytes: if read_only { tmpfs_size(dir) } else { None },
             };
             save_json(path, &r).map_err(|e| e.to_string())?;
             Ok(r)

@@ -300,3 +300,47 @@ fn ramfs_rotates_a_large_credential() {
         rotates_a_large_credential("ramfs")
     });
 }
+
+/// A crash of an agent that kept no mount record (or lost it) left
+/// systemd's mount writable: recognised by its file system and options,
+/// made read-only at start.
+fn systemd_mount_without_record_is_made_read_only(fstype: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    mount_credentials(&creds, fstype, false);
+    mount(
+        None::<&str>,
+        &creds,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .unwrap();
+    std::fs::write(creds.join(".A.vmcred-tmp"), b"half").unwrap();
+    assert!(!is_ro(&creds));
+    let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
+    assert!(is_ro(&creds), "{fstype}: read-only at start");
+    assert_eq!(names(&creds), ["ADIR", "BOOT"]);
+    store.batch().unwrap().write("A", b"a", 0o400).unwrap();
+    assert!(is_ro(&creds));
+}
+
+#[test]
+fn tmpfs_systemd_mount_without_record_is_made_read_only() {
+    in_private_mount_namespace(
+        "tmpfs_systemd_mount_without_record_is_made_read_only",
+        || systemd_mount_without_record_is_made_read_only("tmpfs"),
+    );
+}
+
+#[test]
+fn ramfs_systemd_mount_without_record_is_made_read_only() {
+    in_private_mount_namespace(
+        "ramfs_systemd_mount_without_record_is_made_read_only",
+        || systemd_mount_without_record_is_made_read_only("ramfs"),
+    );
+}
