@@ -71,14 +71,16 @@ struct Cli {
     #[arg(long, value_name = "PATH", default_value = "systemctl")]
     systemctl: PathBuf,
 
-    /// Byte budget of the credentials directory, checked before each write.
-    /// The default is systemd's credentials mount; change it only for tests
-    /// or a differently sized mount.
+    /// Byte budget of the credentials directory: the set after a push must
+    /// fit (old values being replaced do not count; a tmpfs is enlarged for
+    /// the push). The default is systemd's credentials mount; change it
+    /// only for tests or a differently sized mount.
     #[arg(long, value_name = "BYTES", default_value_t = MAX_TOTAL_BYTES as u64)]
     max_total_bytes: u64,
 
     /// Inode budget of the credentials directory (the directory included),
-    /// checked before each write. The default is systemd's nr_inodes.
+    /// checked before each push with one staging file per new value. The
+    /// default is systemd's nr_inodes.
     #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
     max_files: u64,
 
