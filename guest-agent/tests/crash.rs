@@ -43,17 +43,26 @@ impl Rng {
 type Set = BTreeMap<String, Vec<u8>>;
 
 /// The credential set of generation `generation`: some of the names, each
-/// with a value that names its generation, of a size from 1 B to 160 KiB.
+/// with a value that names its generation, of a size from 1 B to 160 KiB;
+/// in one set of four, one value of 560 to 700 KiB (more than half of the
+/// 1 MiB mount, so old and new do not fit at once) and the others small.
 fn set_for(generation: u64, rng: &mut Rng) -> Set {
     let mut set = Set::new();
+    let big = (rng.below(4) == 0).then(|| NAMES[rng.below(4) as usize]);
     for name in NAMES {
-        if rng.below(4) == 0 {
+        if Some(name) != big && rng.below(4) == 0 {
             continue;
         }
-        let len = match rng.below(3) {
-            0 => 1 + rng.below(64),
-            1 => 1 + rng.below(8 * 1024),
-            _ => 1 + rng.below(160 * 1024),
+        let len = if Some(name) == big {
+            560 * 1024 + rng.below(140 * 1024)
+        } else if big.is_some() {
+            1 + rng.below(8 * 1024)
+        } else {
+            match rng.below(3) {
+                0 => 1 + rng.below(64),
+                1 => 1 + rng.below(8 * 1024),
+                _ => 1 + rng.below(160 * 1024),
+            }
         } as usize;
         let mut v = format!("{name}@{generation}:").into_bytes();
         v.resize(len.max(v.len()), b'0' + (generation % 10) as u8);
@@ -66,7 +75,8 @@ struct Env {
     tmp: tempfile::TempDir,
     creds: PathBuf,
     host: Identity,
-    mounted: bool,
+    /// The file system mounted read-only at `creds`, if any.
+    mounted: Option<&'static str>,
 }
 
 impl Env {
@@ -138,20 +148,37 @@ fn is_ro(dir: &Path) -> bool {
     statvfs(dir).unwrap().flags().contains(FsFlags::ST_RDONLY)
 }
 
-fn setup(mounted: bool) -> Env {
+fn tmpfs_size(dir: &Path) -> u64 {
+    let st = statvfs(dir).unwrap();
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+/// The credentials directory, mounted as systemd mounts it when `mounted`
+/// names a file system.
+fn setup(mounted: Option<&'static str>) -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let creds = tmp.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if mounted {
-        mount(
-            Some("ramfs"),
-            &creds,
-            Some("ramfs"),
-            base,
-            Some("mode=0700"),
-        )
-        .unwrap();
+    match mounted {
+        Some("tmpfs") => {
+            let opts = "mode=0700,nr_inodes=1024,size=1M";
+            let with_noswap = format!("{opts},noswap");
+            if mount(
+                Some("tmpfs"),
+                &creds,
+                Some("tmpfs"),
+                base,
+                Some(with_noswap.as_str()),
+            )
+            .is_err()
+            {
+                // Before Linux 6.4 there is no noswap; systemd goes without.
+                mount(Some("tmpfs"), &creds, Some("tmpfs"), base, Some(opts)).unwrap();
+            }
+        }
+        Some(fs) => mount(Some(fs), &creds, Some(fs), base, Some("mode=0700")).unwrap(),
+        None => {}
     }
     let host = Identity::generate("vmcred-host").unwrap();
     let b = Bootstrap {
@@ -161,7 +188,7 @@ fn setup(mounted: bool) -> Env {
     };
     std::fs::write(creds.join("vmcred.bootstrap"), b.encode()).unwrap();
     std::fs::write(creds.join("BOOT"), b"from SMBIOS").unwrap();
-    if mounted {
+    if mounted.is_some() {
         mount(
             None::<&str>,
             &creds,
@@ -203,7 +230,7 @@ fn hello() -> HelloRequest {
     }
 }
 
-fn run(mounted: bool) {
+fn run(mounted: Option<&'static str>) {
     let seed = std::env::var("VMCRED_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -214,9 +241,10 @@ fn run(mounted: bool) {
                 .as_nanos() as u64
                 | 1
         });
-    eprintln!("crash suite: seed {seed}, {CYCLES} cycles, read-only ramfs mount: {mounted}");
+    eprintln!("crash suite: seed {seed}, {CYCLES} cycles, read-only mount: {mounted:?}");
     let mut rng = Rng(seed);
     let env = setup(mounted);
+    let size = (mounted == Some("tmpfs")).then(|| tmpfs_size(&env.creds));
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Every set the driver ever sent, by generation; generation 0 is none.
     let mut sent: BTreeMap<u64, Set> = BTreeMap::from([(0, Set::new())]);
@@ -291,7 +319,7 @@ fn run(mounted: bool) {
 
         // What the kill left: every file whole (some generation's value).
         let (disk, staging) = env.on_disk();
-        if !staging.is_empty() || (env.mounted && !is_ro(&env.creds)) {
+        if !staging.is_empty() || (env.mounted.is_some() && !is_ro(&env.creds)) {
             left_dirty += 1;
         }
         for (name, v) in &disk {
@@ -308,8 +336,15 @@ fn run(mounted: bool) {
             staging.is_empty(),
             "cycle {cycle}: staging files left: {staging:?}"
         );
-        if env.mounted {
+        if env.mounted.is_some() {
             assert!(is_ro(&env.creds), "cycle {cycle}: mount left writable");
+        }
+        if let Some(size) = size {
+            assert_eq!(
+                tmpfs_size(&env.creds),
+                size,
+                "cycle {cycle}: tmpfs left enlarged"
+            );
         }
         assert_eq!(
             std::fs::read(env.creds.join("BOOT")).unwrap(),
@@ -361,10 +396,22 @@ fn kill_9_during_rotations_never_tears_loses_or_rolls_back() {
     if nix::unistd::geteuid().is_root() {
         in_private_mount_namespace(
             "kill_9_during_rotations_never_tears_loses_or_rolls_back",
-            || run(true),
+            || run(Some("ramfs")),
         );
     } else {
         eprintln!("not root: running on a plain directory, without the read-only mount");
-        run(false);
+        run(None);
+    }
+}
+
+/// The same on systemd's tmpfs (1 MiB, 1024 inodes), which the agent
+/// enlarges for a push of a value over half of it: a kill while enlarged
+/// must leave it at its size after the restart.
+#[test]
+fn kill_9_on_a_size_limited_tmpfs() {
+    if nix::unistd::geteuid().is_root() {
+        in_private_mount_namespace("kill_9_on_a_size_limited_tmpfs", || run(Some("tmpfs")));
+    } else {
+        eprintln!("SKIPPED kill_9_on_a_size_limited_tmpfs: needs root to mount");
     }
 }
