@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod listener;
 pub mod notify;
+pub mod owed;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -7,7 +7,7 @@
 //! held in zeroizing buffers for as short a time as possible, and no value
 //! ever reaches a log line or an error message: only names do.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +25,9 @@ use zeroize::Zeroizing;
 
 use crate::config::GuestConfig;
 use crate::notify::Readiness;
-use crate::store::{reserved_name, Change, Current, Owed, Store, StoreError, TxError};
-use crate::units::{plan, Action, UnitRunner};
+use crate::owed::{merge_owed, owed_reply, prune_owed};
+use crate::store::{reserved_name, Change, Current, Store, StoreError, TxError};
+use crate::units::{Action, UnitRunner};
 
 /// One received credential. No `Debug` on purpose: it holds a value.
 struct Upsert {
@@ -139,71 +140,6 @@ struct Applied {
     results: Vec<CredentialResult>,
     applied_generation: u64,
     all_ok: bool,
-}
-
-/// Adds the actions `plan` makes for `changed` to `owed` (a restart
-/// covers a reload of the same unit), and drops what is owed only for
-/// credentials no longer managed or no longer mapped to the unit.
-fn merge_owed(
-    config: &GuestConfig,
-    owed: &mut Vec<Owed>,
-    managed: &BTreeSet<String>,
-    changed: &[String],
-) {
-    for (unit, action) in plan(config, changed.iter().map(String::as_str)) {
-        let causes: BTreeSet<String> = changed
-            .iter()
-            .filter(|n| {
-                config.credentials.get(n.as_str()).is_some_and(|p| {
-                    p.restart_units.contains(&unit) || p.reload_units.contains(&unit)
-                })
-            })
-            .cloned()
-            .collect();
-        match owed
-            .iter_mut()
-            .find(|o| o.unit == unit && o.action == action)
-        {
-            Some(o) => o.credentials.extend(causes),
-            None => owed.push(Owed {
-                unit,
-                action,
-                credentials: causes,
-                error: String::new(),
-            }),
-        }
-    }
-    prune_owed(config, owed, managed, changed);
-}
-
-/// Keeps only owed actions some managed (or just removed) credential
-/// still maps to; a restart owed makes a reload of the same unit moot.
-fn prune_owed(
-    config: &GuestConfig,
-    owed: &mut Vec<Owed>,
-    managed: &BTreeSet<String>,
-    just_removed: &[String],
-) {
-    for o in owed.iter_mut() {
-        o.credentials.retain(|n| {
-            (managed.contains(n) || just_removed.contains(n))
-                && config.credentials.get(n).is_some_and(|p| match o.action {
-                    Action::Restart => p.restart_units.contains(&o.unit),
-                    Action::Reload => p.reload_units.contains(&o.unit),
-                })
-        });
-    }
-    let restarts: BTreeSet<String> = owed
-        .iter()
-        .filter(|o| o.action == Action::Restart && !o.credentials.is_empty())
-        .map(|o| o.unit.clone())
-        .collect();
-    owed.retain(|o| {
-        let moot = o.action == Action::Reload && restarts.contains(&o.unit);
-        !o.credentials.is_empty() && !moot
-    });
-    // Restarts first, as `plan` orders them.
-    owed.sort_by_key(|o| o.action);
 }
 
 /// Writes and removes under the store's locks, all or nothing. Blocking:
@@ -356,21 +292,6 @@ fn outcome_word(o: i32) -> &'static str {
         Ok(Outcome::Failed) => "FAILED",
         _ => "?",
     }
-}
-
-fn owed_reply(owed: &[Owed]) -> Vec<UnitResult> {
-    owed.iter()
-        .map(|o| UnitResult {
-            unit: o.unit.clone(),
-            action: o.action.as_str().to_string(),
-            ok: false,
-            error: if o.error.is_empty() {
-                "pending".to_string()
-            } else {
-                o.error.clone()
-            },
-        })
-        .collect()
 }
 
 /// Status for a store error that stopped an Apply before anything changed.
