@@ -10,7 +10,7 @@ use vmcred_proto::bootstrap::{Bootstrap, BootstrapError, MAX_BOOTSTRAP_BYTES};
 
 /// Ports from here on can be bound by any guest user, who could then pose
 /// as the guest agent to the host.
-pub const FIRST_UNPRIVILEGED_PORT: u32 = 1024;
+pub use crate::admission::FIRST_UNPRIVILEGED_PORT;
 
 #[derive(Debug, Error)]
 pub enum BootstrapReadError {

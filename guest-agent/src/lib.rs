@@ -1,9 +1,12 @@
 //! vmcred's guest agent. The binary (`main.rs`) wires these together; they
 //! are a library so the integration tests can drive the real pieces.
 
+pub mod admission;
 pub mod bootstrap;
 pub mod config;
+pub mod listener;
 pub mod notify;
+pub mod owed;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -9,13 +9,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vmcred_guest::config::GuestConfig;
+use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
 use vmcred_guest::server::{serve, ServerOptions};
 use vmcred_guest::service::GuestService;
 use vmcred_guest::store::{Limits, Store};
 use vmcred_guest::units::UnitRunner;
 use vmcred_proto::rules::{MAX_FILES, MAX_TOTAL_BYTES};
-use vmcred_proto::transport::Listener;
 
 const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,14 +71,16 @@ struct Cli {
     #[arg(long, value_name = "PATH", default_value = "systemctl")]
     systemctl: PathBuf,
 
-    /// Byte budget of the credentials directory, checked before each write.
-    /// The default is systemd's credentials mount; change it only for tests
-    /// or a differently sized mount.
+    /// Byte budget of the credentials directory: the set after a push must
+    /// fit (old values being replaced do not count; a tmpfs is enlarged for
+    /// the push). The default is systemd's credentials mount; change it
+    /// only for tests or a differently sized mount.
     #[arg(long, value_name = "BYTES", default_value_t = MAX_TOTAL_BYTES as u64)]
     max_total_bytes: u64,
 
     /// Inode budget of the credentials directory (the directory included),
-    /// checked before each write. The default is systemd's nr_inodes.
+    /// checked before each push with one staging file per new value. The
+    /// default is systemd's nr_inodes.
     #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
     max_files: u64,
 
@@ -132,23 +134,6 @@ async fn run(cli: Cli) -> Result<()> {
         .unwrap_or(DEFAULT_INITIAL_SYNC_TIMEOUT);
 
     let bootstrap = vmcred_guest::bootstrap::read(&cli.bootstrap)?;
-    let listener = match &cli.listen_unix {
-        Some(path) => {
-            let uids = if cli.allow_uid.is_empty() {
-                vec![0]
-            } else {
-                cli.allow_uid.clone()
-            };
-            tracing::info!(socket = %path.display(), ?uids, "listening on a Unix socket");
-            Listener::unix(path, uids)?
-        }
-        None => {
-            vmcred_guest::bootstrap::check_vsock_port(&cli.bootstrap, &bootstrap)?;
-            tracing::info!(port = bootstrap.port, "listening on vsock");
-            Listener::vsock(bootstrap.port)?
-        }
-    };
-
     let limits = Limits {
         max_total_bytes: cli.max_total_bytes,
         max_files: cli.max_files,
@@ -157,6 +142,31 @@ async fn run(cli: Cli) -> Result<()> {
         bail!("--max-files must be at least 2 (the directory and one credential)");
     }
     let store = Arc::new(Store::open(&cli.credentials_dir, &cli.state_dir, limits)?);
+    // Bound here, before anything else can report readiness; "listening"
+    // is logged only once the bind succeeded.
+    let listener = match &cli.listen_unix {
+        Some(path) => {
+            let uids = if cli.allow_uid.is_empty() {
+                vec![0]
+            } else {
+                cli.allow_uid.clone()
+            };
+            let l = GuestListener::unix(path, uids.clone())?;
+            tracing::info!(socket = %path.display(), ?uids, "listening on a Unix socket");
+            l
+        }
+        None => {
+            vmcred_guest::bootstrap::check_vsock_port(&cli.bootstrap, &bootstrap)?;
+            let l = GuestListener::vsock(bootstrap.port, bootstrap.host)?;
+            tracing::info!(
+                port = bootstrap.port,
+                host = bootstrap.host.as_str(),
+                "listening on vsock"
+            );
+            l
+        }
+    };
+
     let state = store.state();
     tracing::info!(
         credentials_dir = %cli.credentials_dir.display(),

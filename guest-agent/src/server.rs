@@ -1,27 +1,44 @@
-//! Accepting the host: transport peer check, TLS with the pinned host key,
-//! then gRPC on the authenticated stream.
+//! Accepting the host: admission at accept time, TLS with the pinned host
+//! key under a deadline, then gRPC on the one authenticated session.
 //!
-//! Anyone who can reach the port (any host user can open vsock connections
-//! to a guest) may start a handshake, so handshakes are bounded in number
-//! and time; only a host that proved the pinned key takes one of the
-//! connection slots that gRPC is served on. Nothing here ends because a
-//! host went away: the loop serves across outages for as long as the agent
-//! runs.
+//! Anyone who can reach the port may try, so nothing a peer does can keep
+//! the real host out:
+//! - peers are admitted on their address before any byte is read
+//!   ([`crate::admission`]; on a Unix socket, by uid);
+//! - a handshake has a deadline, and the number in progress is bounded;
+//!   when the bound is reached, a newly admitted connection evicts the
+//!   oldest handshake still in progress instead of being refused, so
+//!   stalled clients cannot fill the slots and lock the host out (the host
+//!   completes its handshake in milliseconds; a staller never does);
+//! - there is one authenticated session: a new one supersedes and closes
+//!   the previous (a host agent that restarted, or a connection that died
+//!   without a close the VMM passed on).
+//!
+//! Nothing here ends because a host went away: the loop serves across
+//! outages for as long as the agent runs.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use vmcred_proto::rpc::{Accepted, GuestServer};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use vmcred_proto::rpc::GuestServer;
 use vmcred_proto::rules::MAX_MESSAGE_BYTES;
 use vmcred_proto::tls::{guest_server_config, Pin as HostPin, TlsError};
-use vmcred_proto::transport::{Listener, Stream, TransportError};
+use vmcred_proto::transport::Stream;
 
+use crate::listener::{Accepted, GuestListener};
 use crate::service::GuestService;
 
 /// Limits on what a peer can hold of the agent.
@@ -29,15 +46,10 @@ use crate::service::GuestService;
 pub struct ServerOptions {
     /// How long a peer may take to complete the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; further connections wait in the
-    /// listen backlog. Any host user can open connections, so this is
-    /// generous (a pending handshake costs a few KiB) and the timeout is
-    /// what frees the slots of one who never completes.
+    /// Handshakes in progress at once; beyond it the oldest is evicted.
     pub max_handshakes: usize,
-    /// Authenticated host connections served at once.
-    pub max_connections: usize,
     /// HTTP/2 pings that find a dead host (a VMM does not always pass a
-    /// close on), so that its connection slot is freed.
+    /// close on), so that its session ends.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
@@ -45,9 +57,8 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 32,
-            max_connections: 8,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 16,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
         }
@@ -64,19 +75,75 @@ pub enum ServerError {
     Stopped,
 }
 
-/// An authenticated host connection; holds its slot until tonic drops it.
-type HostConn = Accepted<TlsStream<Stream>, OwnedSemaphorePermit>;
+/// An authenticated host session. Reads end (EOF) and writes fail once a
+/// newer session superseded it, which makes the HTTP/2 server close it.
+pub struct Session {
+    stream: TlsStream<Stream>,
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    token: CancellationToken,
+}
+
+impl tonic::transport::server::Connected for Session {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for Session {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        // Polling `closed` registers the waker that ends a pending read.
+        if me.token.is_cancelled() || me.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Session {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        if me.token.is_cancelled() {
+            return Poll::Ready(Err(superseded()));
+        }
+        Pin::new(&mut me.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.token.is_cancelled() {
+            return Poll::Ready(Err(superseded()));
+        }
+        Pin::new(&mut me.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+fn superseded() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "superseded by a newer host session",
+    )
+}
 
 /// Serves `service` to hosts holding the key `pin` on `listener`. Returns
 /// only on a fatal error.
 pub async fn serve(
-    listener: Listener,
+    listener: GuestListener,
     pin: HostPin,
     service: GuestService,
     opts: ServerOptions,
 ) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(guest_server_config(pin)?);
-    let (tx, rx) = mpsc::channel::<io::Result<HostConn>>(opts.max_connections.max(1));
+    let (tx, rx) = mpsc::channel::<io::Result<Session>>(4);
     let accept = accept_loop(listener, acceptor, tx, opts);
     let grpc = tonic::transport::Server::builder()
         .accept_http1(false)
@@ -95,59 +162,113 @@ pub async fn serve(
     }
 }
 
+/// Handshakes in progress, oldest first.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    queue: VecDeque<(u64, String, AbortHandle)>,
+}
+
+/// Removes a finished (or evicted) handshake from [`Pending`].
+struct PendingSlot {
+    id: u64,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut p = lock(&self.pending);
+        p.queue.retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 async fn accept_loop(
-    listener: Listener,
+    listener: GuestListener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<io::Result<HostConn>>,
+    tx: mpsc::Sender<io::Result<Session>>,
     opts: ServerOptions,
 ) {
-    let handshakes = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
-    let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let current: Arc<Mutex<Option<CancellationToken>>> = Arc::new(Mutex::new(None));
+    let max = opts.max_handshakes.max(1);
     loop {
-        let Ok(handshake) = handshakes.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e @ TransportError::Refused { .. }) => {
-                tracing::warn!("{e}");
+            Ok(Accepted::Peer(s, peer)) => (s, peer),
+            Ok(Accepted::Refused { peer, why }) => {
+                tracing::warn!(%peer, "refused a connection before TLS: {why}");
                 continue;
             }
             Err(e) => {
                 // E.g. out of file descriptors: back off instead of spinning.
-                tracing::warn!("{e}");
+                tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let (acceptor, tx, slots) = (acceptor.clone(), tx.clone(), slots.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(stream))
+        let (acceptor, tx, current) = (acceptor.clone(), tx.clone(), current.clone());
+        let evicted = {
+            let mut p = lock(&pending);
+            let evicted = if p.queue.len() >= max {
+                p.queue.pop_front()
+            } else {
+                None
+            };
+            let id = p.next_id;
+            p.next_id += 1;
+            let slot = PendingSlot {
+                id,
+                pending: pending.clone(),
+            };
+            let shown = peer.clone();
+            // Spawned under the lock so the slot is queued before the task
+            // can finish and remove it.
+            let task = tokio::spawn(async move {
+                let tls = match tokio::time::timeout(
+                    opts.handshake_timeout,
+                    acceptor.accept(stream),
+                )
                 .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed; connection dropped");
-                    return;
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "TLS handshake failed; connection dropped");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, timeout = ?opts.handshake_timeout, "TLS handshake timed out; connection dropped");
+                        return;
+                    }
+                };
+                // Authenticated: no longer evictable.
+                drop(slot);
+                let token = CancellationToken::new();
+                let previous = lock(&current).replace(token.clone());
+                if let Some(previous) = previous {
+                    if !previous.is_cancelled() {
+                        tracing::info!(%peer, "a new host session supersedes the previous one; closing that");
+                        previous.cancel();
+                    }
                 }
-                Err(_) => {
-                    tracing::warn!(%peer, timeout = ?opts.handshake_timeout, "TLS handshake timed out; connection dropped");
-                    return;
+                tracing::info!(%peer, "host connected");
+                let session = Session {
+                    stream: tls,
+                    closed: Box::pin(token.clone().cancelled_owned()),
+                    token,
+                };
+                if tx.send(Ok(session)).await.is_err() {
+                    tracing::warn!(%peer, "gRPC server is gone; connection dropped");
                 }
-            };
-            drop(handshake);
-            let Ok(slot) = slots.try_acquire_owned() else {
-                tracing::warn!(%peer, max = opts.max_connections, "too many host connections; dropping the new one");
-                return;
-            };
-            tracing::info!(%peer, "host connected");
-            let conn = HostConn {
-                stream: tls,
-                guard: slot,
-            };
-            if tx.send(Ok(conn)).await.is_err() {
-                tracing::warn!(%peer, "gRPC server is gone; connection dropped");
-            }
-        });
+            });
+            p.queue.push_back((id, shown, task.abort_handle()));
+            evicted
+        };
+        if let Some((_, peer, handle)) = evicted {
+            tracing::warn!(%peer, max, "too many handshakes in progress; evicted the oldest");
+            handle.abort();
+        }
     }
 }

@@ -9,11 +9,12 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 use vmcred_proto::rpc::pb::{
-    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome,
+    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome, UnitResult,
 };
 use vmcred_proto::rpc::Guest;
 use vmcred_proto::rules::{
@@ -24,8 +25,9 @@ use zeroize::Zeroizing;
 
 use crate::config::GuestConfig;
 use crate::notify::Readiness;
-use crate::store::{reserved_name, Current, State, Store, StoreError};
-use crate::units::{plan, UnitRunner};
+use crate::owed::{merge_owed, owed_reply, prune_owed};
+use crate::store::{reserved_name, Change, Current, Store, StoreError, TxError};
+use crate::units::{Action, UnitRunner};
 
 /// One received credential. No `Debug` on purpose: it holds a value.
 struct Upsert {
@@ -48,24 +50,40 @@ struct Inner {
     /// requests cannot interleave their writes or race on the generation.
     apply_lock: Arc<Mutex<()>>,
     readiness: Arc<Readiness>,
+    /// Wakes the retry of owed unit actions.
+    retry: Notify,
 }
 
 impl GuestService {
+    /// Also starts the retry of owed unit actions (so it must be called
+    /// inside a Tokio runtime). What a previous run left owed is pruned to
+    /// what the configuration still maps, and retried at once.
     pub fn new(
         store: Arc<Store>,
         config: Arc<GuestConfig>,
         units: UnitRunner,
         readiness: Arc<Readiness>,
     ) -> Self {
-        GuestService {
-            inner: Arc::new(Inner {
-                store,
-                config,
-                units,
-                apply_lock: Arc::new(Mutex::new(())),
-                readiness,
-            }),
+        let mut st = store.state();
+        prune_owed(&config, &mut st.owed, &st.managed.clone(), &[]);
+        if st.owed != store.state().owed {
+            if let Err(e) = store.batch().and_then(|mut b| b.commit(st)) {
+                tracing::warn!(error = %e, "cannot drop owed unit actions the configuration no longer maps");
+            }
         }
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            units,
+            apply_lock: Arc::new(Mutex::new(())),
+            readiness,
+            retry: Notify::new(),
+        });
+        if !inner.store.state().owed.is_empty() {
+            inner.retry.notify_one();
+        }
+        tokio::spawn(inner.clone().retry_loop());
+        GuestService { inner }
     }
 }
 
@@ -120,14 +138,12 @@ fn result(name: &str, outcome: Outcome, error: String) -> CredentialResult {
 /// What the disk part of an Apply did.
 struct Applied {
     results: Vec<CredentialResult>,
-    /// Names whose file changed (written or removed): their units run.
-    changed: Vec<String>,
     applied_generation: u64,
     all_ok: bool,
 }
 
-/// Writes and removes under the store's locks. Blocking: runs on the
-/// blocking pool.
+/// Writes and removes under the store's locks, all or nothing. Blocking:
+/// runs on the blocking pool.
 fn apply_to_store(
     store: &Store,
     config: &GuestConfig,
@@ -137,76 +153,136 @@ fn apply_to_store(
 ) -> Result<Applied, StoreError> {
     let mut batch = store.batch()?;
     let before = store.state();
-    let mut state: State = before.clone();
-    let mut results = Vec::with_capacity(upserts.len() + removals.len());
-    let mut changed = Vec::new();
-    for u in upserts {
+    // Outcome each name gets if the push is committed.
+    let mut planned: Vec<(String, Outcome)> = Vec::with_capacity(upserts.len() + removals.len());
+    let mut changes = Vec::new();
+    let mut refused: Option<(String, String)> = None;
+    for u in &upserts {
         let mode = config.mode(&u.name);
         let digest = vmcred_proto::rules::digest(&u.value);
-        let same = match store.current(&u.name) {
-            Ok(Current::Regular { sha256, mode: m }) => sha256 == digest && m == mode,
-            Ok(_) => false,
-            Err(e) => {
-                results.push(result(&u.name, Outcome::Failed, e.to_string()));
-                continue;
+        match store.current(&u.name) {
+            Ok(Current::Regular { sha256, mode: m }) if sha256 == digest && m == mode => {
+                planned.push((u.name.clone(), Outcome::Unchanged));
             }
-        };
-        if same {
-            state.managed.insert(u.name.clone());
-            results.push(result(&u.name, Outcome::Unchanged, String::new()));
+            Ok(_) => {
+                planned.push((u.name.clone(), Outcome::Written));
+                changes.push(Change::Write {
+                    name: &u.name,
+                    value: &u.value,
+                    mode,
+                });
+            }
+            Err(e) => {
+                planned.push((u.name.clone(), Outcome::Failed));
+                refused.get_or_insert((u.name.clone(), e.to_string()));
+            }
+        }
+    }
+    for name in &removals {
+        if !before.managed.contains(name) {
+            // Already gone is removed (a push that named it may never have
+            // been applied); a file vmcred did not write is not touched.
+            match store.current(name) {
+                Ok(Current::Missing) => planned.push((name.clone(), Outcome::Removed)),
+                _ => {
+                    planned.push((name.clone(), Outcome::Failed));
+                    refused.get_or_insert((name.clone(), NOT_OURS.into()));
+                }
+            }
             continue;
         }
-        match batch.write(&u.name, &u.value, mode) {
-            Ok(()) => {
-                state.managed.insert(u.name.clone());
-                changed.push(u.name.clone());
-                results.push(result(&u.name, Outcome::Written, String::new()));
+        planned.push((name.clone(), Outcome::Removed));
+        changes.push(Change::Remove { name });
+    }
+    let mut next = before.clone();
+    next.generation = generation;
+    for (name, outcome) in &planned {
+        match outcome {
+            Outcome::Written | Outcome::Unchanged => {
+                next.managed.insert(name.clone());
             }
-            Err(e) => results.push(result(&u.name, Outcome::Failed, e.to_string())),
-        }
-        // `u` (and its zeroizing value) is dropped here, before the next one.
-    }
-    for name in removals {
-        if !state.managed.contains(&name) {
-            results.push(result(
-                &name,
-                Outcome::Failed,
-                "not written by vmcred; left in place".into(),
-            ));
-            continue;
-        }
-        match batch.remove(&name) {
-            Ok(()) => {
-                state.managed.remove(&name);
-                results.push(result(&name, Outcome::Removed, String::new()));
-                changed.push(name);
+            Outcome::Removed => {
+                next.managed.remove(name);
             }
-            Err(e) => results.push(result(&name, Outcome::Failed, e.to_string())),
+            _ => {}
         }
     }
-    let all_ok = results.iter().all(|r| r.outcome != Outcome::Failed as i32);
-    if all_ok {
-        state.generation = generation;
-    }
-    let applied_generation = if state == before {
-        before.generation
-    } else {
-        let target = state.generation;
-        match batch.commit(state) {
-            Ok(()) => target,
+    // Only what changes on disk runs unit actions.
+    let changed: Vec<String> = changes.iter().map(|c| c.name().to_string()).collect();
+    let removed: Vec<String> = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Remove { .. }))
+        .map(|c| c.name().to_string())
+        .collect();
+    merge_owed(config, &mut next.owed, &next.managed, &changed);
+    prune_owed(config, &mut next.owed, &next.managed, &removed);
+
+    let failure = match refused {
+        Some((name, error)) => Some((Some(name), error, Vec::new())),
+        None => match batch.push(&changes, Some(generation), next) {
+            Ok(()) => None,
+            Err(TxError::NothingApplied { name, error }) => {
+                Some((name, error.to_string(), Vec::new()))
+            }
             Err(e) => {
-                tracing::error!(error = %e, generation, "cannot persist the state; the generation stays unapplied");
-                before.generation
+                let text = e.to_string();
+                let (name, applied) = match e {
+                    TxError::Partial { name, applied, .. } => (name, applied),
+                    TxError::NothingApplied { name, .. } => (name, Vec::new()),
+                };
+                // What did change still gets its unit actions.
+                let mut st = store.state();
+                let managed = st.managed.clone();
+                merge_owed(config, &mut st.owed, &managed, &applied);
+                if let Err(err) = batch.commit(st) {
+                    tracing::error!(error = %err, "cannot record the unit actions owed after a partial push");
+                }
+                Some((name, text, applied))
             }
-        }
+        },
     };
+    drop(changes);
+    // Values are dropped (and zeroized) here, before any unit runs.
+    drop(upserts);
+    let Some((failed, error, applied)) = failure else {
+        let results = planned
+            .into_iter()
+            .map(|(n, o)| result(&n, o, String::new()))
+            .collect();
+        return Ok(Applied {
+            results,
+            applied_generation: generation,
+            all_ok: true,
+        });
+    };
+    let results = planned
+        .into_iter()
+        .map(|(n, o)| {
+            if applied.contains(&n) || o == Outcome::Unchanged {
+                return result(&n, o, String::new());
+            }
+            match &failed {
+                Some(f) if *f != n => result(
+                    &n,
+                    Outcome::Failed,
+                    format!(
+                        "not applied: a push is all or nothing, and {} failed",
+                        display_name(f)
+                    ),
+                ),
+                // This one failed, or the push as a whole did.
+                _ => result(&n, Outcome::Failed, error.clone()),
+            }
+        })
+        .collect();
     Ok(Applied {
         results,
-        changed,
-        applied_generation,
-        all_ok: all_ok && applied_generation == generation,
+        applied_generation: before.generation,
+        all_ok: false,
     })
 }
+
+const NOT_OURS: &str = "not written by vmcred; left in place";
 
 fn outcome_word(o: i32) -> &'static str {
     match Outcome::try_from(o) {
@@ -215,6 +291,14 @@ fn outcome_word(o: i32) -> &'static str {
         Ok(Outcome::Removed) => "removed",
         Ok(Outcome::Failed) => "FAILED",
         _ => "?",
+    }
+}
+
+/// Status for a store error that stopped an Apply before anything changed.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Busy { .. } => Status::aborted(e.to_string()),
+        e => Status::internal(e.to_string()),
     }
 }
 
@@ -243,7 +327,10 @@ impl Inner {
         })
         .await
         .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| {
+            tracing::warn!(generation, error = %e, "apply not started; nothing applied");
+            store_status(e)
+        })?;
 
         let summary = done
             .results
@@ -265,8 +352,10 @@ impl Inner {
             }
         );
 
-        let actions = plan(&self.config, done.changed.iter().map(String::as_str));
-        let units = self.units.run_all(&actions).await;
+        // The actions this push planned are owed now (saved with it), and
+        // so is anything owed from before: run them all.
+        let units = self.run_owed().await;
+        let owed = owed_reply(&self.store.state().owed);
 
         if done.all_ok {
             self.readiness.ready(&format!(
@@ -276,7 +365,7 @@ impl Inner {
             ));
         } else {
             self.readiness.status(&format!(
-                "generation {generation} not fully applied; generation {} stays applied",
+                "generation {generation} not applied; generation {} stays applied",
                 done.applied_generation
             ));
         }
@@ -284,10 +373,81 @@ impl Inner {
             applied_generation: done.applied_generation,
             results: done.results,
             units,
-            owed_units: Vec::new(),
+            owed_units: owed,
         })
     }
+
+    /// Runs every owed unit action once, in order, and records the
+    /// outcome: a success clears it, a failure keeps it with its error.
+    /// The caller holds `apply_lock`.
+    async fn run_owed(&self) -> Vec<UnitResult> {
+        let owed = self.store.state().owed;
+        if owed.is_empty() {
+            return Vec::new();
+        }
+        let actions: Vec<(String, Action)> =
+            owed.iter().map(|o| (o.unit.clone(), o.action)).collect();
+        let results = self.units.run_all(&actions).await;
+        let store = self.store.clone();
+        let outcome = results.clone();
+        let saved = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let mut batch = store.batch()?;
+            let mut st = store.state();
+            for r in &outcome {
+                let Some(pos) = st
+                    .owed
+                    .iter()
+                    .position(|o| o.unit == r.unit && o.action.as_str() == r.action)
+                else {
+                    continue;
+                };
+                if r.ok {
+                    st.owed.remove(pos);
+                } else {
+                    st.owed[pos].error = r.error.clone();
+                }
+            }
+            batch.commit(st)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot record the outcome of owed unit actions; they are retried")
+            }
+            Err(e) => tracing::warn!(error = %e, "owed-actions task failed"),
+        }
+        results
+    }
+
+    /// Retries owed unit actions: when woken (a Hello), and while some are
+    /// owed, with a back-off from 10 s to 5 min. Nothing owed, no wake-up.
+    async fn retry_loop(self: Arc<Self>) {
+        let mut backoff = RETRY_MIN;
+        loop {
+            if self.store.state().owed.is_empty() {
+                self.retry.notified().await;
+                backoff = RETRY_MIN;
+            } else {
+                tokio::select! {
+                    () = self.retry.notified() => {}
+                    () = tokio::time::sleep(backoff) => {}
+                }
+            }
+            let _serial = self.apply_lock.clone().lock_owned().await;
+            let results = self.run_owed().await;
+            backoff = if results.iter().all(|r| r.ok) {
+                RETRY_MIN
+            } else {
+                (backoff * 2).min(RETRY_MAX)
+            };
+        }
+    }
 }
+
+/// Back-off of the idle retry of owed unit actions (at most 6 a minute).
+const RETRY_MIN: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 #[tonic::async_trait]
 impl Guest for GuestService {
@@ -300,7 +460,7 @@ impl Guest for GuestService {
         })
         .await
         .map_err(|e| Status::internal(format!("hello task failed: {e}")))?
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(store_status)?;
         tracing::info!(
             vm = ?display_name(&req.vm),
             host_version = ?display_name(&req.host_version),
@@ -315,8 +475,14 @@ impl Guest for GuestService {
                 .readiness
                 .ready(&format!("host connected; generation {generation} applied"));
         }
+        // Owed unit actions are retried in the background: a Hello answers
+        // at once with what is owed now.
+        let owed = owed_reply(&self.inner.store.state().owed);
+        if !owed.is_empty() {
+            self.inner.retry.notify_one();
+        }
         Ok(Response::new(HelloReply {
-            owed_units: Vec::new(),
+            owed_units: owed,
             applied_generation: generation,
             held: held
                 .into_iter()

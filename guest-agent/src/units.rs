@@ -21,7 +21,10 @@ pub const UNIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest error line kept from systemctl's output.
 const MAX_ERROR_CHARS: usize = 300;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     Restart,
     Reload,

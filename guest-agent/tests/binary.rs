@@ -217,6 +217,29 @@ fn a_missing_bootstrap_is_explained() {
     );
 }
 
+/// Issue 8: "listening" (and the socket) only after the bind succeeded; a
+/// bind failure is one clear error and a non-zero exit.
+#[test]
+fn a_bind_failure_is_one_clear_error_and_never_says_listening() {
+    let s = Setup::new();
+    // A directory where the socket should go: the bind cannot succeed.
+    let sock = s.p("guest.sock");
+    std::fs::create_dir(&sock).unwrap();
+    let out = s.command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {}", sock.display())),
+        "{err}"
+    );
+    assert!(
+        !err.to_lowercase().contains("listening"),
+        "said listening without a bound socket:\n{err}"
+    );
+    assert_eq!(err.matches("cannot listen").count(), 1, "{err}");
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+}
+
 #[test]
 fn a_corrupt_state_file_stops_the_start() {
     let s = Setup::new();

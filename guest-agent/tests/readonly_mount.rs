@@ -6,55 +6,15 @@
 //! test re-executes this test binary under `unshare --mount` (a private
 //! mount namespace whose mounts vanish with it) and runs its body there.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::in_private_mount_namespace;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use vmcred_guest::store::{Limits, Store};
-
-const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";
-
-/// Runs `body` in a private mount namespace, or explains why it cannot.
-fn in_private_mount_namespace(test: &str, body: fn()) {
-    if std::env::var_os(IN_NAMESPACE).is_some() {
-        body();
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED {test}: needs root to mount (running as uid {})",
-            nix::unistd::geteuid()
-        );
-        return;
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = match Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(IN_NAMESPACE, "1")
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: cannot run unshare(1) from util-linux: {e}");
-            return;
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && stderr.contains("unshare failed") {
-        eprintln!("SKIPPED {test}: no mount namespaces here: {stderr}");
-        return;
-    }
-    eprintln!("{test} ran in a private mount namespace:\n{stdout}");
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{test} in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-}
 
 fn flags(dir: &Path) -> FsFlags {
     statvfs(dir).expect("statvfs").flags()
@@ -70,12 +30,17 @@ fn is_ro(dir: &Path) -> bool {
 fn mount_credentials(creds: &Path, fstype: &str, superblock: bool) {
     std::fs::create_dir_all(creds).unwrap();
     let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // systemd's own options (tmpfs gets `noswap` where the kernel has it).
     let data = if fstype == "tmpfs" {
-        "mode=0700,size=1m,nr_inodes=1024"
+        "mode=0700,nr_inodes=1024,size=1M,noswap"
     } else {
         "mode=0700"
     };
-    mount(Some(fstype), creds, Some(fstype), base, Some(data)).expect("mount");
+    if mount(Some(fstype), creds, Some(fstype), base, Some(data)).is_err() {
+        // A kernel before 6.4 has no `noswap`; systemd then mounts without.
+        let data = data.trim_end_matches(",noswap");
+        mount(Some(fstype), creds, Some(fstype), base, Some(data)).expect("mount");
+    }
     std::fs::write(creds.join("BOOT"), b"from SMBIOS").unwrap();
     std::fs::create_dir(creds.join("ADIR")).unwrap();
     if superblock {
@@ -199,4 +164,183 @@ fn writable_directory_is_not_remounted() {
         store.batch().unwrap().write("A", b"a", 0o400).unwrap();
         assert!(!is_ro(&creds), "a writable mount stays writable");
     });
+}
+
+fn tmpfs_size(dir: &Path) -> u64 {
+    let st = statvfs(dir).unwrap();
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 9.2: a kill -9 mid-write leaves the mount writable with staging
+/// files in it; the next start makes it read-only and removes them, and
+/// the guard works even when the mount is found writable.
+fn repaired_after_a_crash(fstype: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    let state = tmp.path().join("state");
+    mount_credentials(&creds, fstype, false);
+    let before = flags(&creds);
+    let store = Store::open(&creds, &state, Limits::default()).unwrap();
+    store.batch().unwrap().write("A", b"a1", 0o400).unwrap();
+    drop(store);
+    // What a crash between the remount and the end of a write leaves.
+    mount(
+        None::<&str>,
+        &creds,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .unwrap();
+    assert!(!is_ro(&creds));
+    std::fs::write(creds.join(".A.vmcred-tmp"), b"a2-half").unwrap();
+    std::fs::write(creds.join(".vmcred-tmp.0123"), b"x").unwrap();
+
+    let store = Store::open(&creds, &state, Limits::default()).unwrap();
+    assert!(is_ro(&creds), "read-only again at start");
+    assert_eq!(flags(&creds), before, "with the flags it had");
+    assert_eq!(names(&creds), ["A", "ADIR", "BOOT"]);
+    assert_eq!(std::fs::read(creds.join("A")).unwrap(), b"a1");
+
+    // Made writable behind the agent's back: the next write still leaves
+    // it read-only (the guard is not skipped).
+    mount(
+        None::<&str>,
+        &creds,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .unwrap();
+    store.batch().unwrap().write("A", b"a2", 0o400).unwrap();
+    assert!(
+        is_ro(&creds),
+        "read-only after a write that found it writable"
+    );
+    assert_eq!(flags(&creds), before);
+}
+
+#[test]
+fn tmpfs_repaired_after_a_crash() {
+    in_private_mount_namespace("tmpfs_repaired_after_a_crash", || {
+        repaired_after_a_crash("tmpfs")
+    });
+}
+
+#[test]
+fn ramfs_repaired_after_a_crash() {
+    in_private_mount_namespace("ramfs_repaired_after_a_crash", || {
+        repaired_after_a_crash("ramfs")
+    });
+}
+
+/// Issue 9, "also": a credential larger than half of the 1 MiB mount can
+/// be rotated (old and new exist at once during the push); the tmpfs is
+/// back at its size afterwards; a set that would not fit is refused with
+/// the old value intact.
+fn rotates_a_large_credential(fstype: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    mount_credentials(&creds, fstype, false);
+    let size = tmpfs_size(&creds);
+    let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
+    let big = |b: u8| vec![b; 700 * 1024];
+    store.batch().unwrap().write("BIG", &big(1), 0o400).unwrap();
+    for round in 2..5u8 {
+        store
+            .batch()
+            .unwrap()
+            .write("BIG", &big(round), 0o400)
+            .unwrap();
+        assert_eq!(std::fs::read(creds.join("BIG")).unwrap(), big(round));
+        assert!(is_ro(&creds));
+        assert_eq!(tmpfs_size(&creds), size, "{fstype} size restored");
+        assert_eq!(names(&creds), ["ADIR", "BIG", "BOOT"]);
+    }
+    // 700 KiB + 400 KiB is more than the mount holds once committed.
+    let err = store
+        .batch()
+        .unwrap()
+        .write("OTHER", &[9u8; 400 * 1024], 0o400)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("its limit is 1048576"), "{err}");
+    assert_eq!(std::fs::read(creds.join("BIG")).unwrap(), big(4));
+    assert!(is_ro(&creds));
+    assert_eq!(names(&creds), ["ADIR", "BIG", "BOOT"]);
+}
+
+#[test]
+fn tmpfs_rotates_a_large_credential() {
+    in_private_mount_namespace("tmpfs_rotates_a_large_credential", || {
+        rotates_a_large_credential("tmpfs")
+    });
+}
+
+#[test]
+fn ramfs_rotates_a_large_credential() {
+    in_private_mount_namespace("ramfs_rotates_a_large_credential", || {
+        rotates_a_large_credential("ramfs")
+    });
+}
+
+/// A crash of an agent that kept no mount record (or lost it) left
+/// systemd's mount writable: recognised by its file system and options,
+/// made read-only at start.
+fn systemd_mount_without_record_is_made_read_only(fstype: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    mount_credentials(&creds, fstype, false);
+    mount(
+        None::<&str>,
+        &creds,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .unwrap();
+    std::fs::write(creds.join(".A.vmcred-tmp"), b"half").unwrap();
+    assert!(!is_ro(&creds));
+    let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
+    assert!(is_ro(&creds), "{fstype}: read-only at start");
+    assert_eq!(names(&creds), ["ADIR", "BOOT"]);
+    store.batch().unwrap().write("A", b"a", 0o400).unwrap();
+    assert!(is_ro(&creds));
+}
+
+#[test]
+fn tmpfs_systemd_mount_without_record_is_made_read_only() {
+    in_private_mount_namespace(
+        "tmpfs_systemd_mount_without_record_is_made_read_only",
+        || systemd_mount_without_record_is_made_read_only("tmpfs"),
+    );
+}
+
+#[test]
+fn ramfs_systemd_mount_without_record_is_made_read_only() {
+    in_private_mount_namespace(
+        "ramfs_systemd_mount_without_record_is_made_read_only",
+        || systemd_mount_without_record_is_made_read_only("ramfs"),
+    );
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Channel;
 use vmcred_guest::config::GuestConfig;
+use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
 use vmcred_guest::server::{serve, ServerOptions};
 use vmcred_guest::service::GuestService;
@@ -18,7 +19,7 @@ use vmcred_guest::units::UnitRunner;
 use vmcred_proto::rpc::pb::{ApplyRequest, Credential};
 use vmcred_proto::rpc::{client_over, GuestClient};
 use vmcred_proto::tls::{host_client_config, server_name, Identity};
-use vmcred_proto::transport::{dial, Listener, Target};
+use vmcred_proto::transport::{dial, Target};
 
 pub struct Guest {
     pub tmp: tempfile::TempDir,
@@ -39,13 +40,15 @@ impl Drop for Guest {
 }
 
 /// A recording systemctl: appends its arguments to `calls`, fails for
-/// units whose name starts with "bad", takes half a second for "slow".
+/// units whose name starts with "bad", and for "flaky" ones while the file
+/// `calls.broken` exists; takes half a second for "slow".
 pub fn recording_systemctl(dir: &Path, calls: &Path) -> PathBuf {
     let p = dir.join("systemctl");
     std::fs::write(
         &p,
         format!(
-            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in slow*) sleep 0.5;; esac\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\nexit 0\n",
+            "#!/bin/sh\necho \"$@\" >> '{}'\ncase \"$2\" in slow*) sleep 0.5;; esac\ncase \"$2\" in bad*) echo \"Failed to restart $2: Unit $2 not found.\" >&2; exit 5;; esac\ncase \"$2\" in flaky*) if [ -e '{}.broken' ]; then echo \"Job for $2 failed.\" >&2; exit 1; fi;; esac\nexit 0\n",
+            calls.display(),
             calls.display()
         ),
     )
@@ -72,7 +75,7 @@ pub async fn start_with(config: &str, limits: Limits, opts: ServerOptions) -> Gu
     let units = UnitRunner::new(recording_systemctl(tmp.path(), &calls));
     let service = GuestService::new(store.clone(), config, units, readiness.clone());
     let me = nix::unistd::geteuid().as_raw();
-    let listener = Listener::unix(&socket, vec![me]).unwrap();
+    let listener = GuestListener::unix(&socket, vec![me]).unwrap();
     let pin = host.pin().unwrap();
     let task = tokio::spawn(async move {
         let r = serve(listener, pin, service, opts).await;
@@ -136,4 +139,47 @@ pub fn apply(generation: u64, upserts: Vec<Credential>, removals: &[&str]) -> Ap
         upserts,
         removals: removals.iter().map(|s| s.to_string()).collect(),
     }
+}
+
+const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";
+
+/// Runs `body` in a private mount namespace, or explains why it cannot.
+pub fn in_private_mount_namespace(test: &str, body: fn()) {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        body();
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED {test}: needs root to mount (running as uid {})",
+            nix::unistd::geteuid()
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = match std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: cannot run unshare(1) from util-linux: {e}");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("SKIPPED {test}: no mount namespaces here: {stderr}");
+        return;
+    }
+    eprintln!("{test} ran in a private mount namespace:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in a private mount namespace failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
 }

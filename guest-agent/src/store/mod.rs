@@ -10,6 +10,12 @@
 //! systemd mounts the directory read-only after PID 1 imported the boot-time
 //! credentials; a [`Batch`] remounts it read-write only while it writes, and
 //! its drop remounts it read-only again, on failure too.
+//!
+//! - `push.rs`: one push, all or nothing (stage, keep the old values, swap,
+//!   commit through state.json).
+//! - `recovery.rs`: the push journal and the repair at open after a crash.
+//! - `mount.rs`: the read-only mount: the record of how it was found, the
+//!   remount guard, enlarging a size-limited tmpfs for a push.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -32,13 +38,26 @@ use thiserror::Error;
 use vmcred_proto::rules::{validate_name, MAX_FILES, MAX_NAME_LEN, MAX_TOTAL_BYTES};
 use zeroize::Zeroizing;
 
+use crate::units::Action;
+
+mod mount;
+mod push;
+mod recovery;
+
+use mount::{mount_record, MountRecord, ReadWrite};
+pub use push::{Batch, Change, TxError};
+use recovery::{Journal, JournalEntry};
+
 /// Suffix of the temporary file a write goes through. Names that look like
 /// one are refused as credentials (see [`reserved_name`]), so a stale-tmp
 /// cleanup can never delete a credential.
 const TMP_SUFFIX: &str = ".vmcred-tmp";
 /// Prefix of the temporary name used when `.NAME.vmcred-tmp` would exceed
-/// the file name limit.
+/// the file name limit, and of the backup names a push keeps the old
+/// values under until it is committed.
 const TMP_HASHED_PREFIX: &str = ".vmcred-tmp.";
+/// tmpfs's magic number (`statfs.f_type`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Largest state file we read: 1024 names of 255 bytes is about 270 KiB.
 const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -68,6 +87,22 @@ impl Default for Limits {
 pub struct State {
     pub generation: u64,
     pub managed: BTreeSet<String>,
+    /// Unit actions the guest still owes (planned and not yet succeeded),
+    /// so that a failure or a crash never forgets one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed: Vec<Owed>,
+}
+
+/// One unit action still owed, and the credentials it is owed for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owed {
+    pub unit: String,
+    pub action: Action,
+    pub credentials: BTreeSet<String>,
+    /// The last attempt's error; empty while the first attempt is pending.
+    #[serde(default)]
+    pub error: String,
 }
 
 /// What is at a credential's name right now.
@@ -137,6 +172,13 @@ pub enum StoreError {
     BadName(String),
     #[error("cannot remount {dir} read-write for the write: {why}")]
     Remount { dir: String, why: String },
+    #[error(
+        "{path} is locked by another process (another vmcred-guest?); nothing was changed, \
+         retry later"
+    )]
+    Busy { path: String },
+    #[error("{name} in {dir} is a directory; a credential cannot replace it")]
+    IsDirectory { name: String, dir: String },
 }
 
 /// Why `name` may not be used as a credential name even though systemd
@@ -175,6 +217,12 @@ fn tmp_name(name: &str) -> String {
     }
 }
 
+/// The name the old value of `name` is kept under during a push.
+fn backup_name(name: &str) -> String {
+    let d = Sha256::digest(name.as_bytes());
+    format!("{TMP_HASHED_PREFIX}old.{}", hex::encode(&d[..16]))
+}
+
 /// Takes ownership of a descriptor a `nix` call just returned.
 fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: `fd` was returned by a successful open(2)/openat(2) call a
@@ -191,18 +239,49 @@ pub struct Store {
     dir: OwnedFd,
     dir_path: PathBuf,
     state_path: PathBuf,
+    journal_path: PathBuf,
     lock_path: PathBuf,
     limits: Limits,
+    mount: MountRecord,
     /// Serializes writers inside this process; the `flock` on `lock_path`
     /// serializes them across processes.
     write_lock: Mutex<()>,
     state: Mutex<State>,
+    /// Digests of the managed files by their [`Stamp`], so that an idle
+    /// host's Hello reads no file.
+    digests: Mutex<std::collections::HashMap<String, (Stamp, [u8; 32])>>,
+    /// Files hashed since open: lets tests prove an idle Hello reads none.
+    hashed: std::sync::atomic::AtomicU64,
+}
+
+/// What changes when a file is replaced or written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(st: &FileStat) -> Stamp {
+        Stamp {
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 impl Store {
     /// Opens the credentials directory (creating it, 0700, if systemd has
-    /// not) and loads the state. A corrupt state file is an error: silently
-    /// starting from generation 0 would let an old generation be replayed.
+    /// not), loads the state, and repairs what a crash may have left: a
+    /// push half done is rolled back (or finished, if it was committed),
+    /// staging files are removed, an enlarged tmpfs is shrunk back, and a
+    /// mount that was read-only is made read-only again. A corrupt state
+    /// file is an error: silently starting from generation 0 would let an
+    /// old generation be replayed.
     pub fn open(
         credentials_dir: &Path,
         state_dir: &Path,
@@ -252,15 +331,23 @@ impl Store {
         let dir = owned(fd);
         let state_path = state_dir.join("state.json");
         let state = load_state(&state_path)?;
-        Ok(Store {
+        let mount = mount_record(&dir, credentials_dir, &state_dir.join("mount.json"))
+            .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
+        let store = Store {
             dir,
             dir_path: credentials_dir.to_path_buf(),
             lock_path: state_dir.join("write.lock"),
+            journal_path: state_dir.join("push.json"),
             state_path,
             limits,
+            mount,
             write_lock: Mutex::new(()),
             state: Mutex::new(state),
-        })
+            digests: Mutex::new(Default::default()),
+            hashed: Default::default(),
+        };
+        store.recover()?;
+        Ok(store)
     }
 
     pub fn dir_path(&self) -> &Path {
@@ -270,6 +357,11 @@ impl Store {
     /// A snapshot of the applied generation and managed names.
     pub fn state(&self) -> State {
         lock(&self.state).clone()
+    }
+
+    /// How many files were read and hashed since open (diagnostics).
+    pub fn files_hashed(&self) -> u64 {
+        self.hashed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn dirfd(&self) -> RawFd {
@@ -322,6 +414,8 @@ impl Store {
             // Swapped between the two looks; judge what we actually opened.
             return Ok(Current::NotRegular);
         }
+        self.hashed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut file = File::from(fd);
         let mut hasher = Sha256::new();
         let mut buf = Zeroizing::new([0u8; 8192]);
@@ -341,11 +435,34 @@ impl Store {
     }
 
     /// The digests of the managed credentials whose files are still there.
+    /// A file whose inode, size and change times are what they were when
+    /// it was last hashed is not read again: an idle host's Hello costs
+    /// one `fstatat` per credential and no file read.
     pub fn held(&self) -> Result<Vec<(String, [u8; 32])>, StoreError> {
         let managed = self.state().managed;
+        let mut cache = lock(&self.digests);
         let mut out = Vec::with_capacity(managed.len());
         for name in managed {
+            let st = match fstatat(
+                Some(self.dirfd()),
+                name.as_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) if is_regular(&st) => st,
+                Ok(_) | Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(self.io("inspect", &name, e)),
+            };
+            let stamp = Stamp::of(&st);
+            if let Some((s, d)) = cache.get(&name) {
+                if *s == stamp {
+                    out.push((name, *d));
+                    continue;
+                }
+            }
             if let Current::Regular { sha256, .. } = self.current(&name)? {
+                // Hashed after the stat: if the file changed in between,
+                // the stamp no longer matches next time and it is re-read.
+                cache.insert(name.clone(), (stamp, sha256));
                 out.push((name, sha256));
             }
         }
@@ -353,7 +470,9 @@ impl Store {
     }
 
     /// Starts a series of changes: takes the process and file locks. The
-    /// directory is remounted read-write lazily, on the first change.
+    /// directory is remounted read-write lazily, on the first change. A
+    /// lock another process holds is [`StoreError::Busy`] at once: the
+    /// caller says so (the host retries) rather than waiting blind.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
         let guard = lock(&self.write_lock);
         let lock_err = |why: String| StoreError::Lock {
@@ -368,8 +487,15 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.lock_path)
             .map_err(|e| lock_err(e.to_string()))?;
-        let flock =
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| lock_err(e.to_string()))?;
+        let flock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            if e == Errno::EWOULDBLOCK {
+                StoreError::Busy {
+                    path: self.lock_path.display().to_string(),
+                }
+            } else {
+                lock_err(e.to_string())
+            }
+        })?;
         Ok(Batch {
             remount: None,
             store: self,
@@ -414,40 +540,6 @@ impl Store {
             }
         }
         Ok((bytes, inodes))
-    }
-
-    fn check_limits(&self, name: &str, len: usize) -> Result<(), StoreError> {
-        let (bytes, inodes) = self.usage()?;
-        let total = bytes.saturating_add(len as u64);
-        if total > self.limits.max_total_bytes {
-            return Err(StoreError::TotalLimit {
-                name: name.to_string(),
-                len,
-                dir: self.dir_display(),
-                total,
-                limit: self.limits.max_total_bytes,
-                why: if self.limits.max_total_bytes == MAX_TOTAL_BYTES as u64 {
-                    " (systemd's 1 MiB credentials mount; old and new value must fit together during the replace)"
-                } else {
-                    " (old and new value must fit together during the replace)"
-                },
-            });
-        }
-        let needed = inodes + 1;
-        if needed > self.limits.max_files {
-            return Err(StoreError::FileLimit {
-                name: name.to_string(),
-                dir: self.dir_display(),
-                needed,
-                limit: self.limits.max_files,
-                why: if self.limits.max_files == MAX_FILES as u64 {
-                    " (systemd's credentials mount has nr_inodes=1024)"
-                } else {
-                    ""
-                },
-            });
-        }
-        Ok(())
     }
 
     fn sync_dir(&self) {
@@ -498,13 +590,25 @@ fn load_state(path: &Path) -> Result<State, StoreError> {
     Ok(state)
 }
 
+fn remove_file_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Writes the state atomically (tmp + rename, 0600).
 fn save_state(path: &Path, state: &State) -> Result<(), StoreError> {
+    save_json(path, state)
+}
+
+/// Writes `value` as JSON atomically (tmp + rename, 0600, synced).
+fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     let err = |why: String| StoreError::SaveState {
         path: path.display().to_string(),
         why,
     };
-    let json = serde_json::to_vec_pretty(state).map_err(|e| err(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(value).map_err(|e| err(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -531,247 +635,6 @@ fn save_state(path: &Path, state: &State) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-/// Changes made under the store's locks. Dropping it remounts the
-/// directory read-only again if it was remounted for these changes.
-pub struct Batch<'a> {
-    // Field order is drop order: remount read-only before unlocking.
-    remount: Option<ReadWrite>,
-    store: &'a Store,
-    _flock: Flock<File>,
-    _guard: MutexGuard<'a, ()>,
-}
-
-impl Batch<'_> {
-    fn ensure_writable(&mut self) -> Result<(), StoreError> {
-        if self.remount.is_none() {
-            self.remount = ReadWrite::acquire(self.store)?;
-        }
-        Ok(())
-    }
-
-    /// Replaces `name` with `value` (mode `mode`) atomically.
-    pub fn write(&mut self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
-        check_name(name)?;
-        if mode & !0o444 != 0 || mode & 0o400 == 0 {
-            // The config refuses these; the store does not trust callers.
-            return Err(StoreError::BadName(format!(
-                "mode {mode:04o} for {name} is not a read-only mode the owner can read"
-            )));
-        }
-        let store = self.store;
-        self.ensure_writable()?;
-        let dirfd = store.dirfd();
-        let tmp = tmp_name(name);
-        match unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(store.io("remove the stale temporary file for", name, e)),
-        }
-        store.check_limits(name, value.len())?;
-        let fd = openat(
-            Some(dirfd),
-            tmp.as_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(|e| store.io("create the temporary file for", name, e))?;
-        let fd = owned(fd);
-        let result = (|| {
-            // The umask may have narrowed the mode; set exactly what was asked.
-            fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
-                .map_err(|e| store.io("set the mode of", name, e))?;
-            let mut file = File::from(fd);
-            file.write_all(value)
-                .map_err(|e| store.io("write", name, errno_of(&e)))?;
-            file.sync_all()
-                .map_err(|e| store.io("sync", name, errno_of(&e)))?;
-            drop(file);
-            renameat(Some(dirfd), tmp.as_str(), Some(dirfd), name)
-                .map_err(|e| store.io("move into place", name, e))
-        })();
-        if result.is_err() {
-            let _ = unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-            return result;
-        }
-        store.sync_dir();
-        Ok(())
-    }
-
-    /// Removes `name` if it is a regular file; a missing file is already
-    /// removed. The caller decides whether the name is vmcred's to remove.
-    pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
-        check_name(name)?;
-        let store = self.store;
-        match fstatat(Some(store.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) if is_regular(&st) => {}
-            Ok(_) => {
-                return Err(StoreError::NotRegular {
-                    name: name.to_string(),
-                    dir: store.dir_display(),
-                })
-            }
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(store.io("inspect", name, e)),
-        }
-        self.ensure_writable()?;
-        match unlinkat(Some(store.dirfd()), name, UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(store.io("remove", name, e)),
-        }
-        store.sync_dir();
-        Ok(())
-    }
-
-    /// Persists `state`, then makes it current. If it cannot be saved, the
-    /// managed set still changes in memory (what is on disk changed), but
-    /// the generation does not advance: a generation counts as applied
-    /// only once it survives a restart.
-    pub fn commit(&mut self, state: State) -> Result<(), StoreError> {
-        let store = self.store;
-        let saved = save_state(&store.state_path, &state);
-        let mut current = lock(&store.state);
-        match saved {
-            Ok(()) => {
-                *current = state;
-                Ok(())
-            }
-            Err(e) => {
-                current.managed = state.managed;
-                Err(e)
-            }
-        }
-    }
-}
-
-/// A read-only credentials mount made writable for one batch. Drop makes it
-/// read-only again with the flags it had.
-struct ReadWrite {
-    target: PathBuf,
-    dir: String,
-    flags: MsFlags,
-    /// Per-mount flag cleared with `MS_BIND|MS_REMOUNT` (how systemd made
-    /// the mount read-only).
-    bind: bool,
-    /// Superblock flag cleared with a plain `MS_REMOUNT` (a file system
-    /// mounted `ro`).
-    superblock: bool,
-}
-
-impl ReadWrite {
-    /// `None` when the directory is writable already.
-    fn acquire(store: &Store) -> Result<Option<ReadWrite>, StoreError> {
-        let dir = store.dir_display();
-        let rdonly = || -> Result<bool, StoreError> {
-            fstatvfs(store.dir.as_fd())
-                .map(|s| s.flags().contains(FsFlags::ST_RDONLY))
-                .map_err(|e| StoreError::Remount {
-                    dir: dir.clone(),
-                    why: format!("statvfs: {e}"),
-                })
-        };
-        let st = fstatvfs(store.dir.as_fd()).map_err(|e| StoreError::Remount {
-            dir: dir.clone(),
-            why: format!("statvfs: {e}"),
-        })?;
-        if !st.flags().contains(FsFlags::ST_RDONLY) {
-            return Ok(None);
-        }
-        // Remount exactly the directory we opened, even if its path was
-        // swapped for something else since.
-        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", store.dirfd()));
-        let target = if proc_path.exists() {
-            proc_path
-        } else {
-            store.dir_path.clone()
-        };
-        let mut rw = ReadWrite {
-            target,
-            dir: dir.clone(),
-            flags: mount_flags(st.flags()),
-            bind: false,
-            superblock: false,
-        };
-        match rw.remount(true, false) {
-            Ok(()) => rw.bind = true,
-            // Not a mount point of its own (or an old kernel): try the
-            // superblock below.
-            Err(Errno::EINVAL) => {}
-            Err(e) => {
-                return Err(StoreError::Remount {
-                    dir,
-                    why: e.to_string(),
-                })
-            }
-        }
-        if rdonly()? {
-            if let Err(e) = rw.remount(false, false) {
-                // `rw` drops here and undoes the bind remount, if any.
-                return Err(StoreError::Remount {
-                    dir,
-                    why: e.to_string(),
-                });
-            }
-            rw.superblock = true;
-        }
-        if rdonly()? {
-            return Err(StoreError::Remount {
-                dir,
-                why: "still read-only after remounting".into(),
-            });
-        }
-        tracing::debug!(dir = %rw.dir, bind = rw.bind, superblock = rw.superblock, "remounted read-write");
-        Ok(Some(rw))
-    }
-
-    fn remount(&self, bind: bool, rdonly: bool) -> Result<(), Errno> {
-        let mut flags = MsFlags::MS_REMOUNT | self.flags;
-        if bind {
-            flags |= MsFlags::MS_BIND;
-        }
-        if rdonly {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        mount(
-            None::<&str>,
-            &self.target,
-            None::<&str>,
-            flags,
-            None::<&str>,
-        )
-    }
-}
-
-impl Drop for ReadWrite {
-    fn drop(&mut self) {
-        if self.superblock {
-            if let Err(e) = self.remount(false, true) {
-                tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials file system read-only again");
-            }
-        }
-        if self.bind {
-            if let Err(e) = self.remount(true, true) {
-                tracing::error!(dir = %self.dir, error = %e, "cannot remount the credentials directory read-only again");
-            }
-        }
-        tracing::debug!(dir = %self.dir, "remounted read-only");
-    }
-}
-
-/// The mount flags to keep when remounting, from what statvfs reports.
-fn mount_flags(st: FsFlags) -> MsFlags {
-    let map = [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_SYNCHRONOUS, MsFlags::MS_SYNCHRONOUS),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ];
-    map.iter()
-        .filter(|(s, _)| st.contains(*s))
-        .fold(MsFlags::empty(), |acc, (_, m)| acc | *m)
 }
 
 #[cfg(test)]
@@ -955,16 +818,214 @@ mod tests {
             },
         );
         write(&store, "A", &[1u8; 400]).unwrap();
-        // Old (400) + new (700) would not fit together during the rename.
-        let err = write(&store, "A", &[2u8; 700]).unwrap_err().to_string();
+        write(&store, "B", &[1u8; 300]).unwrap();
+        // The set after the write (300 + 800) would not fit.
+        let err = write(&store, "A", &[2u8; 800]).unwrap_err().to_string();
         assert!(
-            err.contains("writing A (700 bytes) would bring")
+            err.contains("writing A (800 bytes) would bring")
                 && err.contains("to 1100 bytes; its limit is 1000"),
             "{err}"
         );
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), vec![1u8; 400]);
         assert!(!f.creds.join(".A.vmcred-tmp").exists());
-        write(&store, "A", &[3u8; 600]).unwrap();
+        // Old (400) and new (700) together exceed the budget, but the set
+        // after the write fits: allowed (the file system is enlarged for
+        // the push where it has a limit).
+        write(&store, "A", &[3u8; 700]).unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), vec![3u8; 700]);
+    }
+
+    fn names(f: &Fixture) -> Vec<String> {
+        let mut v: Vec<_> = std::fs::read_dir(&f.creds)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn st(generation: u64, managed: &[&str]) -> State {
+        State {
+            generation,
+            managed: managed.iter().map(|s| s.to_string()).collect(),
+            owed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_push_is_all_or_nothing() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a1").unwrap();
+        write(&store, "B", b"b1").unwrap();
+        store.batch().unwrap().commit(st(1, &["A", "B"])).unwrap();
+        // C's name is taken by a directory: found at planning, nothing done.
+        std::fs::create_dir(f.creds.join("C")).unwrap();
+        let err = store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap_err();
+        match &err {
+            TxError::NothingApplied { name, .. } => assert_eq!(name.as_deref(), Some("C")),
+            other => panic!("{other}"),
+        }
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+        assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+        assert_eq!(store.state(), st(1, &["A", "B"]));
+        assert_eq!(names(&f), ["A", "B", "C"]);
+        std::fs::remove_dir(f.creds.join("C")).unwrap();
+
+        // A failure at the commit (state.json cannot be written): every
+        // rename is undone.
+        let state_json = f.state.join("state.json");
+        std::fs::remove_file(&state_json).unwrap();
+        std::fs::create_dir(&state_json).unwrap();
+        let err = store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, TxError::NothingApplied { name: None, .. }),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+        assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+        assert_eq!(names(&f), ["A", "B"]);
+        assert_eq!(store.state().generation, 1);
+        assert!(!f.state.join("push.json").exists());
+        std::fs::remove_dir(&state_json).unwrap();
+
+        store
+            .batch()
+            .unwrap()
+            .push(
+                &[
+                    Change::Write {
+                        name: "A",
+                        value: b"a2",
+                        mode: 0o400,
+                    },
+                    Change::Remove { name: "B" },
+                    Change::Write {
+                        name: "C",
+                        value: b"c",
+                        mode: 0o400,
+                    },
+                ],
+                Some(2),
+                st(2, &["A", "C"]),
+            )
+            .unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(f.creds.join("C")).unwrap(), b"c");
+        assert_eq!(names(&f), ["A", "C"]);
+        assert_eq!(store.state(), st(2, &["A", "C"]));
+    }
+
+    /// What a kill -9 at each step of a push leaves, repaired by the next
+    /// open: rolled back before the commit, finished after it.
+    #[test]
+    fn open_repairs_an_interrupted_push() {
+        for committed in [false, true] {
+            let f = fixture();
+            let store = open(&f, Limits::default());
+            write(&store, "A", b"a1").unwrap();
+            write(&store, "B", b"b1").unwrap();
+            store.batch().unwrap().commit(st(1, &["A", "B"])).unwrap();
+            drop(store);
+            // The push of generation 2 (A=a2, B removed, C new) stopped
+            // after its renames.
+            let backup_a = f.creds.join(backup_name("A"));
+            std::fs::hard_link(f.creds.join("A"), &backup_a).unwrap();
+            std::fs::write(f.creds.join(".A.tmp"), b"a2").unwrap();
+            std::fs::rename(f.creds.join(".A.tmp"), f.creds.join("A")).unwrap();
+            std::fs::rename(f.creds.join("B"), f.creds.join(backup_name("B"))).unwrap();
+            std::fs::write(f.creds.join("C"), b"c").unwrap();
+            std::fs::write(f.creds.join(".D.vmcred-tmp"), b"staged").unwrap();
+            let j = Journal {
+                generation: 2,
+                entries: vec![
+                    JournalEntry {
+                        name: "A".into(),
+                        remove: false,
+                        had_old: true,
+                    },
+                    JournalEntry {
+                        name: "B".into(),
+                        remove: true,
+                        had_old: true,
+                    },
+                    JournalEntry {
+                        name: "C".into(),
+                        remove: false,
+                        had_old: false,
+                    },
+                ],
+            };
+            save_json(&f.state.join("push.json"), &j).unwrap();
+            if committed {
+                save_state(&f.state.join("state.json"), &st(2, &["A", "C"])).unwrap();
+            }
+            let store = open(&f, Limits::default());
+            assert!(!f.state.join("push.json").exists());
+            if committed {
+                assert_eq!(names(&f), ["A", "C"]);
+                assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+                assert_eq!(store.state(), st(2, &["A", "C"]));
+            } else {
+                assert_eq!(names(&f), ["A", "B"]);
+                assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a1");
+                assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
+                assert_eq!(store.state(), st(1, &["A", "B"]));
+            }
+        }
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_busy_at_once() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        let other = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let held = Flock::lock(other, FlockArg::LockExclusive).unwrap();
+        let err = store.batch().err().unwrap();
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        assert!(err.to_string().contains("another vmcred-guest"), "{err}");
+        drop(held);
+        write(&store, "A", b"a").unwrap();
     }
 
     #[test]
@@ -1033,6 +1094,7 @@ mod tests {
         let st = State {
             generation: 7,
             managed: ["A".to_string(), "B".to_string()].into(),
+            owed: Vec::new(),
         };
         store.batch().unwrap().commit(st.clone()).unwrap();
         drop(store);
