@@ -78,20 +78,34 @@ struct Bao {
     bin: PathBuf,
     port: u16,
     log: PathBuf,
+    /// With `-dev-tls`: where the server writes its CA and certificate.
+    tls_dir: Option<PathBuf>,
     child: Option<Child>,
+}
+
+/// A loopback port that is free, and whose successor (the dev server's
+/// cluster listener) is free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Bao {
     fn start(bin: PathBuf, dir: &Path) -> Bao {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Bao::start_with(bin, dir, false)
+    }
+
+    fn start_with(bin: PathBuf, dir: &Path, tls: bool) -> Bao {
         let mut b = Bao {
             bin,
-            port,
+            port: free_port_pair(),
             log: dir.join("bao.log"),
+            tls_dir: tls.then(|| dir.join("bao-tls")),
             child: None,
         };
         b.up();
@@ -99,7 +113,16 @@ impl Bao {
     }
 
     fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn ca_file(&self) -> Option<PathBuf> {
+        self.tls_dir.as_ref().map(|d| d.join("vault-ca.pem"))
     }
 
     fn up(&mut self) {
@@ -108,13 +131,19 @@ impl Bao {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(&self.bin)
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-listen-address=127.0.0.1:{}", self.port),
-                &format!("-dev-root-token-id={ROOT}"),
-            ])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "server",
+            "-dev",
+            &format!("-dev-listen-address=127.0.0.1:{}", self.port),
+            &format!("-dev-root-token-id={ROOT}"),
+        ]);
+        if let Some(d) = &self.tls_dir {
+            std::fs::create_dir_all(d).unwrap();
+            cmd.arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", d.display()));
+        }
+        let child = cmd
             .env_remove("BAO_ADDR")
             .env_remove("VAULT_ADDR")
             .stdout(log.try_clone().unwrap())
@@ -134,7 +163,11 @@ impl Bao {
     }
 
     fn try_cmd(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(ca) = self.ca_file() {
+            cmd.env("BAO_CACERT", ca);
+        }
+        let out = cmd
             .args(args)
             .env("BAO_ADDR", self.addr())
             .env("BAO_TOKEN", ROOT)
@@ -548,4 +581,37 @@ fn two_host_agents_on_one_store() {
         .unwrap();
     b.wait_for_guest_value("vm-b", "SHARED", b"sh-v2", T)
         .unwrap();
+}
+
+#[test]
+fn https_trusts_the_configured_ca_only() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut good = world(&["vm-good"]);
+    let mut bad = world(&["vm-bad"]);
+    let bao = Bao::start_with(bin, good.path(), true);
+    bao.put("tls", &[("f", "tls-v1")]);
+    let ca = bao.ca_file().unwrap();
+    // Another CA: a self-signed certificate that did not sign the server's.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let other_ca = bad.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    for (w, vm, ca) in [(&mut good, "vm-good", &ca), (&mut bad, "vm-bad", &other_ca)] {
+        let token = w.path().join("bao-token");
+        write_token(&token, ROOT);
+        let table = format!(
+            "{}ca_file = \"{}\"\n",
+            server_table(&bao, &token, "300ms"),
+            ca.display()
+        );
+        start_host(
+            w,
+            &table,
+            &[(vm, "TLS", "{ path = \"tls\", field = \"f\" }")],
+        );
+        boot(w, vm);
+    }
+    good.wait_for_guest_value("vm-good", "TLS", b"tls-v1", T)
+        .unwrap();
+    wait_status(&bad, "vm-bad", "TLS", "TLS handshake failed");
+    assert_eq!(bad.read_guest("vm-bad", "TLS"), None);
 }
