@@ -350,6 +350,25 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_only_on_loopback() {
+        for (addr, ok) in [
+            ("http://127.0.0.1:8200", true),
+            ("http://127.8.9.10:8200", true),
+            ("http://[::1]:8200", true),
+            ("http://localhost:8200", true),
+            ("http://localhost.evil.example:8200", false),
+            ("http://10.0.0.1:8200", false),
+            ("http://[::ffff:10.0.0.1]:8200", false),
+            ("http://bao.example:8200", false),
+            ("ftp://127.0.0.1", false),
+            ("http://user@127.0.0.1:8200", false),
+        ] {
+            let text = format!("[openbao]\naddress = \"{addr}\"\ntoken_file = \"/t\"\n");
+            assert_eq!(parse(&text).is_ok(), ok, "{addr}: {:?}", parse(&text).err());
+        }
+    }
+
+    #[test]
     fn openbao_refusals_are_clear() {
         let server = "[openbao]\naddress = \"http://127.0.0.1:8200\"\ntoken_file = \"/t\"\n";
         let cred = "[vms.a]\ncid = 3\n[vms.a.credentials.X]\n";
