@@ -23,10 +23,7 @@ pub enum ConfigError {
     /// `source()`: every error in this crate carries its cause in its own
     /// text exactly once, and callers print `{e:#}` without repeating it.
     #[error("cannot read config {path}: {error}")]
-    Read {
-        path: String,
-        error: std::io::Error,
-    },
+    Read { path: String, error: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: VM {vm:?}: {message}")]
@@ -417,7 +414,11 @@ mod tests {
     fn read_error_names_its_cause_once() {
         let e = Config::load(Path::new("/nonexistent/vmcred/host.toml")).unwrap_err();
         let shown = format!("{:#}", anyhow::Error::from(e));
-        assert_eq!(shown.matches("No such file or directory").count(), 1, "{shown}");
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
     }
 
     #[test]

@@ -106,7 +106,9 @@ pub enum Reply {
     /// The answer to `launched`.
     Ok,
     /// The end of a `status` or `rotate` reply: `count` items were sent.
-    Done { count: u64 },
+    Done {
+        count: u64,
+    },
     Error(String),
     /// The daemon had no free slot for this request within its deadline;
     /// nothing was done, try again.
@@ -188,7 +190,9 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
 pub enum CallError {
     /// Nothing listens, or we may not connect: the daemon is not running
     /// (or not reachable for this user).
-    #[error("cannot connect to {socket}: {error} (is `vmcred-host serve` running, and are you root?)")]
+    #[error(
+        "cannot connect to {socket}: {error} (is `vmcred-host serve` running, and are you root?)"
+    )]
     Unreachable {
         socket: String,
         error: std::io::Error,

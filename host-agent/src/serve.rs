@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use tokio::io::AsyncWrite;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use vmcred_proto::{rules, tls};
@@ -48,6 +48,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a launch client has to send its line: the launch wrapper sends
 /// it at once, so anything slower is a stuck or hostile client.
 const LAUNCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refused launch clients whose request line we wait for, at once.
+const MAX_REFUSING: usize = 16;
 /// How long a client may take to read one reply line.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one wake-up per VM per this period; further `launched` lines
@@ -77,6 +79,8 @@ struct Daemon {
     /// Last wake-up sent per VM (only configured VMs are ever keys).
     wakes: Mutex<HashMap<String, Instant>>,
     work: Arc<Semaphore>,
+    /// Refused launch clients waited on at once (see `launch_client`).
+    refusing: Arc<Semaphore>,
     logs: LogLimiter,
     me: u32,
 }
@@ -120,6 +124,7 @@ pub async fn serve(config_path: &Path) -> Result<()> {
         }),
         wakes: Mutex::new(HashMap::new()),
         work: Arc::new(Semaphore::new(MAX_ACTIVE)),
+        refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         logs: LogLimiter::new(LOG_EVERY),
         me: nix::unistd::geteuid().as_raw(),
     });
@@ -319,10 +324,12 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, kind: SocketKi
         };
         let d = daemon.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             match kind {
-                SocketKind::Control => d.control_client(stream).await,
-                SocketKind::Launch => d.launch_client(stream).await,
+                SocketKind::Control => {
+                    let _permit = permit;
+                    d.control_client(stream).await
+                }
+                SocketKind::Launch => d.launch_client(stream, permit).await,
             }
         });
     }
@@ -414,7 +421,9 @@ impl Daemon {
         }
     }
 
-    async fn launch_client(&self, mut s: UnixStream) {
+    /// `slot` is the connection's slot; a refused peer gives it back at
+    /// once, so strangers cannot crowd out the hypervisor's users.
+    async fn launch_client(&self, mut s: UnixStream, slot: OwnedSemaphorePermit) {
         let (_, uids) = self.snapshot();
         let uid = match s.peer_cred() {
             Ok(c) => c.uid(),
@@ -424,11 +433,19 @@ impl Daemon {
             }
         };
         if !uids.contains(&uid) {
+            drop(slot);
             if let Some(suppressed) = self.logs.allow(Repeated::RefusedLaunchPeer) {
                 warn!(
                     uid,
                     suppressed, "refused a launch notification from a user not in launch_users"
                 );
+            }
+            // Let the client finish writing its line so that it reads the
+            // reason rather than a broken pipe, from a small pool of its
+            // own; when that is full, the reason is written at once.
+            if let Ok(_refusing) = self.refusing.clone().try_acquire_owned() {
+                let _ = control::read_line::<_, serde_json::Value>(&mut s, LAUNCH_REQUEST_TIMEOUT)
+                    .await;
             }
             let _ = send(
                 &mut s,
@@ -439,6 +456,7 @@ impl Daemon {
             .await;
             return;
         }
+        let _slot = slot;
         let reply = match control::read_line(&mut s, LAUNCH_REQUEST_TIMEOUT).await {
             Ok(Request::Launched { vm }) => self.launched(&vm),
             Ok(_) => Reply::Error("the launch socket only takes launched".into()),
@@ -549,7 +567,11 @@ impl Daemon {
     }
 
     /// One line per VM from the current table, then `done`.
-    async fn status<W: AsyncWrite + Unpin>(&self, w: &mut W, only: &[String]) -> Result<(), String> {
+    async fn status<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        only: &[String],
+    ) -> Result<(), String> {
         let (vms, _) = self.snapshot();
         if let Some(e) = unknown_vms(&vms, only) {
             return send(w, &Reply::Error(e)).await;
@@ -599,7 +621,11 @@ impl Daemon {
                 return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
             }
             (false, true) => {
-                return send(w, &Reply::Error("name at least one VM, or ask for all".into())).await
+                return send(
+                    w,
+                    &Reply::Error("name at least one VM, or ask for all".into()),
+                )
+                .await
             }
         };
         for h in &selected {

@@ -65,7 +65,10 @@ impl StateLock {
             .set_len(0)
             .and_then(|()| locked.seek(SeekFrom::Start(0)))
             .and_then(|_| writeln!(locked, "{}", std::process::id()));
-        Ok(StateLock { _file: locked, path })
+        Ok(StateLock {
+            _file: locked,
+            path,
+        })
     }
 }
 
