@@ -37,7 +37,7 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
         lim = raised;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Whether an accept error means "out of descriptors or memory", which only
@@ -128,7 +128,7 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
-        assert_eq!(got, lim.rlim_cur as u64);
+        assert_eq!(got, lim.rlim_cur);
     }
 
     #[test]
