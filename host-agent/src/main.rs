@@ -152,7 +152,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The client side needs no worker threads.
+/// One thread: the CLI clients, and `serve`'s sockets and signals.
 fn client_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -164,9 +164,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
         Cmd::Serve => {
-            let rt = runtime()?;
-            let result = rt.block_on(serve::serve(&config));
-            rt.shutdown_timeout(SHUTDOWN_GRACE);
+            // Sockets and signals on this thread, VM tasks on their own
+            // workers: a wedged VM task cannot delay SIGTERM (serve_with).
+            let vms = runtime()?;
+            let result =
+                client_runtime()?.block_on(serve::serve_with(&config, vms.handle().clone()));
+            vms.shutdown_timeout(SHUTDOWN_GRACE);
             result?;
             Ok(ExitCode::SUCCESS)
         }

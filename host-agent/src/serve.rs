@@ -83,6 +83,8 @@ struct Daemon {
     refusing: Arc<Semaphore>,
     logs: LogLimiter,
     me: u32,
+    /// Where VM tasks run (see `serve_with`).
+    vm_runtime: tokio::runtime::Handle,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +101,17 @@ fn timing(cfg: &Config) -> Timing {
     }
 }
 
+/// Runs the daemon with the VM tasks on the current runtime.
 pub async fn serve(config_path: &Path) -> Result<()> {
+    serve_with(config_path, tokio::runtime::Handle::current()).await
+}
+
+/// Runs the daemon with the VM tasks on `vm_runtime`. Given a runtime of
+/// their own, a VM task stuck in a blocking call (which can stall every
+/// worker's I/O driver of its runtime) cannot stop the sockets or SIGTERM:
+/// those run on the caller's runtime, and the caller shuts `vm_runtime`
+/// down with a deadline.
+pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) -> Result<()> {
     match limits::raise_nofile_limit() {
         Ok(n) => debug!(nofile = n, "descriptor limit"),
         Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
@@ -127,6 +139,7 @@ pub async fn serve(config_path: &Path) -> Result<()> {
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         logs: LogLimiter::new(LOG_EVERY),
         me: nix::unistd::geteuid().as_raw(),
+        vm_runtime,
     });
     drop(identity);
 
@@ -392,6 +405,7 @@ impl Daemon {
                     new.insert(name.clone(), h);
                 }
                 _ => {
+                    let _on = self.vm_runtime.enter();
                     let h = vm::spawn(
                         vm.clone(),
                         t,
