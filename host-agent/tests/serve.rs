@@ -488,3 +488,35 @@ fn rotate_all_reports_every_vm_in_one_table() {
     assert_eq!(v["rotations"].as_array().unwrap().len(), 1);
     assert_eq!(v["rotations"][0]["vm"], "vm1");
 }
+
+#[test]
+fn sighup_adds_and_removes_vms_and_keeps_answering() {
+    let agent = Agent::start("", &vms_at_missing_sockets("/nonexistent", 3));
+    let names = |agent: &Agent| -> Vec<String> {
+        let out = agent.cli(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["vms"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["vm"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&agent), ["vm0", "vm1", "vm2"]);
+    let text = std::fs::read_to_string(agent.config_path()).unwrap();
+    let text = text.replace("[vms.vm0]", "[vms.vm3]");
+    std::fs::write(agent.config_path(), text).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(30), || {
+        names(&agent) == ["vm1", "vm2", "vm3"]
+    });
+    // A broken config is refused and the running one kept.
+    std::fs::write(agent.config_path(), "[vms.x]\n").unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(30), || {
+        agent.log().contains("config reload failed")
+    });
+    assert_eq!(names(&agent), ["vm1", "vm2", "vm3"]);
+}
