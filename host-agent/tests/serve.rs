@@ -145,6 +145,32 @@ fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Runs `serve --config cfg`, which must exit on its own (a second agent);
+/// waits at most 20 s, then kills it and fails.
+fn serve_must_exit(cfg: &Path) -> Output {
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the second serve kept running: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Whether a reply line ends the reply.
 fn terminal(line: &str) -> bool {
     !(line.starts_with("{\"status\"") || line.starts_with("{\"rotate\""))
@@ -393,12 +419,7 @@ fn few_descriptors_many_clients_stays_responsive_and_quiet() {
 fn a_second_serve_refuses_and_leaves_the_first_alone() {
     let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
     let before = std::fs::metadata(agent.control()).unwrap();
-    let out = Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(agent.config_path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = serve_must_exit(&agent.config_path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&format!("PID {}", agent.pid())), "{err}");
@@ -421,11 +442,7 @@ fn a_live_socket_of_another_agent_is_not_taken_over() {
             &dir.path().join("state").display().to_string(),
         );
     std::fs::write(dir.path().join("host.toml"), cfg).unwrap();
-    let out = Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("host.toml"))
-        .output()
-        .unwrap();
+    let out = serve_must_exit(&dir.path().join("host.toml"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("refusing to take it over"), "{err}");
