@@ -48,7 +48,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a launch client has to send its line: the launch wrapper sends
 /// it at once, so anything slower is a stuck or hostile client.
 const LAUNCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Refused launch clients whose request line we wait for, at once.
+/// Refused clients (either socket) whose request line we wait for, at once.
 const MAX_REFUSING: usize = 16;
 /// How long a client may take to read one reply line.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,7 +79,7 @@ struct Daemon {
     /// Last wake-up sent per VM (only configured VMs are ever keys).
     wakes: Mutex<HashMap<String, Instant>>,
     work: Arc<Semaphore>,
-    /// Refused launch clients waited on at once (see `launch_client`).
+    /// Refused clients waited on at once (see `refuse`).
     refusing: Arc<Semaphore>,
     logs: LogLimiter,
     me: u32,
@@ -338,10 +338,7 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, kind: SocketKi
         let d = daemon.clone();
         tokio::spawn(async move {
             match kind {
-                SocketKind::Control => {
-                    let _permit = permit;
-                    d.control_client(stream).await
-                }
+                SocketKind::Control => d.control_client(stream, permit).await,
                 SocketKind::Launch => d.launch_client(stream, permit).await,
             }
         });
@@ -454,18 +451,11 @@ impl Daemon {
                     suppressed, "refused a launch notification from a user not in launch_users"
                 );
             }
-            // Let the client finish writing its line so that it reads the
-            // reason rather than a broken pipe, from a small pool of its
-            // own; when that is full, the reason is written at once.
-            if let Ok(_refusing) = self.refusing.clone().try_acquire_owned() {
-                let _ = control::read_line::<_, serde_json::Value>(&mut s, LAUNCH_REQUEST_TIMEOUT)
-                    .await;
-            }
-            let _ = send(
-                &mut s,
-                &Reply::Error(format!(
+            self.refuse(
+                s,
+                format!(
                     "uid {uid} may not notify launches; add its user to launch_users in the host config"
-                )),
+                ),
             )
             .await;
             return;
@@ -513,7 +503,19 @@ impl Daemon {
         Reply::Ok
     }
 
-    async fn control_client(&self, s: UnixStream) {
+    /// Answers a refused peer with `why`. Its connection slot is already
+    /// given back; from a small pool of its own it may first finish writing
+    /// its line, so that it reads the reason rather than a broken pipe. When
+    /// that pool is full the reason is written at once.
+    async fn refuse(&self, mut s: UnixStream, why: String) {
+        if let Ok(_refusing) = self.refusing.clone().try_acquire_owned() {
+            let _ =
+                control::read_line::<_, serde_json::Value>(&mut s, LAUNCH_REQUEST_TIMEOUT).await;
+        }
+        let _ = send(&mut s, &Reply::Error(why)).await;
+    }
+
+    async fn control_client(&self, s: UnixStream, slot: OwnedSemaphorePermit) {
         let uid = match s.peer_cred() {
             Ok(c) => c.uid(),
             Err(e) => {
@@ -521,18 +523,17 @@ impl Daemon {
                 return;
             }
         };
-        let (r, mut w) = s.into_split();
         if uid != 0 && uid != self.me {
+            drop(slot);
             if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
                 warn!(uid, suppressed, "refused a control client");
             }
-            let _ = send(
-                &mut w,
-                &Reply::Error(format!("uid {uid} may not use the control socket")),
-            )
-            .await;
+            self.refuse(s, format!("uid {uid} may not use the control socket"))
+                .await;
             return;
         }
+        let _slot = slot;
+        let (r, mut w) = s.into_split();
         let req: Request = match control::read_line(r, REQUEST_TIMEOUT).await {
             Ok(r) => r,
             Err(e) => {
@@ -643,10 +644,9 @@ impl Daemon {
             }
         };
         for h in &selected {
-            let missing: Vec<String> = credentials
+            let missing: Vec<&String> = credentials
                 .iter()
                 .filter(|c| !h.vm.credentials.contains_key(*c))
-                .map(|c| format!("{:?}", rules::display_name(c)))
                 .collect();
             if !missing.is_empty() {
                 return send(
@@ -654,7 +654,7 @@ impl Daemon {
                     &Reply::Error(format!(
                         "VM {} has no credential named {}; nothing was rotated",
                         h.vm.name,
-                        missing.join(", ")
+                        some_names(&missing)
                     )),
                 )
                 .await;
@@ -681,12 +681,23 @@ impl Daemon {
 }
 
 fn unknown_vms(vms: &BTreeMap<String, VmHandle>, names: &[String]) -> Option<String> {
-    let unknown: Vec<String> = names
+    let unknown: Vec<&String> = names.iter().filter(|n| !vms.contains_key(*n)).collect();
+    (!unknown.is_empty()).then(|| format!("no VM named {} in the config", some_names(&unknown)))
+}
+
+/// Up to five names, quoted and escaped, then how many more: an error
+/// about a request's names stays short however many it named.
+fn some_names(names: &[&String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text: Vec<String> = names
         .iter()
-        .filter(|n| !vms.contains_key(*n))
+        .take(SHOWN)
         .map(|n| format!("{:?}", rules::display_name(n)))
         .collect();
-    (!unknown.is_empty()).then(|| format!("no VM named {} in the config", unknown.join(", ")))
+    if names.len() > SHOWN {
+        text.push(format!("and {} more", names.len() - SHOWN));
+    }
+    text.join(", ")
 }
 
 /// Asks one VM's task to rotate and waits for its report; every failure

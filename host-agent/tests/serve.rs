@@ -542,3 +542,50 @@ fn sighup_adds_and_removes_vms_and_keeps_answering() {
     });
     assert_eq!(names(&agent), ["vm1", "vm2", "vm3"]);
 }
+
+#[test]
+fn control_socket_refuses_other_users_and_long_name_lists_stay_short() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let mode = std::fs::metadata(agent.control())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Even with the mode opened up, the peer check refuses `nobody`.
+    std::fs::set_permissions(agent.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "socat",
+            "-t",
+            "5",
+            "-",
+        ])
+        .arg(format!("UNIX-CONNECT:{}", agent.control().display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"cmd\":\"status\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("may not use the control socket"), "{text:?}");
+    assert!(!text.contains("\"status\""), "{text:?}");
+    // Thousands of unknown names: one short error line, nothing rotated.
+    let names: Vec<String> = (0..5000).map(|i| format!("x{i}")).collect();
+    let req = serde_json::json!({"cmd": "rotate", "vms": names, "timeout_ms": 1000});
+    let lines = exchange(
+        UnixStream::connect(agent.control()).unwrap(),
+        &req.to_string(),
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].len() < 1000, "{}", lines[0].len());
+    assert!(lines[0].contains("and 4995 more"), "{}", lines[0]);
+}
