@@ -51,6 +51,7 @@ struct RawConfig {
     rpc_timeout: Duration,
     #[serde(default)]
     launch_users: Vec<String>,
+    control_group: Option<String>,
     #[serde(default)]
     vms: BTreeMap<String, RawVm>,
 }
@@ -117,7 +118,17 @@ pub struct Config {
     /// hypervisor users (`launch_users`), resolved to uids at load so that a
     /// typo is a config error, not a silently refused notification.
     pub launch_users: Vec<LaunchUser>,
+    /// A group whose members may read `status` (not `rotate`) through the
+    /// control socket, which is then 0660 with this group.
+    pub control_group: Option<ControlGroup>,
     pub vms: BTreeMap<String, Vm>,
+}
+
+/// `control_group`, resolved at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 /// A user allowed to notify launches.
@@ -205,6 +216,13 @@ impl Config {
                 message,
             })?);
         }
+        let control_group = match &raw.control_group {
+            None => None,
+            Some(name) => Some(resolve_group(name).map_err(|message| ConfigError::Parse {
+                path: p.clone(),
+                message,
+            })?),
+        };
         let mut vms = BTreeMap::new();
         for (name, rv) in raw.vms {
             let vm = validate_vm(&name, rv).map_err(|message| ConfigError::Vm {
@@ -223,6 +241,7 @@ impl Config {
             dial_backoff_max: raw.dial_backoff_max.max(Duration::from_millis(100)),
             rpc_timeout: raw.rpc_timeout.max(Duration::from_millis(100)),
             launch_users,
+            control_group,
             vms,
         })
     }
@@ -245,6 +264,24 @@ fn resolve_user(name: &str) -> Result<LaunchUser, String> {
         Err(e) => Err(format!(
             "launch_users: cannot look up user {shown:?}: {e}"
         )),
+    }
+}
+
+/// `control_group`: a group name from the host's group database.
+fn resolve_group(name: &str) -> Result<ControlGroup, String> {
+    let shown = rules::display_name(name);
+    if name.is_empty() || name.contains('\0') {
+        return Err(format!("control_group: {shown:?} is not a group name"));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(ControlGroup {
+            name: name.to_string(),
+            gid: g.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!(
+            "control_group: no group named {shown:?} on this host (create it, or remove control_group)"
+        )),
+        Err(e) => Err(format!("control_group: cannot look up group {shown:?}: {e}")),
     }
 }
 
@@ -441,6 +478,7 @@ mod tests {
             ("state_dir = \"rel\"", "absolute"),
             ("launch_users = [\"no-such-user-vmcred\"]", "no user named"),
             ("launch_users = [\"\"]", "not a user name"),
+            ("control_group = \"no-such-group-vmcred\"", "no group named"),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();

@@ -83,8 +83,18 @@ struct Daemon {
     refusing: Arc<Semaphore>,
     logs: LogLimiter,
     me: u32,
+    /// `control_group` as at start (the socket's group cannot change later).
+    control_gid: Option<u32>,
     /// Where VM tasks run (see `serve_with`).
     vm_runtime: tokio::runtime::Handle,
+}
+
+/// What a control-socket peer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Full,
+    ReadOnly,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,11 +149,32 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         logs: LogLimiter::new(LOG_EVERY),
         me: nix::unistd::geteuid().as_raw(),
+        control_gid: cfg.control_group.as_ref().map(|g| g.gid),
         vm_runtime,
     });
     drop(identity);
 
-    let mut control = Bound::new(&cfg.control_socket, 0o600)?;
+    // With a control_group its members may read `status`: 0660 and that
+    // group; the peer check below still decides what each may do.
+    let mut control = match &cfg.control_group {
+        None => Bound::new(&cfg.control_socket, 0o600)?,
+        Some(g) => {
+            let b = Bound::new(&cfg.control_socket, 0o660)?;
+            nix::unistd::chown(
+                &cfg.control_socket,
+                None,
+                Some(nix::unistd::Gid::from_raw(g.gid)),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot give {} to group {}",
+                    cfg.control_socket.display(),
+                    g.name
+                )
+            })?;
+            b
+        }
+    };
     // Anyone may connect; only root and `launch_users` are answered (peer
     // credentials), which also works when the hypervisor users have no
     // group in common.
@@ -176,8 +207,8 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
                 notify(&[sd_notify::NotifyState::Reloading]);
                 match load_config(config_path).await {
                     Ok(new) => {
-                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir {
-                            warn!("socket paths and state_dir changes take effect only after a restart");
+                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group {
+                            warn!("socket paths, control_group and state_dir changes take effect only after a restart");
                         }
                         daemon.apply_config(&new);
                         info!(vms = new.vms.len(), "config reloaded");
@@ -515,15 +546,44 @@ impl Daemon {
         let _ = send(&mut s, &Reply::Error(why)).await;
     }
 
+    /// What a control peer may do: everything as root or the agent's own
+    /// uid; only `status` as a member of `control_group` (its primary group
+    /// or, per the group database, a supplementary one).
+    fn control_access(&self, uid: u32, gid: u32) -> Access {
+        if uid == 0 || uid == self.me {
+            return Access::Full;
+        }
+        let Some(group) = self.control_gid else {
+            return Access::None;
+        };
+        if gid == group {
+            return Access::ReadOnly;
+        }
+        let member = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .and_then(|u| {
+                let name = std::ffi::CString::new(u.name).ok()?;
+                nix::unistd::getgrouplist(&name, u.gid).ok()
+            })
+            .is_some_and(|groups| groups.iter().any(|g| g.as_raw() == group));
+        if member {
+            Access::ReadOnly
+        } else {
+            Access::None
+        }
+    }
+
     async fn control_client(&self, s: UnixStream, slot: OwnedSemaphorePermit) {
-        let uid = match s.peer_cred() {
-            Ok(c) => c.uid(),
+        let (uid, gid) = match s.peer_cred() {
+            Ok(c) => (c.uid(), c.gid()),
             Err(e) => {
                 debug!(error = %e, "cannot read a control client's credentials");
                 return;
             }
         };
-        if uid != 0 && uid != self.me {
+        let access = self.control_access(uid, gid);
+        if access == Access::None {
             drop(slot);
             if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
                 warn!(uid, suppressed, "refused a control client");
@@ -562,8 +622,17 @@ impl Daemon {
             }
         };
         let result = match req {
-            Request::Launched { vm } => send(&mut w, &self.launched(&vm)).await,
             Request::Status { vms } => self.status(&mut w, &vms).await,
+            _ if access != Access::Full => {
+                send(
+                    &mut w,
+                    &Reply::Error(format!(
+                        "uid {uid} may only read status (control_group); rotate needs root"
+                    )),
+                )
+                .await
+            }
+            Request::Launched { vm } => send(&mut w, &self.launched(&vm)).await,
             Request::Rotate {
                 vms,
                 all,

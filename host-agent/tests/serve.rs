@@ -589,3 +589,37 @@ fn control_socket_refuses_other_users_and_long_name_lists_stay_short() {
     assert!(lines[0].len() < 1000, "{}", lines[0].len());
     assert!(lines[0].contains("and 4995 more"), "{}", lines[0]);
 }
+
+#[test]
+fn control_group_members_may_read_status_but_not_rotate() {
+    let agent = Agent::start(
+        "control_group = \"nogroup\"",
+        "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+    );
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(agent.control()).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), 65534);
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", &bin()])
+            .args(args)
+            .arg("--config")
+            .arg(agent.config_path())
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Readable; out of sync (the VM is not reachable), so exit 1.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text.lines().any(|l| l.starts_with("a ")), "{text}");
+    let out = as_nobody(&["rotate", "a", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("may only read status"), "{all}");
+}
