@@ -18,8 +18,8 @@ use vmcred_host::{launch, serve, source};
     version,
     about = "Deliver systemd credentials into microVMs over vsock, and rotate them without a restart",
     long_about = "vmcred-host serves credentials to the guest agents of many VMs (serve), wraps a \
-                  hypervisor launch so the guest gets its bootstrap and boot-time credentials through \
-                  SMBIOS (launch), and triggers and reports rotations (rotate, status). \
+                  hypervisor launch so the guest gets its bootstrap and boot-time credentials at boot \
+                  (SMBIOS, fw_cfg or the kernel command line: launch), and triggers and reports rotations (rotate, status). \
                   Secret values are never printed."
 )]
 struct Cli {
@@ -64,13 +64,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Wrap a hypervisor: add the guest's bootstrap and boot-time credentials
-    /// as SMBIOS OEM strings, tell the serving agent the VM launched, exec.
+    /// Wrap a hypervisor: pass the guest its bootstrap and boot-time
+    /// credentials at launch, tell the serving agent the VM launched, exec.
     ///
     /// Boot credentials are read from $CREDENTIALS_DIRECTORY (LoadCredential=
-    /// on the VM's unit). qemu gets them as -smbios type=11,path=FILE from a
-    /// private 0700 directory; cloud-hypervisor has no file form, so a boot
-    /// secret goes on its command line only if marked allow_on_command_line.
+    /// on the VM's unit). qemu gets them through private files (-smbios
+    /// type=11,path= or -fw_cfg, by machine type); other hypervisors only
+    /// have a command line, so a boot secret goes there only if marked
+    /// allow_on_command_line. The bootstrap is public.
     Launch {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -80,13 +81,25 @@ enum Cmd {
         /// Guessed from the program name when not given.
         #[arg(long, value_enum)]
         hypervisor: Option<launch::Hypervisor>,
-        /// Where qemu's OEM string files go [default: $VMCRED_LAUNCH_RUNTIME_DIR,
-        /// else $RUNTIME_DIRECTORY/vmcred-launch, else /run/vmcred/launch/VM].
+        /// Where the bootstrap goes; auto: the hypervisor's (for qemu, the
+        /// machine type's) best carrier.
+        #[arg(long, value_enum, default_value = "auto")]
+        carrier: launch::CarrierChoice,
+        /// The process name (argv[0]) the hypervisor gets, e.g. microvm@VM
+        /// [default: the program as given].
+        #[arg(long)]
+        argv0: Option<std::ffi::OsString>,
+        /// Private directory for the files the hypervisor reads [default:
+        /// $VMCRED_LAUNCH_RUNTIME_DIR, else the first entry of
+        /// $RUNTIME_DIRECTORY, else /run/vmcred/launch/VM as root].
         #[arg(long)]
         runtime_dir: Option<PathBuf>,
-        /// Print the resulting argv as a JSON array instead of exec'ing it.
+        /// Print the resulting argv (secrets redacted) instead of exec'ing it.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: print {"argv0","argv","files"} as JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
         /// The hypervisor command line.
         #[arg(last = true, required = true)]
         argv: Vec<std::ffi::OsString>,
@@ -184,10 +197,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             vm,
             hypervisor,
+            carrier,
+            argv0,
             runtime_dir,
             dry_run,
+            json,
             argv,
-        } => run_launch(&config, &vm, hypervisor, runtime_dir, dry_run, argv),
+        } => run_launch(
+            &config,
+            LaunchArgs {
+                vm,
+                hypervisor,
+                carrier,
+                argv0,
+                runtime_dir,
+                dry_run,
+                json,
+                argv,
+            },
+        ),
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             println!("{}: OK", cfg.path.display());
@@ -223,37 +251,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_launch(
-    config: &std::path::Path,
-    vm_name: &str,
+/// `vmcred-host launch`'s arguments.
+struct LaunchArgs {
+    vm: String,
     hypervisor: Option<launch::Hypervisor>,
+    carrier: launch::CarrierChoice,
+    argv0: Option<std::ffi::OsString>,
     runtime_dir: Option<PathBuf>,
     dry_run: bool,
+    json: bool,
     argv: Vec<std::ffi::OsString>,
-) -> Result<ExitCode> {
+}
+
+fn run_launch(config: &std::path::Path, args: LaunchArgs) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
+    let vm_name = args.vm.as_str();
     let vm = cfg
         .vms
         .get(vm_name)
         .with_context(|| format!("no VM named {vm_name:?} in {}", cfg.path.display()))?;
-    let runtime_dir = runtime_dir
-        .or_else(|| std::env::var_os("VMCRED_LAUNCH_RUNTIME_DIR").map(PathBuf::from))
-        .or_else(|| {
-            std::env::var_os("RUNTIME_DIRECTORY").map(|d| {
-                // systemd may pass several, separated by ':'.
-                let first = d
-                    .to_string_lossy()
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                PathBuf::from(first).join("vmcred-launch")
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("/run/vmcred/launch").join(vm_name));
+    let runtime_dir = launch::runtime_dir::choose(
+        args.runtime_dir,
+        std::env::var_os("VMCRED_LAUNCH_RUNTIME_DIR").as_deref(),
+        std::env::var_os("RUNTIME_DIRECTORY").as_deref(),
+        vm_name,
+        nix::unistd::geteuid().is_root(),
+    );
     let input = launch::LaunchInput {
         vm: vm_name.to_string(),
-        hypervisor: launch::resolve_hypervisor(hypervisor, &argv)?,
+        hypervisor: launch::resolve_hypervisor(args.hypervisor, &args.argv)?,
+        carrier: args.carrier,
+        argv0: args.argv0,
         bootstrap: vmcred_proto::bootstrap::Bootstrap {
             port: vm.port,
             pin: read_pin(&cfg)?,
@@ -270,25 +298,49 @@ fn run_launch(
             .collect(),
         credentials_dir: source::credentials_directory(),
         runtime_dir,
-        argv,
+        argv: args.argv,
     };
     let prepared = launch::prepare(&input)?;
     for w in &prepared.warnings {
         tracing::warn!("{w}");
     }
-    if dry_run {
-        let text: Vec<String> = prepared
-            .argv
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        println!("{}", serde_json::to_string(&text)?);
+    if args.dry_run {
+        let text = |a: &std::ffi::OsString| a.to_string_lossy().into_owned();
+        let argv: Vec<String> = prepared.shown_argv.iter().map(text).collect();
+        if args.json {
+            let files: Vec<serde_json::Value> = prepared
+                .files
+                .iter()
+                .map(|f| {
+                    serde_json::json!({
+                        "path": f.path.to_string_lossy(),
+                        "mode": format!("{:04o}", f.mode),
+                        "carrier": f.carrier,
+                        "name": f.name,
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({
+                "argv0": text(&prepared.argv0),
+                "argv": argv,
+                "files": files,
+            });
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            println!("{}", serde_json::to_string(&argv)?);
+        }
+        if !prepared.redacted.is_empty() {
+            eprintln!(
+                "note: the values of {} are shown as <redacted>; the real command line carries them",
+                prepared.redacted.join(", ")
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if let Err(e) = launch::notify_launched(&cfg.launch_socket, vm_name) {
         tracing::warn!("could not tell the host agent that {vm_name} launched ({e}); it will dial on its own back-off");
     }
-    Err(launch::exec(&prepared.argv).into())
+    Err(launch::exec(&prepared.argv0, &prepared.argv).into())
 }
 
 /// The public pin `serve` left in the state directory.
