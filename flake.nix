@@ -61,6 +61,10 @@
       nixosModules = {
         host = withPackage "host" ./nixos-modules/host.nix;
         guest = withPackage "guest" ./nixos-modules/guest.nix;
+        # For a microvm.nix VM given as `evaluatedConfig` or `flake` (the host
+        # module adds it to `config` VMs itself): the guest agent and the
+        # launch wrapper around the VM's hypervisor package.
+        microvm-guest = withPackage "guest" ./nixos-modules/microvm-guest.nix;
         default = { imports = [ self.nixosModules.host self.nixosModules.guest ]; };
       };
 

@@ -66,6 +66,14 @@ let
     else if kind == "flake" then vm.flake.nixosConfigurations.${name}.config
     else null;
 
+  # Its declared options: whether it imports vmcred's guest modules.
+  guestOptionsOf = name:
+    let vm = microvmVms.${name}; kind = kindOf name; in
+    if kind == "config" then vm.config.options
+    else if kind == "evaluatedConfig" then vm.evaluatedConfig.options
+    else if kind == "flake" then vm.flake.nixosConfigurations.${name}.options
+    else { };
+
   hypervisorOf = name:
     let g = guestOf name; in if g == null then null else g.microvm.hypervisor;
 
@@ -286,7 +294,21 @@ let
     // optionalAttrs hasMicrovmHost { launch_users = [ microvmUser ]; }
     // { vms = renderedVms; };
   hostTomlText = vlib.toTOML hostSettings;
-  hostToml = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  hostTomlRaw = pkgs.writeText "vmcred-host.toml" hostTomlText;
+  # Checked at build time by the agent itself, as nixpkgs does for nginx or
+  # sshd: a config the agent would refuse never reaches a running system.
+  # The agent resolves `launch_users` to uids when it loads the config; the
+  # build sandbox has no such users, so the copy it checks leaves them out
+  # (every other key is checked as written).
+  hostTomlForCheck = pkgs.writeText "vmcred-host-check.toml"
+    (vlib.toTOML (builtins.removeAttrs hostSettings [ "launch_users" ]));
+  hostToml =
+    if cfg.checkConfig
+    then pkgs.runCommand "vmcred-host.toml" { } ''
+      ${cfg.package}/bin/vmcred-host check-config --config ${hostTomlForCheck} > /dev/null \
+        && cp ${hostTomlRaw} "$out"
+    ''
+    else hostTomlRaw;
 
   # A path literal must never reach a string context (it would be copied into
   # the store); the assertions below explain, this only guards evaluation of
@@ -367,7 +389,7 @@ let
       g = guestOf vmName;
       hv = hypervisorOf vmName;
       where = if kind == "config" then "microvm.vms.${vmName}.config" else "the VM's own NixOS configuration (microvm.vms.${vmName}.${kind})";
-      guestHas = path: lib.attrByPath path false g;
+      guestHas = path: lib.hasAttrByPath path (guestOptionsOf vmName) && lib.attrByPath path false g;
     in
     optionals (g != null) ([
       {
@@ -594,6 +616,16 @@ in
         defaults from its hypervisor, its runner gets the launch wrapper, its
         unit gets the boot credentials, and the guest gets
         `services.vmcred.guest`.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `vmcred-host check-config` on the rendered host.toml at build
+        time. Turn it off only when the package cannot run on the build
+        machine (cross-compiling).
       '';
     };
 

@@ -6,11 +6,11 @@
 #   artifacts    files for run.sh (rendered TOML, wrapper derivations)
 #   errorCases   name -> expression that must fail to evaluate (run.sh checks
 #                the error text)
-{ nixpkgs }:
+{ nixpkgs, standin }:
 
 let
   lib = import (nixpkgs + "/lib");
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  pkgs = import ./stub-pkgs.nix { inherit lib; path = standin; };
   repo = ../..;
   nixosStub = import ./nixos-stub.nix { inherit nixpkgs pkgs; };
   microvmStub = import ./microvm-stub.nix { inherit nixpkgs pkgs; };
@@ -35,20 +35,21 @@ let
   # The seeds' setup: test-vm on cloud-hypervisor, plus a qemu VM and a VM
   # that microvm.nix does not manage.
   seedsModule = {
-    microvm.vms.test-vm.config = { microvm.hypervisor = "cloud-hypervisor"; };
+    microvm.vms.test-vm.config = { microvm.hypervisor = "cloud-hypervisor"; microvm.vsock.cid = 3; };
     microvm.vms.db-vm.config = { microvm.hypervisor = "qemu"; microvm.vsock.cid = 5; };
     services.vmcred.host = {
       enable = true;
       settings.poll_interval = "10s";
       vms.test-vm.credentials = {
         API_KEY.source = "${secrets}/api-key";
-        DB_PASSWORD.source = "${secrets}/db-password";
+        DB_PASSWORD = { source = "${secrets}/db-password"; restartUnits = [ "db-client.service" ]; };
         JWT_SECRET.source = "${secrets}/jwt-secret";
         ENVIRONMENT = { source = "/etc/vmcred/test-vm/environment"; boot = true; allowOnCommandLine = true; };
       };
       vms.db-vm.credentials = {
         DB_ROOT = { source = "/run/secrets/db-root"; boot = true; };
         "weird%name" = { source = "/run/secrets/odd%file"; };
+        TIER = { value = "production"; boot = true; };
       };
       vms.plain = {
         hybridSocket = "/run/vhost-device-vsock/plain.sock";
@@ -65,8 +66,9 @@ let
   qemuUnit = units."microvm@db-vm" or "";
   hostTomlFile = host.services.vmcred.host.configFile;
   hostToml = builtins.readFile hostTomlFile;
-  parsedToml = builtins.fromTOML hostToml;
+  parsedToml = builtins.fromTOML (builtins.unsafeDiscardStringContext hostToml);
   vmcredPkg = "${pkgs.vmcred}";
+  tierFile = parsedToml.vms.db-vm.credentials.TIER.path;
 
   chGuest = host.microvm.vms.test-vm.config.config;
   qemuGuest = host.microvm.vms.db-vm.config.config;
@@ -79,6 +81,7 @@ let
     state_dir = "/var/lib/vmcred";
     control_socket = "/run/vmcred/control.sock";
     launch_socket = "/run/vmcred/launch.sock";
+    launch_users = [ "microvm" ];
     poll_interval = "10s";
     vms = {
       test-vm = {
@@ -97,6 +100,7 @@ let
         credentials = {
           DB_ROOT = { path = "/run/secrets/db-root"; boot = true; allow_on_command_line = false; };
           "weird%name" = { path = "/run/secrets/odd%file"; boot = false; allow_on_command_line = false; };
+          TIER = { path = tierFile; boot = true; allow_on_command_line = false; };
         };
       };
       plain = {
@@ -217,7 +221,7 @@ in
     "toml: every credential's path = is its source" =
       let
         rendered = lib.concatLists (lib.mapAttrsToList (vm: v: lib.mapAttrsToList (c: x: "${vm}.${c}=${x.path or "<none>"}") v.credentials) parsedToml.vms);
-        sources = lib.concatLists (lib.mapAttrsToList (vm: v: lib.mapAttrsToList (c: x: "${vm}.${c}=${x.source}") v.credentials) host.services.vmcred.host.vms);
+        sources = lib.concatLists (lib.mapAttrsToList (vm: v: lib.mapAttrsToList (c: x: "${vm}.${c}=${if x.value != null then tierFile else x.source}") v.credentials) host.services.vmcred.host.vms);
       in eq rendered sources;
     "toml: no credential = (nothing read through $CREDENTIALS_DIRECTORY)" = lacks hostToml "credential =";
     "toml: % in a source path is kept as is (no unit-file escaping in TOML)" =
@@ -231,7 +235,7 @@ in
     "microvm: no microvm@ unit for a VM microvm.nix does not manage" = eq (units ? "microvm@plain") false;
     "microvm: cloud-hypervisor package is the launch wrapper" = eq (chPkg.vmcredLaunchWrapper or null) "test-vm";
     "microvm: wrapper keeps the real version" = eq (chPkg.version or null) "48.0";
-    "microvm: cloud-hypervisor VM gets a vsock CID (enables notify.vsock)" = eq chGuest.microvm.vsock.cid 3;
+    "microvm: the VM's own vsock CID is kept (no default injected)" = eq chGuest.microvm.vsock.cid 3;
     "microvm: qemu package is the launch wrapper" = eq (qemuPkg.vmcredLaunchWrapper or null) "db-vm";
     "microvm: qemu wrapper survives microvm.nix's .override" =
       check ((qemuPkgOverridden.vmcredLaunchWrapper or null) == "db-vm" && hasInfix "for-tests" qemuPkgOverridden.name) qemuPkgOverridden.name;
@@ -242,17 +246,41 @@ in
     "microvm: a VM not named in services.vmcred.host.vms is untouched" =
       let h = evalHost { modules = [ seedsModule { microvm.vms.other.config = { microvm.hypervisor = "cloud-hypervisor"; }; } ]; };
       in check (!(h.microvm.vms.other.config.config ? services) && h.microvm.vms.other.config.config.microvm.cloud-hypervisor.package == pkgs.cloud-hypervisor
-        && !(h.test.unitText ? "microvm@other")) "other VM was modified";
-    "microvm: hypervisorPackage chooses the real binary" =
+        && !(hasInfix "vmcred" (h.test.unitText."microvm@other" or ""))) "other VM was modified";
+    "microvm: the user's microvm.cloud-hypervisor.package is wrapped, not replaced" =
       let
         mine = pkgs.cloud-hypervisor // { version = "99.0"; };
-        h = evalHost { modules = [ seedsModule { services.vmcred.host.vms.test-vm.hypervisorPackage = mine; } ]; };
-      in eq (h.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package.version or null) "99.0";
+        h = evalHost { modules = [ seedsModule { microvm.vms.test-vm.config.microvm.cloud-hypervisor.package = mine; } ]; };
+        p = h.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package;
+      in eq [ (p.vmcredLaunchWrapper or null) (p.vmcredWrapped.version or null) p.version ] [ "test-vm" "99.0" "99.0" ];
+    "microvm: even a forced package is wrapped (the wrapper is an apply, not a definition)" =
+      let
+        mine = pkgs.cloud-hypervisor // { version = "98.0"; };
+        h = evalHost { modules = [ seedsModule { microvm.vms.test-vm.config.microvm.cloud-hypervisor.package = lib.mkForce mine; } ]; };
+        p = h.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package;
+      in eq [ (p.vmcredLaunchWrapper or null) (p.vmcredWrapped.version or null) ] [ "test-vm" "98.0" ];
+    "microvm: restartUnits on the host credential reach the guest's config" =
+      eq (chGuest.services.vmcred.guest.credentials.DB_PASSWORD.restartUnits or null) [ "db-client.service" ];
+    "microvm: an inline value is a store file named in host.toml, loaded at boot" =
+      check (lib.hasPrefix builtins.storeDir tierFile && builtins.readFile tierFile == "production"
+        && hasInfix "LoadCredential=TIER:${tierFile}" qemuUnit) qemuUnit;
+    "microvm: microvm@ units get RuntimeDirectory=vmcred-launch/<vm> (0700)" =
+      check (hasInfix "RuntimeDirectory=vmcred-launch/test-vm\n" chUnit && hasInfix "RuntimeDirectoryMode=0700" chUnit
+        && hasInfix "RuntimeDirectory=vmcred-launch/db-vm\n" qemuUnit) chUnit;
+    "host: LimitNOFILE sized from the VM count (1024 + 8 per VM)" = contains agentUnit "LimitNOFILE=${toString (1024 + 8 * 3)}";
 
     "guest: Type=notify, Restart=always" =
       check (hasInfix "Type=notify" guestUnit && hasInfix "Restart=always" guestUnit) guestUnit;
     "guest: ExecStart runs vmcred-guest with the rendered config" =
-      contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir '/run/credentials/@system'";
+      contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir ${lib.escapeShellArg "/run/credentials/@system"} --systemctl ${pkgs.systemd}/bin/systemctl";
+    "guest: can bind its vsock port below 1024 and remount the credentials (CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN, @mount)" =
+      let lines = lib.filter (l: hasInfix "CapabilityBoundingSet=" l || hasInfix "SystemCallFilter=" l) (lib.splitString "\n" guestUnit); in
+      eq lines [ "CapabilityBoundingSet=CAP_SYS_ADMIN" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" "SystemCallFilter=@system-service" "SystemCallFilter=@mount" ];
+    "guest: no setting that gives the unit its own mount namespace (the remount must be the system's)" =
+      check (lib.all (k: !(hasInfix "${k}=" guestUnit)) [
+        "ProtectSystem" "ProtectHome" "PrivateTmp" "PrivateDevices" "PrivateMounts" "ReadWritePaths" "ReadOnlyPaths"
+        "InaccessiblePaths" "TemporaryFileSystem" "BindPaths" "ProtectKernelTunables" "ProtectKernelModules"
+        "ProtectKernelLogs" "ProtectControlGroups" "ProtectProc" "ProcSubset" "MountFlags" "RootDirectory" ]) guestUnit;
     "guest: early boot ordering" =
       check (lib.all (l: hasInfix l guestUnit) [
         "DefaultDependencies=false" "Before=basic.target shutdown.target"
@@ -267,7 +295,10 @@ in
       };
     };
 
-    "disabled host: no units" = eq (builtins.attrNames disabledHost.systemd.services) [ ];
+    "disabled host: no vmcred unit, nothing of vmcred on microvm.nix's units" =
+      check (!(disabledHost.systemd.services ? vmcred-host)
+        && lib.all (u: !(hasInfix "vmcred" u)) (lib.attrValues disabledHost.test.unitText))
+        (builtins.toJSON disabledHost.test.unitText);
     "disabled host: no /etc files, no packages" = eq [ disabledHost.environment.etc disabledHost.environment.systemPackages ] [ { } [ ] ];
     "disabled host: microvm guests untouched" =
       eq disabledHost.microvm.vms.test-vm.config.config.microvm.cloud-hypervisor.package pkgs.cloud-hypervisor;
@@ -307,7 +338,7 @@ in
     "accepted: /rootfs and /tmpx are not /root and /tmp" =
       eq (failedWith (vmWith { credentials = { A.source = "/rootfs/a"; B.source = "/tmpx/b"; }; })) [ ];
     "refused: boot credential name with , (cannot go into an OEM string)" =
-      refusedWith "oem" (credWith "A,B" { boot = true; }) "cannot be\ncarried in an SMBIOS OEM string";
+      refusedWith "oem" (credWith "A,B" { boot = true; }) "which no boot carrier\ncan hold";
     "accepted: late credential name with , (vsock only)" = eq (failedWith (credWith "A,B" { })) [ ];
     "refused: port 1024" = refusedWith "port" (vmWith { port = 1024; }) "must be 1-1023";
     "refused: both cid and hybridSocket" = refusedWith "both" (vmWith { hybridSocket = "/run/x.sock"; }) "set exactly one of `cid`";
@@ -318,19 +349,27 @@ in
       refusedWith "hybrid" [{ services.vmcred.host = { enable = true; vms.v.hybridSocket = "x.sock"; }; }] "must be an absolute path";
     "refused: qemu microvm without vsock CID" =
       refusedWith "nocid" [{ microvm.vms.v.config = { microvm.hypervisor = "qemu"; };
-                              services.vmcred.host = { enable = true; vms.v = { }; }; }] "microvm.vms.v.config.microvm.vsock.cid";
+                              services.vmcred.host = { enable = true; vms.v = { }; }; }] "set microvm.vsock.cid in microvm.vms.v.config";
     "refused: secret boot credential on cloud-hypervisor" =
-      refusedWith "chboot" [{ microvm.vms.v.config = { microvm.hypervisor = "cloud-hypervisor"; };
+      refusedWith "chboot" [{ microvm.vms.v.config = { microvm.hypervisor = "cloud-hypervisor"; microvm.vsock.cid = 3; };
                               services.vmcred.host = { enable = true; vms.v.credentials.K = { source = "/run/secrets/k"; boot = true; }; }; }]
         "/proc/<pid>/cmdline";
     "refused: settings.state_dir" =
       refusedWith "settings" [{ services.vmcred.host = { enable = true; settings.state_dir = "/tmp"; }; }] "fixed by the NixOS module";
-    "refused: unsupported hypervisor (guest assertion)" =
-      let msgs = microvmGuestFailed { microvm.hypervisor = "firecracker"; } { hybridSocket = "/var/lib/microvms/v/v.vsock"; }; in
-      check (lib.any (hasInfix "launch wrapper") msgs) (builtins.toJSON msgs);
-    "refused: hypervisor package forced past the wrapper (guest assertion)" =
-      let msgs = microvmGuestFailed { microvm.hypervisor = "cloud-hypervisor"; microvm.cloud-hypervisor.package = lib.mkForce pkgs.cloud-hypervisor; } { }; in
-      check (lib.any (hasInfix "hypervisorPackage") msgs) (builtins.toJSON msgs);
+    "refused: a hypervisor microvm.nix runs without vsock (guest assertion)" =
+      let msgs = microvmGuestFailed { microvm.hypervisor = "stratovirt"; } { cid = 3; }; in
+      check (lib.any (hasInfix "has no vsock in microvm.nix") msgs) (builtins.toJSON msgs);
+    "refused: source and value both set" =
+      refusedWith "both" (credWith "A" { value = "x"; }) "set exactly one of `source`";
+    "refused: neither source nor value" =
+      refusedWith "none" (vmWith { credentials.A = { }; }) "set exactly one of `source`";
+    "guest: accepts what the agent accepts (\"1m 30s\", \"500ms\", modes 0440/444/0o400, unit names with @ and \\x2d)" =
+      let c = evalGuest [{ services.vmcred.guest = {
+        enable = true; initialSyncTimeout = "1m 30s";
+        credentials.A = { mode = "0440"; restartUnits = [ "getty@tty1.service" "a\\x2db.mount" ]; };
+        credentials.B = { mode = "444"; reloadUnits = [ "x.service" ]; };
+        credentials.C.mode = "0o400";
+      }; }]; in eq c.test.failedAssertions [ ];
     "refused: guest credential name with /" =
       guestRefused [{ services.vmcred.guest = { enable = true; credentials."a/b" = { }; }; }] "systemd credential names are";
   };
@@ -339,7 +378,7 @@ in
   errorCases =
     let
       forceHost = modules: let c = evalHost { inherit modules; }; in
-        builtins.deepSeq [ c.test.unitText c.test.failedAssertions (builtins.readFile c.services.vmcred.host.configFile) ] true;
+        builtins.deepSeq [ c.test.unitText c.test.failedAssertions (builtins.readFile c.services.vmcred.host.configFile) c.services.vmcred.host.vms ] true;
       forceGuest = modules: let c = evalGuest modules; in
         builtins.deepSeq [ c.test.unitText c.test.failedAssertions (builtins.readFile c.services.vmcred.guest.configFile) ] true;
     in
@@ -355,6 +394,13 @@ in
       guest-mode-bad = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0999"; }; }];
       guest-typo-restartunit = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnit = [ "x" ]; }; }];
       guest-timeout-bad = forceGuest [{ services.vmcred.guest = { enable = true; initialSyncTimeout = "soon"; }; }];
+      # What the agent refuses at boot (and would crash-loop on) must not evaluate.
+      guest-timeout-bare-number = forceGuest [{ services.vmcred.guest = { enable = true; initialSyncTimeout = "30"; }; }];
+      guest-mode-0644 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0644"; }; }];
+      guest-mode-0040 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0040"; }; }];
+      guest-unit-space = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "my app.service" ]; }; }];
+      guest-unit-dash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "-x.service" ]; }; }];
+      host-unit-slash = forceHost (credWith "A" { restartUnits = [ "a/b.service" ]; });
       control-valid-host = forceHost (credWith "A" { });
     };
 }

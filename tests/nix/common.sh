@@ -18,6 +18,29 @@ nix_cache="$nix_here/.cache"
 
 export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =\nwarn-dirty = false\nsandbox = false'
 
+nix_at_least() { # VERSION
+  local have
+  have=$(nix-instantiate --version 2>/dev/null | grep -Eo '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -1)
+  [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$1" "$have" | sort -V | head -1)" = "$1" ]
+}
+
+# Debian trixie's nix-bin through a PRIVATE sources list (the machine's own
+# apt configuration is left as it is), from the mirror that configuration uses.
+nix_install_trixie() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+  local mirror dir opts
+  mirror=$(sed -n 's/^URIs:[[:space:]]*\(http[^[:space:]]*debian\)\/*[[:space:]]*$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+  [ -n "$mirror" ] || mirror=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\(http[^[:space:]]*debian\)\/*[[:space:]].*/\2/p' /etc/apt/sources.list 2>/dev/null | head -1)
+  [ -n "$mirror" ] || return 1
+  dir="$nix_cache/apt"; mkdir -p "$dir/lists/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" > "$dir/trixie.list"
+  opts=(-o "Dir::Etc::sourcelist=$dir/trixie.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$dir/lists" -o DPkg::Lock::Timeout=300)
+  echo "installing nix-bin from Debian trixie ($mirror, private sources list) ..." >&2
+  apt-get "${opts[@]}" update >/dev/null 2>&1 \
+    && DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" install -y --no-install-recommends -t trixie nix-bin >/dev/null 2>&1 \
+    && nix_at_least 2.18
+}
+
 nix_setup() {
   if ! command -v nix-instantiate >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -31,6 +54,10 @@ nix_setup() {
     fi
   fi
 
+  if [ -n "${VMCRED_NIXPKGS_LIB:-}" ] && ! nix_at_least 2.18; then
+    # A current nixpkgs lib needs Nix >= 2.18; Debian bookworm has 2.8.
+    nix_install_trixie || { echo "VMCRED_NIXPKGS_LIB needs Nix >= 2.18; have $(nix --version 2>&1)" >&2; return 1; }
+  fi
   if [ -n "${VMCRED_NIXPKGS_LIB:-}" ]; then
     nixpkgs=$VMCRED_NIXPKGS_LIB
     for f in lib/default.nix nixos/lib/utils.nix nixos/lib/systemd-lib.nix nixos/lib/systemd-types.nix nixos/lib/systemd-unit-options.nix; do

@@ -10,7 +10,7 @@
 #                    cid; hybridSocket; argv0; realBin; }
 #   refusals.<name> = list of failed assertion messages (must be non-empty)
 #   accepted.<name> = list of failed assertion messages (must be empty)
-{ nixpkgs, standin, microvmSrc ? null, hostPackage ? null }:
+{ nixpkgs, standin, microvmSrc ? null, hostPackage ? null, readmeSnippet ? null }:
 
 let
   lib = import (nixpkgs + "/lib");
@@ -25,13 +25,29 @@ let
   # microvm.nix's guest module (options, runners, declaredRunner).
   microvmGuest =
     if microvmSrc != null then microvmSrc + "/nixos-modules/microvm"
-    else (import ./microvm-stub.nix { inherit nixpkgs pkgs; }).guestModule or ./microvm-stub-guest.nix;
+    else ./microvm-stub-guest.nix;
   guestModulesOf = settings: { imports = [ microvmGuest settings ]; microvm.socket = "control.sock"; };
-  vmcredPkg = if hostPackage != null then hostPackage else pkgs.vmcred;
+  # The vmcred package the launch wrappers exec: a test shim that runs the
+  # real binary (named by $VMCRED_TEST_HOST_BIN at run time) as
+  # `launch <dry-run args> --config <the rendered host.toml, state_dir
+  # rewritten>`, keeping every other argument the wrapper passes.
+  vmcredShim = pkgs.runCommand "vmcred-test-shim" { } ''
+    mkdir -p "$out/bin"
+    cat > "$out/bin/vmcred-host" <<'EOF'
+    #!/bin/sh
+    [ "$1" = launch ] && [ "$2" = --config ] || { echo "vmcred test shim: unexpected arguments: $*" >&2; exit 97; }
+    shift 3
+    exec "$VMCRED_TEST_HOST_BIN" launch $VMCRED_TEST_DRY_RUN_ARGS --config "$VMCRED_TEST_HOST_CONFIG" "$@"
+    EOF
+    chmod +x "$out/bin/vmcred-host"
+  '';
+  vmcredPkg = if hostPackage != null then hostPackage else vmcredShim;
 
   evalHost = modules: (lib.evalModules {
     modules = [ nixosStub (repo + "/nixos-modules/host.nix") ] ++ microvmHost ++ modules
-      ++ [{ services.vmcred.host.package = vmcredPkg; }];
+      # The shim runs the real binary only at run time (run.sh checks the
+      # build-time check-config with the real binary separately).
+      ++ [{ services.vmcred.host = { package = vmcredPkg; checkConfig = false; }; }];
   }).config;
 
   secretDir = "/run/secrets/vmcred-nix-test";
@@ -114,7 +130,8 @@ in
 {
   inherit cases;
   kind = if microvmSrc != null then "real microvm.nix" else "stand-in microvm.nix";
-  hostToml = str host.services.vmcred.host.configFile;
+  # Built (import from derivation): the module checks it at build time.
+  hostTomlText = str (builtins.readFile host.services.vmcred.host.configFile);
   hostFailed = host.test.failedAssertions;
   templateUnit = host.test.unitText."microvm@" or "";
   agentUnit = host.test.unitText.vmcred-host or "";
@@ -138,7 +155,7 @@ in
     }];
     evaluated-config-without-guest-module = failedOf [{
       microvm.vms.e.evaluatedConfig = (import ./mini-nixos.nix { inherit nixpkgs; standinPkgs = pkgs; }) {
-        modules = [ guestModulesOf vmSettings.qemu-microvm ];
+        modules = [ (guestModulesOf vmSettings.qemu-microvm) ];
       };
       services.vmcred.host = { enable = true; vms.e.credentials.A.source = "/run/secrets/x"; };
     }];
@@ -152,6 +169,35 @@ in
       credentials.THIS_NAME_IS_TOO_LONG_FOR_FW_CFG = { source = "/run/secrets/x"; boot = true; };
     });
   };
+
+  # The README's seeds setup, as written (a sops-nix secret path included).
+  readme = if readmeSnippet == null then null else
+    let
+      h = (lib.evalModules {
+        specialArgs.inputs = {
+          microvm.nixosModules.host = { imports = microvmHost; };
+          vmcred.nixosModules.host = { imports = [ (repo + "/nixos-modules/host.nix") ]; services.vmcred.host = { package = vmcredPkg; checkConfig = false; }; };
+        };
+        modules = [
+          nixosStub
+          ({ lib, ... }: {
+            options.sops.secrets = lib.mkOption {
+              type = lib.types.attrsOf (lib.types.submodule ({ name, ... }: {
+                options.path = lib.mkOption { type = lib.types.str; default = "/run/secrets/${name}"; };
+              }));
+              default = { };
+            };
+            config.sops.secrets.api-key = { };
+          })
+          readmeSnippet
+        ];
+      }).config;
+    in
+    {
+      failed = h.test.failedAssertions;
+      toml = builtins.unsafeDiscardStringContext (builtins.readFile h.services.vmcred.host.configFile);
+      guestToml = builtins.readFile h.microvm.vms.test-vm.config.config.services.vmcred.guest.configFile;
+    };
 
   # An evaluatedConfig VM that imports vmcred's module itself: accepted,
   # and vmcred added nothing to it (its wrapper is its own setting).

@@ -63,7 +63,7 @@ out, d = sys.argv[1], json.loads(sys.argv[2])
 unit = d["unit"].replace(d["bin"], "@VMCRED_GUEST@").replace(d["tomlPath"], "@VMCRED_GUEST_CONFIG@")
 if "/nix/store" in "".join(l for l in unit.splitlines() if l.startswith("ExecStart=")):
     sys.exit("render-guest-unit: ExecStart= still names a store path:\n" + unit)
-if d["wantedBy"]:
+if d["wantedBy"] and "[Install]" not in unit:
     unit = unit.rstrip("\n") + "\n\n[Install]\nWantedBy=" + " ".join(d["wantedBy"]) + "\n"
 open(f"{out}/vmcred-guest.service", "w").write(unit)
 open(f"{out}/guest.toml", "w").write(d["toml"])

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Evaluation tests of the NixOS modules and the flake, run offline:
-# - the real nixpkgs module system and systemd unit types from a 2022 copy of
-#   nixpkgs' lib/ and nixos/lib/ (test data of the `nixel` crate, fetched with
-#   cargo into tests/nix/.cache, never committed);
-# - stand-ins for the rest of NixOS, microvm.nix and the packages
-#   (tests/nix/*-stub.nix), declaring only what the modules touch;
-# - the rendered agent config is fed to the real `vmcred-host check-config`.
+# Evaluation tests of the NixOS modules and the flake, offline.
+#
+# What is real, what is a stand-in (each check's name says which run it is):
+# - the nixpkgs module system: the current nixpkgs lib when
+#   VMCRED_NIXPKGS_LIB names it (github:nix-community/nixpkgs.lib, plus
+#   nixos/lib/), else the 2022 copy shipped as test data by the `nixel` crate
+#   (fetched with cargo into tests/nix/.cache, never committed); the systemd
+#   unit types (nixos/lib/systemd-*.nix) come from the same tree;
+# - microvm.nix: the real one when VMCRED_MICROVM_SRC names a checkout
+#   (github:microvm-nix/microvm.nix: its host module, guest module and
+#   runners, evaluated as they are), else tests/nix/microvm-stub.nix, a
+#   stand-in that follows the real runners for everything vmcred touches;
+# - the rest of NixOS: tests/nix/nixos-stub.nix and mini-nixos.nix (the
+#   options the modules touch, a freeform sink for the others, fake kernel
+#   and store paths); packages: tests/nix/stub-pkgs.nix;
+# - the binaries: the real `vmcred-host` (check-config, and `launch
+#   --dry-run` run by microvm.nix's own microvm-run as an unprivileged user).
 # No NixOS VM boots here; tests/nix/vm-test.nix is for `nix flake check`.
 #
 # Prints PASS:/FAIL: per check and "N passed, M failed"; exits 77 only if Nix
@@ -14,55 +24,44 @@ set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-cache="$here/.cache"
 host_bin="${VMCRED_HOST_BIN:-$repo/target/release/vmcred-host}"
 case "$host_bin" in /*) ;; *) host_bin="$repo/$host_bin" ;; esac
-
-export NIX_CONFIG=$'experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =\nwarn-dirty = false'
 
 passed=0 failed=0
 pass() { echo "PASS: $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL: $1"; [ -n "${2:-}" ] && printf '%s\n' "$2" | sed 's/^/    /' | head -40; failed=$((failed + 1)); }
 
-# --- Nix ---------------------------------------------------------------------
-if ! command -v nix-instantiate >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing nix-bin (Debian) ..."
-    apt-get update >/dev/null 2>&1
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nix-bin >/dev/null 2>&1
+# The host config names launch_users = ["microvm"] (microvm.nix's user),
+# which the agent resolves to a uid when it loads the config. This machine has
+# no such user: commands that load the config run in a private mount
+# namespace whose /etc/passwd adds `microvm` as uid/gid 65534, the
+# unprivileged user the launch matrix runs the hypervisor as.
+with_microvm_user() {
+  if getent passwd microvm >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || ! command -v unshare >/dev/null; then
+    "$@"; return
   fi
-  if ! command -v nix-instantiate >/dev/null 2>&1; then
-    echo "SKIP: nix-bin is not installed and could not be installed (needs root and apt-get)"
-    exit 77
-  fi
-fi
+  local pw="$work/passwd-with-microvm"
+  [ -f "$pw" ] || { cat /etc/passwd; echo "microvm:x:65534:65534:microvm.nix hypervisor user (test):/var/lib/microvms:/usr/sbin/nologin"; } > "$pw"
+  chmod 644 "$pw"
+  unshare -m sh -c 'mount --make-rprivate / && mount --bind "$0" /etc/passwd && exec "$@"' "$pw" "$@"
+}
+
+# shellcheck source=tests/nix/common.sh
+. "$here/common.sh"
+nix_setup; rc=$?
+if [ "$rc" = 77 ]; then exit 77; elif [ "$rc" != 0 ]; then echo "FAIL: setting up Nix and nixpkgs lib"; echo "0 passed, 1 failed"; exit 1; fi
 echo "using $(nix --version)"
-
-# --- nixpkgs lib from the nixel crate ----------------------------------------
-nixpkgs="$cache/nixpkgs"
-if [ ! -f "$nixpkgs/lib/default.nix" ] || [ ! -f "$nixpkgs/nixos/lib/systemd-unit-options.nix" ]; then
-  mkdir -p "$cache/fetch/src"
-  cat > "$cache/fetch/Cargo.toml" <<'EOF'
-[package]
-name = "nixel-fetch"
-version = "0.0.0"
-edition = "2021"
-
-[workspace]
-
-[dependencies]
-nixel = "=5.2.0"
-EOF
-  echo 'fn main() {}' > "$cache/fetch/src/main.rs"
-  (cd "$cache/fetch" && cargo fetch --quiet) || { echo "FAIL: cargo fetch of nixel 5.2.0"; echo "0 passed, 1 failed"; exit 1; }
-  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/nixel-5.2.0.crate 2>/dev/null | head -1)
-  [ -n "$crate" ] || { echo "FAIL: nixel-5.2.0.crate not found in the cargo cache"; echo "0 passed, 1 failed"; exit 1; }
-  tmp=$(mktemp -d)
-  tar xzf "$crate" -C "$tmp" nixel-5.2.0/tests/inputs/nixpkgs/lib nixel-5.2.0/tests/inputs/nixpkgs/nixos/lib
-  rm -rf "$nixpkgs"
-  mv "$tmp/nixel-5.2.0/tests/inputs/nixpkgs" "$nixpkgs"
-  rm -rf "$tmp"
+echo "nixpkgs lib: $nixpkgs_kind"
+microvm_src="${VMCRED_MICROVM_SRC:-}"
+if [ -n "$microvm_src" ]; then
+  [ -f "$microvm_src/nixos-modules/host/default.nix" ] || { echo "FAIL: VMCRED_MICROVM_SRC=$microvm_src is not a microvm.nix checkout"; echo "0 passed, 1 failed"; exit 1; }
+  microvm_kind="real microvm.nix at $microvm_src$( [ -f "$microvm_src/COMMIT" ] && printf ' (%s)' "$(cat "$microvm_src/COMMIT")" || true)"
+  microvm_arg="microvmSrc = $microvm_src;"
+else
+  microvm_kind="stand-in microvm.nix (tests/nix/microvm-stub.nix)"
+  microvm_arg=""
 fi
+echo "microvm.nix: $microvm_kind"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -83,7 +82,17 @@ canary_dir="$work/canary"; mkdir -p "$canary_dir"
 canary_name="vmcred-canary-secret-$$-$RANDOM"
 echo "canary" > "$canary_dir/$canary_name"
 
-checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; }"
+# microvm.nix's host module evaluates `config` VMs through
+# "${pkgs.path}/nixos/lib/eval-config.nix": point it at mini-nixos.nix.
+standin="$work/nixpkgs-standin"
+mkdir -p "$standin/nixos/lib"
+cat > "$standin/nixos/lib/eval-config.nix" <<EOF
+import $here/mini-nixos.nix {
+  nixpkgs = $nixpkgs;
+  standinPkgs = import $here/stub-pkgs.nix { lib = import $nixpkgs/lib; path = $standin; };
+}
+EOF
+checks_expr="import $here/checks.nix { nixpkgs = $nixpkgs; standin = $standin; }"
 eval_json() { nix-instantiate --read-write-mode --eval --strict --json -E "$1"; }
 
 if json=$(eval_json "($checks_expr).results" 2>"$work/err"); then
@@ -131,12 +140,19 @@ expect_error host-typo-credentails "option .services\.vmcred\.host\.vms\.v\.cred
 expect_error host-typo-sources "option .services\.vmcred\.host\.vms\.v\.credentials\.A\.sources' does not exist" "refused: typo 'sources' (unknown option)"
 expect_error host-boot-string "credentials\.A\.boot' is not of type .boolean" "refused: boot = \"yes\" (type error)"
 expect_error host-cid-negative "vms\.v\.cid' is not of type" "refused: negative CID (type error)"
-expect_error host-source-int "credentials\.A\.source' is not of type .absolute path, as a string" "refused: source = 42 (type error)"
+expect_error host-source-int "credentials\.A\.source' is not of type .null or \(?absolute path, as a string" "refused: source = 42 (type error)"
 expect_error host-unknown-top "option .services\.vmcred\.host\.enabel' does not exist" "refused: typo 'enabel' (unknown option)"
 expect_error host-path-literal-unit "source is a Nix path literal; write it as a string" "refused: rendering units with a path-literal source throws instead of copying"
 expect_error guest-mode-bad "credentials\.A\.mode' is not of type" "refused: guest mode 0999 (type error)"
 expect_error guest-typo-restartunit "credentials\.A\.restartUnit' does not exist" "refused: guest typo 'restartUnit' (unknown option)"
 expect_error guest-timeout-bad "initialSyncTimeout' is not of type" "refused: guest initialSyncTimeout = \"soon\" (type error)"
+# What the guest agent refuses at boot (guest-agent/src/config.rs) must not evaluate.
+expect_error guest-timeout-bare-number "initialSyncTimeout' is not of type .duration with a unit" "refused: guest initialSyncTimeout = \"30\" (the agent needs a unit)"
+expect_error guest-mode-0644 "credentials\.A\.mode' is not of type .credential file mode" "refused: guest mode 0644 (the agent allows read bits only)"
+expect_error guest-mode-0040 "credentials\.A\.mode' is not of type .credential file mode" "refused: guest mode 0040 (the owner must read)"
+expect_error guest-unit-space "restartUnits.*is not of type .systemd unit name" "refused: guest unit name with a space"
+expect_error guest-unit-dash "restartUnits.*is not of type .systemd unit name" "refused: guest unit name starting with -"
+expect_error host-unit-slash "restartUnits.*is not of type .systemd unit name" "refused: host restartUnits with /"
 if out=$(nix-instantiate --read-write-mode --eval --strict -E "($checks_expr).errorCases.control-valid-host" 2>&1) && [ "$out" = true ]; then
   pass "control: the same harness evaluates a valid config"
 else
@@ -146,11 +162,12 @@ fi
 # --- the rendered config against the real binary -------------------------------------
 artifact() { eval_json "($checks_expr).artifacts.$1" 2>>"$work/err" | python3 -c 'import json,sys; print(json.load(sys.stdin))'; }
 host_toml=$(artifact hostToml)
+[ -n "$host_toml" ] && nix-store --realise "$host_toml" >/dev/null 2>&1
 if [ ! -x "$host_bin" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "no executable at $host_bin (build it: cargo build --release -p vmcred-host, or set VMCRED_HOST_BIN)"
 elif [ -z "$host_toml" ] || [ ! -f "$host_toml" ]; then
   fail "vmcred-host check-config accepts the module's host.toml" "rendered host.toml not found: $(cat "$work/err")"
-elif out=$("$host_bin" check-config --config "$host_toml" 2>&1); then
+elif out=$(with_microvm_user "$host_bin" check-config --config "$host_toml" 2>&1); then
   pass "vmcred-host check-config accepts the module's host.toml"
   for want in "test-vm" "API_KEY" "db-vm" "notify.vsock"; do
     grep -q -- "$want" <<<"$out" || { fail "check-config output names $want" "$out"; continue; }
@@ -189,7 +206,7 @@ check_wrapper() { # artifact binary hypervisor vm real-artifact
     return
   fi
   pass "launch wrapper for $4 builds with bin/$2"
-  expected=$(printf '%s\n' vmcred-host launch --config /etc/vmcred/host.toml --vm "$4" --hypervisor "$3" -- "$real/bin/$2" --cpus 'boot=2' 'a b')
+  expected=$(printf '%s\n' vmcred-host launch --config /etc/vmcred/host.toml --vm "$4" --hypervisor "$3" --argv0 "microvm@$4" -- "$real/bin/$2" --cpus 'boot=2' 'a b')
   got=$("$out/bin/$2" --cpus 'boot=2' 'a b' 2>&1)
   if [ "$got" = "$expected" ]; then
     pass "launch wrapper for $4 execs vmcred-host launch -- <real $2> \"\$@\""
@@ -204,6 +221,103 @@ if [ -n "$ch_out" ] && [ "$(readlink -f "$ch_out/bin/ch-remote")" = "$(readlink 
   pass "launch wrapper keeps the real ch-remote (microvm.nix's balloon/shutdown scripts use it)"
 else
   fail "launch wrapper keeps the real ch-remote (microvm.nix's balloon/shutdown scripts use it)" "$(ls -l "$ch_out/bin" 2>&1)"
+fi
+
+# --- every hypervisor microvm.nix runs with vsock -------------------------------------
+# The README's seeds setup: the first nix block after its heading.
+awk '/^### Host: a microvm.nix VM/{f=1} f&&/^```nix/{g=1; next} g&&/^```/{exit} g' "$repo/README.md" > "$work/readme-snippet.nix"
+hv_expr="import $here/hypervisors.nix { nixpkgs = $nixpkgs; standin = $standin; readmeSnippet = $work/readme-snippet.nix; $microvm_arg }"
+tag="[$( [ -n "$microvm_src" ] && echo real || echo stand-in ) microvm.nix]"
+if hv_json=$(nix-instantiate --read-write-mode --eval --strict --json -E "$hv_expr" 2>"$work/hv-err"); then
+  pass "$tag the module evaluates for qemu (-M microvm, q35), cloud-hypervisor (two vsock forms), firecracker, crosvm, kvmtool, alioth"
+  printf '%s' "$hv_json" > "$work/hv.json"
+  python3 "$here/hypervisors-check.py" "$work/hv.json" > "$work/hv-results"
+  while IFS=$'\t' read -r st name detail; do
+    if [ "$st" = PASS ]; then pass "$tag $name"; else fail "$tag $name" "$(printf '%s' "$detail" | tr '|' '\n')"; fi
+  done < "$work/hv-results"
+
+  # The agent's config as rendered for all of them, to the real binary.
+  hv_toml="$work/hv-host.toml"
+  python3 -c 'import json,sys; open(sys.argv[2], "w").write(json.load(open(sys.argv[1]))["hostTomlText"])' "$work/hv.json" "$hv_toml"
+  if [ -x "$host_bin" ] && out=$(with_microvm_user "$host_bin" check-config --config "$hv_toml" 2>&1); then
+    pass "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])"
+  else
+    fail "$tag vmcred-host check-config accepts host.toml with every hypervisor (launch_users = [\"microvm\"])" "${out:-no executable at $host_bin}"$'\n'"$(cat "$hv_toml")"
+  fi
+
+  # Each VM's microvm-run, as microvm@<vm>.service runs it, as uid 65534.
+  if [ "$(id -u)" != 0 ] || ! command -v setpriv >/dev/null; then
+    fail "$tag launch matrix" "needs root and setpriv to run microvm-run as an unprivileged user"
+  elif [ ! -x "$host_bin" ]; then
+    fail "$tag launch matrix" "no executable at $host_bin"
+  else
+    mx="$work/matrix"; mkdir -p "$mx/state"; chmod 755 "$work" "$mx"
+    # The rendered host.toml with state_dir pointing at a pin the test made.
+    printf 'sha256:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$mx/state/host.pin"
+    chmod 755 "$mx/state"; chmod 644 "$mx/state/host.pin"
+    sed "s|^state_dir = .*|state_dir = \"$mx/state\"|" "$hv_toml" > "$mx/host.toml"; chmod 644 "$mx/host.toml"
+    python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1]))["cases"], open(sys.argv[2], "w"))' "$work/hv.json" "$mx/cases.json"
+    with_microvm_user python3 "$here/launch-matrix.py" "$mx/cases.json" "$host_bin" "$mx/host.toml" "$mx" > "$work/matrix-out" 2>&1
+    while IFS= read -r line; do
+      case "$line" in
+        "PASS: "*) pass "$tag ${line#PASS: }" ;;
+        "FAIL: "*) fail "$tag ${line#FAIL: }" ;;
+        *) echo "$line" ;;
+      esac
+    done < "$work/matrix-out"
+  fi
+else
+  fail "$tag the module evaluates for every hypervisor" "$(tail -30 "$work/hv-err")"
+fi
+
+# --- host.toml is checked at build time by the real binary ---------------------------
+# services.vmcred.host.package: a package whose bin/vmcred-host is the real
+# binary; the module's configFile derivation runs its check-config.
+build_host_toml() { # extra-settings-nix
+  local drv
+  drv=$(nix-instantiate --read-write-mode --eval --strict --json -E "
+    let
+      lib = import $nixpkgs/lib;
+      pkgs = import $here/stub-pkgs.nix { inherit lib; };
+      real = derivation {
+        name = \"vmcred-real\"; system = builtins.currentSystem; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\";
+        args = [ \"-c\" \"mkdir -p \$out/bin; ln -s $host_bin \$out/bin/vmcred-host\" ];
+      };
+      c = (lib.evalModules { modules = [
+        (import $here/nixos-stub.nix { nixpkgs = $nixpkgs; inherit pkgs; })
+        $repo/nixos-modules/host.nix
+        { services.vmcred.host = { enable = true; package = real; vms.v = { cid = 3; credentials.A.source = \"/run/secrets/a\"; }; } // $1; }
+      ]; }).config;
+    in builtins.unsafeDiscardStringContext c.services.vmcred.host.configFile.drvPath" 2>&1 | tr -d '"') || { echo "$drv"; return 2; }
+  nix-store --realise "$drv" 2>&1
+}
+if [ ! -x "$host_bin" ]; then
+  fail "host.toml is checked at build time by vmcred-host check-config" "no executable at $host_bin"
+else
+  if out=$(build_host_toml '{ }'); then
+    pass "host.toml is checked at build time by vmcred-host check-config: a valid one builds"
+  else
+    fail "host.toml is checked at build time by vmcred-host check-config: a valid one builds" "$out"
+  fi
+  if out=$(build_host_toml '{ settings.poll_interval = "soon"; }'); then
+    fail "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build" "$out"
+  elif grep -q "poll_interval" <<<"$out"; then
+    pass "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build"
+  else
+    fail "host.toml is checked at build time: one the agent refuses (poll_interval = \"soon\") does not build" "$out"
+  fi
+fi
+
+# --- the guest unit as the VM test runs it --------------------------------------------
+if out=$("$here/render-guest-unit.sh" "$work/render" 2>&1) \
+   && grep -Eqx "ExecStart=@VMCRED_GUEST@ --config @VMCRED_GUEST_CONFIG@ --credentials-dir '?/run/credentials/@system'? --systemctl /usr/bin/systemctl" "$work/render/vmcred-guest.service" \
+   && grep -qx 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' "$work/render/vmcred-guest.service" \
+   && [ "$(grep -c '^\[Install\]' "$work/render/vmcred-guest.service")" = 1 ] \
+   && grep -qx 'WantedBy=basic.target' "$work/render/vmcred-guest.service" \
+   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml"; then
+  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml"
+else
+  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" 2>&1)"
 fi
 
 # --- the flake, offline, with stand-in nixpkgs and microvm.nix inputs -------------------

@@ -40,7 +40,7 @@ rec {
   };
   stdenv.targetPlatform = stdenv.hostPlatform;
   buildPackages = import ./stub-pkgs.nix { inherit lib system path; };
-  runtimeShell = "/bin/sh";
+  runtimeShell = "/bin/bash";
   linux.target = "bzImage";
 
   # A kernel package's shape as the runners read it: bzImage (out) and, for
@@ -57,11 +57,11 @@ rec {
   writeText = name: text: builtins.toFile name text;
 
   writeShellScript = name: text: mkDrv name ''
-    printf '#!/bin/sh\n%s' "$text" > "$out"; chmod +x "$out"
+    printf '#!/bin/bash\n%s' "$text" > "$out"; chmod +x "$out"
   '' { inherit text; };
 
   writeShellScriptBin = name: text: (mkDrv name ''
-    mkdir -p "$out/bin"; printf '#!/bin/sh\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
+    mkdir -p "$out/bin"; printf '#!/bin/bash\n%s' "$text" > "$out/bin/$binName"; chmod +x "$out/bin/$binName"
   '' { inherit text; binName = name; }) // { meta.mainProgram = name; };
 
   # Like nixpkgs' symlinkJoin (lndir): the first path providing a file wins.

@@ -43,7 +43,8 @@ pkgs.testers.runNixOSTest {
       enable = true;
       settings.poll_interval = "0s";
       vms.test-vm.credentials = {
-        API_KEY.source = "/run/secrets/vars/test-vm-secrets/api-key";
+        # restartUnits given on the host are forwarded into the guest.
+        API_KEY = { source = "/run/secrets/vars/test-vm-secrets/api-key"; restartUnits = [ "demo-consumer.service" ]; };
         # Not created at boot: a late credential.
         JWT_SECRET.source = "/run/secrets/vars/test-vm-secrets/jwt-secret";
         ENVIRONMENT = { source = "/etc/vmcred/test-vm/environment"; boot = true; };
@@ -62,8 +63,6 @@ pkgs.testers.runNixOSTest {
         shares = [{ source = "/nix/store"; mountPoint = "/nix/.ro-store"; tag = "ro-store"; proto = "9p"; }];
       };
       system.stateVersion = lib.trivial.release;
-
-      services.vmcred.guest.credentials.API_KEY.restartUnits = [ "demo-consumer.service" ];
 
       # A consumer written the way the README tells users to write one.
       systemd.services.demo-consumer = {
