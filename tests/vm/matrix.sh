@@ -53,15 +53,10 @@ matrix_start_serve() {
 
 m_status() { "$HOST_BIN" status --config "$MCFG" --json 2>&1; }
 
-# The bootstrap the launcher made (public: a port, the host key's pin, the
-# transport), read back from its SMBIOS file of a --dry-run.
-launcher_bootstrap() {
-	local rt="$MWORK/bootstrap-probe" f
-	rm -rf "$rt"
-	"$HOST_BIN" launch --config "$MCFG" --vm vm1 --hypervisor qemu --runtime-dir "$rt" --dry-run \
-		-- qemu-system-x86_64 -machine q35 >/dev/null 2>>"$MWORK/launch.log" || return 1
-	f=$(find "$rt" -name '*vmcred.bootstrap*' | head -1)
-	[ -n "$f" ] && sed -n 's/^io\.systemd\.credential:vmcred\.bootstrap=//p' "$f"
+# The bootstrap the guest must end up with (public: a port, the host key's
+# pin, the host side's transport), in proto::bootstrap's text form.
+expected_bootstrap() {
+	printf 'vmcred-bootstrap-v1 port=700 pin=%s host=hybrid' "$(tr -d '\n' <"$MWORK/host-state/host.pin")"
 }
 
 # matrix_launch SUITE CARRIER CONSOLE: qemu for that carrier, through
@@ -72,7 +67,7 @@ matrix_launch() {
 	local suite=$1 carrier=$2 console=$3 machine rt bs
 	machine=$(carrier_machine "$carrier")
 	rt="$MWORK/launch-runtime-$suite-$carrier"
-	M_BOOTSTRAP=$(launcher_bootstrap) || M_BOOTSTRAP=
+	M_BOOTSTRAP=$(expected_bootstrap)
 	if launcher_has_carrier; then
 		qemu_argv "$machine" "$console"
 		M_VIA=launcher
@@ -192,7 +187,10 @@ if grep -q "systemd.set_credential=vmcred.bootstrap:" /proc/cmdline; then echo "
 	M_ROW_SYSTEMD[$suite]=${sysv:-?}
 
 	# The agent listens, under the module's unit, without restarts.
-	guest_run 'echo "active: $(systemctl is-active vmcred-guest.service)"
+	# Type=notify: "activating" until the first sync with the host (or the
+	# initial sync timeout); wait for that to end, bounded.
+	guest_run -t 100 'for _ in $(seq 900); do [ "$(systemctl is-active vmcred-guest.service)" = activating ] || break; sleep 0.1; done
+echo "active: $(systemctl is-active vmcred-guest.service)"
 echo "restarts: $(systemctl show -p NRestarts --value vmcred-guest.service)"
 echo "unit sha256: $(sha256sum < /etc/systemd/system/vmcred-guest.service | cut -c1-64)"
 systemctl show -p CapabilityBoundingSet -p NoNewPrivileges -p RestrictAddressFamilies vmcred-guest.service
