@@ -188,8 +188,11 @@ if grep -q "systemd.set_credential=vmcred.bootstrap:" /proc/cmdline; then echo "
 
 	# The agent listens, under the module's unit, without restarts.
 	# Type=notify: "activating" until the first sync with the host (or the
-	# initial sync timeout); wait for that to end, bounded.
-	guest_run -t 100 'for _ in $(seq 900); do [ "$(systemctl is-active vmcred-guest.service)" = activating ] || break; sleep 0.1; done
+	# initial sync timeout). Wait until it is active, or has restarted, or
+	# 60 s of guest time passed.
+	guest_run -t 100 'end=$((SECONDS + 60))
+while [ "$SECONDS" -lt "$end" ] && [ "$(systemctl is-active vmcred-guest.service)" != active ] &&
+	[ "$(systemctl show -p NRestarts --value vmcred-guest.service)" = 0 ]; do sleep 0.5; done
 echo "active: $(systemctl is-active vmcred-guest.service)"
 echo "restarts: $(systemctl show -p NRestarts --value vmcred-guest.service)"
 echo "unit sha256: $(sha256sum < /etc/systemd/system/vmcred-guest.service | cut -c1-64)"

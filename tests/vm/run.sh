@@ -99,13 +99,12 @@ T=$(now)
 # From here on, what cannot be fetched or built is a failure, not a skip: the
 # stage can run on this machine, something in the way is broken.
 install_host_packages || die "cannot install the host packages (qemu-system-x86 from bookworm-backports, debootstrap, busybox-static, ...)"
-install_vhost_device_vsock || die "cannot build vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo"
-log "host tools ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
+log "host packages ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
 
 [ "$MODE" = infra ] && SUITES=bookworm
 
 # The suites' kernels and debootstraps (network-bound) run in the background,
-# one per suite, while cargo builds (CPU-bound).
+# one per suite, while cargo builds vhost-device-vsock and vmcred (CPU-bound).
 T_PREP=$(now)
 PREP_PIDS=()
 for s in $SUITES; do
@@ -117,6 +116,10 @@ for s in $SUITES; do
 	PREP_PIDS+=("$!")
 	OUR_PIDS+=("$!")
 done
+
+T=$(now)
+install_vhost_device_vsock || die "cannot build vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo"
+log "vhost-device-vsock ready ($(elapsed "$T") s)"
 
 HOST_BIN=
 GUEST_BIN=
