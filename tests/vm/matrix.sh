@@ -197,7 +197,8 @@ echo "active: $(systemctl is-active vmcred-guest.service)"
 echo "restarts: $(systemctl show -p NRestarts --value vmcred-guest.service)"
 echo "unit sha256: $(sha256sum < /etc/systemd/system/vmcred-guest.service | cut -c1-64)"
 systemctl show -p CapabilityBoundingSet -p NoNewPrivileges -p RestrictAddressFamilies vmcred-guest.service
-journalctl -b -o cat --no-pager -u vmcred-guest.service | grep -v "^$" | tail -n 8' || true
+journalctl -b -o cat --no-pager -u vmcred-guest.service | grep -E -m 3 "listening|cannot listen"
+journalctl -b -o cat --no-pager -u vmcred-guest.service | grep -v "^$" | tail -n 6' || true
 	out=$GUEST_OUT
 	if grep -q '^active: active' <<<"$out" && grep -q '^restarts: 0$' <<<"$out" &&
 		grep -q "^unit sha256: $(sha256sum <"$MAPPED_UNIT" | cut -c1-64)" <<<"$out" && grep -qi 'listening' <<<"$out"; then
