@@ -370,10 +370,13 @@ build_image() {
 	local img=$1
 	rm -f "$img"
 	truncate -s 1G "$img"
-	mkfs.ext4 -q -F -L vmcred-root -d "$ROOTFS" "$img" >"$WORK/mkfs.log" 2>&1 || {
+	local rc=0
+	mkfs.ext4 -q -F -L vmcred-root -d "$ROOTFS" "$img" >"$WORK/mkfs.log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ]; then
 		cat "$WORK/mkfs.log" >&2
+		log "mkfs.ext4 -d $ROOTFS $img failed (exit status $rc)"
 		return 1
-	}
+	fi
 }
 
 # ---------------------------------------------------------------- processes
