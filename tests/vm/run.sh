@@ -178,9 +178,9 @@ for s in $SUITES; do
 	IMG="$WORK/img-$s"
 	mkdir -p "$IMG"
 	cp "$KDIR/vmlinuz" "$IMG/vmlinuz"
-	build_initramfs "$IMG/initramfs.img"
-	install_guest_overlay "$GUEST_BIN" "$MAPPED_UNIT" "$WORK/rendered/guest.toml"
-	build_image "$IMG/root.img"
+	build_initramfs "$IMG/initramfs.img" || die "$s: building the initramfs"
+	install_guest_overlay "$GUEST_BIN" "$MAPPED_UNIT" "$WORK/rendered/guest.toml" || die "$s: installing the test files into the guest tree"
+	build_image "$IMG/root.img" || die "$s: building the guest image"
 done
 log "guest images built ($(elapsed "$T") s)"
 
