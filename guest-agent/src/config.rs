@@ -33,6 +33,10 @@ pub struct CredentialPolicy {
     pub restart_units: Vec<String>,
     pub reload_units: Vec<String>,
     pub mode: u32,
+    /// Units that may take this credential's current value from the
+    /// credential socket (`LoadCredential=NAME:/run/vmcred/creds.sock`).
+    /// Any other unit asking for it is refused.
+    pub socket_units: Vec<String>,
 }
 
 impl Default for CredentialPolicy {
@@ -41,6 +45,7 @@ impl Default for CredentialPolicy {
             restart_units: Vec::new(),
             reload_units: Vec::new(),
             mode: DEFAULT_MODE,
+            socket_units: Vec::new(),
         }
     }
 }
@@ -69,6 +74,8 @@ struct RawCredential {
     #[serde(default)]
     reload_units: Vec<String>,
     mode: Option<String>,
+    #[serde(default)]
+    socket_units: Vec<String>,
 }
 
 impl GuestConfig {
@@ -97,7 +104,12 @@ impl GuestConfig {
             if let Some(why) = crate::store::reserved_name(&name) {
                 return Err(ctx(why.into()));
             }
-            for unit in c.restart_units.iter().chain(&c.reload_units) {
+            for unit in c
+                .restart_units
+                .iter()
+                .chain(&c.reload_units)
+                .chain(&c.socket_units)
+            {
                 validate_unit(unit).map_err(ctx)?;
             }
             let mode = match c.mode {
@@ -110,6 +122,7 @@ impl GuestConfig {
                     restart_units: c.restart_units,
                     reload_units: c.reload_units,
                     mode,
+                    socket_units: c.socket_units,
                 },
             );
         }
@@ -127,6 +140,19 @@ impl GuestConfig {
 
     pub fn mode(&self, name: &str) -> u32 {
         self.credentials.get(name).map_or(DEFAULT_MODE, |c| c.mode)
+    }
+
+    /// Whether `unit` may take `credential` from the credential socket.
+    pub fn socket_allows(&self, credential: &str, unit: &str) -> bool {
+        self.credentials
+            .get(credential)
+            .is_some_and(|c| c.socket_units.iter().any(|u| u == unit))
+    }
+
+    /// Whether any credential is mapped to a socket unit, i.e. whether the
+    /// credential socket is served at all.
+    pub fn serves_socket(&self) -> bool {
+        self.credentials.values().any(|c| !c.socket_units.is_empty())
     }
 }
 
@@ -196,6 +222,7 @@ mode = "0400"
 [credentials.SHARED]
 reload_units = ["nginx.service"]
 mode = "0440"
+socket_units = ["api.service"]
 "#,
         )
         .unwrap();
@@ -208,6 +235,12 @@ mode = "0440"
         assert_eq!(c.mode("OTHER"), 0o400);
         assert_eq!(c.policy("OTHER"), CredentialPolicy::default());
         assert_eq!(GuestConfig::parse("").unwrap(), GuestConfig::default());
+        assert!(c.serves_socket());
+        assert!(c.socket_allows("SHARED", "api.service"));
+        assert!(!c.socket_allows("SHARED", "nginx.service"));
+        assert!(!c.socket_allows("API_KEY", "api.service"));
+        assert!(!c.socket_allows("OTHER", "api.service"));
+        assert!(!GuestConfig::default().serves_socket());
     }
 
     #[test]
@@ -234,6 +267,8 @@ mode = "0440"
                 "white space",
             ),
             ("[credentials.A]\nreload_units = [\"-x\"]", "'-'"),
+            ("[credentials.A]\nsocket_units = [\"a/b.service\"]", "'/'"),
+            ("[credentials.A]\nsocket_units = [\"\"]", "empty"),
             ("[credentials.A]\nmode = \"0600\"", "0444"),
             ("[credentials.A]\nmode = \"0755\"", "0444"),
             ("[credentials.A]\nmode = \"0040\"", "owner"),

@@ -195,9 +195,16 @@ async fn run(cli: Cli) -> Result<()> {
         });
     }
 
+    let config = Arc::new(config);
+    if config.serves_socket() {
+        let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
+        let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
+        tracing::info!(socket = %path.display(), "serving the credential socket");
+        tokio::spawn(socket.serve(store.clone(), config.clone()));
+    }
     let service = GuestService::new(
         store.clone(),
-        Arc::new(config),
+        config,
         UnitRunner::new(cli.systemctl.clone()),
         readiness,
     );
