@@ -152,7 +152,9 @@ impl GuestConfig {
     /// Whether any credential is mapped to a socket unit, i.e. whether the
     /// credential socket is served at all.
     pub fn serves_socket(&self) -> bool {
-        self.credentials.values().any(|c| !c.socket_units.is_empty())
+        self.credentials
+            .values()
+            .any(|c| !c.socket_units.is_empty())
     }
 }
 

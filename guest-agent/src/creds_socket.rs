@@ -339,7 +339,9 @@ fn read_value(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
     }
     let len = usize::try_from(meta.len()).map_err(|_| "too large".to_string())?;
     if len > MAX_CREDENTIAL_BYTES {
-        return Err(format!("{len} bytes, over the {MAX_CREDENTIAL_BYTES}-byte limit"));
+        return Err(format!(
+            "{len} bytes, over the {MAX_CREDENTIAL_BYTES}-byte limit"
+        ));
     }
     let mut value = Zeroizing::new(vec![0u8; len]);
     let mut file = file;
