@@ -124,6 +124,18 @@ let
     };
   }];
   guestUnit = guest.test.unitText.vmcred-guest or "";
+
+  # --- guest: the credential socket (issue 12 part 2) -----------------------
+  socketGuest = evalGuest [{
+    systemd.services.api.serviceConfig.ExecStart = "/bin/true";
+    services.vmcred.guest = {
+      enable = true;
+      credentials.API_KEY = { socketUnits = [ "api.service" ]; reloadUnits = [ "api.service" ]; };
+      credentials."odd%name".socketUnits = [ "api.service" "other.service" ];
+      credentials.FILE_ONLY.restartUnits = [ "api.service" ];
+    };
+  }];
+  socketToml = builtins.fromTOML (builtins.readFile socketGuest.services.vmcred.guest.configFile);
   guestTomlFile = guest.services.vmcred.guest.configFile;
   guestToml = builtins.readFile guestTomlFile;
 
@@ -306,6 +318,27 @@ in
       };
     };
 
+    "guest socket: socketUnits wire LoadCredential=<cred>:/run/vmcred/creds.sock (escaped) on each unit" =
+      eq [ (lib.sort (a: b: a < b) socketGuest.systemd.services.api.serviceConfig.LoadCredential)
+           socketGuest.systemd.services.other.serviceConfig.LoadCredential ]
+         [ [ "API_KEY:/run/vmcred/creds.sock" "odd%%name:/run/vmcred/creds.sock" ] [ "odd%%name:/run/vmcred/creds.sock" ] ];
+    "guest socket: mapped units are ordered after and want vmcred-guest.service" =
+      check (lib.all (u: lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.after
+                        && lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.wants) [ "api" "other" ])
+        (builtins.toJSON (map (u: socketGuest.systemd.services.${u}.after) [ "api" "other" ]));
+    "guest socket: guest.toml carries socket_units, only where set" =
+      eq [ socketToml.credentials.API_KEY.socket_units socketToml.credentials."odd%name".socket_units
+           (socketToml.credentials.FILE_ONLY ? socket_units) ]
+         [ [ "api.service" ] [ "api.service" "other.service" ] false ];
+    "guest socket: the rendered guest.toml is accepted by the agent's parser (same keys)" =
+      eq (builtins.attrNames socketToml.credentials.API_KEY) [ "mode" "reload_units" "restart_units" "socket_units" ];
+    "guest socket: the agent unit itself is untouched" =
+      check (!(hasInfix "creds.sock" (socketGuest.test.unitText.vmcred-guest or ""))) "vmcred-guest names creds.sock";
+    "refused: guest socketUnits on a unit that is not a service" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "x.mount" ]; }; }] "is not a .service unit";
+    "refused: guest socketUnits naming vmcred-guest.service itself" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "vmcred-guest.service" ]; }; }] "is not a .service unit";
+
     "disabled host: no vmcred unit, nothing of vmcred on microvm.nix's units" =
       check (!(disabledHost.systemd.services ? vmcred-host)
         && lib.all (n: !(hasInfix "vmcred" disabledHost.test.unitText.${n}))
@@ -416,6 +449,7 @@ in
       guest-mode-0040 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0040"; }; }];
       guest-unit-space = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "my app.service" ]; }; }];
       guest-unit-dash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "-x.service" ]; }; }];
+      guest-socketunit-slash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "a/b.service" ]; }; }];
       host-unit-slash = forceHost (credWith "A" { restartUnits = [ "a/b.service" ]; });
       control-valid-host = forceHost (credWith "A" { });
     };
