@@ -83,10 +83,10 @@ impl GuestListener {
         UnixListener::unix(path, allowed_uids)
             .map(GuestListener::Unix)
             .map_err(|e| match e {
-                TransportError::Listen { what, source } => ListenError::Bind {
+                TransportError::Listen { what, error } => ListenError::Bind {
                     what,
-                    hint: bind_hint(None, &source).to_string(),
-                    cause: source,
+                    hint: bind_hint(None, &error).to_string(),
+                    cause: error,
                 },
                 other => ListenError::Bind {
                     what: path.display().to_string(),

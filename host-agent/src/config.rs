@@ -19,11 +19,11 @@ pub const DEFAULT_PORT: u32 = 700;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message and deliberately not a
+    /// `source()`: every error in this crate carries its cause in its own
+    /// text exactly once, and callers print `{e:#}` without repeating it.
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: VM {vm:?}: {message}")]
@@ -49,6 +49,9 @@ struct RawConfig {
     dial_backoff_max: Duration,
     #[serde(default = "default_rpc_timeout", with = "humantime_serde")]
     rpc_timeout: Duration,
+    #[serde(default)]
+    launch_users: Vec<String>,
+    control_group: Option<String>,
     #[serde(default)]
     vms: BTreeMap<String, RawVm>,
 }
@@ -111,7 +114,37 @@ pub struct Config {
     pub poll_interval: Duration,
     pub dial_backoff_max: Duration,
     pub rpc_timeout: Duration,
+    /// Who may send `launched` on the launch socket besides root: the
+    /// hypervisor users (`launch_users`), resolved to uids at load so that a
+    /// typo is a config error, not a silently refused notification.
+    pub launch_users: Vec<LaunchUser>,
+    /// A group whose members may read `status` (not `rotate`) through the
+    /// control socket, which is then 0660 with this group.
+    pub control_group: Option<ControlGroup>,
     pub vms: BTreeMap<String, Vm>,
+}
+
+/// `control_group`, resolved at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// A user allowed to notify launches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl Config {
+    /// The uids the launch socket admits: root and every launch user.
+    pub fn launch_uids(&self) -> Vec<u32> {
+        std::iter::once(0)
+            .chain(self.launch_users.iter().map(|u| u.uid))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,9 +184,9 @@ impl std::fmt::Display for Source {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Config::parse(path, &text)
     }
@@ -176,6 +209,20 @@ impl Config {
                 });
             }
         }
+        let mut launch_users = Vec::new();
+        for name in &raw.launch_users {
+            launch_users.push(resolve_user(name).map_err(|message| ConfigError::Parse {
+                path: p.clone(),
+                message,
+            })?);
+        }
+        let control_group = match &raw.control_group {
+            None => None,
+            Some(name) => Some(resolve_group(name).map_err(|message| ConfigError::Parse {
+                path: p.clone(),
+                message,
+            })?),
+        };
         let mut vms = BTreeMap::new();
         for (name, rv) in raw.vms {
             let vm = validate_vm(&name, rv).map_err(|message| ConfigError::Vm {
@@ -193,8 +240,48 @@ impl Config {
             poll_interval: raw.poll_interval,
             dial_backoff_max: raw.dial_backoff_max.max(Duration::from_millis(100)),
             rpc_timeout: raw.rpc_timeout.max(Duration::from_millis(100)),
+            launch_users,
+            control_group,
             vms,
         })
+    }
+}
+
+/// A `launch_users` entry: a user name from the host's user database.
+fn resolve_user(name: &str) -> Result<LaunchUser, String> {
+    let shown = rules::display_name(name);
+    if name.is_empty() || name.contains('\0') {
+        return Err(format!("launch_users: {shown:?} is not a user name"));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(LaunchUser {
+            name: name.to_string(),
+            uid: u.uid.as_raw(),
+        }),
+        Ok(None) => Err(format!(
+            "launch_users: no user named {shown:?} on this host (create it, or remove it from launch_users)"
+        )),
+        Err(e) => Err(format!(
+            "launch_users: cannot look up user {shown:?}: {e}"
+        )),
+    }
+}
+
+/// `control_group`: a group name from the host's group database.
+fn resolve_group(name: &str) -> Result<ControlGroup, String> {
+    let shown = rules::display_name(name);
+    if name.is_empty() || name.contains('\0') {
+        return Err(format!("control_group: {shown:?} is not a group name"));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(ControlGroup {
+            name: name.to_string(),
+            gid: g.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!(
+            "control_group: no group named {shown:?} on this host (create it, or remove control_group)"
+        )),
+        Err(e) => Err(format!("control_group: cannot look up group {shown:?}: {e}")),
     }
 }
 
@@ -356,6 +443,25 @@ mod tests {
     }
 
     #[test]
+    fn launch_users_resolve_to_uids() {
+        let c = parse("launch_users = [\"root\", \"nobody\"]").unwrap();
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert_eq!(c.launch_uids(), vec![0, 0, nobody.uid.as_raw()]);
+        assert_eq!(parse("").unwrap().launch_uids(), vec![0]);
+    }
+
+    #[test]
+    fn read_error_names_its_cause_once() {
+        let e = Config::load(Path::new("/nonexistent/vmcred/host.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn refusals_are_clear() {
         let cases = [
             ("[vms.a]\ncid = 3\nprot = 1", "unknown field"),
@@ -373,6 +479,9 @@ mod tests {
             ("[vms.a]\ncid = 3\n[vms.a.credentials.\"vmcred.bootstrap\"]\npath = \"/x\"", "reserved"),
             ("[vms.a]\ncid = 3\n[vms.a.credentials.X]\npath = \"/x\"\nallow_on_command_line = true", "boot = true"),
             ("state_dir = \"rel\"", "absolute"),
+            ("launch_users = [\"no-such-user-vmcred\"]", "no user named"),
+            ("launch_users = [\"\"]", "not a user name"),
+            ("control_group = \"no-such-group-vmcred\"", "no group named"),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();

@@ -1,12 +1,18 @@
 //! The local control protocol between `vmcred-host serve` and its
-//! `rotate`, `status` and `launch` commands: one JSON request line, one JSON
-//! reply line, over a Unix socket. Lines are bounded and reads time out, so
-//! a stuck or hostile local client costs the daemon nothing lasting.
+//! `rotate`, `status` and `launch` commands, over a Unix socket: the client
+//! sends one JSON request line; the daemon answers with zero or more item
+//! lines (`{"status":{..}}` per VM, `{"rotate":{..}}` per VM) and exactly
+//! one terminal line (`"ok"`, `{"done":{"count":N}}`, `{"error":".."}` or
+//! `{"busy":".."}`). Streaming keeps every line small, so `status` answers
+//! for any number of VMs; every line is bounded (`MAX_LINE`, items are
+//! truncated with a visible marker) and every read and write has a
+//! deadline, so a stuck or hostile local client costs the daemon nothing
+//! lasting.
 //!
 //! Two sockets: `control_socket` (0600, and the peer must be root or the
-//! daemon's own uid) takes `rotate` and `status`; `launch_socket` (0666)
-//! takes only `launched`, which merely wakes a VM's dialer early and so is
-//! safe to leave open to the hypervisor's user.
+//! daemon's own uid) takes `rotate` and `status`; `launch_socket` (0666,
+//! but only root and the configured `launch_users` are admitted, checked
+//! with `SO_PEERCRED`) takes only `launched`.
 
 use std::time::Duration;
 
@@ -19,9 +25,18 @@ pub const MAX_LINE: usize = 256 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
+    /// One `status` line per VM (those named in `vms`, or all), then `done`.
+    Status {
+        #[serde(default)]
+        vms: Vec<String>,
+    },
+    /// Rotates the VMs named in `vms` (or every VM when `all`), one
+    /// `rotate` line per VM as each finishes, then `done`.
     Rotate {
-        vm: String,
+        #[serde(default)]
+        vms: Vec<String>,
+        #[serde(default)]
+        all: bool,
         #[serde(default)]
         credentials: Vec<String>,
         timeout_ms: u64,
@@ -31,7 +46,7 @@ pub enum Request {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmStatus {
     pub vm: String,
     pub target: String,
@@ -51,7 +66,7 @@ pub struct VmStatus {
     pub guest_version: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialStatus {
     pub name: String,
     pub boot: bool,
@@ -61,7 +76,7 @@ pub struct CredentialStatus {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialOutcome {
     pub name: String,
     /// `written`, `unchanged`, `removed`, `failed`.
@@ -69,7 +84,7 @@ pub struct CredentialOutcome {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnitOutcome {
     pub unit: String,
     pub action: String,
@@ -77,7 +92,7 @@ pub struct UnitOutcome {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RotateReport {
     pub vm: String,
     /// True when the guest applied the generation and every listed
@@ -93,13 +108,30 @@ pub struct RotateReport {
     pub owed_units: Vec<UnitOutcome>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One reply line. `Status` and `Rotate` are items; the others end the
+/// reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Status(Vec<VmStatus>),
+    Status(VmStatus),
     Rotate(RotateReport),
+    /// The answer to `launched`.
     Ok,
+    /// The end of a `status` or `rotate` reply: `count` items were sent.
+    Done {
+        count: u64,
+    },
     Error(String),
+    /// The daemon had no free slot for this request within its deadline;
+    /// nothing was done, try again.
+    Busy(String),
+}
+
+impl Reply {
+    /// Whether this line ends the reply.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Reply::Status(_) | Reply::Rotate(_))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +142,24 @@ pub enum LineError {
     Closed,
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    // The cause is in the message and not a `source()`: see
+    // `config::ConfigError::Read`.
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("malformed message: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
+}
+
+impl From<std::io::Error> for LineError {
+    fn from(e: std::io::Error) -> Self {
+        LineError::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for LineError {
+    fn from(e: serde_json::Error) -> Self {
+        LineError::Json(e)
+    }
 }
 
 /// Reads one bounded JSON line.
@@ -151,26 +197,247 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
-/// Sends one request to a socket and reads the reply.
+/// Why a control call failed, so the CLI can exit with the right code.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nothing listens, or we may not connect: the daemon is not running
+    /// (or not reachable for this user).
+    #[error(
+        "cannot connect to {socket}: {error} (is `vmcred-host serve` running, and are you root?)"
+    )]
+    Unreachable {
+        socket: String,
+        error: std::io::Error,
+    },
+    #[error("connecting to {socket} timed out (is `vmcred-host serve` stuck?)")]
+    ConnectTimeout { socket: String },
+    #[error("{socket}: {error}")]
+    Protocol { socket: String, error: LineError },
+}
+
+/// How long a client waits for `connect` (a full backlog makes it wait).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one request and reads the reply lines until the terminal one,
+/// handing each item line to `item` as it arrives. `timeout` bounds the
+/// wait for each line (the daemon may take that long between items).
 pub async fn call(
     socket: &std::path::Path,
     req: &Request,
     timeout: Duration,
-) -> Result<Reply, String> {
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::UnixStream::connect(socket),
-    )
-    .await
-    .map_err(|_| format!("connecting to {} timed out", socket.display()))?
-    .map_err(|e| {
-        format!(
-            "cannot connect to {}: {e} (is `vmcred-host serve` running, and are you root?)",
-            socket.display()
-        )
-    })?;
-    write_line(&mut s, req).await.map_err(|e| e.to_string())?;
-    read_line(&mut s, timeout)
+    mut item: impl FnMut(Reply),
+) -> Result<Reply, CallError> {
+    let shown = socket.display().to_string();
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(socket))
         .await
-        .map_err(|e| format!("no reply from {}: {e}", socket.display()))
+        .map_err(|_| CallError::ConnectTimeout {
+            socket: shown.clone(),
+        })?
+        .map_err(|error| CallError::Unreachable {
+            socket: shown.clone(),
+            error,
+        })?;
+    let protocol = |error| CallError::Protocol {
+        socket: shown.clone(),
+        error,
+    };
+    let (r, mut w) = s.into_split();
+    write_line(&mut w, req).await.map_err(protocol)?;
+    let mut lines = LineReader::new(r);
+    loop {
+        let reply: Reply = lines.next(timeout).await.map_err(protocol)?;
+        if reply.is_terminal() {
+            return Ok(reply);
+        }
+        item(reply);
+    }
+}
+
+/// Reads successive bounded JSON lines from one stream.
+pub struct LineReader<R> {
+    reader: BufReader<R>,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub fn new(r: R) -> Self {
+        LineReader {
+            reader: BufReader::new(r),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line, within `timeout`.
+    pub async fn next<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<T, LineError> {
+        self.buf.clear();
+        let fut = async {
+            let mut limited = (&mut self.reader).take(MAX_LINE as u64 + 1);
+            limited.read_until(b'\n', &mut self.buf).await?;
+            if self.buf.len() > MAX_LINE {
+                return Err(LineError::TooLong);
+            }
+            if self.buf.last() != Some(&b'\n') {
+                return Err(LineError::Closed);
+            }
+            Ok(serde_json::from_slice(&self.buf)?)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| LineError::Timeout(timeout))?
+    }
+}
+
+/// Marker name for entries left out of an over-long item.
+pub const OMITTED: &str = "…";
+
+/// Shrinks a rotate report until its line fits in `MAX_LINE`: unit results
+/// then credential outcomes are dropped from the end and replaced by one
+/// marker entry that says how many were left out. Nothing the guest sends
+/// can then break the reply.
+pub fn bound_rotate(mut r: RotateReport) -> RotateReport {
+    r.error = r.error.map(|e| bound_text(&e));
+    let mut dropped_units: Vec<UnitOutcome> = Vec::new();
+    let mut dropped_creds = 0usize;
+    while line_len(&r) > MAX_LINE {
+        if r.units.len() > 1 {
+            let keep = r.units.len() / 2;
+            dropped_units.extend(r.units.drain(keep..));
+        } else if r.credentials.len() > 1 {
+            let keep = r.credentials.len() / 2;
+            dropped_creds += r.credentials.len() - keep;
+            r.credentials.truncate(keep);
+        } else {
+            r.units.clear();
+            r.credentials.clear();
+            break;
+        }
+    }
+    if !dropped_units.is_empty() {
+        r.units.push(UnitOutcome {
+            unit: OMITTED.into(),
+            action: "omitted".into(),
+            // The marker must not hide a failure that was dropped.
+            ok: dropped_units.iter().all(|u| u.ok),
+            error: Some(format!(
+                "{} more unit results left out (reply too long)",
+                dropped_units.len()
+            )),
+        });
+    }
+    if dropped_creds > 0 {
+        r.credentials.push(CredentialOutcome {
+            name: OMITTED.into(),
+            outcome: "omitted".into(),
+            error: Some(format!(
+                "{dropped_creds} more credential results left out (reply too long)"
+            )),
+        });
+    }
+    r
+}
+
+/// Shrinks a status item the same way.
+pub fn bound_status(mut s: VmStatus) -> VmStatus {
+    s.last_error = s.last_error.map(|e| bound_text(&e));
+    let mut dropped = 0usize;
+    while line_len(&s) > MAX_LINE && !s.credentials.is_empty() {
+        let keep = s.credentials.len() / 2;
+        dropped += s.credentials.len() - keep;
+        s.credentials.truncate(keep);
+    }
+    if dropped > 0 {
+        s.credentials.push(CredentialStatus {
+            name: OMITTED.into(),
+            state: "omitted".into(),
+            error: Some(format!(
+                "{dropped} more credentials left out (reply too long)"
+            )),
+            ..Default::default()
+        });
+    }
+    s
+}
+
+/// Longest free-text field kept in a reply.
+const MAX_TEXT: usize = 8 * 1024;
+
+fn bound_text(s: &str) -> String {
+    if s.len() <= MAX_TEXT {
+        return s.to_string();
+    }
+    let mut cut = MAX_TEXT;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more bytes left out)", &s[..cut], s.len() - cut)
+}
+
+fn line_len<T: Serialize>(t: &T) -> usize {
+    serde_json::to_vec(t).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_rotate_report_is_cut_with_a_marker() {
+        let unit = |i: usize, ok: bool| UnitOutcome {
+            unit: format!("u{i}.service"),
+            action: "restart".into(),
+            ok,
+            error: Some("x".repeat(3000)),
+        };
+        let mut units: Vec<UnitOutcome> = (0..1000).map(|i| unit(i, true)).collect();
+        units[999].ok = false;
+        let r = bound_rotate(RotateReport {
+            vm: "a".into(),
+            units,
+            ..Default::default()
+        });
+        let line = serde_json::to_vec(&Reply::Rotate(r.clone())).unwrap();
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+        let marker = r.units.last().unwrap();
+        assert_eq!(marker.unit, OMITTED);
+        assert!(!marker.ok, "a dropped failure must stay visible");
+        assert!(marker.error.as_ref().unwrap().contains("more unit results"));
+    }
+
+    #[test]
+    fn oversized_status_is_cut_with_a_marker() {
+        let creds = (0..2000)
+            .map(|i| CredentialStatus {
+                name: format!("{i}{}", "n".repeat(200)),
+                state: "error".into(),
+                error: Some("e".repeat(300)),
+                ..Default::default()
+            })
+            .collect();
+        let s = bound_status(VmStatus {
+            vm: "a".into(),
+            last_error: Some("z".repeat(1 << 20)),
+            credentials: creds,
+            ..Default::default()
+        });
+        assert!(line_len(&Reply::Status(s.clone())) <= MAX_LINE);
+        assert_eq!(s.credentials.last().unwrap().name, OMITTED);
+        assert!(s.last_error.unwrap().len() < 9000);
+    }
+
+    #[test]
+    fn wire_shape_is_stable() {
+        let line = |r: &Reply| serde_json::to_string(r).unwrap();
+        assert_eq!(line(&Reply::Ok), r#""ok""#);
+        assert_eq!(line(&Reply::Done { count: 3 }), r#"{"done":{"count":3}}"#);
+        assert_eq!(line(&Reply::Busy("b".into())), r#"{"busy":"b"}"#);
+        let req: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
+        assert!(matches!(req, Request::Status { vms } if vms.is_empty()));
+        let req: Request =
+            serde_json::from_str(r#"{"cmd":"rotate","all":true,"timeout_ms":5}"#).unwrap();
+        assert!(matches!(req, Request::Rotate { all: true, .. }));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
+    }
 }

@@ -1,16 +1,24 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
+mod report;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use vmcred_host::config::{Config, DEFAULT_CONFIG};
-use vmcred_host::control::{self, Reply, Request};
+use vmcred_host::control::{self, Request};
 use vmcred_host::{launch, serve, source};
+
+use report::Exit;
+
+/// How long a stopping `serve` waits for its tasks before it exits anyway
+/// (a VM task stuck in a blocking call must not keep the agent alive).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -20,9 +28,18 @@ use vmcred_host::{launch, serve, source};
     long_about = "vmcred-host serves credentials to the guest agents of many VMs (serve), wraps a \
                   hypervisor launch so the guest gets its bootstrap and boot-time credentials at boot \
                   (SMBIOS, fw_cfg or the kernel command line: launch), and triggers and reports rotations (rotate, status). \
-                  Secret values are never printed."
+                  Secret values are never printed.",
+    after_help = "Exit status (stable):\n  \
+                  0  success\n  \
+                  1  a VM did not apply or is out of sync, or the command failed\n  \
+                  2  usage error (bad arguments, or a VM or credential not in the config)\n  \
+                  3  the agent is not running or not reachable (control socket)\n  \
+                  4  config error (unreadable or invalid config file)"
 )]
 struct Cli {
+    /// The host config file (TOML); every command reads it.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -31,38 +48,50 @@ struct Cli {
 enum Cmd {
     /// Run the agent: dial every configured VM, keep its credentials in sync.
     ///
-    /// Sends sd_notify READY=1 once its sockets listen. SIGTERM stops it;
-    /// SIGHUP re-reads the config (a bad config is logged and the old one kept).
-    Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
-    /// Re-read the sources of VM's credentials (all, or those named), push
-    /// them and wait for the guest's acknowledgement.
+    /// Sends sd_notify READY=1 once its sockets listen. SIGTERM stops it
+    /// (within 5 s even if a VM task is stuck); SIGHUP re-reads the config
+    /// (a bad config is logged and the old one kept). Only one agent may use
+    /// a state_dir at a time.
+    Serve,
+    /// Re-read the sources of VMs' credentials (all, or those named), push
+    /// them and wait for the guests' acknowledgements.
     ///
-    /// Exit status 0 only if the guest applied the new generation and every
+    /// `rotate VM [CRED...]` rotates one VM. With `--vm A --vm B` or `--all`,
+    /// every positional argument is a credential name, all VMs rotate at once
+    /// over one connection, and a per-VM table is printed at the end.
+    /// Exit status 0 only if every VM applied the new generation and every
     /// mapped unit action succeeded; 1 otherwise, with the reason. A guest
     /// that is down applies when it is back.
     Rotate {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// How long to wait for the acknowledgement (e.g. 30s, 2m).
+        /// How long to wait for the acknowledgements (e.g. 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
-        /// Print the result as JSON.
+        /// Print the result as JSON (schema 1, see README).
         #[arg(long)]
         json: bool,
-        /// The VM, as named in the config.
-        vm: String,
-        /// Credentials to rotate; all of the VM's when none are named.
-        credentials: Vec<String>,
+        /// Rotate this VM (repeatable).
+        #[arg(long = "vm", value_name = "VM")]
+        vms: Vec<String>,
+        /// Rotate every configured VM.
+        #[arg(long, conflicts_with = "vms")]
+        all: bool,
+        /// `VM [CRED...]`, or only `CRED...` with --vm/--all. No credential
+        /// named: all of each VM's credentials.
+        #[arg(value_name = "VM|CRED")]
+        args: Vec<String>,
     },
-    /// Show each VM: connected or not, generations sent and applied, last error.
+    /// Show each VM: connected or not, in sync or not, generation applied,
+    /// last error. One line per VM and a summary.
+    ///
+    /// Exit status 1 when any shown VM is out of sync (not connected, a
+    /// generation not applied, a credential not applied, or an error).
     Status {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Print JSON (schema 1, see README) instead of the table.
         #[arg(long)]
         json: bool,
+        /// Show only this VM (repeatable).
+        #[arg(long = "vm", value_name = "VM")]
+        vms: Vec<String>,
     },
     /// Wrap a hypervisor: pass the guest its bootstrap and boot-time
     /// credentials at launch, tell the serving agent the VM launched, exec.
@@ -73,8 +102,6 @@ enum Cmd {
     /// have a command line, so a boot secret goes there only if marked
     /// allow_on_command_line. The bootstrap is public.
     Launch {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
         /// The VM, as named in the config.
         #[arg(long)]
         vm: String,
@@ -105,15 +132,9 @@ enum Cmd {
         argv: Vec<std::ffi::OsString>,
     },
     /// Validate a config file and print what it configures (no values are read).
-    CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
+    CheckConfig,
     /// Print the host key pin that guests are given (from state_dir/host.pin).
-    Pin {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
+    Pin,
 }
 
 fn main() -> ExitCode {
@@ -129,8 +150,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            // Each error carries its cause once (see config::ConfigError).
             eprintln!("vmcred-host: {e:#}");
-            ExitCode::from(2)
+            Exit::of_error(&e).into()
         }
     }
 }
@@ -143,58 +165,80 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// One thread: the CLI clients, and `serve`'s sockets and signals.
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    let config = cli.config;
     match cli.command {
-        Cmd::Serve { config } => {
-            runtime()?.block_on(serve::serve(&config))?;
+        Cmd::Serve => {
+            // Sockets and signals on this thread, VM tasks on their own
+            // workers: a wedged VM task cannot delay SIGTERM (serve_with).
+            let vms = runtime()?;
+            let result =
+                client_runtime()?.block_on(serve::serve_with(&config, vms.handle().clone()));
+            vms.shutdown_timeout(SHUTDOWN_GRACE);
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rotate {
-            config,
             timeout,
             json,
-            vm,
-            credentials,
+            vms,
+            all,
+            args,
         } => {
             let cfg = Config::load(&config)?;
+            let (vms, credentials, many) = if all || !vms.is_empty() {
+                (vms, args, true)
+            } else {
+                let mut args = args.into_iter();
+                let Some(vm) = args.next() else {
+                    return Ok(report::usage(
+                        "name a VM (rotate VM [CRED...]), or use --vm VM or --all",
+                    ));
+                };
+                (vec![vm], args.collect(), false)
+            };
+            if let Err(e) = report::check_names(&cfg, &vms, &credentials, all) {
+                return Ok(report::usage(&e));
+            }
             let req = Request::Rotate {
-                vm: vm.clone(),
+                vms: if all { Vec::new() } else { vms.clone() },
+                all,
                 credentials,
                 timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
             };
-            let reply = runtime()?
-                .block_on(control::call(
-                    &cfg.control_socket,
-                    &req,
-                    timeout + Duration::from_secs(5),
-                ))
-                .map_err(anyhow::Error::msg)?;
-            Ok(print_rotate(&vm, reply, json))
+            let expected = if all { cfg.vms.len() } else { vms.len() };
+            let mut out = report::RotateOutput::new(json, many, expected);
+            let end = client_runtime()?.block_on(control::call(
+                &cfg.control_socket,
+                &req,
+                timeout + Duration::from_secs(5),
+                |item| out.item(item),
+            ))?;
+            Ok(out.finish(end).into())
         }
-        Cmd::Status { config, json } => {
+        Cmd::Status { json, vms } => {
             let cfg = Config::load(&config)?;
-            let reply = runtime()?
-                .block_on(control::call(
-                    &cfg.control_socket,
-                    &Request::Status,
-                    Duration::from_secs(10),
-                ))
-                .map_err(anyhow::Error::msg)?;
-            match reply {
-                Reply::Status(vms) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&vms)?);
-                    } else {
-                        print_status(&vms);
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Reply::Error(e) => bail!("{e}"),
-                _ => bail!("unexpected reply to status"),
+            if let Err(e) = report::check_names(&cfg, &vms, &[], false) {
+                return Ok(report::usage(&e));
             }
+            let mut out = report::StatusOutput::new(json);
+            let end = client_runtime()?.block_on(control::call(
+                &cfg.control_socket,
+                &Request::Status { vms },
+                Duration::from_secs(30),
+                |item| out.item(item),
+            ))?;
+            Ok(out.finish(end).into())
         }
         Cmd::Launch {
-            config,
             vm,
             hypervisor,
             carrier,
@@ -216,7 +260,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 argv,
             },
         ),
-        Cmd::CheckConfig { config } => {
+        Cmd::CheckConfig => {
             let cfg = Config::load(&config)?;
             println!("{}: OK", cfg.path.display());
             println!(
@@ -225,6 +269,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.control_socket.display(),
                 cfg.launch_socket.display()
             );
+            if !cfg.launch_users.is_empty() {
+                let users: Vec<String> = cfg
+                    .launch_users
+                    .iter()
+                    .map(|u| format!("{} (uid {})", u.name, u.uid))
+                    .collect();
+                println!("launch_users {}", users.join(", "));
+            }
             for vm in cfg.vms.values() {
                 println!("vm {}: {}", vm.name, vm.target);
                 for c in vm.credentials.values() {
@@ -243,7 +295,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Pin { config } => {
+        Cmd::Pin => {
             let cfg = Config::load(&config)?;
             println!("{}", read_pin(&cfg)?);
             Ok(ExitCode::SUCCESS)
@@ -355,99 +407,4 @@ fn read_pin(cfg: &Config) -> Result<vmcred_proto::tls::Pin> {
     text.trim()
         .parse()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-fn print_rotate(vm: &str, reply: Reply, json: bool) -> ExitCode {
-    match reply {
-        Reply::Rotate(r) => {
-            let units_ok = r.units.iter().all(|u| u.ok);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            } else {
-                for c in &r.credentials {
-                    match &c.error {
-                        Some(e) => println!("{vm} {}: {} ({e})", c.name, c.outcome),
-                        None => println!("{vm} {}: {}", c.name, c.outcome),
-                    }
-                }
-                for u in &r.units {
-                    match &u.error {
-                        Some(e) => println!(
-                            "{vm} unit {} {}: {} ({e})",
-                            u.unit,
-                            u.action,
-                            if u.ok { "ok" } else { "FAILED" }
-                        ),
-                        None => println!(
-                            "{vm} unit {} {}: {}",
-                            u.unit,
-                            u.action,
-                            if u.ok { "ok" } else { "FAILED" }
-                        ),
-                    }
-                }
-                if r.applied && units_ok {
-                    println!("{vm}: generation {} applied", r.generation);
-                } else if r.applied {
-                    println!(
-                        "{vm}: generation {} applied, but a unit action failed",
-                        r.generation
-                    );
-                } else {
-                    println!(
-                        "{vm}: NOT applied: {}",
-                        r.error.as_deref().unwrap_or("see the credentials above")
-                    );
-                }
-            }
-            if r.applied && units_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Reply::Error(e) => {
-            eprintln!("vmcred-host: {vm}: NOT applied: {e}");
-            ExitCode::FAILURE
-        }
-        _ => {
-            eprintln!("vmcred-host: unexpected reply to rotate");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn print_status(vms: &[control::VmStatus]) {
-    if vms.is_empty() {
-        println!("no VMs configured");
-    }
-    for s in vms {
-        println!(
-            "{}: {} ({}), generation sent {} applied {}",
-            s.vm,
-            if s.connected {
-                "connected"
-            } else {
-                "not connected"
-            },
-            s.target,
-            s.generation_sent,
-            s.generation_applied
-        );
-        for c in &s.credentials {
-            println!(
-                "  {}{}: {}{}",
-                c.name,
-                if c.boot { " [boot]" } else { "" },
-                c.state,
-                c.error
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            );
-        }
-        if let Some(e) = &s.last_error {
-            println!("  last error: {e}");
-        }
-    }
 }

@@ -1,37 +1,106 @@
 //! `vmcred-host serve`: owns the VM tasks and the two local sockets, and
 //! maps signals to lifecycle (SIGTERM/SIGINT stop, SIGHUP reloads).
+//!
+//! Nothing here holds a lock across I/O: the VM table is an immutable
+//! snapshot behind a short-lived mutex, replaced whole on reload, and every
+//! local connection runs in its own task with deadlines on its reads and
+//! writes. Connections are bounded per socket (the accept loop waits for a
+//! free slot, so the kernel's backlog is the queue), and control requests
+//! wait a bounded time for a work slot, then get an explicit `busy`.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+mod limits;
+mod lock;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncWrite;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{oneshot, RwLock, Semaphore};
-use tracing::{error, info, warn};
-use vmcred_proto::tls;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use vmcred_proto::{rules, tls};
+
+pub use limits::raise_nofile_limit;
+pub use lock::{LockError, StateLock};
 
 use crate::config::Config;
-use crate::control::{self, Reply, Request};
+use crate::control::{self, Reply, Request, RotateReport};
 use crate::generations::Generations;
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
+use limits::{LogLimiter, Repeated};
 
-/// Local clients served at once per socket; more wait in the backlog.
-const MAX_CLIENTS: usize = 32;
-/// How long a local client has to send its request.
+/// Connections open at once per socket; the next ones wait in the kernel's
+/// listen backlog until one finishes.
+const MAX_CONNECTIONS: usize = 256;
+/// Control requests worked on at once; others wait up to `QUEUE_WAIT`.
+const MAX_ACTIVE: usize = 32;
+/// How long a control request waits for a work slot before `busy`.
+const QUEUE_WAIT: Duration = Duration::from_secs(30);
+/// How long a control client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a launch client has to send its line: the launch wrapper sends
+/// it at once, so anything slower is a stuck or hostile client.
+const LAUNCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refused clients (either socket) whose request line we wait for, at once.
+const MAX_REFUSING: usize = 16;
+/// How long a client may take to read one reply line.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one wake-up per VM per this period; further `launched` lines
+/// are acknowledged and dropped, so a flood cannot become a storm of
+/// dials and Hellos at the guest.
+const WAKE_EVERY: Duration = Duration::from_secs(1);
+/// Longest rotate timeout a client may ask for.
+const MAX_ROTATE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a reload waits to hand a busy VM task its new config.
+const RECONFIGURE_WAIT: Duration = Duration::from_secs(60);
+/// One line per kind of repeated problem per this period.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
-type Vms = Arc<RwLock<BTreeMap<String, VmHandle>>>;
+type Vms = Arc<BTreeMap<String, VmHandle>>;
+
+/// What a reload replaces, swapped whole.
+struct Shared {
+    vms: Vms,
+    launch_uids: Arc<Vec<u32>>,
+}
 
 struct Daemon {
     tls: Arc<rustls::ClientConfig>,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
-    vms: Vms,
+    shared: Mutex<Shared>,
+    /// Last wake-up sent per VM (only configured VMs are ever keys).
+    wakes: Mutex<HashMap<String, Instant>>,
+    work: Arc<Semaphore>,
+    /// Refused clients waited on at once (see `refuse`).
+    refusing: Arc<Semaphore>,
+    logs: LogLimiter,
+    me: u32,
+    /// `control_group` as at start (the socket's group cannot change later).
+    control_gid: Option<u32>,
+    /// Where VM tasks run (see `serve_with`).
+    vm_runtime: tokio::runtime::Handle,
+}
+
+/// What a control-socket peer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Full,
+    ReadOnly,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SocketKind {
+    Control,
+    Launch,
 }
 
 fn timing(cfg: &Config) -> Timing {
@@ -42,13 +111,28 @@ fn timing(cfg: &Config) -> Timing {
     }
 }
 
+/// Runs the daemon with the VM tasks on the current runtime.
 pub async fn serve(config_path: &Path) -> Result<()> {
-    let mut cfg = Config::load(config_path)?;
+    serve_with(config_path, tokio::runtime::Handle::current()).await
+}
+
+/// Runs the daemon with the VM tasks on `vm_runtime`. Given a runtime of
+/// their own, a VM task stuck in a blocking call (which can stall every
+/// worker's I/O driver of its runtime) cannot stop the sockets or SIGTERM:
+/// those run on the caller's runtime, and the caller shuts `vm_runtime`
+/// down with a deadline.
+pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) -> Result<()> {
+    match limits::raise_nofile_limit() {
+        Ok(n) => debug!(nofile = n, "descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
+    }
+    let mut cfg = load_config(config_path).await?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    let state_lock = StateLock::acquire(&cfg.state_dir)?;
     let identity = tls::Identity::load_or_create(&cfg.state_dir)?;
     info!(pin = %identity.pin()?, state_dir = %cfg.state_dir.display(), "host key ready");
     let daemon = Arc::new(Daemon {
@@ -56,19 +140,59 @@ pub async fn serve(config_path: &Path) -> Result<()> {
         generations: Generations::open(cfg.state_dir.join("generations"))
             .context("cannot open the generations directory")?,
         credentials_dir: source::credentials_directory(),
-        vms: Arc::new(RwLock::new(BTreeMap::new())),
+        shared: Mutex::new(Shared {
+            vms: Arc::new(BTreeMap::new()),
+            launch_uids: Arc::new(cfg.launch_uids()),
+        }),
+        wakes: Mutex::new(HashMap::new()),
+        work: Arc::new(Semaphore::new(MAX_ACTIVE)),
+        refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+        logs: LogLimiter::new(LOG_EVERY),
+        me: nix::unistd::geteuid().as_raw(),
+        control_gid: cfg.control_group.as_ref().map(|g| g.gid),
+        vm_runtime,
     });
     drop(identity);
 
-    let control = bind(&cfg.control_socket, 0o600)?;
-    let launch = bind(&cfg.launch_socket, 0o666)?;
-    daemon.apply_config(&cfg).await;
+    // With a control_group its members may read `status`: 0660 and that
+    // group; the peer check below still decides what each may do.
+    let mut control = match &cfg.control_group {
+        None => Bound::new(&cfg.control_socket, 0o600)?,
+        Some(g) => {
+            let b = Bound::new(&cfg.control_socket, 0o660)?;
+            nix::unistd::chown(
+                &cfg.control_socket,
+                None,
+                Some(nix::unistd::Gid::from_raw(g.gid)),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot give {} to group {}",
+                    cfg.control_socket.display(),
+                    g.name
+                )
+            })?;
+            b
+        }
+    };
+    // Anyone may connect; only root and `launch_users` are answered (peer
+    // credentials), which also works when the hypervisor users have no
+    // group in common.
+    let mut launch = Bound::new(&cfg.launch_socket, 0o666)?;
+    daemon.apply_config(&cfg);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let control_slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let launch_slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut loops = JoinSet::new();
+    for (bound, kind) in [
+        (&mut control, SocketKind::Control),
+        (&mut launch, SocketKind::Launch),
+    ] {
+        if let Some(l) = bound.listener.take() {
+            loops.spawn(accept_loop(daemon.clone(), l, kind));
+        }
+    }
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&cfg)),
@@ -81,39 +205,42 @@ pub async fn serve(config_path: &Path) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 notify(&[sd_notify::NotifyState::Reloading]);
-                match Config::load(config_path) {
+                match load_config(config_path).await {
                     Ok(new) => {
-                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir {
-                            warn!("socket paths and state_dir changes take effect only after a restart");
+                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group {
+                            warn!("socket paths, control_group and state_dir changes take effect only after a restart");
                         }
-                        daemon.apply_config(&new).await;
+                        daemon.apply_config(&new);
                         info!(vms = new.vms.len(), "config reloaded");
                         cfg = new;
                         notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status(&cfg))]);
                     }
                     Err(e) => {
-                        error!(error = %e, "config reload failed; keeping the previous config");
-                        notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("reload failed: {e}"))]);
+                        error!(error = %format!("{e:#}"), "config reload failed; keeping the previous config");
+                        notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("reload failed: {e:#}"))]);
                     }
                 }
             }
-            conn = control.accept() => match conn {
-                Ok((s, _)) => spawn_client(daemon.clone(), s, control_slots.clone(), true),
-                Err(e) => warn!(error = %e, "control socket accept failed"),
-            },
-            conn = launch.accept() => match conn {
-                Ok((s, _)) => spawn_client(daemon.clone(), s, launch_slots.clone(), false),
-                Err(e) => warn!(error = %e, "launch socket accept failed"),
-            },
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
     info!("stopping");
-    daemon.vms.write().await.clear();
-    for p in [&cfg.control_socket, &cfg.launch_socket] {
-        let _ = std::fs::remove_file(p);
-    }
+    loops.abort_all();
+    // Dropping the handles stops every VM task at its next await; one stuck
+    // in a blocking call is left to the runtime's shutdown deadline.
+    daemon.replace_vms(Arc::new(BTreeMap::new()), None);
+    control.remove_if_ours();
+    launch.remove_if_ours();
+    drop(state_lock);
     Ok(())
+}
+
+/// Reads the config off the async workers (it is a file read).
+async fn load_config(path: &Path) -> Result<Config> {
+    let path = path.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || Config::load(&path))
+        .await
+        .context("config loader panicked")??)
 }
 
 fn status(cfg: &Config) -> String {
@@ -128,55 +255,185 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Binds a Unix socket at `path` with `mode`, replacing a stale one.
-fn bind(path: &Path, mode: u32) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
-    }
-    let l =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(l)
+/// A listening socket and the identity of the file it created, so that
+/// shutdown removes only its own file.
+struct Bound {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    inode: (u64, u64),
 }
 
-fn spawn_client(daemon: Arc<Daemon>, s: UnixStream, slots: Arc<Semaphore>, control: bool) {
-    let Ok(permit) = slots.try_acquire_owned() else {
-        warn!("too many local clients at once; dropping one");
-        return;
-    };
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(e) = daemon.client(s, control).await {
-            warn!(error = %e, "local client");
+impl Bound {
+    /// Binds `path` with `mode`. A leftover file is removed only if it is a
+    /// socket nobody answers on: a live listener (another agent with
+    /// another state_dir, say) is never taken over.
+    fn new(path: &Path, mode: u32) -> Result<Bound> {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-    });
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+            Ok(m) if !m.file_type().is_socket() => bail!(
+                "{} exists and is not a socket; refusing to replace it (remove it if it is not needed)",
+                path.display()
+            ),
+            Ok(_) => {
+                if socket_is_live(path) {
+                    bail!(
+                        "another process is listening on {} (another vmcred-host serve with a different state_dir?); refusing to take it over",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale {}", path.display()))?;
+            }
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        let m = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot inspect {}", path.display()))?;
+        Ok(Bound {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            inode: (m.dev(), m.ino()),
+        })
+    }
+
+    fn remove_if_ours(&self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.inode {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Whether something accepts connections on the socket at `path`. A full
+/// backlog (`EAGAIN`) counts as live.
+fn socket_is_live(path: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINPROGRESS) => true,
+        Err(_) => false,
+    }
+}
+
+/// Accepts connections while a connection slot is free, and never spins:
+/// out of descriptors, it sleeps before trying again; repeated errors are
+/// logged once per period with a count.
+async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, kind: SocketKind) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let what = match kind {
+        SocketKind::Control => Repeated::AcceptControl,
+        SocketKind::Launch => Repeated::AcceptLaunch,
+    };
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = loop {
+            match listener.accept().await {
+                Ok((s, _)) => break s,
+                Err(e) => {
+                    if let Some(suppressed) = daemon.logs.allow(what) {
+                        warn!(socket = ?kind, error = %e, suppressed, "accept failed; backing off");
+                    }
+                    tokio::time::sleep(if limits::is_exhaustion(&e) {
+                        limits::EXHAUSTED_BACKOFF
+                    } else {
+                        limits::ERROR_BACKOFF
+                    })
+                    .await;
+                }
+            }
+        };
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            match kind {
+                SocketKind::Control => d.control_client(stream, permit).await,
+                SocketKind::Launch => d.launch_client(stream, permit).await,
+            }
+        });
+    }
+}
+
+/// Writes one reply line within `WRITE_TIMEOUT`.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, control::write_line(w, reply)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the client did not read its reply within {WRITE_TIMEOUT:?}"
+        )),
+    }
 }
 
 impl Daemon {
-    async fn apply_config(&self, cfg: &Config) {
+    fn snapshot(&self) -> (Vms, Arc<Vec<u32>>) {
+        match self.shared.lock() {
+            Ok(s) => (s.vms.clone(), s.launch_uids.clone()),
+            Err(p) => {
+                let s = p.into_inner();
+                (s.vms.clone(), s.launch_uids.clone())
+            }
+        }
+    }
+
+    /// Swaps the VM table (and the launch uids); the old table is dropped
+    /// outside the lock.
+    fn replace_vms(&self, vms: Vms, launch_uids: Option<Vec<u32>>) {
+        let old = {
+            let mut s = match self.shared.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if let Some(u) = launch_uids {
+                s.launch_uids = Arc::new(u);
+            }
+            std::mem::replace(&mut s.vms, vms)
+        };
+        drop(old);
+    }
+
+    /// Starts, stops and reconfigures VM tasks to match `cfg`. Never waits
+    /// on a VM task: a busy one gets its new config from a helper task.
+    fn apply_config(&self, cfg: &Config) {
         let t = timing(cfg);
-        let mut vms = self.vms.write().await;
-        vms.retain(|name, _| cfg.vms.contains_key(name));
+        let (old, _) = self.snapshot();
+        let mut new = BTreeMap::new();
+        let mut reconfigure = Vec::new();
         for (name, vm) in &cfg.vms {
-            match vms.get(name) {
+            match old.get(name) {
                 Some(h) if h.vm.target == vm.target => {
+                    let mut h = h.clone();
+                    h.vm = Arc::new(vm.clone());
                     // Every reload re-reads every source, changed entry or
                     // not: SIGHUP is also how a secret manager says "files
                     // replaced".
-                    let _ =
-                        h.tx.send(Command::Reconfigure(Box::new(vm.clone()), t))
-                            .await;
+                    reconfigure.push((h.tx.clone(), vm.clone()));
+                    new.insert(name.clone(), h);
                 }
                 _ => {
+                    let _on = self.vm_runtime.enter();
                     let h = vm::spawn(
                         vm.clone(),
                         t,
@@ -184,112 +441,375 @@ impl Daemon {
                         self.generations.clone(),
                         self.credentials_dir.clone(),
                     );
-                    vms.insert(name.clone(), h);
+                    new.insert(name.clone(), h);
                 }
             }
         }
-        // Handles whose config changed but not their target keep their
-        // `vm` snapshot up to date for the next comparison.
-        for (name, vm) in &cfg.vms {
-            if let Some(h) = vms.get_mut(name) {
-                h.vm = Arc::new(vm.clone());
+        self.replace_vms(Arc::new(new), Some(cfg.launch_uids()));
+        drop(old);
+        if let Ok(mut w) = self.wakes.lock() {
+            w.retain(|name, _| cfg.vms.contains_key(name));
+        }
+        for (tx, vm) in reconfigure {
+            match tx.try_send(Command::Reconfigure(Box::new(vm), t)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(RECONFIGURE_WAIT, tx.send(cmd)).await;
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }
 
-    async fn client(&self, mut s: UnixStream, control: bool) -> Result<(), String> {
-        let cred = s.peer_cred().map_err(|e| e.to_string())?;
-        let me = nix::unistd::geteuid().as_raw();
-        let req: Request = match control::read_line(&mut s, REQUEST_TIMEOUT).await {
-            Ok(r) => r,
+    /// `slot` is the connection's slot; a refused peer gives it back at
+    /// once, so strangers cannot crowd out the hypervisor's users.
+    async fn launch_client(&self, mut s: UnixStream, slot: OwnedSemaphorePermit) {
+        let (_, uids) = self.snapshot();
+        let uid = match s.peer_cred() {
+            Ok(c) => c.uid(),
             Err(e) => {
-                let _ =
-                    control::write_line(&mut s, &Reply::Error(format!("bad request: {e}"))).await;
-                return Err(format!("bad request from uid {}: {e}", cred.uid()));
+                debug!(error = %e, "cannot read a launch client's credentials");
+                return;
             }
         };
-        let reply = match (control, req) {
-            (_, Request::Launched { vm }) => self.launched(&vm).await,
-            (false, _) => Reply::Error("the launch socket only takes launched".into()),
-            (true, _) if cred.uid() != 0 && cred.uid() != me => {
-                Reply::Error(format!("uid {} may not use the control socket", cred.uid()))
+        if !uids.contains(&uid) {
+            drop(slot);
+            if let Some(suppressed) = self.logs.allow(Repeated::RefusedLaunchPeer) {
+                warn!(
+                    uid,
+                    suppressed, "refused a launch notification from a user not in launch_users"
+                );
             }
-            (true, Request::Status) => {
-                let vms = self.vms.read().await;
-                Reply::Status(
-                    vms.values()
-                        .filter_map(|h| h.status.lock().ok().map(|s| s.clone()))
-                        .collect(),
-                )
-            }
-            (
-                true,
-                Request::Rotate {
-                    vm,
-                    credentials,
-                    timeout_ms,
-                },
-            ) => {
-                self.rotate(&vm, credentials, Duration::from_millis(timeout_ms))
-                    .await
-            }
-        };
-        control::write_line(&mut s, &reply)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn launched(&self, vm: &str) -> Reply {
-        match self.vms.read().await.get(vm) {
-            Some(h) => {
-                // A full queue means a wake-up is already on its way.
-                let _ = h.tx.try_send(Command::Wake);
-                info!(vm, "VM launched; dialling now");
-                Reply::Ok
-            }
-            None => Reply::Error(format!(
-                "no VM named {:?} in the config",
-                vmcred_proto::rules::display_name(vm)
-            )),
+            self.refuse(
+                s,
+                format!(
+                    "uid {uid} may not notify launches; add its user to launch_users in the host config"
+                ),
+            )
+            .await;
+            return;
         }
+        let _slot = slot;
+        let reply = match control::read_line(&mut s, LAUNCH_REQUEST_TIMEOUT).await {
+            Ok(Request::Launched { vm }) => self.launched(&vm),
+            Ok(_) => Reply::Error("the launch socket only takes launched".into()),
+            Err(e) => {
+                if let Some(suppressed) = self.logs.allow(Repeated::BadRequest) {
+                    warn!(uid, error = %e, suppressed, "bad request on the launch socket");
+                }
+                Reply::Error(format!("bad request: {e}"))
+            }
+        };
+        let _ = send(&mut s, &reply).await;
     }
 
-    async fn rotate(&self, vm: &str, credentials: Vec<String>, timeout: Duration) -> Reply {
-        let Some(h) = self.vms.read().await.get(vm).cloned() else {
+    fn launched(&self, vm: &str) -> Reply {
+        let (vms, _) = self.snapshot();
+        let Some(h) = vms.get(vm) else {
             return Reply::Error(format!(
                 "no VM named {:?} in the config",
-                vmcred_proto::rules::display_name(vm)
+                rules::display_name(vm)
             ));
         };
-        let (tx, rx) = oneshot::channel();
-        if h.tx
-            .send(Command::Rotate {
-                credentials,
-                reply: tx,
-            })
-            .await
-            .is_err()
-        {
-            return Reply::Error(format!("VM {vm} is shutting down"));
+        let now = Instant::now();
+        let fresh = match self.wakes.lock() {
+            Ok(mut w) => match w.get(vm) {
+                Some(last) if now.duration_since(*last) < WAKE_EVERY => false,
+                _ => {
+                    w.insert(vm.to_string(), now);
+                    true
+                }
+            },
+            Err(_) => true,
+        };
+        if fresh {
+            // A full queue means a wake-up is already on its way.
+            let _ = h.tx.try_send(Command::Wake);
+            info!(vm, "VM launched; dialling now");
+        } else {
+            debug!(vm, "launch notification coalesced with the previous one");
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(report)) => Reply::Rotate(report),
-            Ok(Err(_)) => Reply::Error(format!(
-                "VM {vm} was removed from the config during the rotation"
-            )),
-            Err(_) => {
-                let last = h.status.lock().ok().and_then(|s| {
-                    if s.connected {
-                        None
-                    } else {
-                        s.last_error.clone()
-                    }
-                });
-                Reply::Error(match last {
-                    Some(e) => format!("timed out after {timeout:?}: the guest is not connected ({e}); it will apply when it is back"),
-                    None => format!("timed out after {timeout:?} waiting for the guest's acknowledgement; it will apply when it can"),
-                })
+        Reply::Ok
+    }
+
+    /// Answers a refused peer with `why`. Its connection slot is already
+    /// given back; from a small pool of its own it may first finish writing
+    /// its line, so that it reads the reason rather than a broken pipe. When
+    /// that pool is full the reason is written at once.
+    async fn refuse(&self, mut s: UnixStream, why: String) {
+        if let Ok(_refusing) = self.refusing.clone().try_acquire_owned() {
+            let _ =
+                control::read_line::<_, serde_json::Value>(&mut s, LAUNCH_REQUEST_TIMEOUT).await;
+        }
+        let _ = send(&mut s, &Reply::Error(why)).await;
+    }
+
+    /// What a control peer may do: everything as root or the agent's own
+    /// uid; only `status` as a member of `control_group` (its primary group
+    /// or, per the group database, a supplementary one).
+    fn control_access(&self, uid: u32, gid: u32) -> Access {
+        if uid == 0 || uid == self.me {
+            return Access::Full;
+        }
+        let Some(group) = self.control_gid else {
+            return Access::None;
+        };
+        if gid == group {
+            return Access::ReadOnly;
+        }
+        let member = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .and_then(|u| {
+                let name = std::ffi::CString::new(u.name).ok()?;
+                nix::unistd::getgrouplist(&name, u.gid).ok()
+            })
+            .is_some_and(|groups| groups.iter().any(|g| g.as_raw() == group));
+        if member {
+            Access::ReadOnly
+        } else {
+            Access::None
+        }
+    }
+
+    async fn control_client(&self, s: UnixStream, slot: OwnedSemaphorePermit) {
+        let (uid, gid) = match s.peer_cred() {
+            Ok(c) => (c.uid(), c.gid()),
+            Err(e) => {
+                debug!(error = %e, "cannot read a control client's credentials");
+                return;
             }
+        };
+        let access = self.control_access(uid, gid);
+        if access == Access::None {
+            drop(slot);
+            if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
+                warn!(uid, suppressed, "refused a control client");
+            }
+            self.refuse(s, format!("uid {uid} may not use the control socket"))
+                .await;
+            return;
+        }
+        let _slot = slot;
+        let (r, mut w) = s.into_split();
+        let req: Request = match control::read_line(r, REQUEST_TIMEOUT).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(suppressed) = self.logs.allow(Repeated::BadRequest) {
+                    warn!(uid, error = %e, suppressed, "bad request on the control socket");
+                }
+                let _ = send(&mut w, &Reply::Error(format!("bad request: {e}"))).await;
+                return;
+            }
+        };
+        let _work = match tokio::time::timeout(QUEUE_WAIT, self.work.clone().acquire_owned()).await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
+                    warn!(suppressed, "control request refused: busy");
+                }
+                let _ = send(
+                    &mut w,
+                    &Reply::Busy(format!(
+                        "{MAX_ACTIVE} requests were being served for {QUEUE_WAIT:?}; nothing was done, try again"
+                    )),
+                )
+                .await;
+                return;
+            }
+        };
+        let result = match req {
+            Request::Status { vms } => self.status(&mut w, &vms).await,
+            _ if access != Access::Full => {
+                send(
+                    &mut w,
+                    &Reply::Error(format!(
+                        "uid {uid} may only read status (control_group); rotate needs root"
+                    )),
+                )
+                .await
+            }
+            Request::Launched { vm } => send(&mut w, &self.launched(&vm)).await,
+            Request::Rotate {
+                vms,
+                all,
+                credentials,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_ROTATE_TIMEOUT);
+                self.rotate(&mut w, vms, all, credentials, timeout).await
+            }
+        };
+        if let Err(e) = result {
+            if let Some(suppressed) = self.logs.allow(Repeated::WriteFailed) {
+                warn!(error = %e, suppressed, "control client");
+            }
+        }
+    }
+
+    /// One line per VM from the current table, then `done`.
+    async fn status<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        only: &[String],
+    ) -> Result<(), String> {
+        let (vms, _) = self.snapshot();
+        if let Some(e) = unknown_vms(&vms, only) {
+            return send(w, &Reply::Error(e)).await;
+        }
+        let mut count = 0u64;
+        let selected: Vec<&VmHandle> = if only.is_empty() {
+            vms.values().collect()
+        } else {
+            only.iter().filter_map(|n| vms.get(n)).collect()
+        };
+        for h in selected {
+            let item = match h.status.lock() {
+                Ok(s) => s.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            send(w, &Reply::Status(control::bound_status(item))).await?;
+            count += 1;
+        }
+        send(w, &Reply::Done { count }).await
+    }
+
+    /// Rotates each named VM (or all) at once; streams each VM's report as
+    /// it finishes, then `done`. Refuses up front, with nothing sent to any
+    /// guest, if a VM or credential is not in the config.
+    async fn rotate<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        only: Vec<String>,
+        all: bool,
+        credentials: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (vms, _) = self.snapshot();
+        let selected: Vec<VmHandle> = match (all, only.is_empty()) {
+            (true, true) => vms.values().cloned().collect(),
+            (false, false) => {
+                if let Some(e) = unknown_vms(&vms, &only) {
+                    return send(w, &Reply::Error(e)).await;
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                only.iter()
+                    .filter(|n| seen.insert(n.as_str()))
+                    .filter_map(|n| vms.get(n).cloned())
+                    .collect()
+            }
+            (true, false) => {
+                return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
+            }
+            (false, true) => {
+                return send(
+                    w,
+                    &Reply::Error("name at least one VM, or ask for all".into()),
+                )
+                .await
+            }
+        };
+        for h in &selected {
+            let missing: Vec<&String> = credentials
+                .iter()
+                .filter(|c| !h.vm.credentials.contains_key(*c))
+                .collect();
+            if !missing.is_empty() {
+                return send(
+                    w,
+                    &Reply::Error(format!(
+                        "VM {} has no credential named {}; nothing was rotated",
+                        h.vm.name,
+                        some_names(&missing)
+                    )),
+                )
+                .await;
+            }
+        }
+        let mut running = JoinSet::new();
+        for h in selected {
+            running.spawn(rotate_one(h, credentials.clone(), timeout));
+        }
+        let mut count = 0u64;
+        while let Some(done) = running.join_next().await {
+            let report = match done {
+                Ok(r) => r,
+                Err(e) => RotateReport {
+                    error: Some(format!("internal error: {e}")),
+                    ..Default::default()
+                },
+            };
+            send(w, &Reply::Rotate(control::bound_rotate(report))).await?;
+            count += 1;
+        }
+        send(w, &Reply::Done { count }).await
+    }
+}
+
+fn unknown_vms(vms: &BTreeMap<String, VmHandle>, names: &[String]) -> Option<String> {
+    let unknown: Vec<&String> = names.iter().filter(|n| !vms.contains_key(*n)).collect();
+    (!unknown.is_empty()).then(|| format!("no VM named {} in the config", some_names(&unknown)))
+}
+
+/// Up to five names, quoted and escaped, then how many more: an error
+/// about a request's names stays short however many it named.
+fn some_names(names: &[&String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text: Vec<String> = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("{:?}", rules::display_name(n)))
+        .collect();
+    if names.len() > SHOWN {
+        text.push(format!("and {} more", names.len() - SHOWN));
+    }
+    text.join(", ")
+}
+
+/// Asks one VM's task to rotate and waits for its report; every failure
+/// becomes a report that says why.
+async fn rotate_one(h: VmHandle, credentials: Vec<String>, timeout: Duration) -> RotateReport {
+    let vm = h.vm.name.clone();
+    let failed = |error: String| RotateReport {
+        vm: vm.clone(),
+        error: Some(error),
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (tx, rx) = oneshot::channel();
+    let cmd = Command::Rotate {
+        credentials,
+        reply: tx,
+    };
+    match tokio::time::timeout_at(deadline, h.tx.send(cmd)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return failed(format!("VM {vm} is shutting down")),
+        Err(_) => {
+            return failed(format!(
+                "timed out after {timeout:?}: the VM's task is busy and did not take the request"
+            ))
+        }
+    }
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(report)) => report,
+        Ok(Err(_)) => failed(format!(
+            "VM {vm} was removed from the config during the rotation"
+        )),
+        Err(_) => {
+            let last = h.status.lock().ok().and_then(|s| {
+                if s.connected {
+                    None
+                } else {
+                    s.last_error.clone()
+                }
+            });
+            failed(match last {
+                Some(e) => format!("timed out after {timeout:?}: the guest is not connected ({e}); it will apply when it is back"),
+                None => format!("timed out after {timeout:?} waiting for the guest's acknowledgement; it will apply when it can"),
+            })
         }
     }
 }

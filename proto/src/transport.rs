@@ -1,8 +1,10 @@
 //! Byte streams between the agents, before TLS.
 //!
 //! Three real transports:
-//! - AF_VSOCK (qemu with vhost-vsock): the host dials `CID:PORT`; the guest
-//!   listens on `PORT` and accepts only the host, CID 2.
+//! - AF_VSOCK (qemu with vhost-vsock): the host dials `CID:PORT` from a
+//!   privileged source port (below 1024, so only root on the host can dial
+//!   from it; see `source_port`); the guest listens on `PORT` and accepts
+//!   only the host, CID 2.
 //! - Hybrid vsock (cloud-hypervisor, Firecracker, vhost-device-vsock): the
 //!   VMM exposes one Unix socket per VM; the host connects to it, writes
 //!   `CONNECT <port>\n` and reads `OK <n>\n`, after which the stream is
@@ -21,6 +23,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
+
+mod source_port;
+pub use source_port::{pick_source_port, SourcePortError, PRIVILEGED_SOURCE_PORTS};
 
 /// The host's CID as a guest sees it (`VMADDR_CID_HOST`).
 pub const HOST_CID: u32 = 2;
@@ -61,22 +66,29 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Each message carries its I/O cause itself (fields named `error`, not
+/// `source`), so printing the chain never repeats it.
 #[derive(Debug, Error)]
 pub enum TransportError {
-    #[error("cannot connect to {target}: {source}")]
-    Connect { target: String, source: io::Error },
+    #[error("cannot connect to {target}: {error}")]
+    Connect { target: String, error: io::Error },
     #[error("{target}: the VMM closed the connection before answering CONNECT (guest agent not listening yet?)")]
     HybridClosed { target: String },
     #[error("{target}: unexpected answer to CONNECT: {answer:?}")]
     HybridRefused { target: String, answer: String },
     #[error("{target}: timed out after {after:?}")]
     Timeout { target: String, after: Duration },
-    #[error("cannot listen on {what}: {source}")]
-    Listen { what: String, source: io::Error },
+    #[error("cannot listen on {what}: {error}")]
+    Listen { what: String, error: io::Error },
     #[error("refused a connection from {peer}: {why}")]
     Refused { peer: String, why: String },
     #[error("accept failed: {0}")]
     Accept(io::Error),
+    #[error("cannot dial {target} from a privileged source port: {why}")]
+    SourcePort {
+        target: String,
+        why: SourcePortError,
+    },
 }
 
 /// A connected byte stream of any transport.
@@ -135,18 +147,14 @@ pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, Transpor
 }
 
 async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
-    let connect_err = |source| TransportError::Connect {
+    let connect_err = |error| TransportError::Connect {
         target: target.to_string(),
-        source,
+        error,
     };
     match target {
-        Target::Vsock { cid, port } => {
-            let addr = tokio_vsock::VsockAddr::new(*cid, *port);
-            let s = tokio_vsock::VsockStream::connect(addr)
-                .await
-                .map_err(connect_err)?;
-            Ok(Stream::Vsock(s))
-        }
+        Target::Vsock { cid, port } => Ok(Stream::Vsock(
+            source_port::dial_vsock(*cid, *port, target).await?,
+        )),
         Target::Unix { path } => Ok(Stream::Unix(
             UnixStream::connect(path).await.map_err(connect_err)?,
         )),
@@ -165,9 +173,9 @@ async fn hybrid_handshake(
     port: u32,
     target: &Target,
 ) -> Result<(), TransportError> {
-    let io_err = |source| TransportError::Connect {
+    let io_err = |error| TransportError::Connect {
         target: target.to_string(),
-        source,
+        error,
     };
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .await
@@ -223,18 +231,18 @@ impl Listener {
         let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
         tokio_vsock::VsockListener::bind(addr)
             .map(Listener::Vsock)
-            .map_err(|source| TransportError::Listen {
+            .map_err(|error| TransportError::Listen {
                 what: format!("vsock port {port}"),
-                source,
+                error,
             })
     }
 
     /// Listens on a Unix socket (mode 0600), admitting peers whose uid is in
     /// `allowed_uids`.
     pub fn unix(path: &Path, allowed_uids: Vec<u32>) -> Result<Listener, TransportError> {
-        let listen_err = |source| TransportError::Listen {
+        let listen_err = |error| TransportError::Listen {
             what: path.display().to_string(),
-            source,
+            error,
         };
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -324,6 +332,17 @@ mod tests {
             }
         });
         (dir, path)
+    }
+
+    #[tokio::test]
+    async fn a_connect_error_names_its_cause_once() {
+        let t = Target::Unix {
+            path: "/nonexistent/vmcred/g.sock".into(),
+        };
+        let e = dial(&t, Duration::from_secs(5)).await.err().unwrap();
+        // The cause is in the message and is not a source() to print again.
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("No such file").count(), 1, "{e}");
     }
 
     #[tokio::test]

@@ -1,0 +1,440 @@
+//! How the CLI prints `status` and `rotate` replies, and its exit codes.
+//! Items are printed as they arrive from the agent, so a host with
+//! thousands of VMs needs no buffering and shows progress.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use serde_json::json;
+use vmcred_host::config::{Config, ConfigError};
+use vmcred_host::control::{CallError, Reply, RotateReport, VmStatus};
+
+/// Version of the `--json` output of `status` and `rotate`.
+pub const JSON_SCHEMA: u32 = 1;
+
+/// The exit codes, documented in `--help` and README.md; kept stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// A VM did not apply or is out of sync, or the command failed.
+    Failed = 1,
+    /// Bad arguments (clap exits 2 itself for its own usage errors).
+    Usage = 2,
+    /// The agent is not running or not reachable.
+    Unreachable = 3,
+    /// The config file cannot be read or is invalid.
+    Config = 4,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}
+
+impl Exit {
+    /// The code for an error that ended the command.
+    pub fn of_error(e: &anyhow::Error) -> Exit {
+        for cause in e.chain() {
+            if cause.downcast_ref::<ConfigError>().is_some() {
+                return Exit::Config;
+            }
+            if let Some(c) = cause.downcast_ref::<CallError>() {
+                return match c {
+                    CallError::Unreachable { .. } | CallError::ConnectTimeout { .. } => {
+                        Exit::Unreachable
+                    }
+                    CallError::Protocol { .. } => Exit::Failed,
+                };
+            }
+        }
+        Exit::Failed
+    }
+}
+
+/// Prints a usage error and returns its code.
+pub fn usage(message: &str) -> ExitCode {
+    eprintln!("vmcred-host: {message}");
+    Exit::Usage.into()
+}
+
+/// Refuses at once a VM or credential the config does not have: the agent
+/// would refuse it too, but only after connecting (and a VM that is down
+/// would make the caller wait for nothing).
+pub fn check_names(
+    cfg: &Config,
+    vms: &[String],
+    credentials: &[String],
+    all: bool,
+) -> Result<(), String> {
+    let shown = |n: &str| format!("{:?}", vmcred_proto::rules::display_name(n));
+    let unknown: Vec<String> = vms
+        .iter()
+        .filter(|v| !cfg.vms.contains_key(*v))
+        .map(|v| shown(v))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "no VM named {} in {}",
+            unknown.join(", "),
+            cfg.path.display()
+        ));
+    }
+    let selected: Vec<&vmcred_host::config::Vm> = if all {
+        cfg.vms.values().collect()
+    } else {
+        vms.iter().filter_map(|v| cfg.vms.get(v)).collect()
+    };
+    for vm in selected {
+        let missing: Vec<String> = credentials
+            .iter()
+            .filter(|c| !vm.credentials.contains_key(*c))
+            .map(|c| shown(c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "VM {} has no credential named {} in {}; nothing was rotated",
+                vm.name,
+                missing.join(", "),
+                cfg.path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a VM is fully in sync: connected, the last generation sent is
+/// applied, every credential applied, no unit action owed, no error.
+pub fn in_sync(s: &VmStatus) -> bool {
+    s.connected
+        && s.generation_applied >= s.generation_sent
+        && s.credentials.iter().all(|c| c.state == "applied")
+        && s.owed_units.is_empty()
+        && s.last_error.is_none()
+}
+
+/// Terminal width of stdout, if it is a terminal.
+fn terminal_width() -> Option<usize> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some(ws.ws_col as usize)
+}
+
+/// `s` cut to `width` characters, with `…` when cut.
+fn fit(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+pub struct StatusOutput {
+    json: bool,
+    width: Option<usize>,
+    total: usize,
+    synced: usize,
+    connected: usize,
+    header_done: bool,
+}
+
+impl StatusOutput {
+    pub fn new(json: bool) -> Self {
+        StatusOutput {
+            json,
+            width: terminal_width(),
+            total: 0,
+            synced: 0,
+            connected: 0,
+            header_done: false,
+        }
+    }
+
+    pub fn item(&mut self, item: Reply) {
+        let Reply::Status(s) = item else { return };
+        let ok = in_sync(&s);
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("in_sync".into(), ok.into());
+            }
+            let sep = if self.total == 0 {
+                format!("{{\"schema\":{JSON_SCHEMA},\"vms\":[\n")
+            } else {
+                ",\n".into()
+            };
+            let _ = write!(out, "{sep}{v}");
+        } else {
+            if !self.header_done {
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<5} {:<7} {:>16}  LAST ERROR",
+                    "VM", "LINK", "SYNC", "APPLIED"
+                );
+                self.header_done = true;
+            }
+            let sync = if ok {
+                "ok"
+            } else if s.credentials.iter().any(|c| c.state == "pending") && s.last_error.is_none() {
+                "pending"
+            } else {
+                "OUT"
+            };
+            let line = format!(
+                "{:<20} {:<5} {:<7} {:>16}  {}",
+                s.vm,
+                if s.connected { "up" } else { "down" },
+                sync,
+                s.generation_applied,
+                s.last_error.as_deref().unwrap_or("-")
+            );
+            let line = match self.width {
+                Some(w) => fit(&line, w),
+                None => line,
+            };
+            let _ = writeln!(out, "{line}");
+        }
+        self.total += 1;
+        self.synced += usize::from(ok);
+        self.connected += usize::from(s.connected);
+    }
+
+    pub fn finish(self, end: Reply) -> Exit {
+        let mut out = std::io::stdout().lock();
+        let failure = match end {
+            Reply::Done { .. } => None,
+            Reply::Error(e) => Some(format!("the agent answered: {e}")),
+            Reply::Busy(e) => Some(format!("the agent is busy: {e}")),
+            other => Some(format!("unexpected reply {other:?}")),
+        };
+        let summary = json!({
+            "vms": self.total,
+            "in_sync": self.synced,
+            "out_of_sync": self.total - self.synced,
+            "connected": self.connected,
+        });
+        if self.json {
+            if self.total == 0 {
+                let _ = write!(out, "{{\"schema\":{JSON_SCHEMA},\"vms\":[");
+            }
+            let _ = writeln!(
+                out,
+                "\n],\"summary\":{summary},\"complete\":{}}}",
+                failure.is_none()
+            );
+        } else if self.total == 0 && failure.is_none() {
+            let _ = writeln!(out, "no VMs configured");
+        } else {
+            let _ = writeln!(
+                out,
+                "{} VM(s): {} in sync, {} out of sync, {} connected",
+                self.total,
+                self.synced,
+                self.total - self.synced,
+                self.connected
+            );
+        }
+        drop(out);
+        if let Some(f) = failure {
+            eprintln!("vmcred-host: status incomplete: {f}");
+            return Exit::Failed;
+        }
+        if self.synced == self.total {
+            Exit::Ok
+        } else {
+            Exit::Failed
+        }
+    }
+}
+
+pub struct RotateOutput {
+    json: bool,
+    /// Several VMs: a live count on a terminal and a table at the end.
+    many: bool,
+    expected: usize,
+    progress: bool,
+    reports: Vec<RotateReport>,
+}
+
+/// Whether a report counts as success.
+fn succeeded(r: &RotateReport) -> bool {
+    r.applied && r.units.iter().all(|u| u.ok)
+}
+
+impl RotateOutput {
+    pub fn new(json: bool, many: bool, expected: usize) -> Self {
+        RotateOutput {
+            json,
+            many,
+            expected,
+            progress: many && std::io::stderr().is_terminal(),
+            reports: Vec::new(),
+        }
+    }
+
+    pub fn item(&mut self, item: Reply) {
+        let Reply::Rotate(r) = item else { return };
+        if !self.json && !self.many {
+            print_details(&r);
+        }
+        self.reports.push(r);
+        if self.progress {
+            let ok = self.reports.iter().filter(|r| succeeded(r)).count();
+            eprint!(
+                "\rrotated {}/{} ({} applied)",
+                self.reports.len(),
+                self.expected,
+                ok
+            );
+        }
+    }
+
+    pub fn finish(mut self, end: Reply) -> Exit {
+        if self.progress {
+            eprintln!();
+        }
+        let failure = match end {
+            Reply::Done { .. } => None,
+            Reply::Error(e) => Some(e),
+            Reply::Busy(e) => Some(format!("the agent is busy: {e}")),
+            other => Some(format!("unexpected reply {other:?}")),
+        };
+        self.reports.sort_by(|a, b| a.vm.cmp(&b.vm));
+        let ok = self.reports.iter().filter(|r| succeeded(r)).count();
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            let v = json!({
+                "schema": JSON_SCHEMA,
+                "rotations": self.reports,
+                "summary": {"vms": self.reports.len(), "applied": ok, "failed": self.reports.len() - ok},
+                "error": failure,
+            });
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            );
+        } else if self.many {
+            let width = terminal_width();
+            let _ = writeln!(
+                out,
+                "{:<20} {:<11} {:>16}  DETAIL",
+                "VM", "RESULT", "GENERATION"
+            );
+            for r in &self.reports {
+                let line = format!(
+                    "{:<20} {:<11} {:>16}  {}",
+                    r.vm,
+                    result_word(r),
+                    r.generation,
+                    detail(r)
+                );
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    match width {
+                        Some(w) => fit(&line, w),
+                        None => line,
+                    }
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{} VM(s): {} applied, {} not",
+                self.reports.len(),
+                ok,
+                self.reports.len() - ok
+            );
+        }
+        drop(out);
+        if let Some(f) = failure {
+            eprintln!("vmcred-host: NOT applied: {f}");
+            return Exit::Failed;
+        }
+        if ok == self.reports.len() && !self.reports.is_empty() {
+            Exit::Ok
+        } else {
+            Exit::Failed
+        }
+    }
+}
+
+fn result_word(r: &RotateReport) -> &'static str {
+    if succeeded(r) {
+        "applied"
+    } else if r.applied {
+        "UNIT-FAILED"
+    } else {
+        "NOT-APPLIED"
+    }
+}
+
+fn detail(r: &RotateReport) -> String {
+    if let Some(e) = &r.error {
+        return e.clone();
+    }
+    let failed: Vec<String> = r
+        .credentials
+        .iter()
+        .filter(|c| c.error.is_some())
+        .map(|c| format!("{}: {}", c.name, c.outcome))
+        .chain(
+            r.units
+                .iter()
+                .filter(|u| !u.ok)
+                .map(|u| format!("unit {} {}: FAILED", u.unit, u.action)),
+        )
+        .collect();
+    if failed.is_empty() {
+        let written = r
+            .credentials
+            .iter()
+            .filter(|c| c.outcome == "written")
+            .count();
+        format!("{written} written")
+    } else {
+        failed.join("; ")
+    }
+}
+
+/// The one-VM form: a line per credential and unit, then the verdict.
+fn print_details(r: &RotateReport) {
+    let vm = &r.vm;
+    for c in &r.credentials {
+        match &c.error {
+            Some(e) => println!("{vm} {}: {} ({e})", c.name, c.outcome),
+            None => println!("{vm} {}: {}", c.name, c.outcome),
+        }
+    }
+    for u in &r.units {
+        let word = if u.ok { "ok" } else { "FAILED" };
+        match &u.error {
+            Some(e) => println!("{vm} unit {} {}: {word} ({e})", u.unit, u.action),
+            None => println!("{vm} unit {} {}: {word}", u.unit, u.action),
+        }
+    }
+    if succeeded(r) {
+        println!("{vm}: generation {} applied", r.generation);
+    } else if r.applied {
+        println!(
+            "{vm}: generation {} applied, but a unit action failed",
+            r.generation
+        );
+    } else {
+        println!(
+            "{vm}: NOT applied: {}",
+            r.error.as_deref().unwrap_or("see the credentials above")
+        );
+    }
+}

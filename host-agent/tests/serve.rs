@@ -1,0 +1,625 @@
+//! `vmcred-host serve` as a real process: its local sockets, who may use
+//! them, how it behaves under floods, slow clients, many VMs, few
+//! descriptors and a second instance, and the CLI's exit codes. VMs point
+//! at Unix sockets that do not exist (or at a listener that only counts
+//! dials): none of this needs a guest.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const BUILT: &str = env!("CARGO_BIN_EXE_vmcred-host");
+
+/// The binary under test; `VMCRED_HOST_BIN` points these tests at another
+/// build (to show that a fix's test fails on the code before it).
+fn bin() -> String {
+    std::env::var("VMCRED_HOST_BIN").unwrap_or_else(|_| BUILT.to_string())
+}
+
+struct Agent {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// A config with `extra` appended (top-level keys first, then VMs).
+    fn config(top: &str, vms: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        // Other users (the launch-socket test's `nobody`) must reach the
+        // sockets.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = dir.path();
+        std::fs::write(
+            p.join("host.toml"),
+            format!(
+                "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\npoll_interval = \"0s\"\ndial_backoff_max = \"30s\"\n{top}\n{vms}",
+                p.join("state").display(),
+                p.join("run/control.sock").display(),
+                p.join("run/launch.sock").display(),
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn start(top: &str, vms: &str) -> Agent {
+        Agent::start_in(Agent::config(top, vms), None)
+    }
+
+    fn start_in(dir: tempfile::TempDir, nofile: Option<u64>) -> Agent {
+        let child = spawn_serve(dir.path(), nofile);
+        let agent = Agent {
+            dir,
+            child: Some(child),
+        };
+        wait_for(Duration::from_secs(30), || {
+            UnixStream::connect(agent.control()).is_ok()
+        });
+        agent
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn config_path(&self) -> PathBuf {
+        self.path().join("host.toml")
+    }
+    fn control(&self) -> PathBuf {
+        self.path().join("run/control.sock")
+    }
+    fn launch(&self) -> PathBuf {
+        self.path().join("run/launch.sock")
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("serve.log")).unwrap_or_default()
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_serve(dir: &Path, nofile: Option<u64>) -> Child {
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--config"])
+        .arg(dir.join("host.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(n) = nofile {
+        // SAFETY: only async-signal-safe setrlimit between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Polls `f` until it holds; panics after `limit` (a bound on waiting for
+/// an event, not a timing assertion).
+fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < end,
+            "condition not reached within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `serve --config cfg`, which must exit on its own (a second agent);
+/// waits at most 20 s, then kills it and fails.
+fn serve_must_exit(cfg: &Path) -> Output {
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the second serve kept running: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Whether a reply line ends the reply.
+fn terminal(line: &str) -> bool {
+    !(line.starts_with("{\"status\"") || line.starts_with("{\"rotate\""))
+}
+
+/// Sends one request line on a connected stream and reads reply lines up
+/// to the terminal one.
+fn exchange(mut s: UnixStream, request: &str) -> Vec<String> {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        let end = terminal(&line);
+        lines.push(line);
+        if end {
+            break;
+        }
+    }
+    lines
+}
+
+fn vms_at_missing_sockets(dir: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("[vms.vm{i}]\nunix_socket = \"{dir}/nothing-{i}.sock\"\n"))
+        .collect()
+}
+
+#[test]
+fn launch_socket_admits_only_root_and_launch_users() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let mode = std::fs::metadata(agent.launch())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666);
+    let as_nobody = || {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "socat",
+                "-t",
+                "5",
+                "-",
+            ])
+            .arg(format!("UNIX-CONNECT:{}", agent.launch().display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = out;
+        out.stdin
+            .take()
+            .unwrap()
+            .write_all(b"{\"cmd\":\"launched\",\"vm\":\"a\"}\n")
+            .unwrap();
+        let o = out.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let refused = as_nobody();
+    assert!(refused.contains("may not notify"), "{refused:?}");
+    // Root is always admitted.
+    let ok = exchange(
+        UnixStream::connect(agent.launch()).unwrap(),
+        r#"{"cmd":"launched","vm":"a"}"#,
+    );
+    assert_eq!(ok, vec!["\"ok\"".to_string()]);
+
+    // Allow `nobody` and reload: now it may.
+    let cfg = std::fs::read_to_string(agent.config_path()).unwrap();
+    std::fs::write(
+        agent.config_path(),
+        format!("launch_users = [\"nobody\"]\n{cfg}"),
+    )
+    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(30), || as_nobody().contains("\"ok\""));
+}
+
+#[test]
+fn slow_launch_clients_do_not_block_a_real_one() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    // More idle connections than the old 32 slots, sending nothing.
+    let idle: Vec<UnixStream> = (0..60)
+        .map(|_| UnixStream::connect(agent.launch()).unwrap())
+        .collect();
+    let real = exchange(
+        UnixStream::connect(agent.launch()).unwrap(),
+        r#"{"cmd":"launched","vm":"a"}"#,
+    );
+    assert_eq!(real, vec!["\"ok\"".to_string()]);
+    // Each idle one is then cut off by its deadline, with an answer.
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.contains("timed out"), "{text:?}");
+    }
+}
+
+#[test]
+fn launched_flood_is_coalesced_per_vm() {
+    let dir = Agent::config("", "");
+    let guest = dir.path().join("guest.sock");
+    let listener = UnixListener::bind(&guest).unwrap();
+    let dials = Arc::new(AtomicUsize::new(0));
+    {
+        let dials = dials.clone();
+        std::thread::spawn(move || {
+            // Accept and hang up at once: every dial fails and backs off.
+            for s in listener.incoming() {
+                dials.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+    }
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}[vms.a]\nunix_socket = \"{}\"\n", guest.display()),
+    )
+    .unwrap();
+    let agent = Agent::start_in(dir, None);
+    wait_for(Duration::from_secs(30), || {
+        dials.load(Ordering::SeqCst) >= 1
+    });
+    let started = Instant::now();
+    let before = dials.load(Ordering::SeqCst);
+    for _ in 0..100 {
+        let r = exchange(
+            UnixStream::connect(agent.launch()).unwrap(),
+            r#"{"cmd":"launched","vm":"a"}"#,
+        );
+        assert_eq!(r, vec!["\"ok\"".to_string()]);
+    }
+    let elapsed = started.elapsed().as_secs();
+    let during = dials.load(Ordering::SeqCst) - before;
+    // One wake-up per second at most, plus the task's own back-off
+    // (250 ms doubling) — far below one dial per notification.
+    let allowed = 2 * (elapsed as usize + 1) + 6;
+    assert!(
+        during <= allowed,
+        "{during} dials for 100 notifications in {elapsed} s"
+    );
+}
+
+#[test]
+fn hundred_concurrent_control_clients_all_get_an_answer() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let n = 100;
+    let barrier = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let path = agent.control();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(path).unwrap();
+                // Every client holds its connection before any sends.
+                barrier.wait();
+                exchange(s, r#"{"cmd":"status"}"#)
+            })
+        })
+        .collect();
+    for t in threads {
+        let lines = t.join().unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[1], r#"{"done":{"count":1}}"#);
+    }
+}
+
+#[test]
+fn status_answers_for_2000_vms() {
+    let dir = Agent::config("", "");
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let vms = vms_at_missing_sockets(&dir.path().display().to_string(), 2000);
+    std::fs::write(&cfg, format!("{text}{vms}")).unwrap();
+    let agent = Agent::start_in(dir, None);
+    let out = agent.cli(&["status", "--json"]);
+    // Out of sync: none of them is reachable.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["vms"].as_array().unwrap().len(), 2000);
+    assert_eq!(v["summary"]["out_of_sync"], 2000);
+    assert_eq!(v["complete"], true);
+    // The table form, filtered.
+    let out = agent.cli(&["status", "--vm", "vm7", "--vm", "vm1999"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.contains("vm1999") && text.contains("down"), "{text}");
+    assert!(text.contains("2 VM(s): 0 in sync, 2 out of sync"), "{text}");
+}
+
+#[test]
+fn few_descriptors_many_clients_stays_responsive_and_quiet() {
+    let dir = Agent::config("", "");
+    let agent = Agent::start_in(dir, Some(40));
+    let n = 150;
+    let barrier = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let path = agent.control();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(path).unwrap();
+                barrier.wait();
+                exchange(s, r#"{"cmd":"status"}"#)
+            })
+        })
+        .collect();
+    for t in threads {
+        let lines = t.join().unwrap();
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(r#"{"done":{"count":0}}"#),
+            "{lines:?}"
+        );
+    }
+    let log = agent.log();
+    assert!(
+        log.lines().count() < 50,
+        "{} log lines:\n{}",
+        log.lines().count(),
+        log.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    let out = agent.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn a_second_serve_refuses_and_leaves_the_first_alone() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let before = std::fs::metadata(agent.control()).unwrap();
+    let out = serve_must_exit(&agent.config_path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("PID {}", agent.pid())), "{err}");
+    let after = std::fs::metadata(agent.control()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(before.ino(), after.ino(), "the live socket was replaced");
+    assert_eq!(agent.cli(&["status", "--vm", "a"]).status.code(), Some(1));
+}
+
+#[test]
+fn a_live_socket_of_another_agent_is_not_taken_over() {
+    let first = Agent::start("", "");
+    // Same sockets, another state_dir: the lock does not see it, the
+    // probe does.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(first.config_path())
+        .unwrap()
+        .replace(
+            &first.path().join("state").display().to_string(),
+            &dir.path().join("state").display().to_string(),
+        );
+    std::fs::write(dir.path().join("host.toml"), cfg).unwrap();
+    let out = serve_must_exit(&dir.path().join("host.toml"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("refusing to take it over"), "{err}");
+    assert_eq!(first.cli(&["status"]).status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_stops_and_removes_the_sockets() {
+    let mut agent = Agent::start("", &vms_at_missing_sockets("/nonexistent", 3));
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.child.as_mut().unwrap().wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!agent.control().exists() && !agent.launch().exists());
+}
+
+#[test]
+fn exit_codes_are_distinct_and_errors_say_their_cause_once() {
+    let dir = Agent::config("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n[vms.a.credentials.K]\npath = \"/nonexistent/k\"\n");
+    let cfg = dir.path().join("host.toml");
+    let run = |args: &[&str], cfg: &Path| {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    // No agent running.
+    let o = run(&["status"], &cfg);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    // Unreadable config: 4, and the cause once.
+    let o = run(&["status"], &dir.path().join("missing.toml"));
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // A VM or credential not in the config: refused at once, 2.
+    assert_eq!(run(&["rotate", "nope"], &cfg).status.code(), Some(2));
+    let o = run(&["rotate", "a", "NOT_CONFIGURED"], &cfg);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no credential named"));
+    assert_eq!(
+        run(&["status", "--vm", "nope"], &cfg).status.code(),
+        Some(2)
+    );
+    // clap's own usage errors.
+    assert_eq!(run(&["rotate", "--bogus"], &cfg).status.code(), Some(2));
+}
+
+#[test]
+fn rotate_all_reports_every_vm_in_one_table() {
+    let agent = Agent::start("", &vms_at_missing_sockets("/nonexistent", 3));
+    let out = agent.cli(&["rotate", "--all", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for vm in ["vm0", "vm1", "vm2"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(vm) && l.contains("NOT-APPLIED")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("3 VM(s): 0 applied, 3 not"), "{text}");
+    let out = agent.cli(&["rotate", "--vm", "vm1", "--json", "--timeout", "1s"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["rotations"].as_array().unwrap().len(), 1);
+    assert_eq!(v["rotations"][0]["vm"], "vm1");
+}
+
+#[test]
+fn sighup_adds_and_removes_vms_and_keeps_answering() {
+    let agent = Agent::start("", &vms_at_missing_sockets("/nonexistent", 3));
+    // Through the socket: the CLI itself would refuse the broken config.
+    let names = |agent: &Agent| -> Vec<String> {
+        exchange(
+            UnixStream::connect(agent.control()).unwrap(),
+            r#"{"cmd":"status"}"#,
+        )
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["status"]["vm"].as_str().map(String::from))
+        .collect()
+    };
+    assert_eq!(names(&agent), ["vm0", "vm1", "vm2"]);
+    let text = std::fs::read_to_string(agent.config_path()).unwrap();
+    let text = text.replace("[vms.vm0]", "[vms.vm3]");
+    std::fs::write(agent.config_path(), text).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(30), || {
+        names(&agent) == ["vm1", "vm2", "vm3"]
+    });
+    // A broken config is refused and the running one kept.
+    std::fs::write(agent.config_path(), "[vms.x]\n").unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(30), || {
+        agent.log().contains("config reload failed")
+    });
+    assert_eq!(names(&agent), ["vm1", "vm2", "vm3"]);
+}
+
+#[test]
+fn control_socket_refuses_other_users_and_long_name_lists_stay_short() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let mode = std::fs::metadata(agent.control())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Even with the mode opened up, the peer check refuses `nobody`.
+    std::fs::set_permissions(agent.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "socat",
+            "-t",
+            "5",
+            "-",
+        ])
+        .arg(format!("UNIX-CONNECT:{}", agent.control().display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"cmd\":\"status\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("may not use the control socket"), "{text:?}");
+    assert!(!text.contains("\"status\""), "{text:?}");
+    // Thousands of unknown names: one short error line, nothing rotated.
+    let names: Vec<String> = (0..5000).map(|i| format!("x{i}")).collect();
+    let req = serde_json::json!({"cmd": "rotate", "vms": names, "timeout_ms": 1000});
+    let lines = exchange(
+        UnixStream::connect(agent.control()).unwrap(),
+        &req.to_string(),
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].len() < 1000, "{}", lines[0].len());
+    assert!(lines[0].contains("and 4995 more"), "{}", lines[0]);
+}
+
+#[test]
+fn control_group_members_may_read_status_but_not_rotate() {
+    let agent = Agent::start(
+        "control_group = \"nogroup\"",
+        "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+    );
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(agent.control()).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), 65534);
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", &bin()])
+            .args(args)
+            .arg("--config")
+            .arg(agent.config_path())
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Readable; out of sync (the VM is not reachable), so exit 1.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text.lines().any(|l| l.starts_with("a ")), "{text}");
+    let out = as_nobody(&["rotate", "a", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("may only read status"), "{all}");
+}
