@@ -167,6 +167,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
 
+    // Also bound before anything can report readiness: units ordered
+    // after this one may read it as soon as they start.
+    let config = Arc::new(config);
+    if config.serves_socket() {
+        let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
+        let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
+        tracing::info!(socket = %path.display(), "serving the credential socket");
+        tokio::spawn(socket.serve(store.clone(), config.clone()));
+    }
+
     let state = store.state();
     tracing::info!(
         credentials_dir = %cli.credentials_dir.display(),
@@ -195,13 +205,6 @@ async fn run(cli: Cli) -> Result<()> {
         });
     }
 
-    let config = Arc::new(config);
-    if config.serves_socket() {
-        let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
-        let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
-        tracing::info!(socket = %path.display(), "serving the credential socket");
-        tokio::spawn(socket.serve(store.clone(), config.clone()));
-    }
     let service = GuestService::new(
         store.clone(),
         config,

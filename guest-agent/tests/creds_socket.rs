@@ -353,3 +353,114 @@ async fn bind_replaces_a_stale_socket_and_nothing_else() {
         .to_string();
     assert!(err.contains("writable by no one else"), "{err}");
 }
+
+/// The real binary: with `socket_units` in its config it serves
+/// `<state dir>/creds.sock` (0600) from the values its pushes applied,
+/// and logs refusals by name, never a value.
+#[test]
+fn the_binary_serves_the_socket_in_its_state_dir() {
+    use std::io::BufRead;
+    use vmcred_proto::bootstrap::{Bootstrap, HostTransport};
+    use vmcred_proto::tls::Identity;
+
+    const SECRET: &[u8] = b"Sock-S3cr3t-4b1d";
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |rel: &str| tmp.path().join(rel);
+    let host = Identity::generate("vmcred-host").unwrap();
+    let b = Bootstrap {
+        port: 700,
+        pin: host.pin().unwrap(),
+        host: HostTransport::Hybrid,
+    };
+    std::fs::create_dir(p("credentials")).unwrap();
+    std::fs::write(p("credentials/vmcred.bootstrap"), b.encode()).unwrap();
+    std::fs::write(
+        p("guest.toml"),
+        "initial_sync_timeout = \"1h\"\n[credentials.API_KEY]\nsocket_units = [\"api.service\"]\nreload_units = [\"api.service\"]\n",
+    )
+    .unwrap();
+    let systemctl = common::recording_systemctl(tmp.path(), &p("calls"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmcred-guest"))
+        .arg("--config")
+        .arg(p("guest.toml"))
+        .arg("--bootstrap")
+        .arg(p("credentials/vmcred.bootstrap"))
+        .arg("--credentials-dir")
+        .arg(p("credentials"))
+        .arg("--state-dir")
+        .arg(p("state"))
+        .arg("--listen-unix")
+        .arg(p("guest.sock"))
+        .arg("--systemctl")
+        .arg(&systemctl)
+        .arg("--log-level")
+        .arg("trace")
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the log as it goes, line by line, until the socket is bound.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(15))
+            .expect("the agent never said it serves the credential socket");
+        if line.contains("serving the credential socket") {
+            break;
+        }
+    }
+    let sock = p("state/creds.sock");
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = common::connect(&p("guest.sock"), &host).await.unwrap();
+        c.apply(apply(1, vec![cred("API_KEY", SECRET)], &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            ask_as_systemd(&sock, "api.service", "API_KEY").await,
+            Got::Value(SECRET.to_vec())
+        );
+        assert_eq!(
+            ask_as_systemd(&sock, "evil.service", "API_KEY").await,
+            Got::TooBig
+        );
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let log = reader.join().unwrap();
+    assert!(log.contains("serving the credential socket"), "{log}");
+    assert!(log.contains("value handed to the unit"), "{log}");
+    assert!(log.contains("evil.service"), "{log}");
+    assert!(
+        !log.contains(std::str::from_utf8(SECRET).unwrap()),
+        "a value reached the log"
+    );
+    assert!(
+        !log.contains(&hex::encode(SECRET)),
+        "a value reached the log (hex)"
+    );
+}
