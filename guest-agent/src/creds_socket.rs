@@ -216,6 +216,8 @@ impl CredsSocket {
 
 /// Serves one connection and logs how it ended (names only, never a value).
 pub async fn handle(mut stream: UnixStream, store: &Arc<Store>, config: &GuestConfig) -> Outcome {
+    // For the log only: which process asked (systemd-executor, usually).
+    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let outcome = decide(&stream, store, config).await;
     match outcome {
         Ok((request, value)) => {
@@ -230,6 +232,7 @@ pub async fn handle(mut stream: UnixStream, store: &Arc<Store>, config: &GuestCo
                     tracing::info!(
                         unit = %request.unit,
                         credential = %request.credential,
+                        ?peer_pid,
                         "credential socket: value handed to the unit"
                     );
                 }
@@ -237,6 +240,7 @@ pub async fn handle(mut stream: UnixStream, store: &Arc<Store>, config: &GuestCo
                     tracing::warn!(
                         unit = %request.unit,
                         credential = %request.credential,
+                        ?peer_pid,
                         error = %e,
                         "credential socket: the peer went away before taking the value"
                     );
@@ -245,7 +249,7 @@ pub async fn handle(mut stream: UnixStream, store: &Arc<Store>, config: &GuestCo
             Outcome::Served(request)
         }
         Err((refusal, root)) => {
-            tracing::warn!(reason = %refusal, "credential socket: refused");
+            tracing::warn!(reason = %refusal, ?peer_pid, "credential socket: refused");
             if root {
                 refuse(&mut stream).await;
             }
