@@ -27,6 +27,19 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
+/// Where a credential's value is delivered in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deliver {
+    /// A file in the credentials directory (`/run/credentials/@system`);
+    /// the credential socket, if mapped, serves it from there.
+    #[default]
+    File,
+    /// Only through the credential socket: the agent keeps the value in
+    /// memory and writes no file, so no process reads it from `@system`.
+    Socket,
+}
+
 /// What to do when one credential changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialPolicy {
@@ -37,6 +50,7 @@ pub struct CredentialPolicy {
     /// credential socket (`LoadCredential=NAME:/run/vmcred/creds.sock`).
     /// Any other unit asking for it is refused.
     pub socket_units: Vec<String>,
+    pub deliver: Deliver,
 }
 
 impl Default for CredentialPolicy {
@@ -46,6 +60,7 @@ impl Default for CredentialPolicy {
             reload_units: Vec::new(),
             mode: DEFAULT_MODE,
             socket_units: Vec::new(),
+            deliver: Deliver::File,
         }
     }
 }
@@ -76,6 +91,8 @@ struct RawCredential {
     mode: Option<String>,
     #[serde(default)]
     socket_units: Vec<String>,
+    #[serde(default)]
+    deliver: Deliver,
 }
 
 impl GuestConfig {
@@ -112,6 +129,12 @@ impl GuestConfig {
             {
                 validate_unit(unit).map_err(ctx)?;
             }
+            if c.deliver == Deliver::Socket && c.socket_units.is_empty() {
+                return Err(ctx(
+                    "deliver = \"socket\" needs socket_units: no unit could read the value otherwise"
+                        .into(),
+                ));
+            }
             let mode = match c.mode {
                 Some(m) => parse_mode(&m).map_err(ctx)?,
                 None => DEFAULT_MODE,
@@ -123,6 +146,7 @@ impl GuestConfig {
                     reload_units: c.reload_units,
                     mode,
                     socket_units: c.socket_units,
+                    deliver: c.deliver,
                 },
             );
         }
@@ -140,6 +164,13 @@ impl GuestConfig {
 
     pub fn mode(&self, name: &str) -> u32 {
         self.credentials.get(name).map_or(DEFAULT_MODE, |c| c.mode)
+    }
+
+    /// How `name` is delivered; unconfigured credentials are files.
+    pub fn deliver(&self, name: &str) -> Deliver {
+        self.credentials
+            .get(name)
+            .map_or(Deliver::File, |c| c.deliver)
     }
 
     /// Whether `unit` may take `credential` from the credential socket.
@@ -225,6 +256,10 @@ mode = "0400"
 reload_units = ["nginx.service"]
 mode = "0440"
 socket_units = ["api.service"]
+
+[credentials.MEMORY]
+socket_units = ["api.service"]
+deliver = "socket"
 "#,
         )
         .unwrap();
@@ -243,6 +278,9 @@ socket_units = ["api.service"]
         assert!(!c.socket_allows("API_KEY", "api.service"));
         assert!(!c.socket_allows("OTHER", "api.service"));
         assert!(!GuestConfig::default().serves_socket());
+        assert_eq!(c.deliver("MEMORY"), Deliver::Socket);
+        assert_eq!(c.deliver("SHARED"), Deliver::File);
+        assert_eq!(c.deliver("OTHER"), Deliver::File);
     }
 
     #[test]
@@ -271,6 +309,11 @@ socket_units = ["api.service"]
             ("[credentials.A]\nreload_units = [\"-x\"]", "'-'"),
             ("[credentials.A]\nsocket_units = [\"a/b.service\"]", "'/'"),
             ("[credentials.A]\nsocket_units = [\"\"]", "empty"),
+            (
+                "[credentials.A]\ndeliver = \"socket\"",
+                "needs socket_units",
+            ),
+            ("[credentials.A]\ndeliver = \"both\"", "unknown variant"),
             ("[credentials.A]\nmode = \"0600\"", "0444"),
             ("[credentials.A]\nmode = \"0755\"", "0444"),
             ("[credentials.A]\nmode = \"0040\"", "owner"),

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use vmcred_proto::rules::{display_name, validate_name, MAX_CREDENTIAL_BYTES};
 use zeroize::Zeroizing;
 
-use crate::config::{validate_unit, GuestConfig};
+use crate::config::{validate_unit, Deliver, GuestConfig};
 use crate::store::Store;
 
 /// The socket's file name in the agent's state directory.
@@ -122,6 +122,57 @@ pub enum Outcome {
     Refused(Refusal),
 }
 
+/// Values of `deliver = "socket"` credentials: in memory only, never in a
+/// file. The service swaps a push's values in, all at once, after the push
+/// committed; an agent restart loses them, and the host, seeing them
+/// missing from `Hello.held`, pushes them again. No `Debug`: it holds values.
+#[derive(Default)]
+pub struct SocketValues {
+    values: std::sync::Mutex<ValueMap>,
+}
+
+/// Name to value and its SHA-256.
+type ValueMap = std::collections::BTreeMap<String, (Zeroizing<Vec<u8>>, [u8; 32])>;
+
+impl SocketValues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ValueMap> {
+        // A panic while holding it cannot leave a half-written map: every
+        // change is one insert or remove.
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The digest of the value held for `name`.
+    pub fn digest(&self, name: &str) -> Option<[u8; 32]> {
+        self.lock().get(name).map(|(_, d)| *d)
+    }
+
+    /// A copy of the value held for `name`.
+    pub fn get(&self, name: &str) -> Option<Zeroizing<Vec<u8>>> {
+        self.lock().get(name).map(|(v, _)| v.clone())
+    }
+
+    /// Names and digests of everything held.
+    pub fn held(&self) -> Vec<(String, [u8; 32])> {
+        self.lock()
+            .iter()
+            .map(|(n, (_, d))| (n.clone(), *d))
+            .collect()
+    }
+
+    /// Sets and removes in one step, so a reader sees all of a push or
+    /// none of it.
+    pub fn swap(&self, set: Vec<(String, Zeroizing<Vec<u8>>)>, remove: &[String]) {
+        let mut map = self.lock();
+        for (name, value) in set {
+            let digest = vmcred_proto::rules::digest(&value);
+            map.insert(name, (value, digest));
+        }
+        for name in remove {
+            map.remove(name);
+        }
+    }
+}
+
 /// A bound credential socket, not yet serving.
 pub struct CredsSocket {
     listener: UnixListener,
@@ -181,7 +232,12 @@ impl CredsSocket {
 
     /// Serves connections until the task is dropped: at most
     /// [`MAX_CONNECTIONS`] at once, each within [`CONNECTION_DEADLINE`].
-    pub async fn serve(self, store: Arc<Store>, config: Arc<GuestConfig>) {
+    pub async fn serve(
+        self,
+        store: Arc<Store>,
+        config: Arc<GuestConfig>,
+        memory: Arc<SocketValues>,
+    ) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -197,12 +253,14 @@ impl CredsSocket {
                     continue;
                 }
             };
-            let (store, config) = (store.clone(), config.clone());
+            let (store, config, memory) = (store.clone(), config.clone(), memory.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let served =
-                    tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &store, &config))
-                        .await;
+                let served = tokio::time::timeout(
+                    CONNECTION_DEADLINE,
+                    handle(stream, &store, &config, &memory),
+                )
+                .await;
                 if served.is_err() {
                     tracing::warn!(
                         deadline = %humantime::format_duration(CONNECTION_DEADLINE),
@@ -215,10 +273,15 @@ impl CredsSocket {
 }
 
 /// Serves one connection and logs how it ended (names only, never a value).
-pub async fn handle(mut stream: UnixStream, store: &Arc<Store>, config: &GuestConfig) -> Outcome {
+pub async fn handle(
+    mut stream: UnixStream,
+    store: &Arc<Store>,
+    config: &GuestConfig,
+    memory: &SocketValues,
+) -> Outcome {
     // For the log only: which process asked (systemd-executor, usually).
     let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
-    let outcome = decide(&stream, store, config).await;
+    let outcome = decide(&stream, store, config, memory).await;
     match outcome {
         Ok((request, value)) => {
             let sent = async {
@@ -279,6 +342,7 @@ async fn decide(
     stream: &UnixStream,
     store: &Arc<Store>,
     config: &GuestConfig,
+    memory: &SocketValues,
 ) -> Result<(Request, Zeroizing<Vec<u8>>), (Refusal, bool)> {
     let cred = stream
         .peer_cred()
@@ -299,6 +363,14 @@ async fn decide(
             unit: display_name(&request.unit),
             credential: display_name(&request.credential),
         }));
+    }
+    if config.deliver(&request.credential) == Deliver::Socket {
+        return match memory.get(&request.credential) {
+            Some(v) => Ok((request, v)),
+            None => Err(refused(Refusal::NotHeld {
+                credential: request.credential.clone(),
+            })),
+        };
     }
     if !store.state().managed.contains(&request.credential) {
         return Err(refused(Refusal::NotHeld {

@@ -170,11 +170,12 @@ async fn run(cli: Cli) -> Result<()> {
     // Also bound before anything can report readiness: units ordered
     // after this one may read it as soon as they start.
     let config = Arc::new(config);
+    let memory = Arc::new(vmcred_guest::creds_socket::SocketValues::default());
     if config.serves_socket() {
         let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
         let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
         tracing::info!(socket = %path.display(), "serving the credential socket");
-        tokio::spawn(socket.serve(store.clone(), config.clone()));
+        tokio::spawn(socket.serve(store.clone(), config.clone(), memory.clone()));
     }
 
     let state = store.state();
@@ -205,11 +206,12 @@ async fn run(cli: Cli) -> Result<()> {
         });
     }
 
-    let service = GuestService::new(
+    let service = GuestService::with_socket_values(
         store.clone(),
         config,
         UnitRunner::new(cli.systemctl.clone()),
         readiness,
+        memory,
     );
     let server = serve(listener, bootstrap.pin, service, ServerOptions::default());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

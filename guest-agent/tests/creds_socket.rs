@@ -103,7 +103,7 @@ async fn guest_with_socket(config: &str) -> (Guest, PathBuf) {
     let path = g.tmp.path().join("creds.sock");
     let socket = CredsSocket::bind(&path).unwrap();
     let config = Arc::new(GuestConfig::parse(config).unwrap());
-    tokio::spawn(socket.serve(g.store.clone(), config));
+    tokio::spawn(socket.serve(g.store.clone(), config, g.memory.clone()));
     (g, path)
 }
 
@@ -463,4 +463,187 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
         !log.contains(&hex::encode(SECRET)),
         "a value reached the log (hex)"
     );
+}
+
+const MEMORY_CONFIG: &str = r#"
+[credentials.MEMORY]
+deliver = "socket"
+socket_units = ["api.service"]
+reload_units = ["api.service"]
+
+[credentials.PLAIN]
+restart_units = ["plain.service"]
+"#;
+
+fn held_names(h: &vmcred_proto::rpc::pb::HelloReply) -> Vec<(String, Vec<u8>)> {
+    h.held
+        .iter()
+        .map(|x| (x.name.clone(), x.sha256.clone()))
+        .collect()
+}
+
+fn hello() -> vmcred_proto::rpc::pb::HelloRequest {
+    vmcred_proto::rpc::pb::HelloRequest {
+        host_version: "test".into(),
+        vm: "test-vm".into(),
+    }
+}
+
+#[tokio::test]
+async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
+    use vmcred_proto::rpc::pb::Outcome;
+    use vmcred_proto::rules::digest;
+    let (g, sock) = guest_with_socket(MEMORY_CONFIG).await;
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(
+            1,
+            vec![cred("MEMORY", b"m1"), cred("PLAIN", b"p1")],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r
+        .results
+        .iter()
+        .all(|x| x.outcome == Outcome::Written as i32));
+    assert_eq!(
+        g.read("MEMORY"),
+        None,
+        "no file for a socket-only credential"
+    );
+    assert_eq!(g.read("PLAIN"), Some(b"p1".to_vec()));
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m1".to_vec())
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(
+        held_names(&h),
+        vec![
+            ("MEMORY".to_string(), digest(b"m1").to_vec()),
+            ("PLAIN".to_string(), digest(b"p1").to_vec())
+        ]
+    );
+    // Rotation: the new value, and the reload that makes systemd re-read.
+    c.apply(apply(2, vec![cred("MEMORY", b"m2")], &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m2".to_vec())
+    );
+    assert!(g.calls().contains("try-reload-or-restart api.service"));
+    // The same value again changes nothing and runs nothing.
+    let calls = g.calls();
+    let r = c
+        .apply(apply(3, vec![cred("MEMORY", b"m2")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].outcome, Outcome::Unchanged as i32);
+    assert_eq!(g.calls(), calls);
+    // Not newer: refused, the value stays.
+    assert!(c
+        .apply(apply(3, vec![cred("MEMORY", b"rollback")], &[]))
+        .await
+        .is_err());
+    // All or nothing: a push whose other part fails leaves the old value.
+    std::fs::write(g.creds.join("FOREIGN"), b"not ours").unwrap();
+    let r = c
+        .apply(apply(4, vec![cred("MEMORY", b"m3")], &["FOREIGN"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 3);
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m2".to_vec())
+    );
+    // Removed: refused from then on, no longer held.
+    let r = c
+        .apply(apply(5, vec![], &["MEMORY"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].outcome, Outcome::Removed as i32);
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::TooBig
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(held_names(&h).len(), 1);
+    assert_eq!(g.read("MEMORY"), None);
+}
+
+/// An agent restart loses socket-only values: its Hello says so, and the
+/// host's next push (newer, as always) restores them. A credential that
+/// was a file before its config said `deliver = "socket"` is not reported
+/// held until that push, which removes the file.
+#[tokio::test]
+async fn socket_values_after_a_restart_and_a_switch_from_file() {
+    use vmcred_guest::notify::Readiness;
+    use vmcred_guest::service::GuestService;
+    use vmcred_guest::units::UnitRunner;
+    use vmcred_proto::rpc::Guest as _;
+
+    // First run: both delivered as files.
+    let g = start(
+        "[credentials.MEMORY]\nsocket_units = [\"api.service\"]\n",
+        Limits::default(),
+    )
+    .await;
+    let mut c = g.client().await;
+    c.apply(apply(
+        1,
+        vec![cred("MEMORY", b"v1"), cred("PLAIN", b"p")],
+        &[],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(g.read("MEMORY"), Some(b"v1".to_vec()));
+
+    // "Restart" with deliver = "socket": a new service on the same store.
+    let config = Arc::new(GuestConfig::parse(MEMORY_CONFIG).unwrap());
+    let memory = Arc::new(vmcred_guest::creds_socket::SocketValues::default());
+    let svc = GuestService::with_socket_values(
+        g.store.clone(),
+        config,
+        UnitRunner::new(common::recording_systemctl(g.tmp.path(), &g.calls)),
+        Arc::new(Readiness::new()),
+        memory.clone(),
+    );
+    let h = svc
+        .hello(tonic::Request::new(hello()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.applied_generation, 1);
+    assert_eq!(
+        held_names(&h).into_iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec!["PLAIN".to_string()],
+        "the file-era MEMORY is not reported held"
+    );
+    let r = svc
+        .apply(tonic::Request::new(apply(
+            2,
+            vec![cred("MEMORY", b"v1")],
+            &[],
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 2);
+    assert_eq!(g.read("MEMORY"), None, "the push removed the old file");
+    assert_eq!(
+        memory.get("MEMORY").as_deref().map(|v| v.as_slice()),
+        Some(&b"v1"[..])
+    );
+    let h = svc
+        .hello(tonic::Request::new(hello()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.held.len(), 2);
 }
