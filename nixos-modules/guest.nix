@@ -76,6 +76,16 @@ let
           no restart. Only `.service` units.
         '';
       };
+      deliver = mkOption {
+        type = types.enum [ "file" "socket" ];
+        default = "file";
+        description = ''
+          `file`: the value is a file in the credentials directory (and the
+          socket, for `socketUnits`, serves it from there). `socket`: the
+          agent keeps it in memory only and no file is written, so the
+          `socketUnits` are the only way to it; needs `socketUnits`.
+        '';
+      };
     };
   };
 
@@ -96,6 +106,8 @@ let
       inherit (c) mode;
     } // optionalAttrs (c.socketUnits != [ ]) {
       socket_units = c.socketUnits;
+    } // optionalAttrs (c.deliver != "file") {
+      inherit (c) deliver;
     }) cfg.credentials;
   };
   guestTomlText = vlib.toTOML guestSettings;
@@ -179,6 +191,12 @@ in
           services.vmcred.guest.credentials.${vlib.tomlKey name}.socketUnits: ${builtins.toJSON unit} is not a .service unit other than vmcred-guest.service; the credential socket is wired only into services (systemd.services.<name>.serviceConfig.LoadCredential).
         '';
       }) c.socketUnits) cfg.credentials)
+      ++ mapAttrsToList (name: c: {
+        assertion = c.deliver != "socket" || c.socketUnits != [ ];
+        message = ''
+          services.vmcred.guest.credentials.${vlib.tomlKey name}: deliver = "socket" needs socketUnits (the agent writes no file, so no unit could read the value otherwise).
+        '';
+      }) cfg.credentials
       ++ [{
         assertion = lib.hasPrefix "/" cfg.credentialsDirectory;
         message = "services.vmcred.guest.credentialsDirectory must be an absolute path.";

@@ -26,8 +26,9 @@ const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 #[command(name = "vmcred-guest", version)]
 struct Cli {
     /// Guest configuration (TOML): initial_sync_timeout and, per credential,
-    /// restart_units, reload_units and mode. Without it, credentials are
-    /// written 0400 and no unit is touched.
+    /// restart_units, reload_units, mode, socket_units and deliver. Without
+    /// it, credentials are written 0400 and no unit is touched. With any
+    /// socket_units, <state-dir>/creds.sock serves them to those units.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 

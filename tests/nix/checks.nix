@@ -133,6 +133,7 @@ let
       credentials.API_KEY = { socketUnits = [ "api.service" ]; reloadUnits = [ "api.service" ]; };
       credentials."odd%name".socketUnits = [ "api.service" "other.service" ];
       credentials.FILE_ONLY.restartUnits = [ "api.service" ];
+      credentials.MEMORY = { socketUnits = [ "api.service" ]; deliver = "socket"; };
     };
   }];
   socketToml = builtins.fromTOML (builtins.readFile socketGuest.services.vmcred.guest.configFile);
@@ -321,7 +322,7 @@ in
     "guest socket: socketUnits wire LoadCredential=<cred>:/run/vmcred/creds.sock (escaped) on each unit" =
       eq [ (lib.sort (a: b: a < b) socketGuest.systemd.services.api.serviceConfig.LoadCredential)
            socketGuest.systemd.services.other.serviceConfig.LoadCredential ]
-         [ [ "API_KEY:/run/vmcred/creds.sock" "odd%%name:/run/vmcred/creds.sock" ] [ "odd%%name:/run/vmcred/creds.sock" ] ];
+         [ [ "API_KEY:/run/vmcred/creds.sock" "MEMORY:/run/vmcred/creds.sock" "odd%%name:/run/vmcred/creds.sock" ] [ "odd%%name:/run/vmcred/creds.sock" ] ];
     "guest socket: mapped units are ordered after and want vmcred-guest.service" =
       check (lib.all (u: lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.after
                         && lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.wants) [ "api" "other" ])
@@ -330,8 +331,12 @@ in
       eq [ socketToml.credentials.API_KEY.socket_units socketToml.credentials."odd%name".socket_units
            (socketToml.credentials.FILE_ONLY ? socket_units) ]
          [ [ "api.service" ] [ "api.service" "other.service" ] false ];
-    "guest socket: the rendered guest.toml is accepted by the agent's parser (same keys)" =
+    "guest socket: guest.toml uses the key names the agent parses (socket_units; config.rs tests them)" =
       eq (builtins.attrNames socketToml.credentials.API_KEY) [ "mode" "reload_units" "restart_units" "socket_units" ];
+    "guest socket: deliver = \"socket\" reaches guest.toml; the default \"file\" is not written" =
+      eq [ (socketToml.credentials.MEMORY.deliver or null) (socketToml.credentials.API_KEY ? deliver) ] [ "socket" false ];
+    "refused: guest deliver = \"socket\" without socketUnits" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.deliver = "socket"; }; }] "needs socketUnits";
     "guest socket: the agent unit itself is untouched" =
       check (!(hasInfix "creds.sock" (socketGuest.test.unitText.vmcred-guest or ""))) "vmcred-guest names creds.sock";
     "refused: guest socketUnits on a unit that is not a service" =
@@ -449,6 +454,7 @@ in
       guest-mode-0040 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0040"; }; }];
       guest-unit-space = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "my app.service" ]; }; }];
       guest-unit-dash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "-x.service" ]; }; }];
+      guest-deliver-both = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A = { deliver = "both"; socketUnits = [ "a.service" ]; }; }; }];
       guest-socketunit-slash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "a/b.service" ]; }; }];
       host-unit-slash = forceHost (credWith "A" { restartUnits = [ "a/b.service" ]; });
       control-valid-host = forceHost (credWith "A" { });
