@@ -376,7 +376,7 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
     std::fs::write(p("credentials/vmcred.bootstrap"), b.encode()).unwrap();
     std::fs::write(
         p("guest.toml"),
-        "initial_sync_timeout = \"1h\"\n[credentials.API_KEY]\nsocket_units = [\"api.service\"]\nreload_units = [\"api.service\"]\n",
+        "initial_sync_timeout = \"1h\"\n[credentials.API_KEY]\nsocket_units = [\"api.service\"]\nreload_units = [\"api.service\"]\n[credentials.MEM]\ndeliver = \"socket\"\nsocket_units = [\"api.service\"]\n",
     )
     .unwrap();
     let systemctl = common::recording_systemctl(tmp.path(), &p("calls"));
@@ -433,13 +433,23 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = common::connect(&p("guest.sock"), &host).await.unwrap();
-        c.apply(apply(1, vec![cred("API_KEY", SECRET)], &[]))
-            .await
-            .unwrap();
+        c.apply(apply(
+            1,
+            vec![cred("API_KEY", SECRET), cred("MEM", b"in-memory-only")],
+            &[],
+        ))
+        .await
+        .unwrap();
         assert_eq!(
             ask_as_systemd(&sock, "api.service", "API_KEY").await,
             Got::Value(SECRET.to_vec())
         );
+        // deliver = "socket": served from the agent's memory, no file.
+        assert_eq!(
+            ask_as_systemd(&sock, "api.service", "MEM").await,
+            Got::Value(b"in-memory-only".to_vec())
+        );
+        assert!(!p("credentials/MEM").exists());
         assert_eq!(
             ask_as_systemd(&sock, "evil.service", "API_KEY").await,
             Got::TooBig
