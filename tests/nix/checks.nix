@@ -148,6 +148,27 @@ let
     modules = [{ services.vmcred.host = { enable = true; vms.vm1 = { cid = 7; credentials.A.source = "/run/secrets/a"; }; }; }];
   };
 
+  # --- OpenBao source -------------------------------------------------------
+  baoServer = { address = "https://bao.example.org:8200"; caFile = "/etc/ssl/bao-ca.pem"; tokenFile = "/run/secrets/bao-token"; };
+  baoHost = evalHost {
+    microvm = false;
+    modules = [{
+      services.vmcred.host = {
+        enable = true;
+        openbao = baoServer;
+        vms.vm1 = {
+          cid = 7;
+          credentials.DB.openbao = { path = "apps/db"; field = "password"; };
+          credentials.GONE.openbao = { mount = "kv"; path = "apps/gone"; field = "k"; onDelete = "remove"; };
+          credentials.FILE.source = "/run/secrets/file";
+        };
+      };
+    }];
+  };
+  baoToml = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile baoHost.services.vmcred.host.configFile));
+  baoUnit = baoHost.test.unitText.vmcred-host or "";
+  baoWith = server: creds: [{ services.vmcred.host = { enable = true; vms.v = { cid = 3; credentials = creds; }; } // lib.optionalAttrs (server != null) { openbao = server; }; }];
+
   # --- assertions: one bad setting each -----------------------------------
   failedWith = modules: (evalHost { inherit modules; }).test.failedAssertions;
   refusedWith = name: modules: needle:
@@ -180,6 +201,36 @@ in
   };
 
   results = {
+    "host: openbao: no failed assertions" = eq baoHost.test.failedAssertions [ ];
+    "host: openbao: [openbao] rendered (token by file, never inline)" = eq baoToml.openbao {
+      address = "https://bao.example.org:8200"; ca_file = "/etc/ssl/bao-ca.pem";
+      token_file = "/run/secrets/bao-token"; poll_interval = "30s";
+    };
+    "host: openbao: credential rendered as openbao = { mount, path, field, on_delete }" = eq baoToml.vms.vm1.credentials {
+      DB = { openbao = { mount = "secret"; path = "apps/db"; field = "password"; on_delete = "keep"; }; boot = false; allow_on_command_line = false; };
+      GONE = { openbao = { mount = "kv"; path = "apps/gone"; field = "k"; on_delete = "remove"; }; boot = false; allow_on_command_line = false; };
+      FILE = { path = "/run/secrets/file"; boot = false; allow_on_command_line = false; };
+    };
+    "host: openbao: AppRole rendered" =
+      let t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile (evalHost {
+        microvm = false;
+        modules = baoWith { address = "http://127.0.0.1:8200"; appRole = { roleIdFile = "/run/secrets/role-id"; secretIdFile = "/run/secrets/secret-id"; }; }
+          { A.openbao = { path = "a"; field = "f"; }; };
+      }).services.vmcred.host.configFile)); in
+      eq t.openbao.approle { mount = "approle"; role_id_file = "/run/secrets/role-id"; secret_id_file = "/run/secrets/secret-id"; };
+    "host: openbao: the agent may open IP sockets (AF_INET, IPAddressAllow)" =
+      check (hasInfix "RestrictAddressFamilies=AF_UNIX AF_VSOCK AF_INET AF_INET6" baoUnit && hasInfix "IPAddressAllow=any" baoUnit) baoUnit;
+    "host: no IP sockets without openbao" = check (!(hasInfix "AF_INET" agentUnit) && hasInfix "IPAddressDeny=any" agentUnit) agentUnit;
+    "refused: openbao credential without services.vmcred.host.openbao" =
+      refusedWith "no server" (baoWith null { A.openbao = { path = "a"; field = "f"; }; }) "needs the server";
+    "refused: openbao credential with boot = true" =
+      refusedWith "boot" (baoWith baoServer { A = { openbao = { path = "a"; field = "f"; }; boot = true; }; }) "boot = true needs a file";
+    "refused: openbao and source both set" =
+      refusedWith "both" (baoWith baoServer { A = { openbao = { path = "a"; field = "f"; }; source = "/run/secrets/a"; }; }) "set exactly one of `source`";
+    "refused: openbao without tokenFile or appRole" =
+      refusedWith "login" (baoWith { address = "http://127.0.0.1:8200"; } { }) "set tokenFile or appRole";
+    "refused: openbao tokenFile in the Nix store" =
+      refusedWith "store token" (baoWith (baoServer // { tokenFile = "${builtins.storeDir}/0000-token"; }) { }) "outside the Nix store";
     "host: seeds config has no failed assertions" = eq host.test.failedAssertions [ ];
     "host: warns that ENVIRONMENT goes on cloud-hypervisor's command line" =
       check (lib.any (w: hasInfix "test-vm.credentials.ENVIRONMENT: allowOnCommandLine" w) host.warnings) (builtins.toJSON host.warnings);
