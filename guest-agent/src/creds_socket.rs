@@ -11,8 +11,10 @@
 //! the agent's root-only state directory.
 //!
 //! A unit gets a value only if the guest's config lists it in that
-//! credential's `socket_units`, and only a value vmcred manages (the one
-//! the last applied push wrote). Anything else is refused. A plain close
+//! credential's `socket_units`, and only the value the last committed push
+//! delivered: the managed file in the credentials directory, or, with
+//! `deliver = "socket"`, the copy in [`SocketValues`] (memory only, no
+//! file). Anything else is refused. A plain close
 //! would not do: systemd reads an immediate EOF as an *empty* credential
 //! and starts the unit with it. So a refusal to root sends more bytes than
 //! systemd accepts for any credential (1 MiB, or 1 MiB + 128 KiB
