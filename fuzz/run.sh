@@ -51,7 +51,9 @@ if ! cargo afl --version >/dev/null 2>&1 || [ "$(cargo afl --version 2>/dev/null
   cargo install --locked cargo-afl --version "$CARGO_AFL_VERSION" >&2 || unavailable "cargo install cargo-afl failed"
 fi
 # cargo-afl builds AFL++ itself, once per rustc version.
-if ! cargo afl fuzz -h 2>&1 | grep -q 'afl-fuzz++'; then
+# (afl-fuzz -h exits 1 even when it is there: look at what it prints.)
+afl_help=$(cargo afl fuzz -h 2>&1 || true)
+if ! grep -q 'afl-fuzz++' <<<"$afl_help"; then
   echo "fuzz: building AFL++ (once per rustc version)"
   cargo afl config --build >&2 || unavailable "building AFL++ with cargo afl config --build failed"
 fi
@@ -69,8 +71,10 @@ fi
 # The machine's core pattern pipes to a crash handler; AFL++ still sees
 # every crash of the target itself. Other engineers' builds share the
 # cores, so no CPU binding; the scratch stores live on tmpfs.
+# (AFL_SKIP_BIN_CHECK must stay unset, whatever its value: it also skips
+# the detection of persistent mode, and every input then times out.)
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 \
-       AFL_NO_UI=1 AFL_QUIET=1 AFL_SKIP_BIN_CHECK=0 AFL_FAST_CAL=1
+       AFL_NO_UI=1 AFL_FAST_CAL=1
 stat() { awk -F' *: *' -v k="$2" '$1 == k { print $2 }' "$1" 2>/dev/null; }
 
 passed=0 failed=0 total_execs=0
@@ -82,9 +86,12 @@ for t in $TARGETS; do
   mkdir -p "$out"
   # -V bounds the run; -t gives a slow execution on a busy machine room
   # before it counts as a hang; -m none because tokio reserves address space.
-  rc=0
+  # Without a UI afl-fuzz prints a line per queue entry: keep the end only.
+  set +o pipefail
   nice -n 10 cargo afl fuzz -i "corpus/$t" -o "$out" -V "$SECONDS_EACH" -t 2000 -m none \
-      -- "$BIN/$t" >"$out/afl.log" 2>&1 || rc=$?
+      -- "$BIN/$t" 2>&1 | tail -n 200 >"$out/afl.log"
+  rc=${PIPESTATUS[0]}
+  set -o pipefail
   stats=$out/default/fuzzer_stats
   if [ ! -f "$stats" ]; then
     echo "$t: afl-fuzz did not start (exit $rc); last lines of fuzz/out/$t/afl.log:"

@@ -86,7 +86,10 @@ impl GuestFixture {
         for (name, value) in [
             (MANAGED, MANAGED_VALUE),
             (FOREIGN, FOREIGN_VALUE),
-            ("vmcred.bootstrap", b"vmcred-bootstrap-v1 port=700".as_slice()),
+            (
+                "vmcred.bootstrap",
+                b"vmcred-bootstrap-v1 port=700".as_slice(),
+            ),
         ] {
             let p = creds.join(name);
             std::fs::write(&p, value).expect("seed credential");

@@ -16,7 +16,8 @@ where
     T: serde::Serialize + for<'de> serde::Deserialize<'de>,
 {
     let mut line = Vec::new();
-    rt().block_on(write_line(&mut line, value)).expect("write_line to memory");
+    rt().block_on(write_line(&mut line, value))
+        .expect("write_line to memory");
     assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "one line");
     assert_eq!(line.last(), Some(&b'\n'));
     let back: T = rt()
@@ -35,7 +36,10 @@ where
 {
     match rt().block_on(read_line::<_, T>(input, Duration::from_secs(5))) {
         Ok(v) => {
-            let nl = input.iter().position(|b| *b == b'\n').expect("accepted without a newline");
+            let nl = input
+                .iter()
+                .position(|b| *b == b'\n')
+                .expect("accepted without a newline");
             assert!(nl < MAX_LINE, "accepted a line of {} bytes", nl + 1);
             round_trip(&v);
         }

@@ -78,19 +78,36 @@ fn main() {
         upserts: vec![bad],
         removals: vec![],
     };
-    write(out, "guest_apply", "bad_digest", &bad_digest.encode_to_vec());
+    write(
+        out,
+        "guest_apply",
+        "bad_digest",
+        &bad_digest.encode_to_vec(),
+    );
     let removals = pb::ApplyRequest {
         generation: 7,
         upserts: vec![cred("FOREIGN", b"rotated")],
-        removals: vec!["API_KEY".into(), "FOREIGN".into(), "vmcred.bootstrap".into()],
+        removals: vec![
+            "API_KEY".into(),
+            "FOREIGN".into(),
+            "vmcred.bootstrap".into(),
+        ],
     };
     write(out, "guest_apply", "removals", &removals.encode_to_vec());
     let unchanged = pb::ApplyRequest {
         generation: 8,
-        upserts: vec![cred("API_KEY", b"old-api-key"), cred(&"n".repeat(250), b"x")],
+        upserts: vec![
+            cred("API_KEY", b"old-api-key"),
+            cred(&"n".repeat(250), b"x"),
+        ],
         removals: vec![],
     };
-    write(out, "guest_apply", "unchanged_long_name", &unchanged.encode_to_vec());
+    write(
+        out,
+        "guest_apply",
+        "unchanged_long_name",
+        &unchanged.encode_to_vec(),
+    );
 
     let hello = pb::HelloRequest {
         host_version: vmcred_proto::VERSION.into(),
@@ -111,7 +128,12 @@ fn main() {
         guest_version: vmcred_proto::VERSION.into(),
         owed_units: vec![unit("broken.service", false, "exit status 1")],
     };
-    write(out, "host_replies", "hello_reply", &tagged(0, hello_reply.encode_to_vec()));
+    write(
+        out,
+        "host_replies",
+        "hello_reply",
+        &tagged(0, hello_reply.encode_to_vec()),
+    );
     let apply_reply = pb::ApplyReply {
         applied_generation: 1_780_000_000_000_001,
         results: vec![
@@ -132,17 +154,30 @@ fn main() {
         ],
         owed_units: vec![unit("broken.service", false, "exit status 1")],
     };
-    write(out, "host_replies", "apply_reply", &tagged(1, apply_reply.encode_to_vec()));
+    write(
+        out,
+        "host_replies",
+        "apply_reply",
+        &tagged(1, apply_reply.encode_to_vec()),
+    );
 
     // The bootstrap, both admission rules, and one from before `host=`.
     let pin = Pin(digest(b"host key SubjectPublicKeyInfo"));
-    for (name, host) in [("vsock", HostTransport::Vsock), ("hybrid", HostTransport::Hybrid)] {
+    for (name, host) in [
+        ("vsock", HostTransport::Vsock),
+        ("hybrid", HostTransport::Hybrid),
+    ] {
         let b = Bootstrap {
             port: 700,
             pin,
             host,
         };
-        write(out, "bootstrap", name, format!("{}\n", b.encode()).as_bytes());
+        write(
+            out,
+            "bootstrap",
+            name,
+            format!("{}\n", b.encode()).as_bytes(),
+        );
     }
     write(
         out,

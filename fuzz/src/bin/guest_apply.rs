@@ -9,7 +9,7 @@
 
 use prost::Message;
 use tonic::{Code, Request};
-use vmcred_fuzz::{rt, snapshot, is_temp_name, GuestFixture, BASE_GENERATION};
+use vmcred_fuzz::{is_temp_name, rt, snapshot, GuestFixture, BASE_GENERATION};
 use vmcred_proto::rpc::pb::{ApplyRequest, Outcome};
 use vmcred_proto::rpc::Guest;
 
@@ -44,7 +44,10 @@ fn main() {
                     status.code(),
                     status.message()
                 );
-                assert_eq!(creds_before, creds_after, "a refused Apply changed credentials");
+                assert_eq!(
+                    creds_before, creds_after,
+                    "a refused Apply changed credentials"
+                );
                 // The lock file may appear; the state itself must not change.
                 assert_eq!(
                     state_before.get("state.json"),
@@ -56,7 +59,10 @@ fn main() {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 let state = fx.store.state();
-                assert!(sent.generation > BASE_GENERATION, "accepted an old generation");
+                assert!(
+                    sent.generation > BASE_GENERATION,
+                    "accepted an old generation"
+                );
                 assert!(
                     reply.applied_generation == BASE_GENERATION
                         || reply.applied_generation == sent.generation,
@@ -75,7 +81,8 @@ fn main() {
                     );
                 }
                 for r in &reply.results {
-                    if r.outcome == Outcome::Written as i32 || r.outcome == Outcome::Unchanged as i32
+                    if r.outcome == Outcome::Written as i32
+                        || r.outcome == Outcome::Unchanged as i32
                     {
                         let up = sent
                             .upserts
@@ -88,7 +95,11 @@ fn main() {
                         assert_eq!(on_disk.bytes, up.value, "{:?} holds other bytes", r.name);
                     }
                     if r.outcome == Outcome::Removed as i32 {
-                        assert!(!creds_after.contains_key(&r.name), "{:?} not removed", r.name);
+                        assert!(
+                            !creds_after.contains_key(&r.name),
+                            "{:?} not removed",
+                            r.name
+                        );
                     }
                 }
                 assert!(
@@ -102,7 +113,9 @@ fn main() {
                 });
                 if !replaced {
                     assert_eq!(
-                        creds_after.get(vmcred_fuzz::FOREIGN).map(|e| e.bytes.as_slice()),
+                        creds_after
+                            .get(vmcred_fuzz::FOREIGN)
+                            .map(|e| e.bytes.as_slice()),
                         Some(vmcred_fuzz::FOREIGN_VALUE),
                         "a boot-time credential vmcred does not manage was touched"
                     );

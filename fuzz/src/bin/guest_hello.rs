@@ -30,7 +30,11 @@ fn main() {
             .into_inner();
         assert_eq!(reply.applied_generation, BASE_GENERATION);
         for h in &reply.held {
-            assert!(vmcred_proto::rules::validate_name(&h.name).is_ok(), "{:?}", h.name);
+            assert!(
+                vmcred_proto::rules::validate_name(&h.name).is_ok(),
+                "{:?}",
+                h.name
+            );
             assert_eq!(h.sha256.len(), 32);
         }
         assert_eq!(snapshot(&fx.creds), before, "Hello changed the store");

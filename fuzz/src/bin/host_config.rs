@@ -24,7 +24,11 @@ fn main() {
                 // toml's own messages quote the offending line; bound them
                 // by the input, not more.
                 let msg = e.to_string();
-                assert!(msg.len() <= 4 * text.len() + 4096, "error of {} bytes", msg.len());
+                assert!(
+                    msg.len() <= 4 * text.len() + 4096,
+                    "error of {} bytes",
+                    msg.len()
+                );
                 return;
             }
         };

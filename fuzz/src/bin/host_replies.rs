@@ -36,7 +36,9 @@ fn check_text(s: &str) {
 fn check_name_rule(name: &str) {
     if rules::validate_name(name).is_ok() {
         assert!(!name.is_empty() && name.len() <= rules::MAX_NAME_LEN);
-        assert!(name.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'/' && b != b':'));
+        assert!(name
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'/' && b != b':'));
         assert!(name != "." && name != "..");
     }
 }
@@ -50,7 +52,10 @@ fn main() {
             let Ok(r) = HelloReply::decode(body) else {
                 return;
             };
-            assert_eq!(HelloReply::decode(r.encode_to_vec().as_slice()).ok(), Some(r.clone()));
+            assert_eq!(
+                HelloReply::decode(r.encode_to_vec().as_slice()).ok(),
+                Some(r.clone())
+            );
             check_text(&r.guest_version);
             for h in &r.held {
                 check_name_rule(&h.name);
@@ -65,7 +70,10 @@ fn main() {
             let Ok(r) = ApplyReply::decode(body) else {
                 return;
             };
-            assert_eq!(ApplyReply::decode(r.encode_to_vec().as_slice()).ok(), Some(r.clone()));
+            assert_eq!(
+                ApplyReply::decode(r.encode_to_vec().as_slice()).ok(),
+                Some(r.clone())
+            );
             for c in &r.results {
                 check_name_rule(&c.name);
                 check_text(&c.name);

@@ -28,7 +28,9 @@ fn main() {
             let sent = data.clone();
             let vmm_side = tokio::spawn(async move {
                 let mut connect = [0u8; 12];
-                vmm.read_exact(&mut connect).await.expect("the CONNECT line");
+                vmm.read_exact(&mut connect)
+                    .await
+                    .expect("the CONNECT line");
                 assert_eq!(&connect, b"CONNECT 700\n");
                 // The host may stop reading at any point; a failed write
                 // then is expected.
@@ -41,7 +43,10 @@ fn main() {
             vmm_side.await.expect("the VMM side");
             let consumed = data.len() - rest.len().min(data.len());
             if read_rest.is_ok() {
-                assert!(data.ends_with(&rest), "bytes after the reply were lost or reordered");
+                assert!(
+                    data.ends_with(&rest),
+                    "bytes after the reply were lost or reordered"
+                );
             }
             match result {
                 Ok(()) => {

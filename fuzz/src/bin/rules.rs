@@ -40,7 +40,10 @@ fn main() {
         // Sizes: scale the value's length up by the flag byte so the
         // limits themselves are crossed without megabytes of input.
         let len = value.len().saturating_mul(usize::from(flags) << 12);
-        assert_eq!(validate_size(&name, len).is_ok(), len <= MAX_CREDENTIAL_BYTES);
+        assert_eq!(
+            validate_size(&name, len).is_ok(),
+            len <= MAX_CREDENTIAL_BYTES
+        );
         let parts = [len, value.len(), usize::MAX >> (flags % 64)];
         let total = parts.iter().fold(0usize, |a, b| a.saturating_add(*b));
         assert_eq!(validate_total(parts).is_ok(), total <= MAX_TOTAL_BYTES);
