@@ -206,6 +206,14 @@ fn main() {
     // Configs as the README and the tests write them.
     write(out, "host_config", "readme", HOST_TOML.as_bytes());
     write(out, "host_config", "hybrid_unix", HOST_TOML_2.as_bytes());
+    // Issue 9 point 7: a name every guest refuses (caught with
+    // VMCRED_FUZZ_OPEN_ISSUES=1 until the host applies the guest's rule).
+    write(
+        out,
+        "host_config",
+        "reserved_name",
+        HOST_TOML_RESERVED.as_bytes(),
+    );
     write(out, "guest_config", "readme", GUEST_TOML.as_bytes());
 
     // Control and launch protocol lines: requests (tag 0), replies (tag 1).
@@ -318,6 +326,13 @@ unix_socket = "/tmp/vmcred-test/guest.sock"
 
 [vms.unix-vm.credentials.JWT_SECRET]
 path = "/run/secrets/jwt"
+"#;
+
+const HOST_TOML_RESERVED: &str = r#"[vms.test-vm]
+cid = 3
+
+[vms.test-vm.credentials.".API_KEY.vmcred-tmp"]
+path = "/run/secrets/api-key"
 "#;
 
 const GUEST_TOML: &str = r#"# /etc/vmcred/guest.toml
