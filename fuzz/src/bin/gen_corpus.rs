@@ -216,6 +216,15 @@ fn main() {
     );
     write(out, "guest_config", "readme", GUEST_TOML.as_bytes());
 
+    // State files a restart reads back.
+    write(
+        out,
+        "guest_state",
+        "state",
+        br#"{"generation":1780000000000000,"managed":["API_KEY","DB_PASSWORD"]}"#,
+    );
+    write(out, "host_generations", "generation", b"1780000000000001\n");
+
     // Control and launch protocol lines: requests (tag 0), replies (tag 1).
     let requests = [
         ("status", Request::Status),
