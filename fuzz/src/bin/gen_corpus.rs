@@ -161,6 +161,63 @@ fn main() {
         &tagged(1, apply_reply.encode_to_vec()),
     );
 
+    // A whole session as the host meets it: a Hello reply, then an Apply
+    // reply (tag 0) or a refusal (tag picks the code: 1 INVALID_ARGUMENT,
+    // 2 FAILED_PRECONDITION, 3 RESOURCE_EXHAUSTED, 4 OUT_OF_RANGE).
+    let session = |hello: &pb::HelloReply, tag: u8, body: &[u8]| {
+        let h = hello.encode_to_vec();
+        let mut v = u16::try_from(h.len())
+            .expect("small")
+            .to_be_bytes()
+            .to_vec();
+        v.extend(h);
+        v.push(tag);
+        v.extend(body);
+        v
+    };
+    let written = pb::ApplyReply {
+        applied_generation: 1_780_000_000_000_001,
+        results: vec![pb::CredentialResult {
+            name: "API_KEY".into(),
+            outcome: pb::Outcome::Written as i32,
+            error: String::new(),
+        }],
+        units: vec![unit("demo-consumer.service", true, "")],
+        owed_units: vec![],
+    };
+    let fresh = pb::HelloReply {
+        guest_version: vmcred_proto::VERSION.into(),
+        ..Default::default()
+    };
+    write(
+        out,
+        "host_session",
+        "written",
+        &session(&fresh, 0, &written.encode_to_vec()),
+    );
+    write(
+        out,
+        "host_session",
+        "replies",
+        &session(&hello_reply, 0, &apply_reply.encode_to_vec()),
+    );
+    let wedge = pb::HelloReply {
+        applied_generation: u64::MAX,
+        ..fresh.clone()
+    };
+    write(
+        out,
+        "host_session",
+        "stale",
+        &session(&wedge, 2, b"generation not newer"),
+    );
+    write(
+        out,
+        "host_session",
+        "refused",
+        &session(&fresh, 1, b"name not allowed"),
+    );
+
     // The bootstrap, both admission rules, and one from before `host=`.
     let pin = Pin(digest(b"host key SubjectPublicKeyInfo"));
     for (name, host) in [
