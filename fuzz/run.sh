@@ -92,6 +92,11 @@ for t in $TARGETS; do
       -- "$BIN/$t" 2>&1 | tail -n 200 >"$out/afl.log"
   rc=${PIPESTATUS[0]}
   set -o pipefail
+  # Stores and sockets a target process made live on until it exits; each
+  # AFL++ restart of the target leaves one behind.
+  for scratch in /dev/shm "${TMPDIR:-/tmp}"; do
+    find "$scratch" -maxdepth 1 -name 'vmcred-fuzz-*' -exec rm -rf {} + 2>/dev/null || true
+  done
   stats=$out/default/fuzzer_stats
   if [ ! -f "$stats" ]; then
     echo "$t: afl-fuzz did not start (exit $rc); last lines of fuzz/out/$t/afl.log:"
