@@ -24,12 +24,20 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== build"
-cargo build --workspace --bins --quiet
-cargo build --release -p vmcred-host -p vmcred-guest --quiet
+# Each binary is built once per profile. The debug build, `cargo test
+# --workspace` and `cargo run --bin vmcred-demo` resolve every shared crate
+# with the same features (vmcred-tests depends on both agents), so the tests
+# and the demo reuse these artifacts. Release is for the VM and Nix stages
+# only; its selection is the one tests/vm/run.sh builds, so that is a no-op.
+cargo build --workspace --bins
+cargo build --release -p vmcred-host -p vmcred-guest
 
 echo "== unit and end-to-end tests"
 cargo test --workspace --quiet 2>&1 | tee /tmp/vmcred-cargo-test.log
 grep -q "test result: FAILED" /tmp/vmcred-cargo-test.log && exit 1
+
+echo "== demo, and nothing rebuilt by a second build of any of the above"
+tests/check-no-rebuild.sh
 
 stage() { # name script
   local name=$1 script=$2 rc=0
