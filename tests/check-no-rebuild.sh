@@ -40,4 +40,4 @@ if grep -E '^ *Compiling ' "$log"; then
   echo "FAIL: cargo run --bin vmcred-demo (or its build of the agents) compiled again what was already built"; rebuilt=1
 fi
 [ $rebuilt -eq 0 ] || exit 1
-echo "nothing rebuilt: ${cmds[*]/#/cargo }, cargo run --bin vmcred-demo"
+echo "nothing rebuilt by a second: cargo build --workspace --bins; cargo test --workspace --no-run; cargo build --release -p vmcred-host -p vmcred-guest; cargo run --bin vmcred-demo"
