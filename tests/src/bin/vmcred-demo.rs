@@ -19,7 +19,7 @@ use vmcred_tests::World;
 #[derive(Parser)]
 #[command(name = "vmcred-demo")]
 struct Args {
-    /// Keep the work directory (configs, agent logs, the guest's credentials)
+    /// Keep the work directory (configs, agent logs, recorded unit actions)
     /// and print its path, instead of deleting it at the end.
     #[arg(long)]
     keep: bool,
