@@ -59,8 +59,11 @@ if ! grep -q 'afl-fuzz++' <<<"$afl_help"; then
 fi
 
 echo "fuzz: building targets"
+# VMCRED_FUZZ_TARGET_DIR keeps the instrumented build outside a fresh clone
+# (tests/run.sh points it at the user's cache directory).
+export CARGO_TARGET_DIR=${VMCRED_FUZZ_TARGET_DIR:-$FUZZ_DIR/target}
 nice -n 10 cargo afl build --release --bins >&2 || unavailable "cargo afl build failed"
-BIN=$FUZZ_DIR/target/release
+BIN=$CARGO_TARGET_DIR/release
 
 if [ "$SEEDS" = 1 ]; then
   rm -rf corpus
