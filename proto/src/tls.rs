@@ -358,6 +358,26 @@ mod tests {
         assert!(!err.is_empty());
     }
 
+    /// The pin of a fixed certificate, as the x509-parser-based code
+    /// computed it (and `openssl x509 -pubkey | openssl pkey -pubin
+    /// -outform der | sha256sum` agrees): SHA-256 over the whole DER
+    /// SubjectPublicKeyInfo, SEQUENCE header included. Any change to how
+    /// the pin is computed must keep this byte-identical, or every
+    /// deployed guest refuses its host.
+    #[test]
+    fn pin_of_fixed_certificate_is_stable() {
+        let cert = include_bytes!("../testdata/host-cert.der");
+        let want = include_str!("../testdata/host-cert.pin").trim();
+        assert_eq!(Pin::of_certificate(cert).unwrap().to_string(), want);
+    }
+
+    #[test]
+    fn pin_of_garbage_is_an_error() {
+        let cert = include_bytes!("../testdata/host-cert.der");
+        assert!(Pin::of_certificate(b"").is_err());
+        assert!(Pin::of_certificate(&cert[..cert.len() - 1]).is_err());
+    }
+
     #[test]
     fn pin_text_round_trip_and_errors() {
         let p = Pin([0xab; 32]);
