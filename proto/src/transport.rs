@@ -12,20 +12,28 @@
 //!   is admitted by its `SO_PEERCRED` uid.
 
 use std::io;
+#[cfg(feature = "guest")]
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "guest")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+#[cfg(feature = "guest")]
+use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+#[cfg(feature = "host")]
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 /// The host's CID as a guest sees it (`VMADDR_CID_HOST`).
 pub const HOST_CID: u32 = 2;
 /// Longest reply line we read from a hybrid-vsock muxer (`OK 4294967295\n`
 /// is 14 bytes).
+#[cfg(feature = "host")]
 const MAX_HYBRID_REPLY: usize = 32;
 
 /// Where the host finds one VM's guest agent.
@@ -124,6 +132,7 @@ impl AsyncWrite for Stream {
 }
 
 /// Dials `target`, including the hybrid-vsock handshake, within `timeout`.
+#[cfg(feature = "host")]
 pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, TransportError> {
     match tokio::time::timeout(timeout, dial_inner(target)).await {
         Ok(r) => r,
@@ -134,6 +143,7 @@ pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, Transpor
     }
 }
 
+#[cfg(feature = "host")]
 async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
     let connect_err = |source| TransportError::Connect {
         target: target.to_string(),
@@ -160,6 +170,7 @@ async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
 
 /// `CONNECT <port>\n` → `OK <n>\n`. Reads byte by byte so that not one
 /// byte of the guest's stream (the TLS ServerHello) is consumed here.
+#[cfg(feature = "host")]
 async fn hybrid_handshake(
     s: &mut UnixStream,
     port: u32,
@@ -207,6 +218,7 @@ pub fn vsock_peer_allowed(cid: u32) -> bool {
 }
 
 /// The guest agent's listening socket.
+#[cfg(feature = "guest")]
 pub enum Listener {
     Vsock(tokio_vsock::VsockListener),
     Unix {
@@ -215,6 +227,7 @@ pub enum Listener {
     },
 }
 
+#[cfg(feature = "guest")]
 impl Listener {
     /// Listens on every CID at `port`. Binding a port below 1024 needs
     /// root (`CAP_NET_BIND_SERVICE`) in the guest, which is what lets the
@@ -304,6 +317,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "host")]
     async fn fake_muxer(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
@@ -326,6 +340,7 @@ mod tests {
         (dir, path)
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn hybrid_ok_leaves_stream_intact() {
         let (_d, socket) = fake_muxer(b"OK 1234\nPONG").await;
@@ -336,6 +351,7 @@ mod tests {
         assert_eq!(&buf, b"PONG");
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn hybrid_close_and_garbage_are_errors() {
         let (_d, socket) = fake_muxer(b"").await;
@@ -351,6 +367,7 @@ mod tests {
         assert!(e.to_string().contains("unexpected answer"), "{e}");
     }
 
+    #[cfg(feature = "guest")]
     #[tokio::test]
     async fn unix_listener_checks_uid() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,28 @@
+//! The guest agent's footprint, connected and idle. Not part of the test
+//! run (`#[ignore]`): it measures whatever binaries it is pointed at.
+//!
+//!     cargo build --release -p vmcred-guest -p vmcred-host
+//!     VMCRED_FOOTPRINT_BIN_DIR=target/release \
+//!       cargo test -p vmcred-tests --test footprint -- --ignored --nocapture
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[test]
+#[ignore = "a measurement, not a test; see the module doc"]
+fn guest_footprint() {
+    let dir = std::env::var_os("VMCRED_FOOTPRINT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release")));
+    let dir = std::fs::canonicalize(&dir).expect("binary directory");
+    let (fp, size) = vmcred_tests::measure::idle_guest(&dir, Duration::from_secs(2)).unwrap();
+    println!(
+        "guest footprint ({}): VmRSS {} KiB (file {} KiB, anon {} KiB), threads {}, binary {} bytes",
+        dir.display(),
+        fp.rss_kib,
+        fp.rss_file_kib,
+        fp.rss_anon_kib,
+        fp.threads,
+        size
+    );
+}
