@@ -97,7 +97,9 @@ struct Cli {
 /// that `EnvFilter` links (see "Guest footprint" in ARCHITECTURE.md).
 fn init_logging(level: Option<&str>) -> Result<()> {
     let filter: Targets = match level {
-        Some(l) => l.parse().with_context(|| format!("bad --log-level {l:?}"))?,
+        Some(l) => l
+            .parse()
+            .with_context(|| format!("bad --log-level {l:?}"))?,
         None => std::env::var("RUST_LOG")
             .ok()
             .and_then(|v| v.parse().ok())

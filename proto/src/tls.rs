@@ -59,11 +59,11 @@ impl Pin {
         // byte string as the certificate carries (pinned by the
         // `pin_of_fixed_certificate_is_stable` test).
         let der = CertificateDer::from(cert);
-        let parsed =
-            webpki::EndEntityCert::try_from(&der).map_err(|_| TlsError::BadCertificate)?;
-        Ok(Pin(
-            Sha256::digest(parsed.subject_public_key_info().as_ref()).into(),
-        ))
+        let parsed = webpki::EndEntityCert::try_from(&der).map_err(|_| TlsError::BadCertificate)?;
+        Ok(Pin(Sha256::digest(
+            parsed.subject_public_key_info().as_ref(),
+        )
+        .into()))
     }
 }
 

@@ -22,11 +22,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-#[cfg(feature = "guest")]
-use tokio::net::UnixListener;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[cfg(feature = "host")]
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+#[cfg(feature = "guest")]
+use tokio::net::UnixListener;
 use tokio::net::UnixStream;
 
 /// The host's CID as a guest sees it (`VMADDR_CID_HOST`).

@@ -13,7 +13,9 @@ use std::time::Duration;
 fn guest_footprint() {
     let dir = std::env::var_os("VMCRED_FOOTPRINT_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release"))
+        });
     let dir = std::fs::canonicalize(&dir).expect("binary directory");
     let (fp, size) = vmcred_tests::measure::idle_guest(&dir, Duration::from_secs(2)).unwrap();
     println!(
