@@ -1,8 +1,13 @@
 //! The guest agent's footprint, connected and idle. Not part of the test
 //! run (`#[ignore]`): it measures whatever binaries it is pointed at.
 //!
-//!     cargo build --release -p vmcred-guest -p vmcred-host
-//!     VMCRED_FOOTPRINT_BIN_DIR=target/release \
+//! Build each agent alone (one cargo build would unify vmcred-proto's
+//! "host" feature into the guest) and put both in one directory:
+//!
+//!     cargo build --profile guest -p vmcred-guest
+//!     cargo build --release -p vmcred-host
+//!     mkdir -p /tmp/fp && cp target/guest/vmcred-guest target/release/vmcred-host /tmp/fp/
+//!     VMCRED_FOOTPRINT_BIN_DIR=/tmp/fp \
 //!       cargo test -p vmcred-tests --test footprint -- --ignored --nocapture
 
 use std::path::PathBuf;
