@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
@@ -91,28 +93,60 @@ struct Cli {
     log_level: Option<String>,
 }
 
+/// `Targets` ("info,vmcred_guest=debug") rather than `EnvFilter`: the
+/// same directives minus span-field matching, without the regex engine
+/// that `EnvFilter` links (see "Guest footprint" in ARCHITECTURE.md).
 fn init_logging(level: Option<&str>) -> Result<()> {
-    let filter = match level {
-        Some(l) => EnvFilter::try_new(l).with_context(|| format!("bad --log-level {l:?}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    let filter: Targets = match level {
+        Some(l) => l
+            .parse()
+            .with_context(|| format!("bad --log-level {l:?}"))?,
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal; the journal would store the escapes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour only on a terminal; the journal would store the escapes.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .init();
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// One thread for all async work: the guest serves one host connection
+/// at a time, so worker threads would only cost memory (a stack and a
+/// malloc arena each). Blocking store writes still go to tokio's blocking
+/// pool, whose threads exit after `BLOCKING_THREAD_KEEP_ALIVE` idle.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+}
+
+/// Long enough that a burst of pushes reuses one blocking thread, short
+/// enough that an idle guest is back to one thread soon after.
+const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
         eprintln!("vmcred-guest: {e:#}");
         return std::process::ExitCode::from(2);
     }
-    match run(cli).await {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmcred-guest: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Printed rather than logged so that it shows whatever the log

@@ -7,12 +7,16 @@
 //! loop sees the error and dials again with its back-off.
 
 use std::io;
+#[cfg(feature = "host")]
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "host")]
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+#[cfg(feature = "host")]
 use tonic::transport::{Channel, Endpoint};
 
+#[cfg(feature = "host")]
 use crate::rules::MAX_MESSAGE_BYTES;
 
 /// Generated messages and service stubs from `proto/vmcred.proto`.
@@ -21,10 +25,13 @@ pub mod pb {
     tonic::include_proto!("vmcred.v1");
 }
 
+#[cfg(feature = "host")]
 pub use pb::guest_client::GuestClient;
+#[cfg(feature = "guest")]
 pub use pb::guest_server::{Guest, GuestServer};
 
 /// A gRPC client on an established stream.
+#[cfg(feature = "host")]
 pub async fn client_over<S>(stream: S) -> Result<GuestClient<Channel>, tonic::transport::Error>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -61,6 +68,7 @@ impl<S> Accepted<S> {
     }
 }
 
+#[cfg(feature = "guest")]
 impl<S, G> tonic::transport::server::Connected for Accepted<S, G> {
     type ConnectInfo = ();
     fn connect_info(&self) -> Self::ConnectInfo {}

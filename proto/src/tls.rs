@@ -10,15 +10,23 @@
 //! signature is still verified, so the session key is bound to it).
 
 use std::fmt;
+#[cfg(feature = "host")]
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::HandshakeSignatureValid;
+#[cfg(feature = "host")]
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring, CryptoProvider};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+#[cfg(feature = "host")]
+use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+#[cfg(feature = "guest")]
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+#[cfg(feature = "guest")]
+use rustls::DistinguishedName;
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -46,9 +54,16 @@ pub struct Pin(pub [u8; 32]);
 impl Pin {
     /// The pin of the key in a DER certificate.
     pub fn of_certificate(cert: &[u8]) -> Result<Pin, TlsError> {
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(cert).map_err(|_| TlsError::BadCertificate)?;
-        Ok(Pin(Sha256::digest(parsed.public_key().raw).into()))
+        // webpki re-wraps the SPKI contents in their SEQUENCE header; DER
+        // has exactly one encoding of that header, so this is the same
+        // byte string as the certificate carries (pinned by the
+        // `pin_of_fixed_certificate_is_stable` test).
+        let der = CertificateDer::from(cert);
+        let parsed = webpki::EndEntityCert::try_from(&der).map_err(|_| TlsError::BadCertificate)?;
+        Ok(Pin(Sha256::digest(
+            parsed.subject_public_key_info().as_ref(),
+        )
+        .into()))
     }
 }
 
@@ -100,6 +115,7 @@ impl Identity {
         })
     }
 
+    #[cfg(feature = "host")]
     /// Loads the host identity from `dir`, or creates it there on first
     /// start: `host.key` (0600), `host.crt` and `host.pin` (0644, public;
     /// `vmcred-host launch` runs as the hypervisor user and reads the pin).
@@ -157,6 +173,7 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()))
     }
 
+    #[cfg(feature = "host")]
     fn check_pair(&self) -> Result<(), TlsError> {
         let key = provider()
             .key_provider
@@ -168,6 +185,7 @@ impl Identity {
     }
 }
 
+#[cfg(feature = "host")]
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     crate::fsutil::write_atomic(path, bytes, mode).map_err(|e| format!("cannot write: {e}"))
 }
@@ -176,6 +194,7 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
+#[cfg(feature = "host")]
 /// The host's client configuration: presents `id`, accepts any guest
 /// certificate (see the module doc) but verifies its handshake signature.
 pub fn host_client_config(id: &Identity) -> Result<Arc<rustls::ClientConfig>, TlsError> {
@@ -188,6 +207,7 @@ pub fn host_client_config(id: &Identity) -> Result<Arc<rustls::ClientConfig>, Tl
     Ok(Arc::new(cfg))
 }
 
+#[cfg(feature = "guest")]
 /// The guest's server configuration: an ephemeral certificate of its own,
 /// and a client verifier that accepts exactly the pinned host key.
 pub fn guest_server_config(pin: Pin) -> Result<Arc<rustls::ServerConfig>, TlsError> {
@@ -201,23 +221,27 @@ pub fn guest_server_config(pin: Pin) -> Result<Arc<rustls::ServerConfig>, TlsErr
     Ok(Arc::new(cfg))
 }
 
+#[cfg(feature = "host")]
 /// The server name to put in the ClientHello.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from(SERVER_NAME).unwrap_or_else(|_| unreachable_name())
 }
 
+#[cfg(feature = "host")]
 #[cold]
 fn unreachable_name() -> ServerName<'static> {
     // SERVER_NAME is a valid DNS name; this exists only to avoid a panic path.
     ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
 }
 
+#[cfg(feature = "guest")]
 #[derive(Debug)]
 struct PinnedHost {
     pin: Pin,
     provider: Arc<CryptoProvider>,
 }
 
+#[cfg(feature = "guest")]
 impl ClientCertVerifier for PinnedHost {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
@@ -271,11 +295,13 @@ impl ClientCertVerifier for PinnedHost {
     }
 }
 
+#[cfg(feature = "host")]
 #[derive(Debug)]
 struct AnyGuest {
     provider: Arc<CryptoProvider>,
 }
 
+#[cfg(feature = "host")]
 impl ServerCertVerifier for AnyGuest {
     fn verify_server_cert(
         &self,
@@ -321,8 +347,10 @@ impl ServerCertVerifier for AnyGuest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(feature = "host", feature = "guest"))]
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[cfg(all(feature = "host", feature = "guest"))]
     async fn handshake(host: &Identity, pin: Pin) -> Result<Vec<u8>, String> {
         let (a, b) = tokio::io::duplex(1 << 16);
         let acceptor = tokio_rustls::TlsAcceptor::from(guest_server_config(pin).unwrap());
@@ -346,6 +374,7 @@ mod tests {
         server.await.map_err(|e| e.to_string())?
     }
 
+    #[cfg(all(feature = "host", feature = "guest"))]
     #[tokio::test]
     async fn pinned_host_is_accepted_and_others_refused() {
         let host = Identity::generate("vmcred-host").unwrap();
@@ -358,6 +387,30 @@ mod tests {
         assert!(!err.is_empty());
     }
 
+    /// The pin of a fixed certificate, as the x509-parser-based code
+    /// computed it (and `openssl x509 -pubkey | openssl pkey -pubin
+    /// -outform der | sha256sum` agrees): SHA-256 over the whole DER
+    /// SubjectPublicKeyInfo, SEQUENCE header included. Any change to how
+    /// the pin is computed must keep this byte-identical, or every
+    /// deployed guest refuses its host.
+    #[test]
+    fn pin_of_fixed_certificate_is_stable() {
+        let cert = include_bytes!("../testdata/host-cert.der");
+        let want = include_str!("../testdata/host-cert.pin").trim();
+        assert_eq!(Pin::of_certificate(cert).unwrap().to_string(), want);
+    }
+
+    #[test]
+    fn pin_of_garbage_is_an_error() {
+        let cert = include_bytes!("../testdata/host-cert.der");
+        assert!(Pin::of_certificate(b"").is_err());
+        assert!(Pin::of_certificate(&cert[..cert.len() - 1]).is_err());
+        // x509-parser ignored trailing bytes; webpki refuses them.
+        let mut trailing = cert.to_vec();
+        trailing.push(0);
+        assert!(Pin::of_certificate(&trailing).is_err());
+    }
+
     #[test]
     fn pin_text_round_trip_and_errors() {
         let p = Pin([0xab; 32]);
@@ -366,6 +419,7 @@ mod tests {
         assert!("sha256:00".parse::<Pin>().is_err());
     }
 
+    #[cfg(feature = "host")]
     #[test]
     fn identity_persists_with_private_key_mode() {
         use std::os::unix::fs::PermissionsExt;

@@ -14,23 +14,33 @@
 //!   is admitted by its `SO_PEERCRED` uid.
 
 use std::io;
+#[cfg(feature = "guest")]
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "guest")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+#[cfg(feature = "host")]
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+#[cfg(feature = "guest")]
+use tokio::net::UnixListener;
+use tokio::net::UnixStream;
 
+#[cfg(feature = "host")]
 mod source_port;
+#[cfg(feature = "host")]
 pub use source_port::{pick_source_port, SourcePortError, PRIVILEGED_SOURCE_PORTS};
 
 /// The host's CID as a guest sees it (`VMADDR_CID_HOST`).
 pub const HOST_CID: u32 = 2;
 /// Longest reply line we read from a hybrid-vsock muxer (`OK 4294967295\n`
 /// is 14 bytes).
+#[cfg(feature = "host")]
 const MAX_HYBRID_REPLY: usize = 32;
 
 /// Where the host finds one VM's guest agent.
@@ -84,6 +94,7 @@ pub enum TransportError {
     Refused { peer: String, why: String },
     #[error("accept failed: {0}")]
     Accept(io::Error),
+    #[cfg(feature = "host")]
     #[error("cannot dial {target} from a privileged source port: {why}")]
     SourcePort {
         target: String,
@@ -136,6 +147,7 @@ impl AsyncWrite for Stream {
 }
 
 /// Dials `target`, including the hybrid-vsock handshake, within `timeout`.
+#[cfg(feature = "host")]
 pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, TransportError> {
     match tokio::time::timeout(timeout, dial_inner(target)).await {
         Ok(r) => r,
@@ -146,6 +158,7 @@ pub async fn dial(target: &Target, timeout: Duration) -> Result<Stream, Transpor
     }
 }
 
+#[cfg(feature = "host")]
 async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
     let connect_err = |error| TransportError::Connect {
         target: target.to_string(),
@@ -169,6 +182,7 @@ async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
 /// `CONNECT <port>\n` → `OK <n>\n`. Reads byte by byte so that not one
 /// byte of the guest's stream (the TLS ServerHello) is consumed here.
 /// Public only for the fuzz target, which drives it over a socket pair.
+#[cfg(feature = "host")]
 #[doc(hidden)]
 pub async fn hybrid_handshake(
     s: &mut UnixStream,
@@ -217,6 +231,7 @@ pub fn vsock_peer_allowed(cid: u32) -> bool {
 }
 
 /// The guest agent's listening socket.
+#[cfg(feature = "guest")]
 pub enum Listener {
     Vsock(tokio_vsock::VsockListener),
     Unix {
@@ -225,6 +240,7 @@ pub enum Listener {
     },
 }
 
+#[cfg(feature = "guest")]
 impl Listener {
     /// Listens on every CID at `port`. Binding a port below 1024 needs
     /// root (`CAP_NET_BIND_SERVICE`) in the guest, which is what lets the
@@ -314,6 +330,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "host")]
     async fn fake_muxer(answer: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.vsock");
@@ -336,6 +353,7 @@ mod tests {
         (dir, path)
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn a_connect_error_names_its_cause_once() {
         let t = Target::Unix {
@@ -357,6 +375,7 @@ mod tests {
         assert_eq!(&buf, b"PONG");
     }
 
+    #[cfg(feature = "host")]
     #[tokio::test]
     async fn hybrid_close_and_garbage_are_errors() {
         let (_d, socket) = fake_muxer(b"").await;
@@ -372,6 +391,7 @@ mod tests {
         assert!(e.to_string().contains("unexpected answer"), "{e}");
     }
 
+    #[cfg(feature = "guest")]
     #[tokio::test]
     async fn unix_listener_checks_uid() {
         let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@
 //! bootstrap.
 
 pub mod hostile_guest;
+pub mod measure;
 pub mod muxer;
 
 use std::collections::BTreeMap;
