@@ -84,6 +84,12 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
     max_files: u64,
 
+    /// Validate --config with every rule the agent applies at start, print
+    /// what it configures, and exit: 0 if valid, 4 if not (the NixOS module
+    /// runs this at build time).
+    #[arg(long, requires = "config")]
+    check_config: bool,
+
     /// Log filter, e.g. "info" or "vmcred_guest=debug"; overrides RUST_LOG.
     /// Logs go to stderr and never contain credential values.
     #[arg(long, value_name = "FILTER")]
@@ -107,6 +113,9 @@ fn init_logging(level: Option<&str>) -> Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return check_config(cli.config.as_deref());
+    }
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
         eprintln!("vmcred-guest: {e:#}");
         return std::process::ExitCode::from(2);
@@ -118,6 +127,36 @@ async fn main() -> std::process::ExitCode {
             // filter; systemd puts stderr in the journal either way.
             eprintln!("vmcred-guest: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: the same loader `run` uses, so nothing it accepts is
+/// refused at boot. Exit 4 matches vmcred-host's "config error".
+fn check_config(path: Option<&std::path::Path>) -> std::process::ExitCode {
+    let Some(path) = path else {
+        eprintln!("vmcred-guest: --check-config needs --config FILE");
+        return std::process::ExitCode::from(2);
+    };
+    match GuestConfig::load(path) {
+        Ok(c) => {
+            println!("{}: OK", path.display());
+            if let Some(t) = c.initial_sync_timeout {
+                println!("initial_sync_timeout {}", humantime::format_duration(t));
+            }
+            for (name, p) in &c.credentials {
+                println!(
+                    "credential {name}: mode {:04o} restart [{}] reload [{}]",
+                    p.mode,
+                    p.restart_units.join(" "),
+                    p.reload_units.join(" ")
+                );
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmcred-guest: {e:#}");
+            std::process::ExitCode::from(4)
         }
     }
 }
