@@ -101,12 +101,19 @@ fn init_logging(level: Option<&str>) -> Result<()> {
         Some(l) => EnvFilter::try_new(l).with_context(|| format!("bad --log-level {l:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    // One line per event; under systemd a <N> priority prefix for journald,
+    // and no timestamp of our own (the journal has one).
+    let journal = vmcred_proto::logline::under_journald();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(vmcred_proto::logline::Stderr { prefix: journal })
         // Colour only on a terminal; the journal would store the escapes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     Ok(())
 }
 

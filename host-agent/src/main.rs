@@ -138,14 +138,21 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    // One line per event; under systemd a <N> priority prefix for journald,
+    // and no timestamp of our own (the journal has one).
+    let journal = vmcred_proto::logline::under_journald();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(vmcred_proto::logline::Stderr { prefix: journal })
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
