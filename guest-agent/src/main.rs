@@ -1,6 +1,8 @@
 //! `vmcred-guest`: receives credentials from the host agent and writes them
 //! into systemd's system credentials directory.
 
+mod docs;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +92,11 @@ struct Cli {
     #[arg(long, requires = "config")]
     check_config: bool,
 
+    /// Write man pages (DIR/man1) and bash, zsh and fish completions
+    /// (DIR/completions), then exit; for packaging.
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_docs: Option<PathBuf>,
+
     /// Log filter, e.g. "info" or "vmcred_guest=debug"; overrides RUST_LOG.
     /// Logs go to stderr and never contain credential values.
     #[arg(long, value_name = "FILTER")]
@@ -120,6 +127,15 @@ fn init_logging(level: Option<&str>) -> Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return match docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmcred-guest: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if cli.check_config {
         return check_config(cli.config.as_deref());
     }

@@ -1,6 +1,7 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
+mod docs;
 mod report;
 
 use std::path::PathBuf;
@@ -135,6 +136,10 @@ enum Cmd {
     CheckConfig,
     /// Print the host key pin that guests are given (from state_dir/host.pin).
     Pin,
+    /// Write man pages (DIR/man1) and bash, zsh and fish completions
+    /// (DIR/completions); for packaging.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -300,6 +305,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GenerateDocs { dir } => {
+            docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pin => {
