@@ -167,6 +167,44 @@ let
           which the agent's sandbox hides.
         '';
       };
+      openbao = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            mount = mkOption {
+              type = types.str;
+              default = "secret";
+              description = "The KV version 2 secrets engine's mount.";
+            };
+            path = mkOption {
+              type = types.str;
+              example = "apps/db";
+              description = "The secret's path under the mount.";
+            };
+            field = mkOption {
+              type = types.str;
+              example = "password";
+              description = "The field of the secret whose (string) value is the credential.";
+            };
+            onDelete = mkOption {
+              type = types.enum [ "keep" "remove" ];
+              default = "keep";
+              description = ''
+                What a deleted or destroyed secret (or current version) does: `keep` leaves
+                the guest its last value (status says why), `remove` removes the credential
+                from the guest.
+              '';
+            };
+          };
+        });
+        default = null;
+        example = literalExpression ''{ path = "apps/db"; field = "password"; }'';
+        description = ''
+          Take the value from the OpenBao / Vault server in
+          `services.vmcred.host.openbao`: one field of a KV v2 secret. The agent watches the
+          secret's version and delivers a new one without `vmcred-rotate`. Set exactly one of
+          `source`, `value` and `openbao`; not with `boot = true`.
+        '';
+      };
       value = mkOption {
         type = types.nullOr types.str;
         default = null;
@@ -281,17 +319,52 @@ let
       inherit (vm) port;
       # The agent reads the source itself: no LoadCredential= copy, which
       # systemd would take only once, when the unit starts.
-      credentials = mapAttrs (credName: c: {
-        path = sourceString vmName credName c;
-        inherit (c) boot;
-        allow_on_command_line = c.allowOnCommandLine;
-      }) vm.credentials;
+      credentials = mapAttrs (credName: c:
+        (if c.openbao != null && c.source == null && c.value == null
+         then {
+           openbao = {
+             inherit (c.openbao) mount path field;
+             on_delete = c.openbao.onDelete;
+           };
+         }
+         else { path = sourceString vmName credName c; })
+        // {
+          inherit (c) boot;
+          allow_on_command_line = c.allowOnCommandLine;
+        }) vm.credentials;
     }) cfg.vms;
+
+  renderedOpenbao = let o = cfg.openbao; in
+    {
+      inherit (o) address;
+      poll_interval = o.pollInterval;
+    }
+    // optionalAttrs (o.caFile != null) { ca_file = o.caFile; }
+    // optionalAttrs (o.tokenFile != null) { token_file = o.tokenFile; }
+    // optionalAttrs (o.appRole != null) {
+      approle = {
+        inherit (o.appRole) mount;
+        role_id_file = o.appRole.roleIdFile;
+        secret_id_file = o.appRole.secretIdFile;
+      };
+    };
+
+  # Files the agent reads for the store's login: outside the Nix store.
+  openbaoFiles = let o = cfg.openbao; in
+    if o == null then [ ]
+    else lib.filter (x: x.value != null) ([
+      { name = "tokenFile"; value = o.tokenFile; }
+      { name = "caFile"; value = o.caFile; }
+    ] ++ optionals (o.appRole != null) [
+      { name = "appRole.roleIdFile"; value = o.appRole.roleIdFile; }
+      { name = "appRole.secretIdFile"; value = o.appRole.secretIdFile; }
+    ]);
 
   hostSettings = cfg.settings // fixedKeys
     # Who may tell the agent a VM launched (root always may): microvm.nix
     # runs the hypervisor, and so the launcher, as this user.
     // optionalAttrs hasMicrovmHost { launch_users = [ microvmUser ]; }
+    // optionalAttrs (cfg.openbao != null) { openbao = renderedOpenbao; }
     // { vms = renderedVms; };
   hostTomlText = vlib.toTOML hostSettings;
   # Type=notify-reload exists since systemd 253.
@@ -525,10 +598,25 @@ let
           '';
         }
         {
-          assertion = (src == null) != (c.value == null);
+          assertion = lib.length (lib.filter (x: x != null) [ src c.value c.openbao ]) == 1;
           message = ''
-            ${copt}: set exactly one of `source` (a file on the host, for secrets) or `value` (an
-            inline non-secret constant, which lands in the world-readable Nix store).
+            ${copt}: set exactly one of `source` (a file on the host, for secrets), `openbao` (a
+            field of a secret in the OpenBao / Vault server) or `value` (an inline non-secret
+            constant, which lands in the world-readable Nix store).
+          '';
+        }
+        {
+          assertion = c.openbao == null || cfg.openbao != null;
+          message = ''
+            ${copt}.openbao needs the server: set services.vmcred.host.openbao.address and
+            tokenFile or appRole.
+          '';
+        }
+        {
+          assertion = c.openbao == null || !c.boot;
+          message = ''
+            ${copt}: boot = true needs a file (`source` or `value`); an `openbao` credential is
+            delivered over vsock once the guest agent runs.
           '';
         }
         {
@@ -598,6 +686,78 @@ in
         "Config" section), e.g. `poll_interval`, `dial_backoff_max`,
         `rpc_timeout`. `state_dir`, `control_socket` and `launch_socket` are
         fixed by this module; VMs are configured through `vms`.
+      '';
+    };
+
+    openbao = mkOption {
+      type = types.nullOr (types.submodule {
+        options = {
+          address = mkOption {
+            type = types.str;
+            example = "https://bao.example.org:8200";
+            description = ''
+              The OpenBao / Vault server, `https://host:port` (`http://` only on loopback).
+            '';
+          };
+          caFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/etc/ssl/bao-ca.pem";
+            description = "PEM file of the CA(s) that signed the server's certificate; required with https.";
+          };
+          tokenFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/run/secrets/vmcred-bao-token";
+            description = ''
+              File holding the token (never in the config or the Nix store). The agent re-reads
+              it before each round of requests, so writing a new token there takes effect
+              without a restart. Set this, `appRole`, or both (AppRole is then used when the
+              token is refused).
+            '';
+          };
+          appRole = mkOption {
+            type = types.nullOr (types.submodule {
+              options = {
+                mount = mkOption { type = types.str; default = "approle"; description = "The AppRole auth mount."; };
+                roleIdFile = mkOption { type = types.str; description = "File holding the role id."; };
+                secretIdFile = mkOption { type = types.str; description = "File holding the secret id."; };
+              };
+            });
+            default = null;
+            description = "Log in with AppRole (again whenever renewing the token fails).";
+          };
+          pollInterval = mkOption {
+            type = types.str;
+            default = "30s";
+            description = ''
+              How often each secret's version is checked (one small metadata request per
+              secret; the data is read only when the version changed), jittered by ±20 %.
+              "0s": only at start, on reload and on `vmcred-rotate`.
+            '';
+          };
+          ipAddressAllow = mkOption {
+            type = types.listOf types.str;
+            default = [ "any" ];
+            example = [ "10.0.0.10/32" "127.0.0.53/32" ];
+            description = ''
+              `IPAddressAllow=` of vmcred-host.service (otherwise `IPAddressDeny=any`): narrow
+              it to the store's addresses (and the DNS resolver's, for a host name).
+            '';
+          };
+        };
+      });
+      default = null;
+      example = literalExpression ''
+        {
+          address = "https://bao.example.org:8200";
+          caFile = "/etc/ssl/bao-ca.pem";
+          tokenFile = "/run/secrets/vmcred-bao-token";
+        }
+      '';
+      description = ''
+        An OpenBao (or HashiCorp Vault) server that credentials may come from
+        (`vms.<vm>.credentials.<cred>.openbao`).
       '';
     };
 
@@ -673,7 +833,17 @@ in
         ++ map (k: {
           assertion = !(cfg.settings ? ${k});
           message = "services.vmcred.host.settings.${k} is fixed by the NixOS module (${if k == "vms" then "use services.vmcred.host.vms" else "it must match the unit's StateDirectory/RuntimeDirectory"}); remove it from settings.";
-        }) (builtins.attrNames fixedKeys ++ [ "vms" ]);
+        }) (builtins.attrNames fixedKeys ++ [ "vms" "openbao" ])
+        ++ optionals (cfg.openbao != null) ([
+          {
+            assertion = cfg.openbao.tokenFile != null || cfg.openbao.appRole != null;
+            message = "services.vmcred.host.openbao: set tokenFile or appRole (the token is never put in the config).";
+          }
+        ] ++ map (f: {
+          assertion = builtins.isString f.value && hasPrefix "/" f.value
+            && !builtins.hasContext f.value && !(hasPrefix builtins.storeDir f.value);
+          message = "services.vmcred.host.openbao.${f.name} must be an absolute path as a plain string, outside the Nix store.";
+        }) openbaoFiles);
 
       warnings = concatLists (mapAttrsToList (vmName: vm:
           mapAttrsToList (credName: c:
@@ -747,7 +917,9 @@ in
           # Several CapabilityBoundingSet= lines are ORed by systemd.
           CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ] ++ optional anyHybrid "CAP_DAC_OVERRIDE";
           NoNewPrivileges = true;
-          RestrictAddressFamilies = "AF_UNIX AF_VSOCK";
+          RestrictAddressFamilies = "AF_UNIX AF_VSOCK"
+            # The OpenBao source talks HTTP(S) to the store.
+            + lib.optionalString (cfg.openbao != null) " AF_INET AF_INET6";
           IPAddressDeny = "any";
           ProtectSystem = "strict";
           ProtectHome = true;
@@ -769,6 +941,8 @@ in
           RemoveIPC = true;
           SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged" ];
+        } // optionalAttrs (cfg.openbao != null) {
+          IPAddressAllow = cfg.openbao.ipAddressAllow;
         };
       };
     })

@@ -54,6 +54,8 @@ struct RawConfig {
     control_group: Option<String>,
     #[serde(default)]
     vms: BTreeMap<String, RawVm>,
+    /// The OpenBao / Vault server credentials may come from.
+    openbao: Option<crate::openbao::config::RawServer>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +76,7 @@ struct RawVm {
 struct RawCredential {
     path: Option<PathBuf>,
     credential: Option<String>,
+    openbao: Option<crate::openbao::config::RawSecret>,
     #[serde(default)]
     boot: bool,
     #[serde(default)]
@@ -122,6 +125,8 @@ pub struct Config {
     /// control socket, which is then 0660 with this group.
     pub control_group: Option<ControlGroup>,
     pub vms: BTreeMap<String, Vm>,
+    /// Set when an `[openbao]` table is present.
+    pub openbao: Option<crate::openbao::config::Server>,
 }
 
 /// `control_group`, resolved at load.
@@ -171,6 +176,8 @@ pub enum Source {
     /// A name in the agent's own `$CREDENTIALS_DIRECTORY`, i.e. what
     /// `LoadCredential=` on `vmcred-host.service` provided.
     Credential(String),
+    /// A field of a KV v2 secret in the `[openbao]` server.
+    OpenBao(crate::openbao::config::SecretRef),
 }
 
 impl std::fmt::Display for Source {
@@ -178,6 +185,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::Path(p) => write!(f, "{}", p.display()),
             Source::Credential(c) => write!(f, "$CREDENTIALS_DIRECTORY/{c}"),
+            Source::OpenBao(s) => write!(f, "{s}"),
         }
     }
 }
@@ -209,6 +217,14 @@ impl Config {
                 });
             }
         }
+        let openbao = raw
+            .openbao
+            .map(crate::openbao::config::Server::validate)
+            .transpose()
+            .map_err(|message| ConfigError::Parse {
+                path: p.clone(),
+                message: format!("[openbao]: {message}"),
+            })?;
         let mut launch_users = Vec::new();
         for name in &raw.launch_users {
             launch_users.push(resolve_user(name).map_err(|message| ConfigError::Parse {
@@ -230,6 +246,18 @@ impl Config {
                 vm: rules::display_name(&name),
                 message,
             })?;
+            if openbao.is_none()
+                && vm
+                    .credentials
+                    .values()
+                    .any(|c| matches!(c.source, Source::OpenBao(_)))
+            {
+                return Err(ConfigError::Vm {
+                    path: p.clone(),
+                    vm: rules::display_name(&name),
+                    message: "a credential uses openbao = { ... } but there is no [openbao] table with the server's address".into(),
+                });
+            }
             vms.insert(name, vm);
         }
         Ok(Config {
@@ -243,6 +271,7 @@ impl Config {
             launch_users,
             control_group,
             vms,
+            openbao,
         })
     }
 }
@@ -352,8 +381,19 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
                 "credential name {cname:?} is reserved for vmcred's own bootstrap"
             ));
         }
-        let source = match (rc.path, rc.credential) {
-            (Some(p), None) => {
+        let source = match (rc.path, rc.credential, rc.openbao) {
+            (None, None, Some(s)) => {
+                if rc.boot {
+                    return Err(format!(
+                        "credential {cname}: boot = true needs a file source (path or credential); an openbao credential is delivered over vsock once the guest agent runs"
+                    ));
+                }
+                Source::OpenBao(
+                    crate::openbao::config::SecretRef::validate(s)
+                        .map_err(|e| format!("credential {cname}: openbao: {e}"))?,
+                )
+            }
+            (Some(p), None, None) => {
                 if !p.is_absolute() {
                     return Err(format!(
                         "credential {cname}: path must be absolute, got {}",
@@ -362,19 +402,19 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
                 }
                 Source::Path(p)
             }
-            (None, Some(c)) => {
+            (None, Some(c), None) => {
                 rules::validate_name(&c)
                     .map_err(|e| format!("credential {cname}: credential = {e}"))?;
                 Source::Credential(c)
             }
-            (None, None) => {
+            (None, None, None) => {
                 return Err(format!(
-                    "credential {cname}: set its source: path = \"/abs/file\" or credential = \"NAME\" (from $CREDENTIALS_DIRECTORY)"
+                    "credential {cname}: set its source: path = \"/abs/file\", credential = \"NAME\" (from $CREDENTIALS_DIRECTORY) or openbao = {{ mount = \"secret\", path = \"app/db\", field = \"password\" }}"
                 ))
             }
-            (Some(_), Some(_)) => {
+            _ => {
                 return Err(format!(
-                    "credential {cname}: set path or credential, not both"
+                    "credential {cname}: set exactly one of path, credential, openbao"
                 ))
             }
         };

@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod generations;
 pub mod launch;
+pub mod openbao;
 pub mod serve;
 pub mod source;
 pub mod vm;

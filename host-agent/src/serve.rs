@@ -423,6 +423,7 @@ impl Daemon {
     /// Starts, stops and reconfigures VM tasks to match `cfg`. Never waits
     /// on a VM task: a busy one gets its new config from a helper task.
     fn apply_config(&self, cfg: &Config) {
+        crate::openbao::store().configure(cfg, self.credentials_dir.clone());
         let t = timing(cfg);
         let (old, _) = self.snapshot();
         let mut new = BTreeMap::new();

@@ -43,6 +43,13 @@ pub enum SourceError {
     NoCredentialsDirectory { name: String, id: String },
     #[error(transparent)]
     Rule(#[from] rules::RuleError),
+    /// The store cannot give this credential now; the guest keeps its value.
+    #[error("openbao: {0}")]
+    OpenBao(String),
+    /// The secret or its current version is deleted; `remove` when the
+    /// credential's `on_delete = "remove"`.
+    #[error("openbao: {why}")]
+    OpenBaoDeleted { why: String, remove: bool },
 }
 
 /// One credential's value as read now.
@@ -55,6 +62,10 @@ pub struct Value {
 pub fn resolve(cred: &Credential, credentials_dir: Option<&Path>) -> Result<PathBuf, SourceError> {
     match &cred.source {
         Source::Path(p) => Ok(p.clone()),
+        Source::OpenBao(_) => Err(SourceError::Unreadable {
+            source_desc: cred.source.to_string(),
+            why: "not a file".into(),
+        }),
         Source::Credential(id) => {
             credentials_dir
                 .map(|d| d.join(id))
@@ -227,6 +238,12 @@ pub async fn read_with_deadline(
     known: Option<[u8; 32]>,
     deadline: Duration,
 ) -> Result<Fetched, SourceError> {
+    // Already in memory: the store's watcher did the network part.
+    if let Source::OpenBao(r) = &cred.source {
+        return crate::openbao::store()
+            .read(&cred.name, r)
+            .map(Fetched::Value);
+    }
     let path = resolve(cred, credentials_dir)?;
     let cred = cred.clone();
     let dir = credentials_dir.map(Path::to_path_buf);

@@ -125,6 +125,7 @@ pub fn spawn(
         cred_state: BTreeMap::new(),
         reach: Reach::Unknown,
         retry_due: false,
+        store_changes: crate::openbao::store().subscribe(),
     };
     tokio::spawn(task.run());
     handle
@@ -155,6 +156,8 @@ enum Why {
     Poll,
     /// A keepalive after a refused push.
     Retry,
+    /// The OpenBao store changed a secret or its state.
+    StoreChange,
 }
 
 impl Why {
@@ -165,6 +168,7 @@ impl Why {
             Why::Reload => "config reload",
             Why::Poll => "poll",
             Why::Retry => "retry after a refusal",
+            Why::StoreChange => "openbao change",
         }
     }
 }
@@ -247,6 +251,8 @@ struct VmTask {
     /// (FAILED_PRECONDITION): the next keepalive syncs instead of only
     /// asking Hello, with a fresh, higher generation.
     retry_due: bool,
+    /// Wakes the session when the OpenBao store changed (see `openbao`).
+    store_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 type Pending = Vec<(Vec<String>, oneshot::Sender<RotateReport>)>;
@@ -475,6 +481,13 @@ impl VmTask {
                         self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| self.log_report(&r, Why::Reload))
                     }
                 },
+                Ok(()) = self.store_changes.changed() => {
+                    if crate::openbao::secrets_of(&self.vm, &[]).is_empty() {
+                        Ok(())
+                    } else {
+                        self.sync(&mut client, &mut guest, &[], Why::StoreChange).await.map(|r| self.log_report(&r, Why::StoreChange))
+                    }
+                }
                 _ = poll.tick(), if !self.timing.poll.is_zero() => {
                     self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| self.log_report(&r, Why::Poll))
                 }
@@ -537,6 +550,12 @@ impl VmTask {
         // owes on every Apply, and the report then says whether that
         // worked. Other syncs leave the retrying to the guest.
         let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
+        // `rotate` reads the store now instead of waiting for its poll.
+        if why == Why::Rotate {
+            crate::openbao::store()
+                .refresh(crate::openbao::secrets_of(&self.vm, only))
+                .await;
+        }
         let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
         let no_digests = BTreeMap::new();
         let (values, errors) = source::read_vm(
@@ -557,7 +576,10 @@ impl VmTask {
                 name.clone(),
                 outcome(name, Outcome::Failed, Some(e.to_string())),
             );
-            let state = if matches!(e, source::SourceError::Missing { .. }) {
+            let state = if matches!(
+                e,
+                source::SourceError::Missing { .. } | source::SourceError::OpenBaoDeleted { .. }
+            ) {
                 CredState::SourceMissing
             } else {
                 CredState::SourceError
@@ -588,6 +610,17 @@ impl VmTask {
         } else {
             Vec::new()
         };
+        // A secret deleted in the store is removed from the guest only
+        // when its credential says `on_delete = "remove"`.
+        let removals: Vec<String> = removals
+            .into_iter()
+            .chain(errors.iter().filter_map(|(n, e)| {
+                matches!(e, source::SourceError::OpenBaoDeleted { remove: true, .. })
+                    .then(|| n.clone())
+                    .filter(|n| guest.held.contains_key(n))
+            }))
+            .take(rules::MAX_CREDENTIALS_PER_MESSAGE.saturating_sub(push.len()))
+            .collect();
         let digests: BTreeMap<String, [u8; 32]> = values
             .iter()
             .map(|(n, f)| (n.clone(), f.digest()))

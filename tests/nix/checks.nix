@@ -124,6 +124,19 @@ let
     };
   }];
   guestUnit = guest.test.unitText.vmcred-guest or "";
+
+  # --- guest: the credential socket (issue 12 part 2) -----------------------
+  socketGuest = evalGuest [{
+    systemd.services.api.serviceConfig.ExecStart = "/bin/true";
+    services.vmcred.guest = {
+      enable = true;
+      credentials.API_KEY = { socketUnits = [ "api.service" ]; reloadUnits = [ "api.service" ]; };
+      credentials."odd%name".socketUnits = [ "api.service" "other.service" ];
+      credentials.FILE_ONLY.restartUnits = [ "api.service" ];
+      credentials.MEMORY = { socketUnits = [ "api.service" ]; deliver = "socket"; };
+    };
+  }];
+  socketToml = builtins.fromTOML (builtins.readFile socketGuest.services.vmcred.guest.configFile);
   guestTomlFile = guest.services.vmcred.guest.configFile;
   guestToml = builtins.readFile guestTomlFile;
 
@@ -134,6 +147,27 @@ let
     microvm = false;
     modules = [{ services.vmcred.host = { enable = true; vms.vm1 = { cid = 7; credentials.A.source = "/run/secrets/a"; }; }; }];
   };
+
+  # --- OpenBao source -------------------------------------------------------
+  baoServer = { address = "https://bao.example.org:8200"; caFile = "/etc/ssl/bao-ca.pem"; tokenFile = "/run/secrets/bao-token"; };
+  baoHost = evalHost {
+    microvm = false;
+    modules = [{
+      services.vmcred.host = {
+        enable = true;
+        openbao = baoServer;
+        vms.vm1 = {
+          cid = 7;
+          credentials.DB.openbao = { path = "apps/db"; field = "password"; };
+          credentials.GONE.openbao = { mount = "kv"; path = "apps/gone"; field = "k"; onDelete = "remove"; };
+          credentials.FILE.source = "/run/secrets/file";
+        };
+      };
+    }];
+  };
+  baoToml = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile baoHost.services.vmcred.host.configFile));
+  baoUnit = baoHost.test.unitText.vmcred-host or "";
+  baoWith = server: creds: [{ services.vmcred.host = { enable = true; vms.v = { cid = 3; credentials = creds; }; } // lib.optionalAttrs (server != null) { openbao = server; }; }];
 
   # --- assertions: one bad setting each -----------------------------------
   failedWith = modules: (evalHost { inherit modules; }).test.failedAssertions;
@@ -167,6 +201,36 @@ in
   };
 
   results = {
+    "host: openbao: no failed assertions" = eq baoHost.test.failedAssertions [ ];
+    "host: openbao: [openbao] rendered (token by file, never inline)" = eq baoToml.openbao {
+      address = "https://bao.example.org:8200"; ca_file = "/etc/ssl/bao-ca.pem";
+      token_file = "/run/secrets/bao-token"; poll_interval = "30s";
+    };
+    "host: openbao: credential rendered as openbao = { mount, path, field, on_delete }" = eq baoToml.vms.vm1.credentials {
+      DB = { openbao = { mount = "secret"; path = "apps/db"; field = "password"; on_delete = "keep"; }; boot = false; allow_on_command_line = false; };
+      GONE = { openbao = { mount = "kv"; path = "apps/gone"; field = "k"; on_delete = "remove"; }; boot = false; allow_on_command_line = false; };
+      FILE = { path = "/run/secrets/file"; boot = false; allow_on_command_line = false; };
+    };
+    "host: openbao: AppRole rendered" =
+      let t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile (evalHost {
+        microvm = false;
+        modules = baoWith { address = "http://127.0.0.1:8200"; appRole = { roleIdFile = "/run/secrets/role-id"; secretIdFile = "/run/secrets/secret-id"; }; }
+          { A.openbao = { path = "a"; field = "f"; }; };
+      }).services.vmcred.host.configFile)); in
+      eq t.openbao.approle { mount = "approle"; role_id_file = "/run/secrets/role-id"; secret_id_file = "/run/secrets/secret-id"; };
+    "host: openbao: the agent may open IP sockets (AF_INET, IPAddressAllow)" =
+      check (hasInfix "RestrictAddressFamilies=AF_UNIX AF_VSOCK AF_INET AF_INET6" baoUnit && hasInfix "IPAddressAllow=any" baoUnit) baoUnit;
+    "host: no IP sockets without openbao" = check (!(hasInfix "AF_INET" agentUnit) && hasInfix "IPAddressDeny=any" agentUnit) agentUnit;
+    "refused: openbao credential without services.vmcred.host.openbao" =
+      refusedWith "no server" (baoWith null { A.openbao = { path = "a"; field = "f"; }; }) "needs the server";
+    "refused: openbao credential with boot = true" =
+      refusedWith "boot" (baoWith baoServer { A = { openbao = { path = "a"; field = "f"; }; boot = true; }; }) "boot = true needs a file";
+    "refused: openbao and source both set" =
+      refusedWith "both" (baoWith baoServer { A = { openbao = { path = "a"; field = "f"; }; source = "/run/secrets/a"; }; }) "set exactly one of `source`";
+    "refused: openbao without tokenFile or appRole" =
+      refusedWith "login" (baoWith { address = "http://127.0.0.1:8200"; } { }) "set tokenFile or appRole";
+    "refused: openbao tokenFile in the Nix store" =
+      refusedWith "store token" (baoWith (baoServer // { tokenFile = "${builtins.storeDir}/0000-token"; }) { }) "outside the Nix store";
     "host: seeds config has no failed assertions" = eq host.test.failedAssertions [ ];
     "host: warns that ENVIRONMENT goes on cloud-hypervisor's command line" =
       check (lib.any (w: hasInfix "test-vm.credentials.ENVIRONMENT: allowOnCommandLine" w) host.warnings) (builtins.toJSON host.warnings);
@@ -309,6 +373,31 @@ in
       };
     };
 
+    "guest socket: socketUnits wire LoadCredential=<cred>:/run/vmcred/creds.sock (escaped) on each unit" =
+      eq [ (lib.sort (a: b: a < b) socketGuest.systemd.services.api.serviceConfig.LoadCredential)
+           socketGuest.systemd.services.other.serviceConfig.LoadCredential ]
+         [ [ "API_KEY:/run/vmcred/creds.sock" "MEMORY:/run/vmcred/creds.sock" "odd%%name:/run/vmcred/creds.sock" ] [ "odd%%name:/run/vmcred/creds.sock" ] ];
+    "guest socket: mapped units are ordered after and want vmcred-guest.service" =
+      check (lib.all (u: lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.after
+                        && lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.wants) [ "api" "other" ])
+        (builtins.toJSON (map (u: socketGuest.systemd.services.${u}.after) [ "api" "other" ]));
+    "guest socket: guest.toml carries socket_units, only where set" =
+      eq [ socketToml.credentials.API_KEY.socket_units socketToml.credentials."odd%name".socket_units
+           (socketToml.credentials.FILE_ONLY ? socket_units) ]
+         [ [ "api.service" ] [ "api.service" "other.service" ] false ];
+    "guest socket: guest.toml uses the key names the agent parses (socket_units; config.rs tests them)" =
+      eq (builtins.attrNames socketToml.credentials.API_KEY) [ "mode" "reload_units" "restart_units" "socket_units" ];
+    "guest socket: deliver = \"socket\" reaches guest.toml; the default \"file\" is not written" =
+      eq [ (socketToml.credentials.MEMORY.deliver or null) (socketToml.credentials.API_KEY ? deliver) ] [ "socket" false ];
+    "refused: guest deliver = \"socket\" without socketUnits" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.deliver = "socket"; }; }] "needs socketUnits";
+    "guest socket: the agent unit itself is untouched" =
+      check (!(hasInfix "creds.sock" (socketGuest.test.unitText.vmcred-guest or ""))) "vmcred-guest names creds.sock";
+    "refused: guest socketUnits on a unit that is not a service" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "x.mount" ]; }; }] "is not a .service unit";
+    "refused: guest socketUnits naming vmcred-guest.service itself" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "vmcred-guest.service" ]; }; }] "is not a .service unit";
+
     "disabled host: no vmcred unit, nothing of vmcred on microvm.nix's units" =
       check (!(disabledHost.systemd.services ? vmcred-host)
         && lib.all (n: !(hasInfix "vmcred" disabledHost.test.unitText.${n}))
@@ -419,6 +508,8 @@ in
       guest-mode-0040 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0040"; }; }];
       guest-unit-space = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "my app.service" ]; }; }];
       guest-unit-dash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "-x.service" ]; }; }];
+      guest-deliver-both = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A = { deliver = "both"; socketUnits = [ "a.service" ]; }; }; }];
+      guest-socketunit-slash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "a/b.service" ]; }; }];
       host-unit-slash = forceHost (credWith "A" { restartUnits = [ "a/b.service" ]; });
       control-valid-host = forceHost (credWith "A" { });
     };

@@ -1,0 +1,521 @@
+//! OpenBao / Vault KV v2 as a credential source.
+//!
+//! One store per host agent process. A watcher task polls each configured
+//! secret's metadata (`current_version`) at the configured interval,
+//! jittered so that many hosts do not poll in step, and reads the data of a
+//! version only when the version changed. What it read is kept in memory
+//! (zeroizing) and served to the VM tasks' syncs like a file's bytes; a
+//! change, or a change in whether the store can be read, wakes every VM
+//! task to sync. `rotate` reads the VM's secrets at once.
+//!
+//! The store is not trusted to go backwards: the highest version seen of
+//! each secret is kept in `state_dir/openbao-versions.json` (written
+//! atomically) and a lower current version is refused. While the store is
+//! unreachable, the token refused, the secret deleted or rolled back, the
+//! credential's source reports the reason and the guest keeps the value
+//! it has.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod reply;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::{Config, Source};
+use crate::source::{SourceError, Value};
+use config::{SecretKey, SecretRef, Server};
+use http::{Client, Method};
+use vmcred_proto::rules;
+
+/// Why a secret cannot be read now. Never holds a secret value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The first read has not finished yet.
+    NotYetRead,
+    Unreachable(String),
+    /// HTTP 403 on a read, or the token file holds a refused token.
+    Denied,
+    Auth(String),
+    /// No such secret (404 on its metadata): deleted, or never written.
+    NotFound,
+    /// The current version is soft-deleted or destroyed.
+    VersionDeleted(u64),
+    /// The store's current version is below the highest one seen.
+    Rollback {
+        current: u64,
+        seen: u64,
+    },
+    Http(u16, String),
+    BadReply(String),
+}
+
+impl Problem {
+    fn is_deleted(&self) -> bool {
+        matches!(self, Problem::NotFound | Problem::VersionDeleted(_))
+    }
+
+    fn describe(&self, key: &SecretKey, address: &str) -> String {
+        match self {
+            Problem::NotYetRead => format!("{key} not read from the store yet"),
+            Problem::Unreachable(e) => format!("cannot reach {address}: {e}; the guest keeps its last value and delivery resumes when the store is back"),
+            Problem::Denied => format!("permission denied reading {key} (token revoked or expired, or its policy lacks read on {}/data and {}/metadata?); put a valid token in the token file", key.mount, key.mount),
+            Problem::Auth(e) => format!("login failed: {e}"),
+            Problem::NotFound => format!("{key} does not exist (deleted?)"),
+            Problem::VersionDeleted(v) => format!("version {v} of {key} is deleted or destroyed"),
+            Problem::Rollback { current, seen } => format!("{key} is at version {current}, below version {seen} already seen; refusing a rollback (put a new version above {seen}, or, if the secret was re-created on purpose, remove its entry from openbao-versions.json in the state directory)"),
+            Problem::Http(s, e) => format!("HTTP {s} for {key}: {e}"),
+            Problem::BadReply(e) => format!("{key}: {e}"),
+        }
+    }
+}
+
+/// What one read of a secret found.
+enum Read {
+    /// The version is the one already held.
+    Unchanged,
+    New {
+        version: u64,
+        body: Zeroizing<Vec<u8>>,
+    },
+}
+
+/// One secret as last read.
+#[derive(Default)]
+struct Entry {
+    version: u64,
+    /// The whole data reply; fields are taken from it on each sync.
+    body: Option<Arc<Zeroizing<Vec<u8>>>>,
+    problem: Option<Problem>,
+}
+
+#[derive(Default)]
+struct Shared {
+    server: Option<Server>,
+    secrets: BTreeSet<SecretKey>,
+    cache: BTreeMap<SecretKey, Entry>,
+    /// Highest version seen per `address mount/path`.
+    seen: BTreeMap<String, u64>,
+    state_file: Option<PathBuf>,
+    credentials_dir: Option<PathBuf>,
+    watcher: bool,
+}
+
+/// The HTTP client and login, rebuilt when `[openbao]` changes.
+struct Engine {
+    server: Server,
+    client: Client,
+    auth: auth::Auth,
+}
+
+pub struct Store {
+    shared: Mutex<Shared>,
+    /// Bumped whenever a secret's value or readability changed.
+    changed: watch::Sender<u64>,
+    kick: Notify,
+    engine: tokio::sync::Mutex<Option<Engine>>,
+}
+
+/// The process's store. Empty (and idle) until a config with `[openbao]`
+/// is applied.
+pub fn store() -> &'static Store {
+    static STORE: OnceLock<Store> = OnceLock::new();
+    STORE.get_or_init(|| Store {
+        shared: Mutex::new(Shared::default()),
+        changed: watch::channel(0).0,
+        kick: Notify::new(),
+        engine: tokio::sync::Mutex::new(None),
+    })
+}
+
+/// Reads requests use: the persisted key of a secret.
+fn seen_key(address: &str, key: &SecretKey) -> String {
+    format!("{address} {key}")
+}
+
+const STATE_FILE: &str = "openbao-versions.json";
+
+impl Store {
+    /// Takes the `[openbao]` table and the set of secrets the VMs use;
+    /// starts the watcher the first time, and makes it poll at once.
+    pub fn configure(&self, cfg: &Config, credentials_dir: Option<PathBuf>) {
+        let secrets: BTreeSet<SecretKey> = cfg
+            .vms
+            .values()
+            .flat_map(|vm| vm.credentials.values())
+            .filter_map(|c| match &c.source {
+                Source::OpenBao(r) => Some(r.key()),
+                _ => None,
+            })
+            .collect();
+        let start = {
+            let Ok(mut s) = self.shared.lock() else {
+                return;
+            };
+            let state_file = cfg.state_dir.join(STATE_FILE);
+            if s.state_file.as_ref() != Some(&state_file) {
+                s.seen = load_seen(&state_file);
+                s.state_file = Some(state_file);
+            }
+            if s.server != cfg.openbao {
+                s.cache.clear();
+            }
+            s.server = cfg.openbao.clone();
+            s.cache.retain(|k, _| secrets.contains(k));
+            s.secrets = secrets;
+            s.credentials_dir = credentials_dir;
+            let start = s.server.is_some() && !s.watcher;
+            if start {
+                s.watcher = true;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(async { store().watch().await });
+        } else {
+            self.kick.notify_one();
+        }
+    }
+
+    /// A receiver that sees every change of a secret's value or state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Reads these secrets now (for `rotate`), whatever their version.
+    pub async fn refresh(&self, keys: BTreeSet<SecretKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.round(Some(keys)).await;
+    }
+
+    async fn watch(&self) {
+        let mut rng = fastrand::Rng::new();
+        loop {
+            self.round(None).await;
+            let (poll, renew) = {
+                let poll = self
+                    .shared
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.server.as_ref().map(|s| s.poll_interval))
+                    .unwrap_or(Duration::ZERO);
+                let renew = self
+                    .engine
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|e| e.auth.renew_due());
+                (poll, renew)
+            };
+            // Jitter: 80-120 % of the interval, so hosts that started
+            // together spread out.
+            let mut wait = if poll.is_zero() {
+                Duration::from_secs(3600 * 24 * 365)
+            } else {
+                poll.mul_f64(0.8 + 0.4 * rng.f64())
+            };
+            if let Some(at) = renew {
+                wait = wait
+                    .min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(10));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.kick.notified() => {}
+            }
+        }
+    }
+
+    /// One round of requests: all configured secrets (`None`, checking
+    /// versions first) or the given ones (read whatever their version).
+    async fn round(&self, only: Option<BTreeSet<SecretKey>>) {
+        let (server, secrets, credentials_dir) = {
+            let Ok(s) = self.shared.lock() else { return };
+            let Some(server) = s.server.clone() else {
+                return;
+            };
+            let secrets: Vec<SecretKey> = match &only {
+                Some(o) => o
+                    .iter()
+                    .filter(|k| s.secrets.contains(k))
+                    .cloned()
+                    .collect(),
+                None => s.secrets.iter().cloned().collect(),
+            };
+            (server, secrets, s.credentials_dir.clone())
+        };
+        if secrets.is_empty() {
+            return;
+        }
+        let force = only.is_some();
+        let mut guard = self.engine.lock().await;
+        if guard.as_ref().map(|e| e.server != server).unwrap_or(true) {
+            match Client::new(&server) {
+                Ok(client) => {
+                    *guard = Some(Engine {
+                        server: server.clone(),
+                        client,
+                        auth: auth::Auth::default(),
+                    })
+                }
+                Err(e) => {
+                    *guard = None;
+                    self.record_all(&secrets, Problem::BadReply(format!("openbao client: {e}")));
+                    return;
+                }
+            }
+        }
+        let Some(engine) = guard.as_mut() else { return };
+        let token = match engine
+            .auth
+            .token(&engine.client, &engine.server, credentials_dir.as_deref())
+            .await
+        {
+            Ok(t) => t,
+            Err(p) => {
+                self.record_all(&secrets, p);
+                return;
+            }
+        };
+        for key in &secrets {
+            let outcome = self.read_one(engine, &token, key, force).await;
+            if matches!(outcome, Err(Problem::Denied)) {
+                engine.auth.refused();
+            }
+            self.record(key, outcome);
+        }
+    }
+
+    fn record_all(&self, secrets: &[SecretKey], p: Problem) {
+        for k in secrets {
+            self.record(k, Err(p.clone()));
+        }
+    }
+
+    /// Stores the outcome of one read, and tells the VM tasks if anything
+    /// they would see changed.
+    fn record(&self, key: &SecretKey, outcome: Result<Read, Problem>) {
+        let Ok(mut s) = self.shared.lock() else {
+            return;
+        };
+        let address = s
+            .server
+            .as_ref()
+            .map(|x| x.address.clone())
+            .unwrap_or_default();
+        let mut persist = None;
+        let changed = {
+            let e = s.cache.entry(key.clone()).or_default();
+            match outcome {
+                Ok(Read::Unchanged) => e.problem.take().is_some(),
+                Ok(Read::New { version, body }) => {
+                    let changed = e.version != version || e.problem.is_some() || e.body.is_none();
+                    e.version = version;
+                    e.body = Some(Arc::new(body));
+                    e.problem = None;
+                    persist = Some(version);
+                    changed
+                }
+                Err(p) => {
+                    if e.problem.as_ref() != Some(&p) {
+                        warn!(secret = %key, error = %p.describe(key, &address), "openbao: cannot read");
+                        e.problem = Some(p);
+                        true
+                    } else {
+                        false
+                    }
+                }
+            }
+        };
+        if let Some(v) = persist {
+            let sk = seen_key(&address, key);
+            if s.seen.get(&sk).copied().unwrap_or(0) < v {
+                s.seen.insert(sk, v);
+                if let Some(f) = &s.state_file {
+                    if let Err(e) = save_seen(f, &s.seen) {
+                        warn!(file = %f.display(), error = %e, "openbao: cannot persist the versions seen");
+                    }
+                }
+            }
+        }
+        drop(s);
+        if changed {
+            info!(secret = %key, "openbao: secret changed or its state did; syncing VMs");
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// One secret: its metadata, then its data if the version is new (or
+    /// `force`).
+    async fn read_one(
+        &self,
+        engine: &Engine,
+        token: &str,
+        key: &SecretKey,
+        force: bool,
+    ) -> Result<Read, Problem> {
+        let r = engine
+            .client
+            .request(
+                Method::Get,
+                &format!("/v1/{}/metadata/{}", key.mount, key.path),
+                Some(token),
+                None,
+            )
+            .await
+            .map_err(Problem::Unreachable)?;
+        match r.status {
+            200 => {}
+            403 => return Err(Problem::Denied),
+            404 => return Err(Problem::NotFound),
+            s => return Err(Problem::Http(s, reply::errors(&r.body))),
+        }
+        let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
+        let (cached, seen) = {
+            let s = self
+                .shared
+                .lock()
+                .map_err(|_| Problem::BadReply("internal: lock".into()))?;
+            let cached = s
+                .cache
+                .get(key)
+                .filter(|e| e.body.is_some())
+                .map(|e| e.version);
+            let seen = s
+                .seen
+                .get(&seen_key(&engine.server.address, key))
+                .copied()
+                .unwrap_or(0);
+            (cached, seen)
+        };
+        if meta.current_version < seen {
+            return Err(Problem::Rollback {
+                current: meta.current_version,
+                seen,
+            });
+        }
+        if meta.current_deleted {
+            return Err(Problem::VersionDeleted(meta.current_version));
+        }
+        if !force && cached == Some(meta.current_version) {
+            debug!(secret = %key, version = meta.current_version, "openbao: unchanged");
+            return Ok(Read::Unchanged);
+        }
+        let r = engine
+            .client
+            .request(
+                Method::Get,
+                &format!(
+                    "/v1/{}/data/{}?version={}",
+                    key.mount, key.path, meta.current_version
+                ),
+                Some(token),
+                None,
+            )
+            .await
+            .map_err(Problem::Unreachable)?;
+        match r.status {
+            200 => {}
+            403 => return Err(Problem::Denied),
+            404 => return Err(Problem::VersionDeleted(meta.current_version)),
+            s => return Err(Problem::Http(s, reply::errors(&r.body))),
+        }
+        match reply::check_data(&r.body) {
+            Ok(()) => Ok(Read::New {
+                version: meta.current_version,
+                body: r.body,
+            }),
+            Err(reply::FieldError::NoData) => Err(Problem::VersionDeleted(meta.current_version)),
+            Err(_) => Err(Problem::BadReply("the data reply is not KV v2 data".into())),
+        }
+    }
+
+    /// The value of one credential from what the store last gave.
+    pub fn read(&self, name: &str, r: &SecretRef) -> Result<Value, SourceError> {
+        let key = r.key();
+        let (body, version) = {
+            let s = self
+                .shared
+                .lock()
+                .map_err(|_| SourceError::OpenBao("internal: lock".into()))?;
+            let address = s
+                .server
+                .as_ref()
+                .map(|x| x.address.clone())
+                .unwrap_or_default();
+            let e = s.cache.get(&key);
+            match e.and_then(|e| e.problem.clone()) {
+                Some(p) if p.is_deleted() => {
+                    return Err(SourceError::OpenBaoDeleted {
+                        why: p.describe(&key, &address),
+                        remove: r.on_delete == config::OnDelete::Remove,
+                    })
+                }
+                Some(p) => return Err(SourceError::OpenBao(p.describe(&key, &address))),
+                None => {}
+            }
+            match e.and_then(|e| e.body.clone().map(|b| (b, e.version))) {
+                Some(x) => x,
+                None => {
+                    return Err(SourceError::OpenBao(
+                        Problem::NotYetRead.describe(&key, &address),
+                    ))
+                }
+            }
+        };
+        let v = reply::field(&body, &r.field).map_err(|e| {
+            SourceError::OpenBao(match e {
+                reply::FieldError::Missing => {
+                    format!("{key} version {version} has no field {:?}", r.field)
+                }
+                reply::FieldError::NotAString => format!(
+                    "field {:?} of {key} version {version} is not a string",
+                    r.field
+                ),
+                _ => format!("{key} version {version}: the data reply is not KV v2 data"),
+            })
+        })?;
+        let mut bytes = Zeroizing::new(Vec::with_capacity(v.len()));
+        bytes.extend_from_slice(v.as_bytes());
+        rules::validate_size(name, bytes.len())?;
+        let digest = rules::digest(&bytes);
+        Ok(Value { bytes, digest })
+    }
+}
+
+/// The secrets (mount, path) behind these credentials of a VM (all when
+/// `only` is empty).
+pub fn secrets_of(vm: &crate::config::Vm, only: &[String]) -> BTreeSet<SecretKey> {
+    vm.credentials
+        .values()
+        .filter(|c| only.is_empty() || only.contains(&c.name))
+        .filter_map(|c| match &c.source {
+            Source::OpenBao(r) => Some(r.key()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn load_seen(path: &Path) -> BTreeMap<String, u64> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            // A broken file must not silently reset the floor: warn loudly.
+            warn!(file = %path.display(), error = %e, "openbao: the versions file is unreadable; rollback protection restarts from the store's current versions");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+fn save_seen(path: &Path, seen: &BTreeMap<String, u64>) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(seen).map_err(std::io::Error::other)?;
+    vmcred_proto::fsutil::write_atomic(path, &bytes, 0o600)
+}

@@ -1,0 +1,254 @@
+//! Parsing the store's JSON replies. A secret's field is taken straight
+//! from the zeroizing body into a zeroizing string: the body is walked
+//! with borrowed raw values and only the wanted field is copied. No
+//! parser error text is ever passed on, since serde's messages can quote
+//! the value they choked on.
+
+use std::collections::BTreeMap;
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use zeroize::Zeroizing;
+
+/// What `GET /v1/<mount>/metadata/<path>` says about a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub current_version: u64,
+    /// The current version is soft-deleted or destroyed.
+    pub current_deleted: bool,
+}
+
+#[derive(Deserialize)]
+struct MetaReply {
+    data: MetaData,
+}
+
+#[derive(Deserialize)]
+struct MetaData {
+    current_version: u64,
+    #[serde(default)]
+    versions: BTreeMap<String, VersionMeta>,
+}
+
+#[derive(Deserialize)]
+struct VersionMeta {
+    #[serde(default)]
+    deletion_time: String,
+    #[serde(default)]
+    destroyed: bool,
+}
+
+pub fn metadata(body: &[u8]) -> Result<Metadata, String> {
+    let r: MetaReply = serde_json::from_slice(body)
+        .map_err(|_| "the metadata reply is not KV v2 metadata (is the mount KV version 2?)")?;
+    let current_deleted = r
+        .data
+        .versions
+        .get(&r.data.current_version.to_string())
+        .map(|v| !v.deletion_time.is_empty() || v.destroyed)
+        .unwrap_or(false);
+    Ok(Metadata {
+        current_version: r.data.current_version,
+        current_deleted,
+    })
+}
+
+#[derive(Deserialize)]
+struct DataReply<'a> {
+    #[serde(borrow)]
+    data: Option<DataOuter<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DataOuter<'a> {
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Why a field could not be taken from a data reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldError {
+    /// The reply is not KV v2 data.
+    Malformed,
+    /// The version holds no data (deleted or destroyed).
+    NoData,
+    Missing,
+    NotAString,
+}
+
+/// Checks that a data reply holds a secret (an object of fields).
+pub fn check_data(body: &[u8]) -> Result<(), FieldError> {
+    let r: DataReply = serde_json::from_slice(body).map_err(|_| FieldError::Malformed)?;
+    let raw = r.data.and_then(|d| d.data).ok_or(FieldError::NoData)?;
+    if raw.get().trim_start().starts_with('{') {
+        Ok(())
+    } else {
+        Err(FieldError::NoData)
+    }
+}
+
+/// The string value of `field` in a data reply.
+pub fn field(body: &[u8], field: &str) -> Result<Zeroizing<String>, FieldError> {
+    let r: DataReply = serde_json::from_slice(body).map_err(|_| FieldError::Malformed)?;
+    let raw = r.data.and_then(|d| d.data).ok_or(FieldError::NoData)?;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    match (Pick { field }).deserialize(&mut de) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(FieldError::Missing),
+        Err(e) if e.is_data() => Err(FieldError::NotAString),
+        Err(_) => Err(FieldError::NoData),
+    }
+}
+
+struct Pick<'f> {
+    field: &'f str,
+}
+
+impl<'de> DeserializeSeed<'de> for Pick<'_> {
+    type Value = Option<Zeroizing<String>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Pick<'_> {
+    type Value = Option<Zeroizing<String>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object of fields")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        // Keys are field names, not secrets.
+        while let Some(k) = m.next_key::<String>()? {
+            if k == self.field && found.is_none() {
+                found = Some(m.next_value::<ZString>()?.0);
+            } else {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A JSON string read into a zeroizing buffer: borrowed strings are copied
+/// once, owned ones (with escapes, decoded by the parser into its scratch
+/// buffer first) are moved in.
+struct ZString(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for ZString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ZString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ZString, E> {
+                let mut z = Zeroizing::new(String::with_capacity(s.len()));
+                z.push_str(s);
+                Ok(ZString(z))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<ZString, E> {
+                Ok(ZString(Zeroizing::new(s)))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+/// The `auth` part of a login or renewal reply, and `data` of lookup-self.
+#[derive(Deserialize)]
+pub struct AuthReply {
+    pub auth: Option<AuthInfo>,
+}
+
+#[derive(Deserialize)]
+pub struct AuthInfo {
+    #[serde(default)]
+    pub client_token: Option<ZToken>,
+    #[serde(default)]
+    pub lease_duration: u64,
+    #[serde(default)]
+    pub renewable: bool,
+}
+
+/// A token from a login reply, zeroized on drop.
+pub struct ZToken(pub Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for ZToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ZString::deserialize(d).map(|z| ZToken(z.0))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct LookupReply {
+    pub data: LookupData,
+}
+
+#[derive(Deserialize)]
+pub struct LookupData {
+    #[serde(default)]
+    pub ttl: u64,
+    #[serde(default)]
+    pub renewable: bool,
+}
+
+/// The `errors` list of an error reply, for a status line. Store error
+/// texts name paths and policies, never secret values.
+pub fn errors(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct E {
+        #[serde(default)]
+        errors: Vec<String>,
+    }
+    serde_json::from_slice::<E>(body)
+        .map(|e| {
+            e.errors
+                .iter()
+                .take(3)
+                .map(|s| crate::vm::guest_text(s))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = r#"{"request_id":"x","data":{"data":{"other":"o","password":"p\u00e9\"w","n":5},"metadata":{"version":3}}}"#;
+
+    #[test]
+    fn picks_one_field_and_decodes_escapes() {
+        assert_eq!(field(BODY.as_bytes(), "other").unwrap().as_str(), "o");
+        assert_eq!(
+            field(BODY.as_bytes(), "password").unwrap().as_str(),
+            "pé\"w"
+        );
+        assert_eq!(field(BODY.as_bytes(), "nope"), Err(FieldError::Missing));
+        assert_eq!(field(BODY.as_bytes(), "n"), Err(FieldError::NotAString));
+        assert_eq!(
+            field(br#"{"data":{"data":null,"metadata":{}}}"#, "a"),
+            Err(FieldError::NoData)
+        );
+        assert_eq!(field(b"<html>", "a"), Err(FieldError::Malformed));
+        assert!(check_data(BODY.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn metadata_sees_a_deleted_current_version() {
+        let m = metadata(br#"{"data":{"current_version":2,"versions":{"1":{"deletion_time":"","destroyed":false},"2":{"deletion_time":"2026-01-01T00:00:00Z","destroyed":false}}}}"#).unwrap();
+        assert_eq!(
+            m,
+            Metadata {
+                current_version: 2,
+                current_deleted: true
+            }
+        );
+        let m = metadata(br#"{"data":{"current_version":1,"versions":{"1":{"deletion_time":"","destroyed":false}}}}"#).unwrap();
+        assert!(!m.current_deleted);
+    }
+}

