@@ -111,7 +111,17 @@ let
     }) cfg.credentials;
   };
   guestTomlText = vlib.toTOML guestSettings;
-  guestToml = pkgs.writeText "vmcred-guest.toml" guestTomlText;
+  guestTomlRaw = pkgs.writeText "vmcred-guest.toml" guestTomlText;
+  # Checked at build time by the agent's own loader (as the host module does
+  # with `vmcred-host check-config`): a config the agent would refuse at boot,
+  # and then crash-loop on, never reaches a running system.
+  guestToml =
+    if cfg.checkConfig
+    then pkgs.runCommand "vmcred-guest.toml" { } ''
+      ${cfg.package}/bin/vmcred-guest --check-config --config ${guestTomlRaw} > /dev/null \
+        && cp ${guestTomlRaw} "$out"
+    ''
+    else guestTomlRaw;
 in
 {
   options.services.vmcred.guest = {
@@ -164,6 +174,16 @@ in
         What to do when a credential changes, by credential name.
         Credentials not listed here are still written; they just trigger
         no unit action.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `vmcred-guest --check-config` on the rendered guest.toml at build
+        time. Turn it off only when the package cannot run on the build
+        machine (cross-compiling).
       '';
     };
 

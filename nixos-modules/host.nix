@@ -367,6 +367,8 @@ let
     // optionalAttrs (cfg.openbao != null) { openbao = renderedOpenbao; }
     // { vms = renderedVms; };
   hostTomlText = vlib.toTOML hostSettings;
+  # Type=notify-reload exists since systemd 253.
+  notifyReload = lib.versionAtLeast (lib.getVersion config.systemd.package) "253";
   hostTomlRaw = pkgs.writeText "vmcred-host.toml" hostTomlText;
   # Checked at build time by the agent itself, as nixpkgs does for nginx or
   # sshd: a config the agent would refuse never reaches a running system.
@@ -866,11 +868,21 @@ in
         # touch the running VMs.
         reloadTriggers = [ hostToml ];
         serviceConfig = {
-          Type = "notify";
+          # notify-reload (systemd >= 253): `systemctl reload` sends SIGHUP
+          # (ReloadSignal= default) and waits for the agent's RELOADING=1 ...
+          # READY=1, so a reload is done when the new config is in use.
+          # Older systemd: notify, and ExecReload= sends the SIGHUP.
+          Type = if notifyReload then "notify-reload" else "notify";
           ExecStart = "${cfg.package}/bin/vmcred-host serve --config ${configPath}";
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          # WATCHDOG=1 every 30 s while the VM tasks' runtime still runs
+          # tasks; a VM task blocking its workers stops it, and systemd
+          # restarts the agent (Restart=on-failure covers the watchdog).
+          WatchdogSec = "60s";
           Restart = "on-failure";
           RestartSec = "2s";
+        } // optionalAttrs (!notifyReload) {
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        } // {
           # One connection (and a few files) per VM, plus the control and
           # launch sockets' clients.
           LimitNOFILE = 1024 + 8 * builtins.length (builtins.attrNames cfg.vms);

@@ -21,16 +21,12 @@ pub enum BootstrapReadError {
          module does), or pass --bootstrap"
     )]
     Missing { path: String },
-    #[error("cannot read bootstrap {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("bootstrap {path}: {source}")]
-    Parse {
-        path: String,
-        source: BootstrapError,
-    },
+    /// The cause is in the message and deliberately not a `source()`:
+    /// every guest error carries its cause once, and `main` prints `{e:#}`.
+    #[error("cannot read bootstrap {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("bootstrap {path}: {error}")]
+    Parse { path: String, error: BootstrapError },
     #[error(
         "bootstrap {path} names vsock port {port}, which is not privileged: any guest user could \
          bind it and pose as the guest agent. The port must be below {FIRST_UNPRIVILEGED_PORT}"
@@ -41,26 +37,26 @@ pub enum BootstrapReadError {
 /// Reads and parses the bootstrap at `path`.
 pub fn read(path: &Path) -> Result<Bootstrap, BootstrapReadError> {
     let shown = || path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    let file = std::fs::File::open(path).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
             BootstrapReadError::Missing { path: shown() }
         } else {
             BootstrapReadError::Read {
                 path: shown(),
-                source,
+                error,
             }
         }
     })?;
     let mut bytes = Vec::new();
     file.take(MAX_BOOTSTRAP_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| BootstrapReadError::Read {
+        .map_err(|error| BootstrapReadError::Read {
             path: shown(),
-            source,
+            error,
         })?;
-    Bootstrap::parse(&bytes).map_err(|source| BootstrapReadError::Parse {
+    Bootstrap::parse(&bytes).map_err(|error| BootstrapReadError::Parse {
         path: shown(),
-        source,
+        error,
     })
 }
 
@@ -79,6 +75,17 @@ pub fn check_vsock_port(path: &Path, b: &Bootstrap) -> Result<(), BootstrapReadE
 mod tests {
     use super::*;
     use vmcred_proto::tls::Pin;
+
+    /// A directory opens but does not read (EISDIR): the Read variant,
+    /// rendered as `main` does, names its cause once.
+    #[test]
+    fn an_unreadable_bootstrap_names_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read(dir.path()).unwrap_err();
+        assert!(matches!(err, BootstrapReadError::Read { .. }), "{err}");
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(shown.matches("os error 21").count(), 1, "{shown}");
+    }
 
     #[test]
     fn reads_and_explains() {

@@ -18,11 +18,9 @@ const MAX_UNIT_NAME: usize = 255;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The cause is in the message, not a `source()` (printed once).
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -97,9 +95,9 @@ struct RawCredential {
 
 impl GuestConfig {
     pub fn load(path: &Path) -> Result<GuestConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         GuestConfig::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.display().to_string(),
@@ -240,6 +238,17 @@ pub fn validate_unit(unit: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rendered as `main` renders it (`{e:#}` walks the source chain): the
+    /// I/O cause appears exactly once.
+    #[test]
+    fn an_unreadable_config_names_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = GuestConfig::load(&dir.path().join("guest.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
+        assert!(shown.starts_with("cannot read config "), "{shown}");
+    }
 
     #[test]
     fn parses_the_readme_example() {

@@ -1,6 +1,8 @@
 //! `vmcred-guest`: receives credentials from the host agent and writes them
 //! into systemd's system credentials directory.
 
+mod docs;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +89,17 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
     max_files: u64,
 
+    /// Validate --config with every rule the agent applies at start, print
+    /// what it configures, and exit: 0 if valid, 4 if not (the NixOS module
+    /// runs this at build time).
+    #[arg(long, requires = "config")]
+    check_config: bool,
+
+    /// Write man pages (DIR/man1) and bash, zsh and fish completions
+    /// (DIR/completions), then exit; for packaging.
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_docs: Option<PathBuf>,
+
     /// Log filter, e.g. "info" or "vmcred_guest=debug"; overrides RUST_LOG.
     /// Logs go to stderr and never contain credential values.
     #[arg(long, value_name = "FILTER")]
@@ -106,15 +119,24 @@ fn init_logging(level: Option<&str>) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
     };
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colour only on a terminal; the journal would store the escapes.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
+    // One line per event; under systemd a <N> priority prefix for journald,
+    // and no timestamp of our own (the journal has one).
+    let journal = vmcred_proto::logline::under_journald();
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(vmcred_proto::logline::Stderr { prefix: journal })
+        // Colour only on a terminal; the journal would store the escapes.
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journal {
+        tracing_subscriber::registry()
+            .with(layer.without_time())
+            .with(filter)
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init();
+    }
     Ok(())
 }
 
@@ -135,6 +157,18 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return match docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmcred-guest: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.check_config {
+        return check_config(cli.config.as_deref());
+    }
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
         eprintln!("vmcred-guest: {e:#}");
         return std::process::ExitCode::from(2);
@@ -153,6 +187,36 @@ fn main() -> std::process::ExitCode {
             // filter; systemd puts stderr in the journal either way.
             eprintln!("vmcred-guest: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: the same loader `run` uses, so nothing it accepts is
+/// refused at boot. Exit 4 matches vmcred-host's "config error".
+fn check_config(path: Option<&std::path::Path>) -> std::process::ExitCode {
+    let Some(path) = path else {
+        eprintln!("vmcred-guest: --check-config needs --config FILE");
+        return std::process::ExitCode::from(2);
+    };
+    match GuestConfig::load(path) {
+        Ok(c) => {
+            println!("{}: OK", path.display());
+            if let Some(t) = c.initial_sync_timeout {
+                println!("initial_sync_timeout {}", humantime::format_duration(t));
+            }
+            for (name, p) in &c.credentials {
+                println!(
+                    "credential {name}: mode {:04o} restart [{}] reload [{}]",
+                    p.mode,
+                    p.restart_units.join(" "),
+                    p.reload_units.join(" ")
+                );
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmcred-guest: {e:#}");
+            std::process::ExitCode::from(4)
         }
     }
 }

@@ -67,10 +67,14 @@ impl Default for ServerOptions {
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("TLS setup: {0}")]
-    Tls(#[from] TlsError),
+    /// Causes are in the messages, never a `source()`: `main` prints
+    /// `{e:#}`, which would repeat a source already in the text.
+    #[error("{0}")]
+    Tls(TlsError),
+    /// The transport error with its whole chain: its own text is only
+    /// "transport error".
     #[error("gRPC server stopped: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    Grpc(String),
     #[error("gRPC server stopped")]
     Stopped,
 }
@@ -142,7 +146,7 @@ pub async fn serve(
     service: GuestService,
     opts: ServerOptions,
 ) -> Result<(), ServerError> {
-    let acceptor = TlsAcceptor::from(guest_server_config(pin)?);
+    let acceptor = TlsAcceptor::from(guest_server_config(pin).map_err(ServerError::Tls)?);
     let (tx, rx) = mpsc::channel::<io::Result<Session>>(4);
     let accept = accept_loop(listener, acceptor, tx, opts);
     let grpc = tonic::transport::Server::builder()
@@ -158,8 +162,26 @@ pub async fn serve(
         .serve_with_incoming(ReceiverStream::new(rx));
     tokio::select! {
         () = accept => Err(ServerError::Stopped),
-        r = grpc => { r?; Err(ServerError::Stopped) }
+        r = grpc => match r {
+            Ok(()) => Err(ServerError::Stopped),
+            Err(e) => Err(ServerError::Grpc(error_chain(&e))),
+        }
     }
+}
+
+/// An error and its sources as one line, each cause once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let shown = cause.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// Handshakes in progress, oldest first.

@@ -53,6 +53,10 @@ struct Inner {
     readiness: Arc<Readiness>,
     /// Wakes the retry of owed unit actions.
     retry: Notify,
+    /// What the last Hello logged at INFO said (VM name, applied
+    /// generation): the host's keepalive Hello every few seconds repeats it,
+    /// and a repeat is logged at DEBUG only.
+    last_hello: std::sync::Mutex<Option<(String, u64)>>,
     /// Values of `deliver = "socket"` credentials (no file).
     memory: Arc<SocketValues>,
 }
@@ -93,6 +97,7 @@ impl GuestService {
             apply_lock: Arc::new(Mutex::new(())),
             readiness,
             retry: Notify::new(),
+            last_hello: std::sync::Mutex::new(None),
             memory,
         });
         if !inner.store.state().owed.is_empty() {
@@ -538,13 +543,22 @@ impl Guest for GuestService {
         .await
         .map_err(|e| Status::internal(format!("hello task failed: {e}")))?
         .map_err(store_status)?;
-        tracing::info!(
-            vm = ?display_name(&req.vm),
-            host_version = ?display_name(&req.host_version),
-            applied_generation = generation,
-            held = held.len(),
-            "host said hello"
-        );
+        let seen = (display_name(&req.vm), generation);
+        let repeat = match self.inner.last_hello.lock() {
+            Ok(mut last) => last.replace(seen.clone()).as_ref() == Some(&seen),
+            Err(_) => false,
+        };
+        if repeat {
+            tracing::debug!(vm = ?seen.0, applied_generation = generation, "host said hello");
+        } else {
+            tracing::info!(
+                vm = ?seen.0,
+                host_version = ?display_name(&req.host_version),
+                applied_generation = generation,
+                held = held.len(),
+                "host said hello"
+            );
+        }
         if generation > 0 {
             // After an agent restart the host finds nothing to do and sends
             // no Apply; what is on disk is already the synced set.

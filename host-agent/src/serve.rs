@@ -10,6 +10,7 @@
 
 mod limits;
 mod lock;
+mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -193,6 +194,7 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
             loops.spawn(accept_loop(daemon.clone(), l, kind));
         }
     }
+    loops.spawn(watchdog::run(daemon.vm_runtime.clone()));
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&cfg)),
@@ -204,7 +206,11 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                notify(&[sd_notify::NotifyState::Reloading]);
+                // Type=notify-reload needs the reload's start time with it.
+                match sd_notify::NotifyState::monotonic_usec_now() {
+                    Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+                    Err(e) => warn!(error = %e, "cannot read the monotonic clock for RELOADING=1"),
+                }
                 match load_config(config_path).await {
                     Ok(new) => {
                         if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group {

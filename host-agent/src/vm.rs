@@ -123,6 +123,7 @@ pub fn spawn(
         status,
         rx,
         cred_state: BTreeMap::new(),
+        reach: Reach::Unknown,
         retry_due: false,
         store_changes: crate::openbao::store().subscribe(),
     };
@@ -172,6 +173,16 @@ impl Why {
     }
 }
 
+/// Whether the guest could be reached, as last logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    Unknown,
+    /// Connected and brought in sync.
+    Up,
+    /// Not reachable, or lost, with this error.
+    Down(String),
+}
+
 /// A credential's state as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CredState {
@@ -182,6 +193,10 @@ enum CredState {
 }
 
 impl CredState {
+    fn is_source_problem(self) -> bool {
+        matches!(self, CredState::SourceMissing | CredState::SourceError)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             CredState::Applied => "applied",
@@ -229,6 +244,9 @@ struct VmTask {
     status: Arc<Mutex<VmStatus>>,
     rx: mpsc::Receiver<Command>,
     cred_state: BTreeMap<String, (CredState, Option<String>)>,
+    /// What was last logged about reaching the guest, so that a VM that
+    /// stays down is logged once (and again only when its error changes).
+    reach: Reach,
     /// The last push was refused as busy (ABORTED) or as not newer
     /// (FAILED_PRECONDITION): the next keepalive syncs instead of only
     /// asking Hello, with a fresh, higher generation.
@@ -265,7 +283,7 @@ impl VmTask {
                         s.connected = true;
                         s.last_error = None;
                     });
-                    info!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
+                    debug!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
                     let mut synced = false;
                     let end = self.session(client, &mut pending, &mut synced).await;
                     self.update(|s| s.connected = false);
@@ -278,13 +296,18 @@ impl VmTask {
                     match end {
                         SessionEnd::Stopped => return,
                         SessionEnd::Lost(e) => {
-                            warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
+                            if self.reach == Reach::Up {
+                                warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
+                                self.reach = Reach::Down(e.clone());
+                            } else {
+                                self.unreachable(&e);
+                            }
                             self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                         }
                     }
                 }
                 Err(e) => {
-                    debug!(vm = %self.vm.name, error = %e, "guest agent not reachable");
+                    self.unreachable(&e);
                     self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                 }
             }
@@ -313,6 +336,32 @@ impl VmTask {
             }
             pending.retain(|(_, reply)| !reply.is_closed());
         }
+    }
+
+    /// A failed dial (or a session that ended before the guest was in
+    /// sync): WARN when the VM goes down or its error changes, DEBUG while
+    /// it stays the same.
+    fn unreachable(&mut self, e: &str) {
+        if matches!(&self.reach, Reach::Down(prev) if prev == e) {
+            debug!(vm = %self.vm.name, error = %e, "guest agent still not reachable");
+        } else {
+            warn!(vm = %self.vm.name, target = %self.vm.target, error = %e, "guest agent not reachable; redialling with back-off (logged again when this changes)");
+            self.reach = Reach::Down(e.to_string());
+        }
+    }
+
+    /// The guest is in sync after a connect: INFO once per recovery.
+    fn reachable(&mut self) {
+        match &self.reach {
+            Reach::Up => {}
+            Reach::Unknown => {
+                info!(vm = %self.vm.name, target = %self.vm.target, "guest agent reachable and in sync")
+            }
+            Reach::Down(_) => {
+                info!(vm = %self.vm.name, target = %self.vm.target, "guest agent reachable again and in sync")
+            }
+        }
+        self.reach = Reach::Up;
     }
 
     fn update(&self, f: impl FnOnce(&mut VmStatus)) {
@@ -382,10 +431,11 @@ impl VmTask {
             Err(e) => return SessionEnd::Lost(e),
         };
         match self.sync(&mut client, &mut guest, &[], Why::Connect).await {
-            Ok(r) => log_report(&r, Why::Connect),
+            Ok(r) => self.log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),
         }
         *synced = true;
+        self.reachable();
         for (creds, reply) in pending.drain(..) {
             match self
                 .sync(&mut client, &mut guest, &creds, Why::Rotate)
@@ -417,7 +467,7 @@ impl VmTask {
                     Some(Command::Rotate { credentials, reply }) => {
                         let r = self.sync(&mut client, &mut guest, &credentials, Why::Rotate).await;
                         if let Ok(report) = &r {
-                            log_report(report, Why::Rotate);
+                            self.log_report(report, Why::Rotate);
                             let _ = reply.send(report.clone());
                         } else {
                             // Keep the caller waiting for the redial.
@@ -428,22 +478,22 @@ impl VmTask {
                     Some(Command::Reconfigure(vm, timing)) => {
                         self.vm = *vm;
                         self.timing = timing;
-                        self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| log_report(&r, Why::Reload))
+                        self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| self.log_report(&r, Why::Reload))
                     }
                 },
                 Ok(()) = self.store_changes.changed() => {
                     if crate::openbao::secrets_of(&self.vm, &[]).is_empty() {
                         Ok(())
                     } else {
-                        self.sync(&mut client, &mut guest, &[], Why::StoreChange).await.map(|r| log_report(&r, Why::StoreChange))
+                        self.sync(&mut client, &mut guest, &[], Why::StoreChange).await.map(|r| self.log_report(&r, Why::StoreChange))
                     }
                 }
                 _ = poll.tick(), if !self.timing.poll.is_zero() => {
-                    self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| log_report(&r, Why::Poll))
+                    self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| self.log_report(&r, Why::Poll))
                 }
                 _ = keepalive.tick() => {
                     if self.retry_due {
-                        self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| log_report(&r, Why::Retry))
+                        self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| self.log_report(&r, Why::Retry))
                     } else {
                         self.hello(&mut client).await.map(|g| guest = g)
                     }
@@ -534,8 +584,7 @@ impl VmTask {
             } else {
                 CredState::SourceError
             };
-            self.cred_state
-                .insert(name.clone(), (state, Some(e.to_string())));
+            self.set_cred(name, state, Some(e.to_string()));
         }
         // The names to push; their bytes stay in the zeroizing buffers
         // until a request is built (once per try).
@@ -547,8 +596,7 @@ impl VmTask {
                 push.push(name.clone());
             } else {
                 outcomes.insert(name.clone(), outcome(name, Outcome::Unchanged, None));
-                self.cred_state
-                    .insert(name.clone(), (CredState::Applied, None));
+                self.set_cred(name, CredState::Applied, None);
             }
         }
         let removals: Vec<String> = if only.is_empty() {
@@ -656,8 +704,7 @@ impl VmTask {
                     n.clone(),
                     outcome(n, Outcome::Failed, Some(refusal.clone())),
                 );
-                self.cred_state
-                    .insert(n.clone(), (CredState::Refused, Some(refusal.clone())));
+                self.set_cred(n, CredState::Refused, Some(refusal.clone()));
             }
             report.error = Some(refusal);
             report.credentials = outcomes.into_values().collect();
@@ -695,8 +742,7 @@ impl VmTask {
                     if let Some(d) = digests.get(&r.name) {
                         guest.held.insert(r.name.clone(), *d);
                     }
-                    self.cred_state
-                        .insert(r.name.clone(), (CredState::Applied, None));
+                    self.set_cred(&r.name, CredState::Applied, None);
                 }
                 Outcome::Removed => {
                     guest.held.remove(&r.name);
@@ -707,8 +753,7 @@ impl VmTask {
                     let e = error
                         .clone()
                         .unwrap_or_else(|| "the guest reported a failure".into());
-                    self.cred_state
-                        .insert(r.name.clone(), (CredState::Refused, Some(e)));
+                    self.set_cred(&r.name, CredState::Refused, Some(e));
                 }
             }
             outcomes.insert(r.name.clone(), outcome(&r.name, o, error));
@@ -828,18 +873,47 @@ fn bound_units(units: Vec<pb::UnitResult>) -> Vec<UnitOutcome> {
     out
 }
 
-fn log_report(r: &RotateReport, why: Why) {
-    let changed: Vec<String> = r
-        .credentials
-        .iter()
-        .filter(|c| c.outcome != Outcome::Unchanged.as_str())
-        .map(|c| format!("{}={}", c.name, c.outcome))
-        .collect();
-    let why = why.as_str();
-    if changed.is_empty() && r.error.is_none() {
-        debug!(vm = %r.vm, generation = r.generation, why, "in sync");
-    } else {
-        info!(vm = %r.vm, generation = r.generation, applied = r.applied, why, credentials = ?changed, error = ?r.error, "sync result");
+impl VmTask {
+    /// A sync worth a line at INFO: something changed, or the push failed.
+    /// A credential whose source is missing or unreadable is not repeated
+    /// on every poll: `set_cred` logs when that starts and ends.
+    fn log_report(&self, r: &RotateReport, why: Why) {
+        let changed: Vec<String> = r
+            .credentials
+            .iter()
+            .filter(|c| c.outcome != Outcome::Unchanged.as_str())
+            .filter(|c| {
+                !(c.outcome == Outcome::Failed.as_str()
+                    && self
+                        .cred_state
+                        .get(&c.name)
+                        .is_some_and(|(s, _)| s.is_source_problem()))
+            })
+            .map(|c| format!("{}={}", c.name, c.outcome))
+            .collect();
+        let why = why.as_str();
+        if changed.is_empty() && r.error.is_none() {
+            debug!(vm = %r.vm, generation = r.generation, why, "in sync");
+        } else {
+            info!(vm = %r.vm, generation = r.generation, applied = r.applied, why, credentials = ?changed, error = ?r.error, "sync result");
+        }
+    }
+
+    /// Records a credential's state; a source going missing or unreadable
+    /// (or its error changing) is logged once at WARN, its return at INFO.
+    fn set_cred(&mut self, name: &str, state: CredState, error: Option<String>) {
+        let prev = self
+            .cred_state
+            .insert(name.to_string(), (state, error.clone()));
+        let was_problem = prev.as_ref().is_some_and(|(s, _)| s.is_source_problem());
+        let vm = &self.vm.name;
+        if state.is_source_problem() {
+            if prev.as_ref() != Some(&(state, error.clone())) {
+                warn!(vm = %vm, credential = name, error = error.as_deref().unwrap_or(""), "source {}; the guest keeps its last value until it is back (logged again when this changes)", state.as_str());
+            }
+        } else if was_problem {
+            info!(vm = %vm, credential = name, "source is back");
+        }
     }
 }
 

@@ -234,10 +234,13 @@ in
     "host: seeds config has no failed assertions" = eq host.test.failedAssertions [ ];
     "host: warns that ENVIRONMENT goes on cloud-hypervisor's command line" =
       check (lib.any (w: hasInfix "test-vm.credentials.ENVIRONMENT: allowOnCommandLine" w) host.warnings) (builtins.toJSON host.warnings);
-    "host: vmcred-host.service is Type=notify" = contains agentUnit "Type=notify";
+    "host: vmcred-host.service is Type=notify-reload (systemd >= 253), else notify with ExecReload= SIGHUP" =
+      if lib.versionAtLeast (lib.getVersion pkgs.systemd) "253"
+      then check (hasInfix "Type=notify-reload" agentUnit && !(hasInfix "ExecReload=" agentUnit)) agentUnit
+      else check (hasInfix "Type=notify" agentUnit && !(hasInfix "Type=notify-reload" agentUnit) && hasInfix "ExecReload=${pkgs.coreutils}/bin/kill -HUP $MAINPID" agentUnit) agentUnit;
+    "host: vmcred-host.service has a watchdog" = contains agentUnit "WatchdogSec=60s";
     "host: ExecStart runs vmcred-host serve with the rendered config" =
       contains agentUnit "ExecStart=${vmcredPkg}/bin/vmcred-host serve --config /etc/vmcred/host.toml";
-    "host: ExecReload sends SIGHUP" = contains agentUnit "ExecReload=${pkgs.coreutils}/bin/kill -HUP $MAINPID";
     "host: no LoadCredential= on vmcred-host.service (the agent reads sources itself)" = lacks agentUnit "LoadCredential";
     "host: no LoadCredential= on vmcred-host.service without microvm.nix either" =
       lacks (noMicrovm.test.unitText.vmcred-host or "") "LoadCredential";

@@ -39,6 +39,14 @@ let
     exec "$VMCRED_TEST_HOST_BIN" launch $VMCRED_TEST_DRY_RUN_ARGS --config "$VMCRED_TEST_HOST_CONFIG" "$@"
     EOF
     chmod +x "$out/bin/vmcred-host"
+    # The guest module's build-time check; run.sh checks the rendered
+    # guest.toml with the real binary.
+    cat > "$out/bin/vmcred-guest" <<'EOF'
+    #!/bin/sh
+    [ "$1" = --check-config ] && exit 0
+    echo "vmcred test shim: unexpected arguments: $*" >&2; exit 97
+    EOF
+    chmod +x "$out/bin/vmcred-guest"
   '';
   vmcredPkg = if hostPackage != null then hostPackage else vmcredShim;
 

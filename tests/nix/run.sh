@@ -26,6 +26,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 host_bin="${VMCRED_HOST_BIN:-$repo/target/release/vmcred-host}"
 case "$host_bin" in /*) ;; *) host_bin="$repo/$host_bin" ;; esac
+guest_bin="${VMCRED_GUEST_BIN:-$repo/target/release/vmcred-guest}"
+case "$guest_bin" in /*) ;; *) guest_bin="$repo/$guest_bin" ;; esac
 
 passed=0 failed=0
 pass() { echo "PASS: $1"; passed=$((passed + 1)); }
@@ -197,6 +199,29 @@ elif out=$(with_microvm_user "$host_bin" check-config --config "$host_toml" 2>&1
   fi
 else
   fail "vmcred-host check-config accepts the module's host.toml" "$out"$'\n'"--- host.toml:"$'\n'"$(cat "$host_toml")"
+fi
+
+# The guest module runs the same check at build time (checkConfig): the real
+# binary must accept what the module renders, and refuse what it must refuse.
+guest_toml=$(artifact guestToml)
+[ -n "$guest_toml" ] && nix-store --realise "$guest_toml" >/dev/null 2>&1
+if [ ! -x "$guest_bin" ]; then
+  fail "vmcred-guest --check-config accepts the module's guest.toml" "no executable at $guest_bin (build it: cargo build --release -p vmcred-guest, or set VMCRED_GUEST_BIN)"
+elif [ -z "$guest_toml" ] || [ ! -f "$guest_toml" ]; then
+  fail "vmcred-guest --check-config accepts the module's guest.toml" "rendered guest.toml not found: $(cat "$work/err")"
+elif out=$("$guest_bin" --check-config --config "$guest_toml" 2>&1) \
+    && grep -q "credential JWT_SECRET: mode 0440 restart \[\] reload \[web.service\]" <<<"$out"; then
+  pass "vmcred-guest --check-config accepts the module's guest.toml"
+else
+  fail "vmcred-guest --check-config accepts the module's guest.toml" "$out"$'\n'"--- guest.toml:"$'\n'"$(cat "$guest_toml")"
+fi
+if [ -x "$guest_bin" ]; then
+  printf '[credentials.".X.vmcred-tmp"]\n' > "$work/bad-guest.toml"
+  if out=$("$guest_bin" --check-config --config "$work/bad-guest.toml" 2>&1); then
+    fail "vmcred-guest --check-config refuses a temp-file-shaped name" "$out"
+  else
+    pass "vmcred-guest --check-config refuses a temp-file-shaped name"
+  fi
 fi
 
 # --- the launch wrappers, built and run ---------------------------------------------

@@ -22,7 +22,7 @@
             testers.runNixOSTest = test:
               let t = if builtins.isFunction test then test { } else test;
               in assert builtins.isString t.testScript && t.nodes ? host; stub "vm-test-run-${t.name}";
-          } // lib.genAttrs [ "cargo" "rustc" "clippy" "rustfmt" "rust-analyzer" "nixpkgs-fmt" ] stub;
+          } // lib.genAttrs [ "cargo" "rustc" "clippy" "rustfmt" "rust-analyzer" "nixpkgs-fmt" "installShellFiles" ] stub;
         in pkgs;
     in
     {
