@@ -16,6 +16,12 @@ use vmcred_proto::transport::Target;
 pub const DEFAULT_CONFIG: &str = "/etc/vmcred/host.toml";
 /// Default guest agent port: below 1024, so only the guest's root can bind it.
 pub const DEFAULT_PORT: u32 = 700;
+/// `keepalive_interval` when the config sets none: one `Hello` per idle
+/// connection per minute (see ARCHITECTURE.md, "Keepalive").
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// The shortest `keepalive_interval` accepted: a probe a second per VM is
+/// already more than a fleet should pay.
+pub const MIN_KEEPALIVE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -49,6 +55,8 @@ struct RawConfig {
     dial_backoff_max: Duration,
     #[serde(default = "default_rpc_timeout", with = "humantime_serde")]
     rpc_timeout: Duration,
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    keepalive_interval: Duration,
     #[serde(default)]
     launch_users: Vec<String>,
     control_group: Option<String>,
@@ -101,6 +109,9 @@ fn default_backoff() -> Duration {
 fn default_rpc_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_keepalive() -> Duration {
+    DEFAULT_KEEPALIVE
+}
 fn default_port() -> u32 {
     DEFAULT_PORT
 }
@@ -117,6 +128,10 @@ pub struct Config {
     pub poll_interval: Duration,
     pub dial_backoff_max: Duration,
     pub rpc_timeout: Duration,
+    /// How long a connection may stay silent before the host probes it with
+    /// `Hello` (any exchange restarts the wait). See ARCHITECTURE.md,
+    /// "Keepalive", for why the default is a minute.
+    pub keepalive_interval: Duration,
     /// Who may send `launched` on the launch socket besides root: the
     /// hypervisor users (`launch_users`), resolved to uids at load so that a
     /// typo is a config error, not a silently refused notification.
@@ -188,6 +203,71 @@ impl std::fmt::Display for Source {
             Source::OpenBao(s) => write!(f, "{s}"),
         }
     }
+}
+
+/// The top-level keys a client command needs, and nothing else.
+#[derive(Debug, Deserialize)]
+struct ClientKeys {
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
+}
+
+/// `control_socket` from a config file, reading only what precedes its
+/// first table header (`[...]`): in TOML every top-level key comes before
+/// any table, so `rotate` and `status` cost the same with one VM or ten
+/// thousand. The rest of the file is the daemon's to validate; it also
+/// answers for unknown VM and credential names. When the head does not
+/// parse on its own (a multi-line value with a line that starts with `[`),
+/// the whole file is parsed, still for this one key.
+pub fn load_control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
+    use std::io::BufRead;
+    let p = path.display().to_string();
+    let read_error = |error| ConfigError::Read {
+        path: p.clone(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut head = String::new();
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = String::new();
+    let mut whole = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(read_error)? == 0 {
+            whole = true;
+            break;
+        }
+        if line.trim_start().starts_with('[') {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let keys: ClientKeys = match toml::from_str(&head) {
+        Ok(k) => k,
+        Err(e) if whole => {
+            return Err(ConfigError::Parse {
+                path: p,
+                message: e.to_string(),
+            })
+        }
+        Err(_) => {
+            let text = std::fs::read_to_string(path).map_err(read_error)?;
+            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: p.clone(),
+                message: e.to_string(),
+            })?
+        }
+    };
+    if !keys.control_socket.is_absolute() {
+        return Err(ConfigError::Parse {
+            path: p,
+            message: format!(
+                "control_socket must be an absolute path, got {}",
+                keys.control_socket.display()
+            ),
+        });
+    }
+    Ok(keys.control_socket)
 }
 
 impl Config {
@@ -268,6 +348,7 @@ impl Config {
             poll_interval: raw.poll_interval,
             dial_backoff_max: raw.dial_backoff_max.max(Duration::from_millis(100)),
             rpc_timeout: raw.rpc_timeout.max(Duration::from_millis(100)),
+            keepalive_interval: raw.keepalive_interval.max(MIN_KEEPALIVE),
             launch_users,
             control_group,
             vms,
@@ -447,6 +528,47 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/t/host.toml"), text)
+    }
+
+    fn control_socket_of(text: &str) -> Result<PathBuf, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, text).expect("write config");
+        load_control_socket(&path)
+    }
+
+    #[test]
+    fn client_reads_control_socket_from_the_head_only() {
+        // The tail is not valid config (nor valid TOML): a client command
+        // never reads that far.
+        let got = control_socket_of(
+            "state_dir = \"/s\"\ncontrol_socket = \"/r/c.sock\"\n[vms.a]\nthis is not toml\n",
+        );
+        assert_eq!(got.expect("head parses"), PathBuf::from("/r/c.sock"));
+        assert_eq!(
+            control_socket_of("[vms.a]\ncid = 3\n").expect("default"),
+            PathBuf::from("/run/vmcred/control.sock")
+        );
+    }
+
+    #[test]
+    fn client_falls_back_to_the_whole_file_when_the_head_is_cut_mid_value() {
+        let got = control_socket_of(
+            "x = [\n[1, 2],\n]\ncontrol_socket = \"/r/c.sock\"\n[vms.a]\ncid = 3\n",
+        );
+        assert_eq!(got.expect("whole file parses"), PathBuf::from("/r/c.sock"));
+    }
+
+    #[test]
+    fn client_refuses_a_relative_control_socket_and_bad_toml() {
+        assert!(matches!(
+            control_socket_of("control_socket = \"c.sock\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            control_socket_of("control_socket = \n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

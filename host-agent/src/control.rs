@@ -122,6 +122,10 @@ pub enum Reply {
         count: u64,
     },
     Error(String),
+    /// The request named a VM or credential the running daemon's config
+    /// does not have; nothing was done. The CLI exits 2 (usage) on it, so
+    /// it need not load the config to check names itself.
+    Unknown(String),
     /// The daemon had no free slot for this request within its deadline;
     /// nothing was done, try again.
     Busy(String),

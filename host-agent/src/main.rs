@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use vmcred_host::config::{Config, DEFAULT_CONFIG};
-use vmcred_host::control::{self, Request};
+use vmcred_host::config::{load_control_socket, Config, DEFAULT_CONFIG};
+use vmcred_host::control::{self, Reply, Request};
 use vmcred_host::{launch, serve, source};
 
 use report::Exit;
@@ -205,7 +205,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             all,
             args,
         } => {
-            let cfg = Config::load(&config)?;
+            // Only the socket is read from the config: the daemon checks
+            // the names, so a single-VM rotate costs the same whatever the
+            // number of VMs configured.
+            let socket = load_control_socket(&config)?;
             let (vms, credentials, many) = if all || !vms.is_empty() {
                 (vms, args, true)
             } else {
@@ -217,37 +220,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 (vec![vm], args.collect(), false)
             };
-            if let Err(e) = report::check_names(&cfg, &vms, &credentials, all) {
-                return Ok(report::usage(&e));
-            }
+            let expected = (!all).then_some(vms.len());
             let req = Request::Rotate {
-                vms: if all { Vec::new() } else { vms.clone() },
+                vms: if all { Vec::new() } else { vms },
                 all,
                 credentials,
                 timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
             };
-            let expected = if all { cfg.vms.len() } else { vms.len() };
             let mut out = report::RotateOutput::new(json, many, expected);
             let end = client_runtime()?.block_on(control::call(
-                &cfg.control_socket,
+                &socket,
                 &req,
                 timeout + Duration::from_secs(5),
                 |item| out.item(item),
             ))?;
+            if let Reply::Unknown(e) = end {
+                return Ok(report::unknown_name(&e));
+            }
             Ok(out.finish(end).into())
         }
         Cmd::Status { json, vms } => {
-            let cfg = Config::load(&config)?;
-            if let Err(e) = report::check_names(&cfg, &vms, &[], false) {
-                return Ok(report::usage(&e));
-            }
+            let socket = load_control_socket(&config)?;
             let mut out = report::StatusOutput::new(json);
             let end = client_runtime()?.block_on(control::call(
-                &cfg.control_socket,
+                &socket,
                 &Request::Status { vms },
                 Duration::from_secs(30),
                 |item| out.item(item),
             ))?;
+            if let Reply::Unknown(e) = end {
+                return Ok(report::unknown_name(&e));
+            }
             Ok(out.finish(end).into())
         }
         Cmd::Launch {

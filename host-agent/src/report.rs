@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use serde_json::json;
-use vmcred_host::config::{Config, ConfigError};
+use vmcred_host::config::ConfigError;
 use vmcred_host::control::{CallError, Reply, RotateReport, VmStatus};
 
 /// Version of the `--json` output of `status` and `rotate`.
@@ -58,49 +58,12 @@ pub fn usage(message: &str) -> ExitCode {
     Exit::Usage.into()
 }
 
-/// Refuses at once a VM or credential the config does not have: the agent
-/// would refuse it too, but only after connecting (and a VM that is down
-/// would make the caller wait for nothing).
-pub fn check_names(
-    cfg: &Config,
-    vms: &[String],
-    credentials: &[String],
-    all: bool,
-) -> Result<(), String> {
-    let shown = |n: &str| format!("{:?}", vmcred_proto::rules::display_name(n));
-    let unknown: Vec<String> = vms
-        .iter()
-        .filter(|v| !cfg.vms.contains_key(*v))
-        .map(|v| shown(v))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(format!(
-            "no VM named {} in {}",
-            unknown.join(", "),
-            cfg.path.display()
-        ));
-    }
-    let selected: Vec<&vmcred_host::config::Vm> = if all {
-        cfg.vms.values().collect()
-    } else {
-        vms.iter().filter_map(|v| cfg.vms.get(v)).collect()
-    };
-    for vm in selected {
-        let missing: Vec<String> = credentials
-            .iter()
-            .filter(|c| !vm.credentials.contains_key(*c))
-            .map(|c| shown(c))
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "VM {} has no credential named {} in {}; nothing was rotated",
-                vm.name,
-                missing.join(", "),
-                cfg.path.display()
-            ));
-        }
-    }
-    Ok(())
+/// The agent refused a VM or credential name its config does not have
+/// (nothing was done): a usage error, exit 2.
+pub fn unknown_name(message: &str) -> ExitCode {
+    usage(&format!(
+        "{message} (names are checked against the running agent's config; after editing the file, reload it with SIGHUP)"
+    ))
 }
 
 /// Whether a VM is fully in sync: connected, the last generation sent is
@@ -262,7 +225,9 @@ pub struct RotateOutput {
     json: bool,
     /// Several VMs: a live count on a terminal and a table at the end.
     many: bool,
-    expected: usize,
+    /// VMs asked for, when the CLI knows (not with `--all`: the agent
+    /// has the list).
+    expected: Option<usize>,
     progress: bool,
     reports: Vec<RotateReport>,
 }
@@ -273,7 +238,7 @@ fn succeeded(r: &RotateReport) -> bool {
 }
 
 impl RotateOutput {
-    pub fn new(json: bool, many: bool, expected: usize) -> Self {
+    pub fn new(json: bool, many: bool, expected: Option<usize>) -> Self {
         RotateOutput {
             json,
             many,
@@ -291,12 +256,10 @@ impl RotateOutput {
         self.reports.push(r);
         if self.progress {
             let ok = self.reports.iter().filter(|r| succeeded(r)).count();
-            eprint!(
-                "\rrotated {}/{} ({} applied)",
-                self.reports.len(),
-                self.expected,
-                ok
-            );
+            match self.expected {
+                Some(n) => eprint!("\rrotated {}/{n} ({ok} applied)", self.reports.len()),
+                None => eprint!("\rrotated {} ({ok} applied)", self.reports.len()),
+            }
         }
     }
 

@@ -109,6 +109,7 @@ fn timing(cfg: &Config) -> Timing {
         poll: cfg.poll_interval,
         backoff_max: cfg.dial_backoff_max,
         rpc_timeout: cfg.rpc_timeout,
+        keepalive: cfg.keepalive_interval,
     }
 }
 
@@ -665,7 +666,7 @@ impl Daemon {
     ) -> Result<(), String> {
         let (vms, _) = self.snapshot();
         if let Some(e) = unknown_vms(&vms, only) {
-            return send(w, &Reply::Error(e)).await;
+            return send(w, &Reply::Unknown(e)).await;
         }
         let mut count = 0u64;
         let selected: Vec<&VmHandle> = if only.is_empty() {
@@ -700,7 +701,7 @@ impl Daemon {
             (true, true) => vms.values().cloned().collect(),
             (false, false) => {
                 if let Some(e) = unknown_vms(&vms, &only) {
-                    return send(w, &Reply::Error(e)).await;
+                    return send(w, &Reply::Unknown(e)).await;
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 only.iter()
@@ -727,7 +728,7 @@ impl Daemon {
             if !missing.is_empty() {
                 return send(
                     w,
-                    &Reply::Error(format!(
+                    &Reply::Unknown(format!(
                         "VM {} has no credential named {}; nothing was rotated",
                         h.vm.name,
                         some_names(&missing)

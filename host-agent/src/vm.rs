@@ -35,9 +35,10 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 /// Shortest wait between two dials, whatever the jitter draws: a guest
 /// that accepts and closes at once must not cost a core.
 const BACKOFF_FLOOR: Duration = Duration::from_millis(20);
-/// How often a connected VM is asked `Hello`, to notice a dead connection
-/// (cloud-hypervisor does not propagate half-close).
-const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How soon a push the guest refused (busy, or not newer) is tried again.
+/// Only while a retry is due; an idle, in-sync connection waits the whole
+/// keepalive interval (`Timing::keepalive`).
+const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(5);
 /// Longest source read before that credential is reported `timed out`.
 const SOURCE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often an Apply the guest answered ABORTED (its store is busy) is
@@ -69,6 +70,10 @@ pub struct Timing {
     pub poll: Duration,
     pub backoff_max: Duration,
     pub rpc_timeout: Duration,
+    /// Silence after which a connected VM is probed with `Hello`: the only
+    /// way to notice a dead guest behind a muxer that does not propagate
+    /// half-close (cloud-hypervisor <= 52). Every exchange restarts it.
+    pub keepalive: Duration,
 }
 
 pub enum Command {
@@ -454,16 +459,27 @@ impl VmTask {
         });
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
-        let mut keepalive = tokio::time::interval(KEEPALIVE);
-        keepalive.tick().await;
+        // One timer per connection, re-armed after each probe. A sync is
+        // not counted as one: it may find nothing to send and never talk
+        // to the guest.
+        let mut last_probe = tokio::time::Instant::now();
         loop {
+            let probe_due = last_probe
+                + if self.retry_due {
+                    RETRY_AFTER_REFUSAL.min(self.timing.keepalive)
+                } else {
+                    self.timing.keepalive
+                };
             let result = tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => return SessionEnd::Stopped,
                     // A launch during a session means the old connection
                     // belongs to a VM that is gone: find out now, not at the
                     // next keepalive.
-                    Some(Command::Wake) => self.hello(&mut client).await.map(|g| guest = g),
+                    Some(Command::Wake) => {
+                        last_probe = tokio::time::Instant::now();
+                        self.hello(&mut client).await.map(|g| guest = g)
+                    }
                     Some(Command::Rotate { credentials, reply }) => {
                         let r = self.sync(&mut client, &mut guest, &credentials, Why::Rotate).await;
                         if let Ok(report) = &r {
@@ -491,7 +507,8 @@ impl VmTask {
                 _ = poll.tick(), if !self.timing.poll.is_zero() => {
                     self.sync(&mut client, &mut guest, &[], Why::Poll).await.map(|r| self.log_report(&r, Why::Poll))
                 }
-                _ = keepalive.tick() => {
+                _ = tokio::time::sleep_until(probe_due) => {
+                    last_probe = tokio::time::Instant::now();
                     if self.retry_due {
                         self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| self.log_report(&r, Why::Retry))
                     } else {

@@ -478,13 +478,18 @@ fn exit_codes_are_distinct_and_errors_say_their_cause_once() {
     assert_eq!(o.status.code(), Some(4), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
-    // A VM or credential not in the config: refused at once, 2.
-    assert_eq!(run(&["rotate", "nope"], &cfg).status.code(), Some(2));
-    let o = run(&["rotate", "a", "NOT_CONFIGURED"], &cfg);
+    // A VM or credential not in the config: the running agent refuses it
+    // at once (the CLI reads only control_socket), 2.
+    let agent = Agent::start(
+        "",
+        "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n[vms.a.credentials.K]\npath = \"/nonexistent/k\"\n",
+    );
+    assert_eq!(agent.cli(&["rotate", "nope"]).status.code(), Some(2));
+    let o = agent.cli(&["rotate", "a", "NOT_CONFIGURED"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("no credential named"));
     assert_eq!(
-        run(&["status", "--vm", "nope"], &cfg).status.code(),
+        agent.cli(&["status", "--vm", "nope"]).status.code(),
         Some(2)
     );
     // clap's own usage errors.

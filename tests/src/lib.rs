@@ -87,6 +87,8 @@ pub struct World {
     pub host: Option<Child>,
     pub host_log: PathBuf,
     pub log_level: String,
+    /// Top-level config lines that `start_host` and `reload_host` add.
+    pub extra_config: String,
     _muxers: Vec<muxer::Muxer>,
 }
 
@@ -105,6 +107,7 @@ impl World {
             host: None,
             host_log,
             log_level: "debug".into(),
+            extra_config: String::new(),
             _muxers: Vec::new(),
         })
     }
@@ -193,7 +196,7 @@ impl World {
     }
 
     pub fn start_host(&mut self) -> Result<()> {
-        self.write_config("")?;
+        self.write_config(&self.extra_config)?;
         let sock = self.path().join("run/control.sock");
         // A killed agent leaves its socket behind; wait for the new one.
         let _ = std::fs::remove_file(&sock);
@@ -236,7 +239,7 @@ impl World {
 
     /// Rewrites the config and sends SIGHUP.
     pub fn reload_host(&self) -> Result<()> {
-        self.write_config("")?;
+        self.write_config(&self.extra_config)?;
         match &self.host {
             Some(c) => {
                 signal(c, nix::sys::signal::Signal::SIGHUP);

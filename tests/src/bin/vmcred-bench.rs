@@ -1,0 +1,520 @@
+//! `vmcred-bench`: how fast and how small vmcred is on this machine, with
+//! the floors it is judged against measured in the same run. Real release
+//! agents behind the hybrid-vsock muxer stand-in (see `vmcred_tests`),
+//! Unix sockets only: no AF_VSOCK socket is opened. Not part of the test
+//! run; see README.md, "Measured here".
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use vmcred_tests::{muxer::Muxer, wait_until, write_atomic, World};
+
+/// The guest agent's port behind each muxer is `vmcred_tests::PORT`; the
+/// echo floor uses this one.
+const ECHO_PORT: u32 = 1234;
+const CRED: &str = "token";
+
+struct Args {
+    quick: bool,
+    json: Option<PathBuf>,
+    samples: usize,
+    sizes: Vec<usize>,
+    idle: Duration,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        quick: false,
+        json: None,
+        samples: 300,
+        sizes: Vec::new(),
+        idle: Duration::from_secs(20),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--json" => a.json = Some(it.next().context("--json needs a file")?.into()),
+            "--samples" => {
+                a.samples = it.next().context("--samples needs a count")?.parse()?;
+            }
+            "--sizes" => {
+                a.sizes = it
+                    .next()
+                    .context("--sizes needs a list, e.g. 10,100,1000")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--idle-secs" => {
+                a.idle =
+                    Duration::from_secs(it.next().context("--idle-secs needs seconds")?.parse()?);
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: vmcred-bench [--quick] [--json FILE] [--samples K] [--sizes 10,100,1000] [--idle-secs S]\n\
+                     --quick: N up to 100, fewer samples, a 10 s idle window"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    if a.sizes.is_empty() {
+        a.sizes = if a.quick {
+            vec![10, 100]
+        } else {
+            vec![10, 100, 1000]
+        };
+    }
+    if a.quick {
+        a.samples = a.samples.min(100);
+        a.idle = a.idle.min(Duration::from_secs(10));
+    }
+    Ok(a)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("vmcred-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    raise_nofile();
+    let mut out = json!({
+        "machine": machine(),
+        "samples": args.samples,
+    });
+    let latency = latency(&args)?;
+    print_latency(&latency);
+    out["latency"] = latency;
+    let mut fleet = Vec::new();
+    for &n in &args.sizes {
+        let r = fan_out(n, &args).with_context(|| format!("fan-out to {n} VMs"))?;
+        print_fleet(&r);
+        fleet.push(r);
+    }
+    out["fleet"] = Value::Array(fleet);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    json!({"nproc": nproc, "cpu": cpu})
+}
+
+/// 1000 VMs cost this process about five descriptors each (muxer
+/// listener, both ends of each spliced connection).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Milliseconds at the given fraction of sorted samples.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    json!({"p50_ms": pct(&ms, 0.5), "p99_ms": pct(&ms, 0.99), "n": ms.len()})
+}
+
+/// A Unix socket that echoes one byte per connection, as a guest port.
+fn echo_server(path: &Path) -> Result<()> {
+    let l = UnixListener::bind(path)?;
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn echo_once(mut s: UnixStream) -> Result<()> {
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(())
+}
+
+fn hybrid_echo(muxer: &Path) -> Result<()> {
+    let mut s = UnixStream::connect(muxer)?;
+    s.write_all(format!("CONNECT {ECHO_PORT}\n").as_bytes())?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        bail!("muxer answered {line:?}");
+    }
+    echo_once(s)
+}
+
+fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One rotate through the control socket, as the CLI sends it; returns
+/// once the `done` line is read. Fails unless the VM applied.
+fn control_rotate(socket: &Path, vm: &str) -> Result<()> {
+    let mut s = UnixStream::connect(socket)?;
+    writeln!(
+        s,
+        "{}",
+        json!({"cmd": "rotate", "vms": [vm], "credentials": [], "timeout_ms": 30000})
+    )?;
+    let mut r = BufReader::new(s);
+    let mut applied = false;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            bail!("control socket closed before done");
+        }
+        let v: Value = serde_json::from_str(&line)?;
+        if let Some(rep) = v.get("rotate") {
+            applied = rep["applied"].as_bool() == Some(true);
+        } else if v.get("done").is_some() {
+            break;
+        } else {
+            bail!("control socket answered {line}");
+        }
+    }
+    if !applied {
+        bail!("the guest did not apply");
+    }
+    Ok(())
+}
+
+/// A world whose guests live on tmpfs (/dev/shm), as a guest's
+/// credentials do, while the host state stays on the disk-backed tempdir.
+fn world() -> Result<(World, tempfile::TempDir)> {
+    let w = World::new()?;
+    let shm = tempfile::Builder::new()
+        .prefix("vmcred-bench")
+        .tempdir_in("/dev/shm")
+        .context("cannot make a directory in /dev/shm (tmpfs)")?;
+    std::os::unix::fs::symlink(shm.path(), w.path().join("vms"))?;
+    Ok((w, shm))
+}
+
+fn latency(args: &Args) -> Result<Value> {
+    let (mut w, _shm) = world()?;
+    w.log_level = "warn".into();
+    w.add_vm("vm0", false)?;
+    w.set_secret("vm0", CRED, b"v-0", false)?;
+    w.start_host()?;
+    w.boot_guest("vm0")?;
+    w.wait_for_guest_value("vm0", CRED, b"v-0", Duration::from_secs(30))?;
+
+    // Floors: the same muxer stand-in, a port that echoes one byte.
+    let echo_sock = w.path().join("echo.sock");
+    echo_server(&echo_sock)?;
+    let mux_sock = w.path().join("echo-muxer.sock");
+    let _mux = Muxer::start(
+        &mux_sock,
+        [(ECHO_PORT, echo_sock.clone())].into_iter().collect(),
+    )?;
+    let mut hybrid = Vec::new();
+    let mut unix = Vec::new();
+    for _ in 0..args.samples {
+        hybrid.push(time_ms(|| hybrid_echo(&mux_sock))?);
+        unix.push(time_ms(|| echo_once(UnixStream::connect(&echo_sock)?))?);
+    }
+
+    let control = w.path().join("run/control.sock");
+    let source = w.creds["vm0"][CRED].0.clone();
+    let mut via_socket = Vec::new();
+    let mut via_cli = Vec::new();
+    for i in 0..args.samples {
+        // A new value each time, so every rotate pushes and is applied.
+        write_atomic(&source, format!("s-{i}").as_bytes(), 0o400)?;
+        via_socket.push(time_ms(|| control_rotate(&control, "vm0"))?);
+    }
+    for i in 0..args.samples.min(100) {
+        write_atomic(&source, format!("c-{i}").as_bytes(), 0o400)?;
+        via_cli.push(time_ms(|| {
+            let st = Command::new(&w.bins.host)
+                .args(["rotate", "--config"])
+                .arg(w.config_path())
+                .arg("vm0")
+                .stdout(Stdio::null())
+                .status()?;
+            if !st.success() {
+                bail!("vmcred-host rotate exited {st}");
+            }
+            Ok(())
+        })?);
+    }
+    let (s, c, h, u) = (
+        summary(via_socket),
+        summary(via_cli),
+        summary(hybrid),
+        summary(unix),
+    );
+    let ratio = s["p50_ms"].as_f64().unwrap_or(f64::NAN) / h["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    w.stop_host()?;
+    Ok(json!({
+        "rotate_control_socket": s,
+        "rotate_cli": c,
+        "floor_hybrid_connect_echo": h,
+        "floor_unix_connect_echo": u,
+        "ratio_socket_p50_to_hybrid_floor": ratio,
+        "state": "guest directories on tmpfs (/dev/shm), host state on the disk-backed tempdir",
+    }))
+}
+
+fn print_latency(v: &Value) {
+    println!("== rotate latency (one VM), ms");
+    println!("{:<40} {:>8} {:>8}", "", "p50", "p99");
+    for (k, label) in [
+        ("rotate_control_socket", "rotate via control socket"),
+        ("rotate_cli", "rotate via vmcred-host CLI"),
+        (
+            "floor_hybrid_connect_echo",
+            "floor: hybrid-vsock connect + echo",
+        ),
+        ("floor_unix_connect_echo", "floor: Unix connect + echo"),
+    ] {
+        println!(
+            "{label:<40} {:>8.3} {:>8.3}",
+            v[k]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            v[k]["p99_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "ratio control-socket p50 / hybrid floor p50: {:.2}",
+        v["ratio_socket_p50_to_hybrid_floor"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
+}
+
+/// Clock ticks per second for /proc/PID/stat times.
+fn ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a process, in seconds (all its threads).
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields count from after ')'.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11).context("no utime")?.parse()?;
+    let st: f64 = f.get(12).context("no stime")?.parse()?;
+    Ok((ut + st) / ticks())
+}
+
+fn status_field(pid: u32, task: Option<&str>, key: &str) -> Result<u64> {
+    let path = match task {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    let text = std::fs::read_to_string(path)?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("no value")?
+        .parse()?)
+}
+
+/// Voluntary + involuntary context switches over the live threads: each
+/// is a wake-up. A thread that exits in the window (an idle blocking-pool
+/// thread) takes its count along, so a window's difference is a floor and
+/// is clamped at zero.
+fn wakeups(pid: u32) -> Result<u64> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.file_name();
+        let t = t.to_string_lossy();
+        n += status_field(pid, Some(&t), "voluntary_ctxt_switches:").unwrap_or(0);
+        n += status_field(pid, Some(&t), "nonvoluntary_ctxt_switches:").unwrap_or(0);
+    }
+    Ok(n)
+}
+
+fn all_hold(w: &World, n: usize, value: &[u8]) -> bool {
+    (0..n).all(|i| w.read_guest(&vm_name(i), CRED).as_deref() == Some(value))
+}
+
+fn vm_name(i: usize) -> String {
+    format!("vm{i:05}")
+}
+
+fn set_all(w: &mut World, n: usize, value: &[u8]) -> Result<()> {
+    for i in 0..n {
+        w.set_secret(&vm_name(i), CRED, value, false)?;
+    }
+    Ok(())
+}
+
+/// Waits until every guest holds `value`; the time from `start`.
+fn until_all(w: &World, n: usize, value: &[u8], start: Instant) -> Result<f64> {
+    wait_until(Duration::from_secs(120), || all_hold(w, n, value))
+        .context("not every guest got the new value")?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+fn fan_out(n: usize, args: &Args) -> Result<Value> {
+    eprintln!("-- {n} VMs: starting guests");
+    let (mut w, _shm) = world()?;
+    w.log_level = "warn".into();
+    for i in 0..n {
+        w.add_vm(&vm_name(i), false)?;
+    }
+    set_all(&mut w, n, b"boot")?;
+    // The first start creates the host key that the guests' bootstrap pins.
+    w.start_host()?;
+    for i in 0..n {
+        w.boot_guest(&vm_name(i))?;
+    }
+    until_all(&w, n, b"boot", Instant::now())?;
+    w.stop_host()?;
+
+    // Host start -> every guest holds a value changed while it was down.
+    set_all(&mut w, n, b"start")?;
+    let t = Instant::now();
+    w.start_host()?;
+    let start_ms = until_all(&w, n, b"start", t)?;
+
+    // SIGHUP with a new value -> every guest holds it.
+    set_all(&mut w, n, b"sighup")?;
+    let t = Instant::now();
+    w.reload_host()?;
+    let sighup_ms = until_all(&w, n, b"sighup", t)?;
+
+    // rotate --all, through the CLI, until it exits.
+    set_all(&mut w, n, b"rotate")?;
+    let t = Instant::now();
+    let out = w.host_cmd(&["rotate", "--all"])?;
+    let rotate_all_ms = t.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "rotate --all failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if !all_hold(&w, n, b"rotate") {
+        bail!("rotate --all returned before every guest held the value");
+    }
+
+    let host_pid = w.host.as_ref().context("host not running")?.id();
+    let guest_pid = w.guests[&vm_name(0)]
+        .child
+        .as_ref()
+        .context("guest not running")?
+        .id();
+    let host_rss_kib = status_field(host_pid, None, "VmRSS:")?;
+    let guest_rss_kib = status_field(guest_pid, None, "VmRSS:")?;
+    let guest_threads = status_field(guest_pid, None, "Threads:")?;
+
+    // Idle: nothing changes for a while.
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, hw0, gw0) = (cpu_secs(host_pid)?, wakeups(host_pid)?, wakeups(guest_pid)?);
+    std::thread::sleep(args.idle);
+    let (c1, hw1, gw1) = (cpu_secs(host_pid)?, wakeups(host_pid)?, wakeups(guest_pid)?);
+    let per_min = 60.0 / args.idle.as_secs_f64();
+    w.stop_host()?;
+    Ok(json!({
+        "vms": n,
+        "start_to_all_synced_ms": start_ms,
+        "sighup_to_all_hold_ms": sighup_ms,
+        "rotate_all_ms": rotate_all_ms,
+        "host_rss_mib": host_rss_kib as f64 / 1024.0,
+        "host_rss_kib_per_vm": host_rss_kib as f64 / n as f64,
+        "host_idle_cpu_s_per_min": (c1 - c0) * per_min,
+        "host_idle_wakeups_per_min": hw1.saturating_sub(hw0) as f64 * per_min,
+        "guest_rss_mib": guest_rss_kib as f64 / 1024.0,
+        "guest_threads": guest_threads,
+        "guest_idle_wakeups_per_min": gw1.saturating_sub(gw0) as f64 * per_min,
+        "idle_window_s": args.idle.as_secs_f64(),
+    }))
+}
+
+fn print_fleet(v: &Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!("\n== fan-out to {} VMs", v["vms"]);
+    println!(
+        "host start -> all synced      {:>10.1} ms",
+        f("start_to_all_synced_ms")
+    );
+    println!(
+        "SIGHUP -> all hold new value  {:>10.1} ms",
+        f("sighup_to_all_hold_ms")
+    );
+    println!(
+        "rotate --all (CLI, to exit)   {:>10.1} ms",
+        f("rotate_all_ms")
+    );
+    println!(
+        "host RSS                      {:>10.1} MiB ({:.1} KiB per VM)",
+        f("host_rss_mib"),
+        f("host_rss_kib_per_vm")
+    );
+    println!(
+        "host idle CPU                 {:>10.3} s/min ({:.0} wake-ups/min)",
+        f("host_idle_cpu_s_per_min"),
+        f("host_idle_wakeups_per_min")
+    );
+    println!(
+        "guest RSS                     {:>10.1} MiB ({} threads)",
+        f("guest_rss_mib"),
+        v["guest_threads"]
+    );
+    println!(
+        "guest idle wake-ups           {:>10.1} per min",
+        f("guest_idle_wakeups_per_min")
+    );
+}
