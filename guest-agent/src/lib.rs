@@ -7,6 +7,7 @@ pub mod config;
 pub mod listener;
 pub mod notify;
 pub mod owed;
+pub mod pins;
 pub mod server;
 pub mod service;
 pub mod store;

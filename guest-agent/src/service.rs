@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 use vmcred_proto::rpc::pb::{
-    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome, UnitResult,
+    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome,
+    TrustReply, TrustRequest, UnitResult,
 };
+use vmcred_proto::tls::Pin as HostPin;
 use vmcred_proto::rpc::Guest;
 use vmcred_proto::rules::{
     display_name, validate_name, validate_size, validate_total, verify_digest, RuleError,
@@ -26,6 +28,8 @@ use zeroize::Zeroizing;
 use crate::config::GuestConfig;
 use crate::notify::Readiness;
 use crate::owed::{merge_owed, owed_reply, prune_owed};
+use crate::pins::{PinError, PinStore};
+use crate::server::SessionInfo;
 use crate::store::{reserved_name, Change, Current, Store, StoreError, TxError};
 use crate::units::{Action, UnitRunner};
 
@@ -52,6 +56,8 @@ struct Inner {
     readiness: Arc<Readiness>,
     /// Wakes the retry of owed unit actions.
     retry: Notify,
+    /// The host key pins, when this guest takes part in key rollovers.
+    pins: Option<Arc<PinStore>>,
 }
 
 impl GuestService {
@@ -78,12 +84,33 @@ impl GuestService {
             apply_lock: Arc::new(Mutex::new(())),
             readiness,
             retry: Notify::new(),
+            pins: None,
         });
         if !inner.store.state().owed.is_empty() {
             inner.retry.notify_one();
         }
         tokio::spawn(inner.clone().retry_loop());
         GuestService { inner }
+    }
+
+    /// Lets authenticated hosts see and extend (`Trust`) the pin set the
+    /// TLS server checks. Without it, `Trust` is refused as unimplemented.
+    /// Call before the service is cloned into a server.
+    pub fn with_pins(mut self, pins: Arc<PinStore>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.pins = Some(pins);
+        } else {
+            tracing::error!("with_pins called on a shared service; key rollover disabled");
+        }
+        self
+    }
+
+    fn pin_bytes(&self) -> Vec<Vec<u8>> {
+        self.inner
+            .pins
+            .as_ref()
+            .map(|p| p.pins().iter().map(|p| p.0.to_vec()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -492,6 +519,44 @@ impl Guest for GuestService {
                 })
                 .collect(),
             guest_version: vmcred_proto::VERSION.to_string(),
+            pins: self.pin_bytes(),
+        }))
+    }
+
+    async fn trust(&self, request: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
+        let Some(pins) = self.inner.pins.clone() else {
+            return Err(Status::unimplemented(
+                "this guest agent keeps a fixed host key pin",
+            ));
+        };
+        let session = request
+            .extensions()
+            .get::<SessionInfo>()
+            .map(|s| s.pin)
+            .ok_or_else(|| Status::permission_denied("no authenticated host key on this session"))?;
+        let req = request.into_inner();
+        if req.next_pin.is_empty() {
+            return Ok(Response::new(TrustReply {
+                pins: self.pin_bytes(),
+            }));
+        }
+        let next = <[u8; 32]>::try_from(req.next_pin.as_slice())
+            .map(HostPin)
+            .map_err(|_| {
+                invalid(format!(
+                    "next_pin is {} bytes; a pin is 32 (SHA-256)",
+                    req.next_pin.len()
+                ))
+            })?;
+        let now = tokio::task::spawn_blocking(move || pins.add_next(session, next))
+            .await
+            .map_err(|e| Status::internal(format!("trust task failed: {e}")))?
+            .map_err(|e| match e {
+                PinError::NotPinned => Status::permission_denied(e.to_string()),
+                other => Status::unavailable(other.to_string()),
+            })?;
+        Ok(Response::new(TrustReply {
+            pins: now.iter().map(|p| p.0.to_vec()).collect(),
         }))
     }
 

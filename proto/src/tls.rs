@@ -168,6 +168,131 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// Loads a key pair from `key_path` (must be 0600) and `cert_path`,
+    /// checking that they belong together. Used for the rollover's
+    /// `host.next.*` and `host.prev.*` files.
+    pub fn load_pair(key_path: &Path, cert_path: &Path) -> Result<Identity, TlsError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |p: &Path, why: String| TlsError::KeyFile {
+            path: p.display().to_string(),
+            why,
+        };
+        let meta = std::fs::metadata(key_path).map_err(|e| err(key_path, e.to_string()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(err(
+                key_path,
+                format!(
+                    "mode {:04o} lets others read the host key; expected 0600",
+                    meta.permissions().mode() & 0o7777
+                ),
+            ));
+        }
+        let key = Zeroizing::new(std::fs::read(key_path).map_err(|e| err(key_path, e.to_string()))?);
+        let cert = std::fs::read(cert_path).map_err(|e| err(cert_path, e.to_string()))?;
+        let id = Identity {
+            cert: CertificateDer::from(cert),
+            key_pkcs8: key,
+        };
+        id.check_pair()
+            .map_err(|e| err(key_path, format!("does not match {}: {e}", cert_path.display())))?;
+        Ok(id)
+    }
+
+    /// Writes the pair atomically, each file on its own: the certificate
+    /// (0644), then the key (0600). A reader must not trust the pair until
+    /// the caller has written its own completion marker.
+    pub fn store_pair(&self, key_path: &Path, cert_path: &Path) -> Result<(), TlsError> {
+        let err = |p: &Path, why: String| TlsError::KeyFile {
+            path: p.display().to_string(),
+            why,
+        };
+        write_file(cert_path, self.cert.as_ref(), 0o644).map_err(|e| err(cert_path, e))?;
+        write_file(key_path, &self.key_pkcs8, 0o600).map_err(|e| err(key_path, e))
+    }
+}
+
+/// The host keys a guest accepts. The guest's pin store implements it and
+/// may change its answer between handshakes (a key rollover).
+pub trait PinPolicy: Send + Sync + fmt::Debug {
+    fn accepts(&self, pin: &Pin) -> bool;
+}
+
+/// Like [`guest_server_config`], but accepting any host key `policy`
+/// accepts at handshake time (the current pins, at most two during a
+/// rollover).
+pub fn guest_server_config_with(
+    policy: Arc<dyn PinPolicy>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let own = Identity::generate(SERVER_NAME)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(PinnedHostSet { policy, provider }))
+        .with_single_cert(vec![own.cert.clone()], own.key())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct PinnedHostSet {
+    policy: Arc<dyn PinPolicy>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for PinnedHostSet {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let pin = Pin::of_certificate(end_entity.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if !self.policy.accepts(&pin) {
+            tracing::warn!(presented = %pin, "refused a host whose key is not pinned");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("vmcred speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     crate::fsutil::write_atomic(path, bytes, mode).map_err(|e| format!("cannot write: {e}"))
 }
