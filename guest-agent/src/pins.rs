@@ -241,10 +241,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pins.json"), "{").unwrap();
         let err = PinStore::open(dir.path(), A).unwrap_err().to_string();
-        assert!(err.contains("pins.json") && err.contains("remove the file"), "{err}");
-        let three = format!(
-            r#"{{"root":"{A}","pins":["{A}","{B}","{C}"]}}"#
+        assert!(
+            err.contains("pins.json") && err.contains("remove the file"),
+            "{err}"
         );
+        let three = format!(r#"{{"root":"{A}","pins":["{A}","{B}","{C}"]}}"#);
         std::fs::write(dir.path().join("pins.json"), three).unwrap();
         assert!(PinStore::open(dir.path(), A).is_err());
     }

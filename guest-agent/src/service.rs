@@ -17,12 +17,12 @@ use vmcred_proto::rpc::pb::{
     ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome,
     TrustReply, TrustRequest, UnitResult,
 };
-use vmcred_proto::tls::Pin as HostPin;
 use vmcred_proto::rpc::Guest;
 use vmcred_proto::rules::{
     display_name, validate_name, validate_size, validate_total, verify_digest, RuleError,
     BOOTSTRAP_CREDENTIAL, MAX_CREDENTIALS_PER_MESSAGE,
 };
+use vmcred_proto::tls::Pin as HostPin;
 use zeroize::Zeroizing;
 
 use crate::config::GuestConfig;
@@ -533,7 +533,9 @@ impl Guest for GuestService {
             .extensions()
             .get::<SessionInfo>()
             .map(|s| s.pin)
-            .ok_or_else(|| Status::permission_denied("no authenticated host key on this session"))?;
+            .ok_or_else(|| {
+                Status::permission_denied("no authenticated host key on this session")
+            })?;
         let req = request.into_inner();
         if req.next_pin.is_empty() {
             return Ok(Response::new(TrustReply {

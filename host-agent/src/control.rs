@@ -83,9 +83,7 @@ impl KeyTrust {
             KeyTrust::Current => "current",
             KeyTrust::HasNext => "has next pin",
             KeyTrust::LacksNext => "lacks next pin",
-            KeyTrust::Untrusted => {
-                "guest does not trust the current key: relaunch the VM"
-            }
+            KeyTrust::Untrusted => "guest does not trust the current key: relaunch the VM",
         }
     }
 }

@@ -131,7 +131,10 @@ fn rename_if_present(from: &Path, to: &Path) -> Result<(), KeyError> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(file_err(from, format!("cannot rename to {}: {e}", to.display()))),
+        Err(e) => Err(file_err(
+            from,
+            format!("cannot rename to {}: {e}", to.display()),
+        )),
     }
 }
 
@@ -241,11 +244,13 @@ impl KeyRing {
                     Phase::Switched => StepOutcome::AlreadyDone,
                 };
                 let retired = self.retire()?;
-                Ok(if switched == StepOutcome::Done || retired == StepOutcome::Done {
-                    StepOutcome::Done
-                } else {
-                    StepOutcome::AlreadyDone
-                })
+                Ok(
+                    if switched == StepOutcome::Done || retired == StepOutcome::Done {
+                        StepOutcome::Done
+                    } else {
+                        StepOutcome::AlreadyDone
+                    },
+                )
             }
         }
     }
@@ -377,19 +382,31 @@ mod tests {
         let e = ring.step(KeyStep::Switch).unwrap_err().to_string();
         assert!(e.contains("prepare"), "{e}");
         assert!(ring.step(KeyStep::RevokeOld).is_err());
-        assert_eq!(ring.step(KeyStep::Retire).unwrap(), StepOutcome::AlreadyDone);
+        assert_eq!(
+            ring.step(KeyStep::Retire).unwrap(),
+            StepOutcome::AlreadyDone
+        );
 
         assert_eq!(ring.step(KeyStep::Prepare).unwrap(), StepOutcome::Done);
-        assert_eq!(ring.step(KeyStep::Prepare).unwrap(), StepOutcome::AlreadyDone);
+        assert_eq!(
+            ring.step(KeyStep::Prepare).unwrap(),
+            StepOutcome::AlreadyDone
+        );
         let next = ring.next_pin().unwrap();
         assert_eq!(pin_file(d.path(), "host.next").unwrap(), next.to_string());
-        let mode = std::fs::metadata(d.path().join("host.next.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(d.path().join("host.next.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let e = ring.step(KeyStep::Retire).unwrap_err().to_string();
         assert!(e.contains("switch"), "{e}");
 
         assert_eq!(ring.step(KeyStep::Switch).unwrap(), StepOutcome::Done);
-        assert_eq!(ring.step(KeyStep::Switch).unwrap(), StepOutcome::AlreadyDone);
+        assert_eq!(
+            ring.step(KeyStep::Switch).unwrap(),
+            StepOutcome::AlreadyDone
+        );
         assert_eq!(ring.current().pin, next);
         assert_eq!(ring.prev().unwrap().pin, first);
         assert_eq!(pin_file(d.path(), "host").unwrap(), next.to_string());
@@ -397,7 +414,10 @@ mod tests {
         assert!(e.contains("retire"), "{e}");
 
         assert_eq!(ring.step(KeyStep::Retire).unwrap(), StepOutcome::Done);
-        assert_eq!(ring.step(KeyStep::Retire).unwrap(), StepOutcome::AlreadyDone);
+        assert_eq!(
+            ring.step(KeyStep::Retire).unwrap(),
+            StepOutcome::AlreadyDone
+        );
         assert!(!d.path().join("host.prev.key").exists());
         assert!(ring.prev().is_none());
         // A restart sees the same.
@@ -416,8 +436,13 @@ mod tests {
         drop(ring);
         // As if killed right after the point of no return and one rename:
         // host.crt is the new one, host.key still the old.
-        let cur = Identity::load_pair(&d.path().join("host.key"), &d.path().join("host.crt")).unwrap();
-        cur.store_pair(&d.path().join("host.prev.key"), &d.path().join("host.prev.crt")).unwrap();
+        let cur =
+            Identity::load_pair(&d.path().join("host.key"), &d.path().join("host.crt")).unwrap();
+        cur.store_pair(
+            &d.path().join("host.prev.key"),
+            &d.path().join("host.prev.crt"),
+        )
+        .unwrap();
         write_pin(&d.path().join("host.prev.pin"), first).unwrap();
         std::fs::rename(d.path().join("host.next.crt"), d.path().join("host.crt")).unwrap();
         let ring = KeyRing::load(d.path()).unwrap();
@@ -433,7 +458,11 @@ mod tests {
         drop(ring);
         // Killed after the key files, before the pin marker.
         let id = Identity::generate("vmcred-host").unwrap();
-        id.store_pair(&d.path().join("host.next.key"), &d.path().join("host.next.crt")).unwrap();
+        id.store_pair(
+            &d.path().join("host.next.key"),
+            &d.path().join("host.next.crt"),
+        )
+        .unwrap();
         let ring = KeyRing::load(d.path()).unwrap();
         assert_eq!(ring.phase(), Phase::Steady);
         assert_eq!(ring.step(KeyStep::Prepare).unwrap(), StepOutcome::Done);
@@ -450,6 +479,12 @@ mod tests {
         assert_eq!(ring.current().pin, next);
         assert!(ring.prev().is_none());
         assert!(!d.path().join("host.prev.key").exists());
-        assert_eq!(ring.step(KeyStep::RevokeOld).unwrap_err().to_string().contains("prepare"), true);
+        assert_eq!(
+            ring.step(KeyStep::RevokeOld)
+                .unwrap_err()
+                .to_string()
+                .contains("prepare"),
+            true
+        );
     }
 }

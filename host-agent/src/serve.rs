@@ -24,7 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
-use vmcred_proto::{rules, tls};
+use vmcred_proto::rules;
 
 pub use limits::raise_nofile_limit;
 pub use lock::{LockError, StateLock};
@@ -696,7 +696,11 @@ impl Daemon {
                          status`). Wait for them to connect, or `switch --force`: they then \
                          fall back to the previous key until `retire`, after which they must be \
                          relaunched",
-                        if lacking.len() == 1 { format!("VM {} has", some_names(&lacking)) } else { format!("VMs {} have", some_names(&lacking)) }
+                        if lacking.len() == 1 {
+                            format!("VM {} has", some_names(&lacking))
+                        } else {
+                            format!("VMs {} have", some_names(&lacking))
+                        }
                     )),
                 )
                 .await;

@@ -28,8 +28,8 @@ use crate::config::Vm;
 use crate::control::{
     CredentialOutcome, CredentialStatus, KeyTrust, RotateReport, UnitOutcome, VmStatus,
 };
-use crate::keyring::{DialKey, KeyRing};
 use crate::generations::Generations;
+use crate::keyring::{DialKey, KeyRing};
 use crate::source;
 
 /// First back-off ceiling after a failed dial or a session that ended
@@ -306,7 +306,7 @@ impl VmTask {
                         attempt = 0;
                     }
                     match end {
-                            SessionEnd::Stopped => return,
+                        SessionEnd::Stopped => return,
                         SessionEnd::Rekey => {
                             info!(vm = %self.vm.name, "host keys changed; redialling");
                             continue;
@@ -402,7 +402,11 @@ impl VmTask {
     /// Dials, authenticates with `key`, and proves the guest accepted it
     /// with a `Trust` call that hands over `next` (or only asks, when
     /// `None`); its answer is recorded as the guest's pins.
-    async fn open(&self, key: &DialKey, next: Option<tls::Pin>) -> Result<GuestClient<Channel>, Open> {
+    async fn open(
+        &self,
+        key: &DialKey,
+        next: Option<tls::Pin>,
+    ) -> Result<GuestClient<Channel>, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
             .map_err(|e| Open::Unreachable(e.to_string()))?;

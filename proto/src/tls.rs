@@ -188,14 +188,19 @@ impl Identity {
                 ),
             ));
         }
-        let key = Zeroizing::new(std::fs::read(key_path).map_err(|e| err(key_path, e.to_string()))?);
+        let key =
+            Zeroizing::new(std::fs::read(key_path).map_err(|e| err(key_path, e.to_string()))?);
         let cert = std::fs::read(cert_path).map_err(|e| err(cert_path, e.to_string()))?;
         let id = Identity {
             cert: CertificateDer::from(cert),
             key_pkcs8: key,
         };
-        id.check_pair()
-            .map_err(|e| err(key_path, format!("does not match {}: {e}", cert_path.display())))?;
+        id.check_pair().map_err(|e| {
+            err(
+                key_path,
+                format!("does not match {}: {e}", cert_path.display()),
+            )
+        })?;
         Ok(id)
     }
 

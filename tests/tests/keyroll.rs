@@ -27,7 +27,11 @@ fn guest_pins(w: &World, vm: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     v["pins"]
         .as_array()
-        .map(|a| a.iter().filter_map(|p| p.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -131,7 +135,11 @@ fn rollover_with_a_guest_down_during_it_and_a_relaunch_after() {
     // Pushes keep working under the new key.
     w.set_secret("late", "A", b"beta", false).unwrap();
     let out = w.rotate("late", &["A"], "20s").unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (code, text) = rotate_key(&w, &["retire"]);
     assert_eq!(code, 0, "{text}");
@@ -213,10 +221,17 @@ fn kill_9_of_either_agent_between_steps() {
     w.start_host().unwrap();
     let (code, text) = rotate_key(&w, &["show"]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("Steady") && !text.contains("previous:"), "{text}");
+    assert!(
+        text.contains("Steady") && !text.contains("previous:"),
+        "{text}"
+    );
     w.set_secret("vm1", "A", b"gamma", false).unwrap();
     let out = w.rotate("vm1", &["A"], "20s").unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
