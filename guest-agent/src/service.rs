@@ -57,7 +57,7 @@ struct Inner {
     /// Wakes the retry of owed unit actions.
     retry: Notify,
     /// The host key pins, when this guest takes part in key rollovers.
-    pins: Option<Arc<PinStore>>,
+    pins: std::sync::OnceLock<Arc<PinStore>>,
 }
 
 impl GuestService {
@@ -84,7 +84,7 @@ impl GuestService {
             apply_lock: Arc::new(Mutex::new(())),
             readiness,
             retry: Notify::new(),
-            pins: None,
+            pins: std::sync::OnceLock::new(),
         });
         if !inner.store.state().owed.is_empty() {
             inner.retry.notify_one();
@@ -95,12 +95,9 @@ impl GuestService {
 
     /// Lets authenticated hosts see and extend (`Trust`) the pin set the
     /// TLS server checks. Without it, `Trust` is refused as unimplemented.
-    /// Call before the service is cloned into a server.
-    pub fn with_pins(mut self, pins: Arc<PinStore>) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.pins = Some(pins);
-        } else {
-            tracing::error!("with_pins called on a shared service; key rollover disabled");
+    pub fn with_pins(self, pins: Arc<PinStore>) -> Self {
+        if self.inner.pins.set(pins).is_err() {
+            tracing::warn!("with_pins called twice; keeping the first pin store");
         }
         self
     }
@@ -108,7 +105,7 @@ impl GuestService {
     fn pin_bytes(&self) -> Vec<Vec<u8>> {
         self.inner
             .pins
-            .as_ref()
+            .get()
             .map(|p| p.pins().iter().map(|p| p.0.to_vec()).collect())
             .unwrap_or_default()
     }
@@ -524,7 +521,7 @@ impl Guest for GuestService {
     }
 
     async fn trust(&self, request: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
-        let Some(pins) = self.inner.pins.clone() else {
+        let Some(pins) = self.inner.pins.get().cloned() else {
             return Err(Status::unimplemented(
                 "this guest agent keeps a fixed host key pin",
             ));
