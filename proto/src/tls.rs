@@ -488,6 +488,70 @@ mod tests {
         assert!(!err.is_empty());
     }
 
+    #[derive(Debug)]
+    struct Pins(std::sync::Mutex<Vec<Pin>>);
+    impl PinPolicy for Pins {
+        fn accepts(&self, pin: &Pin) -> bool {
+            self.0.lock().unwrap().contains(pin)
+        }
+    }
+
+    async fn handshake_with(host: &Identity, policy: Arc<Pins>) -> Result<Vec<u8>, String> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(guest_server_config_with(policy).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(host_client_config(host).unwrap());
+        let server = tokio::spawn(async move {
+            let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(buf.to_vec())
+        });
+        if let Ok(mut c) = connector.connect(server_name(), a).await {
+            let _ = c.write_all(b"hello").await;
+            let _ = c.flush().await;
+        }
+        server.await.map_err(|e| e.to_string())?
+    }
+
+    #[tokio::test]
+    async fn a_pin_set_accepts_each_member_and_follows_changes() {
+        let old = Identity::generate("vmcred-host").unwrap();
+        let next = Identity::generate("vmcred-host").unwrap();
+        let other = Identity::generate("vmcred-host").unwrap();
+        let pins = Arc::new(Pins(std::sync::Mutex::new(vec![
+            old.pin().unwrap(),
+            next.pin().unwrap(),
+        ])));
+        assert!(handshake_with(&old, pins.clone()).await.is_ok());
+        assert!(handshake_with(&next, pins.clone()).await.is_ok());
+        assert!(handshake_with(&other, pins.clone()).await.is_err());
+        // The same config refuses a key dropped from the set since.
+        pins.0.lock().unwrap().remove(0);
+        assert!(handshake_with(&old, pins.clone()).await.is_err());
+        assert!(handshake_with(&next, pins).await.is_ok());
+    }
+
+    #[test]
+    fn a_stored_pair_loads_back_and_a_mismatch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, c) = (dir.path().join("n.key"), dir.path().join("n.crt"));
+        let id = Identity::generate("vmcred-host").unwrap();
+        id.store_pair(&k, &c).unwrap();
+        assert_eq!(
+            Identity::load_pair(&k, &c).unwrap().pin().unwrap(),
+            id.pin().unwrap()
+        );
+        let other = Identity::generate("vmcred-host").unwrap();
+        other
+            .store_pair(&dir.path().join("o.key"), &dir.path().join("o.crt"))
+            .unwrap();
+        let err = Identity::load_pair(&k, &dir.path().join("o.crt"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not match"), "{err}");
+    }
+
     #[test]
     fn pin_text_round_trip_and_errors() {
         let p = Pin([0xab; 32]);
