@@ -506,10 +506,15 @@ mod tests {
             s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(buf.to_vec())
         });
-        if let Ok(mut c) = connector.connect(server_name(), a).await {
-            let _ = c.write_all(b"hello").await;
-            let _ = c.flush().await;
-        }
+        // Kept open until the server is done: it writes session tickets.
+        let _client = match connector.connect(server_name(), a).await {
+            Ok(mut c) => {
+                let _ = c.write_all(b"hello").await;
+                let _ = c.flush().await;
+                Some(c)
+            }
+            Err(_) => None,
+        };
         server.await.map_err(|e| e.to_string())?
     }
 
