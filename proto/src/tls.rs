@@ -260,7 +260,7 @@ impl ClientCertVerifier for PinnedHostSet {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
         if !self.policy.accepts(&pin) {
-            tracing::warn!(presented = %pin, "refused a host whose key is not pinned");
+            tracing::warn!(presented = %pin, "refused a host whose key is not the pinned one (nor, in a rollover, the next)");
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
