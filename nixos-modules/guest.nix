@@ -27,10 +27,14 @@
 let
   inherit (lib)
     mkOption mkEnableOption mkIf types literalExpression mapAttrs
-    mapAttrsToList concatLists escapeShellArg;
+    mapAttrsToList concatLists escapeShellArg mkMerge optionalAttrs removeSuffix
+    hasSuffix;
 
   vlib = import ./lib.nix { inherit lib; };
   cfg = config.services.vmcred.guest;
+
+  # Served by the agent in its RuntimeDirectory (its default --state-dir).
+  credsSocket = "/run/vmcred/creds.sock";
 
   credentialModule = { name, ... }: {
     options = {
@@ -58,8 +62,41 @@ let
         default = "0400";
         description = "File mode of the credential in the credentials directory.";
       };
+      socketUnits = mkOption {
+        type = types.listOf vlib.unitNameType;
+        default = [ ];
+        example = [ "api.service" ];
+        description = ''
+          Services that take this credential from the agent's credential
+          socket: each gets `LoadCredential=<name>:${credsSocket}` and
+          After=/Wants=vmcred-guest.service, and the agent hands the
+          current value to these units only. With systemd >= 260, add
+          `RefreshOnReload=credentials` to the unit and list it in
+          `reloadUnits` too: a rotation then reaches it by a reload, with
+          no restart. Only `.service` units.
+        '';
+      };
+      deliver = mkOption {
+        type = types.enum [ "file" "socket" ];
+        default = "file";
+        description = ''
+          `file`: the value is a file in the credentials directory (and the
+          socket, for `socketUnits`, serves it from there). `socket`: the
+          agent keeps it in memory only and no file is written, so the
+          `socketUnits` are the only way to it; needs `socketUnits`.
+        '';
+      };
     };
   };
+
+  socketWiring = mkMerge (concatLists (mapAttrsToList (name: c:
+    map (unit: {
+      ${removeSuffix ".service" unit} = {
+        after = [ "vmcred-guest.service" ];
+        wants = [ "vmcred-guest.service" ];
+        serviceConfig.LoadCredential = [ (vlib.escapeUnitValue "${name}:${credsSocket}") ];
+      };
+    }) c.socketUnits) cfg.credentials));
 
   guestSettings = {
     initial_sync_timeout = cfg.initialSyncTimeout;
@@ -67,6 +104,10 @@ let
       restart_units = c.restartUnits;
       reload_units = c.reloadUnits;
       inherit (c) mode;
+    } // optionalAttrs (c.socketUnits != [ ]) {
+      socket_units = c.socketUnits;
+    } // optionalAttrs (c.deliver != "file") {
+      inherit (c) deliver;
     }) cfg.credentials;
   };
   guestTomlText = vlib.toTOML guestSettings;
@@ -135,7 +176,7 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
+  config = mkIf cfg.enable (mkMerge [{
     assertions = concatLists (mapAttrsToList (name: _:
       let problem = vlib.credentialNameProblem name; in [{
         assertion = problem == null;
@@ -144,6 +185,18 @@ in
           systemd credential names are ${vlib.credentialNameRules}.
         '';
       }]) cfg.credentials)
+      ++ concatLists (mapAttrsToList (name: c: map (unit: {
+        assertion = hasSuffix ".service" unit && unit != "vmcred-guest.service";
+        message = ''
+          services.vmcred.guest.credentials.${vlib.tomlKey name}.socketUnits: ${builtins.toJSON unit} is not a .service unit other than vmcred-guest.service; the credential socket is wired only into services (systemd.services.<name>.serviceConfig.LoadCredential).
+        '';
+      }) c.socketUnits) cfg.credentials)
+      ++ mapAttrsToList (name: c: {
+        assertion = c.deliver != "socket" || c.socketUnits != [ ];
+        message = ''
+          services.vmcred.guest.credentials.${vlib.tomlKey name}: deliver = "socket" needs socketUnits (the agent writes no file, so no unit could read the value otherwise).
+        '';
+      }) cfg.credentials
       ++ [{
         assertion = lib.hasPrefix "/" cfg.credentialsDirectory;
         message = "services.vmcred.guest.credentialsDirectory must be an absolute path.";
@@ -208,5 +261,8 @@ in
         RemoveIPC = true;
       };
     };
-  };
+  }
+  # LoadCredential=<name>:${credsSocket} on each credential's socketUnits.
+  { systemd.services = socketWiring; }
+  ]);
 }

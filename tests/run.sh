@@ -4,12 +4,19 @@
 #   2. the workspace's unit and end-to-end tests (real agents, real TLS,
 #      hybrid vsock through a muxer stand-in; never AF_VSOCK on this machine)
 #   3. the NixOS module evaluation tests (tests/nix/run.sh)
-#   4. the real-VM test (tests/vm/run.sh): qemu TCG, systemd guest, virtio-vsock
-# Set VMCRED_SKIP_VM=1 or VMCRED_SKIP_NIX=1 to leave a stage out (it is then
+#   4. the real-VM test (tests/vm/run.sh): qemu TCG, systemd guests, virtio-vsock
+#   5. a short run of every fuzz target (fuzz/run.sh, VMCRED_FUZZ_SECONDS each)
+# Downloads and builds that do not depend on this checkout (guest images,
+# the instrumented fuzz build) are cached in ${XDG_CACHE_HOME:-~/.cache}/vmcred,
+# so a fresh clone on the same machine reuses them; a new machine builds them.
+# Set VMCRED_SKIP_VM=1, VMCRED_SKIP_NIX=1 or VMCRED_SKIP_FUZZ=1 to leave a stage out (it is then
 # reported as skipped, never as passed). With CI=true nothing is skipped: a
 # stage that cannot run (exit 77), or one disabled by environment, fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/vmcred
+export VMCRED_VM_CACHE=${VMCRED_VM_CACHE:-$cache_root/vm}
+export VMCRED_FUZZ_TARGET_DIR=${VMCRED_FUZZ_TARGET_DIR:-$cache_root/fuzz-target}
 
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
@@ -24,12 +31,20 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== build"
-cargo build --workspace --bins --quiet
-cargo build --release -p vmcred-host -p vmcred-guest --quiet
+# Each binary is built once per profile. The debug build, `cargo test
+# --workspace` and `cargo run --bin vmcred-demo` resolve every shared crate
+# with the same features (vmcred-tests depends on both agents), so the tests
+# and the demo reuse these artifacts. Release is for the VM and Nix stages
+# only; its selection is the one tests/vm/run.sh builds, so that is a no-op.
+cargo build --workspace --bins
+cargo build --release -p vmcred-host -p vmcred-guest
 
 echo "== unit and end-to-end tests"
 cargo test --workspace --quiet 2>&1 | tee /tmp/vmcred-cargo-test.log
 grep -q "test result: FAILED" /tmp/vmcred-cargo-test.log && exit 1
+
+echo "== demo, and nothing rebuilt by a second build of any of the above"
+tests/check-no-rebuild.sh
 
 stage() { # name script
   local name=$1 script=$2 rc=0
@@ -49,4 +64,6 @@ stage() { # name script
 }
 stage "NixOS module evaluation" tests/nix/run.sh "$([ "${VMCRED_SKIP_NIX:-}" = 1 ] && echo skip)"
 stage "real VM (qemu TCG)" tests/vm/run.sh "$([ "${VMCRED_SKIP_VM:-}" = 1 ] && echo skip)"
+fuzz_stage() { fuzz/run.sh --seconds "${VMCRED_FUZZ_SECONDS:-10}"; }
+stage "fuzzing (every target, ${VMCRED_FUZZ_SECONDS:-10} s each)" fuzz_stage "$([ "${VMCRED_SKIP_FUZZ:-}" = 1 ] && echo skip)"
 echo "== all stages done"

@@ -27,12 +27,30 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
+/// Where a credential's value is delivered in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deliver {
+    /// A file in the credentials directory (`/run/credentials/@system`);
+    /// the credential socket, if mapped, serves it from there.
+    #[default]
+    File,
+    /// Only through the credential socket: the agent keeps the value in
+    /// memory and writes no file, so no process reads it from `@system`.
+    Socket,
+}
+
 /// What to do when one credential changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialPolicy {
     pub restart_units: Vec<String>,
     pub reload_units: Vec<String>,
     pub mode: u32,
+    /// Units that may take this credential's current value from the
+    /// credential socket (`LoadCredential=NAME:/run/vmcred/creds.sock`).
+    /// Any other unit asking for it is refused.
+    pub socket_units: Vec<String>,
+    pub deliver: Deliver,
 }
 
 impl Default for CredentialPolicy {
@@ -41,6 +59,8 @@ impl Default for CredentialPolicy {
             restart_units: Vec::new(),
             reload_units: Vec::new(),
             mode: DEFAULT_MODE,
+            socket_units: Vec::new(),
+            deliver: Deliver::File,
         }
     }
 }
@@ -69,6 +89,10 @@ struct RawCredential {
     #[serde(default)]
     reload_units: Vec<String>,
     mode: Option<String>,
+    #[serde(default)]
+    socket_units: Vec<String>,
+    #[serde(default)]
+    deliver: Deliver,
 }
 
 impl GuestConfig {
@@ -97,8 +121,19 @@ impl GuestConfig {
             if let Some(why) = crate::store::reserved_name(&name) {
                 return Err(ctx(why.into()));
             }
-            for unit in c.restart_units.iter().chain(&c.reload_units) {
+            for unit in c
+                .restart_units
+                .iter()
+                .chain(&c.reload_units)
+                .chain(&c.socket_units)
+            {
                 validate_unit(unit).map_err(ctx)?;
+            }
+            if c.deliver == Deliver::Socket && c.socket_units.is_empty() {
+                return Err(ctx(
+                    "deliver = \"socket\" needs socket_units: no unit could read the value otherwise"
+                        .into(),
+                ));
             }
             let mode = match c.mode {
                 Some(m) => parse_mode(&m).map_err(ctx)?,
@@ -110,6 +145,8 @@ impl GuestConfig {
                     restart_units: c.restart_units,
                     reload_units: c.reload_units,
                     mode,
+                    socket_units: c.socket_units,
+                    deliver: c.deliver,
                 },
             );
         }
@@ -127,6 +164,28 @@ impl GuestConfig {
 
     pub fn mode(&self, name: &str) -> u32 {
         self.credentials.get(name).map_or(DEFAULT_MODE, |c| c.mode)
+    }
+
+    /// How `name` is delivered; unconfigured credentials are files.
+    pub fn deliver(&self, name: &str) -> Deliver {
+        self.credentials
+            .get(name)
+            .map_or(Deliver::File, |c| c.deliver)
+    }
+
+    /// Whether `unit` may take `credential` from the credential socket.
+    pub fn socket_allows(&self, credential: &str, unit: &str) -> bool {
+        self.credentials
+            .get(credential)
+            .is_some_and(|c| c.socket_units.iter().any(|u| u == unit))
+    }
+
+    /// Whether any credential is mapped to a socket unit, i.e. whether the
+    /// credential socket is served at all.
+    pub fn serves_socket(&self) -> bool {
+        self.credentials
+            .values()
+            .any(|c| !c.socket_units.is_empty())
     }
 }
 
@@ -196,6 +255,11 @@ mode = "0400"
 [credentials.SHARED]
 reload_units = ["nginx.service"]
 mode = "0440"
+socket_units = ["api.service"]
+
+[credentials.MEMORY]
+socket_units = ["api.service"]
+deliver = "socket"
 "#,
         )
         .unwrap();
@@ -208,6 +272,15 @@ mode = "0440"
         assert_eq!(c.mode("OTHER"), 0o400);
         assert_eq!(c.policy("OTHER"), CredentialPolicy::default());
         assert_eq!(GuestConfig::parse("").unwrap(), GuestConfig::default());
+        assert!(c.serves_socket());
+        assert!(c.socket_allows("SHARED", "api.service"));
+        assert!(!c.socket_allows("SHARED", "nginx.service"));
+        assert!(!c.socket_allows("API_KEY", "api.service"));
+        assert!(!c.socket_allows("OTHER", "api.service"));
+        assert!(!GuestConfig::default().serves_socket());
+        assert_eq!(c.deliver("MEMORY"), Deliver::Socket);
+        assert_eq!(c.deliver("SHARED"), Deliver::File);
+        assert_eq!(c.deliver("OTHER"), Deliver::File);
     }
 
     #[test]
@@ -234,6 +307,13 @@ mode = "0440"
                 "white space",
             ),
             ("[credentials.A]\nreload_units = [\"-x\"]", "'-'"),
+            ("[credentials.A]\nsocket_units = [\"a/b.service\"]", "'/'"),
+            ("[credentials.A]\nsocket_units = [\"\"]", "empty"),
+            (
+                "[credentials.A]\ndeliver = \"socket\"",
+                "needs socket_units",
+            ),
+            ("[credentials.A]\ndeliver = \"both\"", "unknown variant"),
             ("[credentials.A]\nmode = \"0600\"", "0444"),
             ("[credentials.A]\nmode = \"0755\"", "0444"),
             ("[credentials.A]\nmode = \"0040\"", "owner"),

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod bootstrap;
 pub mod config;
+pub mod creds_socket;
 pub mod listener;
 pub mod notify;
 pub mod owed;

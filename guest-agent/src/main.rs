@@ -27,8 +27,9 @@ const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 #[command(name = "vmcred-guest", version)]
 struct Cli {
     /// Guest configuration (TOML): initial_sync_timeout and, per credential,
-    /// restart_units, reload_units and mode. Without it, credentials are
-    /// written 0400 and no unit is touched.
+    /// restart_units, reload_units, mode, socket_units and deliver. Without
+    /// it, credentials are written 0400 and no unit is touched. With any
+    /// socket_units, <state-dir>/creds.sock serves them to those units.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -170,6 +171,17 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
 
+    // Also bound before anything can report readiness: units ordered
+    // after this one may read it as soon as they start.
+    let config = Arc::new(config);
+    let memory = Arc::new(vmcred_guest::creds_socket::SocketValues::default());
+    if config.serves_socket() {
+        let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
+        let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
+        tracing::info!(socket = %path.display(), "serving the credential socket");
+        tokio::spawn(socket.serve(store.clone(), config.clone(), memory.clone()));
+    }
+
     let state = store.state();
     tracing::info!(
         credentials_dir = %cli.credentials_dir.display(),
@@ -199,11 +211,12 @@ async fn run(cli: Cli) -> Result<()> {
         });
     }
 
-    let service = GuestService::new(
+    let service = GuestService::with_socket_values(
         store.clone(),
-        Arc::new(config),
+        config,
         UnitRunner::new(cli.systemctl.clone()),
         readiness,
+        memory,
     )
     .with_pins(pins.clone());
     let server = serve_pinned(listener, pins, service, ServerOptions::default());

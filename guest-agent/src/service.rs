@@ -25,7 +25,8 @@ use vmcred_proto::rules::{
 use vmcred_proto::tls::Pin as HostPin;
 use zeroize::Zeroizing;
 
-use crate::config::GuestConfig;
+use crate::config::{Deliver, GuestConfig};
+use crate::creds_socket::SocketValues;
 use crate::notify::Readiness;
 use crate::owed::{merge_owed, owed_reply, prune_owed};
 use crate::pins::{PinError, PinStore};
@@ -58,6 +59,8 @@ struct Inner {
     retry: Notify,
     /// The host key pins, when this guest takes part in key rollovers.
     pins: std::sync::OnceLock<Arc<PinStore>>,
+    /// Values of `deliver = "socket"` credentials (no file).
+    memory: Arc<SocketValues>,
 }
 
 impl GuestService {
@@ -69,6 +72,18 @@ impl GuestService {
         config: Arc<GuestConfig>,
         units: UnitRunner,
         readiness: Arc<Readiness>,
+    ) -> Self {
+        Self::with_socket_values(store, config, units, readiness, Arc::default())
+    }
+
+    /// As `new`, keeping `deliver = "socket"` values in `memory`, which the
+    /// credential socket serves from.
+    pub fn with_socket_values(
+        store: Arc<Store>,
+        config: Arc<GuestConfig>,
+        units: UnitRunner,
+        readiness: Arc<Readiness>,
+        memory: Arc<SocketValues>,
     ) -> Self {
         let mut st = store.state();
         prune_owed(&config, &mut st.owed, &st.managed.clone(), &[]);
@@ -85,6 +100,7 @@ impl GuestService {
             readiness,
             retry: Notify::new(),
             pins: std::sync::OnceLock::new(),
+            memory,
         });
         if !inner.store.state().owed.is_empty() {
             inner.retry.notify_one();
@@ -171,6 +187,7 @@ struct Applied {
 fn apply_to_store(
     store: &Store,
     config: &GuestConfig,
+    memory: &SocketValues,
     generation: u64,
     upserts: Vec<Upsert>,
     removals: Vec<String>,
@@ -181,7 +198,30 @@ fn apply_to_store(
     let mut planned: Vec<(String, Outcome)> = Vec::with_capacity(upserts.len() + removals.len());
     let mut changes = Vec::new();
     let mut refused: Option<(String, String)> = None;
+    // `deliver = "socket"` values: swapped into memory once the push has
+    // committed; a file such a credential had (delivered as a file before)
+    // is removed in the same push.
+    let mut to_memory: Vec<&Upsert> = Vec::new();
+    let mut from_memory: Vec<String> = Vec::new();
+    let mut memory_changed: Vec<String> = Vec::new();
+    let had_file = |name: &str| {
+        before.managed.contains(name) && matches!(store.current(name), Ok(Current::Regular { .. }))
+    };
     for u in &upserts {
+        if config.deliver(&u.name) == Deliver::Socket {
+            let file = had_file(&u.name);
+            if file {
+                changes.push(Change::Remove { name: &u.name });
+            }
+            if !file && memory.digest(&u.name) == Some(vmcred_proto::rules::digest(&u.value)) {
+                planned.push((u.name.clone(), Outcome::Unchanged));
+            } else {
+                planned.push((u.name.clone(), Outcome::Written));
+                memory_changed.push(u.name.clone());
+            }
+            to_memory.push(u);
+            continue;
+        }
         let mode = config.mode(&u.name);
         let digest = vmcred_proto::rules::digest(&u.value);
         match store.current(&u.name) {
@@ -203,6 +243,16 @@ fn apply_to_store(
         }
     }
     for name in &removals {
+        if config.deliver(name) == Deliver::Socket || memory.digest(name).is_some() {
+            if had_file(name) {
+                changes.push(Change::Remove { name });
+            } else if memory.digest(name).is_some() {
+                memory_changed.push(name.clone());
+            }
+            planned.push((name.clone(), Outcome::Removed));
+            from_memory.push(name.clone());
+            continue;
+        }
         if !before.managed.contains(name) {
             // Already gone is removed (a push that named it may never have
             // been applied); a file vmcred did not write is not touched.
@@ -231,8 +281,13 @@ fn apply_to_store(
             _ => {}
         }
     }
-    // Only what changes on disk runs unit actions.
-    let changed: Vec<String> = changes.iter().map(|c| c.name().to_string()).collect();
+    // Only what changes (on disk or in memory) runs unit actions.
+    let mut changed: Vec<String> = changes.iter().map(|c| c.name().to_string()).collect();
+    for name in memory_changed {
+        if !changed.contains(&name) {
+            changed.push(name);
+        }
+    }
     let removed: Vec<String> = changes
         .iter()
         .filter(|c| matches!(c, Change::Remove { .. }))
@@ -266,6 +321,16 @@ fn apply_to_store(
         },
     };
     drop(changes);
+    if failure.is_none() {
+        memory.swap(
+            to_memory
+                .iter()
+                .map(|u| (u.name.clone(), u.value.clone()))
+                .collect(),
+            &from_memory,
+        );
+    }
+    drop(to_memory);
     // Values are dropped (and zeroized) here, before any unit runs.
     drop(upserts);
     let Some((failed, error, applied)) = failure else {
@@ -345,9 +410,10 @@ impl Inner {
                 "generation {generation} is not newer than the applied generation {applied}; refusing (rollback protection)"
             )));
         }
-        let (store, config) = (self.store.clone(), self.config.clone());
+        let (store, config, memory) =
+            (self.store.clone(), self.config.clone(), self.memory.clone());
         let done = tokio::task::spawn_blocking(move || {
-            apply_to_store(&store, &config, generation, upserts, removals)
+            apply_to_store(&store, &config, &memory, generation, upserts, removals)
         })
         .await
         .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
@@ -478,9 +544,20 @@ impl Guest for GuestService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let req = request.into_inner();
         let store = self.inner.store.clone();
+        let memory = self.inner.memory.clone();
+        let config = self.inner.config.clone();
         let (generation, held) = tokio::task::spawn_blocking(move || {
             let generation = store.state().generation;
-            store.held().map(|h| (generation, h))
+            store.held().map(|mut h| {
+                // A `deliver = "socket"` credential is held only in memory:
+                // after an agent restart it is missing here, and so is a
+                // file left from when it was delivered as a file, so the
+                // host sends it again (and that push removes the file).
+                h.retain(|(n, _)| config.deliver(n) != Deliver::Socket);
+                h.extend(memory.held());
+                h.sort();
+                (generation, h)
+            })
         })
         .await
         .map_err(|e| Status::internal(format!("hello task failed: {e}")))?

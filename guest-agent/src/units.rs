@@ -206,6 +206,7 @@ mod tests {
                 restart_units: vec!["a.service".into(), "both.service".into()],
                 reload_units: vec!["r.service".into()],
                 mode: 0o400,
+                ..Default::default()
             },
         );
         c.credentials.insert(
@@ -214,6 +215,7 @@ mod tests {
                 restart_units: vec!["a.service".into()],
                 reload_units: vec!["both.service".into(), "r.service".into()],
                 mode: 0o400,
+                ..Default::default()
             },
         );
         c

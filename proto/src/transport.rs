@@ -168,7 +168,9 @@ async fn dial_inner(target: &Target) -> Result<Stream, TransportError> {
 
 /// `CONNECT <port>\n` → `OK <n>\n`. Reads byte by byte so that not one
 /// byte of the guest's stream (the TLS ServerHello) is consumed here.
-async fn hybrid_handshake(
+/// Public only for the fuzz target, which drives it over a socket pair.
+#[doc(hidden)]
+pub async fn hybrid_handshake(
     s: &mut UnixStream,
     port: u32,
     target: &Target,

@@ -124,6 +124,19 @@ let
     };
   }];
   guestUnit = guest.test.unitText.vmcred-guest or "";
+
+  # --- guest: the credential socket (issue 12 part 2) -----------------------
+  socketGuest = evalGuest [{
+    systemd.services.api.serviceConfig.ExecStart = "/bin/true";
+    services.vmcred.guest = {
+      enable = true;
+      credentials.API_KEY = { socketUnits = [ "api.service" ]; reloadUnits = [ "api.service" ]; };
+      credentials."odd%name".socketUnits = [ "api.service" "other.service" ];
+      credentials.FILE_ONLY.restartUnits = [ "api.service" ];
+      credentials.MEMORY = { socketUnits = [ "api.service" ]; deliver = "socket"; };
+    };
+  }];
+  socketToml = builtins.fromTOML (builtins.readFile socketGuest.services.vmcred.guest.configFile);
   guestTomlFile = guest.services.vmcred.guest.configFile;
   guestToml = builtins.readFile guestTomlFile;
 
@@ -357,6 +370,31 @@ in
       };
     };
 
+    "guest socket: socketUnits wire LoadCredential=<cred>:/run/vmcred/creds.sock (escaped) on each unit" =
+      eq [ (lib.sort (a: b: a < b) socketGuest.systemd.services.api.serviceConfig.LoadCredential)
+           socketGuest.systemd.services.other.serviceConfig.LoadCredential ]
+         [ [ "API_KEY:/run/vmcred/creds.sock" "MEMORY:/run/vmcred/creds.sock" "odd%%name:/run/vmcred/creds.sock" ] [ "odd%%name:/run/vmcred/creds.sock" ] ];
+    "guest socket: mapped units are ordered after and want vmcred-guest.service" =
+      check (lib.all (u: lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.after
+                        && lib.elem "vmcred-guest.service" socketGuest.systemd.services.${u}.wants) [ "api" "other" ])
+        (builtins.toJSON (map (u: socketGuest.systemd.services.${u}.after) [ "api" "other" ]));
+    "guest socket: guest.toml carries socket_units, only where set" =
+      eq [ socketToml.credentials.API_KEY.socket_units socketToml.credentials."odd%name".socket_units
+           (socketToml.credentials.FILE_ONLY ? socket_units) ]
+         [ [ "api.service" ] [ "api.service" "other.service" ] false ];
+    "guest socket: guest.toml uses the key names the agent parses (socket_units; config.rs tests them)" =
+      eq (builtins.attrNames socketToml.credentials.API_KEY) [ "mode" "reload_units" "restart_units" "socket_units" ];
+    "guest socket: deliver = \"socket\" reaches guest.toml; the default \"file\" is not written" =
+      eq [ (socketToml.credentials.MEMORY.deliver or null) (socketToml.credentials.API_KEY ? deliver) ] [ "socket" false ];
+    "refused: guest deliver = \"socket\" without socketUnits" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.deliver = "socket"; }; }] "needs socketUnits";
+    "guest socket: the agent unit itself is untouched" =
+      check (!(hasInfix "creds.sock" (socketGuest.test.unitText.vmcred-guest or ""))) "vmcred-guest names creds.sock";
+    "refused: guest socketUnits on a unit that is not a service" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "x.mount" ]; }; }] "is not a .service unit";
+    "refused: guest socketUnits naming vmcred-guest.service itself" =
+      guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "vmcred-guest.service" ]; }; }] "is not a .service unit";
+
     "disabled host: no vmcred unit, nothing of vmcred on microvm.nix's units" =
       check (!(disabledHost.systemd.services ? vmcred-host)
         && lib.all (n: !(hasInfix "vmcred" disabledHost.test.unitText.${n}))
@@ -467,6 +505,8 @@ in
       guest-mode-0040 = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.mode = "0040"; }; }];
       guest-unit-space = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "my app.service" ]; }; }];
       guest-unit-dash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.restartUnits = [ "-x.service" ]; }; }];
+      guest-deliver-both = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A = { deliver = "both"; socketUnits = [ "a.service" ]; }; }; }];
+      guest-socketunit-slash = forceGuest [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "a/b.service" ]; }; }];
       host-unit-slash = forceHost (credWith "A" { restartUnits = [ "a/b.service" ]; });
       control-valid-host = forceHost (credWith "A" { });
     };

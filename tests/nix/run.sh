@@ -154,6 +154,8 @@ expect_error guest-mode-0644 "credentials\.A\.mode' is not of type .credential f
 expect_error guest-mode-0040 "credentials\.A\.mode' is not of type .credential file mode" "refused: guest mode 0040 (the owner must read)"
 expect_error guest-unit-space "restartUnits.*is not of type .systemd unit name" "refused: guest unit name with a space"
 expect_error guest-unit-dash "restartUnits.*is not of type .systemd unit name" "refused: guest unit name starting with -"
+expect_error guest-deliver-both "credentials\.A\.deliver' is not of type" "refused: guest deliver = \"both\" (one of file, socket)"
+expect_error guest-socketunit-slash "socketUnits.*is not of type .systemd unit name" "refused: guest socketUnits with /"
 expect_error host-unit-slash "restartUnits.*is not of type .systemd unit name" "refused: host restartUnits with /"
 if out=$(nix-instantiate --read-write-mode --eval --strict -E "($checks_expr).errorCases.control-valid-host" 2>&1) && [ "$out" = true ]; then
   pass "control: the same harness evaluates a valid config"

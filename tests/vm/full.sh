@@ -40,6 +40,11 @@ boot = false
 [vms.vm1.credentials.ENVIRONMENT]
 path = "$SECRETS/environment"
 boot = true
+
+# vmcred-reload.service's (RefreshOnReload=, checked in the matrix).
+[vms.vm1.credentials.RELOADED]
+path = "$SECRETS/reloaded"
+boot = false
 EOF
 }
 
@@ -84,7 +89,7 @@ wait_connected() {
 
 # launch_vm CONSOLE_LOG: qemu through `vmcred-host launch --hypervisor qemu`.
 launch_vm() {
-	qemu_argv "$1"
+	qemu_argv q35 "$1"
 	T_LAUNCH=$(now)
 	CREDENTIALS_DIRECTORY="$WORK/launch-creds" VMCRED_LAUNCH_RUNTIME_DIR="$WORK/launch-runtime" \
 		"$HOST_BIN" launch --config "$CFG" --vm vm1 --hypervisor qemu -- "${QEMU_ARGV[@]}" \
@@ -149,6 +154,7 @@ full_test() {
 	LATE_VAL="vmcred-test-late-token-$(rand_hex)"
 	write_secret "$SECRETS/api-key" "$API1"
 	write_secret "$SECRETS/environment" "$ENV_VAL"
+	write_secret "$SECRETS/reloaded" "vmcred-test-reloaded-$(rand_hex)"
 	write_secret "$WORK/launch-creds/ENVIRONMENT" "$ENV_VAL"
 	write_host_config
 	local console="$WORK/console.log" line out rc t0 g
@@ -157,7 +163,7 @@ full_test() {
 	probe_open
 	start_serve || die "vmcred-host serve did not start (see $WORK/serve.log)"
 	log "host agent serving (pin $(cat "$WORK/host-state/host.pin"))"
-	qemu_argv "$console"
+	qemu_argv q35 "$console"
 	CREDENTIALS_DIRECTORY="$WORK/launch-creds" VMCRED_LAUNCH_RUNTIME_DIR="$WORK/launch-runtime.dry" \
 		"$HOST_BIN" launch --config "$CFG" --vm vm1 --hypervisor qemu --dry-run -- "${QEMU_ARGV[@]}" \
 		>"$WORK/launch-dry-run.json" 2>>"$WORK/qemu.log" || log "launch --dry-run failed"
@@ -213,9 +219,9 @@ journalctl -b -o cat --no-pager -u vmcred-guest.service | tail -n 12' || true
 	# [3] a real unit got it through LoadCredential=.
 	out=$(console_lines "$console" 'VMCRED-EVIDENCE consumer') || true
 	if grep -q "API_KEY sha256=$(sha "$API1")" <<<"$out" && grep -q "ENVIRONMENT sha256=$(sha "$ENV_VAL")" <<<"$out"; then
-		pass "[3] demo-consumer.service (LoadCredential=API_KEY, LoadCredential=ENVIRONMENT) saw the right digests"
+		pass "[3] vmcred-consumer.service (LoadCredential=API_KEY, LoadCredential=ENVIRONMENT) saw the right digests"
 	else
-		fail "[3] demo-consumer saw the right API_KEY and ENVIRONMENT"
+		fail "[3] vmcred-consumer saw the right API_KEY and ENVIRONMENT"
 	fi
 	indent <<<"$out"
 
@@ -248,12 +254,12 @@ echo "systemd-creds cat API_KEY sha256=$(systemd-creds --system cat API_KEY | sh
 echo "mount: $(findmnt -no FSTYPE,OPTIONS "$d")"
 stat -c "file: %a %U %s bytes %n" "$d/API_KEY"
 ls -A "$d" | grep -c vmcred-tmp | sed "s/^/leftover temp files: /"
-echo "demo-consumer: $(systemctl is-active demo-consumer.service)"' || true
+echo "vmcred-consumer: $(systemctl is-active vmcred-consumer.service)"' || true
 	local gout=$GUEST_OUT
 	line=$(wait_console "$console" "VMCRED-EVIDENCE consumer .* API_KEY sha256=$(sha "$API2")" 5 || true)
 	if [ "$rc" = 0 ] && grep -q "sha256=$(sha "$API2")" <<<"$gout" && grep -qE 'mount: .* ro,' <<<"$gout" &&
 		grep -q 'leftover temp files: 0' <<<"$gout" && [ -n "$line" ]; then
-		pass "[4] vmcred-host rotate exited 0 after the ack (${T_ROTATE1} s); the guest has the new API_KEY, the directory is read-only again, demo-consumer restarted with the new digest"
+		pass "[4] vmcred-host rotate exited 0 after the ack (${T_ROTATE1} s); the guest has the new API_KEY, the directory is read-only again, vmcred-consumer restarted with the new digest"
 	else
 		fail "[4] rotation (rotate rc=$rc)"
 	fi

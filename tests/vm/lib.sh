@@ -8,15 +8,21 @@
 # vsock"); the guest has no network; downloads live in the cache only.
 
 # Bump to throw away cached guest pieces built by an older harness.
-VM_LAYOUT=3
-GUEST_SUITE=bookworm
+VM_LAYOUT=4
+# The guests: Debian suites, each with its own kernel and systemd
+# (bookworm 252, trixie 257, sid 262 when this was written).
+ALL_SUITES="bookworm trixie sid"
 GUEST_PACKAGES=systemd,systemd-sysv,socat,procps
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
 GUEST_CID=3
 GUEST_MEM=512M
-# Modules the initramfs loads (with their dependencies, in order).
+# Modules the initramfs loads (with their dependencies, in order); a name
+# the suite's kernel has built in or does not know is skipped.
+# virtio_mmio: the devices of `-M microvm`; qemu_fw_cfg: fw_cfg credentials
+# (/sys/firmware/qemu_fw_cfg, read by PID 1); virtio_console: the harness's
+# command channel (a virtio-serial port).
 GUEST_MODULES="vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-virtio_pci virtio_blk crc32c_generic ext4"
+virtio_pci virtio_mmio virtio_blk virtio_console qemu_fw_cfg crc32c_generic ext4"
 
 log() { printf '[vm-test %s] %s\n' "$(date +%T)" "$*" >&2; }
 # die: the harness cannot go on; counts as a failed check.
@@ -62,7 +68,7 @@ qemu_usable() {
 # bookworm's own qemu-system-x86 7.2 conflicts with a backported qemu-utils.
 install_host_packages() {
 	local need=() c
-	for c in debootstrap mkfs.ext4 debugfs cpio depmod modprobe socat dpkg-deb; do
+	for c in debootstrap mkfs.ext4 debugfs cpio depmod modprobe socat dpkg-deb xz zstd; do
 		command -v "$c" >/dev/null 2>&1 || need+=("$c")
 	done
 	dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
@@ -74,16 +80,16 @@ install_host_packages() {
 			return 1
 		}
 		apt-get install -y -qq --no-install-recommends debootstrap busybox-static \
-			e2fsprogs cpio kmod socat dpkg >"$CACHE/apt-install.log" 2>&1 || {
+			e2fsprogs cpio kmod socat dpkg xz-utils zstd >"$CACHE/apt-install.log" 2>&1 || {
 			tail -5 "$CACHE/apt-install.log" >&2
 			return 1
 		}
 	fi
 	if ! qemu_usable; then
-		log "installing qemu-system-x86 from ${GUEST_SUITE}-backports (private apt config under $CACHE/apt)"
+		log "installing qemu-system-x86 from bookworm-backports (private apt config under $CACHE/apt)"
 		local a="$CACHE/apt"
 		mkdir -p "$a/lists/partial" "$a/cache/archives/partial"
-		echo "deb $(detect_mirror) ${GUEST_SUITE}-backports main" >"$a/backports.list"
+		echo "deb $(detect_mirror) bookworm-backports main" >"$a/backports.list"
 		local opts=(-o "Dir::Etc::SourceList=$a/backports.list"
 			-o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a/cache")
 		export DEBIAN_FRONTEND=noninteractive
@@ -92,7 +98,7 @@ install_host_packages() {
 			return 1
 		}
 		apt-get "${opts[@]}" install -y -qq --no-install-recommends \
-			-t "${GUEST_SUITE}-backports" qemu-system-x86 qemu-utils \
+			-t "bookworm-backports" qemu-system-x86 qemu-utils \
 			>"$CACHE/apt-install-bpo.log" 2>&1 || {
 			tail -5 "$CACHE/apt-install-bpo.log" >&2
 			return 1
@@ -121,46 +127,101 @@ install_vhost_device_vsock() {
 
 # ---------------------------------------------------------------- guest pieces
 
-# Debian's kernel (linux-image-amd64's current version), unpacked; only
-# vmlinuz and the modules the initramfs loads are kept.
+# use_suite SUITE: the cache paths of one guest suite.
+use_suite() {
+	SUITE=$1
+	SCACHE="$CACHE/suites/$SUITE"
+	KDIR="$SCACHE/kernel"
+	ROOTFS="$SCACHE/rootfs"
+	mkdir -p "$SCACHE"
+}
+
+# suite_apt ARGS...: apt-get/apt-cache against SUITE's own package lists, kept
+# under the suite's cache (the system's apt state and sources are untouched).
+suite_apt_opts() {
+	local a="$SCACHE/apt"
+	mkdir -p "$a/lists/partial" "$a/cache/archives/partial"
+	[ -f "$a/sources.list" ] ||
+		echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(detect_mirror) $SUITE main" >"$a/sources.list"
+	SUITE_APT=(-o "Dir::Etc::SourceList=$a/sources.list" -o "Dir::Etc::SourceParts=$a/no-parts"
+		-o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a/cache" -o "Dir::State::status=/dev/null"
+		-o APT::Sandbox::User=root)
+}
+
+# The suite's kernel (linux-image-amd64's current version in SUITE),
+# unpacked; only vmlinuz and the modules the initramfs loads are kept,
+# those decompressed (busybox insmod reads plain .ko files only).
 prepare_kernel() {
-	KDIR="$CACHE/kernel"
 	if [ -f "$KDIR/.complete" ] && [ "$(cat "$KDIR/layout" 2>/dev/null)" = "$VM_LAYOUT" ]; then
 		KV=$(cat "$KDIR/version")
 		return 0
 	fi
-	local pkg tmp p
-	pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-	if [ -z "$pkg" ]; then
-		apt-get update -qq >/dev/null 2>&1 || true
-		pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-	fi
+	local pkg tmp p m
+	suite_apt_opts
+	apt-get "${SUITE_APT[@]}" update -qq >"$SCACHE/apt-update.log" 2>&1 || {
+		tail -5 "$SCACHE/apt-update.log" >&2
+		return 1
+	}
+	pkg=$(apt-cache "${SUITE_APT[@]}" depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
 	[ -n "$pkg" ] || {
-		log "cannot resolve linux-image-amd64"
+		log "$SUITE: cannot resolve linux-image-amd64"
 		return 1
 	}
-	log "fetching guest kernel $pkg"
-	rm -rf "$CACHE"/kernel.tmp.*
-	tmp=$(mktemp -d "$CACHE/kernel.tmp.XXXXXX")
-	(cd "$tmp" && apt-get download -o APT::Sandbox::User=root "$pkg") >"$tmp/download.log" 2>&1 || {
-		tail -3 "$tmp/download.log" >&2
+	log "$SUITE: fetching guest kernel $pkg"
+	rm -rf "$SCACHE"/kernel.tmp.*
+	tmp=$(mktemp -d "$SCACHE/kernel.tmp.XXXXXX")
+	# Newer suites split the kernel: linux-image-VER depends on
+	# linux-base-VER, linux-binary-VER (vmlinuz) and linux-modules-VER; take
+	# all of them.
+	local pkgs=("$pkg") d
+	while read -r d; do pkgs+=("$d"); done < <(apt-cache "${SUITE_APT[@]}" depends "$pkg" 2>/dev/null |
+		awk '/Depends: linux-(base|binary|modules)-[0-9]/ { print $2 }' | sort -u)
+	mkdir -p "$SCACHE/kernel-debs"
+	for d in "${pkgs[@]}"; do
+		if ! ls "$SCACHE/kernel-debs/${d}_"*.deb >/dev/null 2>&1; then
+			(cd "$SCACHE/kernel-debs" && apt-get "${SUITE_APT[@]}" download "$d") >"$tmp/download.log" 2>&1 || {
+				tail -3 "$tmp/download.log" >&2
+				return 1
+			}
+		fi
+		dpkg-deb -x "$(ls "$SCACHE/kernel-debs/${d}_"*.deb | tail -1)" "$tmp/root"
+	done
+	# Merged /usr (trixie on) or not: modules are under one of the two.
+	local mroot=$tmp/root/lib/modules vmlinuz
+	[ -d "$mroot" ] || mroot=$tmp/root/usr/lib/modules
+	KV=$(ls "$mroot" 2>/dev/null | head -1)
+	# /boot/vmlinuz-VER, or (sid's linux-binary-VER) /usr/lib/modules/VER/vmlinuz
+	vmlinuz=$(find "$tmp/root" -type f \( -name "vmlinuz-$KV" -o -path "*/modules/$KV/vmlinuz" \) | head -1)
+	if [ -z "$KV" ] || [ -z "$vmlinuz" ]; then
+		log "$SUITE: no kernel modules or vmlinuz in ${pkgs[*]}"
 		return 1
-	}
-	dpkg-deb -x "$tmp"/*.deb "$tmp/root"
-	KV=$(ls "$tmp/root/lib/modules")
-	depmod -b "$tmp/root" "$KV"
+	fi
+	mkdir -p "$tmp/flat/lib/modules"
+	mv "$mroot/$KV" "$tmp/flat/lib/modules/"
+	depmod -b "$tmp/flat" "$KV" || return 1
 	mkdir -p "$tmp/out/modules"
-	cp "$tmp/root/boot/vmlinuz-$KV" "$tmp/out/vmlinuz"
-	cp "$tmp/root/lib/modules/$KV/modules.builtin" "$tmp/root/lib/modules/$KV/modules.builtin.modinfo" "$tmp/out/"
+	cp "$vmlinuz" "$tmp/out/vmlinuz" 2>/dev/null || cp "$tmp/flat/lib/modules/$KV/vmlinuz" "$tmp/out/vmlinuz" || return 1
+	for m in modules.builtin modules.builtin.modinfo; do
+		if [ -f "$tmp/flat/lib/modules/$KV/$m" ]; then cp "$tmp/flat/lib/modules/$KV/$m" "$tmp/out/"; else : >"$tmp/out/$m"; fi
+	done
+	: >"$tmp/paths"
 	# shellcheck disable=SC2086 # word splitting of the module list is wanted
 	for m in $GUEST_MODULES; do
-		modprobe -d "$tmp/root" -S "$KV" --show-depends "$m"
-	done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' >"$tmp/paths"
+		modprobe -d "$tmp/flat" -S "$KV" --show-depends "$m" >>"$tmp/paths" 2>/dev/null ||
+			log "$SUITE: kernel $KV has no module $m (built in or gone); skipped"
+	done
+	awk '$1 == "insmod" && !seen[$2]++ { print $2 }' "$tmp/paths" >"$tmp/insmod"
 	: >"$tmp/out/modules/load-order"
 	while read -r p; do
-		cp "$p" "$tmp/out/modules/"
-		basename "$p" >>"$tmp/out/modules/load-order"
-	done <"$tmp/paths"
+		m=$(basename "$p")
+		case $m in
+		*.ko.xz) m=${m%.xz} && xz -dc "$p" >"$tmp/out/modules/$m" ;;
+		*.ko.zst) m=${m%.zst} && zstd -qdc "$p" >"$tmp/out/modules/$m" ;;
+		*.ko.gz) m=${m%.gz} && gzip -dc "$p" >"$tmp/out/modules/$m" ;;
+		*) cp "$p" "$tmp/out/modules/" ;;
+		esac
+		echo "$m" >>"$tmp/out/modules/load-order"
+	done <"$tmp/insmod"
 	echo "$KV" >"$tmp/out/version"
 	echo "$VM_LAYOUT" >"$tmp/out/layout"
 	rm -rf "$KDIR"
@@ -182,20 +243,21 @@ build_initramfs() {
 	rm -rf "$st"
 }
 
-# Debian bookworm minbase + systemd, debootstrapped once into the cache.
+# SUITE's minbase + systemd, debootstrapped once into the suite's cache; the
+# downloaded debs stay in the cache too (a rebuild downloads nothing again).
 prepare_rootfs_base() {
-	ROOTFS="$CACHE/rootfs"
-	local key="layout=$VM_LAYOUT suite=$GUEST_SUITE variant=minbase include=$GUEST_PACKAGES"
+	local key="layout=$VM_LAYOUT suite=$SUITE variant=minbase include=$GUEST_PACKAGES"
 	if [ -f "$ROOTFS.stamp" ] && [ "$(cat "$ROOTFS.stamp")" = "$key" ] && [ -x "$ROOTFS/sbin/init" ]; then
 		return 0
 	fi
 	local mirror
 	mirror=$(detect_mirror)
-	log "debootstrap $GUEST_SUITE (minbase + $GUEST_PACKAGES) from $mirror (~1 min)"
+	log "$SUITE: debootstrap (minbase + $GUEST_PACKAGES) from $mirror (~1-2 min)"
 	rm -rf "$ROOTFS" "$ROOTFS.tmp" "$ROOTFS.stamp"
-	debootstrap --variant=minbase --include="$GUEST_PACKAGES" "$GUEST_SUITE" "$ROOTFS.tmp" "$mirror" \
-		>"$CACHE/debootstrap.log" 2>&1 || {
-		tail -5 "$CACHE/debootstrap.log" >&2
+	mkdir -p "$SCACHE/debs"
+	debootstrap --variant=minbase --cache-dir="$SCACHE/debs" --include="$GUEST_PACKAGES" \
+		"$SUITE" "$ROOTFS.tmp" "$mirror" >"$SCACHE/debootstrap.log" 2>&1 || {
+		tail -5 "$SCACHE/debootstrap.log" >&2
 		return 1
 	}
 	local r="$ROOTFS.tmp" u
@@ -218,13 +280,58 @@ prepare_rootfs_base() {
 	echo "$key" >"$ROOTFS.stamp"
 }
 
+# render_guest_unit DIR: the guest agent's unit exactly as the NixOS module
+# renders it, and the guest TOML it renders (tests/nix/render-guest-unit.sh
+# evaluates nixos-modules/guest.nix offline), into DIR/vmcred-guest.service
+# and DIR/guest.toml. VMCRED_VM_RENDERED_UNIT_DIR names a directory that
+# script wrote before, instead.
+render_guest_unit() {
+	local out=$1 script="$REPO/tests/nix/render-guest-unit.sh"
+	mkdir -p "$out"
+	if [ -n "${VMCRED_VM_RENDERED_UNIT_DIR:-}" ]; then
+		cp "$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-guest.service" "$VMCRED_VM_RENDERED_UNIT_DIR/guest.toml" "$out/" || return 1
+	elif [ -x "$script" ]; then
+		"$script" "$out" >"$WORK/render-guest-unit.log" 2>&1 || {
+			tail -20 "$WORK/render-guest-unit.log" >&2
+			return 1
+		}
+	else
+		log "missing $script: the VM test runs the guest agent only under the unit nixos-modules/guest.nix renders, and that script renders it"
+		return 1
+	fi
+	[ -s "$out/vmcred-guest.service" ] && [ -s "$out/guest.toml" ] &&
+		grep -q '^ExecStart=@VMCRED_GUEST@ ' "$out/vmcred-guest.service"
+}
+
+# Where the rendered unit's placeholders point in the guest.
+GUEST_AGENT_PATH=/usr/local/bin/vmcred-guest
+GUEST_CONFIG_PATH=/etc/vmcred/guest.toml
+
+# map_rendered_unit RENDERED OUT: the only change made to the module's unit:
+# its two placeholders (@VMCRED_GUEST@, @VMCRED_GUEST_CONFIG@; store paths on
+# NixOS) become the agent's and its TOML's paths here. Every other line, the
+# sandbox included, stays byte for byte; the function checks that.
+map_rendered_unit() {
+	local in=$1 out=$2
+	sed -e "s|@VMCRED_GUEST@|$GUEST_AGENT_PATH|g" -e "s|@VMCRED_GUEST_CONFIG@|$GUEST_CONFIG_PATH|g" "$in" >"$out"
+	if ! diff <(grep -v '^ExecStart=' "$in") <(grep -v '^ExecStart=' "$out") >/dev/null; then
+		log "map_rendered_unit: placeholders outside ExecStart= in the rendered unit; refusing to map"
+		return 1
+	fi
+	if grep -q '@VMCRED_' "$out"; then
+		log "map_rendered_unit: an unknown placeholder is left in the rendered unit: $(grep -o '@VMCRED_[A-Z_]*@' "$out" | head -1)"
+		return 1
+	fi
+}
+
 # Our files in the guest tree: all under paths this harness owns, removed and
 # rewritten on every run, so the cached tree stays the debootstrap result plus
-# these. $1: path of the vmcred-guest binary, or "" for the infrastructure run.
+# these. $1: path of the vmcred-guest binary, or "" for the infrastructure run;
+# $2: the mapped module unit (map_rendered_unit); $3: the module's guest TOML.
 install_guest_overlay() {
-	local agent=$1 r=$ROOTFS s="$HERE/guest" u
-	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-guest" "$r/usr/local/bin/demo-consumer" \
-		"$r/etc/vmcred" "$r/etc/modules-load.d/vsock.conf" "$r/lib/modules"
+	local agent=$1 unit=${2:-} toml=${3:-} r=$ROOTFS s="$HERE/guest" u w
+	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-"* "$r/etc/vmcred" \
+		"$r/etc/modules-load.d/vsock.conf" "$r/lib/modules" "$r/usr/lib/modules"
 	# The initramfs's modules, also in the root fs, so that modules-load.d
 	# and udev find them (they are loaded already).
 	local md="$r/lib/modules/$KV"
@@ -233,22 +340,29 @@ install_guest_overlay() {
 	cp "$KDIR/modules.builtin" "$KDIR/modules.builtin.modinfo" "$md/"
 	sed 's|^|kernel/vmcred/|' "$KDIR/modules/load-order" >"$md/modules.order"
 	depmod -b "$r" "$KV"
-	for u in vmcred-probe vmcred-boot-evidence vmcred-guest demo-consumer; do
+	for u in vmcred-probe vmcred-boot-evidence vmcred-guest vmcred-consumer vmcred-reload; do
 		rm -f "$r/etc/systemd/system/$u.service" "$r/etc/systemd/system/"*.wants/"$u.service"
 	done
 	install -m 0755 "$s/vmcred-probe" "$s/vmcred-boot-evidence" "$r/usr/local/sbin/"
-	install -m 0755 "$s/demo-consumer" "$r/usr/local/bin/"
+	install -m 0755 "$s/vmcred-consumer" "$s/vmcred-reload" "$r/usr/local/bin/"
 	install -D -m 0644 "$s/vsock-modules.conf" "$r/etc/modules-load.d/vsock.conf"
 	mkdir -p "$r/etc/systemd/system/sysinit.target.wants" "$r/etc/systemd/system/multi-user.target.wants"
 	install -m 0644 "$s/vmcred-probe.service" "$s/vmcred-boot-evidence.service" "$r/etc/systemd/system/"
 	ln -s ../vmcred-probe.service "$r/etc/systemd/system/sysinit.target.wants/"
 	ln -s ../vmcred-boot-evidence.service "$r/etc/systemd/system/sysinit.target.wants/"
 	if [ -n "$agent" ]; then
-		install -m 0755 "$agent" "$r/usr/local/bin/vmcred-guest"
-		install -D -m 0644 "$s/guest.toml" "$r/etc/vmcred/guest.toml"
-		install -m 0644 "$s/vmcred-guest.service" "$s/demo-consumer.service" "$r/etc/systemd/system/"
-		ln -s ../vmcred-guest.service "$r/etc/systemd/system/sysinit.target.wants/"
-		ln -s ../demo-consumer.service "$r/etc/systemd/system/multi-user.target.wants/"
+		install -m 0755 "$agent" "$r$GUEST_AGENT_PATH"
+		install -D -m 0644 "$toml" "$r$GUEST_CONFIG_PATH"
+		install -m 0644 "$unit" "$r/etc/systemd/system/vmcred-guest.service"
+		# What `systemctl enable` does with the rendered [Install] WantedBy=
+		# (NixOS makes the same links from wantedBy).
+		for w in $(sed -n 's/^WantedBy=//p' "$unit"); do
+			mkdir -p "$r/etc/systemd/system/$w.wants"
+			ln -s ../vmcred-guest.service "$r/etc/systemd/system/$w.wants/"
+		done
+		install -m 0644 "$s/vmcred-consumer.service" "$s/vmcred-reload.service" "$r/etc/systemd/system/"
+		ln -s ../vmcred-consumer.service "$r/etc/systemd/system/multi-user.target.wants/"
+		ln -s ../vmcred-reload.service "$r/etc/systemd/system/multi-user.target.wants/"
 	fi
 }
 
@@ -256,10 +370,13 @@ build_image() {
 	local img=$1
 	rm -f "$img"
 	truncate -s 1G "$img"
-	mkfs.ext4 -q -F -L vmcred-root -d "$ROOTFS" "$img" >"$WORK/mkfs.log" 2>&1 || {
+	local rc=0
+	mkfs.ext4 -q -F -L vmcred-root -d "$ROOTFS" "$img" >"$WORK/mkfs.log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ]; then
 		cat "$WORK/mkfs.log" >&2
+		log "mkfs.ext4 -d $ROOTFS $img failed (exit status $rc)"
 		return 1
-	}
+	fi
 }
 
 # ---------------------------------------------------------------- processes
@@ -306,28 +423,58 @@ start_vhost_vsock() {
 	wait_for_path "$VHOST_USER_SOCK" 10 || die "vhost-device-vsock did not create $VHOST_USER_SOCK"
 }
 
-# qemu_argv CONSOLE_LOG: the hypervisor argv (in QEMU_ARGV); no credentials.
+# qemu_argv MACHINE CONSOLE_LOG [APPEND...]: the hypervisor argv (in
+# QEMU_ARGV) for the guest in $IMG (vmlinuz, initramfs.img, root.img); no
+# credentials. MACHINE: q35 (PCI devices, SMBIOS) or microvm (virtio-mmio
+# devices, fw_cfg, no SMBIOS, one serial port: the command channel is a
+# virtio-serial port on both). Extra kernel options are appended.
 qemu_argv() {
-	local console=$1
+	local machine=$1 console=$2 append
+	shift 2
+	append="console=ttyS0,115200 panic=-1 loglevel=4 systemd.show_status=auto${*:+ $*}"
 	# shellcheck disable=SC2054 # the commas belong to qemu options
 	QEMU_ARGV=(qemu-system-x86_64 -name vmcred-vm1 -accel tcg -cpu max -smp 2
-		-object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on"
-		-machine q35,memory-backend=mem -m "$GUEST_MEM"
-		-nodefaults -no-user-config -display none -no-reboot
-		-kernel "$WORK/vmlinuz" -initrd "$WORK/initramfs.img"
-		-append "console=ttyS0,115200 panic=-1 loglevel=4 systemd.show_status=auto"
-		-drive "file=$WORK/root.img,format=raw,if=none,id=root,snapshot=on"
-		-device virtio-blk-pci,drive=root
-		-chardev "socket,id=vhu,path=$VHOST_USER_SOCK"
-		-device vhost-user-vsock-pci,chardev=vhu
-		-chardev "file,id=con,path=$console" -serial chardev:con
-		-chardev "pipe,id=probe,path=$WORK/probe" -serial chardev:probe)
+		-object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on")
+	case $machine in
+	q35)
+		# shellcheck disable=SC2054
+		QEMU_ARGV+=(-machine q35,memory-backend=mem -m "$GUEST_MEM"
+			-nodefaults -no-user-config -display none -no-reboot
+			-kernel "$IMG/vmlinuz" -initrd "$IMG/initramfs.img" -append "$append"
+			-drive "file=$IMG/root.img,format=raw,if=none,id=root,snapshot=on"
+			-device virtio-blk-pci,drive=root
+			-chardev "socket,id=vhu,path=$VHOST_USER_SOCK"
+			-device vhost-user-vsock-pci,chardev=vhu
+			-chardev "file,id=con,path=$console" -serial chardev:con
+			-device virtio-serial-pci,id=vser)
+		;;
+	microvm)
+		# TCG cannot calibrate the TSC against the PIT-less microvm quickly:
+		# without tsc_early_khz the guest may hang early.
+		# shellcheck disable=SC2054
+		QEMU_ARGV+=(-machine microvm,memory-backend=mem -m "$GUEST_MEM"
+			-nodefaults -no-user-config -display none -no-reboot
+			-kernel "$IMG/vmlinuz" -initrd "$IMG/initramfs.img"
+			-append "$append tsc_early_khz=2000000"
+			-drive "file=$IMG/root.img,format=raw,if=none,id=root,snapshot=on"
+			-device virtio-blk-device,drive=root
+			-chardev "socket,id=vhu,path=$VHOST_USER_SOCK"
+			-device vhost-user-vsock-device,chardev=vhu
+			-chardev "file,id=con,path=$console" -serial chardev:con
+			-device virtio-serial-device,id=vser)
+		;;
+	*) die "qemu_argv: unknown machine $machine" ;;
+	esac
+	# shellcheck disable=SC2054
+	QEMU_ARGV+=(-chardev "pipe,id=probe,path=$WORK/probe"
+		-device virtserialport,bus=vser.0,chardev=probe,name=vmcred.probe)
 }
 
 # ---------------------------------------------------------------- guest probe
 
-# The command channel: the guest's /dev/ttyS1 is a qemu pipe chardev
-# ($WORK/probe.in / probe.out); tests/vm/guest/vmcred-probe answers there.
+# The command channel: the guest's virtio-serial port vmcred.probe is a qemu
+# pipe chardev ($WORK/probe.in / probe.out); tests/vm/guest/vmcred-probe
+# answers there.
 probe_open() {
 	rm -f "$WORK/probe.in" "$WORK/probe.out"
 	mkfifo -m 600 "$WORK/probe.in" "$WORK/probe.out"

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# vmcred in a real VM: qemu (TCG) boots Debian's kernel and a debootstrapped
-# Debian 12 with systemd; the guest gets a real virtio-vsock device through
-# vhost-user-vsock-pci + vhost-device-vsock, whose host side is hybrid vsock
-# (Unix sockets). vmcred-host launches qemu (bootstrap + boot credentials go in
-# through SMBIOS), serves, rotates; vmcred-guest runs under systemd in the
-# guest and writes into /run/credentials/@system; a real unit consumes them.
+# vmcred in real VMs: qemu (TCG) boots Debian guests, each with its own
+# kernel and systemd (bookworm 252, trixie 257, sid 262), with a real
+# virtio-vsock device through vhost-user-vsock + the vhost-device-vsock daemon,
+# whose host side is hybrid vsock (Unix sockets). vmcred-host launches qemu and
+# puts the bootstrap on it through each carrier: SMBIOS type 11 on -M q35,
+# fw_cfg and the kernel command line on -M microvm. The guest agent runs under
+# the unit the NixOS module renders (tests/nix/render-guest-unit.sh).
 #
-# Usage: tests/vm/run.sh [--infra-only] [--keep]
-#   --infra-only  boot the guest without vmcred: SMBIOS credential import and
+# Boots: every carrier on every suite (focused checks: bootstrap imported,
+# agent listening, first credential, one rotation with a real unit action,
+# and on systemd >= 260 a RefreshOnReload=credentials reload), plus the full
+# scenario (boot credentials, late credential, restarts, leaks) on
+# bookworm + SMBIOS.
+#
+# Usage: tests/vm/run.sh [--infra-only] [--keep] [--suites "S..."] [--carriers "C..."] [--no-full]
+#   --infra-only  boot bookworm without vmcred: SMBIOS credential import and
 #                 guest vsock listening only (the harness's own self-test)
-#   --keep        keep the work directory (logs, console) after the run
+#   --keep        keep the work directory (logs, consoles) after the run
+#   --suites      Debian suites to boot (default: bookworm trixie sid)
+#   --carriers    carriers to prove (default: smbios fw-cfg cmdline)
+#   --no-full     skip the full scenario (matrix only)
 # Env: VMCRED_VM_CACHE (cache dir, default tests/vm/.cache), VMCRED_VM_MIRROR
 #      (Debian mirror), VMCRED_VM_NO_BUILD=1 (use existing target/release
-#      binaries), CARGO_TARGET_DIR.
-# Exit: 0 all checks passed, 1 a check failed, 77 cannot run here (SKIP).
+#      binaries), VMCRED_VM_RENDERED_UNIT_DIR (a directory holding the
+#      module's rendered vmcred-guest.service, instead of running
+#      tests/nix/render-guest-unit.sh), CARGO_TARGET_DIR.
+# Exit: 0 all checks passed, 1 a check failed (or something needed could not be
+#       fetched or built), 77 cannot run here at all (not root, not x86_64, no cargo).
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
@@ -24,10 +37,24 @@ REPO=$(cd "$HERE/../.." && pwd)
 
 MODE=full
 KEEP=0
-for a in "$@"; do
+SUITES=$ALL_SUITES
+CARRIERS="smbios fw-cfg cmdline"
+FULL=1
+while [ $# -gt 0 ]; do
+	a=$1
+	shift
 	case $a in
 	--infra-only) MODE=infra ;;
 	--keep) KEEP=1 ;;
+	--no-full) FULL=0 ;;
+	--suites)
+		SUITES=${1:?--suites needs a list}
+		shift
+		;;
+	--carriers)
+		CARRIERS=${1:?--carriers needs a list}
+		shift
+		;;
 	-h | --help)
 		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 		exit 0
@@ -69,14 +96,30 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- preparation
 
 T=$(now)
-install_host_packages || skip "cannot install the host packages (qemu-system-x86 from backports, debootstrap, busybox-static, ...)"
-install_vhost_device_vsock || skip "cannot build vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo"
-log "host tools ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
+# From here on, what cannot be fetched or built is a failure, not a skip: the
+# stage can run on this machine, something in the way is broken.
+install_host_packages || die "cannot install the host packages (qemu-system-x86 from bookworm-backports, debootstrap, busybox-static, ...)"
+log "host packages ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
+
+[ "$MODE" = infra ] && SUITES=bookworm
+
+# The suites' kernels and debootstraps (network-bound) run in the background,
+# one per suite, while cargo builds vhost-device-vsock and vmcred (CPU-bound).
+T_PREP=$(now)
+PREP_PIDS=()
+for s in $SUITES; do
+	(
+		use_suite "$s"
+		T=$(now)
+		prepare_kernel && prepare_rootfs_base && log "$s: kernel $(cat "$KDIR/version") and rootfs ready ($(elapsed "$T") s)"
+	) >"$WORK/prepare-$s.log" 2>&1 &
+	PREP_PIDS+=("$!")
+	OUR_PIDS+=("$!")
+done
 
 T=$(now)
-prepare_kernel || skip "cannot fetch Debian's kernel package"
-prepare_rootfs_base || skip "debootstrap of the guest failed"
-log "guest kernel $KV and rootfs ready ($(elapsed "$T") s)"
+install_vhost_device_vsock || die "cannot build vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION with cargo"
+log "vhost-device-vsock ready ($(elapsed "$T") s)"
 
 HOST_BIN=
 GUEST_BIN=
@@ -84,28 +127,62 @@ if [ "$MODE" = full ]; then
 	TARGET=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
 		grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4) || true
 	TARGET=${TARGET:-$REPO/target}
+	# The guest agent is linked statically (glibc, crt-static): one binary
+	# for every guest, whatever glibc this machine has. A dynamic build on a
+	# glibc >= 2.39 host needs GLIBC_2.39 (std's weak pidfd_spawnp) and does
+	# not start on bookworm's 2.36. --target keeps build scripts and
+	# proc-macros dynamic, and the output apart from the ordinary build.
+	HOST_TRIPLE=x86_64-unknown-linux-gnu
 	if [ "${VMCRED_VM_NO_BUILD:-0}" != 1 ]; then
 		T=$(now)
-		log "cargo build --release -p vmcred-host -p vmcred-guest"
-		if ! (cd "$REPO" && cargo build --release -p vmcred-host -p vmcred-guest) >"$WORK/cargo-build.log" 2>&1; then
+		log "cargo build --release -p vmcred-host; static vmcred-guest (--target $HOST_TRIPLE, crt-static)"
+		if ! (cd "$REPO" && cargo build --release -p vmcred-host &&
+			RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$HOST_TRIPLE" -p vmcred-guest) \
+			>"$WORK/cargo-build.log" 2>&1; then
 			tail -30 "$WORK/cargo-build.log"
-			die "cargo build --release -p vmcred-host -p vmcred-guest"
+			die "cargo build --release (vmcred-host, static vmcred-guest)"
 		fi
 		log "release build done ($(elapsed "$T") s)"
 	fi
 	HOST_BIN="$TARGET/release/vmcred-host"
-	GUEST_BIN="$TARGET/release/vmcred-guest"
+	GUEST_BIN="$TARGET/$HOST_TRIPLE/release/vmcred-guest"
 	for b in "$HOST_BIN" "$GUEST_BIN"; do
 		[ -x "$b" ] || die "missing binary $b"
 	done
 fi
 
+prep_failed=0
+i=0
+for s in $SUITES; do
+	wait "${PREP_PIDS[$i]}" || prep_failed=1
+	i=$((i + 1))
+	cat "$WORK/prepare-$s.log" >&2
+done
+[ "$prep_failed" = 0 ] || die "cannot fetch a guest kernel or debootstrap a guest suite (see above)"
+log "guest kernels and rootfs ready ($(elapsed "$T_PREP") s)"
+
+MAPPED_UNIT=
+if [ "$MODE" = full ]; then
+	render_guest_unit "$WORK/rendered" ||
+		die "cannot render vmcred-guest.service from nixos-modules/guest.nix (tests/nix/render-guest-unit.sh); the VM test runs the agent under no other unit"
+	MAPPED_UNIT="$WORK/vmcred-guest.service"
+	map_rendered_unit "$WORK/rendered/vmcred-guest.service" "$MAPPED_UNIT" || die "mapping the rendered unit onto Debian"
+	log "guest agent unit: the module's, rendered ($(tail -1 "$WORK/render-guest-unit.log" 2>/dev/null)); the only line mapped:"
+	grep '^ExecStart=' "$MAPPED_UNIT" | indent >&2
+fi
+
 T=$(now)
-cp "$KDIR/vmlinuz" "$WORK/vmlinuz"
-build_initramfs "$WORK/initramfs.img"
-install_guest_overlay "$GUEST_BIN"
-build_image "$WORK/root.img"
-log "guest image built ($(elapsed "$T") s)"
+for s in $SUITES; do
+	use_suite "$s"
+	KV=$(cat "$KDIR/version")
+	IMG="$WORK/img-$s"
+	mkdir -p "$IMG"
+	cp "$KDIR/vmlinuz" "$IMG/vmlinuz"
+	build_initramfs "$IMG/initramfs.img" || die "$s: building the initramfs"
+	install_guest_overlay "$GUEST_BIN" "$MAPPED_UNIT" "$WORK/rendered/guest.toml" || die "$s: installing the test files into the guest tree"
+	build_image "$IMG/root.img" || die "$s: building the guest image"
+done
+log "guest images built ($(elapsed "$T") s)"
 
 # ---------------------------------------------------------------- infra only
 
@@ -114,7 +191,9 @@ infra_test() {
 	start_vhost_vsock "$hs"
 	probe_open
 	printf 'io.systemd.credential:VMCRED_INFRA_FILE=value-from-a-file' >"$WORK/infra-cred"
-	qemu_argv "$console"
+	use_suite bookworm
+	IMG="$WORK/img-bookworm"
+	qemu_argv q35 "$console"
 	t0=$(now)
 	"${QEMU_ARGV[@]}" -smbios type=11,value=io.systemd.credential:VMCRED_INFRA=hello-smbios \
 		-smbios "type=11,path=$WORK/infra-cred" >"$WORK/qemu.log" 2>&1 &
@@ -196,7 +275,20 @@ fi
 # ---------------------------------------------------------------- full test
 # shellcheck source=full.sh
 . "$HERE/full.sh"
-full_test
+# shellcheck source=matrix.sh
+. "$HERE/matrix.sh"
+if [ "$FULL" = 1 ] && grep -qw bookworm <<<"$SUITES" && grep -qw smbios <<<"$CARRIERS"; then
+	use_suite bookworm
+	KV=$(cat "$KDIR/version")
+	IMG="$WORK/img-bookworm"
+	T=$(now)
+	full_test
+	stop_pid "${VDV_PID:-}"
+	log "full scenario on bookworm + SMBIOS: $(elapsed "$T") s"
+fi
+T=$(now)
+matrix_test "$SUITES" "$CARRIERS"
+log "matrix ($SUITES) x ($CARRIERS): $(elapsed "$T") s"
 log "total $(elapsed "$T_START") s"
 summary
 [ "$FAILED" = 0 ]

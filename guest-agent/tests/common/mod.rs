@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Channel;
 use vmcred_guest::config::GuestConfig;
+use vmcred_guest::creds_socket::SocketValues;
 use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
 use vmcred_guest::server::{serve, ServerOptions};
@@ -30,6 +31,8 @@ pub struct Guest {
     pub host: Identity,
     pub store: Arc<Store>,
     pub readiness: Arc<Readiness>,
+    /// `deliver = "socket"` values the service keeps (credential socket).
+    pub memory: Arc<SocketValues>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -73,7 +76,14 @@ pub async fn start_with(config: &str, limits: Limits, opts: ServerOptions) -> Gu
     let readiness = Arc::new(Readiness::new());
     let config = Arc::new(GuestConfig::parse(config).unwrap());
     let units = UnitRunner::new(recording_systemctl(tmp.path(), &calls));
-    let service = GuestService::new(store.clone(), config, units, readiness.clone());
+    let memory = Arc::new(SocketValues::default());
+    let service = GuestService::with_socket_values(
+        store.clone(),
+        config,
+        units,
+        readiness.clone(),
+        memory.clone(),
+    );
     let me = nix::unistd::geteuid().as_raw();
     let listener = GuestListener::unix(&socket, vec![me]).unwrap();
     let pin = host.pin().unwrap();
@@ -90,6 +100,7 @@ pub async fn start_with(config: &str, limits: Limits, opts: ServerOptions) -> Gu
         host,
         store,
         readiness,
+        memory,
         task,
     }
 }

@@ -3,15 +3,31 @@
 //! stand-in; the guest's credentials directory is a read-only ramfs in a
 //! private mount namespace when we are root, as systemd makes it.
 
+use std::ffi::OsString;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 use sha2::{Digest, Sha256};
 use vmcred_tests::World;
 
+/// Runs a real vmcred host agent and guest agent on this machine and walks
+/// through boot-time credentials, a late credential, a rotation, its unit
+/// action and an impostor host. Needs no VM; as root the guest's credentials
+/// directory is a read-only ramfs in a private mount namespace.
+#[derive(Parser)]
+#[command(name = "vmcred-demo")]
+struct Args {
+    /// Keep the work directory (configs, agent logs, recorded unit actions)
+    /// and print its path, instead of deleting it at the end.
+    #[arg(long)]
+    keep: bool,
+}
+
 fn main() {
-    if let Err(e) = run() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
         eprintln!("\nDEMO FAILED: {e:#}");
         std::process::exit(1);
     }
@@ -33,8 +49,29 @@ fn random_secret() -> Result<Vec<u8>> {
     Ok(hex::encode(b).into_bytes())
 }
 
+/// Variables `cargo run` sets for the program it runs. They must not reach
+/// the inner cargo: build scripts (ring's, for one) declare
+/// `rerun-if-env-changed` on some of them, so an inner build that sees
+/// `CARGO_MANIFEST_DIR=…/tests` where a plain `cargo build` saw nothing
+/// reruns them and rebuilds the TLS stack and both agents, on every run.
+fn is_set_by_cargo_run(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_")
+}
+
 /// `cargo run --bin vmcred-demo` builds only this package; the agents are
-/// separate binaries, so build them (a no-op when they are current).
+/// separate binaries, so build them. This package depends on both agents'
+/// libraries, so this is the same feature resolution as the outer build and
+/// as `cargo test --workspace`: once those are built, it compiles nothing.
 fn build_agents() -> Result<()> {
     let Some(cargo) = std::env::var_os("CARGO") else {
         return Ok(());
@@ -42,29 +79,36 @@ fn build_agents() -> Result<()> {
     let release = std::env::current_exe()?
         .parent()
         .is_some_and(|d| d.ends_with("release"));
-    println!("building vmcred-host and vmcred-guest ...");
     let mut c = Command::new(cargo);
-    c.args([
-        "build",
-        "--quiet",
-        "-p",
-        "vmcred-host",
-        "-p",
-        "vmcred-guest",
-    ]);
+    c.args(["build", "--workspace", "--bins"]);
     if release {
         c.arg("--release");
     }
-    if !c.status()?.success() {
-        bail!("building the agents failed");
+    let inherited: Vec<OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| k.to_str().is_some_and(is_set_by_cargo_run))
+        .collect();
+    for k in inherited {
+        c.env_remove(k);
+    }
+    println!(
+        "building vmcred-host and vmcred-guest: cargo build --workspace --bins{} (cargo's progress follows on stderr)",
+        if release { " --release" } else { "" }
+    );
+    let status = c.status().context("cannot run cargo to build the agents")?;
+    if !status.success() {
+        bail!("building the agents failed ({status}); the cargo output above says why");
     }
     Ok(())
 }
 
-fn run() -> Result<()> {
+fn run(args: &Args) -> Result<()> {
     build_agents()?;
     let root = nix::unistd::geteuid().is_root();
     let mut w = World::new()?;
+    if args.keep {
+        w.dir.disable_cleanup(true);
+    }
     w.log_level = "info".into();
     let vm = "test-vm";
     w.add_vm(vm, root)?;
@@ -127,11 +171,14 @@ fn run() -> Result<()> {
 
     step(
         4,
-        "Boot: PID 1 imports the OEM strings into /run/credentials/@system; the guest agent starts",
+        "Boot (simulated): the demo imports the OEM strings into the guest's credentials directory as PID 1 would; the guest agent starts",
     );
     let t_boot = Instant::now();
     let imported = w.boot_guest(vm)?;
-    println!("imported at boot from SMBIOS: {}", imported.join(", "));
+    println!(
+        "imported from the SMBIOS strings (systemd's parsing rules, done here by the demo): {}",
+        imported.join(", ")
+    );
     let env = w
         .read_guest(vm, "ENVIRONMENT")
         .context("ENVIRONMENT not imported")?;
@@ -162,6 +209,17 @@ fn run() -> Result<()> {
     w.wait_for_guest_value(vm, "DB_PASSWORD", &db, Duration::from_secs(30))?;
     println!("DB_PASSWORD added to the host config later (SIGHUP): in the guest, no restart");
 
+    // The first delivery of API_KEY is a change too, so the guest already ran
+    // its unit action once; wait for that record so step 7 can tell the two
+    // apart.
+    let units_log = w.guests[vm].systemctl_log.clone();
+    let read_units_log = || std::fs::read_to_string(&units_log).unwrap_or_default();
+    vmcred_tests::wait_until(Duration::from_secs(30), || {
+        read_units_log().contains("demo-consumer.service")
+    })
+    .context("the guest ran no unit action after first writing API_KEY")?;
+    let before_rotation = read_units_log();
+
     step(
         6,
         "Rotation: new API_KEY on the host, then `vmcred-host rotate test-vm API_KEY`",
@@ -186,13 +244,22 @@ fn run() -> Result<()> {
 
     step(
         7,
-        "Unit action: the guest agent restarted the unit mapped to API_KEY",
+        "Unit actions: the guest agent ran the unit mapped to API_KEY each time API_KEY changed",
     );
-    let log = std::fs::read_to_string(&w.guests[vm].systemctl_log).unwrap_or_default();
-    print!("{log}");
-    if !log.contains("demo-consumer.service") {
-        bail!("no unit action was recorded");
+    let log = read_units_log();
+    let after_rotation = log.strip_prefix(before_rotation.as_str()).unwrap_or(&log);
+    for line in before_rotation.lines() {
+        println!("{line}    <- API_KEY first written (step 5)");
     }
+    for line in after_rotation.lines() {
+        println!("{line}    <- API_KEY rotated (step 6), before rotate returned");
+    }
+    if !after_rotation.contains("demo-consumer.service") {
+        bail!("the rotation ran no unit action for demo-consumer.service");
+    }
+    println!(
+        "(try-restart restarts the unit only if it is running, so the first one starts nothing)"
+    );
     println!("(on this machine systemctl is a recorder; the VM test runs the real one)");
 
     step(
@@ -248,6 +315,12 @@ fn run() -> Result<()> {
     println!("no secret value in {} bytes of agent logs", logs.len());
 
     w.stop_host()?;
+    if args.keep {
+        println!(
+            "\nWork directory kept: {} (host and guest configs, agent logs, systemctl.log)",
+            w.path().display()
+        );
+    }
     println!("\nDEMO OK: boot-time OEM credential, late credential, acknowledged rotation in {rotate_ms:.1} ms, unit action, impostor refused.");
     Ok(())
 }

@@ -1,0 +1,478 @@
+//! The credential socket: a service in the guest can take a credential's
+//! current value with `LoadCredential=NAME:/run/vmcred/creds.sock`.
+//!
+//! systemd connects to an `AF_UNIX` stream socket given as a
+//! `LoadCredential=` path after binding its own end to the abstract address
+//! `\0<random hex>/unit/<unit>/<credential>`, and reads until EOF. That
+//! address is chosen by whoever connects, so it is believed only when the
+//! peer is root (`SO_PEERCRED`): the service manager (on systemd >= 255 its
+//! `systemd-executor` child, on older ones a forked child of PID 1, so the
+//! peer's pid is never 1 and is not checked). The socket itself is 0600 in
+//! the agent's root-only state directory.
+//!
+//! A unit gets a value only if the guest's config lists it in that
+//! credential's `socket_units`, and only the value the last committed push
+//! delivered: the managed file in the credentials directory, or, with
+//! `deliver = "socket"`, the copy in [`SocketValues`] (memory only, no
+//! file). Anything else is refused. A plain close
+//! would not do: systemd reads an immediate EOF as an *empty* credential
+//! and starts the unit with it. So a refusal to root sends more bytes than
+//! systemd accepts for any credential (1 MiB, or 1 MiB + 128 KiB
+//! encrypted); systemd's read then fails with E2BIG and the unit's
+//! credential setup fails, as it does for a missing file.
+
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use vmcred_proto::rules::{display_name, validate_name, MAX_CREDENTIAL_BYTES};
+use zeroize::Zeroizing;
+
+use crate::config::{validate_unit, Deliver, GuestConfig};
+use crate::store::Store;
+
+/// The socket's file name in the agent's state directory.
+pub const SOCKET_NAME: &str = "creds.sock";
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long one connection may take from accept to close: a peer that
+/// does not read its value cannot hold a slot for longer.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Bytes sent to refuse a root peer: more than systemd's largest
+/// credential (`CREDENTIAL_ENCRYPTED_SIZE_MAX`, 1 MiB + 128 KiB), so that
+/// its read fails instead of yielding an empty credential.
+pub const REFUSAL_BYTES: usize = 2 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum CredsSocketError {
+    #[error("credential socket {path}: {why}")]
+    Bind { path: String, why: String },
+}
+
+/// What systemd asks for, read from its abstract address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub unit: String,
+    pub credential: String,
+}
+
+/// Why a peer's address is not a request.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AddressError {
+    #[error("the peer is not bound to an abstract address (systemd's LoadCredential= binds one)")]
+    NotAbstract,
+    #[error("the peer's address is not \"<random hex>/unit/<unit>/<credential>\"")]
+    Shape,
+    #[error("the peer's address names a bad unit: {0}")]
+    Unit(String),
+    #[error("the peer's address names a bad credential: {0}")]
+    Credential(String),
+}
+
+/// Parses systemd's abstract address (without its leading NUL):
+/// `<random hex>/unit/<unit>/<credential>`.
+pub fn parse_address(name: &[u8]) -> Result<Request, AddressError> {
+    let text = std::str::from_utf8(name).map_err(|_| AddressError::Shape)?;
+    let mut parts = text.split('/');
+    let (Some(random), Some("unit"), Some(unit), Some(credential), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(AddressError::Shape);
+    };
+    if random.is_empty() || random.len() > 16 || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AddressError::Shape);
+    }
+    validate_unit(unit).map_err(AddressError::Unit)?;
+    validate_name(credential).map_err(|e| AddressError::Credential(e.to_string()))?;
+    Ok(Request {
+        unit: unit.to_string(),
+        credential: credential.to_string(),
+    })
+}
+
+/// Why a connection got no value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error("cannot read the peer's credentials: {0}")]
+    PeerCred(String),
+    #[error("peer uid {uid} is not root; only the service manager may ask")]
+    NotRoot { uid: u32 },
+    #[error("{0}")]
+    Address(AddressError),
+    #[error("unit {unit:?} is not in socket_units of credential {credential:?}")]
+    NotMapped { unit: String, credential: String },
+    #[error("credential {credential:?} is not held (no push has delivered it)")]
+    NotHeld { credential: String },
+    #[error("cannot read credential {credential:?}: {why}")]
+    Read { credential: String, why: String },
+}
+
+/// How one connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Served(Request),
+    Refused(Refusal),
+}
+
+/// Values of `deliver = "socket"` credentials: in memory only, never in a
+/// file. The service swaps a push's values in, all at once, after the push
+/// committed; an agent restart loses them, and the host, seeing them
+/// missing from `Hello.held`, pushes them again. No `Debug`: it holds values.
+#[derive(Default)]
+pub struct SocketValues {
+    values: std::sync::Mutex<ValueMap>,
+}
+
+/// Name to value and its SHA-256.
+type ValueMap = std::collections::BTreeMap<String, (Zeroizing<Vec<u8>>, [u8; 32])>;
+
+impl SocketValues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ValueMap> {
+        // A panic while holding it cannot leave a half-written map: every
+        // change is one insert or remove.
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The digest of the value held for `name`.
+    pub fn digest(&self, name: &str) -> Option<[u8; 32]> {
+        self.lock().get(name).map(|(_, d)| *d)
+    }
+
+    /// A copy of the value held for `name`.
+    pub fn get(&self, name: &str) -> Option<Zeroizing<Vec<u8>>> {
+        self.lock().get(name).map(|(v, _)| v.clone())
+    }
+
+    /// Names and digests of everything held.
+    pub fn held(&self) -> Vec<(String, [u8; 32])> {
+        self.lock()
+            .iter()
+            .map(|(n, (_, d))| (n.clone(), *d))
+            .collect()
+    }
+
+    /// Sets and removes in one step, so a reader sees all of a push or
+    /// none of it.
+    pub fn swap(&self, set: Vec<(String, Zeroizing<Vec<u8>>)>, remove: &[String]) {
+        let mut map = self.lock();
+        for (name, value) in set {
+            let digest = vmcred_proto::rules::digest(&value);
+            map.insert(name, (value, digest));
+        }
+        for name in remove {
+            map.remove(name);
+        }
+    }
+}
+
+/// A bound credential socket, not yet serving.
+pub struct CredsSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl CredsSocket {
+    /// Binds `path` (0600). Its directory must be owned by this user and
+    /// writable by no one else, so no other user can replace the socket;
+    /// a stale socket from an earlier run is replaced, anything else at
+    /// `path` is left alone and is an error. Must run inside a Tokio
+    /// runtime.
+    pub fn bind(path: &Path) -> Result<CredsSocket, CredsSocketError> {
+        let err = |why: String| CredsSocketError::Bind {
+            path: path.display().to_string(),
+            why,
+        };
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::metadata(parent)
+            .map_err(|e| err(format!("cannot inspect {}: {e}", parent.display())))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if !dir.is_dir() || dir.uid() != me || dir.mode() & 0o022 != 0 {
+            return Err(err(format!(
+                "{} must be a directory owned by uid {me} and writable by no one else (it is mode {:o}, uid {})",
+                parent.display(),
+                dir.mode() & 0o7777,
+                dir.uid()
+            )));
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?,
+            Ok(_) => {
+                return Err(err(
+                    "exists and is not a socket; remove it or choose another state directory"
+                        .into(),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(format!("cannot inspect: {e}"))),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| err(format!("cannot make it 0600: {e}")))?;
+        Ok(CredsSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves connections until the task is dropped: at most
+    /// [`MAX_CONNECTIONS`] at once, each within [`CONNECTION_DEADLINE`].
+    pub async fn serve(
+        self,
+        store: Arc<Store>,
+        config: Arc<GuestConfig>,
+        memory: Arc<SocketValues>,
+    ) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match self.listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather
+                    // than spin.
+                    tracing::warn!(error = %e, "credential socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let (store, config, memory) = (store.clone(), config.clone(), memory.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let served = tokio::time::timeout(
+                    CONNECTION_DEADLINE,
+                    handle(stream, &store, &config, &memory),
+                )
+                .await;
+                if served.is_err() {
+                    tracing::warn!(
+                        deadline = %humantime::format_duration(CONNECTION_DEADLINE),
+                        "credential socket: connection closed at its deadline"
+                    );
+                }
+            });
+        }
+    }
+}
+
+/// Serves one connection and logs how it ended (names only, never a value).
+pub async fn handle(
+    mut stream: UnixStream,
+    store: &Arc<Store>,
+    config: &GuestConfig,
+    memory: &SocketValues,
+) -> Outcome {
+    // For the log only: which process asked (systemd-executor, usually).
+    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+    let outcome = decide(&stream, store, config, memory).await;
+    match outcome {
+        Ok((request, value)) => {
+            let sent = async {
+                stream.write_all(&value).await?;
+                stream.shutdown().await
+            }
+            .await;
+            drop(value);
+            match sent {
+                Ok(()) => {
+                    tracing::info!(
+                        unit = %request.unit,
+                        credential = %request.credential,
+                        ?peer_pid,
+                        "credential socket: value handed to the unit"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        unit = %request.unit,
+                        credential = %request.credential,
+                        ?peer_pid,
+                        error = %e,
+                        "credential socket: the peer went away before taking the value"
+                    );
+                }
+            }
+            Outcome::Served(request)
+        }
+        Err((refusal, root)) => {
+            tracing::warn!(reason = %refusal, ?peer_pid, "credential socket: refused");
+            if root {
+                refuse(&mut stream).await;
+            }
+            Outcome::Refused(refusal)
+        }
+    }
+}
+
+/// Sends the over-long refusal (see the module docs) until the peer
+/// stops reading.
+async fn refuse(stream: &mut UnixStream) {
+    let chunk = [0u8; 64 * 1024];
+    let mut left = REFUSAL_BYTES;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if stream.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Who asks for what, and whether they get it. The bool in the error says
+/// whether the peer is root (and so gets the over-long refusal).
+async fn decide(
+    stream: &UnixStream,
+    store: &Arc<Store>,
+    config: &GuestConfig,
+    memory: &SocketValues,
+) -> Result<(Request, Zeroizing<Vec<u8>>), (Refusal, bool)> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| (Refusal::PeerCred(e.to_string()), false))?;
+    if cred.uid() != 0 {
+        return Err((Refusal::NotRoot { uid: cred.uid() }, false));
+    }
+    let refused = |r: Refusal| (r, true);
+    let addr = stream
+        .peer_addr()
+        .map_err(|e| refused(Refusal::PeerCred(e.to_string())))?;
+    let name = addr
+        .as_abstract_name()
+        .ok_or(refused(Refusal::Address(AddressError::NotAbstract)))?;
+    let request = parse_address(name).map_err(|e| refused(Refusal::Address(e)))?;
+    if !config.socket_allows(&request.credential, &request.unit) {
+        return Err(refused(Refusal::NotMapped {
+            unit: display_name(&request.unit),
+            credential: display_name(&request.credential),
+        }));
+    }
+    if config.deliver(&request.credential) == Deliver::Socket {
+        return match memory.get(&request.credential) {
+            Some(v) => Ok((request, v)),
+            None => Err(refused(Refusal::NotHeld {
+                credential: request.credential.clone(),
+            })),
+        };
+    }
+    if !store.state().managed.contains(&request.credential) {
+        return Err(refused(Refusal::NotHeld {
+            credential: request.credential.clone(),
+        }));
+    }
+    let path = store.dir_path().join(&request.credential);
+    let value = tokio::task::spawn_blocking(move || read_value(&path))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|why| {
+            refused(Refusal::Read {
+                credential: request.credential.clone(),
+                why,
+            })
+        })?;
+    match value {
+        Some(v) => Ok((request, v)),
+        None => Err(refused(Refusal::NotHeld {
+            credential: request.credential.clone(),
+        })),
+    }
+}
+
+/// Reads a credential file whole into a zeroizing buffer sized once from
+/// the open file (pushes replace files by rename, so an open file never
+/// changes). `None` if it is gone. Only a regular file is read.
+fn read_value(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let len = usize::try_from(meta.len()).map_err(|_| "too large".to_string())?;
+    if len > MAX_CREDENTIAL_BYTES {
+        return Err(format!(
+            "{len} bytes, over the {MAX_CREDENTIAL_BYTES}-byte limit"
+        ));
+    }
+    let mut value = Zeroizing::new(vec![0u8; len]);
+    let mut file = file;
+    file.read_exact(&mut value).map_err(|e| e.to_string())?;
+    let mut probe = [0u8; 1];
+    if file.read(&mut probe).map_err(|e| e.to_string())? != 0 {
+        return Err("changed while being read".into());
+    }
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_systemds_address() {
+        let r = parse_address(b"8c2f1e0a9b7d6c5e/unit/api.service/API_KEY").unwrap();
+        assert_eq!(r.unit, "api.service");
+        assert_eq!(r.credential, "API_KEY");
+        let r = parse_address(b"0/unit/getty@tty1.service/a.b").unwrap();
+        assert_eq!(r.unit, "getty@tty1.service");
+    }
+
+    #[test]
+    fn refuses_malformed_addresses() {
+        for (addr, want) in [
+            (&b""[..], AddressError::Shape),
+            (b"abc/unit/a.service", AddressError::Shape),
+            (b"abc/unit/a.service/A/B", AddressError::Shape),
+            (b"abc/user/a.service/A", AddressError::Shape),
+            (b"/unit/a.service/A", AddressError::Shape),
+            (b"xyz/unit/a.service/A", AddressError::Shape),
+            (b"0123456789abcdef0/unit/a.service/A", AddressError::Shape),
+            (b"ab/unit/a.service/\xff", AddressError::Shape),
+        ] {
+            assert_eq!(parse_address(addr), Err(want), "{addr:?}");
+        }
+        assert!(matches!(
+            parse_address(b"ab/unit//A"),
+            Err(AddressError::Unit(_))
+        ));
+        assert!(matches!(
+            parse_address(b"ab/unit/-x/A"),
+            Err(AddressError::Unit(_))
+        ));
+        assert!(matches!(
+            parse_address(b"ab/unit/a.service/"),
+            Err(AddressError::Credential(_))
+        ));
+        assert!(matches!(
+            parse_address(b"ab/unit/a.service/.."),
+            Err(AddressError::Credential(_))
+        ));
+    }
+}

@@ -1,0 +1,659 @@
+//! The credential socket, asked the way systemd asks: a real Unix socket, a
+//! client that binds `\0<random>/unit/<unit>/<credential>` before it
+//! connects and reads to EOF with systemd's size limit, values delivered
+//! by real Applies through the real service, and a non-root peer run as
+//! another uid with setpriv.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{apply, cred, start, Guest};
+use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use vmcred_guest::config::GuestConfig;
+use vmcred_guest::creds_socket::{CredsSocket, REFUSAL_BYTES};
+use vmcred_guest::store::Limits;
+
+/// systemd's CREDENTIAL_SIZE_MAX: a longer read fails with E2BIG.
+const SYSTEMD_MAX: usize = 1024 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    /// Read to EOF within the limit: what systemd would store.
+    Value(Vec<u8>),
+    /// More than systemd accepts: the unit's credential load fails.
+    TooBig,
+    /// connect() or read() failed.
+    Error(String),
+}
+
+/// Binds `address` (abstract, without the NUL) if given, connects to
+/// `path` and reads as systemd's read_full_file_full does.
+fn ask(path: &Path, address: Option<&[u8]>) -> Got {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    if let Some(a) = address {
+        bind(fd.as_raw_fd(), &UnixAddr::new_abstract(a).unwrap()).unwrap();
+    }
+    if let Err(e) = connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()) {
+        return Got::Error(format!("connect: {e}"));
+    }
+    let mut file = std::fs::File::from(fd);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Got::Value(out),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.len() > SYSTEMD_MAX {
+                    return Got::TooBig;
+                }
+            }
+            Err(e) => return Got::Error(format!("read: {e}")),
+        }
+    }
+}
+
+fn systemd_address(unit: &str, credential: &str) -> Vec<u8> {
+    let random: u64 = rand_u64();
+    format!("{random:x}/unit/{unit}/{credential}").into_bytes()
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_ne_bytes(b)
+}
+
+async fn ask_as_systemd(path: &Path, unit: &str, credential: &str) -> Got {
+    let (path, addr) = (path.to_path_buf(), systemd_address(unit, credential));
+    tokio::task::spawn_blocking(move || ask(&path, Some(&addr)))
+        .await
+        .unwrap()
+}
+
+const CONFIG: &str = r#"
+[credentials.API_KEY]
+socket_units = ["api.service", "getty@tty1.service"]
+reload_units = ["api.service"]
+
+[credentials.NEVER_SENT]
+socket_units = ["api.service"]
+
+[credentials.FILE_ONLY]
+restart_units = ["other.service"]
+"#;
+
+/// A guest agent with the credential socket served next to it.
+async fn guest_with_socket(config: &str) -> (Guest, PathBuf) {
+    let g = start(config, Limits::default()).await;
+    let path = g.tmp.path().join("creds.sock");
+    let socket = CredsSocket::bind(&path).unwrap();
+    let config = Arc::new(GuestConfig::parse(config).unwrap());
+    tokio::spawn(socket.serve(g.store.clone(), config, g.memory.clone()));
+    (g, path)
+}
+
+#[tokio::test]
+async fn mapped_unit_gets_the_current_value_after_each_rotation() {
+    let (g, sock) = guest_with_socket(CONFIG).await;
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("API_KEY", b"one")], &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::Value(b"one".to_vec())
+    );
+    assert_eq!(
+        ask_as_systemd(&sock, "getty@tty1.service", "API_KEY").await,
+        Got::Value(b"one".to_vec())
+    );
+    c.apply(apply(2, vec![cred("API_KEY", b"two\0binary\n")], &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::Value(b"two\0binary\n".to_vec())
+    );
+    // The reload that, with RefreshOnReload=credentials, makes systemd ask
+    // again.
+    assert!(
+        g.calls().contains("try-reload-or-restart api.service"),
+        "{}",
+        g.calls()
+    );
+    // A refused push (not newer) changes nothing the socket hands out.
+    assert!(c
+        .apply(apply(2, vec![cred("API_KEY", b"rollback")], &[]))
+        .await
+        .is_err());
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::Value(b"two\0binary\n".to_vec())
+    );
+    // Removed by the host: no longer handed out.
+    c.apply(apply(3, vec![], &["API_KEY"])).await.unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::TooBig
+    );
+}
+
+#[tokio::test]
+async fn everything_else_fails_systemds_read() {
+    let (g, sock) = guest_with_socket(CONFIG).await;
+    let mut c = g.client().await;
+    c.apply(apply(
+        1,
+        vec![cred("API_KEY", b"k"), cred("FILE_ONLY", b"f")],
+        &[],
+    ))
+    .await
+    .unwrap();
+    // A unit the credential is not mapped to; a credential mapped to no
+    // socket unit; one mapped but never delivered; one unknown entirely;
+    // the bootstrap, which vmcred never hands out.
+    for (unit, credential) in [
+        ("other.service", "API_KEY"),
+        ("api.service", "FILE_ONLY"),
+        ("other.service", "FILE_ONLY"),
+        ("api.service", "NEVER_SENT"),
+        ("api.service", "UNKNOWN"),
+        ("api.service", "vmcred.bootstrap"),
+    ] {
+        assert_eq!(
+            ask_as_systemd(&sock, unit, credential).await,
+            Got::TooBig,
+            "{unit} {credential}"
+        );
+    }
+    // Malformed addresses, and no address at all.
+    for addr in [
+        &b"garbage"[..],
+        b"zz/unit/api.service/API_KEY",
+        b"ab/unit/api.service/API_KEY/x",
+        b"ab/unit/api.service/API_KEY\0",
+        b"ab/unit/../API_KEY",
+    ] {
+        let (path, addr) = (sock.clone(), addr.to_vec());
+        let got = tokio::task::spawn_blocking(move || ask(&path, Some(&addr)))
+            .await
+            .unwrap();
+        assert_eq!(got, Got::TooBig);
+    }
+    let path = sock.clone();
+    let got = tokio::task::spawn_blocking(move || ask(&path, None))
+        .await
+        .unwrap();
+    assert_eq!(got, Got::TooBig);
+    // The refusal is bounded: exactly REFUSAL_BYTES to a peer that reads on.
+    let path = sock.clone();
+    let total = tokio::task::spawn_blocking(move || {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        let mut all = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut all).unwrap();
+        all.len()
+    })
+    .await
+    .unwrap();
+    assert_eq!(total, REFUSAL_BYTES);
+    // And the mapped unit is still served afterwards.
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::Value(b"k".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn many_concurrent_units_are_all_served() {
+    let (g, sock) = guest_with_socket(CONFIG).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("API_KEY", b"v")], &[]))
+        .await
+        .unwrap();
+    let asks: Vec<_> = (0..64)
+        .map(|_| {
+            let sock = sock.clone();
+            tokio::spawn(async move { ask_as_systemd(&sock, "api.service", "API_KEY").await })
+        })
+        .collect();
+    for a in asks {
+        assert_eq!(a.await.unwrap(), Got::Value(b"v".to_vec()));
+    }
+}
+
+const CHILD: &str = "VMCRED_CREDSOCK_TEST_CHILD";
+
+/// Run as another uid by `non_root_peers_get_nothing`: asks as systemd
+/// would and prints what it got.
+#[test]
+fn child_client() {
+    let Some(path) = std::env::var_os(CHILD) else {
+        return;
+    };
+    let got = ask(
+        Path::new(&path),
+        Some(&systemd_address("api.service", "API_KEY")),
+    );
+    match got {
+        Got::Value(v) => println!("CHILD-GOT {} bytes", v.len()),
+        Got::TooBig => println!("CHILD-GOT too big"),
+        Got::Error(e) => println!("CHILD-GOT error {e}"),
+    }
+}
+
+fn run_child_as_nobody(sock: &Path) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--no-new-privs",
+        ])
+        .arg(&exe)
+        .args(["--exact", "child_client", "--nocapture", "--test-threads=1"])
+        .env(CHILD, sock)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    stdout
+        .lines()
+        .find_map(|l| l.find("CHILD-GOT").map(|i| &l[i..]))
+        .unwrap_or_else(|| {
+            panic!(
+                "child printed no result: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string()
+}
+
+#[tokio::test]
+async fn non_root_peers_get_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a peer as another uid");
+        return;
+    }
+    let (g, sock) = guest_with_socket(CONFIG).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("API_KEY", b"secret")], &[]))
+        .await
+        .unwrap();
+    // As bound (0600, in a 0700 directory), another uid cannot connect.
+    let dir = g.tmp.path().to_path_buf();
+    let s = sock.clone();
+    let got = tokio::task::spawn_blocking(move || run_child_as_nobody(&s))
+        .await
+        .unwrap();
+    assert!(got.contains("error connect"), "{got}");
+    // With the file permissions opened up, the peer check alone still
+    // refuses it, with a plain close: no value, no refusal flood.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let s = sock.clone();
+    let got = tokio::task::spawn_blocking(move || run_child_as_nobody(&s))
+        .await
+        .unwrap();
+    assert_eq!(got, "CHILD-GOT 0 bytes");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "API_KEY").await,
+        Got::Value(b"secret".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn bind_replaces_a_stale_socket_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("creds.sock");
+    std::fs::write(&path, b"not a socket").unwrap();
+    let err = CredsSocket::bind(&path).err().unwrap().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    std::fs::remove_file(&path).unwrap();
+    // A socket left by an earlier run.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let s = CredsSocket::bind(&path).unwrap();
+    assert_eq!(s.path(), path);
+    drop(s);
+    // A directory others can write to could let them swap the socket.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = CredsSocket::bind(&open.join("creds.sock"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("writable by no one else"), "{err}");
+}
+
+/// The real binary: with `socket_units` in its config it serves
+/// `<state dir>/creds.sock` (0600) from the values its pushes applied,
+/// and logs refusals by name, never a value.
+#[test]
+fn the_binary_serves_the_socket_in_its_state_dir() {
+    use std::io::BufRead;
+    use vmcred_proto::bootstrap::{Bootstrap, HostTransport};
+    use vmcred_proto::tls::Identity;
+
+    const SECRET: &[u8] = b"Sock-S3cr3t-4b1d";
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |rel: &str| tmp.path().join(rel);
+    let host = Identity::generate("vmcred-host").unwrap();
+    let b = Bootstrap {
+        port: 700,
+        pin: host.pin().unwrap(),
+        host: HostTransport::Hybrid,
+    };
+    std::fs::create_dir(p("credentials")).unwrap();
+    std::fs::write(p("credentials/vmcred.bootstrap"), b.encode()).unwrap();
+    std::fs::write(
+        p("guest.toml"),
+        "initial_sync_timeout = \"1h\"\n[credentials.API_KEY]\nsocket_units = [\"api.service\"]\nreload_units = [\"api.service\"]\n[credentials.MEM]\ndeliver = \"socket\"\nsocket_units = [\"api.service\"]\n",
+    )
+    .unwrap();
+    let systemctl = common::recording_systemctl(tmp.path(), &p("calls"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmcred-guest"))
+        .arg("--config")
+        .arg(p("guest.toml"))
+        .arg("--bootstrap")
+        .arg(p("credentials/vmcred.bootstrap"))
+        .arg("--credentials-dir")
+        .arg(p("credentials"))
+        .arg("--state-dir")
+        .arg(p("state"))
+        .arg("--listen-unix")
+        .arg(p("guest.sock"))
+        .arg("--systemctl")
+        .arg(&systemctl)
+        .arg("--log-level")
+        .arg("trace")
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the log as it goes, line by line, until the socket is bound.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(15))
+            .expect("the agent never said it serves the credential socket");
+        if line.contains("serving the credential socket") {
+            break;
+        }
+    }
+    let sock = p("state/creds.sock");
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = common::connect(&p("guest.sock"), &host).await.unwrap();
+        c.apply(apply(
+            1,
+            vec![cred("API_KEY", SECRET), cred("MEM", b"in-memory-only")],
+            &[],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            ask_as_systemd(&sock, "api.service", "API_KEY").await,
+            Got::Value(SECRET.to_vec())
+        );
+        // deliver = "socket": served from the agent's memory, no file.
+        assert_eq!(
+            ask_as_systemd(&sock, "api.service", "MEM").await,
+            Got::Value(b"in-memory-only".to_vec())
+        );
+        assert!(!p("credentials/MEM").exists());
+        assert_eq!(
+            ask_as_systemd(&sock, "evil.service", "API_KEY").await,
+            Got::TooBig
+        );
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let log = reader.join().unwrap();
+    assert!(log.contains("serving the credential socket"), "{log}");
+    assert!(log.contains("value handed to the unit"), "{log}");
+    assert!(log.contains("evil.service"), "{log}");
+    assert!(
+        !log.contains(std::str::from_utf8(SECRET).unwrap()),
+        "a value reached the log"
+    );
+    assert!(
+        !log.contains(&hex::encode(SECRET)),
+        "a value reached the log (hex)"
+    );
+}
+
+const MEMORY_CONFIG: &str = r#"
+[credentials.MEMORY]
+deliver = "socket"
+socket_units = ["api.service"]
+reload_units = ["api.service"]
+
+[credentials.PLAIN]
+restart_units = ["plain.service"]
+"#;
+
+fn held_names(h: &vmcred_proto::rpc::pb::HelloReply) -> Vec<(String, Vec<u8>)> {
+    h.held
+        .iter()
+        .map(|x| (x.name.clone(), x.sha256.clone()))
+        .collect()
+}
+
+fn hello() -> vmcred_proto::rpc::pb::HelloRequest {
+    vmcred_proto::rpc::pb::HelloRequest {
+        host_version: "test".into(),
+        vm: "test-vm".into(),
+    }
+}
+
+#[tokio::test]
+async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
+    use vmcred_proto::rpc::pb::Outcome;
+    use vmcred_proto::rules::digest;
+    let (g, sock) = guest_with_socket(MEMORY_CONFIG).await;
+    let mut c = g.client().await;
+    let r = c
+        .apply(apply(
+            1,
+            vec![cred("MEMORY", b"m1"), cred("PLAIN", b"p1")],
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r
+        .results
+        .iter()
+        .all(|x| x.outcome == Outcome::Written as i32));
+    assert_eq!(
+        g.read("MEMORY"),
+        None,
+        "no file for a socket-only credential"
+    );
+    assert_eq!(g.read("PLAIN"), Some(b"p1".to_vec()));
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m1".to_vec())
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(
+        held_names(&h),
+        vec![
+            ("MEMORY".to_string(), digest(b"m1").to_vec()),
+            ("PLAIN".to_string(), digest(b"p1").to_vec())
+        ]
+    );
+    // Rotation: the new value, and the reload that makes systemd re-read.
+    c.apply(apply(2, vec![cred("MEMORY", b"m2")], &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m2".to_vec())
+    );
+    assert!(g.calls().contains("try-reload-or-restart api.service"));
+    // The same value again changes nothing and runs nothing.
+    let calls = g.calls();
+    let r = c
+        .apply(apply(3, vec![cred("MEMORY", b"m2")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].outcome, Outcome::Unchanged as i32);
+    assert_eq!(g.calls(), calls);
+    // Not newer: refused, the value stays.
+    assert!(c
+        .apply(apply(3, vec![cred("MEMORY", b"rollback")], &[]))
+        .await
+        .is_err());
+    // All or nothing: a push whose other part fails leaves the old value.
+    std::fs::write(g.creds.join("FOREIGN"), b"not ours").unwrap();
+    let r = c
+        .apply(apply(4, vec![cred("MEMORY", b"m3")], &["FOREIGN"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 3);
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::Value(b"m2".to_vec())
+    );
+    // Removed: refused from then on, no longer held.
+    let r = c
+        .apply(apply(5, vec![], &["MEMORY"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].outcome, Outcome::Removed as i32);
+    assert_eq!(
+        ask_as_systemd(&sock, "api.service", "MEMORY").await,
+        Got::TooBig
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(held_names(&h).len(), 1);
+    assert_eq!(g.read("MEMORY"), None);
+}
+
+/// An agent restart loses socket-only values: its Hello says so, and the
+/// host's next push (newer, as always) restores them. A credential that
+/// was a file before its config said `deliver = "socket"` is not reported
+/// held until that push, which removes the file.
+#[tokio::test]
+async fn socket_values_after_a_restart_and_a_switch_from_file() {
+    use vmcred_guest::notify::Readiness;
+    use vmcred_guest::service::GuestService;
+    use vmcred_guest::units::UnitRunner;
+    use vmcred_proto::rpc::Guest as _;
+
+    // First run: both delivered as files.
+    let g = start(
+        "[credentials.MEMORY]\nsocket_units = [\"api.service\"]\n",
+        Limits::default(),
+    )
+    .await;
+    let mut c = g.client().await;
+    c.apply(apply(
+        1,
+        vec![cred("MEMORY", b"v1"), cred("PLAIN", b"p")],
+        &[],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(g.read("MEMORY"), Some(b"v1".to_vec()));
+
+    // "Restart" with deliver = "socket": a new service on the same store.
+    let config = Arc::new(GuestConfig::parse(MEMORY_CONFIG).unwrap());
+    let memory = Arc::new(vmcred_guest::creds_socket::SocketValues::default());
+    let svc = GuestService::with_socket_values(
+        g.store.clone(),
+        config,
+        UnitRunner::new(common::recording_systemctl(g.tmp.path(), &g.calls)),
+        Arc::new(Readiness::new()),
+        memory.clone(),
+    );
+    let h = svc
+        .hello(tonic::Request::new(hello()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.applied_generation, 1);
+    assert_eq!(
+        held_names(&h).into_iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec!["PLAIN".to_string()],
+        "the file-era MEMORY is not reported held"
+    );
+    let r = svc
+        .apply(tonic::Request::new(apply(
+            2,
+            vec![cred("MEMORY", b"v1")],
+            &[],
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.applied_generation, 2);
+    assert_eq!(g.read("MEMORY"), None, "the push removed the old file");
+    assert_eq!(
+        memory.get("MEMORY").as_deref().map(|v| v.as_slice()),
+        Some(&b"v1"[..])
+    );
+    let h = svc
+        .hello(tonic::Request::new(hello()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.held.len(), 2);
+}
