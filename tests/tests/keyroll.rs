@@ -221,6 +221,7 @@ fn kill_9_of_either_agent_between_steps() {
     assert_eq!(code, 0, "{text}");
     w.kill_host().unwrap();
     w.start_host().unwrap();
+    wait_until(T, || vm_status(&w, "vm1")["key_trust"] == "current").unwrap();
     let (code, text) = rotate_key(&w, &["show"]);
     assert_eq!(code, 0, "{text}");
     assert!(
