@@ -8,6 +8,7 @@ pub mod creds_socket;
 pub mod listener;
 pub mod notify;
 pub mod owed;
+pub mod pins;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -15,7 +15,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
-use vmcred_guest::server::{serve, ServerOptions};
+use vmcred_guest::pins::PinStore;
+use vmcred_guest::server::{serve_pinned, ServerOptions};
 use vmcred_guest::service::GuestService;
 use vmcred_guest::store::{Limits, Store};
 use vmcred_guest::units::UnitRunner;
@@ -241,6 +242,8 @@ async fn run(cli: Cli) -> Result<()> {
         bail!("--max-files must be at least 2 (the directory and one credential)");
     }
     let store = Arc::new(Store::open(&cli.credentials_dir, &cli.state_dir, limits)?);
+    // After the store, which creates the state directory.
+    let pins = Arc::new(PinStore::open(&cli.state_dir, bootstrap.pin)?);
     // Bound here, before anything else can report readiness; "listening"
     // is logged only once the bind succeeded.
     let listener = match &cli.listen_unix {
@@ -283,6 +286,7 @@ async fn run(cli: Cli) -> Result<()> {
         applied_generation = state.generation,
         managed = state.managed.len(),
         pin = %bootstrap.pin,
+        pins = ?pins.pins(),
         "vmcred-guest {} starting",
         vmcred_proto::VERSION
     );
@@ -311,8 +315,9 @@ async fn run(cli: Cli) -> Result<()> {
         UnitRunner::new(cli.systemctl.clone()),
         readiness,
         memory,
-    );
-    let server = serve(listener, bootstrap.pin, service, ServerOptions::default());
+    )
+    .with_pins(pins.clone());
+    let server = serve_pinned(listener, pins, service, ServerOptions::default());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;
     tokio::select! {

@@ -35,10 +35,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use vmcred_proto::rpc::GuestServer;
 use vmcred_proto::rules::MAX_MESSAGE_BYTES;
-use vmcred_proto::tls::{guest_server_config, Pin as HostPin, TlsError};
+use vmcred_proto::tls::{guest_server_config_with, Pin as HostPin, TlsError};
 use vmcred_proto::transport::Stream;
 
 use crate::listener::{Accepted, GuestListener};
+use crate::pins::PinStore;
 use crate::service::GuestService;
 
 /// Limits on what a peer can hold of the agent.
@@ -85,11 +86,21 @@ pub struct Session {
     stream: TlsStream<Stream>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     token: CancellationToken,
+    pin: HostPin,
+}
+
+/// What the service learns about the session a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionInfo {
+    /// The pin of the host key this session was authenticated with.
+    pub pin: HostPin,
 }
 
 impl tonic::transport::server::Connected for Session {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = SessionInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        SessionInfo { pin: self.pin }
+    }
 }
 
 impl AsyncRead for Session {
@@ -146,9 +157,21 @@ pub async fn serve(
     service: GuestService,
     opts: ServerOptions,
 ) -> Result<(), ServerError> {
-    let acceptor = TlsAcceptor::from(guest_server_config(pin).map_err(ServerError::Tls)?);
+    serve_pinned(listener, Arc::new(PinStore::fixed(pin)), service, opts).await
+}
+
+/// Serves `service` to hosts holding a key in `pins`, which a key
+/// rollover may change between handshakes. Returns only on a fatal error.
+pub async fn serve_pinned(
+    listener: GuestListener,
+    pins: Arc<PinStore>,
+    service: GuestService,
+    opts: ServerOptions,
+) -> Result<(), ServerError> {
+    let acceptor =
+        TlsAcceptor::from(guest_server_config_with(pins.clone()).map_err(ServerError::Tls)?);
     let (tx, rx) = mpsc::channel::<io::Result<Session>>(4);
-    let accept = accept_loop(listener, acceptor, tx, opts);
+    let accept = accept_loop(listener, acceptor, tx, opts, pins);
     let grpc = tonic::transport::Server::builder()
         .accept_http1(false)
         .http2_keepalive_interval(Some(opts.keepalive_interval))
@@ -213,6 +236,7 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<io::Result<Session>>,
     opts: ServerOptions,
+    pins: Arc<PinStore>,
 ) {
     let pending = Arc::new(Mutex::new(Pending::default()));
     let current: Arc<Mutex<Option<CancellationToken>>> = Arc::new(Mutex::new(None));
@@ -231,7 +255,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (acceptor, tx, current) = (acceptor.clone(), tx.clone(), current.clone());
+        let (acceptor, tx, current, pins) =
+            (acceptor.clone(), tx.clone(), current.clone(), pins.clone());
         let evicted = {
             let mut p = lock(&pending);
             let evicted = if p.queue.len() >= max {
@@ -267,6 +292,19 @@ async fn accept_loop(
                 };
                 // Authenticated: no longer evictable.
                 drop(slot);
+                // The verifier accepted exactly one certificate; its pin
+                // is the session's authority in a key rollover.
+                let Some(pin) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| HostPin::of_certificate(c.as_ref()).ok())
+                else {
+                    tracing::warn!(%peer, "authenticated session without a host certificate; dropped");
+                    return;
+                };
+                pins.seen(pin);
                 let token = CancellationToken::new();
                 let previous = lock(&current).replace(token.clone());
                 if let Some(previous) = previous {
@@ -280,6 +318,7 @@ async fn accept_loop(
                     stream: tls,
                     closed: Box::pin(token.clone().cancelled_owned()),
                     token,
+                    pin,
                 };
                 if tx.send(Ok(session)).await.is_err() {
                     tracing::warn!(%peer, "gRPC server is gone; connection dropped");

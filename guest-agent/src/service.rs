@@ -14,19 +14,23 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 use vmcred_proto::rpc::pb::{
-    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome, UnitResult,
+    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome,
+    TrustReply, TrustRequest, UnitResult,
 };
 use vmcred_proto::rpc::Guest;
 use vmcred_proto::rules::{
     display_name, validate_name, validate_size, validate_total, verify_digest, RuleError,
     BOOTSTRAP_CREDENTIAL, MAX_CREDENTIALS_PER_MESSAGE,
 };
+use vmcred_proto::tls::Pin as HostPin;
 use zeroize::Zeroizing;
 
 use crate::config::{Deliver, GuestConfig};
 use crate::creds_socket::SocketValues;
 use crate::notify::Readiness;
 use crate::owed::{merge_owed, owed_reply, prune_owed};
+use crate::pins::{PinError, PinStore};
+use crate::server::SessionInfo;
 use crate::store::{reserved_name, Change, Current, Store, StoreError, TxError};
 use crate::units::{Action, UnitRunner};
 
@@ -57,6 +61,8 @@ struct Inner {
     /// generation): the host's keepalive Hello every few seconds repeats it,
     /// and a repeat is logged at DEBUG only.
     last_hello: std::sync::Mutex<Option<(String, u64)>>,
+    /// The host key pins, when this guest takes part in key rollovers.
+    pins: std::sync::OnceLock<Arc<PinStore>>,
     /// Values of `deliver = "socket"` credentials (no file).
     memory: Arc<SocketValues>,
 }
@@ -98,6 +104,7 @@ impl GuestService {
             readiness,
             retry: Notify::new(),
             last_hello: std::sync::Mutex::new(None),
+            pins: std::sync::OnceLock::new(),
             memory,
         });
         if !inner.store.state().owed.is_empty() {
@@ -105,6 +112,23 @@ impl GuestService {
         }
         tokio::spawn(inner.clone().retry_loop());
         GuestService { inner }
+    }
+
+    /// Lets authenticated hosts see and extend (`Trust`) the pin set the
+    /// TLS server checks. Without it, `Trust` is refused as unimplemented.
+    pub fn with_pins(self, pins: Arc<PinStore>) -> Self {
+        if self.inner.pins.set(pins).is_err() {
+            tracing::warn!("with_pins called twice; keeping the first pin store");
+        }
+        self
+    }
+
+    fn pin_bytes(&self) -> Vec<Vec<u8>> {
+        self.inner
+            .pins
+            .get()
+            .map(|p| p.pins().iter().map(|p| p.0.to_vec()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -583,6 +607,46 @@ impl Guest for GuestService {
                 })
                 .collect(),
             guest_version: vmcred_proto::VERSION.to_string(),
+            pins: self.pin_bytes(),
+        }))
+    }
+
+    async fn trust(&self, request: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
+        let Some(pins) = self.inner.pins.get().cloned() else {
+            return Err(Status::unimplemented(
+                "this guest agent keeps a fixed host key pin",
+            ));
+        };
+        let session = request
+            .extensions()
+            .get::<SessionInfo>()
+            .map(|s| s.pin)
+            .ok_or_else(|| {
+                Status::permission_denied("no authenticated host key on this session")
+            })?;
+        let req = request.into_inner();
+        if req.next_pin.is_empty() {
+            return Ok(Response::new(TrustReply {
+                pins: self.pin_bytes(),
+            }));
+        }
+        let next = <[u8; 32]>::try_from(req.next_pin.as_slice())
+            .map(HostPin)
+            .map_err(|_| {
+                invalid(format!(
+                    "next_pin is {} bytes; a pin is 32 (SHA-256)",
+                    req.next_pin.len()
+                ))
+            })?;
+        let now = tokio::task::spawn_blocking(move || pins.add_next(session, next))
+            .await
+            .map_err(|e| Status::internal(format!("trust task failed: {e}")))?
+            .map_err(|e| match e {
+                PinError::NotPinned => Status::permission_denied(e.to_string()),
+                other => Status::unavailable(other.to_string()),
+            })?;
+        Ok(Response::new(TrustReply {
+            pins: now.iter().map(|p| p.0.to_vec()).collect(),
         }))
     }
 

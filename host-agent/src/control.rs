@@ -44,6 +44,59 @@ pub enum Request {
     Launched {
         vm: String,
     },
+    /// A host key rollover step (see `keyring`): one `key` line, then one
+    /// `status` line per VM once each has redialled (or `timeout_ms`
+    /// passed), then `done`.
+    RotateKey {
+        step: crate::keyring::KeyStep,
+        /// With `switch`: go ahead even though some guests do not hold
+        /// the next pin (they fall back to the previous key until retire).
+        #[serde(default)]
+        force: bool,
+        timeout_ms: u64,
+    },
+}
+
+/// Whether a guest trusts the host's keys, from the pins it reports (a
+/// claim) and whether it refused the current key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyTrust {
+    /// Not connected since start, or a guest from before key rollovers.
+    #[default]
+    Unknown,
+    /// Holds the current key's pin; no rollover in progress.
+    Current,
+    /// A next key is prepared and the guest holds its pin: ready to switch.
+    HasNext,
+    /// A next key is prepared and the guest does not hold its pin.
+    LacksNext,
+    /// The guest refused the current key and no previous key is kept:
+    /// relaunch the VM.
+    Untrusted,
+}
+
+impl KeyTrust {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyTrust::Unknown => "unknown",
+            KeyTrust::Current => "current",
+            KeyTrust::HasNext => "has next pin",
+            KeyTrust::LacksNext => "lacks next pin",
+            KeyTrust::Untrusted => "guest does not trust the current key: relaunch the VM",
+        }
+    }
+}
+
+/// The first line of a `rotate-key` reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyReport {
+    pub step: crate::keyring::KeyStep,
+    pub outcome: crate::keyring::StepOutcome,
+    pub phase: crate::keyring::Phase,
+    pub current_pin: String,
+    pub next_pin: Option<String>,
+    pub previous_pin: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -64,6 +117,15 @@ pub struct VmStatus {
     /// The guest agent's version as it reports it (escaped, bounded).
     #[serde(default)]
     pub guest_version: Option<String>,
+    /// The host key pins the guest reports holding (a claim), oldest
+    /// first.
+    #[serde(default)]
+    pub guest_pins: Vec<String>,
+    /// The guest refused the current host key at the last dial.
+    #[serde(default)]
+    pub key_refused: bool,
+    #[serde(default)]
+    pub key_trust: KeyTrust,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,6 +177,8 @@ pub struct RotateReport {
 pub enum Reply {
     Status(VmStatus),
     Rotate(RotateReport),
+    /// The outcome of a `rotate-key` step.
+    Key(KeyReport),
     /// The answer to `launched`.
     Ok,
     /// The end of a `status` or `rotate` reply: `count` items were sent.
@@ -134,7 +198,7 @@ pub enum Reply {
 impl Reply {
     /// Whether this line ends the reply.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Reply::Status(_) | Reply::Rotate(_))
+        !matches!(self, Reply::Status(_) | Reply::Rotate(_) | Reply::Key(_))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod control;
 pub mod generations;
+pub mod keyring;
 pub mod launch;
 pub mod openbao;
 pub mod serve;

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 use vmcred_host::config::{load_control_socket, Config, DEFAULT_CONFIG};
 use vmcred_host::control::{self, Reply, Request};
+use vmcred_host::keyring::KeyStep;
 use vmcred_host::{launch, serve, source};
 
 use report::Exit;
@@ -140,6 +141,39 @@ enum Cmd {
     /// (DIR/completions); for packaging.
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Roll the host key over without relaunching VMs: `prepare` (make the
+    /// next key; connected guests store its pin), `switch` (dial with it;
+    /// the old key is kept for guests that were down), `retire` (delete
+    /// the old key), or `revoke-old` (switch and retire at once, for a
+    /// leaked key). `show` changes nothing.
+    ///
+    /// Prints one line per VM with the pins its guest holds. Exit status 0
+    /// when every VM is where the step leads (after prepare: holds the next
+    /// pin; otherwise: trusts the current key); 1 otherwise.
+    RotateKey {
+        #[arg(value_enum)]
+        step: KeyStepArg,
+        /// With switch: switch even though some guests lack the next pin.
+        #[arg(long)]
+        force: bool,
+        /// With switch: retire the old key at once (= revoke-old).
+        #[arg(long)]
+        revoke: bool,
+        /// How long to wait for the VMs to redial after the step.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KeyStepArg {
+    Show,
+    Prepare,
+    Switch,
+    Retire,
+    RevokeOld,
 }
 
 fn main() -> ExitCode {
@@ -313,6 +347,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::GenerateDocs { dir } => {
             docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RotateKey {
+            step,
+            force,
+            revoke,
+            timeout,
+            json,
+        } => {
+            let step = match (step, revoke) {
+                (KeyStepArg::Switch, true) => KeyStep::RevokeOld,
+                (_, true) => return Ok(report::usage("--revoke goes with switch only")),
+                (KeyStepArg::Show, _) => KeyStep::Show,
+                (KeyStepArg::Prepare, _) => KeyStep::Prepare,
+                (KeyStepArg::Switch, _) => KeyStep::Switch,
+                (KeyStepArg::Retire, _) => KeyStep::Retire,
+                (KeyStepArg::RevokeOld, _) => KeyStep::RevokeOld,
+            };
+            let cfg = Config::load(&config)?;
+            let mut out = report::KeyOutput::new(json, step);
+            let end = client_runtime()?.block_on(control::call(
+                &cfg.control_socket,
+                &Request::RotateKey {
+                    step,
+                    force,
+                    timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+                },
+                timeout + Duration::from_secs(5),
+                |item| out.item(item),
+            ))?;
+            Ok(out.finish(end).into())
         }
         Cmd::Pin => {
             let cfg = Config::load(&config)?;

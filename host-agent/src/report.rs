@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use serde_json::json;
 use vmcred_host::config::ConfigError;
-use vmcred_host::control::{CallError, Reply, RotateReport, VmStatus};
+use vmcred_host::control::{CallError, KeyTrust, Reply, RotateReport, VmStatus};
+use vmcred_host::keyring::{KeyStep, Phase, StepOutcome};
 
 /// Version of the `--json` output of `status` and `rotate`.
 pub const JSON_SCHEMA: u32 = 1;
@@ -160,7 +161,7 @@ impl StatusOutput {
                 if s.connected { "up" } else { "down" },
                 sync,
                 s.generation_applied,
-                s.last_error.as_deref().unwrap_or("-")
+                key_note(&s)
             );
             let line = match self.width {
                 Some(w) => fit(&line, w),
@@ -399,5 +400,152 @@ fn print_details(r: &RotateReport) {
             "{vm}: NOT applied: {}",
             r.error.as_deref().unwrap_or("see the credentials above")
         );
+    }
+}
+
+/// The LAST ERROR column, led by the key trust when a rollover concerns
+/// this guest.
+fn key_note(s: &VmStatus) -> String {
+    let err = s.last_error.as_deref().unwrap_or("-");
+    match s.key_trust {
+        KeyTrust::Unknown | KeyTrust::Current => err.to_string(),
+        KeyTrust::Untrusted => KeyTrust::Untrusted.as_str().to_string(),
+        t => format!("key: {}; {err}", t.as_str()),
+    }
+}
+
+/// Prints a `rotate-key` reply: the step's outcome, then one line per VM
+/// with what it trusts.
+pub struct KeyOutput {
+    json: bool,
+    step: KeyStep,
+    phase: Option<Phase>,
+    total: usize,
+    /// VMs in the state the step aims at (see [`KeyOutput::finish`]).
+    good: usize,
+    vms: Vec<serde_json::Value>,
+    key: Option<serde_json::Value>,
+}
+
+impl KeyOutput {
+    pub fn new(json: bool, step: KeyStep) -> Self {
+        KeyOutput {
+            json,
+            step,
+            phase: None,
+            total: 0,
+            good: 0,
+            vms: Vec::new(),
+            key: None,
+        }
+    }
+
+    pub fn item(&mut self, item: Reply) {
+        match item {
+            Reply::Key(k) => {
+                self.phase = Some(k.phase);
+                if self.json {
+                    self.key = serde_json::to_value(&k).ok();
+                } else {
+                    let what = match k.outcome {
+                        StepOutcome::Done => "done",
+                        StepOutcome::AlreadyDone => "already done; nothing changed",
+                        StepOutcome::Shown => "no change",
+                    };
+                    println!("{}: {what}", step_name(k.step));
+                    println!("phase: {:?}", k.phase);
+                    println!("current key: {}", k.current_pin);
+                    if let Some(n) = &k.next_pin {
+                        println!("next key:    {n}");
+                    }
+                    if let Some(p) = &k.previous_pin {
+                        println!("previous:    {p} (kept until `rotate-key retire`)");
+                    }
+                    println!("{:<20} {:<5} {:<16} GUEST PINS", "VM", "LINK", "KEY");
+                }
+            }
+            Reply::Status(s) => {
+                let good = match self.phase {
+                    Some(Phase::Prepared) => s.key_trust == KeyTrust::HasNext,
+                    _ => s.key_trust == KeyTrust::Current,
+                };
+                self.total += 1;
+                self.good += usize::from(good);
+                if self.json {
+                    self.vms.push(json!({
+                        "vm": s.vm,
+                        "connected": s.connected,
+                        "key_trust": s.key_trust,
+                        "guest_pins": s.guest_pins,
+                        "last_error": s.last_error,
+                    }));
+                } else {
+                    println!(
+                        "{:<20} {:<5} {:<16} {}",
+                        s.vm,
+                        if s.connected { "up" } else { "down" },
+                        match s.key_trust {
+                            KeyTrust::Untrusted => "UNTRUSTED",
+                            t => t.as_str(),
+                        },
+                        if s.guest_pins.is_empty() {
+                            "-".to_string()
+                        } else {
+                            s.guest_pins.join(" ")
+                        }
+                    );
+                    if s.key_trust == KeyTrust::Untrusted {
+                        println!("  {}: {}", s.vm, KeyTrust::Untrusted.as_str());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// 0 when every VM is where the step leads: after `prepare`, each holds
+    /// the next pin; after any other step, each trusts the current key.
+    pub fn finish(self, end: Reply) -> Exit {
+        let failure = match end {
+            Reply::Done { .. } => None,
+            Reply::Error(e) => Some(e),
+            Reply::Busy(e) => Some(format!("the agent is busy: {e}")),
+            other => Some(format!("unexpected reply {other:?}")),
+        };
+        if self.json {
+            println!(
+                "{}",
+                json!({
+                    "schema": JSON_SCHEMA,
+                    "key": self.key,
+                    "vms": self.vms,
+                    "error": failure,
+                })
+            );
+        } else if let Some(f) = &failure {
+            eprintln!("vmcred-host: rotate-key {}: {f}", step_name(self.step));
+        } else {
+            println!(
+                "{} VM(s): {} ready, {} not",
+                self.total,
+                self.good,
+                self.total - self.good
+            );
+        }
+        if failure.is_some() || self.good != self.total {
+            Exit::Failed
+        } else {
+            Exit::Ok
+        }
+    }
+}
+
+fn step_name(s: KeyStep) -> &'static str {
+    match s {
+        KeyStep::Show => "show",
+        KeyStep::Prepare => "prepare",
+        KeyStep::Switch => "switch",
+        KeyStep::Retire => "retire",
+        KeyStep::RevokeOld => "revoke-old",
     }
 }

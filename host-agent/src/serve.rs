@@ -25,7 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
-use vmcred_proto::{rules, tls};
+use vmcred_proto::rules;
 
 pub use limits::raise_nofile_limit;
 pub use lock::{LockError, StateLock};
@@ -33,6 +33,7 @@ pub use lock::{LockError, StateLock};
 use crate::config::Config;
 use crate::control::{self, Reply, Request, RotateReport};
 use crate::generations::Generations;
+use crate::keyring::{self, KeyRing, KeyStep};
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
 use limits::{LogLimiter, Repeated};
@@ -73,7 +74,7 @@ struct Shared {
 }
 
 struct Daemon {
-    tls: Arc<rustls::ClientConfig>,
+    keys: Arc<KeyRing>,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
     shared: Mutex<Shared>,
@@ -135,10 +136,10 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         .create(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
     let state_lock = StateLock::acquire(&cfg.state_dir)?;
-    let identity = tls::Identity::load_or_create(&cfg.state_dir)?;
-    info!(pin = %identity.pin()?, state_dir = %cfg.state_dir.display(), "host key ready");
+    let keys = Arc::new(KeyRing::load(&cfg.state_dir)?);
+    info!(pin = %keys.current().pin, phase = ?keys.phase(), state_dir = %cfg.state_dir.display(), "host key ready");
     let daemon = Arc::new(Daemon {
-        tls: tls::host_client_config(&identity)?,
+        keys,
         generations: Generations::open(cfg.state_dir.join("generations"))
             .context("cannot open the generations directory")?,
         credentials_dir: source::credentials_directory(),
@@ -154,7 +155,6 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         control_gid: cfg.control_group.as_ref().map(|g| g.gid),
         vm_runtime,
     });
-    drop(identity);
 
     // With a control_group its members may read `status`: 0660 and that
     // group; the peer check below still decides what each may do.
@@ -445,7 +445,7 @@ impl Daemon {
                     let h = vm::spawn(
                         vm.clone(),
                         t,
-                        self.tls.clone(),
+                        self.keys.clone(),
                         self.generations.clone(),
                         self.credentials_dir.clone(),
                     );
@@ -641,6 +641,14 @@ impl Daemon {
                 .await
             }
             Request::Launched { vm } => send(&mut w, &self.launched(&vm)).await,
+            Request::RotateKey {
+                step,
+                force,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_ROTATE_TIMEOUT);
+                self.rotate_key(&mut w, step, force, timeout).await
+            }
             Request::Rotate {
                 vms,
                 all,
@@ -656,6 +664,88 @@ impl Daemon {
                 warn!(error = %e, suppressed, "control client");
             }
         }
+    }
+
+    /// A VM's status, with its key trust judged against the keys now.
+    fn vm_status(&self, h: &VmHandle) -> control::VmStatus {
+        let mut item = match h.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        item.key_trust = keyring::trust_of(&self.keys, &item.guest_pins, item.key_refused);
+        item
+    }
+
+    /// A `rotate-key` step: refuses out of order; `switch` refuses while a
+    /// guest lacks the next pin unless forced. After a step that changed
+    /// the keys every VM redials (handing over the next pin, or proving
+    /// the switch to guests so they drop the old pin); one `status` line
+    /// per VM follows once it has (or `timeout` passed).
+    async fn rotate_key<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        step: KeyStep,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (vms, _) = self.snapshot();
+        if step == KeyStep::Switch && !force && self.keys.next_pin().is_some() {
+            let lacking: Vec<&String> = vms
+                .values()
+                .filter(|h| self.vm_status(h).key_trust != control::KeyTrust::HasNext)
+                .map(|h| &h.vm.name)
+                .collect();
+            if !lacking.is_empty() {
+                return send(
+                    w,
+                    &Reply::Error(format!(
+                        "not switching: {} not acknowledged the next key's pin (see `vmcred-host \
+                         status`). Wait for them to connect, or `switch --force`: they then \
+                         fall back to the previous key until `retire`, after which they must be \
+                         relaunched",
+                        if lacking.len() == 1 {
+                            format!("VM {} has", some_names(&lacking))
+                        } else {
+                            format!("VMs {} have", some_names(&lacking))
+                        }
+                    )),
+                )
+                .await;
+            }
+        }
+        let keys = self.keys.clone();
+        let outcome = match tokio::task::spawn_blocking(move || keys.step(step)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return send(w, &Reply::Error(e.to_string())).await,
+            Err(e) => return send(w, &Reply::Error(format!("internal error: {e}"))).await,
+        };
+        let report = control::KeyReport {
+            step,
+            outcome,
+            phase: self.keys.phase(),
+            current_pin: self.keys.current().pin.to_string(),
+            next_pin: self.keys.next_pin().map(|p| p.to_string()),
+            previous_pin: self.keys.prev().map(|k| k.pin.to_string()),
+        };
+        send(w, &Reply::Key(report)).await?;
+        if outcome == keyring::StepOutcome::Done || step == KeyStep::Prepare {
+            let mut waits = JoinSet::new();
+            for h in vms.values() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if h.tx.try_send(Command::Rekey(tx)).is_ok() {
+                    waits.spawn(async move {
+                        let _ = tokio::time::timeout(timeout, rx).await;
+                    });
+                }
+            }
+            while waits.join_next().await.is_some() {}
+        }
+        let mut count = 0u64;
+        for h in vms.values() {
+            send(w, &Reply::Status(control::bound_status(self.vm_status(h)))).await?;
+            count += 1;
+        }
+        send(w, &Reply::Done { count }).await
     }
 
     /// One line per VM from the current table, then `done`.
@@ -675,10 +765,7 @@ impl Daemon {
             only.iter().filter_map(|n| vms.get(n)).collect()
         };
         for h in selected {
-            let item = match h.status.lock() {
-                Ok(s) => s.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
+            let item = self.vm_status(h);
             send(w, &Reply::Status(control::bound_status(item))).await?;
             count += 1;
         }

@@ -25,8 +25,11 @@ use vmcred_proto::rpc::GuestClient;
 use vmcred_proto::{rules, tls, transport};
 
 use crate::config::Vm;
-use crate::control::{CredentialOutcome, CredentialStatus, RotateReport, UnitOutcome, VmStatus};
+use crate::control::{
+    CredentialOutcome, CredentialStatus, KeyTrust, RotateReport, UnitOutcome, VmStatus,
+};
 use crate::generations::Generations;
+use crate::keyring::{DialKey, KeyRing};
 use crate::source;
 
 /// First back-off ceiling after a failed dial or a session that ended
@@ -83,6 +86,10 @@ pub enum Command {
     },
     /// The VM was just launched: dial now instead of waiting out the back-off.
     Wake,
+    /// The host's keys changed (a `rotate-key` step): end the session and
+    /// dial again now, with the current key, handing over the next pin.
+    /// `reply` is answered after that dial, whatever its outcome.
+    Rekey(oneshot::Sender<()>),
     Reconfigure(Box<Vm>, Timing),
 }
 
@@ -97,7 +104,7 @@ pub struct VmHandle {
 pub fn spawn(
     vm: Vm,
     timing: Timing,
-    tls: Arc<rustls::ClientConfig>,
+    keys: Arc<KeyRing>,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
 ) -> VmHandle {
@@ -113,6 +120,9 @@ pub fn spawn(
         credentials: Vec::new(),
         owed_units: Vec::new(),
         guest_version: None,
+        guest_pins: Vec::new(),
+        key_refused: false,
+        key_trust: KeyTrust::Unknown,
     }));
     let handle = VmHandle {
         tx,
@@ -122,7 +132,7 @@ pub fn spawn(
     let task = VmTask {
         vm,
         timing,
-        tls,
+        keys,
         generations,
         credentials_dir,
         status,
@@ -149,7 +159,20 @@ enum SessionEnd {
     Stopped,
     /// The connection failed; dial again.
     Lost(String),
+    /// The host's keys changed: dial again at once.
+    Rekey,
 }
+
+/// Why a dial did not give a session.
+enum Open {
+    /// Nothing answered, or not in time: not a question of keys.
+    Unreachable(String),
+    /// The guest answered and refused the key (or the session it gave).
+    Refused(String),
+}
+
+/// Pins kept from a guest's report (it holds at most two).
+const MAX_GUEST_PINS: usize = 4;
 
 /// What a sync is for: it decides whether owed unit actions are worth an
 /// Apply of their own.
@@ -243,7 +266,7 @@ fn outcome(name: &str, o: Outcome, error: Option<String>) -> CredentialOutcome {
 struct VmTask {
     vm: Vm,
     timing: Timing,
-    tls: Arc<rustls::ClientConfig>,
+    keys: Arc<KeyRing>,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
     status: Arc<Mutex<VmStatus>>,
@@ -281,8 +304,13 @@ impl VmTask {
         let mut attempt = 0u32;
         let mut rng = fastrand::Rng::new();
         let mut pending: Pending = Vec::new();
+        let mut rekeys: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
-            match self.connect().await {
+            let dialled = self.connect().await;
+            for r in rekeys.drain(..) {
+                let _ = r.send(());
+            }
+            match dialled {
                 Ok(client) => {
                     self.update(|s| {
                         s.connected = true;
@@ -290,7 +318,9 @@ impl VmTask {
                     });
                     debug!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
                     let mut synced = false;
-                    let end = self.session(client, &mut pending, &mut synced).await;
+                    let end = self
+                        .session(client, &mut pending, &mut rekeys, &mut synced)
+                        .await;
                     self.update(|s| s.connected = false);
                     // Only a session that got the guest in sync resets the
                     // back-off: a guest that accepts and hangs up at once
@@ -300,6 +330,10 @@ impl VmTask {
                     }
                     match end {
                         SessionEnd::Stopped => return,
+                        SessionEnd::Rekey => {
+                            info!(vm = %self.vm.name, "host keys changed; redialling");
+                            continue;
+                        }
                         SessionEnd::Lost(e) => {
                             if self.reach == Reach::Up {
                                 warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
@@ -328,6 +362,10 @@ impl VmTask {
                     cmd = self.rx.recv() => match cmd {
                         None => return,
                         Some(Command::Wake) => break,
+                        Some(Command::Rekey(reply)) => {
+                            rekeys.push(reply);
+                            break;
+                        }
                         Some(Command::Rotate { credentials, reply }) => {
                             pending.push((credentials, reply));
                             break;
@@ -375,21 +413,116 @@ impl VmTask {
         }
     }
 
+    /// Dials with the current key. A guest that refuses it while the
+    /// previous key is still kept (a rollover it slept through) is dialled
+    /// with the previous key, handed the current pin, and dialled again.
     async fn connect(&self) -> Result<GuestClient<Channel>, String> {
+        let current = self.keys.current();
+        let refused = match self.open(&current, self.keys.next_pin()).await {
+            Ok(client) => {
+                self.update(|s| s.key_refused = false);
+                return Ok(client);
+            }
+            Err(Open::Unreachable(e)) => return Err(e),
+            Err(Open::Refused(e)) => e,
+        };
+        let Some(prev) = self.keys.prev() else {
+            self.update(|s| s.key_refused = true);
+            return Err(format!(
+                "{refused}. The guest does not trust the current host key: if it was down during \
+                 a key rollover that is now retired, relaunch the VM"
+            ));
+        };
+        info!(vm = %self.vm.name, "guest refused the current host key; handing it the current pin under the previous key");
+        match self.open(&prev, Some(current.pin)).await {
+            Ok(_) => {}
+            Err(Open::Unreachable(e) | Open::Refused(e)) => {
+                self.update(|s| s.key_refused = true);
+                return Err(format!(
+                    "the guest refuses both the current host key ({refused}) and the previous \
+                     one ({e}): relaunch the VM"
+                ));
+            }
+        }
+        match self.open(&current, None).await {
+            Ok(client) => {
+                self.update(|s| s.key_refused = false);
+                Ok(client)
+            }
+            Err(Open::Unreachable(e) | Open::Refused(e)) => Err(e),
+        }
+    }
+
+    /// Dials, authenticates with `key`, and proves the guest accepted it
+    /// with a `Trust` call that hands over `next` (or only asks, when
+    /// `None`); its answer is recorded as the guest's pins.
+    async fn open(
+        &self,
+        key: &DialKey,
+        next: Option<tls::Pin>,
+    ) -> Result<GuestClient<Channel>, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
-            .map_err(|e| e.to_string())?;
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+            .map_err(|e| Open::Unreachable(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(key.config.clone());
         let tls = tokio::time::timeout(
             self.timing.rpc_timeout,
             connector.connect(tls::server_name(), stream),
         )
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake with the guest failed: {e}"))?;
-        vmcred_proto::rpc::client_over(tls)
+        .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
+        .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
+        let mut client = vmcred_proto::rpc::client_over(tls)
             .await
-            .map_err(|e| format!("gRPC setup failed: {e}"))
+            .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
+        // Proves the guest accepted the key: TLS 1.3 reports a refused
+        // client certificate only on the first read.
+        let probe = pb::TrustRequest::default();
+        match tokio::time::timeout(self.timing.rpc_timeout, client.trust(probe)).await {
+            Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
+            Ok(Ok(reply)) => self.record_pins(&reply.into_inner().pins),
+            // A guest from before key rollovers: the session works, and
+            // there is no pin to hand over.
+            Ok(Err(s)) if s.code() == Code::Unimplemented => return Ok(client),
+            Ok(Err(s)) => {
+                return Err(Open::Refused(format!(
+                    "the guest refused the session (is the host key pinned?): {}",
+                    guest_text(s.message())
+                )))
+            }
+        }
+        if let Some(next) = next {
+            let req = pb::TrustRequest {
+                next_pin: next.0.to_vec(),
+            };
+            match tokio::time::timeout(self.timing.rpc_timeout, client.trust(req)).await {
+                Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
+                Ok(Ok(reply)) => {
+                    self.record_pins(&reply.into_inner().pins);
+                    info!(vm = %self.vm.name, next = %next, "guest holds the next host key pin");
+                }
+                // The session stays usable; status shows the pin missing.
+                Ok(Err(s)) => warn!(
+                    vm = %self.vm.name,
+                    error = %guest_text(s.message()),
+                    "the guest did not store the next host key pin"
+                ),
+            }
+        }
+        Ok(client)
+    }
+
+    /// Keeps the pins the guest reports: a claim, shown in `status`.
+    fn record_pins(&self, pins: &[Vec<u8>]) {
+        let pins: Vec<String> = pins
+            .iter()
+            .take(MAX_GUEST_PINS)
+            .map(|p| match <[u8; 32]>::try_from(p.as_slice()) {
+                Ok(b) => tls::Pin(b).to_string(),
+                Err(_) => "(malformed)".to_string(),
+            })
+            .collect();
+        self.update(|s| s.guest_pins = pins);
     }
 
     async fn hello(&self, client: &mut GuestClient<Channel>) -> Result<GuestView, String> {
@@ -411,6 +544,9 @@ impl VmTask {
                 }
             }
         }
+        if !reply.pins.is_empty() {
+            self.record_pins(&reply.pins);
+        }
         let owed = bound_units(reply.owed_units);
         let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
         self.update(|s| {
@@ -429,6 +565,7 @@ impl VmTask {
         &mut self,
         mut client: GuestClient<Channel>,
         pending: &mut Pending,
+        rekeys: &mut Vec<oneshot::Sender<()>>,
         synced: &mut bool,
     ) -> SessionEnd {
         let mut guest = match self.hello(&mut client).await {
@@ -479,6 +616,10 @@ impl VmTask {
                     Some(Command::Wake) => {
                         last_probe = tokio::time::Instant::now();
                         self.hello(&mut client).await.map(|g| guest = g)
+                    }
+                    Some(Command::Rekey(reply)) => {
+                        rekeys.push(reply);
+                        return SessionEnd::Rekey;
                     }
                     Some(Command::Rotate { credentials, reply }) => {
                         let r = self.sync(&mut client, &mut guest, &credentials, Why::Rotate).await;

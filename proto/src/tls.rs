@@ -186,6 +186,140 @@ impl Identity {
 }
 
 #[cfg(feature = "host")]
+impl Identity {
+    /// Loads a key pair from `key_path` (must be 0600) and `cert_path`,
+    /// checking that they belong together. Used for the rollover's
+    /// `host.next.*` and `host.prev.*` files.
+    pub fn load_pair(key_path: &Path, cert_path: &Path) -> Result<Identity, TlsError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |p: &Path, why: String| TlsError::KeyFile {
+            path: p.display().to_string(),
+            why,
+        };
+        let meta = std::fs::metadata(key_path).map_err(|e| err(key_path, e.to_string()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(err(
+                key_path,
+                format!(
+                    "mode {:04o} lets others read the host key; expected 0600",
+                    meta.permissions().mode() & 0o7777
+                ),
+            ));
+        }
+        let key =
+            Zeroizing::new(std::fs::read(key_path).map_err(|e| err(key_path, e.to_string()))?);
+        let cert = std::fs::read(cert_path).map_err(|e| err(cert_path, e.to_string()))?;
+        let id = Identity {
+            cert: CertificateDer::from(cert),
+            key_pkcs8: key,
+        };
+        id.check_pair().map_err(|e| {
+            err(
+                key_path,
+                format!("does not match {}: {e}", cert_path.display()),
+            )
+        })?;
+        Ok(id)
+    }
+
+    /// Writes the pair atomically, each file on its own: the certificate
+    /// (0644), then the key (0600). A reader must not trust the pair until
+    /// the caller has written its own completion marker.
+    pub fn store_pair(&self, key_path: &Path, cert_path: &Path) -> Result<(), TlsError> {
+        let err = |p: &Path, why: String| TlsError::KeyFile {
+            path: p.display().to_string(),
+            why,
+        };
+        write_file(cert_path, self.cert.as_ref(), 0o644).map_err(|e| err(cert_path, e))?;
+        write_file(key_path, &self.key_pkcs8, 0o600).map_err(|e| err(key_path, e))
+    }
+}
+
+/// The host keys a guest accepts. The guest's pin store implements it and
+/// may change its answer between handshakes (a key rollover).
+pub trait PinPolicy: Send + Sync + fmt::Debug {
+    fn accepts(&self, pin: &Pin) -> bool;
+}
+
+#[cfg(feature = "guest")]
+/// Like [`guest_server_config`], but accepting any host key `policy`
+/// accepts at handshake time (the current pins, at most two during a
+/// rollover).
+pub fn guest_server_config_with(
+    policy: Arc<dyn PinPolicy>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let own = Identity::generate(SERVER_NAME)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(PinnedHostSet { policy, provider }))
+        .with_single_cert(vec![own.cert.clone()], own.key())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(feature = "guest")]
+#[derive(Debug)]
+struct PinnedHostSet {
+    policy: Arc<dyn PinPolicy>,
+    provider: Arc<CryptoProvider>,
+}
+
+#[cfg(feature = "guest")]
+impl ClientCertVerifier for PinnedHostSet {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let pin = Pin::of_certificate(end_entity.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if !self.policy.accepts(&pin) {
+            tracing::warn!(presented = %pin, "refused a host whose key is not the pinned one (nor, in a rollover, the next)");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("vmcred speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(feature = "host")]
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     crate::fsutil::write_atomic(path, bytes, mode).map_err(|e| format!("cannot write: {e}"))
 }
@@ -409,6 +543,78 @@ mod tests {
         let mut trailing = cert.to_vec();
         trailing.push(0);
         assert!(Pin::of_certificate(&trailing).is_err());
+    }
+
+    #[derive(Debug)]
+    struct Pins(std::sync::Mutex<Vec<Pin>>);
+    impl PinPolicy for Pins {
+        fn accepts(&self, pin: &Pin) -> bool {
+            self.0.lock().unwrap().contains(pin)
+        }
+    }
+
+    #[cfg(all(feature = "host", feature = "guest"))]
+    async fn handshake_with(host: &Identity, policy: Arc<Pins>) -> Result<Vec<u8>, String> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(guest_server_config_with(policy).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(host_client_config(host).unwrap());
+        let server = tokio::spawn(async move {
+            let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(buf.to_vec())
+        });
+        // Kept open until the server is done: it writes session tickets.
+        let _client = match connector.connect(server_name(), a).await {
+            Ok(mut c) => {
+                let _ = c.write_all(b"hello").await;
+                let _ = c.flush().await;
+                Some(c)
+            }
+            Err(_) => None,
+        };
+        server.await.map_err(|e| e.to_string())?
+    }
+
+    #[cfg(all(feature = "host", feature = "guest"))]
+    #[tokio::test]
+    async fn a_pin_set_accepts_each_member_and_follows_changes() {
+        let old = Identity::generate("vmcred-host").unwrap();
+        let next = Identity::generate("vmcred-host").unwrap();
+        let other = Identity::generate("vmcred-host").unwrap();
+        let pins = Arc::new(Pins(std::sync::Mutex::new(vec![
+            old.pin().unwrap(),
+            next.pin().unwrap(),
+        ])));
+        assert!(handshake_with(&old, pins.clone()).await.is_ok());
+        assert!(handshake_with(&next, pins.clone()).await.is_ok());
+        assert!(handshake_with(&other, pins.clone()).await.is_err());
+        // The same config refuses a key dropped from the set since.
+        pins.0.lock().unwrap().remove(0);
+        assert!(handshake_with(&old, pins.clone()).await.is_err());
+        assert!(handshake_with(&next, pins).await.is_ok());
+    }
+
+    #[cfg(feature = "host")]
+    #[test]
+    fn a_stored_pair_loads_back_and_a_mismatch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, c) = (dir.path().join("n.key"), dir.path().join("n.crt"));
+        let id = Identity::generate("vmcred-host").unwrap();
+        id.store_pair(&k, &c).unwrap();
+        assert_eq!(
+            Identity::load_pair(&k, &c).unwrap().pin().unwrap(),
+            id.pin().unwrap()
+        );
+        let other = Identity::generate("vmcred-host").unwrap();
+        other
+            .store_pair(&dir.path().join("o.key"), &dir.path().join("o.crt"))
+            .unwrap();
+        let err = Identity::load_pair(&k, &dir.path().join("o.crt"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not match"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use vmcred_proto::rpc::pb::{
-    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome, UnitResult,
+    ApplyReply, ApplyRequest, CredentialResult, Held, HelloReply, HelloRequest, Outcome,
+    TrustReply, TrustRequest, UnitResult,
 };
 use vmcred_proto::rpc::{Accepted, Guest, GuestServer};
 use vmcred_proto::rules;
@@ -337,6 +338,7 @@ impl Guest for Double {
                 held: held(&st),
                 guest_version: "liar\u{202e}1.0".into(),
                 owed_units: Vec::new(),
+                pins: Vec::new(),
             },
             Mode::Flood => {
                 let mut h = held(&st);
@@ -351,6 +353,8 @@ impl Guest for Double {
                     held: h,
                     guest_version: format!("v\x1b[2J{}", "9".repeat(100_000)),
                     owed_units: flood_units(2000),
+                    // Pins: too many, wrong lengths; the host keeps a few.
+                    pins: (0..500).map(|i| vec![i as u8; 33 + i % 3]).collect(),
                 }
             }
             Mode::Oversized => HelloReply {
@@ -363,11 +367,13 @@ impl Guest for Double {
                     .collect(),
                 guest_version: "oversized".into(),
                 owed_units: Vec::new(),
+                pins: Vec::new(),
             },
             Mode::Owes(units) => HelloReply {
                 applied_generation: st.applied,
                 held: held(&st),
                 guest_version: "owes".into(),
+                pins: Vec::new(),
                 owed_units: units
                     .iter()
                     .map(|u| UnitResult {
@@ -383,9 +389,15 @@ impl Guest for Double {
                 held: held(&st),
                 guest_version: "hostile-double".into(),
                 owed_units: Vec::new(),
+                pins: Vec::new(),
             },
         };
         Ok(Response::new(reply))
+    }
+
+    /// Like a guest agent from before key rollovers.
+    async fn trust(&self, _req: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
+        Err(Status::unimplemented("hostile double keeps no pins"))
     }
 
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {

@@ -127,6 +127,7 @@ fn main() {
             .collect(),
         guest_version: vmcred_proto::VERSION.into(),
         owed_units: vec![unit("broken.service", false, "exit status 1")],
+        pins: vec![],
     };
     write(
         out,

@@ -28,8 +28,11 @@ use vmcred_fuzz::{check_open_issues, is_dangerous_char, rt, scratch_root};
 use vmcred_host::config::{Credential, Source, Vm};
 use vmcred_host::control::{Reply, MAX_LINE};
 use vmcred_host::generations::Generations;
+use vmcred_host::keyring::KeyRing;
 use vmcred_host::vm::{self, Command, Timing, VmHandle};
-use vmcred_proto::rpc::pb::{ApplyReply, ApplyRequest, HelloReply, HelloRequest};
+use vmcred_proto::rpc::pb::{
+    ApplyReply, ApplyRequest, HelloReply, HelloRequest, TrustReply, TrustRequest,
+};
 use vmcred_proto::rpc::{Accepted, Guest, GuestServer};
 use vmcred_proto::tls;
 use vmcred_proto::transport::Target;
@@ -64,6 +67,10 @@ impl Guest for FakeGuest {
         let reply = self.script.lock().expect("script").hello.clone();
         Ok(Response::new(reply))
     }
+    /// Like a guest agent from before key rollovers.
+    async fn trust(&self, _: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
+        Err(Status::unimplemented("no pins"))
+    }
     async fn apply(&self, _: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
         match self.script.lock().expect("script").apply.clone() {
             Some(Ok(r)) => Ok(Response::new(r)),
@@ -91,9 +98,8 @@ fn world() -> &'static World {
         let socket = dir.path().join("guest.sock");
         let source = dir.path().join("api-key");
         std::fs::write(&source, b"first").expect("the source file");
-        let host = tls::Identity::generate("vmcred-host").expect("a host identity");
-        let pin = host.pin().expect("the host pin");
-        let client = tls::host_client_config(&host).expect("host TLS config");
+        let keys = Arc::new(KeyRing::load(dir.path()).expect("the host key"));
+        let pin = keys.current().pin;
         let script = Arc::new(Mutex::new(Script::default()));
         let fake = FakeGuest {
             script: script.clone(),
@@ -142,7 +148,7 @@ fn world() -> &'static World {
             };
             let generations =
                 Generations::open(dir.path().join("generations")).expect("generations");
-            vm::spawn(vm, timing, client, generations, None)
+            vm::spawn(vm, timing, keys, generations, None)
         });
         World {
             _dir: dir,
