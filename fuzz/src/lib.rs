@@ -99,6 +99,7 @@ impl GuestFixture {
         let st = State {
             generation: BASE_GENERATION,
             managed: [MANAGED.to_string()].into_iter().collect(),
+            owed: Vec::new(),
         };
         std::fs::write(
             state.join("state.json"),

@@ -285,11 +285,12 @@ fn main() {
 
     // Control and launch protocol lines: requests (tag 0), replies (tag 1).
     let requests = [
-        ("status", Request::Status),
+        ("status", Request::Status { vms: vec![] }),
         (
             "rotate",
             Request::Rotate {
-                vm: "test-vm".into(),
+                vms: vec!["test-vm".into()],
+                all: false,
                 credentials: vec!["API_KEY".into()],
                 timeout_ms: 30_000,
             },
@@ -320,8 +321,9 @@ fn main() {
             error: Some("exit status 1".into()),
         }],
         error: None,
+        ..Default::default()
     };
-    let status = vec![VmStatus {
+    let status = VmStatus {
         vm: "test-vm".into(),
         target: "hybrid vsock /var/lib/microvms/test-vm/notify.vsock port 700".into(),
         connected: true,
@@ -335,7 +337,8 @@ fn main() {
             state: "applied".into(),
             error: None,
         }],
-    }];
+        ..Default::default()
+    };
     for (name, r) in [
         ("rotate", Reply::Rotate(report)),
         ("status", Reply::Status(status)),

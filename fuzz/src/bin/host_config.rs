@@ -63,6 +63,8 @@ fn main() {
                 match &c.source {
                     Source::Path(p) => assert!(p.is_absolute()),
                     Source::Credential(n) => assert!(rules::validate_name(n).is_ok()),
+                    // Never a boot source: the store is read by the daemon only.
+                    Source::OpenBao(_) => assert!(!c.boot),
                 }
                 assert!(c.boot || !c.allow_on_command_line);
             }

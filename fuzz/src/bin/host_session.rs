@@ -145,6 +145,7 @@ fn world() -> &'static World {
                 poll: Duration::ZERO,
                 backoff_max: Duration::from_millis(100),
                 rpc_timeout: Duration::from_secs(2),
+                keepalive: Duration::from_secs(60),
             };
             let generations =
                 Generations::open(dir.path().join("generations")).expect("generations");
@@ -246,7 +247,7 @@ fn main() {
                 "rotate reply of {} bytes",
                 line.len()
             );
-            let line = serde_json::to_vec(&Reply::Status(vec![status.clone()])).expect("json");
+            let line = serde_json::to_vec(&Reply::Status(status.clone())).expect("json");
             assert!(
                 line.len() < MAX_LINE,
                 "status reply of {} bytes",
