@@ -345,14 +345,19 @@ pub fn host_client_config(id: &Identity) -> Result<Arc<rustls::ClientConfig>, Tl
 /// The guest's server configuration: an ephemeral certificate of its own,
 /// and a client verifier that accepts exactly the pinned host key.
 pub fn guest_server_config(pin: Pin) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = provider();
-    let own = Identity::generate(SERVER_NAME)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(PinnedHost { pin, provider }))
-        .with_single_cert(vec![own.cert.clone()], own.key())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    guest_server_config_with(Arc::new(OnePin(pin)))
+}
+
+/// The policy of a guest that takes no part in key rollovers.
+#[cfg(feature = "guest")]
+#[derive(Debug)]
+struct OnePin(Pin);
+
+#[cfg(feature = "guest")]
+impl PinPolicy for OnePin {
+    fn accepts(&self, pin: &Pin) -> bool {
+        *pin == self.0
+    }
 }
 
 #[cfg(feature = "host")]
@@ -366,67 +371,6 @@ pub fn server_name() -> ServerName<'static> {
 fn unreachable_name() -> ServerName<'static> {
     // SERVER_NAME is a valid DNS name; this exists only to avoid a panic path.
     ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
-}
-
-#[cfg(feature = "guest")]
-#[derive(Debug)]
-struct PinnedHost {
-    pin: Pin,
-    provider: Arc<CryptoProvider>,
-}
-
-#[cfg(feature = "guest")]
-impl ClientCertVerifier for PinnedHost {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let pin = Pin::of_certificate(end_entity.as_ref()).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
-        if pin != self.pin {
-            tracing::warn!(presented = %pin, expected = %self.pin, "refused a host whose key is not the pinned one");
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("vmcred speaks TLS 1.3 only".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 #[cfg(feature = "host")]
