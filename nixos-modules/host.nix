@@ -898,8 +898,9 @@ in
           # host.pin there must be readable by the hypervisor user (launch).
           StateDirectory = "vmcred";
           StateDirectoryMode = "0755";
-          # control.sock (root only) and launch.sock (anyone) are protected by
-          # their own modes; keep them across restarts.
+          # control.sock (0600, or 0660 with control_group) and launch.sock
+          # (0666, answering only root and launch_users by SO_PEERCRED) are
+          # guarded by the agent itself; keep them across restarts.
           RuntimeDirectory = "vmcred";
           RuntimeDirectoryMode = "0755";
           RuntimeDirectoryPreserve = "yes";
