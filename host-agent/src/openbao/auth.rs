@@ -52,9 +52,15 @@ fn read_secret_file(
             .map(|d| d.join(c))
             .ok_or_else(|| Problem::Auth(format!("$CREDENTIALS_DIRECTORY is not set, but {f} is configured; add LoadCredential={c}:SOURCE to vmcred-host.service")))?,
     };
-    let mut buf = Zeroizing::new(Vec::with_capacity(256));
+    // Sized before reading, so that `read_to_end` never reallocates and
+    // leaves an unwiped copy of the token behind.
+    let mut buf = Zeroizing::new(Vec::new());
     std::fs::File::open(&path)
-        .and_then(|file| file.take(MAX_SECRET_FILE).read_to_end(&mut buf))
+        .and_then(|file| {
+            let len = file.metadata()?.len().min(MAX_SECRET_FILE);
+            buf.reserve_exact(usize::try_from(len).unwrap_or(0) + 1);
+            file.take(MAX_SECRET_FILE).read_to_end(&mut buf)
+        })
         .map_err(|e| Problem::Auth(format!("cannot read {f}: {e}")))?;
     let text = std::str::from_utf8(&buf)
         .map_err(|_| Problem::Auth(format!("{f} is not UTF-8")))?
@@ -67,8 +73,15 @@ fn read_secret_file(
     Ok(out)
 }
 
+/// Renewal at two thirds of the TTL. The TTL is the store's word, so it is
+/// capped (ten years) and added with checked arithmetic: an absurd value
+/// must not panic the watcher.
 fn renew_at(ttl_secs: u64, renewable: bool) -> Option<Instant> {
-    (ttl_secs > 0 && renewable).then(|| Instant::now() + Duration::from_secs(ttl_secs) * 2 / 3)
+    const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+    if ttl_secs == 0 || !renewable {
+        return None;
+    }
+    Instant::now().checked_add(Duration::from_secs(ttl_secs.min(MAX_TTL_SECS)) * 2 / 3)
 }
 
 impl Auth {
@@ -151,10 +164,23 @@ impl Auth {
         };
         let role_id = read_secret_file(&ar.role_id, credentials_dir)?;
         let secret_id = read_secret_file(&ar.secret_id, credentials_dir)?;
-        let mut body = Zeroizing::new(Vec::new());
+        /// Borrowed fields and a body sized up front: no unwiped copy of
+        /// the secret id is made while serialising (escapes are rare and
+        /// the margin covers a few).
+        #[derive(serde::Serialize)]
+        struct Login<'a> {
+            role_id: &'a str,
+            secret_id: &'a str,
+        }
+        let mut body = Zeroizing::new(Vec::with_capacity(
+            2 * (role_id.len() + secret_id.len()) + 64,
+        ));
         serde_json::to_writer(
             &mut *body,
-            &serde_json::json!({ "role_id": role_id.as_str(), "secret_id": secret_id.as_str() }),
+            &Login {
+                role_id: role_id.as_str(),
+                secret_id: secret_id.as_str(),
+            },
         )
         .map_err(|e| Problem::Auth(e.to_string()))?;
         let r = client
@@ -276,5 +302,15 @@ impl Auth {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_absurd_ttl_does_not_panic() {
+        assert!(super::renew_at(u64::MAX, true).is_some());
+        assert!(super::renew_at(0, true).is_none());
+        assert!(super::renew_at(60, false).is_none());
     }
 }
