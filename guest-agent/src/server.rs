@@ -305,6 +305,13 @@ async fn accept_loop(
                     return;
                 };
                 pins.seen(pin);
+                // Another session may have dropped this pin between our
+                // handshake and `seen` (a rollover's retire): a key no
+                // longer pinned gets no session, not even a short one.
+                if !vmcred_proto::tls::PinPolicy::accepts(&*pins, &pin) {
+                    tracing::warn!(%peer, "host key was dropped from the pin set during the handshake; session refused");
+                    return;
+                }
                 let token = CancellationToken::new();
                 let previous = lock(&current).replace(token.clone());
                 if let Some(previous) = previous {

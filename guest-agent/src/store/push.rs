@@ -176,6 +176,15 @@ impl Batch<'_> {
                 })
                 .collect(),
         };
+        // A backup an earlier push failed to unlink must be gone before the
+        // journal names this push: recovery would take it for this push's
+        // backup and roll a committed value back over the file.
+        for p in &plan {
+            if let Err(e) = store.drop_stale_backup(p.name) {
+                unstage(&staged);
+                return Err(none(Some(p.name), e));
+            }
+        }
         if let Err(e) = save_json(&store.journal_path, &journal) {
             unstage(&staged);
             return Err(none(None, e));
@@ -368,13 +377,22 @@ impl Store {
 
     /// Keeps the old value under its backup name and puts the new one in
     /// place (or, for a removal, moves the old value aside).
+    /// Removes a backup of `name` left behind by an earlier push.
+    fn drop_stale_backup(&self, name: &str) -> Result<(), StoreError> {
+        match unlinkat(
+            Some(self.dirfd()),
+            backup_name(name).as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(self.io("remove the stale backup of", name, e)),
+        }
+    }
+
     fn swap_in(&self, p: &Planned<'_>) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
         let backup = backup_name(p.name);
-        match unlinkat(Some(dirfd), backup.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(self.io("remove the stale backup of", p.name, e)),
-        }
+        self.drop_stale_backup(p.name)?;
         match p.value {
             Some(_) => {
                 if p.had_old {
