@@ -109,6 +109,9 @@ impl GuestFixture {
         let store =
             Arc::new(Store::open(&creds, &state, Limits::default()).expect("open the store"));
         let config = Arc::new(GuestConfig::parse(GUEST_CONFIG).expect("guest config"));
+        // The service starts its background retry task at construction,
+        // so it is built inside the fuzz process's runtime.
+        let _rt = rt().enter();
         let service = GuestService::new(
             store.clone(),
             config,

@@ -2,7 +2,8 @@
 //! apply. Input: a flag byte, then a name, a NUL, then a value.
 //! Invariants: `validate_name` accepts exactly systemd's rules as
 //! ARCHITECTURE.md states them (1–255 bytes of printable ASCII without
-//! space, `/`, `:`, and not `.`/`..`); errors and display names are
+//! space, `/`, `:`, and not `.`/`..`, nor a name the guest reserves for its
+//! temporary files: `*.vmcred-tmp`, `.vmcred-tmp.*`); errors and display names are
 //! bounded; `verify_digest` accepts exactly the SHA-256 of the value;
 //! size checks never overflow.
 
@@ -27,7 +28,10 @@ fn main() {
             && name != ".."
             && name
                 .bytes()
-                .all(|b| (0x21..=0x7e).contains(&b) && b != b'/' && b != b':');
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b'/' && b != b':')
+            // The guest's temporary-file names are reserved on both sides.
+            && !name.ends_with(".vmcred-tmp")
+            && !name.starts_with(".vmcred-tmp.");
         match validate_name(&name) {
             Ok(()) => assert!(expected, "accepted {name:?}"),
             Err(e) => {
