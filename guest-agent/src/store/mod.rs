@@ -300,6 +300,7 @@ impl Store {
             .mode(0o700)
             .create(state_dir)
             .map_err(|e| state_err(format!("cannot create: {e}")))?;
+        check_private_dir(state_dir).map_err(state_err)?;
         match std::fs::symlink_metadata(credentials_dir) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -550,6 +551,38 @@ impl Store {
             tracing::warn!(dir = %self.dir_path.display(), error = %e, "fsync of the credentials directory failed");
         }
     }
+}
+
+/// Checks, at every start, that a directory the agent keeps state in can
+/// be changed by this user alone: whoever else could write it could plant
+/// `state.json`, `pins.json` or a journal and so roll generations back or
+/// widen the trusted host keys. Not followed if it is a symlink, which is
+/// itself refused: its target could be swapped.
+pub fn check_private_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot inspect: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.file_type().is_symlink() {
+        return Err("is a symlink; give the real directory (owned by the agent, mode 0700)".into());
+    }
+    if !meta.is_dir() {
+        return Err("is not a directory".into());
+    }
+    if meta.uid() != me {
+        return Err(format!(
+            "is owned by uid {}, not by the agent's uid {me}; chown it to {me} (mode 0700) or \
+             remove it so the agent creates it",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "is mode {mode:04o}: writable by group or others, who could plant state files; \
+             chmod 0700 it"
+        ));
+    }
+    Ok(())
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked
@@ -1012,6 +1045,43 @@ mod tests {
                 assert_eq!(std::fs::read(f.creds.join("B")).unwrap(), b"b1");
                 assert_eq!(store.state(), st(1, &["A", "B"]));
             }
+        }
+    }
+
+    /// Checked at every start, not only when the agent creates it.
+    #[test]
+    fn a_state_dir_others_can_change_is_refused_at_every_start() {
+        let f = fixture();
+        drop(open(&f, Limits::default()));
+        std::fs::set_permissions(&f.state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Store::open(&f.creds, &f.state, Limits::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("0777") && err.contains("chmod 0700"), "{err}");
+        std::fs::set_permissions(&f.state, std::fs::Permissions::from_mode(0o750)).unwrap();
+        drop(open(&f, Limits::default()));
+
+        // A symlink to a directory that is fine in itself.
+        let real = f._tmp.path().join("real");
+        std::fs::rename(&f.state, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &f.state).unwrap();
+        let err = Store::open(&f.creds, &f.state, Limits::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("symlink"), "{err}");
+        std::fs::remove_file(&f.state).unwrap();
+        std::fs::rename(&real, &f.state).unwrap();
+
+        // Owned by someone else (needs root to arrange).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&f.state, Some(65534), None).unwrap();
+            let err = Store::open(&f.creds, &f.state, Limits::default())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
         }
     }
 
