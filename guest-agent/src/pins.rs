@@ -26,6 +26,9 @@ use thiserror::Error;
 use vmcred_proto::fsutil::write_atomic;
 use vmcred_proto::tls::{Pin, PinPolicy};
 
+/// The pin of a host key (SHA-256 of its certificate).
+pub use vmcred_proto::tls::Pin as HostPin;
+
 /// At most this many pins at once: the current key and the next.
 pub const MAX_PINS: usize = 2;
 

@@ -12,7 +12,11 @@
 //!   completes its handshake in milliseconds; a staller never does);
 //! - there is one authenticated session: a new one supersedes and closes
 //!   the previous (a host agent that restarted, or a connection that died
-//!   without a close the VMM passed on).
+//!   without a close the VMM passed on);
+//! - a session's authority is its host key's pin, and lasts only while
+//!   that pin is in the pin set: every RPC is refused once it is dropped (a
+//!   key rollover's switch or revoke), and the session's reads end and
+//!   writes fail, which closes it.
 //!
 //! Nothing here ends because a host went away: the loop serves across
 //! outages for as long as the agent runs.
@@ -87,6 +91,14 @@ pub struct Session {
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     token: CancellationToken,
     pin: HostPin,
+    pins: Arc<PinStore>,
+}
+
+impl Session {
+    /// Superseded, or its pin was dropped since it was admitted.
+    fn ended(&self) -> bool {
+        self.token.is_cancelled() || !vmcred_proto::tls::PinPolicy::accepts(&*self.pins, &self.pin)
+    }
 }
 
 /// What the service learns about the session a request came on.
@@ -111,7 +123,7 @@ impl AsyncRead for Session {
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         // Polling `closed` registers the waker that ends a pending read.
-        if me.token.is_cancelled() || me.closed.as_mut().poll(cx).is_ready() {
+        if me.ended() || me.closed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut me.stream).poll_read(cx, buf)
@@ -125,14 +137,14 @@ impl AsyncWrite for Session {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if me.token.is_cancelled() {
+        if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
         Pin::new(&mut me.stream).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.token.is_cancelled() {
+        if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
         Pin::new(&mut me.stream).poll_flush(cx)
@@ -145,7 +157,7 @@ impl AsyncWrite for Session {
 fn superseded() -> io::Error {
     io::Error::new(
         io::ErrorKind::BrokenPipe,
-        "superseded by a newer host session",
+        "superseded by a newer host session, or its host key is no longer pinned",
     )
 }
 
@@ -171,8 +183,9 @@ pub async fn serve_pinned(
     let acceptor =
         TlsAcceptor::from(guest_server_config_with(pins.clone()).map_err(ServerError::Tls)?);
     let (tx, rx) = mpsc::channel::<io::Result<Session>>(4);
-    let accept = accept_loop(listener, acceptor, tx, opts, pins);
+    let accept = accept_loop(listener, acceptor, tx, opts, pins.clone());
     let grpc = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(still_pinned(pins)))
         .accept_http1(false)
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
@@ -189,6 +202,29 @@ pub async fn serve_pinned(
             Ok(()) => Err(ServerError::Stopped),
             Err(e) => Err(ServerError::Grpc(error_chain(&e))),
         }
+    }
+}
+
+/// Refuses every RPC on a session whose host key is no longer pinned: a
+/// session authorised by a key that a rollover dropped since it connected
+/// has no authority left, even on a connection that is still open.
+fn still_pinned(
+    pins: Arc<PinStore>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(session) = req.extensions().get::<SessionInfo>() else {
+            return Err(tonic::Status::unauthenticated(
+                "no authenticated host key on this session",
+            ));
+        };
+        if !vmcred_proto::tls::PinPolicy::accepts(&*pins, &session.pin) {
+            tracing::warn!(pin = %session.pin, "refused an RPC on a session whose host key is no longer pinned");
+            return Err(tonic::Status::unauthenticated(
+                "this session's host key is no longer pinned (a key rollover dropped it); \
+                 reconnect with the current key",
+            ));
+        }
+        Ok(req)
     }
 }
 
@@ -326,6 +362,7 @@ async fn accept_loop(
                     closed: Box::pin(token.clone().cancelled_owned()),
                     token,
                     pin,
+                    pins,
                 };
                 if tx.send(Ok(session)).await.is_err() {
                     tracing::warn!(%peer, "gRPC server is gone; connection dropped");

@@ -399,11 +399,23 @@ fn store_status(e: StoreError) -> Status {
 impl Inner {
     async fn apply(
         self: Arc<Self>,
+        session: Option<crate::pins::HostPin>,
         generation: u64,
         upserts: Vec<Upsert>,
         removals: Vec<String>,
     ) -> Result<ApplyReply, Status> {
         let _serial = self.apply_lock.clone().lock_owned().await;
+        // Checked again here, after waiting our turn: an Apply queued behind
+        // another may have outlived its session's key (a rollover dropped it
+        // meanwhile), and this task runs on even after its session closed.
+        if let (Some(pins), Some(pin)) = (self.pins.get(), session) {
+            if !vmcred_proto::tls::PinPolicy::accepts(&**pins, &pin) {
+                tracing::warn!(generation, "refused an Apply whose session's host key was dropped while it waited; nothing applied");
+                return Err(Status::unauthenticated(
+                    "this session's host key is no longer pinned (a key rollover dropped it); nothing applied",
+                ));
+            }
+        }
         let applied = self.store.state().generation;
         if generation <= applied {
             tracing::warn!(
@@ -651,6 +663,7 @@ impl Guest for GuestService {
     }
 
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
+        let session = request.extensions().get::<SessionInfo>().map(|s| s.pin);
         let mut req = request.into_inner();
         let generation = req.generation;
         let upserts: Vec<Upsert> = req
@@ -674,9 +687,13 @@ impl Guest for GuestService {
         }
         // A spawned task finishes even if the host hangs up mid-request:
         // credentials written must also get their unit actions.
-        tokio::spawn(self.inner.clone().apply(generation, upserts, removals))
-            .await
-            .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
-            .map(Response::new)
+        tokio::spawn(
+            self.inner
+                .clone()
+                .apply(session, generation, upserts, removals),
+        )
+        .await
+        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
+        .map(Response::new)
     }
 }
