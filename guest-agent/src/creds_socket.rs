@@ -12,7 +12,8 @@
 //!
 //! A unit gets a value only if the guest's config lists it in that
 //! credential's `socket_units`, and only the value the last committed push
-//! delivered: the managed file in the credentials directory, or, with
+//! delivered: the managed file in the credentials directory, read under the
+//! store's writer lock so never mid-push ([`Store::read_committed`]), or, with
 //! `deliver = "socket"`, the copy in [`SocketValues`] (memory only, no
 //! file). Anything else is refused. A plain close
 //! would not do: systemd reads an immediate EOF as an *empty* credential
@@ -21,8 +22,7 @@
 //! encrypted); systemd's read then fails with E2BIG and the unit's
 //! credential setup fails, as it does for a missing file.
 
-use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use vmcred_proto::rules::{display_name, validate_name, MAX_CREDENTIAL_BYTES};
+use vmcred_proto::rules::{display_name, validate_name};
 use zeroize::Zeroizing;
 
 use crate::config::{validate_unit, Deliver, GuestConfig};
@@ -374,16 +374,11 @@ async fn decide(
             })),
         };
     }
-    if !store.state().managed.contains(&request.credential) {
-        return Err(refused(Refusal::NotHeld {
-            credential: request.credential.clone(),
-        }));
-    }
-    let path = store.dir_path().join(&request.credential);
-    let value = tokio::task::spawn_blocking(move || read_value(&path))
+    let (reader, name) = (store.clone(), request.credential.clone());
+    let value = tokio::task::spawn_blocking(move || reader.read_committed(&name))
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r)
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|why| {
             refused(Refusal::Read {
                 credential: request.credential.clone(),
@@ -396,39 +391,6 @@ async fn decide(
             credential: request.credential.clone(),
         })),
     }
-}
-
-/// Reads a credential file whole into a zeroizing buffer sized once from
-/// the open file (pushes replace files by rename, so an open file never
-/// changes). `None` if it is gone. Only a regular file is read.
-fn read_value(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    let len = usize::try_from(meta.len()).map_err(|_| "too large".to_string())?;
-    if len > MAX_CREDENTIAL_BYTES {
-        return Err(format!(
-            "{len} bytes, over the {MAX_CREDENTIAL_BYTES}-byte limit"
-        ));
-    }
-    let mut value = Zeroizing::new(vec![0u8; len]);
-    let mut file = file;
-    file.read_exact(&mut value).map_err(|e| e.to_string())?;
-    let mut probe = [0u8; 1];
-    if file.read(&mut probe).map_err(|e| e.to_string())? != 0 {
-        return Err("changed while being read".into());
-    }
-    Ok(Some(value))
 }
 
 #[cfg(test)]

@@ -657,3 +657,67 @@ async fn socket_values_after_a_restart_and_a_switch_from_file() {
         .into_inner();
     assert_eq!(h.held.len(), 2);
 }
+
+/// Pushes that fail at their commit (state.json cannot be saved) are
+/// rolled back after their files were renamed into place; units asking
+/// all the while only ever get the committed value. The push names the
+/// asked credential first and 20 more after it, so the window between its
+/// rename and the rollback is as wide as the push makes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_never_gets_a_value_that_is_rolled_back() {
+    let (g, sock) = guest_with_socket(CONFIG).await;
+    let mut c = g.client().await;
+    let fillers: Vec<String> = (0..20).map(|i| format!("FILL{i:02}")).collect();
+    let push = |generation: u64, key: &[u8], round: usize| {
+        let mut creds = vec![cred("API_KEY", key)];
+        creds.extend(
+            fillers
+                .iter()
+                .map(|n| cred(n, format!("{n}-{round}").as_bytes())),
+        );
+        apply(generation, creds, &[])
+    };
+    c.apply(push(1, b"committed", 0)).await.unwrap();
+    // Every later commit fails: a directory where state.json's temporary
+    // file goes cannot be removed.
+    let blocker = g.state.join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("keep"), b"").unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (sock, stop) = (sock.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut asked = 0u64;
+                let mut wrong = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = ask(&sock, Some(&systemd_address("api.service", "API_KEY")));
+                    asked += 1;
+                    if got != Got::Value(b"committed".to_vec()) {
+                        wrong.push(got);
+                    }
+                }
+                (asked, wrong)
+            })
+        })
+        .collect();
+    for round in 1..=20 {
+        let r = c.apply(push(2, b"rolled back", round)).await;
+        let applied = r.map(|r| r.into_inner().applied_generation).unwrap_or(1);
+        assert_eq!(applied, 1, "round {round}: a push was committed");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let (asked, wrong) = r.join().unwrap();
+        assert!(asked > 0);
+        assert!(
+            wrong.is_empty(),
+            "{} of {asked} reads got something else, first: {:?}",
+            wrong.len(),
+            wrong.first()
+        );
+    }
+    assert_eq!(g.store.state().generation, 1);
+    assert_eq!(g.read("API_KEY").unwrap(), b"committed");
+}

@@ -470,6 +470,66 @@ impl Store {
         Ok(out)
     }
 
+    /// The committed value of the managed credential `name`, for the
+    /// credential socket. Read under the writers' lock, so never while a
+    /// push is between its renames and its commit (or its rollback): a
+    /// reader gets the value of the last committed push, never one that
+    /// is then rolled back, nor one credential of a push without the
+    /// others. `None`: not managed, or its file is gone. The buffer is
+    /// sized once from the open file and zeroizing.
+    pub fn read_committed(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        check_name(name)?;
+        let _writers = lock(&self.write_lock);
+        if !lock(&self.state).managed.contains(name) {
+            return Ok(None);
+        }
+        let fd = match openat(
+            Some(self.dirfd()),
+            name,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => owned(fd),
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) => {
+                return Err(StoreError::NotRegular {
+                    name: name.to_string(),
+                    dir: self.dir_display(),
+                })
+            }
+            Err(e) => return Err(self.io("open", name, e)),
+        };
+        let st = fstat(fd.as_raw_fd()).map_err(|e| self.io("inspect", name, e))?;
+        if !is_regular(&st) {
+            return Err(StoreError::NotRegular {
+                name: name.to_string(),
+                dir: self.dir_display(),
+            });
+        }
+        let len = usize::try_from(st.st_size).unwrap_or(usize::MAX);
+        if len > vmcred_proto::rules::MAX_CREDENTIAL_BYTES {
+            return Err(self.io("read (over the 1 MiB limit)", name, Errno::EFBIG));
+        }
+        let mut value = Zeroizing::new(vec![0u8; len]);
+        let mut file = File::from(fd);
+        file.read_exact(&mut value)
+            .map_err(|e| self.io("read", name, errno_of(&e)))?;
+        let mut probe = [0u8; 1];
+        if file
+            .read(&mut probe)
+            .map_err(|e| self.io("read", name, errno_of(&e)))?
+            != 0
+        {
+            // Only a writer outside the agent can change an open file.
+            return Err(self.io("read (it grew while read)", name, Errno::EAGAIN));
+        }
+        Ok(Some(value))
+    }
+
     /// Starts a series of changes: takes the process and file locks. The
     /// directory is remounted read-write lazily, on the first change. A
     /// lock another process holds is [`StoreError::Busy`] at once: the
