@@ -10,15 +10,16 @@
 
 mod limits;
 mod lock;
+mod socket;
 mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::io::AsyncWrite;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -37,6 +38,7 @@ use crate::keyring::{self, KeyRing, KeyStep};
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
 use limits::{LogLimiter, Repeated};
+use socket::{Bound, Group};
 
 /// Connections open at once per socket; the next ones wait in the kernel's
 /// listen backlog until one finishes.
@@ -159,28 +161,20 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
     // With a control_group its members may read `status`: 0660 and that
     // group; the peer check below still decides what each may do.
     let mut control = match &cfg.control_group {
-        None => Bound::new(&cfg.control_socket, 0o600)?,
-        Some(g) => {
-            let b = Bound::new(&cfg.control_socket, 0o660)?;
-            nix::unistd::chown(
-                &cfg.control_socket,
-                None,
-                Some(nix::unistd::Gid::from_raw(g.gid)),
-            )
-            .with_context(|| {
-                format!(
-                    "cannot give {} to group {}",
-                    cfg.control_socket.display(),
-                    g.name
-                )
-            })?;
-            b
-        }
+        None => Bound::new(&cfg.control_socket, 0o600, None)?,
+        Some(g) => Bound::new(
+            &cfg.control_socket,
+            0o660,
+            Some(Group {
+                gid: g.gid,
+                name: &g.name,
+            }),
+        )?,
     };
     // Anyone may connect; only root and `launch_users` are answered (peer
     // credentials), which also works when the hypervisor users have no
     // group in common.
-    let mut launch = Bound::new(&cfg.launch_socket, 0o666)?;
+    let mut launch = Bound::new(&cfg.launch_socket, 0o666, None)?;
     daemon.apply_config(&cfg);
 
     let mut term = signal(SignalKind::terminate())?;
@@ -259,88 +253,6 @@ fn notify(states: &[sd_notify::NotifyState]) {
         if let Err(e) = sd_notify::notify(states) {
             warn!(error = %e, "sd_notify failed");
         }
-    }
-}
-
-/// A listening socket and the identity of the file it created, so that
-/// shutdown removes only its own file.
-struct Bound {
-    listener: Option<UnixListener>,
-    path: PathBuf,
-    inode: (u64, u64),
-}
-
-impl Bound {
-    /// Binds `path` with `mode`. A leftover file is removed only if it is a
-    /// socket nobody answers on: a live listener (another agent with
-    /// another state_dir, say) is never taken over.
-    fn new(path: &Path, mode: u32) -> Result<Bound> {
-        if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
-            Ok(m) if !m.file_type().is_socket() => bail!(
-                "{} exists and is not a socket; refusing to replace it (remove it if it is not needed)",
-                path.display()
-            ),
-            Ok(_) => {
-                if socket_is_live(path) {
-                    bail!(
-                        "another process is listening on {} (another vmcred-host serve with a different state_dir?); refusing to take it over",
-                        path.display()
-                    );
-                }
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale {}", path.display()))?;
-            }
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        let m = std::fs::symlink_metadata(path)
-            .with_context(|| format!("cannot inspect {}", path.display()))?;
-        Ok(Bound {
-            listener: Some(listener),
-            path: path.to_path_buf(),
-            inode: (m.dev(), m.ino()),
-        })
-    }
-
-    fn remove_if_ours(&self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == self.inode {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-/// Whether something accepts connections on the socket at `path`. A full
-/// backlog (`EAGAIN`) counts as live.
-fn socket_is_live(path: &Path) -> bool {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let Ok(fd) = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    ) else {
-        return false;
-    };
-    let Ok(addr) = UnixAddr::new(path) else {
-        return false;
-    };
-    match connect(fd.as_raw_fd(), &addr) {
-        Ok(()) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINPROGRESS) => true,
-        Err(_) => false,
     }
 }
 
