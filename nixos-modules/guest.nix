@@ -22,7 +22,7 @@
 # host that is down delays only ordinary services, not early boot (udev,
 # tmpfiles, journald). Services with DefaultDependencies=no must say
 # After=vmcred-guest.service themselves.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, options, ... }:
 
 let
   inherit (lib)
@@ -32,6 +32,20 @@ let
 
   vlib = import ./lib.nix { inherit lib; };
   cfg = config.services.vmcred.guest;
+
+  # Whether /var/lib/vmcred outlives a reboot of the guest: on microvm.nix,
+  # when a volume or share is mounted at /, /var or /var/lib (a microvm's
+  # root is otherwise rebuilt at each boot); elsewhere, when / is not a
+  # tmpfs.
+  persistentVarLib =
+    let
+      persistent = m: builtins.elem m [ "/" "/var" "/var/lib" "/var/lib/vmcred" ];
+      mounts = map (v: v.mountPoint or null) (config.microvm.volumes or [ ])
+        ++ map (s: s.mountPoint or null) (config.microvm.shares or [ ]);
+    in
+    if options ? microvm
+    then lib.any persistent mounts
+    else (config.fileSystems."/".fsType or "tmpfs") != "tmpfs";
 
   # Served by the agent in its RuntimeDirectory (its default --state-dir).
   credsSocket = "/run/vmcred/creds.sock";
@@ -100,6 +114,9 @@ let
 
   guestSettings = {
     initial_sync_timeout = cfg.initialSyncTimeout;
+  } // optionalAttrs (cfg.pinStateDir != null) {
+    pin_state_dir = cfg.pinStateDir;
+  } // {
     credentials = mapAttrs (_: c: {
       restart_units = c.restartUnits;
       reload_units = c.reloadUnits;
@@ -161,6 +178,22 @@ in
         The agent reports ready (and so lets services ordered after it
         start) after the first sync with the host, or after this long if
         the host does not connect.
+      '';
+    };
+
+    pinStateDir = mkOption {
+      type = types.nullOr types.str;
+      default = if persistentVarLib then "/var/lib/vmcred" else null;
+      defaultText = literalExpression ''
+        "/var/lib/vmcred" when /var/lib survives a reboot (a microvm.nix volume or share at
+        /, /var or /var/lib; without microvm.nix, a / that is not a tmpfs), else null'';
+      example = "/var/lib/vmcred";
+      description = ''
+        Directory on storage that survives a reboot of the guest, for the host key pins
+        (`pins.json`); created 0700, and refused if anyone but root can write it. Null: the
+        pins live in /run/vmcred and a guest that reboots inside the same hypervisor
+        process trusts its launch-time bootstrap pin again, even after a key rollover
+        retired (or revoked) that key; relaunch such VMs instead of rebooting them.
       '';
     };
 

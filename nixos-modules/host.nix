@@ -340,6 +340,7 @@ let
       poll_interval = o.pollInterval;
     }
     // optionalAttrs (o.caFile != null) { ca_file = o.caFile; }
+    // optionalAttrs o.insecureLoopbackHttp { insecure_loopback_http = true; }
     // optionalAttrs (o.tokenFile != null) { token_file = o.tokenFile; }
     // optionalAttrs (o.appRole != null) {
       approle = {
@@ -696,7 +697,18 @@ in
             type = types.str;
             example = "https://bao.example.org:8200";
             description = ''
-              The OpenBao / Vault server, `https://host:port` (`http://` only on loopback).
+              The OpenBao / Vault server, `https://host:port` (`http://` only on loopback, and
+              only with `insecureLoopbackHttp`).
+            '';
+          };
+          insecureLoopbackHttp = mkOption {
+            type = types.bool;
+            default = false;
+            description = ''
+              Allow a plain `http://` address on loopback. Unsafe on a host where untrusted
+              users log in: while the store is down, any of them can listen on its port, receive
+              the agent's token and answer with values of their own. Prefer `https://` with
+              `caFile` (`bao server -dev-tls` makes both for a dev server).
             '';
           };
           caFile = mkOption {
@@ -838,6 +850,14 @@ in
           {
             assertion = cfg.openbao.tokenFile != null || cfg.openbao.appRole != null;
             message = "services.vmcred.host.openbao: set tokenFile or appRole (the token is never put in the config).";
+          }
+          {
+            assertion = !(hasPrefix "http://" cfg.openbao.address) || cfg.openbao.insecureLoopbackHttp;
+            message = "services.vmcred.host.openbao.address is plain http: any local user who binds that port while the store is down receives the token. Use https:// with caFile, or set insecureLoopbackHttp = true (loopback only) on a host where no untrusted user logs in.";
+          }
+          {
+            assertion = !cfg.openbao.insecureLoopbackHttp || hasPrefix "http://" cfg.openbao.address;
+            message = "services.vmcred.host.openbao.insecureLoopbackHttp applies only to an http:// address; remove it.";
           }
         ] ++ map (f: {
           assertion = builtins.isString f.value && hasPrefix "/" f.value

@@ -67,6 +67,12 @@ impl Default for CredentialPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestConfig {
     pub initial_sync_timeout: Option<Duration>,
+    /// Where the host key pins (`pins.json`) are kept, when not in the
+    /// state directory: a directory on storage that survives a reboot of
+    /// the guest, so that a key a rollover dropped stays dropped when the
+    /// guest reboots inside the same hypervisor process (which hands it
+    /// the same launch-time bootstrap pin again).
+    pub pin_state_dir: Option<std::path::PathBuf>,
     pub credentials: BTreeMap<String, CredentialPolicy>,
 }
 
@@ -75,6 +81,7 @@ pub struct GuestConfig {
 struct RawConfig {
     #[serde(default, with = "humantime_serde")]
     initial_sync_timeout: Option<Duration>,
+    pin_state_dir: Option<std::path::PathBuf>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
 }
@@ -107,6 +114,14 @@ impl GuestConfig {
 
     pub fn parse(text: &str) -> Result<GuestConfig, String> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(d) = &raw.pin_state_dir {
+            if !d.is_absolute() {
+                return Err(format!(
+                    "pin_state_dir must be an absolute path, got {:?}",
+                    d.display().to_string()
+                ));
+            }
+        }
         let mut credentials = BTreeMap::new();
         for (name, c) in raw.credentials {
             let ctx = |e: String| format!("[credentials.{name:?}]: {e}");
@@ -150,6 +165,7 @@ impl GuestConfig {
         }
         Ok(GuestConfig {
             initial_sync_timeout: raw.initial_sync_timeout,
+            pin_state_dir: raw.pin_state_dir,
             credentials,
         })
     }

@@ -243,7 +243,10 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let store = Arc::new(Store::open(&cli.credentials_dir, &cli.state_dir, limits)?);
     // After the store, which creates the state directory.
-    let pins = Arc::new(PinStore::open(&cli.state_dir, bootstrap.pin)?);
+    let pins = Arc::new(PinStore::open(
+        config.pin_state_dir.as_deref().unwrap_or(&cli.state_dir),
+        bootstrap.pin,
+    )?);
     // Bound here, before anything else can report readiness; "listening"
     // is logged only once the bind succeeded.
     let listener = match &cli.listen_unix {

@@ -5,18 +5,27 @@
 //! launch-time data). After that the set changes only through a session
 //! authenticated with a pin already in it:
 //! - `Trust(next)` from a session authenticated with pin `P` makes the set
-//!   `[P, next]`: at most two pins, and a next pin never seen in a session
-//!   is replaced rather than kept beside a third;
+//!   `[P, next]`: at most two pins, and only once per current pin: a
+//!   stored next pin is never replaced by another. Whoever holds `P` may
+//!   name the next key, so a leaked `P` could otherwise replace the host's
+//!   next pin with its own and outlive the rollover meant to revoke it.
+//!   Now the first `Trust` wins, and a host that comes second sees the
+//!   guest refuse its pin (`status`: "lacks next pin", with the pins the
+//!   guest holds) and does not switch;
 //! - a session authenticated with the newest of two pins proves the host
 //!   has switched to it: the older pin is dropped at once.
 //!
-//! The set lives in `pins.json` in the guest's state directory (written
-//! atomically), so an agent restart keeps it. It records the bootstrap pin
-//! it grew from (`root`): a VM relaunch brings a fresh `/run` (no file) or,
-//! with a persistent state directory, a different bootstrap pin; either
-//! way the bootstrap is the root again. With the same bootstrap pin the
-//! stored set wins even when it no longer holds that pin: the key it
-//! names was retired, possibly because it leaked.
+//! The set lives in `pins.json` in the guest's state directory, or in
+//! `pin_state_dir` when the guest config names one (written atomically and
+//! synced), so an agent restart keeps it. It records the bootstrap pin it
+//! grew from (`root`): a VM relaunch brings a fresh `/run` (no file) or,
+//! on persistent storage, a different bootstrap pin; either way the
+//! bootstrap is the root again. With the same bootstrap pin the stored set
+//! wins even when it no longer holds that pin: the key it names was
+//! retired, possibly because it leaked. A guest that reboots inside the
+//! same hypervisor process is handed the same bootstrap again, so only a
+//! `pins.json` on storage that survives the reboot keeps a dropped key
+//! out then; on `/run` the bootstrap pin is trusted again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -47,6 +56,17 @@ pub enum PinError {
     },
     #[error("the session's host key is no longer pinned (the pins changed since it connected)")]
     NotPinned,
+    #[error(
+        "a next host key pin ({stored}) is already stored for the current key; the guest takes \
+         one next pin per current key, so that a leaked current key cannot replace the host's. \
+         If that pin is not the host's next key, relaunch the VM"
+    )]
+    NextAlreadySet { stored: Pin },
+    #[error(
+        "pin directory {path}: {why}. It holds the host key pins, which decide who may push \
+         credentials"
+    )]
+    Dir { path: String, why: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -68,6 +88,19 @@ impl PinStore {
     /// Opens the set in `state_dir` for a guest booted with `bootstrap`
     /// (see the module doc for which wins).
     pub fn open(state_dir: &Path, bootstrap: Pin) -> Result<PinStore, PinError> {
+        let dir_err = |why: String| PinError::Dir {
+            path: state_dir.display().to_string(),
+            why,
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(|e| dir_err(format!("cannot create: {e}")))?;
+        }
+        crate::store::check_private_dir(state_dir).map_err(dir_err)?;
         let path = state_dir.join("pins.json");
         let corrupt = |why: String| PinError::Corrupt {
             path: path.display().to_string(),
@@ -139,10 +172,19 @@ impl PinStore {
             path: path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        write_atomic(path, &bytes, 0o644).map_err(|source| PinError::Write {
+        let write_err = |source| PinError::Write {
             path: path.display().to_string(),
             source,
-        })
+        };
+        write_atomic(path, &bytes, 0o644).map_err(write_err)?;
+        // On persistent storage the rename must survive a power cut: a
+        // dropped pin that came back after one would trust a retired key.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_err)?;
+        }
+        Ok(())
     }
 
     /// The pins now accepted, oldest first.
@@ -168,7 +210,8 @@ impl PinStore {
     }
 
     /// `Trust(next)` from a session authenticated with `session`: the set
-    /// becomes `[session, next]` (unchanged if `next` is already pinned).
+    /// becomes `[session, next]` (unchanged if `next` is already pinned);
+    /// refused if another next pin is already stored.
     pub fn add_next(&self, session: Pin, next: Pin) -> Result<Vec<Pin>, PinError> {
         let mut pins = self.lock();
         if !pins.contains(&session) {
@@ -176,6 +219,10 @@ impl PinStore {
         }
         if pins.contains(&next) {
             return Ok(pins.clone());
+        }
+        if let Some(stored) = pins.iter().find(|p| **p != session) {
+            tracing::warn!(stored = %stored, refused = %next, "refused a second next host key pin for the current key");
+            return Err(PinError::NextAlreadySet { stored: *stored });
         }
         let new = vec![session, next];
         self.persist(&new)?;
@@ -220,14 +267,47 @@ mod tests {
         assert!(matches!(s.add_next(A, C), Err(PinError::NotPinned)));
     }
 
+    /// A leaked current key cannot replace the next pin the host stored,
+    /// nor race in a second one: one next pin per current key.
     #[test]
-    fn never_more_than_two_and_unseen_next_is_replaced() {
+    fn one_next_pin_per_current_key() {
         let dir = tempfile::tempdir().unwrap();
         let s = PinStore::open(dir.path(), A).unwrap();
         s.add_next(A, B).unwrap();
-        assert_eq!(s.add_next(A, C).unwrap(), vec![A, C]);
-        assert_eq!(s.add_next(A, C).unwrap(), vec![A, C]);
-        assert!(!s.accepts(&B));
+        let err = s.add_next(A, C).unwrap_err();
+        assert!(matches!(err, PinError::NextAlreadySet { stored } if stored == B));
+        assert!(err.to_string().contains("relaunch"), "{err}");
+        assert_eq!(s.pins(), vec![A, B]);
+        assert!(!s.accepts(&C));
+        // Repeating the stored one is fine (a host redialling).
+        assert_eq!(s.add_next(A, B).unwrap(), vec![A, B]);
+        // After the switch, the new key may name its own next.
+        s.seen(B);
+        assert_eq!(s.add_next(B, C).unwrap(), vec![B, C]);
+        // And it survives a restart.
+        let s = PinStore::open(dir.path(), A).unwrap();
+        assert!(matches!(
+            s.add_next(B, A),
+            Err(PinError::NextAlreadySet { .. })
+        ));
+    }
+
+    /// The pin directory is checked like the state directory, and created
+    /// private when missing.
+    #[test]
+    fn a_pin_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("persist/vmcred");
+        PinStore::open(&pins, A).unwrap();
+        let mode = std::fs::metadata(&pins).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = PinStore::open(&pins, A).unwrap_err().to_string();
+        assert!(
+            err.contains("0777") && err.contains("pin directory"),
+            "{err}"
+        );
     }
 
     #[test]

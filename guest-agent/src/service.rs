@@ -655,6 +655,7 @@ impl Guest for GuestService {
             .map_err(|e| Status::internal(format!("trust task failed: {e}")))?
             .map_err(|e| match e {
                 PinError::NotPinned => Status::permission_denied(e.to_string()),
+                PinError::NextAlreadySet { .. } => Status::failed_precondition(e.to_string()),
                 other => Status::unavailable(other.to_string()),
             })?;
         Ok(Response::new(TrustReply {

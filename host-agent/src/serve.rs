@@ -158,6 +158,17 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         vm_runtime,
     });
 
+    // Before the sockets exist: a client can connect (and a supervisor
+    // signal) as soon as one is in place, and a SIGTERM then must still
+    // remove them rather than kill the process with the default action.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    // The launch socket first, so that a control socket that answers
+    // means both are in place. Anyone may connect; only root and
+    // `launch_users` are answered (peer credentials), which also works
+    // when the hypervisor users have no group in common.
+    let mut launch = Bound::new(&cfg.launch_socket, 0o666, None)?;
     // With a control_group its members may read `status`: 0660 and that
     // group; the peer check below still decides what each may do.
     let mut control = match &cfg.control_group {
@@ -171,15 +182,8 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
             }),
         )?,
     };
-    // Anyone may connect; only root and `launch_users` are answered (peer
-    // credentials), which also works when the hypervisor users have no
-    // group in common.
-    let mut launch = Bound::new(&cfg.launch_socket, 0o666, None)?;
     daemon.apply_config(&cfg);
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let mut loops = JoinSet::new();
     for (bound, kind) in [
         (&mut control, SocketKind::Control),

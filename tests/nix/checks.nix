@@ -214,10 +214,16 @@ in
     "host: openbao: AppRole rendered" =
       let t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile (evalHost {
         microvm = false;
-        modules = baoWith { address = "http://127.0.0.1:8200"; appRole = { roleIdFile = "/run/secrets/role-id"; secretIdFile = "/run/secrets/secret-id"; }; }
+        modules = baoWith { address = "http://127.0.0.1:8200"; insecureLoopbackHttp = true; appRole = { roleIdFile = "/run/secrets/role-id"; secretIdFile = "/run/secrets/secret-id"; }; }
           { A.openbao = { path = "a"; field = "f"; }; };
       }).services.vmcred.host.configFile)); in
-      eq t.openbao.approle { mount = "approle"; role_id_file = "/run/secrets/role-id"; secret_id_file = "/run/secrets/secret-id"; };
+      check (t.openbao.approle == { mount = "approle"; role_id_file = "/run/secrets/role-id"; secret_id_file = "/run/secrets/secret-id"; }
+        && (t.openbao.insecure_loopback_http or false) == true) (builtins.toJSON t.openbao);
+    "host: openbao: insecure_loopback_http is not rendered unless set" = check (!(baoToml.openbao ? insecure_loopback_http)) (builtins.toJSON baoToml.openbao);
+    "refused: openbao over plain http without insecureLoopbackHttp" =
+      refusedWith "plain http" (baoWith { address = "http://127.0.0.1:8200"; tokenFile = "/run/secrets/t"; } { }) "insecureLoopbackHttp = true";
+    "refused: insecureLoopbackHttp with https" =
+      refusedWith "https opt-in" (baoWith (baoServer // { insecureLoopbackHttp = true; }) { }) "applies only to an http:// address";
     "host: openbao: the agent may open IP sockets (AF_INET, IPAddressAllow)" =
       check (hasInfix "RestrictAddressFamilies=AF_UNIX AF_VSOCK AF_INET AF_INET6" baoUnit && hasInfix "IPAddressAllow=any" baoUnit) baoUnit;
     "host: no IP sockets without openbao" = check (!(hasInfix "AF_INET" agentUnit) && hasInfix "IPAddressDeny=any" agentUnit) agentUnit;
@@ -372,6 +378,17 @@ in
         JWT_SECRET = { restart_units = [ ]; reload_units = [ "web.service" ]; mode = "0440"; };
       };
     };
+
+    "guest: pins stay on /run (pinStateDir null) when nothing persistent is mounted" =
+      check (guest.services.vmcred.guest.pinStateDir == null && !((builtins.fromTOML guestToml) ? pin_state_dir)) guestToml;
+    "guest: pinStateDir defaults to /var/lib/vmcred when / is not a tmpfs, and is rendered" =
+      let g = evalGuest [{ fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; }; services.vmcred.guest.enable = true; }];
+          t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile g.services.vmcred.guest.configFile)); in
+      check (g.services.vmcred.guest.pinStateDir == "/var/lib/vmcred" && (t.pin_state_dir or null) == "/var/lib/vmcred") (builtins.toJSON t);
+    "guest: an explicit pinStateDir is rendered as pin_state_dir" =
+      let g = evalGuest [{ services.vmcred.guest = { enable = true; pinStateDir = "/persist/vmcred"; }; }];
+          t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile g.services.vmcred.guest.configFile)); in
+      check ((t.pin_state_dir or null) == "/persist/vmcred") (builtins.toJSON t);
 
     "guest socket: socketUnits wire LoadCredential=<cred>:/run/vmcred/creds.sock (escaped) on each unit" =
       eq [ (lib.sort (a: b: a < b) socketGuest.systemd.services.api.serviceConfig.LoadCredential)

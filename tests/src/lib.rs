@@ -73,6 +73,8 @@ pub struct Guest {
     /// agent's private mount namespace, like systemd's.
     pub read_only_mount: bool,
     pub units: BTreeMap<String, Vec<String>>,
+    /// Top-level lines added to the guest agent's `guest.toml`.
+    pub extra_config: String,
     pub child: Option<Child>,
     pub log: PathBuf,
 }
@@ -141,6 +143,7 @@ impl World {
             agent_socket,
             read_only_mount,
             units: BTreeMap::new(),
+            extra_config: String::new(),
             child: None,
         };
         self.guests.insert(name.into(), g);
@@ -345,6 +348,7 @@ impl World {
         )?;
         std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755))?;
         let mut cfg = String::from("initial_sync_timeout = \"20s\"\n");
+        cfg.push_str(&g.extra_config);
         for (cred, units) in &g.units {
             cfg.push_str(&format!(
                 "[credentials.\"{cred}\"]\nrestart_units = {units:?}\n"

@@ -265,3 +265,72 @@ fn revoke_old_drops_the_leaked_key_at_once_and_lists_the_rest() {
     w.start_guest_agent("stale").unwrap();
     wait_until(T, || vm_status(&w, "stale")["key_trust"] == "untrusted").unwrap();
 }
+
+/// A guest rebooting inside the same hypervisor process: its agent stops,
+/// `/run` (state directory, credentials directory) starts empty, and
+/// systemd imports the same launch-time bootstrap again.
+fn reboot_inside_vmm(w: &mut World, vm: &str, bootstrap: &[u8]) {
+    w.kill_guest_agent(vm).unwrap();
+    let g = &w.guests[vm];
+    let _ = std::fs::remove_dir_all(&g.state_dir);
+    let _ = std::fs::remove_dir_all(&g.creds_dir);
+    std::fs::create_dir_all(&g.creds_dir).unwrap();
+    vmcred_tests::write_atomic(&g.creds_dir.join("vmcred.bootstrap"), bootstrap, 0o400).unwrap();
+    w.start_guest_agent(vm).unwrap();
+}
+
+/// With `pin_state_dir` on storage that survives the reboot, a key that a
+/// rollover dropped stays dropped though the bootstrap names it again;
+/// without it (pins on `/run`), the guest trusts the bootstrap's old key
+/// again, which is the documented remaining case (relaunch, not reboot).
+#[test]
+fn a_dropped_key_stays_dropped_across_a_reboot_with_a_persistent_pin_dir() {
+    let mut w = world(&["persist", "volatile"]);
+    let persist = w.guests["persist"].dir.join("var-lib-vmcred");
+    w.guests.get_mut("persist").unwrap().extra_config =
+        format!("pin_state_dir = \"{}\"\n", persist.display());
+    w.boot_guest("persist").unwrap();
+    w.boot_guest("volatile").unwrap();
+    w.wait_for_guest_value("persist", "A", b"alpha", T).unwrap();
+    w.wait_for_guest_value("volatile", "A", b"alpha", T)
+        .unwrap();
+    let old = host_pin(&w, "host").unwrap();
+    let bootstrap = |w: &World, vm: &str| {
+        std::fs::read(w.guests[vm].creds_dir.join("vmcred.bootstrap")).unwrap()
+    };
+    let (b_persist, b_volatile) = (bootstrap(&w, "persist"), bootstrap(&w, "volatile"));
+
+    let (code, text) = rotate_key(&w, &["prepare"]);
+    assert_eq!(code, 0, "{text}");
+    let next = host_pin(&w, "host.next").unwrap();
+    let (code, text) = rotate_key(&w, &["revoke-old"]);
+    assert_eq!(code, 0, "{text}");
+    let pins_in = |p: &Path| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(p.join("pins.json")).unwrap()).unwrap();
+        v["pins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until(T, || pins_in(&persist) == vec![next.clone()]).unwrap();
+
+    reboot_inside_vmm(&mut w, "persist", &b_persist);
+    reboot_inside_vmm(&mut w, "volatile", &b_volatile);
+    // The persistent set wins over the bootstrap's (retired) pin ...
+    assert_eq!(pins_in(&persist), vec![next.clone()]);
+    wait_until(T, || vm_status(&w, "persist")["key_trust"] == "current").unwrap();
+    w.set_secret("persist", "A", b"beta", false).unwrap();
+    let out = w.rotate("persist", &["A"], "20s").unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.read_guest("persist", "A").unwrap(), b"beta");
+    // ... while pins on /run start again from the bootstrap's old key.
+    assert_eq!(guest_pins(&w, "volatile"), vec![old]);
+    wait_until(T, || vm_status(&w, "volatile")["key_trust"] == "untrusted").unwrap();
+}

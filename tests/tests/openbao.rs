@@ -125,6 +125,15 @@ impl Bao {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// The opt-in plain http needs, even on loopback.
+    fn http_opt_in(&self) -> &'static str {
+        if self.tls_dir.is_some() {
+            ""
+        } else {
+            "insecure_loopback_http = true\n"
+        }
+    }
+
     fn ca_file(&self) -> Option<PathBuf> {
         self.tls_dir.as_ref().map(|d| d.join("vault-ca.pem"))
     }
@@ -292,9 +301,10 @@ fn spawn_host(w: &mut World) {
 
 fn server_table(bao: &Bao, token_file: &Path, poll: &str) -> String {
     format!(
-        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\nrequest_timeout = \"5s\"\n",
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\nrequest_timeout = \"5s\"\n{}",
         bao.addr(),
-        token_file.display()
+        token_file.display(),
+        bao.http_opt_in()
     )
 }
 
@@ -549,8 +559,9 @@ fn approle_login_with_renewal_and_relogin() {
     write_token(&sf, &secret_id);
     bao.put("a", &[("f", "a-v1")]);
     let table = format!(
-        "address = \"{}\"\npoll_interval = \"300ms\"\n[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
         bao.addr(),
+        bao.http_opt_in(),
         rf.display(),
         sf.display()
     );

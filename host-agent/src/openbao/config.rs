@@ -21,6 +21,12 @@ pub struct RawServer {
     poll_interval: Duration,
     #[serde(default = "default_timeout", with = "humantime_serde")]
     request_timeout: Duration,
+    /// Plain `http://` to a loopback address. Unsafe where other users
+    /// log in: while the store is down, any of them can listen on its port
+    /// (above 1023, anyone may bind it), receive the token and answer with
+    /// values of their own.
+    #[serde(default)]
+    insecure_loopback_http: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,7 +237,8 @@ impl Server {
             Some("http") => false,
             _ => {
                 return Err(format!(
-                    "address {:?} must start with https:// (or http:// on loopback)",
+                    "address {:?} must start with https:// (or http:// on loopback with \
+                     insecure_loopback_http = true)",
                     raw.address
                 ))
             }
@@ -255,6 +262,20 @@ impl Server {
                 "address {:?}: plain http is allowed only on loopback; use https:// and set ca_file",
                 raw.address
             ));
+        }
+        if !https && !raw.insecure_loopback_http {
+            return Err(format!(
+                "address {:?}: plain http, even on loopback, lets any local user who binds that \
+                 port while the store is down receive the token and serve values of their own; \
+                 use https:// with ca_file (`bao server -dev-tls` makes both), or set \
+                 insecure_loopback_http = true on a host where no untrusted user logs in",
+                raw.address
+            ));
+        }
+        if https && raw.insecure_loopback_http {
+            return Err(
+                "insecure_loopback_http applies only to an http:// address; remove it".into(),
+            );
         }
         if let Some(ca) = &raw.ca_file {
             if !ca.is_absolute() {
@@ -350,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_only_on_loopback() {
+    fn plain_http_only_on_loopback_and_only_when_asked_for() {
         for (addr, ok) in [
             ("http://127.0.0.1:8200", true),
             ("http://127.8.9.10:8200", true),
@@ -363,22 +384,37 @@ mod tests {
             ("ftp://127.0.0.1", false),
             ("http://user@127.0.0.1:8200", false),
         ] {
-            let text = format!("[openbao]\naddress = \"{addr}\"\ntoken_file = \"/t\"\n");
+            let text = format!(
+                "[openbao]\naddress = \"{addr}\"\ntoken_file = \"/t\"\ninsecure_loopback_http = true\n"
+            );
             assert_eq!(parse(&text).is_ok(), ok, "{addr}: {:?}", parse(&text).err());
+            // Without the opt-in, never.
+            let text = format!("[openbao]\naddress = \"{addr}\"\ntoken_file = \"/t\"\n");
+            let err = parse(&text).unwrap_err();
+            if ok {
+                assert!(
+                    err.contains("insecure_loopback_http = true") && err.contains("-dev-tls"),
+                    "{addr}: {err}"
+                );
+            }
         }
+        let https = "[openbao]\naddress = \"https://127.0.0.1:8200\"\nca_file = \"/ca\"\ntoken_file = \"/t\"\n";
+        parse(https).unwrap();
+        let err = parse(&format!("{https}insecure_loopback_http = true\n")).unwrap_err();
+        assert!(err.contains("only to an http://"), "{err}");
     }
 
     #[test]
     fn openbao_refusals_are_clear() {
-        let server = "[openbao]\naddress = \"http://127.0.0.1:8200\"\ntoken_file = \"/t\"\n";
+        let server = "[openbao]\naddress = \"http://127.0.0.1:8200\"\ntoken_file = \"/t\"\ninsecure_loopback_http = true\n";
         let cred = "[vms.a]\ncid = 3\n[vms.a.credentials.X]\n";
         let cases = [
             (format!("{cred}openbao = {{ path = \"a\", field = \"f\" }}"), "no [openbao] table"),
             ("[openbao]\naddress = \"http://10.0.0.1:8200\"\ntoken_file = \"/t\"".into(), "only on loopback"),
             ("[openbao]\naddress = \"https://bao:8200\"\ntoken_file = \"/t\"".into(), "ca_file is required"),
-            ("[openbao]\naddress = \"http://127.0.0.1:8200\"".into(), "set how to log in"),
+            ("[openbao]\naddress = \"http://127.0.0.1:8200\"\ninsecure_loopback_http = true".into(), "set how to log in"),
             ("[openbao]\naddress = \"http://127.0.0.1:8200\"\ntoken = \"s.x\"".into(), "unknown field"),
-            ("[openbao]\naddress = \"http://127.0.0.1:8200/v1\"\ntoken_file = \"/t\"".into(), "without a path"),
+            ("[openbao]\naddress = \"http://127.0.0.1:8200/v1\"\ntoken_file = \"/t\"\ninsecure_loopback_http = true".into(), "without a path"),
             (format!("{server}{cred}openbao = {{ path = \"../sys\", field = \"f\" }}"), "'..' segment"),
             (format!("{server}{cred}openbao = {{ path = \"a?b\", field = \"f\" }}"), "may only hold"),
             (format!("{server}{cred}openbao = {{ path = \"a\", field = \"\" }}"), "field"),
