@@ -210,8 +210,11 @@ fn kill_9_of_either_agent_between_steps() {
     assert_eq!(code, 0, "{text}");
     wait_until(T, || guest_pins(&w, "vm1") == vec![next.clone()]).unwrap();
     // Host killed after switch: it dials with the new key, keeps the old.
+    // A step that is already done does not wait for VMs to redial, so wait
+    // for the restarted host to reach the guest first.
     w.kill_host().unwrap();
     w.start_host().unwrap();
+    wait_until(T, || vm_status(&w, "vm1")["key_trust"] == "current").unwrap();
     let (code, text) = rotate_key(&w, &["switch"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("already done"), "{text}");
