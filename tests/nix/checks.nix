@@ -382,9 +382,23 @@ in
     "guest: pins stay on /run (pinStateDir null) when nothing persistent is mounted" =
       check (guest.services.vmcred.guest.pinStateDir == null && !((builtins.fromTOML guestToml) ? pin_state_dir)) guestToml;
     "guest: pinStateDir defaults to /var/lib/vmcred when / is not a tmpfs, and is rendered" =
-      let g = evalGuest [{ fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; }; services.vmcred.guest.enable = true; }];
+      let g = evalGuest [
+            { options.fileSystems = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; }; }
+            { fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; }; services.vmcred.guest.enable = true; }
+          ];
           t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile g.services.vmcred.guest.configFile)); in
       check (g.services.vmcred.guest.pinStateDir == "/var/lib/vmcred" && (t.pin_state_dir or null) == "/var/lib/vmcred") (builtins.toJSON t);
+    "guest: on microvm.nix, pinStateDir follows a volume or share at /var, and only that" =
+      let mv = microvm: (evalGuest [
+            { options.microvm = lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; }; }
+            { inherit microvm; services.vmcred.guest.enable = true; }
+          ]).services.vmcred.guest.pinStateDir;
+          got = [
+            (mv { volumes = [ { image = "var.img"; mountPoint = "/var"; size = 64; } ]; })
+            (mv { shares = [ { tag = "ro-store"; source = "/nix/store"; mountPoint = "/nix/.ro-store"; } ]; })
+            (mv { })
+          ]; in
+      eq got [ "/var/lib/vmcred" null null ];
     "guest: an explicit pinStateDir is rendered as pin_state_dir" =
       let g = evalGuest [{ services.vmcred.guest = { enable = true; pinStateDir = "/persist/vmcred"; }; }];
           t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile g.services.vmcred.guest.configFile)); in
