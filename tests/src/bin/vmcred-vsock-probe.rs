@@ -90,11 +90,8 @@ fn vsock_socket() -> io::Result<OwnedFd> {
 
 fn serve(port: u32, count: usize, wait: u64) -> Result<()> {
     let fd = vsock_socket().context("socket(AF_VSOCK)")?;
-    bind(
-        fd.as_raw_fd(),
-        &VsockAddr::new(libc::VMADDR_CID_ANY, port),
-    )
-    .with_context(|| format!("bind vsock port {port}"))?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
+        .with_context(|| format!("bind vsock port {port}"))?;
     listen(&fd, Backlog::new(64).context("backlog")?).context("listen")?;
     // accept(2) honours SO_RCVTIMEO: a bounded wait, never a hang.
     setsockopt(
