@@ -356,7 +356,7 @@ map_rendered_unit() {
 # $2: the mapped module unit (map_rendered_unit); $3: the module's guest TOML.
 install_guest_overlay() {
 	local agent=$1 unit=${2:-} toml=${3:-} r=$ROOTFS s="$HERE/guest" u w
-	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-"* "$r/etc/vmcred" \
+	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-"* "$r/etc/vmcred" "$r/usr/local/lib/vmcred-test" \
 		"$r/etc/modules-load.d/vsock.conf" "$r/lib/modules" "$r/usr/lib/modules"
 	# The initramfs's modules, also in the root fs, so that modules-load.d
 	# and udev find them (they are loaded already).
@@ -375,6 +375,8 @@ install_guest_overlay() {
 	install -m 0755 "$s/vmcred-probe" "$s/vmcred-boot-evidence" "$r/usr/local/sbin/"
 	install -m 0755 "$s/vmcred-consumer" "$s/vmcred-reload" "$r/usr/local/bin/"
 	install -D -m 0644 "$s/vsock-modules.conf" "$r/etc/modules-load.d/vsock.conf"
+	# The initramfs's busybox: the proofs load vsock_loopback with its insmod.
+	install -D -m 0755 /bin/busybox "$r/usr/local/lib/vmcred-test/busybox"
 	mkdir -p "$r/etc/systemd/system/sysinit.target.wants" "$r/etc/systemd/system/multi-user.target.wants"
 	install -m 0644 "$s/vmcred-probe.service" "$s/vmcred-boot-evidence.service" "$r/etc/systemd/system/"
 	ln -s ../vmcred-probe.service "$r/etc/systemd/system/sysinit.target.wants/"
