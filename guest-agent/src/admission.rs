@@ -41,7 +41,21 @@ impl Admission {
 
 /// Decides on a vsock peer from its address and the bootstrap's rule.
 pub fn admit(peer_cid: u32, peer_port: u32, rule: HostTransport) -> Admission {
-    if peer_cid != HOST_CID {
+    admit_as_host(HOST_CID, peer_cid, peer_port, rule)
+}
+
+/// [`admit`] with the host's CID as a parameter, so that the VM stage can
+/// run this very decision on real AF_VSOCK peers over the guest's loopback
+/// transport, where CID 1 stands in for the host (`tests/vm`,
+/// `vmcred-vsock-probe`). The agent itself only ever calls [`admit`]: no
+/// configuration reaches `host_cid`.
+pub fn admit_as_host(
+    host_cid: u32,
+    peer_cid: u32,
+    peer_port: u32,
+    rule: HostTransport,
+) -> Admission {
+    if peer_cid != host_cid {
         return Admission::NotHost;
     }
     match rule {
@@ -72,6 +86,28 @@ mod tests {
                         Admission::Admit
                     };
                     assert_eq!(got, want, "cid {cid} port {port} rule {rule:?}");
+                }
+            }
+        }
+    }
+
+    /// The parameterised form is the same decision: with CID 2 it is
+    /// `admit`, and with another CID only that CID passes the CID check.
+    #[test]
+    fn admit_as_host_is_admit_with_the_cid_as_a_parameter() {
+        for rule in [HostTransport::Vsock, HostTransport::Hybrid] {
+            for cid in [0, 1, 2, 3, u32::MAX] {
+                for port in [0, 1, 1023, 1024, 5000, u32::MAX] {
+                    assert_eq!(
+                        admit_as_host(HOST_CID, cid, port, rule),
+                        admit(cid, port, rule)
+                    );
+                    let other = admit_as_host(1, cid, port, rule);
+                    if cid != 1 {
+                        assert_eq!(other, Admission::NotHost);
+                    } else {
+                        assert_eq!(other, admit(HOST_CID, port, rule));
+                    }
                 }
             }
         }

@@ -15,9 +15,14 @@
 #       systemctl is /usr/bin/systemctl. Environment="PATH=..." names
 #       stand-in store paths; the agent does no PATH lookup.
 #   OUT_DIR/guest.toml  the rendered guest agent config.
+#   OUT_DIR/vmcred-socket.service.d/vmcred-module.conf  what the module adds
+#       to a unit in socketUnits (After=, Wants=, LoadCredential= from the
+#       credential socket), as a drop-in for the VM test's own unit.
 #
 # Sample guest config: credential API_KEY restarts vmcred-consumer.service,
-# RELOADED reloads vmcred-reload.service, initialSyncTimeout 30s.
+# RELOADED reloads vmcred-reload.service, SOCKET_TOKEN is delivered only
+# through the credential socket (deliver = "socket") to vmcred-socket.service,
+# which it also reloads; initialSyncTimeout 30s.
 # Uses the same nixpkgs lib and stand-ins as tests/nix/run.sh (offline in CI).
 set -euo pipefail
 
@@ -44,11 +49,18 @@ json=$(nix-instantiate --read-write-mode --eval --strict --json -E "
           initialSyncTimeout = \"30s\";
           credentials.API_KEY.restartUnits = [ \"vmcred-consumer.service\" ];
           credentials.RELOADED.reloadUnits = [ \"vmcred-reload.service\" ];
+          credentials.SOCKET_TOKEN = {
+            deliver = \"socket\";
+            socketUnits = [ \"vmcred-socket.service\" ];
+            reloadUnits = [ \"vmcred-socket.service\" ];
+          };
         };
       }
     ]; }).config;
     s = c.systemd.services.vmcred-guest;
+    sock = c.systemd.services.vmcred-socket;
   in {
+    socketUnit = { inherit (sock) after wants; loadCredential = sock.serviceConfig.LoadCredential; };
     unit = c.test.unitText.vmcred-guest;
     wantedBy = s.wantedBy;
     toml = builtins.readFile c.services.vmcred.guest.configFile;
@@ -58,7 +70,7 @@ json=$(nix-instantiate --read-write-mode --eval --strict --json -E "
 
 mkdir -p "$out"
 python3 - "$out" "$json" <<'PY'
-import json, sys
+import json, os, sys
 out, d = sys.argv[1], json.loads(sys.argv[2])
 unit = d["unit"].replace(d["bin"], "@VMCRED_GUEST@").replace(d["tomlPath"], "@VMCRED_GUEST_CONFIG@")
 if "/nix/store" in "".join(l for l in unit.splitlines() if l.startswith("ExecStart=")):
@@ -67,5 +79,13 @@ if d["wantedBy"] and "[Install]" not in unit:
     unit = unit.rstrip("\n") + "\n\n[Install]\nWantedBy=" + " ".join(d["wantedBy"]) + "\n"
 open(f"{out}/vmcred-guest.service", "w").write(unit)
 open(f"{out}/guest.toml", "w").write(d["toml"])
+su = d["socketUnit"]
+os.makedirs(f"{out}/vmcred-socket.service.d", exist_ok=True)
+open(f"{out}/vmcred-socket.service.d/vmcred-module.conf", "w").write(
+    "# What nixos-modules/guest.nix adds to a unit in socketUnits.\n[Unit]\n"
+    + "".join(f"After={u}\n" for u in su["after"])
+    + "".join(f"Wants={u}\n" for u in su["wants"])
+    + "\n[Service]\n"
+    + "".join(f"LoadCredential={v}\n" for v in su["loadCredential"]))
 PY
 echo "wrote $out/vmcred-guest.service and $out/guest.toml ($nixpkgs_kind)"

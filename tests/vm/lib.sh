@@ -23,6 +23,12 @@ GUEST_MEM=512M
 # command channel (a virtio-serial port).
 GUEST_MODULES="vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
 virtio_pci virtio_mmio virtio_blk virtio_console qemu_fw_cfg crc32c_generic ext4"
+# Modules put into the guest's /lib/modules but NOT loaded at boot: the
+# admission proof (tests/vm/proofs.sh) loads vsock_loopback itself, so that
+# every other check runs on a guest without a local vsock transport.
+GUEST_EXTRA_MODULES="vsock_loopback"
+# What the cached kernel directory was extracted for.
+KERNEL_KEY="$VM_LAYOUT extra=$GUEST_EXTRA_MODULES"
 
 log() { printf '[vm-test %s] %s\n' "$(date +%T)" "$*" >&2; }
 # die: the harness cannot go on; counts as a failed check.
@@ -152,7 +158,7 @@ suite_apt_opts() {
 # unpacked; only vmlinuz and the modules the initramfs loads are kept,
 # those decompressed (busybox insmod reads plain .ko files only).
 prepare_kernel() {
-	if [ -f "$KDIR/.complete" ] && [ "$(cat "$KDIR/layout" 2>/dev/null)" = "$VM_LAYOUT" ]; then
+	if [ -f "$KDIR/.complete" ] && [ "$(cat "$KDIR/layout" 2>/dev/null)" = "$KERNEL_KEY" ]; then
 		KV=$(cat "$KDIR/version")
 		return 0
 	fi
@@ -222,8 +228,26 @@ prepare_kernel() {
 		esac
 		echo "$m" >>"$tmp/out/modules/load-order"
 	done <"$tmp/insmod"
+	# The extra modules (and whatever they need that the initramfs does not
+	# load), for the root fs only.
+	mkdir -p "$tmp/out/modules-extra"
+	: >"$tmp/extra-paths"
+	for m in $GUEST_EXTRA_MODULES; do
+		modprobe -d "$tmp/flat" -S "$KV" --show-depends "$m" >>"$tmp/extra-paths" 2>/dev/null ||
+			log "$SUITE: kernel $KV has no module $m"
+	done
+	while read -r p; do
+		grep -qxF "$p" "$tmp/insmod" && continue
+		m=$(basename "$p")
+		case $m in
+		*.ko.xz) xz -dc "$p" >"$tmp/out/modules-extra/${m%.xz}" ;;
+		*.ko.zst) zstd -qdc "$p" >"$tmp/out/modules-extra/${m%.zst}" ;;
+		*.ko.gz) gzip -dc "$p" >"$tmp/out/modules-extra/${m%.gz}" ;;
+		*) cp "$p" "$tmp/out/modules-extra/" ;;
+		esac
+	done < <(awk '$1 == "insmod" && !seen[$2]++ { print $2 }' "$tmp/extra-paths")
 	echo "$KV" >"$tmp/out/version"
-	echo "$VM_LAYOUT" >"$tmp/out/layout"
+	echo "$KERNEL_KEY" >"$tmp/out/layout"
 	rm -rf "$KDIR"
 	mv "$tmp/out" "$KDIR"
 	rm -rf "$tmp"
@@ -289,7 +313,8 @@ render_guest_unit() {
 	local out=$1 script="$REPO/tests/nix/render-guest-unit.sh"
 	mkdir -p "$out"
 	if [ -n "${VMCRED_VM_RENDERED_UNIT_DIR:-}" ]; then
-		cp "$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-guest.service" "$VMCRED_VM_RENDERED_UNIT_DIR/guest.toml" "$out/" || return 1
+		cp -r "$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-guest.service" "$VMCRED_VM_RENDERED_UNIT_DIR/guest.toml" \
+			"$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-socket.service.d" "$out/" || return 1
 	elif [ -x "$script" ]; then
 		"$script" "$out" >"$WORK/render-guest-unit.log" 2>&1 || {
 			tail -20 "$WORK/render-guest-unit.log" >&2
@@ -300,6 +325,7 @@ render_guest_unit() {
 		return 1
 	fi
 	[ -s "$out/vmcred-guest.service" ] && [ -s "$out/guest.toml" ] &&
+		[ -s "$out/vmcred-socket.service.d/vmcred-module.conf" ] &&
 		grep -q '^ExecStart=@VMCRED_GUEST@ ' "$out/vmcred-guest.service"
 }
 
@@ -330,22 +356,27 @@ map_rendered_unit() {
 # $2: the mapped module unit (map_rendered_unit); $3: the module's guest TOML.
 install_guest_overlay() {
 	local agent=$1 unit=${2:-} toml=${3:-} r=$ROOTFS s="$HERE/guest" u w
-	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-"* "$r/etc/vmcred" \
+	rm -rf "$r/usr/local/sbin/vmcred-"* "$r/usr/local/bin/vmcred-"* "$r/etc/vmcred" "$r/usr/local/lib/vmcred-test" \
 		"$r/etc/modules-load.d/vsock.conf" "$r/lib/modules" "$r/usr/lib/modules"
 	# The initramfs's modules, also in the root fs, so that modules-load.d
 	# and udev find them (they are loaded already).
 	local md="$r/lib/modules/$KV"
 	mkdir -p "$md/kernel/vmcred"
 	cp "$KDIR"/modules/*.ko "$md/kernel/vmcred/"
+	cp "$KDIR"/modules-extra/*.ko "$md/kernel/vmcred/" 2>/dev/null || true
 	cp "$KDIR/modules.builtin" "$KDIR/modules.builtin.modinfo" "$md/"
 	sed 's|^|kernel/vmcred/|' "$KDIR/modules/load-order" >"$md/modules.order"
 	depmod -b "$r" "$KV"
-	for u in vmcred-probe vmcred-boot-evidence vmcred-guest vmcred-consumer vmcred-reload; do
-		rm -f "$r/etc/systemd/system/$u.service" "$r/etc/systemd/system/"*.wants/"$u.service"
+	for u in vmcred-probe vmcred-boot-evidence vmcred-guest vmcred-consumer vmcred-reload \
+		vmcred-socket vmcred-socket-denied; do
+		rm -rf "$r/etc/systemd/system/$u.service" "$r/etc/systemd/system/$u.service.d" \
+			"$r/etc/systemd/system/"*.wants/"$u.service"
 	done
 	install -m 0755 "$s/vmcred-probe" "$s/vmcred-boot-evidence" "$r/usr/local/sbin/"
 	install -m 0755 "$s/vmcred-consumer" "$s/vmcred-reload" "$r/usr/local/bin/"
 	install -D -m 0644 "$s/vsock-modules.conf" "$r/etc/modules-load.d/vsock.conf"
+	# The initramfs's busybox: the proofs load vsock_loopback with its insmod.
+	install -D -m 0755 /bin/busybox "$r/usr/local/lib/vmcred-test/busybox"
 	mkdir -p "$r/etc/systemd/system/sysinit.target.wants" "$r/etc/systemd/system/multi-user.target.wants"
 	install -m 0644 "$s/vmcred-probe.service" "$s/vmcred-boot-evidence.service" "$r/etc/systemd/system/"
 	ln -s ../vmcred-probe.service "$r/etc/systemd/system/sysinit.target.wants/"
@@ -360,7 +391,12 @@ install_guest_overlay() {
 			mkdir -p "$r/etc/systemd/system/$w.wants"
 			ln -s ../vmcred-guest.service "$r/etc/systemd/system/$w.wants/"
 		done
-		install -m 0644 "$s/vmcred-consumer.service" "$s/vmcred-reload.service" "$r/etc/systemd/system/"
+		install -m 0644 "$s/vmcred-consumer.service" "$s/vmcred-reload.service" \
+			"$s/vmcred-socket.service" "$s/vmcred-socket-denied.service" "$r/etc/systemd/system/"
+		# The module's socketUnits wiring for vmcred-socket.service, as rendered.
+		install -D -m 0644 "$(dirname "$toml")/vmcred-socket.service.d/vmcred-module.conf" \
+			"$r/etc/systemd/system/vmcred-socket.service.d/vmcred-module.conf"
+		[ -z "${VSOCK_PROBE_BIN:-}" ] || install -m 0755 "$VSOCK_PROBE_BIN" "$r/usr/local/bin/vmcred-vsock-probe"
 		ln -s ../vmcred-consumer.service "$r/etc/systemd/system/multi-user.target.wants/"
 		ln -s ../vmcred-reload.service "$r/etc/systemd/system/multi-user.target.wants/"
 	fi
@@ -468,6 +504,70 @@ qemu_argv() {
 	# shellcheck disable=SC2054
 	QEMU_ARGV+=(-chardev "pipe,id=probe,path=$WORK/probe"
 		-device virtserialport,bus=vser.0,chardev=probe,name=vmcred.probe)
+}
+
+# ---------------------------------------------------------------- one boot
+# The steps every boot shares (full.sh, matrix.sh).
+
+# vm_boot_prepare HYBRID_SOCKET: a fresh vsock backend and a fresh command
+# channel for the next boot.
+vm_boot_prepare() {
+	stop_pid "${VDV_PID:-}"
+	start_vhost_vsock "$1"
+	probe_open
+}
+
+# wait_qemu_exec PID LOG [ARGV_FILE]: until PID (`vmcred-host launch`, which
+# execs qemu in place, or qemu itself) runs qemu; then its argv, one word a
+# line, goes to ARGV_FILE. On failure the tail of LOG is shown.
+wait_qemu_exec() {
+	local pid=$1 qlog=$2 argv=${3:-} end=$((SECONDS + 15)) qemu
+	qemu=$(readlink -f "$(command -v qemu-system-x86_64)")
+	until [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$qemu" ]; do
+		if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; then
+			tail -20 "$qlog" >&2
+			return 1
+		fi
+		sleep 0.05
+	done
+	[ -z "$argv" ] || tr '\0' '\n' <"/proc/$pid/cmdline" >"$argv" 2>/dev/null || true
+}
+
+# wait_guest_up CONSOLE [SECONDS]: the guest's command runner answered; if
+# not, the console's tail is shown.
+wait_guest_up() {
+	probe_wait_ready "${2:-300}" && return 0
+	tail -40 "$1" >&2 || true
+	return 1
+}
+
+wait_qemu_exit() { # SECONDS
+	local end=$((SECONDS + $1))
+	while kill -0 "$QEMU_PID" 2>/dev/null; do
+		[ "$SECONDS" -lt "$end" ] || return 1
+		sleep 0.1
+	done
+}
+
+# guest_poweroff SECONDS: ask the guest to power off and wait for qemu to
+# exit; 1 if it did not in time (the caller decides what that means).
+guest_poweroff() {
+	guest_run -t 5 'systemctl poweroff --no-block' || true
+	wait_qemu_exit "$1"
+}
+
+rand_hex() { od -An -N8 -tx1 /dev/urandom | tr -d ' \n'; }
+sha() { printf '%s' "$1" | sha256sum | cut -c1-64; }
+
+# write_secret FILE VALUE: replace a root-only source file atomically.
+write_secret() {
+	local tmp="$1.tmp.$$"
+	(
+		umask 077
+		printf '%s' "$2" >"$tmp"
+	)
+	chmod 0400 "$tmp"
+	mv -f "$tmp" "$1"
 }
 
 # ---------------------------------------------------------------- guest probe

@@ -4,7 +4,9 @@
 # arrived through that carrier, the agent listens under the NixOS module's
 # unit, the first credential is delivered, one rotation is acknowledged with a
 # real systemctl unit action; on systemd >= 260 also a reload-only refresh
-# (RefreshOnReload=credentials). Test values are compared by digest only.
+# (RefreshOnReload=credentials). In the first carrier's boot of each suite,
+# the proofs of proofs.sh (AF_VSOCK admission rule, credential socket,
+# systemd-analyze security). Test values are compared by digest only.
 
 # carrier_machine CARRIER: the qemu machine that carrier is proven on.
 carrier_machine() {
@@ -40,6 +42,12 @@ boot = false
 
 [vms.vm1.credentials.RELOADED]
 path = "$MWORK/secrets/reloaded"
+boot = false
+
+# deliver = "socket" in the guest: vmcred-socket.service takes it from
+# /run/vmcred/creds.sock (proofs.sh).
+[vms.vm1.credentials.SOCKET_TOKEN]
+path = "$MWORK/secrets/socket-token"
 boot = false
 EOF2
 }
@@ -98,15 +106,7 @@ matrix_launch() {
 	fi
 	QEMU_PID=$!
 	OUR_PIDS+=("$QEMU_PID")
-	local end=$((SECONDS + 15))
-	until [ "$(readlink "/proc/$QEMU_PID/exe" 2>/dev/null)" = "$(readlink -f "$(command -v qemu-system-x86_64)")" ]; do
-		if ! kill -0 "$QEMU_PID" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; then
-			tail -20 "$MWORK/qemu-$suite-$carrier.log" >&2
-			return 1
-		fi
-		sleep 0.05
-	done
-	tr '\0' '\n' <"/proc/$QEMU_PID/cmdline" >"$MWORK/qemu-cmdline-$suite-$carrier.txt" 2>/dev/null || true
+	wait_qemu_exec "$QEMU_PID" "$MWORK/qemu-$suite-$carrier.log" "$MWORK/qemu-cmdline-$suite-$carrier.txt"
 }
 
 # matrix_carrier_on_argv CARRIER FILE: the argv carries the bootstrap in the
@@ -126,17 +126,21 @@ matrix_carrier_on_argv() {
 # matrix_boot SUITE CARRIER: one boot, focused checks.
 matrix_boot() {
 	local suite=$1 carrier=$2 tag="[$1/$2]" console="$MWORK/console-$1-$2.log" out line rc t0 a b
-	local sysv pid_before pid_after ra rb
+	local sysv pid_before pid_after ra rb sa sb c
 	a="vmcred-test-api-key-$suite-$carrier-a-$(rand_hex)"
 	b="vmcred-test-api-key-$suite-$carrier-b-$(rand_hex)"
 	ra="vmcred-test-reloaded-$suite-$carrier-a-$(rand_hex)"
 	rb="vmcred-test-reloaded-$suite-$carrier-b-$(rand_hex)"
-	M_VALUES+=("$a" "$b" "$ra" "$rb")
+	sa="vmcred-test-socket-token-$suite-$carrier-a-$(rand_hex)"
+	sb="vmcred-test-socket-token-$suite-$carrier-b-$(rand_hex)"
+	c="vmcred-test-api-key-$suite-$carrier-c-$(rand_hex)"
+	M_VALUES+=("$a" "$b" "$ra" "$rb" "$sa" "$sb" "$c")
+	M_CONSOLE=$console
+	M_SUITE=$suite
 	write_secret "$MWORK/secrets/api-key" "$a"
 	write_secret "$MWORK/secrets/reloaded" "$ra"
-	stop_pid "${VDV_PID:-}"
-	start_vhost_vsock "$MWORK/vm1.vsock"
-	probe_open
+	write_secret "$MWORK/secrets/socket-token" "$sa"
+	vm_boot_prepare "$MWORK/vm1.vsock"
 	t0=$(now)
 	if ! matrix_launch "$suite" "$carrier" "$console"; then
 		fail "$tag qemu started (see $MWORK/qemu-$suite-$carrier.log)"
@@ -152,8 +156,7 @@ matrix_boot() {
 	else
 		fail "$tag vmcred-host launch has no --carrier: qemu was started by the harness with the bootstrap as $carrier (the guest side below is still checked)"
 	fi
-	if ! probe_wait_ready 300; then
-		tail -30 "$console" >&2 || true
+	if ! wait_guest_up "$console"; then
 		fail "$tag guest booted (no answer from its command runner)"
 		stop_pid "$QEMU_PID"
 		return
@@ -253,8 +256,16 @@ journalctl -b -o cat --no-pager -u vmcred-guest.service | grep -v "^$" | tail -n
 		fi
 	fi
 
-	guest_run -t 5 'systemctl poweroff --no-block' || true
-	wait_qemu_exit 60 || log "$tag guest did not power off in 60 s; stopping qemu"
+	if [ "$carrier" = "$M_PROOF_CARRIER" ]; then
+		proof_vsock_rule "$tag"
+		proof_vsock_flood "$tag" "$c"
+		proof_creds_socket "$tag" "${sysv:-0}" "$sa" "$sb"
+		proof_security "$tag" "$suite" "${sysv:-?}"
+		guest_run -t 120 'journalctl -b --no-pager -o short-monotonic' || true
+		printf '%s\n' "$GUEST_OUT" >"$MWORK/guest-journal-$suite-$carrier.txt"
+	fi
+
+	guest_poweroff 60 || log "$tag guest did not power off in 60 s; stopping qemu"
 	stop_pid "$QEMU_PID"
 	M_ROW_BOOT["$suite/$carrier"]=$t_up
 }
@@ -265,12 +276,15 @@ M_VALUES=()
 # matrix_test SUITES CARRIERS
 matrix_test() {
 	local suites=$1 carriers=$2 s c
+	# The proofs run once per suite, in the boot of the first carrier listed.
+	M_PROOF_CARRIER=${carriers%% *}
 	MWORK="$WORK/matrix"
 	MCFG="$MWORK/host.toml"
 	mkdir -p -m 0700 "$MWORK" "$MWORK/secrets"
 	matrix_write_config
 	write_secret "$MWORK/secrets/api-key" "vmcred-test-api-key-initial-$(rand_hex)"
 	write_secret "$MWORK/secrets/reloaded" "vmcred-test-reloaded-initial-$(rand_hex)"
+	write_secret "$MWORK/secrets/socket-token" "vmcred-test-socket-token-initial-$(rand_hex)"
 	M_ENV="vmcred-test-environment-$(rand_hex)"
 	M_VALUES+=("$M_ENV")
 	write_secret "$MWORK/secrets/environment" "$M_ENV"
@@ -286,14 +300,14 @@ matrix_test() {
 	done
 	stop_pid "$MSERVE_PID"
 	local leaks=0 v f
-	for f in "$MWORK"/serve.log "$MWORK"/console-*.log "$MWORK"/qemu-*.log; do
+	for f in "$MWORK"/serve.log "$MWORK"/console-*.log "$MWORK"/qemu-*.log "$MWORK"/guest-journal-*.txt "$MWORK"/creds-socket-denied-*.txt; do
 		[ -f "$f" ] || continue
 		for v in "${M_VALUES[@]}"; do
 			grep -qF -- "$v" "$f" && leaks=$((leaks + 1))
 		done
 	done
 	if [ "$leaks" = 0 ]; then
-		pass "[matrix] no secret value in the host agent's debug log, the consoles or qemu's output"
+		pass "[matrix] no secret value in the host agent's debug log, the consoles, qemu's output or the proof boots' guest journals"
 	else
 		fail "[matrix] $leaks secret value(s) found in logs"
 	fi
@@ -301,5 +315,6 @@ matrix_test() {
 		for c in $carriers; do
 			echo "TIMING: $s (systemd ${M_ROW_SYSTEMD[$s]:-?}) $c: guest up ${M_ROW_BOOT["$s/$c"]:-?} s, launch to first credential used ${M_ROW_FIRST["$s/$c"]:-?} s, rotation ${M_ROW_ROTATE["$s/$c"]:-?} s"
 		done
+		echo "SECURITY: $s (systemd ${M_ROW_SYSTEMD[$s]:-?}): systemd-analyze security vmcred-guest.service exposure ${M_SECURITY[$s]:-?}"
 	done
 }

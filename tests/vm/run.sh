@@ -135,18 +135,24 @@ if [ "$MODE" = full ]; then
 	HOST_TRIPLE=x86_64-unknown-linux-gnu
 	if [ "${VMCRED_VM_NO_BUILD:-0}" != 1 ]; then
 		T=$(now)
-		log "cargo build --release -p vmcred-host; static vmcred-guest (--target $HOST_TRIPLE, crt-static)"
+		log "cargo build --release -p vmcred-host; static vmcred-guest and vmcred-vsock-probe (--target $HOST_TRIPLE, crt-static)"
+		# The probe (tests/src/bin/vmcred-vsock-probe.rs) is built on its own:
+		# with it, vmcred-proto's "host" feature would be unified into the
+		# guest agent's build.
 		if ! (cd "$REPO" && cargo build --release -p vmcred-host &&
-			RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$HOST_TRIPLE" -p vmcred-guest) \
+			RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$HOST_TRIPLE" -p vmcred-guest &&
+			RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$HOST_TRIPLE" \
+				-p vmcred-tests --bin vmcred-vsock-probe) \
 			>"$WORK/cargo-build.log" 2>&1; then
 			tail -30 "$WORK/cargo-build.log"
-			die "cargo build --release (vmcred-host, static vmcred-guest)"
+			die "cargo build --release (vmcred-host, static vmcred-guest, static vmcred-vsock-probe)"
 		fi
 		log "release build done ($(elapsed "$T") s)"
 	fi
 	HOST_BIN="$TARGET/release/vmcred-host"
 	GUEST_BIN="$TARGET/$HOST_TRIPLE/release/vmcred-guest"
-	for b in "$HOST_BIN" "$GUEST_BIN"; do
+	VSOCK_PROBE_BIN="$TARGET/$HOST_TRIPLE/release/vmcred-vsock-probe"
+	for b in "$HOST_BIN" "$GUEST_BIN" "$VSOCK_PROBE_BIN"; do
 		[ -x "$b" ] || die "missing binary $b"
 	done
 fi
@@ -188,8 +194,7 @@ log "guest images built ($(elapsed "$T") s)"
 
 infra_test() {
 	local hs="$WORK/vm1.vsock" console="$WORK/console.log" t0 out
-	start_vhost_vsock "$hs"
-	probe_open
+	vm_boot_prepare "$hs"
 	printf 'io.systemd.credential:VMCRED_INFRA_FILE=value-from-a-file' >"$WORK/infra-cred"
 	use_suite bookworm
 	IMG="$WORK/img-bookworm"
@@ -199,8 +204,7 @@ infra_test() {
 		-smbios "type=11,path=$WORK/infra-cred" >"$WORK/qemu.log" 2>&1 &
 	QEMU_PID=$!
 	OUR_PIDS+=("$QEMU_PID")
-	if ! probe_wait_ready 300; then
-		tail -30 "$console" >&2 || true
+	if ! wait_guest_up "$console"; then
 		fail "guest booted and its command runner answered"
 		return
 	fi
@@ -275,6 +279,8 @@ fi
 # ---------------------------------------------------------------- full test
 # shellcheck source=full.sh
 . "$HERE/full.sh"
+# shellcheck source=proofs.sh
+. "$HERE/proofs.sh"
 # shellcheck source=matrix.sh
 . "$HERE/matrix.sh"
 if [ "$FULL" = 1 ] && grep -qw bookworm <<<"$SUITES" && grep -qw smbios <<<"$CARRIERS"; then
