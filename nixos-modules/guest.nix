@@ -303,7 +303,15 @@ in
         NoNewPrivileges = true;
         RestrictAddressFamilies = [ "AF_UNIX" "AF_VSOCK" ];
         IPAddressDeny = "any";
-        SystemCallFilter = [ "@system-service" "@mount" ];
+        # The agent sets no clock, hostname or resource limits and opens
+        # no device but the pseudo ones: each of these lowers
+        # `systemd-analyze security` (3.8 -> 3.4 on 262) and creates no
+        # mount namespace; the VM stage proves the agent still works under
+        # them on systemd 252, 257 and 262.
+        ProtectClock = true;
+        ProtectHostname = true;
+        DevicePolicy = "closed";
+        SystemCallFilter = [ "@system-service" "@mount" "~@resources" ];
         SystemCallErrorNumber = "EPERM";
         SystemCallArchitectures = "native";
         RestrictNamespaces = true;
