@@ -26,7 +26,8 @@ use vmcred_proto::{rules, tls, transport};
 
 use crate::config::Vm;
 use crate::control::{
-    CredentialOutcome, CredentialStatus, KeyTrust, RotateReport, UnitOutcome, VmStatus,
+    CredState, CredentialOutcome, CredentialStatus, KeyTrust, Outcome, RotateReport, UnitOutcome,
+    VmStatus,
 };
 use crate::generations::Generations;
 use crate::keyring::{DialKey, KeyRing};
@@ -211,54 +212,10 @@ enum Reach {
     Down(String),
 }
 
-/// A credential's state as `status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CredState {
-    Applied,
-    SourceMissing,
-    SourceError,
-    Refused,
-}
-
-impl CredState {
-    fn is_source_problem(self) -> bool {
-        matches!(self, CredState::SourceMissing | CredState::SourceError)
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            CredState::Applied => "applied",
-            CredState::SourceMissing => "source-missing",
-            CredState::SourceError => "source-error",
-            CredState::Refused => "error",
-        }
-    }
-}
-
-/// A credential's outcome in a rotate report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Written,
-    Unchanged,
-    Removed,
-    Failed,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Written => "written",
-            Outcome::Unchanged => "unchanged",
-            Outcome::Removed => "removed",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
 fn outcome(name: &str, o: Outcome, error: Option<String>) -> CredentialOutcome {
     CredentialOutcome {
         name: name.to_string(),
-        outcome: o.as_str().into(),
+        outcome: o,
         error,
     }
 }
@@ -906,7 +863,8 @@ impl VmTask {
                     guest.held.remove(&r.name);
                     self.cred_state.remove(&r.name);
                 }
-                Outcome::Failed => {
+                // `Omitted` is only ever a marker the host makes itself.
+                Outcome::Failed | Outcome::Omitted => {
                     all_ok = false;
                     let e = error
                         .clone()
@@ -958,13 +916,13 @@ impl VmTask {
             .values()
             .map(|c| {
                 let (state, error) = match self.cred_state.get(&c.name) {
-                    Some((s, e)) => (s.as_str(), e.clone()),
-                    None => ("pending", None),
+                    Some((s, e)) => (*s, e.clone()),
+                    None => (CredState::Pending, None),
                 };
                 CredentialStatus {
                     name: c.name.clone(),
                     boot: c.boot,
-                    state: state.into(),
+                    state,
                     error,
                 }
             })
@@ -1039,9 +997,9 @@ impl VmTask {
         let changed: Vec<String> = r
             .credentials
             .iter()
-            .filter(|c| c.outcome != Outcome::Unchanged.as_str())
+            .filter(|c| c.outcome != Outcome::Unchanged)
             .filter(|c| {
-                !(c.outcome == Outcome::Failed.as_str()
+                !(c.outcome == Outcome::Failed
                     && self
                         .cred_state
                         .get(&c.name)
