@@ -1,7 +1,6 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
-mod docs;
 mod report;
 
 use std::path::PathBuf;
@@ -345,7 +344,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::GenerateDocs { dir } => {
-            docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
+            vmcred_docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::RotateKey {
