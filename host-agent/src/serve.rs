@@ -158,24 +158,11 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
 
     // With a control_group its members may read `status`: 0660 and that
     // group; the peer check below still decides what each may do.
-    let mut control = match &cfg.control_group {
-        None => Bound::new(&cfg.control_socket, 0o600)?,
-        Some(g) => {
-            let b = Bound::new(&cfg.control_socket, 0o660)?;
-            nix::unistd::chown(
-                &cfg.control_socket,
-                None,
-                Some(nix::unistd::Gid::from_raw(g.gid)),
-            )
-            .with_context(|| {
-                format!(
-                    "cannot give {} to group {}",
-                    cfg.control_socket.display(),
-                    g.name
-                )
-            })?;
-            b
-        }
+    let mut control = Bound::for_group(&cfg.control_socket, cfg.control_group.as_ref())?;
+    // The metrics socket: the same readers as `status`.
+    let mut metrics_socket = match &cfg.metrics_socket {
+        Some(p) => Some(Bound::for_group(p, cfg.control_group.as_ref())?),
+        None => None,
     };
     // Anyone may connect; only root and `launch_users` are answered (peer
     // credentials), which also works when the hypervisor users have no
@@ -196,6 +183,23 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         }
     }
     loops.spawn(watchdog::run(daemon.vm_runtime.clone()));
+    let statuses: crate::metrics::export::Statuses = {
+        let d = daemon.clone();
+        Arc::new(move || {
+            let (vms, _) = d.snapshot();
+            vms.values().map(|h| d.vm_status(h)).collect()
+        })
+    };
+    if let Some(l) = metrics_socket.as_mut().and_then(|b| b.listener.take()) {
+        loops.spawn(crate::metrics::export::serve_socket(l, statuses.clone()));
+    }
+    if let Some(path) = &cfg.metrics_textfile {
+        loops.spawn(crate::metrics::export::write_textfile(
+            path.clone(),
+            cfg.metrics_interval,
+            statuses,
+        ));
+    }
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&cfg)),
@@ -214,8 +218,8 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
                 }
                 match load_config(config_path).await {
                     Ok(new) => {
-                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group {
-                            warn!("socket paths, control_group and state_dir changes take effect only after a restart");
+                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group || new.metrics_socket != cfg.metrics_socket || new.metrics_textfile != cfg.metrics_textfile || new.metrics_interval != cfg.metrics_interval {
+                            warn!("socket paths, control_group, metrics_* and state_dir changes take effect only after a restart");
                         }
                         daemon.apply_config(&new);
                         info!(vms = new.vms.len(), "config reloaded");
@@ -238,6 +242,9 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
     daemon.replace_vms(Arc::new(BTreeMap::new()), None);
     control.remove_if_ours();
     launch.remove_if_ours();
+    if let Some(m) = &metrics_socket {
+        m.remove_if_ours();
+    }
     drop(state_lock);
     Ok(())
 }
@@ -311,6 +318,18 @@ impl Bound {
             path: path.to_path_buf(),
             inode: (m.dev(), m.ino()),
         })
+    }
+
+    /// Binds `path` 0600, or 0660 and owned by `group` when one is set
+    /// (its members may read, as with `status`).
+    fn for_group(path: &Path, group: Option<&crate::config::ControlGroup>) -> Result<Bound> {
+        let Some(g) = group else {
+            return Bound::new(path, 0o600);
+        };
+        let b = Bound::new(path, 0o660)?;
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(g.gid)))
+            .with_context(|| format!("cannot give {} to group {}", path.display(), g.name))?;
+        Ok(b)
     }
 
     fn remove_if_ours(&self) {
@@ -454,6 +473,7 @@ impl Daemon {
             }
         }
         self.replace_vms(Arc::new(new), Some(cfg.launch_uids()));
+        crate::metrics::global().retain(|name| cfg.vms.contains_key(name));
         drop(old);
         if let Ok(mut w) = self.wakes.lock() {
             w.retain(|name, _| cfg.vms.contains_key(name));

@@ -31,6 +31,7 @@ use crate::control::{
 };
 use crate::generations::Generations;
 use crate::keyring::{DialKey, KeyRing};
+use crate::metrics::{self, FailureKind};
 use crate::source;
 
 /// First back-off ceiling after a failed dial or a session that ended
@@ -292,6 +293,7 @@ impl VmTask {
                             continue;
                         }
                         SessionEnd::Lost(e) => {
+                            metrics::global().failure(&self.vm.name, FailureKind::SessionLost);
                             if self.reach == Reach::Up {
                                 warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
                                 self.reach = Reach::Down(e.clone());
@@ -303,6 +305,15 @@ impl VmTask {
                     }
                 }
                 Err(e) => {
+                    let refused = self.status.lock().is_ok_and(|s| s.key_refused);
+                    metrics::global().failure(
+                        &self.vm.name,
+                        if refused {
+                            FailureKind::KeyRefused
+                        } else {
+                            FailureKind::Unreachable
+                        },
+                    );
                     self.unreachable(&e);
                     self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                 }
@@ -631,6 +642,7 @@ impl VmTask {
         why: Why,
     ) -> Result<RotateReport, String> {
         self.retry_due = false;
+        let started = std::time::Instant::now();
         let mut report = RotateReport {
             vm: self.vm.name.clone(),
             applied: false,
@@ -754,6 +766,7 @@ impl VmTask {
         let generation = match self.generations.issue(&self.vm.name).await {
             Ok(g) => g,
             Err(e) => {
+                metrics::global().failure(&self.vm.name, FailureKind::GenerationStore);
                 report.error = Some(format!("no generation issued, nothing sent: {e}"));
                 report.credentials = outcomes.into_values().collect();
                 self.finish(&report, guest);
@@ -813,6 +826,12 @@ impl VmTask {
                 _ => return Err(format!("Apply failed: {msg}")),
             };
             drop(values);
+            let kind = match status.code() {
+                Code::Aborted => FailureKind::GuestBusy,
+                Code::FailedPrecondition => FailureKind::NotNewer,
+                _ => FailureKind::PushRefused,
+            };
+            metrics::global().failure(&self.vm.name, kind);
             warn!(vm = %self.vm.name, generation, error = %refusal, "push not applied");
             for n in names.iter().chain(removals.iter()) {
                 outcomes.insert(
@@ -866,6 +885,7 @@ impl VmTask {
                 // `Omitted` is only ever a marker the host makes itself.
                 Outcome::Failed | Outcome::Omitted => {
                     all_ok = false;
+                    metrics::global().failure(&self.vm.name, FailureKind::CredentialRefused);
                     let e = error
                         .clone()
                         .unwrap_or_else(|| "the guest reported a failure".into());
@@ -891,6 +911,9 @@ impl VmTask {
         guest.owed = bound_units(reply.owed_units);
         report.owed_units = guest.owed.clone();
         let took = reply.applied_generation == generation;
+        if took {
+            metrics::global().rotated(&self.vm.name, started.elapsed());
+        }
         report.applied = took && all_ok && errors.is_empty() && guest.owed.is_empty();
         if !took {
             report.error = Some(format!(
@@ -906,6 +929,13 @@ impl VmTask {
     }
 
     fn finish(&self, report: &RotateReport, guest: &GuestView) {
+        let m = metrics::global();
+        for _ in report.units.iter().filter(|u| !u.ok) {
+            m.failure(&self.vm.name, FailureKind::UnitFailed);
+        }
+        if report.applied {
+            m.succeeded(&self.vm.name, SystemTime::now());
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -1025,6 +1055,12 @@ impl VmTask {
         let vm = &self.vm.name;
         if state.is_source_problem() {
             if prev.as_ref() != Some(&(state, error.clone())) {
+                let kind = if state == CredState::SourceMissing {
+                    FailureKind::SourceMissing
+                } else {
+                    FailureKind::SourceError
+                };
+                metrics::global().failure(vm, kind);
                 warn!(vm = %vm, credential = name, error = error.as_deref().unwrap_or(""), "source {}; the guest keeps its last value until it is back (logged again when this changes)", state.as_str());
             }
         } else if was_problem {
