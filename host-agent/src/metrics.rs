@@ -456,3 +456,83 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(vm: &str, connected: bool) -> VmStatus {
+        VmStatus {
+            vm: vm.into(),
+            connected,
+            generation_sent: 1_700_000_000_000_000,
+            generation_applied: u64::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn labels_are_escaped_and_counters_named_for_the_text_format() {
+        let m = Metrics::default();
+        let odd = "a\"b\\c\nd";
+        m.failure(odd, FailureKind::GuestBusy);
+        m.failure(odd, FailureKind::GuestBusy);
+        m.rotated(odd, Duration::from_millis(3));
+        let text = m.render(vec![status(odd, true)]);
+        assert!(
+            text.contains(r#"vmcred_vm_failures_total{vm="a\"b\\c\nd",kind="guest_busy"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE vmcred_vm_failures_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE vmcred_failures_total counter\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
+        // A claim of u64::MAX cannot break the output: clamped.
+        assert!(
+            text.contains(&format!(
+                r#"vmcred_vm_generation_applied_claimed{{vm="a\"b\\c\nd"}} {}"#,
+                i64::MAX
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vmcred_vm_rotation_seconds_bucket{le="0.005",vm="a\"b\\c\nd"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("vmcred_rotation_seconds_count 1\n"), "{text}");
+    }
+
+    #[test]
+    fn vms_that_left_the_config_leave_the_output() {
+        let m = Metrics::default();
+        m.failure("gone", FailureKind::Unreachable);
+        m.failure("kept", FailureKind::Unreachable);
+        // Not configured any more: not in the fleet total either.
+        let text = m.render(vec![status("kept", false)]);
+        assert!(
+            text.contains("vmcred_failures_total{kind=\"unreachable\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\"gone\""), "{text}");
+        m.retain(|n| n == "kept");
+        assert_eq!(m.vms.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn latency_buckets_are_counted_once_each() {
+        let mut l = Latency::default();
+        for s in [0.0005, 0.001, 0.02, 100.0] {
+            l.observe(s);
+        }
+        assert_eq!(l.buckets[0], 2, "le is inclusive");
+        assert_eq!(l.buckets[4], 1);
+        assert_eq!(l.buckets[LATENCY_BUCKETS.len()], 1, "+Inf");
+        assert_eq!(l.count, 4);
+    }
+}

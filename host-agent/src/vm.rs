@@ -119,7 +119,18 @@ pub fn spawn(
         generation_applied: 0,
         last_error: None,
         last_sync: None,
-        credentials: Vec::new(),
+        // Shown as pending until the first sync, so a VM that never comes
+        // up still lists what it should hold (in `status` and the metrics).
+        credentials: vm
+            .credentials
+            .values()
+            .map(|c| CredentialStatus {
+                name: c.name.clone(),
+                boot: c.boot,
+                state: CredState::Pending,
+                error: None,
+            })
+            .collect(),
         owed_units: Vec::new(),
         guest_version: None,
         guest_pins: Vec::new(),

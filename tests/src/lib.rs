@@ -14,6 +14,7 @@
 pub mod hostile_guest;
 pub mod measure;
 pub mod muxer;
+pub mod prom;
 
 use std::collections::BTreeMap;
 use std::io::Write;
