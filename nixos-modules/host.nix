@@ -361,7 +361,12 @@ let
       { name = "appRole.secretIdFile"; value = o.appRole.secretIdFile; }
     ]);
 
-  hostSettings = cfg.settings // fixedKeys
+  metricsSettings = optionalAttrs cfg.metrics.socket { metrics_socket = "${runtimeDir}/metrics.sock"; }
+    // optionalAttrs (cfg.metrics.textfile != null) { metrics_textfile = cfg.metrics.textfile; }
+    // optionalAttrs (cfg.metrics.socket || cfg.metrics.textfile != null) { metrics_interval = cfg.metrics.interval; };
+  metricsDir = if cfg.metrics.textfile == null then null else dirOf cfg.metrics.textfile;
+
+  hostSettings = cfg.settings // fixedKeys // metricsSettings
     # Who may tell the agent a VM launched (root always may): microvm.nix
     # runs the hypervisor, and so the launcher, as this user.
     // optionalAttrs hasMicrovmHost { launch_users = [ microvmUser ]; }
@@ -690,6 +695,38 @@ in
       '';
     };
 
+    metrics = {
+      socket = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Serve the agent's Prometheus metrics (text format 0.0.4) as
+          `GET /metrics` on the Unix socket `/run/vmcred/metrics.sock`
+          (0600, or 0660 and group `settings.control_group`). The unit has
+          `IPAddressDeny=any`: there is no TCP listener, a local scraper or
+          proxy reads the socket. The metrics are listed in the README
+          ("Metrics").
+        '';
+      };
+      textfile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/prometheus-node-exporter/vmcred.prom";
+        description = ''
+          Write the metrics to this file for node-exporter's textfile
+          collector (point `--collector.textfile.directory` at its
+          directory). It is replaced atomically when the metrics changed, at
+          most once per `interval`. The directory is created (tmpfiles,
+          0755 root) and made writable for the agent.
+        '';
+      };
+      interval = mkOption {
+        type = vlib.durationType;
+        default = "15s";
+        description = "How often the textfile is refreshed (at least 1s).";
+      };
+    };
+
     openbao = mkOption {
       type = types.nullOr (types.submodule {
         options = {
@@ -846,6 +883,15 @@ in
           assertion = !(cfg.settings ? ${k});
           message = "services.vmcred.host.settings.${k} is fixed by the NixOS module (${if k == "vms" then "use services.vmcred.host.vms" else "it must match the unit's StateDirectory/RuntimeDirectory"}); remove it from settings.";
         }) (builtins.attrNames fixedKeys ++ [ "vms" "openbao" ])
+        ++ map (k: {
+          assertion = !(cfg.settings ? ${k});
+          message = "services.vmcred.host.settings.${k}: use services.vmcred.host.metrics instead (the module makes the unit able to write the file).";
+        }) [ "metrics_socket" "metrics_textfile" "metrics_interval" ]
+        ++ optional (cfg.metrics.textfile != null) {
+          assertion = hasPrefix "/" cfg.metrics.textfile && lib.hasSuffix ".prom" cfg.metrics.textfile
+            && !(hasPrefix builtins.storeDir cfg.metrics.textfile) && metricsDir != "/";
+          message = "services.vmcred.host.metrics.textfile must be an absolute path ending in .prom (node-exporter reads only those), outside the Nix store and not directly in /; got ${cfg.metrics.textfile}.";
+        }
         ++ optionals (cfg.openbao != null) ([
           {
             assertion = cfg.openbao.tokenFile != null || cfg.openbao.appRole != null;
@@ -872,6 +918,7 @@ in
         ) (filterAttrs (n: _: isMicrovm n) cfg.vms));
 
       environment.etc."vmcred/host.toml".source = hostToml;
+      systemd.tmpfiles.rules = optional (metricsDir != null) "d ${metricsDir} 0755 root root -";
       environment.systemPackages = [ cfg.package rotateCommand ];
 
       systemd.services.vmcred-host = {
@@ -964,6 +1011,9 @@ in
           SystemCallFilter = [ "@system-service" "~@privileged" ];
         } // optionalAttrs (cfg.openbao != null) {
           IPAddressAllow = cfg.openbao.ipAddressAllow;
+        } // optionalAttrs (metricsDir != null) {
+          # ProtectSystem=strict: the textfile's directory only.
+          ReadWritePaths = [ metricsDir ];
         };
       };
     })

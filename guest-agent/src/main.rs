@@ -1,8 +1,6 @@
 //! `vmcred-guest`: receives credentials from the host agent and writes them
 //! into systemd's system credentials directory.
 
-mod docs;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,7 +157,7 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Some(dir) = &cli.generate_docs {
-        return match docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+        return match vmcred_docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vmcred-guest: {e:#}");

@@ -22,6 +22,8 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 /// The shortest `keepalive_interval` accepted: a probe a second per VM is
 /// already more than a fleet should pay.
 pub const MIN_KEEPALIVE: Duration = Duration::from_secs(1);
+/// The shortest `metrics_interval` accepted.
+pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -60,6 +62,12 @@ struct RawConfig {
     #[serde(default)]
     launch_users: Vec<String>,
     control_group: Option<String>,
+    /// `GET /metrics` over this Unix socket (see `metrics`).
+    metrics_socket: Option<PathBuf>,
+    /// A node-exporter textfile rewritten with the metrics.
+    metrics_textfile: Option<PathBuf>,
+    #[serde(default = "default_metrics_interval", with = "humantime_serde")]
+    metrics_interval: Duration,
     #[serde(default)]
     vms: BTreeMap<String, RawVm>,
     /// The OpenBao / Vault server credentials may come from.
@@ -112,6 +120,9 @@ fn default_rpc_timeout() -> Duration {
 fn default_keepalive() -> Duration {
     DEFAULT_KEEPALIVE
 }
+fn default_metrics_interval() -> Duration {
+    Duration::from_secs(15)
+}
 fn default_port() -> u32 {
     DEFAULT_PORT
 }
@@ -139,6 +150,13 @@ pub struct Config {
     /// A group whose members may read `status` (not `rotate`) through the
     /// control socket, which is then 0660 with this group.
     pub control_group: Option<ControlGroup>,
+    /// Where `GET /metrics` is answered (0600, or 0660 with
+    /// `control_group`).
+    pub metrics_socket: Option<PathBuf>,
+    /// A node-exporter textfile (`…/vmcred.prom`), rewritten atomically
+    /// when the metrics changed, at most once per `metrics_interval`.
+    pub metrics_textfile: Option<PathBuf>,
+    pub metrics_interval: Duration,
     pub vms: BTreeMap<String, Vm>,
     /// Set when an `[openbao]` table is present.
     pub openbao: Option<crate::openbao::config::Server>,
@@ -289,7 +307,16 @@ impl Config {
             ("state_dir", &raw.state_dir),
             ("control_socket", &raw.control_socket),
             ("launch_socket", &raw.launch_socket),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            [
+                ("metrics_socket", &raw.metrics_socket),
+                ("metrics_textfile", &raw.metrics_textfile),
+            ]
+            .into_iter()
+            .filter_map(|(w, d)| d.as_ref().map(|d| (w, d))),
+        ) {
             if !dir.is_absolute() {
                 return Err(ConfigError::Parse {
                     path: p.clone(),
@@ -351,6 +378,9 @@ impl Config {
             keepalive_interval: raw.keepalive_interval.max(MIN_KEEPALIVE),
             launch_users,
             control_group,
+            metrics_socket: raw.metrics_socket,
+            metrics_textfile: raw.metrics_textfile,
+            metrics_interval: raw.metrics_interval.max(MIN_METRICS_INTERVAL),
             vms,
             openbao,
         })
@@ -641,6 +671,9 @@ mod tests {
             ("[vms.a]\ncid = 3\n[vms.a.credentials.\"vmcred.bootstrap\"]\npath = \"/x\"", "reserved"),
             ("[vms.a]\ncid = 3\n[vms.a.credentials.X]\npath = \"/x\"\nallow_on_command_line = true", "boot = true"),
             ("state_dir = \"rel\"", "absolute"),
+            ("metrics_textfile = \"vmcred.prom\"", "metrics_textfile must be an absolute path"),
+            ("metrics_socket = \"m.sock\"", "metrics_socket must be an absolute path"),
+            ("metrics_interval = \"15\"", "metrics_interval"),
             ("launch_users = [\"no-such-user-vmcred\"]", "no user named"),
             ("launch_users = [\"\"]", "not a user name"),
             ("control_group = \"no-such-group-vmcred\"", "no group named"),

@@ -128,21 +128,100 @@ pub struct VmStatus {
     pub key_trust: KeyTrust,
 }
 
+/// A credential's state as `status` shows it. The wire names (status
+/// JSON schema 1) are kept exactly: `applied`, `pending`, `source-missing`,
+/// `source-error`, `error`, `omitted`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredState {
+    /// The guest holds the current value.
+    Applied,
+    /// Not synced since start (the VM never came up, or not yet).
+    #[default]
+    Pending,
+    /// The source file or secret does not exist.
+    SourceMissing,
+    /// The source is unreadable, not a regular file, or timed out.
+    SourceError,
+    /// The guest refused it.
+    #[serde(rename = "error")]
+    Refused,
+    /// The marker entry that stands for credentials left out of an
+    /// over-long reply.
+    Omitted,
+}
+
+impl CredState {
+    pub const ALL: [CredState; 6] = [
+        CredState::Applied,
+        CredState::Pending,
+        CredState::SourceMissing,
+        CredState::SourceError,
+        CredState::Refused,
+        CredState::Omitted,
+    ];
+
+    /// The wire name, also used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredState::Applied => "applied",
+            CredState::Pending => "pending",
+            CredState::SourceMissing => "source-missing",
+            CredState::SourceError => "source-error",
+            CredState::Refused => "error",
+            CredState::Omitted => "omitted",
+        }
+    }
+
+    pub fn is_source_problem(self) -> bool {
+        matches!(self, CredState::SourceMissing | CredState::SourceError)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialStatus {
     pub name: String,
     pub boot: bool,
-    /// `applied`, `pending`, `source-missing`, `source-error` (unreadable,
-    /// not a regular file, timed out), `error` (the guest refused it).
-    pub state: String,
+    pub state: CredState,
     pub error: Option<String>,
+}
+
+/// What a rotation did with one credential. Wire names: `written`,
+/// `unchanged`, `removed`, `failed`, `omitted`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Written,
+    #[default]
+    Unchanged,
+    Removed,
+    Failed,
+    /// The marker entry for outcomes left out of an over-long reply.
+    Omitted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Written => "written",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Removed => "removed",
+            Outcome::Failed => "failed",
+            Outcome::Omitted => "omitted",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialOutcome {
     pub name: String,
-    /// `written`, `unchanged`, `removed`, `failed`.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub error: Option<String>,
 }
 
@@ -398,7 +477,7 @@ pub fn bound_rotate(mut r: RotateReport) -> RotateReport {
     if dropped_creds > 0 {
         r.credentials.push(CredentialOutcome {
             name: OMITTED.into(),
-            outcome: "omitted".into(),
+            outcome: Outcome::Omitted,
             error: Some(format!(
                 "{dropped_creds} more credential results left out (reply too long)"
             )),
@@ -419,7 +498,7 @@ pub fn bound_status(mut s: VmStatus) -> VmStatus {
     if dropped > 0 {
         s.credentials.push(CredentialStatus {
             name: OMITTED.into(),
-            state: "omitted".into(),
+            state: CredState::Omitted,
             error: Some(format!(
                 "{dropped} more credentials left out (reply too long)"
             )),
@@ -479,7 +558,7 @@ mod tests {
         let creds = (0..2000)
             .map(|i| CredentialStatus {
                 name: format!("{i}{}", "n".repeat(200)),
-                state: "error".into(),
+                state: CredState::Refused,
                 error: Some("e".repeat(300)),
                 ..Default::default()
             })
@@ -493,6 +572,68 @@ mod tests {
         assert!(line_len(&Reply::Status(s.clone())) <= MAX_LINE);
         assert_eq!(s.credentials.last().unwrap().name, OMITTED);
         assert!(s.last_error.unwrap().len() < 9000);
+    }
+
+    /// Status JSON schema 1 and rotate reports: states and outcomes are
+    /// enums in the code but the same strings on the wire, byte for byte.
+    #[test]
+    fn states_and_outcomes_keep_their_wire_names() {
+        let creds: Vec<CredentialStatus> = CredState::ALL
+            .iter()
+            .map(|s| CredentialStatus {
+                name: s.as_str().to_uppercase(),
+                boot: false,
+                state: *s,
+                error: None,
+            })
+            .collect();
+        let status = VmStatus {
+            vm: "a".into(),
+            target: "cid:3".into(),
+            credentials: creds,
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&Reply::Status(status.clone())).unwrap(),
+            concat!(
+                r#"{"status":{"vm":"a","target":"cid:3","connected":false,"generation_sent":0,"#,
+                r#""generation_applied":0,"last_error":null,"last_sync":null,"credentials":["#,
+                r#"{"name":"APPLIED","boot":false,"state":"applied","error":null},"#,
+                r#"{"name":"PENDING","boot":false,"state":"pending","error":null},"#,
+                r#"{"name":"SOURCE-MISSING","boot":false,"state":"source-missing","error":null},"#,
+                r#"{"name":"SOURCE-ERROR","boot":false,"state":"source-error","error":null},"#,
+                r#"{"name":"ERROR","boot":false,"state":"error","error":null},"#,
+                r#"{"name":"OMITTED","boot":false,"state":"omitted","error":null}],"#,
+                r#""owed_units":[],"guest_version":null,"guest_pins":[],"key_refused":false,"#,
+                r#""key_trust":"unknown"}}"#
+            )
+        );
+        let back: Reply =
+            serde_json::from_str(&serde_json::to_string(&Reply::Status(status.clone())).unwrap())
+                .unwrap();
+        assert_eq!(back, Reply::Status(status));
+        let outcomes = [
+            Outcome::Written,
+            Outcome::Unchanged,
+            Outcome::Removed,
+            Outcome::Failed,
+            Outcome::Omitted,
+        ];
+        for o in outcomes {
+            let c = CredentialOutcome {
+                name: "n".into(),
+                outcome: o,
+                error: None,
+            };
+            assert_eq!(
+                serde_json::to_string(&c).unwrap(),
+                format!(r#"{{"name":"n","outcome":"{}","error":null}}"#, o.as_str())
+            );
+        }
+        assert!(serde_json::from_str::<CredentialStatus>(
+            r#"{"name":"n","boot":false,"state":"bogus","error":null}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod control;
 pub mod generations;
 pub mod keyring;
 pub mod launch;
+pub mod metrics;
 pub mod openbao;
 pub mod serve;
 pub mod source;

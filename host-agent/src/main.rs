@@ -1,7 +1,7 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
-mod docs;
+mod logs;
 mod report;
 
 use std::path::PathBuf;
@@ -177,21 +177,7 @@ enum KeyStepArg {
 }
 
 fn main() -> ExitCode {
-    // One line per event; under systemd a <N> priority prefix for journald,
-    // and no timestamp of our own (the journal has one).
-    let journal = vmcred_proto::logline::under_journald();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(vmcred_proto::logline::Stderr { prefix: journal })
-        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if journal {
-        logs.without_time().init();
-    } else {
-        logs.init();
-    }
+    logs::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -345,7 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::GenerateDocs { dir } => {
-            docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
+            vmcred_docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::RotateKey {

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use serde_json::json;
 use vmcred_host::config::ConfigError;
-use vmcred_host::control::{CallError, KeyTrust, Reply, RotateReport, VmStatus};
+use vmcred_host::control::{
+    CallError, CredState, KeyTrust, Outcome, Reply, RotateReport, VmStatus,
+};
 use vmcred_host::keyring::{KeyStep, Phase, StepOutcome};
 
 /// Version of the `--json` output of `status` and `rotate`.
@@ -72,7 +74,7 @@ pub fn unknown_name(message: &str) -> ExitCode {
 pub fn in_sync(s: &VmStatus) -> bool {
     s.connected
         && s.generation_applied >= s.generation_sent
-        && s.credentials.iter().all(|c| c.state == "applied")
+        && s.credentials.iter().all(|c| c.state == CredState::Applied)
         && s.owed_units.is_empty()
         && s.last_error.is_none()
 }
@@ -148,18 +150,12 @@ impl StatusOutput {
                 );
                 self.header_done = true;
             }
-            let sync = if ok {
-                "ok"
-            } else if s.credentials.iter().any(|c| c.state == "pending") && s.last_error.is_none() {
-                "pending"
-            } else {
-                "OUT"
-            };
+            let sync = SyncState::of(&s, ok);
             let line = format!(
                 "{:<20} {:<5} {:<7} {:>16}  {}",
                 s.vm,
                 if s.connected { "up" } else { "down" },
-                sync,
+                sync.as_str(),
                 s.generation_applied,
                 key_note(&s)
             );
@@ -300,7 +296,7 @@ impl RotateOutput {
                 let line = format!(
                     "{:<20} {:<11} {:>16}  {}",
                     r.vm,
-                    result_word(r),
+                    RotateResult::of(r).as_str(),
                     r.generation,
                     detail(r)
                 );
@@ -334,13 +330,62 @@ impl RotateOutput {
     }
 }
 
-fn result_word(r: &RotateReport) -> &'static str {
-    if succeeded(r) {
-        "applied"
-    } else if r.applied {
-        "UNIT-FAILED"
-    } else {
-        "NOT-APPLIED"
+/// A VM's SYNC column in the `status` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncState {
+    InSync,
+    /// Not yet synced, and nothing has gone wrong.
+    Pending,
+    OutOfSync,
+}
+
+impl SyncState {
+    fn of(s: &VmStatus, in_sync: bool) -> SyncState {
+        if in_sync {
+            SyncState::InSync
+        } else if s.credentials.iter().any(|c| c.state == CredState::Pending)
+            && s.last_error.is_none()
+        {
+            SyncState::Pending
+        } else {
+            SyncState::OutOfSync
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncState::InSync => "ok",
+            SyncState::Pending => "pending",
+            SyncState::OutOfSync => "OUT",
+        }
+    }
+}
+
+/// A rotation's RESULT column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RotateResult {
+    Applied,
+    UnitFailed,
+    NotApplied,
+}
+
+impl RotateResult {
+    fn of(r: &RotateReport) -> RotateResult {
+        if succeeded(r) {
+            RotateResult::Applied
+        } else if r.applied {
+            RotateResult::UnitFailed
+        } else {
+            RotateResult::NotApplied
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RotateResult::Applied => "applied",
+            RotateResult::UnitFailed => "UNIT-FAILED",
+            RotateResult::NotApplied => "NOT-APPLIED",
+        }
     }
 }
 
@@ -364,7 +409,7 @@ fn detail(r: &RotateReport) -> String {
         let written = r
             .credentials
             .iter()
-            .filter(|c| c.outcome == "written")
+            .filter(|c| c.outcome == Outcome::Written)
             .count();
         format!("{written} written")
     } else {

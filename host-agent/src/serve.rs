@@ -171,16 +171,22 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
     let mut launch = Bound::new(&cfg.launch_socket, 0o666, None)?;
     // With a control_group its members may read `status`: 0660 and that
     // group; the peer check below still decides what each may do.
-    let mut control = match &cfg.control_group {
-        None => Bound::new(&cfg.control_socket, 0o600, None)?,
+    let for_group = |path: &Path| match &cfg.control_group {
+        None => Bound::new(path, 0o600, None),
         Some(g) => Bound::new(
-            &cfg.control_socket,
+            path,
             0o660,
             Some(Group {
                 gid: g.gid,
                 name: &g.name,
             }),
-        )?,
+        ),
+    };
+    let mut control = for_group(&cfg.control_socket)?;
+    // The metrics socket: the same readers as `status`.
+    let mut metrics_socket = match &cfg.metrics_socket {
+        Some(p) => Some(for_group(p)?),
+        None => None,
     };
     daemon.apply_config(&cfg);
 
@@ -194,6 +200,23 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         }
     }
     loops.spawn(watchdog::run(daemon.vm_runtime.clone()));
+    let statuses: crate::metrics::export::Statuses = {
+        let d = daemon.clone();
+        Arc::new(move || {
+            let (vms, _) = d.snapshot();
+            vms.values().map(|h| d.vm_status(h)).collect()
+        })
+    };
+    if let Some(l) = metrics_socket.as_mut().and_then(|b| b.listener.take()) {
+        loops.spawn(crate::metrics::export::serve_socket(l, statuses.clone()));
+    }
+    if let Some(path) = &cfg.metrics_textfile {
+        loops.spawn(crate::metrics::export::write_textfile(
+            path.clone(),
+            cfg.metrics_interval,
+            statuses,
+        ));
+    }
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&cfg)),
@@ -212,8 +235,8 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
                 }
                 match load_config(config_path).await {
                     Ok(new) => {
-                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group {
-                            warn!("socket paths, control_group and state_dir changes take effect only after a restart");
+                        if new.control_socket != cfg.control_socket || new.launch_socket != cfg.launch_socket || new.state_dir != cfg.state_dir || new.control_group != cfg.control_group || new.metrics_socket != cfg.metrics_socket || new.metrics_textfile != cfg.metrics_textfile || new.metrics_interval != cfg.metrics_interval {
+                            warn!("socket paths, control_group, metrics_* and state_dir changes take effect only after a restart");
                         }
                         daemon.apply_config(&new);
                         info!(vms = new.vms.len(), "config reloaded");
@@ -236,6 +259,9 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
     daemon.replace_vms(Arc::new(BTreeMap::new()), None);
     control.remove_if_ours();
     launch.remove_if_ours();
+    if let Some(m) = &metrics_socket {
+        m.remove_if_ours();
+    }
     drop(state_lock);
     Ok(())
 }
@@ -370,6 +396,7 @@ impl Daemon {
             }
         }
         self.replace_vms(Arc::new(new), Some(cfg.launch_uids()));
+        crate::metrics::global().retain(|name| cfg.vms.contains_key(name));
         drop(old);
         if let Ok(mut w) = self.wakes.lock() {
             w.retain(|name, _| cfg.vms.contains_key(name));

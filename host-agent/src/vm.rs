@@ -26,10 +26,12 @@ use vmcred_proto::{rules, tls, transport};
 
 use crate::config::Vm;
 use crate::control::{
-    CredentialOutcome, CredentialStatus, KeyTrust, RotateReport, UnitOutcome, VmStatus,
+    CredState, CredentialOutcome, CredentialStatus, KeyTrust, Outcome, RotateReport, UnitOutcome,
+    VmStatus,
 };
 use crate::generations::Generations;
 use crate::keyring::{DialKey, KeyRing};
+use crate::metrics::{self, FailureKind};
 use crate::source;
 
 /// First back-off ceiling after a failed dial or a session that ended
@@ -117,7 +119,18 @@ pub fn spawn(
         generation_applied: 0,
         last_error: None,
         last_sync: None,
-        credentials: Vec::new(),
+        // Shown as pending until the first sync, so a VM that never comes
+        // up still lists what it should hold (in `status` and the metrics).
+        credentials: vm
+            .credentials
+            .values()
+            .map(|c| CredentialStatus {
+                name: c.name.clone(),
+                boot: c.boot,
+                state: CredState::Pending,
+                error: None,
+            })
+            .collect(),
         owed_units: Vec::new(),
         guest_version: None,
         guest_pins: Vec::new(),
@@ -211,54 +224,10 @@ enum Reach {
     Down(String),
 }
 
-/// A credential's state as `status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CredState {
-    Applied,
-    SourceMissing,
-    SourceError,
-    Refused,
-}
-
-impl CredState {
-    fn is_source_problem(self) -> bool {
-        matches!(self, CredState::SourceMissing | CredState::SourceError)
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            CredState::Applied => "applied",
-            CredState::SourceMissing => "source-missing",
-            CredState::SourceError => "source-error",
-            CredState::Refused => "error",
-        }
-    }
-}
-
-/// A credential's outcome in a rotate report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Written,
-    Unchanged,
-    Removed,
-    Failed,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Written => "written",
-            Outcome::Unchanged => "unchanged",
-            Outcome::Removed => "removed",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
 fn outcome(name: &str, o: Outcome, error: Option<String>) -> CredentialOutcome {
     CredentialOutcome {
         name: name.to_string(),
-        outcome: o.as_str().into(),
+        outcome: o,
         error,
     }
 }
@@ -335,6 +304,7 @@ impl VmTask {
                             continue;
                         }
                         SessionEnd::Lost(e) => {
+                            metrics::global().failure(&self.vm.name, FailureKind::SessionLost);
                             if self.reach == Reach::Up {
                                 warn!(vm = %self.vm.name, error = %e, "lost the guest agent; will redial");
                                 self.reach = Reach::Down(e.clone());
@@ -346,6 +316,15 @@ impl VmTask {
                     }
                 }
                 Err(e) => {
+                    let refused = self.status.lock().is_ok_and(|s| s.key_refused);
+                    metrics::global().failure(
+                        &self.vm.name,
+                        if refused {
+                            FailureKind::KeyRefused
+                        } else {
+                            FailureKind::Unreachable
+                        },
+                    );
                     self.unreachable(&e);
                     self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                 }
@@ -674,6 +653,7 @@ impl VmTask {
         why: Why,
     ) -> Result<RotateReport, String> {
         self.retry_due = false;
+        let started = std::time::Instant::now();
         let mut report = RotateReport {
             vm: self.vm.name.clone(),
             applied: false,
@@ -797,6 +777,7 @@ impl VmTask {
         let generation = match self.generations.issue(&self.vm.name).await {
             Ok(g) => g,
             Err(e) => {
+                metrics::global().failure(&self.vm.name, FailureKind::GenerationStore);
                 report.error = Some(format!("no generation issued, nothing sent: {e}"));
                 report.credentials = outcomes.into_values().collect();
                 self.finish(&report, guest);
@@ -856,6 +837,12 @@ impl VmTask {
                 _ => return Err(format!("Apply failed: {msg}")),
             };
             drop(values);
+            let kind = match status.code() {
+                Code::Aborted => FailureKind::GuestBusy,
+                Code::FailedPrecondition => FailureKind::NotNewer,
+                _ => FailureKind::PushRefused,
+            };
+            metrics::global().failure(&self.vm.name, kind);
             warn!(vm = %self.vm.name, generation, error = %refusal, "push not applied");
             for n in names.iter().chain(removals.iter()) {
                 outcomes.insert(
@@ -906,8 +893,10 @@ impl VmTask {
                     guest.held.remove(&r.name);
                     self.cred_state.remove(&r.name);
                 }
-                Outcome::Failed => {
+                // `Omitted` is only ever a marker the host makes itself.
+                Outcome::Failed | Outcome::Omitted => {
                     all_ok = false;
+                    metrics::global().failure(&self.vm.name, FailureKind::CredentialRefused);
                     let e = error
                         .clone()
                         .unwrap_or_else(|| "the guest reported a failure".into());
@@ -933,6 +922,9 @@ impl VmTask {
         guest.owed = bound_units(reply.owed_units);
         report.owed_units = guest.owed.clone();
         let took = reply.applied_generation == generation;
+        if took {
+            metrics::global().rotated(&self.vm.name, started.elapsed());
+        }
         report.applied = took && all_ok && errors.is_empty() && guest.owed.is_empty();
         if !took {
             report.error = Some(format!(
@@ -948,6 +940,13 @@ impl VmTask {
     }
 
     fn finish(&self, report: &RotateReport, guest: &GuestView) {
+        let m = metrics::global();
+        for _ in report.units.iter().filter(|u| !u.ok) {
+            m.failure(&self.vm.name, FailureKind::UnitFailed);
+        }
+        if report.applied {
+            m.succeeded(&self.vm.name, SystemTime::now());
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -958,13 +957,13 @@ impl VmTask {
             .values()
             .map(|c| {
                 let (state, error) = match self.cred_state.get(&c.name) {
-                    Some((s, e)) => (s.as_str(), e.clone()),
-                    None => ("pending", None),
+                    Some((s, e)) => (*s, e.clone()),
+                    None => (CredState::Pending, None),
                 };
                 CredentialStatus {
                     name: c.name.clone(),
                     boot: c.boot,
-                    state: state.into(),
+                    state,
                     error,
                 }
             })
@@ -1039,9 +1038,9 @@ impl VmTask {
         let changed: Vec<String> = r
             .credentials
             .iter()
-            .filter(|c| c.outcome != Outcome::Unchanged.as_str())
+            .filter(|c| c.outcome != Outcome::Unchanged)
             .filter(|c| {
-                !(c.outcome == Outcome::Failed.as_str()
+                !(c.outcome == Outcome::Failed
                     && self
                         .cred_state
                         .get(&c.name)
@@ -1067,6 +1066,12 @@ impl VmTask {
         let vm = &self.vm.name;
         if state.is_source_problem() {
             if prev.as_ref() != Some(&(state, error.clone())) {
+                let kind = if state == CredState::SourceMissing {
+                    FailureKind::SourceMissing
+                } else {
+                    FailureKind::SourceError
+                };
+                metrics::global().failure(vm, kind);
                 warn!(vm = %vm, credential = name, error = error.as_deref().unwrap_or(""), "source {}; the guest keeps its last value until it is back (logged again when this changes)", state.as_str());
             }
         } else if was_problem {

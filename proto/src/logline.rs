@@ -7,14 +7,34 @@
 //! happened; its line breaks are written as `\n` instead.
 
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Whether stderr is connected to the journal: systemd sets
-/// `$JOURNAL_STREAM` for a service whose stderr goes there.
+/// `$JOURNAL_STREAM` to `DEV:INO` of the stream it gave a service as
+/// stderr. The variable is inherited by children whose stderr may go
+/// elsewhere (a shell redirect, a test), so it counts only when it names
+/// the file stderr is now.
 pub fn under_journald() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some()
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    // fd 2 through /proc: stat follows the magic link to the open file,
+    // socket or not, as fstat(2) would.
+    let Ok(m) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream_matches(&v.to_string_lossy(), m.dev(), m.ino())
+}
+
+/// Whether `JOURNAL_STREAM`'s value names the file `(dev, ino)`.
+pub fn stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
+    d.parse::<u64>() == Ok(dev) && i.parse::<u64>() == Ok(ino)
 }
 
 /// The syslog priority journald stores for a tracing level.
@@ -114,5 +134,15 @@ mod tests {
         assert_eq!(one_line(None, b"plain"), b"plain\n");
         assert_eq!(priority(&Level::ERROR), 3);
         assert_eq!(priority(&Level::DEBUG), 7);
+    }
+
+    #[test]
+    fn journal_stream_must_name_the_stream() {
+        assert!(stream_matches("8:1234", 8, 1234));
+        assert!(!stream_matches("8:1234", 8, 1235));
+        assert!(!stream_matches("8:1234", 9, 1234));
+        for bad in ["", "8", "8:", ":1", "x:1", "8:1234:5", "-8:1234"] {
+            assert!(!stream_matches(bad, 8, 1234), "{bad:?}");
+        }
     }
 }

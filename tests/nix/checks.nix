@@ -352,6 +352,22 @@ in
       check (hasInfix "RuntimeDirectory=vmcred-launch/test-vm\n" chUnit && hasInfix "RuntimeDirectoryMode=0700" chUnit
         && hasInfix "RuntimeDirectory=vmcred-launch/db-vm\n" qemuUnit) chUnit;
     "host: LimitNOFILE sized from the VM count (1024 + 8 per VM)" = contains agentUnit "LimitNOFILE=${toString (1024 + 8 * 3)}";
+    "host: metrics off by default (no metrics_* keys, no ReadWritePaths)" =
+      check (!(parsedToml ? metrics_socket) && !(parsedToml ? metrics_textfile) && !(hasInfix "ReadWritePaths=" agentUnit)) hostToml;
+    "host: metrics.socket and metrics.textfile render metrics_* and make only the textfile's directory writable" =
+      let
+        h = evalHost { modules = [ seedsModule {
+          services.vmcred.host.metrics = { socket = true; textfile = "/var/lib/prometheus-node-exporter/vmcred.prom"; interval = "30s"; };
+        } ]; };
+        t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile h.services.vmcred.host.configFile));
+        u = h.test.unitText.vmcred-host or "";
+      in check (t.metrics_socket == "/run/vmcred/metrics.sock" && t.metrics_textfile == "/var/lib/prometheus-node-exporter/vmcred.prom"
+        && t.metrics_interval == "30s" && hasInfix "ReadWritePaths=/var/lib/prometheus-node-exporter\n" u
+        && h.systemd.tmpfiles.rules == [ "d /var/lib/prometheus-node-exporter 0755 root root -" ]) "${builtins.toJSON t}\n${u}";
+    "host: a metrics textfile that node-exporter would not read is refused" =
+      refusedWith "textfile" (vmWith { } ++ [ { services.vmcred.host.metrics.textfile = "/var/lib/x/vmcred.txt"; } ]) "metrics.textfile must be an absolute path ending in .prom";
+    "host: metrics_* in settings is refused (the unit could not write the file)" =
+      refusedWith "settings" (vmWith { } ++ [ { services.vmcred.host.settings.metrics_textfile = "/x/v.prom"; } ]) "use services.vmcred.host.metrics";
 
     "guest: Type=notify, Restart=always" =
       check (hasInfix "Type=notify" guestUnit && hasInfix "Restart=always" guestUnit) guestUnit;

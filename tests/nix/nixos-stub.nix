@@ -28,6 +28,7 @@ in
     systemd.globalEnvironment = mkOption { type = types.attrsOf types.str; default = { }; };
     systemd.services = mkOption { type = utils.systemdUtils.types.services; default = { }; };
     systemd.targets = mkOption { type = utils.systemdUtils.types.targets; default = { }; };
+    systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
 
     # What a test reads back: rendered unit files and failed assertions.
     test.unitText = mkOption { type = types.unspecified; readOnly = true; };

@@ -14,6 +14,7 @@
 pub mod hostile_guest;
 pub mod measure;
 pub mod muxer;
+pub mod prom;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -91,6 +92,11 @@ pub struct World {
     pub log_level: String,
     /// Top-level config lines that `start_host` and `reload_host` add.
     pub extra_config: String,
+    /// A command (and its arguments) that `start_host` runs the agent
+    /// under, e.g. `unshare -m …`; the agent's argv is appended.
+    pub host_prefix: Vec<String>,
+    /// Extra environment for the host agent.
+    pub host_env: Vec<(String, String)>,
     _muxers: Vec<muxer::Muxer>,
 }
 
@@ -110,6 +116,8 @@ impl World {
             host_log,
             log_level: "debug".into(),
             extra_config: String::new(),
+            host_prefix: Vec::new(),
+            host_env: Vec::new(),
             _muxers: Vec::new(),
         })
     }
@@ -207,10 +215,19 @@ impl World {
             .create(true)
             .append(true)
             .open(&self.host_log)?;
-        let child = Command::new(&self.bins.host)
+        let mut cmd = match self.host_prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.bins.host);
+                c
+            }
+            None => Command::new(&self.bins.host),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(self.config_path())
+            .envs(self.host_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", &self.log_level)
             .env_remove("NOTIFY_SOCKET")
             .stdout(log.try_clone()?)
@@ -368,8 +385,12 @@ impl World {
             g.state_dir.display().to_string(),
             "--listen-unix".into(),
             g.agent_socket.display().to_string(),
+            // The peer on this Unix socket is the muxer stand-in, which
+            // runs as whoever runs the harness: root in CI, the user in the
+            // demo. (The real agent admits only CID 2 over vsock; the Unix
+            // transport exists for tests and has no default uid.)
             "--allow-uid".into(),
-            "0".into(),
+            nix::unistd::geteuid().as_raw().to_string(),
             "--systemctl".into(),
             systemctl.display().to_string(),
         ];

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use prost::Message;
 use vmcred_host::control::{
-    CredentialOutcome, CredentialStatus, Reply, Request, RotateReport, UnitOutcome, VmStatus,
+    CredState, CredentialOutcome, CredentialStatus, Outcome, Reply, Request, RotateReport,
+    UnitOutcome, VmStatus,
 };
 use vmcred_proto::bootstrap::{Bootstrap, HostTransport};
 use vmcred_proto::rpc::pb;
@@ -311,7 +312,7 @@ fn main() {
         generation: 1_780_000_000_000_001,
         credentials: vec![CredentialOutcome {
             name: "API_KEY".into(),
-            outcome: "written".into(),
+            outcome: Outcome::Written,
             error: None,
         }],
         units: vec![UnitOutcome {
@@ -334,7 +335,7 @@ fn main() {
         credentials: vec![CredentialStatus {
             name: "API_KEY".into(),
             boot: false,
-            state: "applied".into(),
+            state: CredState::Applied,
             error: None,
         }],
         ..Default::default()

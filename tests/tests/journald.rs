@@ -1,0 +1,168 @@
+//! The host agent's log events as native journal entries: the real agent
+//! runs with its stderr named by `JOURNAL_STREAM` (as systemd does), in a
+//! private mount namespace whose `/run/systemd/journal/socket` is a Unix
+//! datagram socket this test binds, and each datagram is parsed as
+//! journald's native protocol. Needs root (the mount namespace).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use vmcred_tests::World;
+
+const T: Duration = Duration::from_secs(30);
+const VM: &str = "vm1";
+
+type Entry = BTreeMap<String, Vec<u8>>;
+
+/// One datagram of journald's native protocol: `NAME=value\n`, or
+/// `NAME\n` + a 64-bit little-endian length + the value + `\n`.
+fn parse_entry(mut d: &[u8]) -> Entry {
+    let mut e = Entry::new();
+    while !d.is_empty() {
+        let nl = d
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("field ends in a newline");
+        let line = &d[..nl];
+        match line.iter().position(|b| *b == b'=') {
+            Some(eq) => {
+                e.insert(
+                    String::from_utf8(line[..eq].to_vec()).unwrap(),
+                    line[eq + 1..].to_vec(),
+                );
+                d = &d[nl + 1..];
+            }
+            None => {
+                let name = String::from_utf8(line.to_vec()).unwrap();
+                let rest = &d[nl + 1..];
+                let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+                e.insert(name, rest[8..8 + len].to_vec());
+                assert_eq!(rest[8 + len], b'\n');
+                d = &rest[8 + len + 1..];
+            }
+        }
+        let name = e.keys().last().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+            "a journal field name: {name:?}"
+        );
+    }
+    e
+}
+
+fn text(e: &Entry, k: &str) -> String {
+    String::from_utf8_lossy(e.get(k).map(Vec::as_slice).unwrap_or_default()).into_owned()
+}
+
+#[test]
+fn events_are_native_journal_entries_with_vm_and_generation() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+        return;
+    }
+    let mut w = World::new().unwrap();
+    w.log_level = "info".into();
+    w.add_vm(VM, false).unwrap();
+    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    let jdir = w.path().join("journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let sock = UnixDatagram::bind(jdir.join("socket")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // systemd's JOURNAL_STREAM: DEV:INO of the stream given as stderr (the
+    // harness appends stderr to this file).
+    std::fs::write(&w.host_log, b"").unwrap();
+    let m = std::fs::metadata(&w.host_log).unwrap();
+    w.host_env
+        .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
+    // A tmpfs over /run only in the agent's mount namespace, with the test's
+    // socket where journald's would be.
+    w.host_prefix = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+         mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([jdir.display().to_string()])
+    .collect();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "API_KEY", b"first-value", T)
+        .unwrap();
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = Instant::now() + T;
+    let pushed = |entries: &[Entry]| {
+        entries
+            .iter()
+            .find(|e| text(e, "MESSAGE") == "pushing to guest")
+            .cloned()
+    };
+    while pushed(&entries).is_none() && Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if n > 0 {
+                entries.push(parse_entry(&buf[..n]));
+            }
+        }
+    }
+    let push = pushed(&entries).unwrap_or_else(|| panic!("no push entry in {entries:?}"));
+    assert_eq!(text(&push, "VM"), VM);
+    let generation: u64 = text(&push, "GENERATION")
+        .parse()
+        .expect("GENERATION is a number");
+    assert!(generation > 1_000_000_000_000_000, "{generation}");
+    assert_eq!(text(&push, "PRIORITY"), "6", "INFO is informational");
+    assert_eq!(text(&push, "SYSLOG_IDENTIFIER"), "vmcred-host");
+    // Every entry has a message and a priority, and none holds the value.
+    for e in &entries {
+        assert!(
+            e.contains_key("MESSAGE") && e.contains_key("PRIORITY"),
+            "{e:?}"
+        );
+        assert!(
+            !e.values()
+                .any(|v| v.windows(11).any(|w| w == b"first-value")),
+            "a secret value in the journal: {e:?}"
+        );
+    }
+    // Nothing went to stderr as text: the entries went to the journal.
+    let stderr = std::fs::read_to_string(&w.host_log).unwrap();
+    assert!(!stderr.contains("pushing to guest"), "{stderr}");
+
+    // A multi-line error is one entry, with its line breaks intact.
+    w.kill_guest_agent(VM).unwrap();
+    std::fs::write(w.config_path(), "[vms.a]\ncid = 3\nprot = 1\n").unwrap();
+    let host = w.host.as_ref().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + T;
+    let mut failed = None;
+    while failed.is_none() && Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let e = parse_entry(&buf[..n]);
+            if text(&e, "MESSAGE").contains("config reload failed") {
+                failed = Some(e);
+            }
+        }
+    }
+    let failed = failed.expect("a reload failure entry");
+    assert_eq!(text(&failed, "PRIORITY"), "3");
+    let err = text(&failed, "ERROR");
+    assert!(
+        err.contains("unknown field") && err.contains('\n'),
+        "{err:?}"
+    );
+}
