@@ -12,9 +12,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use vmcred_host::config::{load_control_socket, Config, DEFAULT_CONFIG};
-use vmcred_host::control::{self, Reply, Request};
+use vmcred_host::control::{Reply, Request};
 use vmcred_host::keyring::KeyStep;
-use vmcred_host::{launch, serve, source};
+use vmcred_host::{client, launch, serve, source};
 
 use report::Exit;
 
@@ -211,7 +211,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// One thread: the CLI clients, and `serve`'s sockets and signals.
+/// One thread: `serve`'s sockets and signals (the CLI clients are
+/// blocking, see `client`).
 fn client_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -262,12 +263,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
             };
             let mut out = report::RotateOutput::new(json, many, expected);
-            let end = client_runtime()?.block_on(control::call(
-                &socket,
-                &req,
-                timeout + Duration::from_secs(5),
-                |item| out.item(item),
-            ))?;
+            let end = client::call(&socket, &req, timeout + Duration::from_secs(5), |item| {
+                out.item(item)
+            })?;
             if let Reply::Unknown(e) = end {
                 return Ok(report::unknown_name(&e));
             }
@@ -276,12 +274,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status { json, vms } => {
             let socket = load_control_socket(&config)?;
             let mut out = report::StatusOutput::new(json);
-            let end = client_runtime()?.block_on(control::call(
+            let end = client::call(
                 &socket,
                 &Request::Status { vms },
                 Duration::from_secs(30),
                 |item| out.item(item),
-            ))?;
+            )?;
             if let Reply::Unknown(e) = end {
                 return Ok(report::unknown_name(&e));
             }
@@ -366,7 +364,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let cfg = Config::load(&config)?;
             let mut out = report::KeyOutput::new(json, step);
-            let end = client_runtime()?.block_on(control::call(
+            let end = client::call(
                 &cfg.control_socket,
                 &Request::RotateKey {
                     step,
@@ -375,7 +373,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 timeout + Duration::from_secs(5),
                 |item| out.item(item),
-            ))?;
+            )?;
             Ok(out.finish(end).into())
         }
         Cmd::Pin => {

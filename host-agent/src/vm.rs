@@ -16,12 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn};
 use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
-use vmcred_proto::rpc::GuestClient;
+use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
 
 use crate::config::Vm;
@@ -299,6 +298,17 @@ pub fn backoff_delay(attempt: u32, max: Duration, rng: &mut fastrand::Rng) -> Du
     Duration::from_micros(rng.u64(floor..=ceiling.max(floor)))
 }
 
+/// The silence before the next keepalive probe: uniform between three
+/// quarters of `keepalive` and all of it, drawn afresh for every probe.
+/// VMs that connected together (a host start) probe spread over a quarter
+/// of the interval instead of in one burst, and drift further apart with
+/// every probe; no probe comes later than `keepalive`.
+pub fn probe_interval(keepalive: Duration, rng: &mut fastrand::Rng) -> Duration {
+    let max = u64::try_from(keepalive.as_micros()).unwrap_or(u64::MAX);
+    let min = max - max / 4;
+    Duration::from_micros(rng.u64(min..=max))
+}
+
 impl VmTask {
     async fn run(mut self) {
         let mut attempt = 0u32;
@@ -416,7 +426,7 @@ impl VmTask {
     /// Dials with the current key. A guest that refuses it while the
     /// previous key is still kept (a rollover it slept through) is dialled
     /// with the previous key, handed the current pin, and dialled again.
-    async fn connect(&self) -> Result<GuestClient<Channel>, String> {
+    async fn connect(&self) -> Result<HostClient, String> {
         let current = self.keys.current();
         let refused = match self.open(&current, self.keys.next_pin()).await {
             Ok(client) => {
@@ -456,11 +466,7 @@ impl VmTask {
     /// Dials, authenticates with `key`, and proves the guest accepted it
     /// with a `Trust` call that hands over `next` (or only asks, when
     /// `None`); its answer is recorded as the guest's pins.
-    async fn open(
-        &self,
-        key: &DialKey,
-        next: Option<tls::Pin>,
-    ) -> Result<GuestClient<Channel>, Open> {
+    async fn open(&self, key: &DialKey, next: Option<tls::Pin>) -> Result<HostClient, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
             .map_err(|e| Open::Unreachable(e.to_string()))?;
@@ -472,7 +478,7 @@ impl VmTask {
         .await
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
-        let mut client = vmcred_proto::rpc::client_over(tls)
+        let mut client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
         // Proves the guest accepted the key: TLS 1.3 reports a refused
@@ -525,7 +531,7 @@ impl VmTask {
         self.update(|s| s.guest_pins = pins);
     }
 
-    async fn hello(&self, client: &mut GuestClient<Channel>) -> Result<GuestView, String> {
+    async fn hello(&self, client: &mut HostClient) -> Result<GuestView, String> {
         let req = pb::HelloRequest {
             host_version: vmcred_proto::VERSION.into(),
             vm: self.vm.name.clone(),
@@ -563,7 +569,7 @@ impl VmTask {
 
     async fn session(
         &mut self,
-        mut client: GuestClient<Channel>,
+        mut client: HostClient,
         pending: &mut Pending,
         rekeys: &mut Vec<oneshot::Sender<()>>,
         synced: &mut bool,
@@ -596,16 +602,18 @@ impl VmTask {
         });
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
-        // One timer per connection, re-armed after each probe. A sync is
-        // not counted as one: it may find nothing to send and never talk
-        // to the guest.
+        // One timer per connection, re-armed after each probe with a fresh
+        // draw (see `probe_interval`). A sync is not counted as one: it may
+        // find nothing to send and never talk to the guest.
+        let mut rng = fastrand::Rng::new();
         let mut last_probe = tokio::time::Instant::now();
+        let mut probe_wait = probe_interval(self.timing.keepalive, &mut rng);
         loop {
             let probe_due = last_probe
                 + if self.retry_due {
                     RETRY_AFTER_REFUSAL.min(self.timing.keepalive)
                 } else {
-                    self.timing.keepalive
+                    probe_wait
                 };
             let result = tokio::select! {
                 cmd = self.rx.recv() => match cmd {
@@ -650,6 +658,7 @@ impl VmTask {
                 }
                 _ = tokio::time::sleep_until(probe_due) => {
                     last_probe = tokio::time::Instant::now();
+                    probe_wait = probe_interval(self.timing.keepalive, &mut rng);
                     if self.retry_due {
                         self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| self.log_report(&r, Why::Retry))
                     } else {
@@ -668,7 +677,7 @@ impl VmTask {
     /// `Err` only when the connection is no longer usable.
     async fn sync(
         &mut self,
-        client: &mut GuestClient<Channel>,
+        client: &mut HostClient,
         guest: &mut GuestView,
         only: &[String],
         why: Why,
@@ -1229,6 +1238,30 @@ mod tests {
         let sa: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut a)).collect();
         let sb: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut b)).collect();
         assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn probes_of_vms_connected_together_spread_out() {
+        let keepalive = Duration::from_secs(60);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let draws: Vec<Duration> = (0..1000)
+            .map(|_| probe_interval(keepalive, &mut rng))
+            .collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= keepalive * 3 / 4 && *d <= keepalive));
+        // 1000 first probes over the 15 s spread: no second holds more
+        // than twice its share (66), and every second has some.
+        let mut per_second = [0u32; 16];
+        for d in &draws {
+            per_second[((d.as_secs_f64() - 45.0) as usize).min(15)] += 1;
+        }
+        assert!(
+            per_second[..15].iter().all(|n| *n > 20 && *n < 133),
+            "{per_second:?}"
+        );
+        // A zero interval (never configured so, but) stays zero, no panic.
+        assert_eq!(probe_interval(Duration::ZERO, &mut rng), Duration::ZERO);
     }
 
     #[test]
