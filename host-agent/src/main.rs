@@ -203,6 +203,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// One malloc arena for the whole daemon. glibc gives every thread that
+/// allocates an arena of its own (up to eight per core) and keeps what is
+/// freed there; with the VM tasks moving between two workers, the extra
+/// arenas held about 9 MiB more at 1000 VMs (vmcred-bench: 87.4 → 78.6
+/// MiB). The workers rarely allocate at once, so sharing costs little.
+/// `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator tunable; called before
+        // the runtimes start any thread.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -224,6 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
         Cmd::Serve => {
+            limit_malloc_arenas();
             // Sockets and signals on this thread, VM tasks on their own
             // workers: a wedged VM task cannot delay SIGTERM (serve_with).
             let vms = runtime()?;
