@@ -314,12 +314,27 @@ fn latency(args: &Args) -> Result<Value> {
             Ok(())
         })?);
     }
+    // The CLI's own floor: starting the binary at all.
+    let mut version = Vec::new();
+    for _ in 0..args.samples.min(100) {
+        version.push(time_ms(|| {
+            let st = Command::new(&w.bins.host)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()?;
+            if !st.success() {
+                bail!("vmcred-host --version exited {st}");
+            }
+            Ok(())
+        })?);
+    }
     let (s, c, h, u) = (
         summary(via_socket),
         summary(via_cli),
         summary(hybrid),
         summary(unix),
     );
+    let v = summary(version);
     let ratio = s["p50_ms"].as_f64().unwrap_or(f64::NAN) / h["p50_ms"].as_f64().unwrap_or(f64::NAN);
     w.stop_host()?;
     Ok(json!({
@@ -327,6 +342,7 @@ fn latency(args: &Args) -> Result<Value> {
         "rotate_cli": c,
         "floor_hybrid_connect_echo": h,
         "floor_unix_connect_echo": u,
+        "floor_cli_version": v,
         "ratio_socket_p50_to_hybrid_floor": ratio,
         "state": "guest directories on tmpfs (/dev/shm), host state on the disk-backed tempdir",
     }))
@@ -343,6 +359,7 @@ fn print_latency(v: &Value) {
             "floor: hybrid-vsock connect + echo",
         ),
         ("floor_unix_connect_echo", "floor: Unix connect + echo"),
+        ("floor_cli_version", "floor: vmcred-host --version"),
     ] {
         println!(
             "{label:<40} {:>8.3} {:>8.3}",
@@ -358,26 +375,25 @@ fn print_latency(v: &Value) {
     );
 }
 
-/// Clock ticks per second for /proc/PID/stat times.
-fn ticks() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// utime + stime of a process, in seconds (all its threads).
+/// CPU time of a process in seconds: the sum over its live threads of the
+/// scheduler's nanosecond runtime (`/proc/PID/task/*/schedstat`). Not
+/// `/proc/PID/stat`'s utime + stime: those are in clock ticks (10 ms
+/// here), and a guest's whole sync takes less than one, so every guest
+/// read 0. A thread that exits takes its time along (idle blocking-pool
+/// threads), so a difference is a floor.
 fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces: fields count from after ')'.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: f64 = f.get(11).context("no utime")?.parse()?;
-    let st: f64 = f.get(12).context("no stime")?.parse()?;
-    Ok((ut + st) / ticks())
+    let mut ns: u64 = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = t?.path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(ns as f64 / 1e9)
 }
 
 fn status_field(pid: u32, task: Option<&str>, key: &str) -> Result<u64> {
