@@ -206,8 +206,9 @@ fn main() -> ExitCode {
 /// One malloc arena for the whole daemon. glibc gives every thread that
 /// allocates an arena of its own (up to eight per core) and keeps what is
 /// freed there; with the VM tasks moving between two workers, the extra
-/// arenas held about 9 MiB more at 1000 VMs (vmcred-bench: 87.4 → 78.6
-/// MiB). The workers rarely allocate at once, so sharing costs little.
+/// arenas held about 10 MiB more at 1000 VMs (vmcred-bench: 90.1 MiB with
+/// `MALLOC_ARENA_MAX=16`, 80.3 with this). The workers rarely allocate at
+/// once, so sharing costs little.
 /// `MALLOC_ARENA_MAX` in the environment still wins.
 fn limit_malloc_arenas() {
     #[cfg(target_env = "gnu")]
