@@ -1,6 +1,7 @@
 //! vmcred's host agent. The binary (`main.rs`) is the command line; these
 //! are a library so integration tests and fuzz targets drive the real code.
 
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod generations;

@@ -268,6 +268,45 @@ pub fn backoff_delay(attempt: u32, max: Duration, rng: &mut fastrand::Rng) -> Du
     Duration::from_micros(rng.u64(floor..=ceiling.max(floor)))
 }
 
+/// Keepalive probes fall on a grid of this step, shared by every VM task
+/// (see `on_probe_grid`).
+const PROBE_GRID: Duration = Duration::from_secs(1);
+
+/// The silence before the next keepalive probe: uniform between three
+/// quarters of `keepalive` and all of it, drawn afresh for every probe.
+/// VMs that connected together (a host start) probe spread over a quarter
+/// of the interval instead of in one burst, and drift further apart with
+/// every probe.
+pub fn probe_interval(keepalive: Duration, rng: &mut fastrand::Rng) -> Duration {
+    let max = u64::try_from(keepalive.as_micros()).unwrap_or(u64::MAX);
+    let min = max - max / 4;
+    Duration::from_micros(rng.u64(min..=max))
+}
+
+/// `t` rounded up to the probe grid, so that the probes due within one
+/// step share one timer wake-up of the host instead of one each: spread
+/// probes cost a wake-up (and the cross-worker hand-offs after it) per
+/// VM, which at 1000 VMs was most of the host's idle CPU. A probe then
+/// comes at most one grid step later than drawn.
+fn on_probe_grid(t: tokio::time::Instant) -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    align_up(t, *EPOCH.get_or_init(tokio::time::Instant::now), PROBE_GRID)
+}
+
+fn align_up(
+    t: tokio::time::Instant,
+    epoch: tokio::time::Instant,
+    step: Duration,
+) -> tokio::time::Instant {
+    let step_ns = step.as_nanos().max(1);
+    let steps = t
+        .saturating_duration_since(epoch)
+        .as_nanos()
+        .div_ceil(step_ns);
+    let since = u64::try_from(steps.saturating_mul(step_ns)).unwrap_or(u64::MAX);
+    epoch + Duration::from_nanos(since)
+}
+
 impl VmTask {
     async fn run(mut self) {
         let mut attempt = 0u32;
@@ -575,17 +614,24 @@ impl VmTask {
         });
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
-        // One timer per connection, re-armed after each probe. A sync is
-        // not counted as one: it may find nothing to send and never talk
-        // to the guest.
+        // One timer per connection, re-armed after each probe with a fresh
+        // draw (see `probe_interval`). A sync is not counted as one: it may
+        // find nothing to send and never talk to the guest.
+        let mut rng = fastrand::Rng::new();
         let mut last_probe = tokio::time::Instant::now();
+        let mut probe_wait = probe_interval(self.timing.keepalive, &mut rng);
         loop {
             let probe_due = last_probe
                 + if self.retry_due {
                     RETRY_AFTER_REFUSAL.min(self.timing.keepalive)
                 } else {
-                    self.timing.keepalive
+                    probe_wait
                 };
+            let probe_due = if self.retry_due {
+                probe_due
+            } else {
+                on_probe_grid(probe_due)
+            };
             let result = tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => return SessionEnd::Stopped,
@@ -629,6 +675,7 @@ impl VmTask {
                 }
                 _ = tokio::time::sleep_until(probe_due) => {
                     last_probe = tokio::time::Instant::now();
+                    probe_wait = probe_interval(self.timing.keepalive, &mut rng);
                     if self.retry_due {
                         self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| self.log_report(&r, Why::Retry))
                     } else {
@@ -1234,6 +1281,49 @@ mod tests {
         let sa: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut a)).collect();
         let sb: Vec<Duration> = (0..5).map(|i| backoff_delay(i, max, &mut b)).collect();
         assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn probes_of_vms_connected_together_spread_out() {
+        let keepalive = Duration::from_secs(60);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let draws: Vec<Duration> = (0..1000)
+            .map(|_| probe_interval(keepalive, &mut rng))
+            .collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= keepalive * 3 / 4 && *d <= keepalive));
+        // 1000 first probes over the 15 s spread: no second holds more
+        // than twice its share (66), and every second has some.
+        let mut per_second = [0u32; 16];
+        for d in &draws {
+            per_second[((d.as_secs_f64() - 45.0) as usize).min(15)] += 1;
+        }
+        assert!(
+            per_second[..15].iter().all(|n| *n > 20 && *n < 133),
+            "{per_second:?}"
+        );
+        // A zero interval (never configured so, but) stays zero, no panic.
+        assert_eq!(probe_interval(Duration::ZERO, &mut rng), Duration::ZERO);
+    }
+
+    #[test]
+    fn probes_round_up_to_a_shared_grid() {
+        let epoch = tokio::time::Instant::now();
+        let step = Duration::from_secs(1);
+        for ms in [0u64, 1, 999, 1000, 1001, 59_250, 3_600_000] {
+            let t = epoch + Duration::from_millis(ms);
+            let a = align_up(t, epoch, step);
+            assert!(a >= t && a < t + step, "{ms}");
+            assert_eq!((a - epoch).as_nanos() % step.as_nanos(), 0, "{ms}");
+        }
+        // Two VMs whose draws fall in the same step share one deadline.
+        let a = align_up(epoch + Duration::from_millis(45_100), epoch, step);
+        let b = align_up(epoch + Duration::from_millis(45_900), epoch, step);
+        assert_eq!(a, b);
+        // A time before the epoch (cannot happen: the epoch is the first
+        // call) maps to the epoch.
+        assert_eq!(align_up(epoch, epoch + step, step), epoch + step);
     }
 
     #[test]

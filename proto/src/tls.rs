@@ -255,6 +255,9 @@ pub fn guest_server_config_with(
         .with_client_cert_verifier(Arc::new(PinnedHostSet { policy, provider }))
         .with_single_cert(vec![own.cert.clone()], own.key())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // The host never resumes (see `host_client_config`): issuing tickets
+    // would only cost the guest a session cache entry per connection.
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -333,11 +336,15 @@ fn provider() -> Arc<CryptoProvider> {
 /// certificate (see the module doc) but verifies its handshake signature.
 pub fn host_client_config(id: &Identity) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyGuest { provider }))
         .with_client_auth_cert(vec![id.cert.clone()], id.key())?;
+    // Every guest answers to the same server name, so a ticket from one
+    // guest would be offered to the next, which cannot resume it: only
+    // wasted bytes, hashing and a ticket cache per host. No resumption.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 
@@ -463,6 +470,14 @@ mod tests {
         );
         let err = handshake(&other, host.pin().unwrap()).await.unwrap_err();
         assert!(!err.is_empty());
+    }
+
+    #[cfg(feature = "guest")]
+    #[test]
+    fn the_guest_issues_no_session_tickets() {
+        let host = Identity::generate("vmcred-host").unwrap();
+        let cfg = guest_server_config(host.pin().unwrap()).unwrap();
+        assert_eq!(cfg.send_tls13_tickets, 0);
     }
 
     /// The pin of a fixed certificate, as the x509-parser-based code
