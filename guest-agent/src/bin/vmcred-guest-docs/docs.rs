@@ -1,6 +1,6 @@
-//! `vmcred-guest --generate-docs DIR`: man pages and shell completions from
-//! the CLI definition itself, so they cannot drift from `--help`. The
-//! flake's package runs it at build time and installs the result.
+//! Man pages and shell completions from the CLI definition itself, so
+//! they cannot drift from `--help`. The flake's package runs
+//! `vmcred-guest-docs DIR` at build time and installs the result.
 
 use std::path::Path;
 
