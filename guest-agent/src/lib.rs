@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod bootstrap;
+pub mod cli;
 pub mod config;
 pub mod creds_socket;
 pub mod listener;

@@ -1,7 +1,6 @@
 //! `vmcred-guest`: receives credentials from the host agent and writes them
 //! into systemd's system credentials directory.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use clap::Parser;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use vmcred_guest::cli::Cli;
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::listener::GuestListener;
 use vmcred_guest::notify::Readiness;
@@ -18,92 +18,8 @@ use vmcred_guest::server::{serve_pinned, ServerOptions};
 use vmcred_guest::service::GuestService;
 use vmcred_guest::store::{Limits, Store};
 use vmcred_guest::units::UnitRunner;
-use vmcred_proto::rules::{MAX_FILES, MAX_TOTAL_BYTES};
 
 const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// vmcred guest agent: accepts credentials from the pinned vmcred host agent
-/// over vsock and writes them atomically into the system credentials
-/// directory, then restarts or reloads the units that use them.
-#[derive(Debug, Parser)]
-#[command(name = "vmcred-guest", version)]
-struct Cli {
-    /// Guest configuration (TOML): initial_sync_timeout and, per credential,
-    /// restart_units, reload_units, mode, socket_units and deliver. Without
-    /// it, credentials are written 0400 and no unit is touched. With any
-    /// socket_units, <state-dir>/creds.sock serves them to those units.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-
-    /// The bootstrap credential (host key pin and vsock port) that systemd
-    /// imported from SMBIOS at boot.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/run/credentials/@system/vmcred.bootstrap"
-    )]
-    bootstrap: PathBuf,
-
-    /// Where credentials are written: systemd's system credentials
-    /// directory, which `LoadCredential=NAME` in any guest service reads.
-    #[arg(long, value_name = "DIR", default_value = "/run/credentials/@system")]
-    credentials_dir: PathBuf,
-
-    /// Where the applied generation and the names vmcred manages are kept
-    /// (state.json), and the write lock.
-    #[arg(long, value_name = "DIR", default_value = "/run/vmcred")]
-    state_dir: PathBuf,
-
-    /// Listen on this Unix socket instead of AF_VSOCK (for tests and local
-    /// use). Peers are admitted by uid, see --allow-uid.
-    #[arg(long, value_name = "PATH")]
-    listen_unix: Option<PathBuf>,
-
-    /// With --listen-unix: a peer uid that may connect (repeatable;
-    /// default 0, root only).
-    #[arg(long = "allow-uid", value_name = "UID", requires = "listen_unix")]
-    allow_uid: Vec<u32>,
-
-    /// Report ready (sd_notify READY=1) after this long even if the host
-    /// has not synced yet, so that boot goes on without it. Overrides the
-    /// config file's initial_sync_timeout. [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    initial_sync_timeout: Option<humantime::Duration>,
-
-    /// The systemctl used for unit restarts and reloads (a recording
-    /// script in tests).
-    #[arg(long, value_name = "PATH", default_value = "systemctl")]
-    systemctl: PathBuf,
-
-    /// Byte budget of the credentials directory: the set after a push must
-    /// fit (old values being replaced do not count; a tmpfs is enlarged for
-    /// the push). The default is systemd's credentials mount; change it
-    /// only for tests or a differently sized mount.
-    #[arg(long, value_name = "BYTES", default_value_t = MAX_TOTAL_BYTES as u64)]
-    max_total_bytes: u64,
-
-    /// Inode budget of the credentials directory (the directory included),
-    /// checked before each push with one staging file per new value. The
-    /// default is systemd's nr_inodes.
-    #[arg(long, value_name = "N", default_value_t = MAX_FILES as u64)]
-    max_files: u64,
-
-    /// Validate --config with every rule the agent applies at start, print
-    /// what it configures, and exit: 0 if valid, 4 if not (the NixOS module
-    /// runs this at build time).
-    #[arg(long, requires = "config")]
-    check_config: bool,
-
-    /// Write man pages (DIR/man1) and bash, zsh and fish completions
-    /// (DIR/completions), then exit; for packaging.
-    #[arg(long, hide = true, value_name = "DIR")]
-    generate_docs: Option<PathBuf>,
-
-    /// Log filter, e.g. "info" or "vmcred_guest=debug"; overrides RUST_LOG.
-    /// Logs go to stderr and never contain credential values.
-    #[arg(long, value_name = "FILTER")]
-    log_level: Option<String>,
-}
 
 /// `Targets` ("info,vmcred_guest=debug") rather than `EnvFilter`: the
 /// same directives minus span-field matching, without the regex engine
@@ -156,15 +72,6 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(dir) = &cli.generate_docs {
-        return match vmcred_docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vmcred-guest: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
     if cli.check_config {
         return check_config(cli.config.as_deref());
     }

@@ -621,7 +621,7 @@ fn https_trusts_the_configured_ca_only() {
     // Another CA: a self-signed certificate that did not sign the server's.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
     let other_ca = bad.path().join("other-ca.pem");
-    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    std::fs::write(&other_ca, pem_certificate(other.cert.der())).unwrap();
     for (w, vm, ca) in [(&mut good, "vm-good", &ca), (&mut bad, "vm-bad", &other_ca)] {
         let token = w.path().join("bao-token");
         write_token(&token, ROOT);
@@ -720,4 +720,28 @@ fn a_file_token_with_a_ttl_is_renewed_before_it_expires() {
     bao.put("ttl", &[("f", "ttl-v2")]);
     w.wait_for_guest_value("vm1", "TTL", b"ttl-v2", T).unwrap();
     assert!(!w.logs().contains(&t), "the token is in a log");
+}
+
+/// A DER certificate as PEM (RFC 7468: base64 in 64-character lines).
+fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+#[test]
+fn pem_certificate_round_trips() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let pem = pem_certificate(c.cert.der());
+    let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    assert_eq!(back.as_ref(), c.cert.der().as_ref());
+    assert!(pem.lines().all(|l| l.len() <= 64));
 }

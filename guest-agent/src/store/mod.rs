@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -223,13 +223,6 @@ fn backup_name(name: &str) -> String {
     format!("{TMP_HASHED_PREFIX}old.{}", hex::encode(&d[..16]))
 }
 
-/// Takes ownership of a descriptor a `nix` call just returned.
-fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: `fd` was returned by a successful open(2)/openat(2) call a
-    // moment ago and nothing else owns or closes it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 fn is_regular(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
 }
@@ -329,7 +322,7 @@ impl Store {
             Errno::ENOTDIR => dir_err("is not a directory".into()),
             e => dir_err(format!("cannot open: {e}")),
         })?;
-        let dir = owned(fd);
+        let dir = fd;
         let state_path = state_dir.join("state.json");
         let state = load_state(&state_path)?;
         let mount = mount_record(&dir, credentials_dir, &state_dir.join("mount.json"))
@@ -365,8 +358,8 @@ impl Store {
         self.hashed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn dirfd(&self) -> RawFd {
-        self.dir.as_raw_fd()
+    fn dirfd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
     }
 
     fn dir_display(&self) -> String {
@@ -387,7 +380,7 @@ impl Store {
     /// could block or have side effects.
     pub fn current(&self, name: &str) -> Result<Current, StoreError> {
         check_name(name)?;
-        let st = match fstatat(Some(self.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let st = match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => return Ok(Current::Missing),
             Err(e) => return Err(self.io("inspect", name, e)),
@@ -396,7 +389,7 @@ impl Store {
             return Ok(Current::NotRegular);
         }
         let fd = match openat(
-            Some(self.dirfd()),
+            self.dirfd(),
             name,
             OFlag::O_RDONLY
                 | OFlag::O_NOFOLLOW
@@ -405,12 +398,12 @@ impl Store {
                 | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
-            Ok(fd) => owned(fd),
+            Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(Current::Missing),
             Err(Errno::ELOOP) => return Ok(Current::NotRegular),
             Err(e) => return Err(self.io("open", name, e)),
         };
-        let st2 = fstat(fd.as_raw_fd()).map_err(|e| self.io("inspect", name, e))?;
+        let st2 = fstat(&fd).map_err(|e| self.io("inspect", name, e))?;
         if !is_regular(&st2) {
             // Swapped between the two looks; judge what we actually opened.
             return Ok(Current::NotRegular);
@@ -444,11 +437,7 @@ impl Store {
         let mut cache = lock(&self.digests);
         let mut out = Vec::with_capacity(managed.len());
         for name in managed {
-            let st = match fstatat(
-                Some(self.dirfd()),
-                name.as_str(),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) {
+            let st = match fstatat(self.dirfd(), name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) if is_regular(&st) => st,
                 Ok(_) | Err(Errno::ENOENT) => continue,
                 Err(e) => return Err(self.io("inspect", &name, e)),
@@ -484,7 +473,7 @@ impl Store {
             return Ok(None);
         }
         let fd = match openat(
-            Some(self.dirfd()),
+            self.dirfd(),
             name,
             OFlag::O_RDONLY
                 | OFlag::O_NOFOLLOW
@@ -493,7 +482,7 @@ impl Store {
                 | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
-            Ok(fd) => owned(fd),
+            Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(None),
             Err(Errno::ELOOP) => {
                 return Err(StoreError::NotRegular {
@@ -503,7 +492,7 @@ impl Store {
             }
             Err(e) => return Err(self.io("open", name, e)),
         };
-        let st = fstat(fd.as_raw_fd()).map_err(|e| self.io("inspect", name, e))?;
+        let st = fstat(&fd).map_err(|e| self.io("inspect", name, e))?;
         if !is_regular(&st) {
             return Err(StoreError::NotRegular {
                 name: name.to_string(),
@@ -580,7 +569,7 @@ impl Store {
             errno,
         };
         let mut d = Dir::openat(
-            Some(self.dirfd()),
+            self.dirfd(),
             ".",
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
@@ -594,7 +583,7 @@ impl Store {
                 continue;
             }
             inodes += 1;
-            match fstatat(Some(self.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) if is_regular(&st) => bytes = bytes.saturating_add(st.st_size.max(0) as u64),
                 Ok(_) | Err(Errno::ENOENT) => {}
                 Err(e) => return Err(dir_io("inspect entries of", e)),

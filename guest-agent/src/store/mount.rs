@@ -148,7 +148,7 @@ impl ReadWrite {
         }
         // Remount exactly the directory we opened, even if its path was
         // swapped for something else since.
-        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", store.dirfd()));
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", store.dirfd().as_raw_fd()));
         let target = if proc_path.exists() {
             proc_path
         } else {
@@ -259,8 +259,7 @@ impl Drop for ReadWrite {
                 &self.target,
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 Mode::empty(),
-            )
-            .map(owned);
+            );
             let current = fd.ok().and_then(|fd| tmpfs_size(&fd));
             if current.is_some_and(|c| c != size) {
                 if let Err(e) = self.resize(size) {

@@ -149,7 +149,7 @@ impl Batch<'_> {
         let unstage = |staged: &[&str]| {
             for name in staged {
                 let _ = unlinkat(
-                    Some(store.dirfd()),
+                    store.dirfd(),
                     tmp_name(name).as_str(),
                     UnlinkatFlags::NoRemoveDir,
                 );
@@ -260,7 +260,7 @@ impl Batch<'_> {
         let store = self.store;
         let name = c.name();
         check_name(name)?;
-        let st = match fstatat(Some(store.dirfd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let st = match fstatat(store.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => Some(st),
             Err(Errno::ENOENT) => None,
             Err(e) => return Err(store.io("inspect", name, e)),
@@ -347,21 +347,20 @@ impl Store {
     fn stage(&self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
         let tmp = tmp_name(name);
-        match unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+        match unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
         }
         let fd = openat(
-            Some(dirfd),
+            dirfd,
             tmp.as_str(),
             OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(mode),
         )
         .map_err(|e| self.io("create the temporary file for", name, e))?;
-        let fd = owned(fd);
         let result = (|| {
             // The umask may have narrowed the mode; set exactly what was asked.
-            fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
+            fchmod(&fd, Mode::from_bits_truncate(mode))
                 .map_err(|e| self.io("set the mode of", name, e))?;
             let mut file = File::from(fd);
             file.write_all(value)
@@ -370,7 +369,7 @@ impl Store {
                 .map_err(|e| self.io("sync", name, errno_of(&e)))
         })();
         if result.is_err() {
-            let _ = unlinkat(Some(dirfd), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            let _ = unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         result
     }
@@ -380,7 +379,7 @@ impl Store {
     /// Removes a backup of `name` left behind by an earlier push.
     fn drop_stale_backup(&self, name: &str) -> Result<(), StoreError> {
         match unlinkat(
-            Some(self.dirfd()),
+            self.dirfd(),
             backup_name(name).as_str(),
             UnlinkatFlags::NoRemoveDir,
         ) {
@@ -396,19 +395,13 @@ impl Store {
         match p.value {
             Some(_) => {
                 if p.had_old {
-                    nix::unistd::linkat(
-                        Some(dirfd),
-                        p.name,
-                        Some(dirfd),
-                        backup.as_str(),
-                        AtFlags::empty(),
-                    )
-                    .map_err(|e| self.io("keep the old value of", p.name, e))?;
+                    nix::unistd::linkat(dirfd, p.name, dirfd, backup.as_str(), AtFlags::empty())
+                        .map_err(|e| self.io("keep the old value of", p.name, e))?;
                 }
-                renameat(Some(dirfd), tmp_name(p.name).as_str(), Some(dirfd), p.name)
+                renameat(dirfd, tmp_name(p.name).as_str(), dirfd, p.name)
                     .map_err(|e| self.io("move into place", p.name, e))
             }
-            None => renameat(Some(dirfd), p.name, Some(dirfd), backup.as_str())
+            None => renameat(dirfd, p.name, dirfd, backup.as_str())
                 .map_err(|e| self.io("remove", p.name, e)),
         }
     }

@@ -67,11 +67,7 @@ impl Store {
             })?;
         }
         for name in self.staging_names()? {
-            match unlinkat(
-                Some(self.dirfd()),
-                name.as_str(),
-                UnlinkatFlags::NoRemoveDir,
-            ) {
+            match unlinkat(self.dirfd(), name.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(e) => return Err(self.io("remove the leftover staging file", &name, e)),
             }
@@ -91,7 +87,7 @@ impl Store {
     /// Names in the directory that are vmcred's staging files.
     fn staging_names(&self) -> Result<Vec<String>, StoreError> {
         let mut d = Dir::openat(
-            Some(self.dirfd()),
+            self.dirfd(),
             ".",
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
@@ -122,12 +118,12 @@ impl Store {
         let dirfd = self.dirfd();
         let backup = backup_name(&e.name);
         if e.had_old {
-            match renameat(Some(dirfd), backup.as_str(), Some(dirfd), e.name.as_str()) {
+            match renameat(dirfd, backup.as_str(), dirfd, e.name.as_str()) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(err) => return Err(self.io("restore the old value of", &e.name, err)),
             }
         } else if !e.remove {
-            match unlinkat(Some(dirfd), e.name.as_str(), UnlinkatFlags::NoRemoveDir) {
+            match unlinkat(dirfd, e.name.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(err) => return Err(self.io("remove the new", &e.name, err)),
             }
@@ -135,7 +131,7 @@ impl Store {
         // A rename between two links of one file does nothing: drop the
         // backup name in that case, and the staged value in any case.
         for n in [backup, tmp_name(&e.name)] {
-            match unlinkat(Some(dirfd), n.as_str(), UnlinkatFlags::NoRemoveDir) {
+            match unlinkat(dirfd, n.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(err) => return Err(self.io("remove the staging file for", &e.name, err)),
             }
@@ -146,7 +142,7 @@ impl Store {
     /// Completes one change of a committed push: drops the old value.
     pub(super) fn finish_entry(&self, e: &JournalEntry) {
         for n in [backup_name(&e.name), tmp_name(&e.name)] {
-            match unlinkat(Some(self.dirfd()), n.as_str(), UnlinkatFlags::NoRemoveDir) {
+            match unlinkat(self.dirfd(), n.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(err) => {
                     tracing::warn!(name = %e.name, error = %err, "cannot remove a staging file; the next start removes it")
