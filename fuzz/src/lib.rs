@@ -30,9 +30,20 @@ pub fn rt() -> &'static Runtime {
     })
 }
 
-/// Where targets create their temporary directories: a tmpfs when there is
-/// one (`/dev/shm`), so thousands of stores a second cost no disk I/O.
+/// Where targets create their temporary directories: the directory
+/// `fuzz/run.sh` made for this run alone (`VMCRED_FUZZ_SCRATCH`, on tmpfs
+/// when there is one, so thousands of stores a second cost no disk I/O),
+/// else `/dev/shm`, else the system's temporary directory.
+///
+/// The per-run directory is what lets a run clean up after itself without
+/// touching another run's live stores: several runs share this machine,
+/// and a run that once removed every `vmcred-fuzz-*` directory in
+/// `/dev/shm` pulled the store from under a running `guest_hello`, which
+/// then aborted on every input.
 pub fn scratch_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMCRED_FUZZ_SCRATCH") {
+        return PathBuf::from(dir);
+    }
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         shm.to_path_buf()
