@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 FUZZ_DIR=$PWD
 
-ALL_TARGETS="bootstrap rules guest_hello guest_apply host_replies host_config guest_config control hybrid_reply guest_state host_generations host_session"
+ALL_TARGETS="bootstrap rules guest_hello guest_apply host_replies host_config guest_config control hybrid_reply guest_state host_generations host_session creds_address openbao_reply pins_file guest_recovery"
 SECONDS_EACH=20
 TARGETS=$ALL_TARGETS
 SEEDS=0

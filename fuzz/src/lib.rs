@@ -52,14 +52,6 @@ pub fn scratch_root() -> PathBuf {
     }
 }
 
-/// Opt-in assertions for invariants that open issues say do not hold yet
-/// (issue 9, points 6 and 7). Off by default so CI stays meaningful; set
-/// `VMCRED_FUZZ_OPEN_ISSUES=1` to check whether they are fixed.
-pub fn check_open_issues() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("VMCRED_FUZZ_OPEN_ISSUES").is_some_and(|v| v == "1"))
-}
-
 /// Names in the guest's credentials directory at the start of every
 /// `guest_apply` execution.
 pub const BASE_GENERATION: u64 = 5;
