@@ -73,7 +73,7 @@ fuzz_stage() {
   local base=/dev/shm decoy rc=0
   [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}
   decoy=$(mktemp -d "$base/vmcred-fuzz-decoy.XXXXXX")
-  fuzz/run.sh --seconds "${VMCRED_FUZZ_SECONDS:-10}" || rc=$?
+  fuzz/run.sh --seconds "${VMCRED_FUZZ_SECONDS:-8}" || rc=$?
   if [ ! -d "$decoy" ]; then
     echo "fuzz: FAIL: the run removed $decoy, a scratch directory that was not its own"
     rc=1
@@ -81,5 +81,5 @@ fuzz_stage() {
   rm -rf -- "$decoy"
   return $rc
 }
-stage "fuzzing (every target, ${VMCRED_FUZZ_SECONDS:-10} s each)" fuzz_stage "$([ "${VMCRED_SKIP_FUZZ:-}" = 1 ] && echo skip)"
+stage "fuzzing (every target, ${VMCRED_FUZZ_SECONDS:-8} s each)" fuzz_stage "$([ "${VMCRED_SKIP_FUZZ:-}" = 1 ] && echo skip)"
 echo "== all stages done"

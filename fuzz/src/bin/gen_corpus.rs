@@ -375,7 +375,7 @@ fn main() {
     );
 
     // The rest of the control protocol: rotate-key, and replies as streamed
-    // (items, then a terminal line; tag 2), and blown up (tag 5).
+    // (items, then a terminal line; tag 2), and blown up (tag 13).
     let rotate_key: Request = serde_json::from_str(
         r#"{"cmd":"rotate_key","step":"prepare","force":false,"timeout_ms":30000}"#,
     )
@@ -411,13 +411,13 @@ fn main() {
         out,
         "control",
         "blowup_rotate",
-        &json_line(5, &Reply::Rotate(report)),
+        &json_line(13, &Reply::Rotate(report)),
     );
     write(
         out,
         "control",
         "blowup_status",
-        &json_line(5, &Reply::Status(status)),
+        &json_line(13, &Reply::Status(status)),
     );
 
     // A systemd LoadCredential= peer of the guest's credential socket.

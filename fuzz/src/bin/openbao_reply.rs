@@ -2,7 +2,8 @@
 //! (`openbao::reply`): KV v2 data and metadata, login / lookup replies and
 //! error lists. The store is a network peer; a compromised or confused one
 //! can send anything. Input: one line naming the field to pick, then the
-//! body. Invariants: no panic; a field is taken only from valid JSON that
+//! body. Invariants: no panic; a field is taken from a UTF-8 body (as HTTP
+//! JSON is) only when it is valid JSON that
 //! has it under `data.data`, as a string, and the value is that string; a
 //! reply said to hold data is valid JSON with an object there; the error
 //! text is at most three bounded entries with no control, format or
@@ -21,13 +22,17 @@ fn main() {
         let Ok(field) = std::str::from_utf8(field) else {
             return;
         };
+        // serde_json does not check the UTF-8 of strings it skips: the
+        // comparisons below hold for UTF-8 bodies (which HTTP JSON is).
+        let utf8 = std::str::from_utf8(body).is_ok();
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let inner = parsed
             .as_ref()
             .and_then(|v| v.get("data"))
             .and_then(|d| d.get("data"));
 
-        if let Ok(value) = reply::field(body, field) {
+        let value = reply::field(body, field);
+        if let (Ok(value), true) = (value, utf8) {
             let inner = inner.expect("a field taken from a reply that is not KV v2 data");
             let obj = inner.as_object().expect("a field taken from a non-object");
             // With duplicate keys serde_json's map keeps the last one and
@@ -39,11 +44,12 @@ fn main() {
                 }
             }
         }
-        if reply::check_data(body).is_ok() && !has_duplicate_keys(body) {
+        if reply::check_data(body).is_ok() && utf8 && !has_duplicate_keys(body) {
             let inner = inner.expect("data accepted from a reply that is not KV v2 data");
             assert!(inner.is_object(), "data accepted that is not an object");
         }
-        if let Ok(m) = reply::metadata(body) {
+        let meta = reply::metadata(body);
+        if let (Ok(m), true) = (meta, utf8) {
             let v = parsed.as_ref().expect("metadata from invalid JSON");
             if !has_duplicate_keys(body) {
                 let cur = v["data"]["current_version"].as_u64();
