@@ -3,7 +3,7 @@
 # a socket: builds the targets in fuzz/ with `cargo afl` (AFL++, stable
 # toolchain) and runs each for a bounded time.
 #
-#   fuzz/run.sh                      # every target, 20 s each (CI)
+#   fuzz/run.sh                      # every target, 20 s each (CI: 8 s)
 #   fuzz/run.sh --seconds 3600       # the long run
 #   fuzz/run.sh --targets "bootstrap rules" --seconds 60
 #   fuzz/run.sh --seeds              # rewrite fuzz/corpus/ from real messages, then run
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_EACH=${2:?--seconds needs a number}; shift 2 ;;
     --targets) TARGETS=${2:?--targets needs a list}; shift 2 ;;
     --seeds) SEEDS=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$FUZZ_DIR/run.sh"; exit 0 ;;
     *) echo "fuzz/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
