@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use prost::Message;
 use tonic::Request;
-use vmcred_fuzz::{rt, snapshot, GuestFixture, BASE_GENERATION, MANAGED, MANAGED_VALUE};
+use vmcred_fuzz::{snapshot, GuestFixture, BASE_GENERATION, MANAGED, MANAGED_VALUE};
 use vmcred_proto::rpc::pb::HelloRequest;
 use vmcred_proto::rpc::Guest;
 
@@ -33,7 +33,8 @@ fn main() {
         let again = HelloRequest::decode(req.encode_to_vec().as_slice())
             .expect("a decoded message re-encodes to a decodable one");
         assert_eq!(again, req, "prost round trip");
-        let reply = rt()
+        let reply = fx
+            .rt
             .block_on(fx.service.hello(Request::new(req)))
             .expect("Hello on a healthy store succeeds")
             .into_inner();
