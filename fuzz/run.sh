@@ -3,7 +3,7 @@
 # a socket: builds the targets in fuzz/ with `cargo afl` (AFL++, stable
 # toolchain) and runs each for a bounded time.
 #
-#   fuzz/run.sh                      # every target, 20 s each (CI)
+#   fuzz/run.sh                      # every target, 20 s each (CI: 8 s)
 #   fuzz/run.sh --seconds 3600       # the long run
 #   fuzz/run.sh --targets "bootstrap rules" --seconds 60
 #   fuzz/run.sh --seeds              # rewrite fuzz/corpus/ from real messages, then run
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 FUZZ_DIR=$PWD
 
-ALL_TARGETS="bootstrap rules guest_hello guest_apply host_replies host_config guest_config control hybrid_reply guest_state host_generations host_session"
+ALL_TARGETS="bootstrap rules guest_hello guest_apply host_replies host_config guest_config control hybrid_reply guest_state host_generations host_session creds_address openbao_reply pins_file guest_recovery"
 SECONDS_EACH=20
 TARGETS=$ALL_TARGETS
 SEEDS=0
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_EACH=${2:?--seconds needs a number}; shift 2 ;;
     --targets) TARGETS=${2:?--targets needs a list}; shift 2 ;;
     --seeds) SEEDS=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$FUZZ_DIR/run.sh"; exit 0 ;;
     *) echo "fuzz/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,9 +71,24 @@ if [ "$SEEDS" = 1 ]; then
   echo "fuzz: wrote $(find corpus -type f | wc -l) seeds to fuzz/corpus"
 fi
 
+# The targets' scratch stores live in a directory of this run alone (on
+# tmpfs when there is one), removed when the run ends. Several runs can
+# share a machine: a run must never remove another's live stores (one that
+# removed every vmcred-fuzz-* directory made a running guest_hello abort
+# on every input).
+scratch_base=/dev/shm
+[ -d "$scratch_base" ] && [ -w "$scratch_base" ] || scratch_base=${TMPDIR:-/tmp}
+# (Not named vmcred-fuzz-*: older copies of this script removed those.)
+VMCRED_FUZZ_SCRATCH=$(mktemp -d "$scratch_base/vmcred-fuzzrun.XXXXXX")
+export VMCRED_FUZZ_SCRATCH
+trap 'rm -rf -- "$VMCRED_FUZZ_SCRATCH"' EXIT
+# The guest fixtures answer Hello, which tells systemd the agent is ready
+# when NOTIFY_SOCKET is set: never from a fuzz target.
+unset NOTIFY_SOCKET
+
 # The machine's core pattern pipes to a crash handler; AFL++ still sees
 # every crash of the target itself. Other engineers' builds share the
-# cores, so no CPU binding; the scratch stores live on tmpfs.
+# cores, so no CPU binding.
 # (AFL_SKIP_BIN_CHECK must stay unset, whatever its value: it also skips
 # the detection of persistent mode, and every input then times out.)
 export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 \
@@ -96,10 +111,9 @@ for t in $TARGETS; do
   rc=${PIPESTATUS[0]}
   set -o pipefail
   # Stores and sockets a target process made live on until it exits; each
-  # AFL++ restart of the target leaves one behind.
-  for scratch in /dev/shm "${TMPDIR:-/tmp}"; do
-    find "$scratch" -maxdepth 1 -name 'vmcred-fuzz-*' -exec rm -rf {} + 2>/dev/null || true
-  done
+  # AFL++ restart of the target leaves one behind: empty this run's own
+  # scratch directory, nothing else.
+  find "$VMCRED_FUZZ_SCRATCH" -mindepth 1 -maxdepth 1 -exec rm -rf {} + 2>/dev/null || true
   stats=$out/default/fuzzer_stats
   if [ ! -f "$stats" ]; then
     echo "$t: afl-fuzz did not start (exit $rc); last lines of fuzz/out/$t/afl.log:"

@@ -18,8 +18,9 @@ use vmcred_guest::service::GuestService;
 use vmcred_guest::store::{Limits, State, Store};
 use vmcred_guest::units::UnitRunner;
 
-/// One current-thread runtime per fuzzing process: building one per input
-/// would dominate the cost of an execution.
+/// One current-thread runtime per fuzzing process, for targets without a
+/// guest fixture: building one per input would dominate the cost of an
+/// execution.
 pub fn rt() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -30,23 +31,26 @@ pub fn rt() -> &'static Runtime {
     })
 }
 
-/// Where targets create their temporary directories: a tmpfs when there is
-/// one (`/dev/shm`), so thousands of stores a second cost no disk I/O.
+/// Where targets create their temporary directories: the directory
+/// `fuzz/run.sh` made for this run alone (`VMCRED_FUZZ_SCRATCH`, on tmpfs
+/// when there is one, so thousands of stores a second cost no disk I/O),
+/// else `/dev/shm`, else the system's temporary directory.
+///
+/// The per-run directory is what lets a run clean up after itself without
+/// touching another run's live stores: several runs share this machine,
+/// and a run that once removed every `vmcred-fuzz-*` directory in
+/// `/dev/shm` pulled the store from under a running `guest_hello`, which
+/// then aborted on every input.
 pub fn scratch_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMCRED_FUZZ_SCRATCH") {
+        return PathBuf::from(dir);
+    }
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
     }
-}
-
-/// Opt-in assertions for invariants that open issues say do not hold yet
-/// (issue 9, points 6 and 7). Off by default so CI stays meaningful; set
-/// `VMCRED_FUZZ_OPEN_ISSUES=1` to check whether they are fixed.
-pub fn check_open_issues() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("VMCRED_FUZZ_OPEN_ISSUES").is_some_and(|v| v == "1"))
 }
 
 /// Names in the guest's credentials directory at the start of every
@@ -62,8 +66,18 @@ pub const FOREIGN_VALUE: &[u8] = b"from-smbios";
 /// mode, and no unit actions (a unit action would spawn `systemctl`).
 pub const GUEST_CONFIG: &str = "[credentials.API_KEY]\nmode = \"0440\"\n";
 
-/// A real guest agent's store and service in a fresh directory.
+/// A real guest agent's store and service in a fresh directory, with a
+/// runtime of its own. The service starts a background task (the retry of
+/// owed unit actions) that lives as long as its runtime and holds the
+/// store, with its directory descriptor: on a runtime shared by every
+/// execution those tasks piled up, one per input, until the process ran
+/// out of file descriptors and `guest_apply` aborted. Dropping the fixture
+/// drops its runtime, and with it the task, the store and the descriptor.
+/// (The agent itself makes one service per process.)
 pub struct GuestFixture {
+    /// Dropped first, so the task lets go of the store before the
+    /// directory is removed.
+    pub rt: Runtime,
     pub dir: tempfile::TempDir,
     pub creds: PathBuf,
     pub state: PathBuf,
@@ -110,15 +124,21 @@ impl GuestFixture {
             Arc::new(Store::open(&creds, &state, Limits::default()).expect("open the store"));
         let config = Arc::new(GuestConfig::parse(GUEST_CONFIG).expect("guest config"));
         // The service starts its background retry task at construction,
-        // so it is built inside the fuzz process's runtime.
-        let _rt = rt().enter();
+        // so it is built inside the fixture's runtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for the guest fixture");
+        let entered = rt.enter();
         let service = GuestService::new(
             store.clone(),
             config,
             UnitRunner::new(PathBuf::from("/bin/false")),
             Arc::new(Readiness::new()),
         );
+        drop(entered);
         GuestFixture {
+            rt,
             dir,
             creds,
             state,
@@ -189,4 +209,38 @@ pub fn is_dangerous_char(c: char, strict: bool) -> bool {
         | '\u{FEFF}'
         | '\u{FFF9}'..='\u{FFFB}'
         | '\u{E0000}'..='\u{E007F}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcred_proto::rpc::Guest;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("list /proc/self/fd")
+            .count()
+    }
+
+    /// `guest_apply` makes a fixture per input, thousands a second in one
+    /// process: a fixture must give back everything it opened.
+    #[test]
+    fn fixtures_leak_no_descriptors() {
+        drop(GuestFixture::new());
+        let before = open_fds();
+        for _ in 0..200 {
+            let fx = GuestFixture::new();
+            let reply = fx
+                .rt
+                .block_on(fx.service.hello(tonic::Request::new(Default::default())))
+                .expect("Hello");
+            assert_eq!(reply.into_inner().applied_generation, BASE_GENERATION);
+        }
+        let after = open_fds();
+        assert!(
+            after <= before + 8,
+            "{} descriptors more after 200 fixtures",
+            after - before
+        );
+    }
 }

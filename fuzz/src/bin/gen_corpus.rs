@@ -128,7 +128,11 @@ fn main() {
             .collect(),
         guest_version: vmcred_proto::VERSION.into(),
         owed_units: vec![unit("broken.service", false, "exit status 1")],
-        pins: vec![],
+        // Mid key rollover: the current key's pin and the next one's.
+        pins: vec![
+            digest(b"current host key").to_vec(),
+            digest(b"next host key").to_vec(),
+        ],
     };
     write(
         out,
@@ -265,8 +269,8 @@ fn main() {
     // Configs as the README and the tests write them.
     write(out, "host_config", "readme", HOST_TOML.as_bytes());
     write(out, "host_config", "hybrid_unix", HOST_TOML_2.as_bytes());
-    // Issue 9 point 7: a name every guest refuses (caught with
-    // VMCRED_FUZZ_OPEN_ISSUES=1 until the host applies the guest's rule).
+    // Issue 9 point 7: a name every guest refuses, which the host's config
+    // must refuse too.
     write(
         out,
         "host_config",
@@ -341,8 +345,8 @@ fn main() {
         ..Default::default()
     };
     for (name, r) in [
-        ("rotate", Reply::Rotate(report)),
-        ("status", Reply::Status(status)),
+        ("rotate", Reply::Rotate(report.clone())),
+        ("status", Reply::Status(status.clone())),
         ("ok", Reply::Ok),
         ("error", Reply::Error("no VM named \"x\"".into())),
     ] {
@@ -356,6 +360,244 @@ fn main() {
     write(out, "hybrid_reply", "ok_then_tls", &ok);
     write(out, "hybrid_reply", "refused", b"NO\n");
     write(out, "hybrid_reply", "closed", b"");
+
+    // The Trust rpc's reply as the host reads it (tag 2).
+    let trust = pb::TrustReply {
+        pins: vec![
+            digest(b"current host key").to_vec(),
+            digest(b"next host key").to_vec(),
+        ],
+    };
+    write(
+        out,
+        "host_replies",
+        "trust_reply",
+        &tagged(2, trust.encode_to_vec()),
+    );
+
+    // The rest of the control protocol: rotate-key, and replies as streamed
+    // (items, then a terminal line; tag 2), and blown up (tag 13).
+    let rotate_key: Request = serde_json::from_str(
+        r#"{"cmd":"rotate_key","step":"prepare","force":false,"timeout_ms":30000}"#,
+    )
+    .expect("a rotate-key request");
+    write(
+        out,
+        "control",
+        "request_rotate_key",
+        &json_line(0, &rotate_key),
+    );
+    let key: Reply = serde_json::from_value(serde_json::json!({"key": {
+        "step": "switch", "outcome": "done", "phase": "switched",
+        "current_pin": Pin(digest(b"next host key")).to_string(),
+        "next_pin": null,
+        "previous_pin": Pin(digest(b"current host key")).to_string(),
+    }}))
+    .expect("a key reply");
+    let mut streamed = Vec::new();
+    for r in [
+        Reply::Status(status.clone()),
+        Reply::Rotate(report.clone()),
+        key.clone(),
+        Reply::Done { count: 3 },
+    ] {
+        streamed.extend(&json_line(0, &r)[1..]);
+    }
+    write(out, "control", "stream_items", &tagged(2, streamed));
+    let mut busy = json_line(2, &Reply::Busy("no free slot".into()));
+    busy.extend(&json_line(0, &Reply::Unknown("vm \"x\"".into()))[1..]);
+    write(out, "control", "stream_busy", &busy);
+    write(out, "control", "reply_key", &json_line(1, &key));
+    write(
+        out,
+        "control",
+        "blowup_rotate",
+        &json_line(13, &Reply::Rotate(report)),
+    );
+    write(
+        out,
+        "control",
+        "blowup_status",
+        &json_line(13, &Reply::Status(status)),
+    );
+
+    // A systemd LoadCredential= peer of the guest's credential socket.
+    write(
+        out,
+        "creds_address",
+        "systemd",
+        b"1f2e3d4c5b6a7980/unit/demo-consumer.service/API_KEY",
+    );
+    write(
+        out,
+        "creds_address",
+        "templated",
+        b"00ff/unit/getty@tty1.service/vmcred.bootstrap",
+    );
+    write(
+        out,
+        "creds_address",
+        "traversal",
+        b"ab/unit/x.service/../../etc",
+    );
+
+    // OpenBao / Vault replies: a field line, then the body.
+    let bao = |field: &str, body: serde_json::Value| {
+        let mut v = field.as_bytes().to_vec();
+        v.push(b'\n');
+        v.extend(serde_json::to_vec(&body).expect("json"));
+        v
+    };
+    write(
+        out,
+        "openbao_reply",
+        "data",
+        &bao(
+            "password",
+            serde_json::json!({
+                "request_id": "8f3a", "lease_duration": 0, "renewable": false,
+                "data": {"data": {"password": "p\u{e9}\"w", "user": "app"},
+                         "metadata": {"version": 3, "deletion_time": "", "destroyed": false}},
+            }),
+        ),
+    );
+    write(
+        out,
+        "openbao_reply",
+        "deleted",
+        &bao(
+            "password",
+            serde_json::json!({
+                "data": {"data": null, "metadata": {"version": 2, "deletion_time": "2026-01-01T00:00:00Z"}},
+            }),
+        ),
+    );
+    write(
+        out,
+        "openbao_reply",
+        "metadata",
+        &bao(
+            "x",
+            serde_json::json!({
+                "data": {"current_version": 2, "versions": {
+                    "1": {"deletion_time": "", "destroyed": false},
+                    "2": {"deletion_time": "2026-01-01T00:00:00Z", "destroyed": false}}},
+            }),
+        ),
+    );
+    write(
+        out,
+        "openbao_reply",
+        "login",
+        &bao(
+            "x",
+            serde_json::json!({
+                "auth": {"client_token": "s.token", "lease_duration": 2764800, "renewable": true},
+            }),
+        ),
+    );
+    write(
+        out,
+        "openbao_reply",
+        "lookup",
+        &bao(
+            "x",
+            serde_json::json!({
+                "data": {"ttl": 3600, "renewable": true},
+            }),
+        ),
+    );
+    write(
+        out,
+        "openbao_reply",
+        "errors",
+        &bao(
+            "x",
+            serde_json::json!({
+                "errors": ["permission denied", "1 error occurred:\n\t* \u{202e}txt"],
+            }),
+        ),
+    );
+
+    // The guest's pin set (pins_file's bootstrap pin is [0xb0; 32]).
+    let boot = Pin([0xb0; 32]).to_string();
+    let next = Pin(digest(b"next host key")).to_string();
+    for (name, root, pins) in [
+        ("one", boot.clone(), vec![boot.clone()]),
+        ("rollover", boot.clone(), vec![boot.clone(), next.clone()]),
+        ("switched", boot.clone(), vec![next.clone()]),
+        ("relaunched", next.clone(), vec![next.clone()]),
+        (
+            "three",
+            boot.clone(),
+            vec![boot.clone(), next.clone(), boot.clone()],
+        ),
+    ] {
+        let f = serde_json::json!({"root": root, "pins": pins});
+        write(
+            out,
+            "pins_file",
+            name,
+            &serde_json::to_vec_pretty(&f).expect("json"),
+        );
+    }
+
+    // What a crash leaves (guest_recovery): flags, push.json, NUL, mount.json.
+    let recovery = |flags: u8, journal: serde_json::Value, record: Option<serde_json::Value>| {
+        let mut v = vec![flags];
+        v.extend(serde_json::to_vec_pretty(&journal).expect("json"));
+        if let Some(r) = record {
+            v.push(0);
+            v.extend(serde_json::to_vec_pretty(&r).expect("json"));
+        }
+        v
+    };
+    let mid_push = serde_json::json!({"generation": 6, "entries": [
+        {"name": "API_KEY", "remove": false, "had_old": true},
+        {"name": "NEW_ONE", "remove": false, "had_old": false},
+        {"name": "DB_PASSWORD", "remove": true, "had_old": true},
+    ]});
+    let ro = serde_json::json!({"read_only": true, "size_bytes": 1048576});
+    write(
+        out,
+        "guest_recovery",
+        "rollback_ro",
+        &recovery(1 | 2 | 4, mid_push.clone(), Some(ro.clone())),
+    );
+    write(
+        out,
+        "guest_recovery",
+        "commit_ro",
+        &recovery(1 | 4 | 8, mid_push.clone(), Some(ro.clone())),
+    );
+    write(
+        out,
+        "guest_recovery",
+        "writable_left",
+        &recovery(
+            2,
+            serde_json::json!({"generation": 9, "entries": []}),
+            Some(ro),
+        ),
+    );
+    write(
+        out,
+        "guest_recovery",
+        "first_start",
+        &recovery(4, mid_push, None),
+    );
+    let grown = serde_json::json!({"read_only": true, "size_bytes": 3145728});
+    write(out, "guest_recovery", "clean_ro", &[1]);
+    write(
+        out,
+        "guest_recovery",
+        "grown",
+        &recovery(
+            1,
+            serde_json::json!({"generation": 1, "entries": []}),
+            Some(grown),
+        ),
+    );
 }
 
 const HOST_TOML: &str = r#"# All top-level keys are optional; these are the defaults.

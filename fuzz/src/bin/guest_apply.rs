@@ -9,7 +9,7 @@
 
 use prost::Message;
 use tonic::{Code, Request};
-use vmcred_fuzz::{is_temp_name, rt, snapshot, GuestFixture, BASE_GENERATION};
+use vmcred_fuzz::{is_temp_name, snapshot, GuestFixture, BASE_GENERATION};
 use vmcred_proto::rpc::pb::{ApplyRequest, Outcome};
 use vmcred_proto::rpc::Guest;
 
@@ -26,7 +26,7 @@ fn main() {
         let creds_before = snapshot(&fx.creds);
         let state_before = snapshot(&fx.state);
         let sent = req.clone();
-        let result = rt().block_on(fx.service.apply(Request::new(req)));
+        let result = fx.rt.block_on(fx.service.apply(Request::new(req)));
         let creds_after = snapshot(&fx.creds);
         let state_after = snapshot(&fx.state);
 
