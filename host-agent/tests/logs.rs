@@ -42,15 +42,31 @@ fn an_unreachable_vm_is_logged_once_and_every_event_is_one_prefixed_line() {
     )
     .unwrap();
     let log = p.join("serve.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    // `JOURNAL_STREAM` counts only when it names fd 2 itself (as systemd
+    // sets it); with no journald socket to reach, the agent falls back to
+    // one `<N>`-prefixed line per event, which is what is checked here.
+    // Native journal entries are `tests/tests/journald.rs`'s.
+    let stream = {
+        use std::os::unix::fs::MetadataExt;
+        let m = log_file.metadata().unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    };
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        let why = "journald runs here: the agent would write native entries; the fallback is checked only where no journal socket exists";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("{why}");
+        return;
+    }
     let serve = Serve(
         Command::new(env!("CARGO_BIN_EXE_vmcred-host"))
             .args(["serve", "--config"])
             .arg(&config)
-            .env("JOURNAL_STREAM", "8:1234")
+            .env("JOURNAL_STREAM", &stream)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file)
             .spawn()
             .unwrap(),
     );
