@@ -92,15 +92,7 @@ impl PinStore {
             path: state_dir.display().to_string(),
             why,
         };
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(state_dir)
-                .map_err(|e| dir_err(format!("cannot create: {e}")))?;
-        }
-        crate::store::check_private_dir(state_dir).map_err(dir_err)?;
+        crate::store::ensure_private_dir(state_dir).map_err(dir_err)?;
         let path = state_dir.join("pins.json");
         let corrupt = |why: String| PinError::Corrupt {
             path: path.display().to_string(),

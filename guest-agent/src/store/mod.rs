@@ -288,12 +288,7 @@ impl Store {
             path: state_dir.display().to_string(),
             why,
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(|e| state_err(format!("cannot create: {e}")))?;
-        check_private_dir(state_dir).map_err(state_err)?;
+        ensure_private_dir(state_dir).map_err(state_err)?;
         match std::fs::symlink_metadata(credentials_dir) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -375,6 +370,22 @@ impl Store {
         }
     }
 
+    /// Opens a credential for reading without following a symlink, and
+    /// without blocking or side effects if something other than a regular
+    /// file was swapped in (a FIFO, a device): callers fstat what they got.
+    fn open_for_read(&self, name: &str) -> nix::Result<std::os::fd::OwnedFd> {
+        openat(
+            self.dirfd(),
+            name,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    }
+
     /// What is at `name` now, hashed without holding the value in one
     /// buffer. Only regular files are opened: opening a FIFO or a device
     /// could block or have side effects.
@@ -388,16 +399,7 @@ impl Store {
         if !is_regular(&st) {
             return Ok(Current::NotRegular);
         }
-        let fd = match openat(
-            self.dirfd(),
-            name,
-            OFlag::O_RDONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY
-                | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        let fd = match self.open_for_read(name) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(Current::Missing),
             Err(Errno::ELOOP) => return Ok(Current::NotRegular),
@@ -472,16 +474,7 @@ impl Store {
         if !lock(&self.state).managed.contains(name) {
             return Ok(None);
         }
-        let fd = match openat(
-            self.dirfd(),
-            name,
-            OFlag::O_RDONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY
-                | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        let fd = match self.open_for_read(name) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(None),
             Err(Errno::ELOOP) => {
@@ -602,11 +595,22 @@ impl Store {
     }
 }
 
-/// Checks, at every start, that a directory the agent keeps state in can
+/// Creates (0700) if needed, then checks at every start, that a directory
+/// the agent keeps state in can
 /// be changed by this user alone: whoever else could write it could plant
 /// `state.json`, `pins.json` or a journal and so roll generations back or
 /// widen the trusted host keys. Not followed if it is a symlink, which is
 /// itself refused: its target could be swapped.
+pub fn ensure_private_dir(path: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| format!("cannot create: {e}"))?;
+    check_private_dir(path)
+}
+
+/// The check half of [`ensure_private_dir`], for a directory that exists.
 pub fn check_private_dir(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot inspect: {e}"))?;
