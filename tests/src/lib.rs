@@ -425,7 +425,10 @@ impl World {
         };
         if let Some((first, rest)) = g.prefix.split_first() {
             let mut wrapped = Command::new(first);
-            wrapped.args(rest).arg(cmd.get_program()).args(cmd.get_args());
+            wrapped
+                .args(rest)
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
             cmd = wrapped;
         }
         cmd.envs(g.env.iter().map(|(k, v)| (k, v)));

@@ -107,7 +107,9 @@ fn guest_events_are_native_journal_entries_with_generation_and_unit() {
     let mut entries: Vec<Entry> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + T;
-    let find = |entries: &[Entry], pred: &dyn Fn(&Entry) -> bool| entries.iter().find(|e| pred(e)).cloned();
+    let find = |entries: &[Entry], pred: &dyn Fn(&Entry) -> bool| {
+        entries.iter().find(|e| pred(e)).cloned()
+    };
     let is_apply = |e: &Entry| text(e, "MESSAGE").starts_with("apply: ");
     let is_unit = |e: &Entry| text(e, "MESSAGE") == "unit action done";
     while (find(&entries, &is_apply).is_none() || find(&entries, &is_unit).is_none())
@@ -119,7 +121,8 @@ fn guest_events_are_native_journal_entries_with_generation_and_unit() {
             }
         }
     }
-    let apply = find(&entries, &is_apply).unwrap_or_else(|| panic!("no apply entry in {entries:?}"));
+    let apply =
+        find(&entries, &is_apply).unwrap_or_else(|| panic!("no apply entry in {entries:?}"));
     let generation: u64 = text(&apply, "GENERATION")
         .parse()
         .expect("GENERATION is a number");
@@ -204,7 +207,10 @@ fn guest_falls_back_to_prefixed_lines_without_a_journal_socket() {
             .unwrap_or_else(|| panic!("no {needle:?} line in {log}"))
             .to_string()
     };
-    assert!(line("cannot send to journald's socket").starts_with("<4>"), "{log}");
+    assert!(
+        line("cannot send to journald's socket").starts_with("<4>"),
+        "{log}"
+    );
     let apply = line("apply: ");
     assert!(apply.starts_with("<6>"), "{apply}");
     assert!(apply.contains("generation="), "{apply}");
