@@ -144,6 +144,22 @@ fn utc_timestamp(now: SystemTime) -> String {
     )
 }
 
+/// `text` with control characters other than line breaks (which
+/// `one_line` escapes) written as `\u{1b}`: a value a peer chose (an
+/// error, a name) cannot move a terminal's cursor or recolour the output,
+/// as tracing-subscriber's `fmt` layer guarantees too.
+pub fn without_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\r' {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl LogLayer {
     fn entry(&self, event: &Event<'_>, f: &Fields) -> Vec<u8> {
         let meta = event.metadata();
@@ -178,7 +194,7 @@ impl LogLayer {
         }
         logline::one_line(
             prefixed.then(|| logline::priority(meta.level())),
-            text.as_bytes(),
+            without_controls(&text).as_bytes(),
         )
     }
 }
@@ -224,6 +240,14 @@ mod tests {
         want.extend_from_slice(&3u64.to_le_bytes());
         want.extend_from_slice(b"x\ny\n");
         assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_lines() {
+        assert_eq!(
+            without_controls("a\u{1b}[31mred\u{7}\tb\nc"),
+            "a\\u{1b}[31mred\\u{7}\\u{9}b\nc"
+        );
     }
 
     #[test]
