@@ -15,7 +15,7 @@
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -29,23 +29,24 @@ pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// Where events go.
 pub enum Output {
-    /// Native entries on journald's socket; a datagram that cannot be sent
-    /// is written to stderr as a `<N>` line instead, so nothing is lost.
-    Journal(UnixDatagram),
+    /// Native entries on journald's socket, addressed per datagram (not
+    /// connected) so that entries reach a restarted journald's new socket.
+    /// A datagram that cannot be sent is written to stderr as a `<N>`
+    /// line instead, so nothing is lost.
+    Journal(UnixDatagram, PathBuf),
     /// One line per event on stderr: with a `<N>` prefix and no timestamp
     /// under systemd (`prefixed`), or a UTC timestamp otherwise.
     Stderr { prefixed: bool },
 }
 
 impl Output {
-    /// A socket connected to `path` after an empty datagram (journald
-    /// discards those) reached it, so a missing or dead journal shows here
-    /// rather than at the first event.
+    /// A socket for `path`, once an empty datagram (journald discards
+    /// those) reached it, so a missing or dead journal shows here rather
+    /// than at the first event.
     pub fn journal(path: &Path) -> io::Result<Output> {
         let sock = UnixDatagram::unbound()?;
-        sock.connect(path)?;
-        sock.send(&[])?;
-        Ok(Output::Journal(sock))
+        sock.send_to(&[], path)?;
+        Ok(Output::Journal(sock, path.to_path_buf()))
     }
 }
 
@@ -204,8 +205,8 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LogLayer {
         let mut f = Fields::default();
         event.record(&mut f);
         let line = match &self.output {
-            Output::Journal(sock) => {
-                if sock.send(&self.entry(event, &f)).is_ok() {
+            Output::Journal(sock, path) => {
+                if sock.send_to(&self.entry(event, &f), path).is_ok() {
                     return;
                 }
                 self.line(event, &f, true)
