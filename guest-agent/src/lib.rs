@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod creds_socket;
 pub mod listener;
+pub mod logs;
 pub mod notify;
 pub mod owed;
 pub mod pins;

@@ -7,8 +7,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use vmcred_guest::cli::Cli;
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::listener::GuestListener;
@@ -34,24 +32,7 @@ fn init_logging(level: Option<&str>) -> Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
     };
-    // One line per event; under systemd a <N> priority prefix for journald,
-    // and no timestamp of our own (the journal has one).
-    let journal = vmcred_proto::logline::under_journald();
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(vmcred_proto::logline::Stderr { prefix: journal })
-        // Colour only on a terminal; the journal would store the escapes.
-        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if journal {
-        tracing_subscriber::registry()
-            .with(layer.without_time())
-            .with(filter)
-            .init();
-    } else {
-        tracing_subscriber::registry()
-            .with(layer)
-            .with(filter)
-            .init();
-    }
+    vmcred_guest::logs::init(filter);
     Ok(())
 }
 

@@ -446,7 +446,7 @@ impl Inner {
             .collect::<Vec<_>>()
             .join(", ");
         for r in done.results.iter().filter(|r| !r.error.is_empty()) {
-            tracing::warn!(generation, name = %r.name, error = %r.error, "credential not applied");
+            tracing::warn!(generation, credential = %r.name, error = %r.error, "credential not applied");
         }
         tracing::info!(
             generation,

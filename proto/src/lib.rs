@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod fsutil;
+pub mod loglayer;
 pub mod logline;
 pub mod rpc;
 pub mod rules;

@@ -78,6 +78,10 @@ pub struct Guest {
     pub extra_config: String,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// A command the agent runs under (`unshare …`), and extra environment
+    /// (`JOURNAL_STREAM`), as for the host agent.
+    pub prefix: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// A host agent, its config and its guests in one temporary directory.
@@ -153,6 +157,8 @@ impl World {
             units: BTreeMap::new(),
             extra_config: String::new(),
             child: None,
+            prefix: Vec::new(),
+            env: Vec::new(),
         };
         self.guests.insert(name.into(), g);
         self.creds.entry(name.into()).or_default();
@@ -417,6 +423,15 @@ impl World {
             c.args(&args);
             c
         };
+        if let Some((first, rest)) = g.prefix.split_first() {
+            let mut wrapped = Command::new(first);
+            wrapped
+                .args(rest)
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            cmd = wrapped;
+        }
+        cmd.envs(g.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", level)
             .env_remove("NOTIFY_SOCKET")
             .stdout(log.try_clone()?)

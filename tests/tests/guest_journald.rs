@@ -1,0 +1,218 @@
+//! The guest agent's log events as native journal entries: the real agent
+//! runs with its stderr named by `JOURNAL_STREAM` (as systemd does), in a
+//! private mount namespace whose `/run/systemd/journal/socket` is a Unix
+//! datagram socket this test binds; each datagram is parsed as journald's
+//! native protocol. Needs root (the mount namespace).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use vmcred_tests::World;
+
+const T: Duration = Duration::from_secs(30);
+const VM: &str = "vm1";
+const UNIT: &str = "app.service";
+
+type Entry = BTreeMap<String, Vec<u8>>;
+
+/// One datagram of journald's native protocol: `NAME=value\n`, or
+/// `NAME\n` + a 64-bit little-endian length + the value + `\n`.
+fn parse_entry(mut d: &[u8]) -> Entry {
+    let mut e = Entry::new();
+    while !d.is_empty() {
+        let nl = d
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("field ends in a newline");
+        let line = &d[..nl];
+        match line.iter().position(|b| *b == b'=') {
+            Some(eq) => {
+                e.insert(
+                    String::from_utf8(line[..eq].to_vec()).unwrap(),
+                    line[eq + 1..].to_vec(),
+                );
+                d = &d[nl + 1..];
+            }
+            None => {
+                let name = String::from_utf8(line.to_vec()).unwrap();
+                let rest = &d[nl + 1..];
+                let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+                e.insert(name, rest[8..8 + len].to_vec());
+                assert_eq!(rest[8 + len], b'\n');
+                d = &rest[8 + len + 1..];
+            }
+        }
+        let name = e.keys().last().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+            "a journal field name: {name:?}"
+        );
+    }
+    e
+}
+
+fn text(e: &Entry, k: &str) -> String {
+    String::from_utf8_lossy(e.get(k).map(Vec::as_slice).unwrap_or_default()).into_owned()
+}
+
+#[test]
+fn guest_events_are_native_journal_entries_with_generation_and_unit() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+        return;
+    }
+    let mut w = World::new().unwrap();
+    w.log_level = "info".into();
+    w.add_vm(VM, false).unwrap();
+    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    let jdir = w.path().join("guest-journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let sock = UnixDatagram::bind(jdir.join("socket")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    {
+        let g = w.guests.get_mut(VM).unwrap();
+        g.units.insert("API_KEY".into(), vec![UNIT.into()]);
+        // systemd's JOURNAL_STREAM: DEV:INO of the stream given as stderr
+        // (the harness appends the agent's stderr to this file).
+        std::fs::write(&g.log, b"").unwrap();
+        let m = std::fs::metadata(&g.log).unwrap();
+        g.env
+            .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
+        // A tmpfs over /run only in the agent's mount namespace, with the
+        // test's socket where journald's would be.
+        g.prefix = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+             mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([jdir.display().to_string()])
+        .collect();
+    }
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "API_KEY", b"first-value", T)
+        .unwrap();
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = Instant::now() + T;
+    let find = |entries: &[Entry], pred: &dyn Fn(&Entry) -> bool| {
+        entries.iter().find(|e| pred(e)).cloned()
+    };
+    let is_apply = |e: &Entry| text(e, "MESSAGE").starts_with("apply: ");
+    let is_unit = |e: &Entry| text(e, "MESSAGE") == "unit action done";
+    while (find(&entries, &is_apply).is_none() || find(&entries, &is_unit).is_none())
+        && Instant::now() < deadline
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if n > 0 {
+                entries.push(parse_entry(&buf[..n]));
+            }
+        }
+    }
+    let apply =
+        find(&entries, &is_apply).unwrap_or_else(|| panic!("no apply entry in {entries:?}"));
+    let generation: u64 = text(&apply, "GENERATION")
+        .parse()
+        .expect("GENERATION is a number");
+    assert!(generation > 1_000_000_000_000_000, "{generation}");
+    assert_eq!(text(&apply, "APPLIED_GENERATION"), generation.to_string());
+    assert!(text(&apply, "MESSAGE").contains("API_KEY"), "{apply:?}");
+    assert_eq!(text(&apply, "PRIORITY"), "6", "INFO is informational");
+    assert_eq!(text(&apply, "SYSLOG_IDENTIFIER"), "vmcred-guest");
+
+    let unit = find(&entries, &is_unit).unwrap();
+    assert_eq!(text(&unit, "UNIT"), UNIT);
+    assert_eq!(text(&unit, "ACTION"), "restart");
+    assert_eq!(text(&unit, "PRIORITY"), "6");
+
+    // Every entry has a message, a priority and the identifier, and none
+    // holds the value.
+    for e in &entries {
+        assert!(
+            e.contains_key("MESSAGE") && e.contains_key("PRIORITY"),
+            "{e:?}"
+        );
+        assert_eq!(text(e, "SYSLOG_IDENTIFIER"), "vmcred-guest");
+        assert!(
+            !e.values()
+                .any(|v| v.windows(11).any(|w| w == b"first-value")),
+            "a secret value in the journal: {e:?}"
+        );
+    }
+    // Nothing went to stderr as text: the entries went to the journal.
+    let log = std::fs::read_to_string(&w.guests[VM].log).unwrap();
+    assert!(!log.contains("apply: "), "{log}");
+    assert!(!log.contains("unit action done"), "{log}");
+}
+
+/// Without a journal socket to reach, the agent falls back to `<N>`
+/// prefixed lines on stderr and says why, once.
+#[test]
+fn guest_falls_back_to_prefixed_lines_without_a_journal_socket() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+        return;
+    }
+    let mut w = World::new().unwrap();
+    w.log_level = "info".into();
+    w.add_vm(VM, false).unwrap();
+    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    {
+        let g = w.guests.get_mut(VM).unwrap();
+        std::fs::write(&g.log, b"").unwrap();
+        let m = std::fs::metadata(&g.log).unwrap();
+        g.env
+            .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
+        // An empty /run: no journal socket.
+        g.prefix = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /run && exec \"$@\"",
+            "sh",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    }
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "API_KEY", b"first-value", T)
+        .unwrap();
+    let log_path = w.guests[VM].log.clone();
+    let deadline = Instant::now() + T;
+    let mut log = String::new();
+    while !log.contains("apply: ") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        log = std::fs::read_to_string(&log_path).unwrap();
+    }
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} line in {log}"))
+            .to_string()
+    };
+    assert!(
+        line("cannot send to journald's socket").starts_with("<4>"),
+        "{log}"
+    );
+    let apply = line("apply: ");
+    assert!(apply.starts_with("<6>"), "{apply}");
+    assert!(apply.contains("generation="), "{apply}");
+    assert!(!log.contains("first-value"), "{log}");
+}
