@@ -375,7 +375,9 @@ in
       contains guestUnit "ExecStart=${vmcredPkg}/bin/vmcred-guest --config ${guestTomlFile} --credentials-dir ${lib.escapeShellArg "/run/credentials/@system"} --systemctl ${pkgs.systemd}/bin/systemctl";
     "guest: can bind its vsock port below 1024 and remount the credentials (CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN, @mount)" =
       let lines = lib.filter (l: hasInfix "CapabilityBoundingSet=" l || hasInfix "SystemCallFilter=" l) (lib.splitString "\n" guestUnit); in
-      eq lines [ "CapabilityBoundingSet=CAP_SYS_ADMIN" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" "SystemCallFilter=@system-service" "SystemCallFilter=@mount" ];
+      eq lines [ "CapabilityBoundingSet=CAP_SYS_ADMIN" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" "SystemCallFilter=@system-service" "SystemCallFilter=@mount" "SystemCallFilter=~@resources" ];
+    "guest: hardened where the agent needs nothing (ProtectClock, ProtectHostname, DevicePolicy=closed; no namespace of its own)" =
+      check (lib.all (l: hasInfix l guestUnit) [ "ProtectClock=true" "ProtectHostname=true" "DevicePolicy=closed" ]) guestUnit;
     "guest: no setting that gives the unit its own mount namespace (the remount must be the system's)" =
       check (lib.all (k: !(hasInfix "${k}=" guestUnit)) [
         "ProtectSystem" "ProtectHome" "PrivateTmp" "PrivateDevices" "PrivateMounts" "ReadWritePaths" "ReadOnlyPaths"
