@@ -184,6 +184,13 @@ enum Open {
     Refused(String),
 }
 
+/// A session just dialled, and the guest's Hello when that was its first
+/// call (see `VmTask::open`).
+struct Opened {
+    client: GuestClient<Channel>,
+    hello: Option<Result<GuestView, String>>,
+}
+
 /// Pins kept from a guest's report (it holds at most two).
 const MAX_GUEST_PINS: usize = 4;
 
@@ -319,7 +326,7 @@ impl VmTask {
                 let _ = r.send(());
             }
             match dialled {
-                Ok(client) => {
+                Ok(opened) => {
                     self.update(|s| {
                         s.connected = true;
                         s.last_error = None;
@@ -327,7 +334,7 @@ impl VmTask {
                     debug!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
                     let mut synced = false;
                     let end = self
-                        .session(client, &mut pending, &mut rekeys, &mut synced)
+                        .session(opened, &mut pending, &mut rekeys, &mut synced)
                         .await;
                     self.update(|s| s.connected = false);
                     // Only a session that got the guest in sync resets the
@@ -434,12 +441,12 @@ impl VmTask {
     /// Dials with the current key. A guest that refuses it while the
     /// previous key is still kept (a rollover it slept through) is dialled
     /// with the previous key, handed the current pin, and dialled again.
-    async fn connect(&self) -> Result<GuestClient<Channel>, String> {
+    async fn connect(&self) -> Result<Opened, String> {
         let current = self.keys.current();
         let refused = match self.open(&current, self.keys.next_pin()).await {
-            Ok(client) => {
+            Ok(opened) => {
                 self.update(|s| s.key_refused = false);
-                return Ok(client);
+                return Ok(opened);
             }
             Err(Open::Unreachable(e)) => return Err(e),
             Err(Open::Refused(e)) => e,
@@ -463,22 +470,22 @@ impl VmTask {
             }
         }
         match self.open(&current, None).await {
-            Ok(client) => {
+            Ok(opened) => {
                 self.update(|s| s.key_refused = false);
-                Ok(client)
+                Ok(opened)
             }
             Err(Open::Unreachable(e) | Open::Refused(e)) => Err(e),
         }
     }
 
     /// Dials, authenticates with `key`, and proves the guest accepted it
-    /// with a `Trust` call that hands over `next` (or only asks, when
-    /// `None`); its answer is recorded as the guest's pins.
-    async fn open(
-        &self,
-        key: &DialKey,
-        next: Option<tls::Pin>,
-    ) -> Result<GuestClient<Channel>, Open> {
+    /// with the session's first call: TLS 1.3 reports a refused client
+    /// certificate only at the first read. With no `next` pin to hand over
+    /// that call is the `Hello` the session needs anyway (its reply carries
+    /// the guest's pins), which saves a round trip per connect; otherwise
+    /// it is a `Trust` call that hands `next` over. Either answer is
+    /// recorded as the guest's pins.
+    async fn open(&self, key: &DialKey, next: Option<tls::Pin>) -> Result<Opened, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
             .map_err(|e| Open::Unreachable(e.to_string()))?;
@@ -493,15 +500,21 @@ impl VmTask {
         let mut client = vmcred_proto::rpc::client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
-        // Proves the guest accepted the key: TLS 1.3 reports a refused
-        // client certificate only on the first read.
+        let Some(next) = next else {
+            return self.hello_probe(client).await;
+        };
         let probe = pb::TrustRequest::default();
         match tokio::time::timeout(self.timing.rpc_timeout, client.trust(probe)).await {
             Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
             Ok(Ok(reply)) => self.record_pins(&reply.into_inner().pins),
             // A guest from before key rollovers: the session works, and
             // there is no pin to hand over.
-            Ok(Err(s)) if s.code() == Code::Unimplemented => return Ok(client),
+            Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                return Ok(Opened {
+                    client,
+                    hello: None,
+                })
+            }
             Ok(Err(s)) => {
                 return Err(Open::Refused(format!(
                     "the guest refused the session (is the host key pinned?): {}",
@@ -509,25 +522,53 @@ impl VmTask {
                 )))
             }
         }
-        if let Some(next) = next {
-            let req = pb::TrustRequest {
-                next_pin: next.0.to_vec(),
-            };
-            match tokio::time::timeout(self.timing.rpc_timeout, client.trust(req)).await {
-                Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
-                Ok(Ok(reply)) => {
-                    self.record_pins(&reply.into_inner().pins);
-                    info!(vm = %self.vm.name, next = %next, "guest holds the next host key pin");
-                }
-                // The session stays usable; status shows the pin missing.
-                Ok(Err(s)) => warn!(
-                    vm = %self.vm.name,
-                    error = %guest_text(s.message()),
-                    "the guest did not store the next host key pin"
-                ),
+        let req = pb::TrustRequest {
+            next_pin: next.0.to_vec(),
+        };
+        match tokio::time::timeout(self.timing.rpc_timeout, client.trust(req)).await {
+            Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
+            Ok(Ok(reply)) => {
+                self.record_pins(&reply.into_inner().pins);
+                info!(vm = %self.vm.name, next = %next, "guest holds the next host key pin");
             }
+            // The session stays usable; status shows the pin missing.
+            Ok(Err(s)) => warn!(
+                vm = %self.vm.name,
+                error = %guest_text(s.message()),
+                "the guest did not store the next host key pin"
+            ),
         }
-        Ok(client)
+        Ok(Opened {
+            client,
+            hello: None,
+        })
+    }
+
+    /// The first call of a session with no pin to hand over: `Hello`.
+    /// A failure of the connection under it (a status tonic made from a
+    /// transport error, which carries that error as its source) is the
+    /// guest refusing the key, as a failed `Trust` probe was. A status the
+    /// guest sent (no source) means it accepted the key and its Hello
+    /// failed: the session is then lost, not refused.
+    async fn hello_probe(&self, mut client: GuestClient<Channel>) -> Result<Opened, Open> {
+        let req = self.hello_request();
+        let hello = match tokio::time::timeout(self.timing.rpc_timeout, client.hello(req)).await {
+            Err(_) => return Err(Open::Unreachable("Hello timed out".to_string())),
+            Ok(Ok(reply)) => Ok(self.view_of(reply.into_inner())),
+            Ok(Err(s)) if std::error::Error::source(&s).is_none() => {
+                Err(format!("Hello failed: {}", guest_text(s.message())))
+            }
+            Ok(Err(s)) => {
+                return Err(Open::Refused(format!(
+                    "the guest refused the session (is the host key pinned?): {}",
+                    guest_text(s.message())
+                )))
+            }
+        };
+        Ok(Opened {
+            client,
+            hello: Some(hello),
+        })
     }
 
     /// Keeps the pins the guest reports: a claim, shown in `status`.
@@ -543,16 +584,26 @@ impl VmTask {
         self.update(|s| s.guest_pins = pins);
     }
 
-    async fn hello(&self, client: &mut GuestClient<Channel>) -> Result<GuestView, String> {
-        let req = pb::HelloRequest {
+    fn hello_request(&self) -> pb::HelloRequest {
+        pb::HelloRequest {
             host_version: vmcred_proto::VERSION.into(),
             vm: self.vm.name.clone(),
-        };
+        }
+    }
+
+    async fn hello(&self, client: &mut GuestClient<Channel>) -> Result<GuestView, String> {
+        let req = self.hello_request();
         let reply = tokio::time::timeout(self.timing.rpc_timeout, client.hello(req))
             .await
             .map_err(|_| "Hello timed out".to_string())?
             .map_err(|s| format!("Hello failed: {}", guest_text(s.message())))?
             .into_inner();
+        Ok(self.view_of(reply))
+    }
+
+    /// What a Hello reply says, bounded; the pins and what is shown in
+    /// `status` are recorded.
+    fn view_of(&self, reply: pb::HelloReply) -> GuestView {
         let mut held = BTreeMap::new();
         for h in reply.held.into_iter().take(rules::MAX_FILES) {
             // A malformed entry only means we resend that credential.
@@ -572,21 +623,26 @@ impl VmTask {
             s.owed_units = owed.clone();
             s.guest_version = Some(version);
         });
-        Ok(GuestView {
+        GuestView {
             applied: reply.applied_generation,
             held,
             owed,
-        })
+        }
     }
 
     async fn session(
         &mut self,
-        mut client: GuestClient<Channel>,
+        opened: Opened,
         pending: &mut Pending,
         rekeys: &mut Vec<oneshot::Sender<()>>,
         synced: &mut bool,
     ) -> SessionEnd {
-        let mut guest = match self.hello(&mut client).await {
+        let Opened { mut client, hello } = opened;
+        let hello = match hello {
+            Some(h) => h,
+            None => self.hello(&mut client).await,
+        };
+        let mut guest = match hello {
             Ok(g) => g,
             Err(e) => return SessionEnd::Lost(e),
         };

@@ -69,6 +69,8 @@ pub struct State {
     /// answered).
     pub applies: Vec<(u64, Vec<String>, Vec<String>, Code)>,
     pub hellos: usize,
+    /// Trust calls: each is a round trip of the host's connect.
+    pub trusts: usize,
 }
 
 pub struct HostileGuest {
@@ -105,6 +107,7 @@ impl HostileGuest {
             held: BTreeMap::new(),
             applies: Vec::new(),
             hellos: 0,
+            trusts: 0,
         }));
         let accepts = Arc::new(AtomicUsize::new(0));
         let acceptor = TlsAcceptor::from(server_config()?);
@@ -397,6 +400,9 @@ impl Guest for Double {
 
     /// Like a guest agent from before key rollovers.
     async fn trust(&self, _req: Request<TrustRequest>) -> Result<Response<TrustReply>, Status> {
+        if let Ok(mut st) = self.state.lock() {
+            st.trusts += 1;
+        }
         Err(Status::unimplemented("hostile double keeps no pins"))
     }
 

@@ -297,6 +297,25 @@ fn a_stalled_guest_does_not_hold_up_other_vms_or_status() {
     assert!(text(&out).contains("timed out"), "{}", text(&out));
 }
 
+/// A connect with no next key pin to hand over is Hello (which also proves
+/// the guest accepted the host key) and the Apply it calls for: no `Trust`
+/// probe, one round trip fewer for each of many VMs at a host start.
+#[test]
+fn a_connect_is_one_hello_and_one_apply() {
+    let (w, bad) = world(Mode::Honest);
+    wait_until(T, || bad.held("S").as_deref() == Some(b"bad-1".as_slice())).unwrap();
+    let (hellos, trusts, applies) = {
+        let st = bad.state.lock().unwrap();
+        (st.hellos, st.trusts, st.applies.len())
+    };
+    assert_eq!(
+        (hellos, trusts, applies),
+        (1, 0, 1),
+        "calls of one connect (hello, trust, apply); host log:\n{}",
+        w.logs()
+    );
+}
+
 #[test]
 fn a_guest_that_hangs_up_after_tls_is_redialled_with_a_growing_back_off() {
     let (w, bad) = world(Mode::CloseAfterTls);
