@@ -95,7 +95,15 @@ impl Generations {
             })?;
         let path = dir.join(MARK_FILE);
         let floor = read_mark(&path)?;
+        // The first window is reserved at once, so the first pushes after
+        // a start (every VM connecting at once) find it on disk instead of
+        // all waiting for its write and fsync. A failed write is asked
+        // again by the first `issue`.
+        let ahead = floor
+            .max(now_micros())
+            .saturating_add(micros(RESERVE_AHEAD));
         let (tx, rx) = mpsc::channel::<u64>();
+        let _ = tx.send(ahead);
         let (dtx, drx) = watch::channel((0, Ok(floor)));
         let wpath = path.clone();
         std::thread::Builder::new()
@@ -111,7 +119,7 @@ impl Generations {
                 state: Mutex::new(State {
                     floor,
                     last: HashMap::new(),
-                    requested: floor,
+                    requested: ahead,
                 }),
                 want: Mutex::new(tx),
                 durable: drx,
@@ -276,6 +284,27 @@ mod tests {
         // Another VM has its own sequence, also clock-based.
         assert!(g.issue("other").await.unwrap() >= before);
         assert_eq!(g.last_issued("vm"), Some(last));
+    }
+
+    #[tokio::test]
+    async fn the_first_window_is_reserved_at_open_before_any_push() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("g");
+        let before = now_micros();
+        let g = Generations::open(dir.clone()).unwrap();
+        let mut durable = g.inner.durable.clone();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(30),
+            durable.wait_for(|(_, d)| d.as_ref().is_ok_and(|m| *m > before)),
+        )
+        .await
+        .expect("no mark written after open")
+        .unwrap()
+        .clone();
+        assert!(mark(&dir) >= before + micros(RESERVE_AHEAD), "{seen:?}");
+        // A push then finds its generation covered already.
+        let n = g.issue("vm").await.unwrap();
+        assert!(n <= mark(&dir));
     }
 
     #[tokio::test]
