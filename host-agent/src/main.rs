@@ -167,6 +167,19 @@ enum Cmd {
     },
 }
 
+impl Cmd {
+    /// Whether the command logs through `tracing`. The control-socket
+    /// clients (`rotate`, `status`, `rotate-key`) and `pin` report only
+    /// on stdout/stderr; they skip setting up the subscriber, which is
+    /// part of every call's start (`rotate` may run once per VM).
+    fn logs(&self) -> bool {
+        !matches!(
+            self,
+            Cmd::Rotate { .. } | Cmd::Status { .. } | Cmd::RotateKey { .. } | Cmd::Pin
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum KeyStepArg {
     Show,
@@ -177,8 +190,10 @@ enum KeyStepArg {
 }
 
 fn main() -> ExitCode {
-    logs::init();
     let cli = Cli::parse();
+    if cli.command.logs() {
+        logs::init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -227,6 +227,9 @@ pub struct RotateOutput {
     expected: Option<usize>,
     progress: bool,
     reports: Vec<RotateReport>,
+    /// Reports so far that count as success (for the live count, which
+    /// would otherwise recount every report on every line).
+    applied: usize,
 }
 
 /// Whether a report counts as success.
@@ -242,6 +245,7 @@ impl RotateOutput {
             expected,
             progress: many && std::io::stderr().is_terminal(),
             reports: Vec::new(),
+            applied: 0,
         }
     }
 
@@ -250,9 +254,10 @@ impl RotateOutput {
         if !self.json && !self.many {
             print_details(&r);
         }
+        self.applied += usize::from(succeeded(&r));
         self.reports.push(r);
         if self.progress {
-            let ok = self.reports.iter().filter(|r| succeeded(r)).count();
+            let ok = self.applied;
             match self.expected {
                 Some(n) => eprint!("\rrotated {}/{n} ({ok} applied)", self.reports.len()),
                 None => eprint!("\rrotated {} ({ok} applied)", self.reports.len()),
