@@ -75,6 +75,35 @@ async fn hello_reports_generation_and_held_digests() {
     assert_eq!(h.held[0].name, "A");
 }
 
+/// Issue 10: what a push wrote is never read back to be hashed, neither
+/// by the next push (to tell unchanged from changed) nor by a Hello.
+#[tokio::test]
+async fn pushes_and_hellos_read_back_no_file() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("A", b"a1"), cred("B", b"b")], &[]))
+        .await
+        .unwrap();
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held[0].sha256, digest(b"a1").to_vec());
+    let r = c
+        .apply(apply(2, vec![cred("A", b"a2"), cred("B", b"b")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("A".into(), Outcome::Written),
+            ("B".into(), Outcome::Unchanged)
+        ]
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held[0].sha256, digest(b"a2").to_vec());
+    assert_eq!(h.held[1].sha256, digest(b"b").to_vec());
+    assert_eq!(g.store.files_hashed(), 0, "a push's own file was read back");
+}
+
 #[tokio::test]
 async fn apply_writes_with_configured_modes_then_reports_unchanged() {
     let g = start("[credentials.SHARED]\nmode = \"0440\"\n", Limits::default()).await;

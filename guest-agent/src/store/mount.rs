@@ -85,6 +85,7 @@ pub(super) fn mount_record(
     dir: &OwnedFd,
     dir_path: &Path,
     path: &Path,
+    sync: Option<&std::sync::atomic::AtomicU64>,
 ) -> Result<MountRecord, String> {
     let now_ro = fstatvfs(dir.as_fd())
         .map_err(|e| format!("statvfs: {e}"))?
@@ -109,7 +110,7 @@ pub(super) fn mount_record(
                 read_only,
                 size_bytes: if read_only { tmpfs_size(dir) } else { None },
             };
-            save_json(path, &r).map_err(|e| e.to_string())?;
+            save_json(path, &r, sync).map_err(|e| e.to_string())?;
             Ok(r)
         }
     }
