@@ -870,3 +870,45 @@ async fn owed_actions_are_retried_after_a_restart() {
     let text = std::fs::read_to_string(state.join("state.json")).unwrap();
     assert!(!text.contains("owed"), "{text}");
 }
+
+/// A host that went away without a close (a VMM does not always pass one
+/// on) stops answering: the guest's HTTP/2 keepalive ends its session
+/// within `keepalive_interval + keepalive_timeout` of its last frame
+/// (140 s with the defaults; 2 s here).
+#[tokio::test]
+async fn a_silent_hosts_session_is_closed_by_the_keepalive() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let opts = vmcred_guest::server::ServerOptions {
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let g = start_with("", Limits::default(), opts).await;
+    // A relay between the host and the guest that goes silent on cue and
+    // then only watches for the guest's close.
+    let relay_path = g.tmp.path().join("relay.sock");
+    let relay = tokio::net::UnixListener::bind(&relay_path).unwrap();
+    let guest_socket = g.socket.clone();
+    let (silence, silenced) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let (mut host, _) = relay.accept().await.unwrap();
+        let mut guest = tokio::net::UnixStream::connect(&guest_socket)
+            .await
+            .unwrap();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut host, &mut guest) => panic!("relay ended early: {r:?}"),
+            _ = silenced => {}
+        }
+        let mut buf = [0u8; 4096];
+        while guest.read(&mut buf).await.unwrap_or(0) > 0 {}
+        drop(host);
+    });
+    let mut c = connect(&relay_path, &g.host).await.unwrap();
+    c.hello(hello()).await.unwrap();
+    silence.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), watcher)
+        .await
+        .expect("the guest kept a silent host's session open")
+        .unwrap();
+}
