@@ -251,6 +251,13 @@ pub struct Store {
     /// directory can make anything durable (see [`keeps_data`]).
     creds_durable: bool,
     state_durable: bool,
+    /// The credentials directory is on a tmpfs (which may have a size
+    /// limit to enlarge for a push).
+    creds_tmpfs: bool,
+    /// What a remount names: the directory we opened, through
+    /// `/proc/self/fd`, even if its path was swapped for something else
+    /// since (the path itself where /proc is missing).
+    remount_target: PathBuf,
     /// fsyncs done since open: lets tests prove none is spent on tmpfs.
     synced: std::sync::atomic::AtomicU64,
 }
@@ -262,10 +269,13 @@ pub struct Store {
 /// file system (and one that cannot be told) is synced. `pin_state_dir`
 /// is not the store's: the pins are always synced (`pins.rs`).
 fn keeps_data(fd: BorrowedFd<'_>) -> bool {
-    match nix::sys::statfs::fstatfs(fd) {
-        Ok(fs) => !matches!(fs.filesystem_type().0 as i64, TMPFS_MAGIC | RAMFS_MAGIC),
-        Err(_) => true,
-    }
+    !matches!(fs_magic(fd), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+fn fs_magic(fd: BorrowedFd<'_>) -> Option<i64> {
+    nix::sys::statfs::fstatfs(fd)
+        .ok()
+        .map(|fs| fs.filesystem_type().0 as i64)
 }
 
 /// What changes when a file is replaced or written to.
@@ -340,6 +350,13 @@ impl Store {
         })?;
         let dir = fd;
         let creds_durable = keeps_data(dir.as_fd());
+        let creds_tmpfs = fs_magic(dir.as_fd()) == Some(TMPFS_MAGIC);
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let remount_target = if proc_path.exists() {
+            proc_path
+        } else {
+            credentials_dir.to_path_buf()
+        };
         let state_durable = match File::open(state_dir) {
             Ok(d) => keeps_data(d.as_fd()),
             Err(e) => return Err(state_err(format!("cannot open: {e}"))),
@@ -368,6 +385,8 @@ impl Store {
             hashed: Default::default(),
             creds_durable,
             state_durable,
+            creds_tmpfs,
+            remount_target,
             synced,
         };
         store.recover()?;
@@ -797,18 +816,27 @@ fn save_json<T: Serialize>(
     };
     let json = serde_json::to_vec_pretty(value).map_err(|e| err(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(format!("cannot remove stale {}: {e}", tmp.display()))),
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+    };
+    // A stale temporary file is removed only when it is in the way.
+    let mut f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match std::fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(format!("cannot remove stale {}: {e}", tmp.display()))),
+            }
+            create()
+        }
+        other => other,
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
+    .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
     let written = f
         .write_all(&json)
         .and_then(|_| if durable { f.sync_all() } else { Ok(()) });

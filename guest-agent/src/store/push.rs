@@ -359,16 +359,30 @@ impl Store {
     fn stage(&self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
         let tmp = tmp_name(name);
-        match unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
+        let create = || {
+            openat(
+                dirfd,
+                tmp.as_str(),
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_WRONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(mode),
+            )
+        };
+        // A stale temporary file (recovery removes them at start, so only
+        // a failed unlink leaves one) is removed only when it is in the way.
+        let fd = match create() {
+            Err(Errno::EEXIST) => {
+                match unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
+                }
+                create()
+            }
+            other => other,
         }
-        let fd = openat(
-            dirfd,
-            tmp.as_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(mode),
-        )
         .map_err(|e| self.io("create the temporary file for", name, e))?;
         let result = (|| {
             // The umask may have narrowed the mode; set exactly what was asked.
@@ -406,8 +420,9 @@ impl Store {
 
     fn swap_in(&self, p: &Planned<'_>) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
+        // `push` removed a stale backup of this name before it wrote the
+        // journal, under the same locks.
         let backup = backup_name(p.name);
-        self.drop_stale_backup(p.name)?;
         match p.value {
             Some(_) => {
                 if p.had_old {
