@@ -272,6 +272,8 @@ fn keeps_data(fd: BorrowedFd<'_>) -> bool {
     !matches!(fs_magic(fd), Some(TMPFS_MAGIC | RAMFS_MAGIC))
 }
 
+/// `statfs.f_type`, whose integer type differs between platforms.
+#[allow(clippy::unnecessary_cast)]
 fn fs_magic(fd: BorrowedFd<'_>) -> Option<i64> {
     nix::sys::statfs::fstatfs(fd)
         .ok()
