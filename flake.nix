@@ -17,18 +17,20 @@
 
       cargoToml = builtins.fromTOML (builtins.readFile ./Cargo.toml);
 
+      cleanSrc = lib: lib.cleanSourceWith {
+        src = ./.;
+        filter = path: type:
+          let base = baseNameOf path; in
+          # Rebuild only when Rust sources change, not on edits to Nix files.
+          !(builtins.elem base [ "target" ".cache" "result" ".git" ])
+          && !(lib.hasSuffix ".nix" base);
+      };
+
       vmcredPackage = { lib, rustPlatform, stdenv, installShellFiles }:
         rustPlatform.buildRustPackage {
           pname = "vmcred";
           version = cargoToml.workspace.package.version;
-          src = lib.cleanSourceWith {
-            src = ./.;
-            filter = path: type:
-              let base = baseNameOf path; in
-              # Rebuild only when Rust sources change, not on edits to Nix files.
-              !(builtins.elem base [ "target" ".cache" "result" ".git" ])
-              && !(lib.hasSuffix ".nix" base);
-          };
+          src = cleanSrc lib;
           cargoLock.lockFile = ./Cargo.lock;
           # The test suite needs hybrid-vsock stand-ins and a qemu guest
           # (tests/run.sh); the flake's checks run the NixOS VM test instead.
@@ -58,20 +60,67 @@
           };
         };
 
-      # The modules, with the package defaulting to this flake's build.
-      withPackage = kind: file: { pkgs, lib, ... }: {
-        imports = [ file ];
-        config.services.vmcred.${kind}.package =
-          lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-      };
+      # The guest agent alone, as every VM runs it (the guest modules'
+      # default): built by itself, so vmcred-proto's "host" feature is not
+      # unified in, with Cargo.toml's `guest` profile (opt-level z, fat LTO,
+      # panic = abort; ARCHITECTURE.md, "Guest footprint"). buildType is
+      # passed to cargo as --profile; stdenv strips the binary.
+      vmcredGuestPackage = { lib, rustPlatform, stdenv, installShellFiles }:
+        rustPlatform.buildRustPackage {
+          pname = "vmcred-guest";
+          version = cargoToml.workspace.package.version;
+          src = cleanSrc lib;
+          cargoLock.lockFile = ./Cargo.lock;
+          buildType = "guest";
+          cargoBuildFlags = [ "-p" "vmcred-guest" "--bins" ];
+          doCheck = false;
+          nativeBuildInputs = [ installShellFiles ];
+          postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+            $out/bin/vmcred-guest-docs docs/guest
+            installManPage docs/guest/man1/*.1
+            installShellCompletion --bash --name vmcred-guest.bash docs/guest/completions/vmcred-guest.bash \
+              --zsh --name _vmcred-guest docs/guest/completions/_vmcred-guest \
+              --fish --name vmcred-guest.fish docs/guest/completions/vmcred-guest.fish
+          '' + ''
+            rm -f $out/bin/vmcred-guest-docs
+          '';
+          meta = {
+            description = "vmcred guest agent, built for size as every VM runs it (vmcred-guest)";
+            license = with lib.licenses; [ mit asl20 ];
+            mainProgram = "vmcred-guest";
+            platforms = lib.platforms.linux;
+          };
+        };
+
+      # The modules, with the packages defaulting to this flake's builds:
+      # the host agent from the whole workspace, the guest agent from its
+      # size-built package. The launch wrapper of a microvm-guest VM runs
+      # vmcred-host on the host, so its hostPackage stays the whole one.
+      withPackage = kind: file: { pkgs, lib, ... }:
+        let own = self.packages.${pkgs.stdenv.hostPlatform.system}; in {
+          imports = [ file ];
+          config.services.vmcred = {
+            host = {
+              package = lib.mkDefault own.default;
+              guestPackage = lib.mkDefault own.vmcred-guest;
+            };
+            guest = {
+              package = lib.mkDefault own.vmcred-guest;
+            } // lib.optionalAttrs (file == ./nixos-modules/microvm-guest.nix) {
+              microvm.hostPackage = lib.mkDefault own.default;
+            };
+          }.${kind};
+        };
     in
     {
       overlays.default = final: prev: {
         vmcred = final.callPackage vmcredPackage { };
+        vmcred-guest = final.callPackage vmcredGuestPackage { };
       };
 
       packages = forAllSystems (pkgs: rec {
         vmcred = pkgs.callPackage vmcredPackage { };
+        vmcred-guest = pkgs.callPackage vmcredGuestPackage { };
         default = vmcred;
       });
 

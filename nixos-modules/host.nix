@@ -421,7 +421,7 @@ let
       imports = [ ./microvm-guest.nix ];
       services.vmcred.guest = {
         enable = mkDefault true;
-        package = mkDefault cfg.package;
+        package = mkDefault cfg.guestPackage;
         port = mkDefault vmCfg.port;
         microvm = {
           launchWrapper = mkDefault true;
@@ -681,6 +681,17 @@ in
       default = pkgs.vmcred or (throw "services.vmcred.host.package: pkgs.vmcred does not exist; use vmcred's flake module (nixosModules.host), its overlay (overlays.default), or set this option");
       defaultText = literalExpression "pkgs.vmcred";
       description = "The vmcred package (provides bin/vmcred-host).";
+    };
+
+    guestPackage = mkOption {
+      type = types.package;
+      default = cfg.package;
+      defaultText = literalExpression "config.services.vmcred.host.package";
+      description = ''
+        The package whose bin/vmcred-guest runs in `microvm.vms.<name>.config`
+        VMs. The flake's module sets it to `packages.<system>.vmcred-guest`,
+        the guest agent alone built with the size-optimised `guest` profile.
+      '';
     };
 
     settings = mkOption {

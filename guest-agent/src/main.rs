@@ -38,8 +38,11 @@ fn init_logging(level: Option<&str>) -> Result<()> {
 
 /// One thread for all async work: the guest serves one host connection
 /// at a time, so worker threads would only cost memory (a stack and a
-/// malloc arena each). Blocking store writes still go to tokio's blocking
-/// pool, whose threads exit after `BLOCKING_THREAD_KEEP_ALIVE` idle.
+/// malloc arena each). `Hello` and `Apply` do their store work on this
+/// thread too (see `service.rs`); the blocking pool, whose threads exit
+/// after `BLOCKING_THREAD_KEEP_ALIVE` idle, serves only what may wait on
+/// a slow disk or a lock: credential-socket reads, a `Trust` that writes
+/// the pins, and the shutdown's wait for a write in progress.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -54,17 +54,30 @@ pub struct ServerOptions {
     /// Handshakes in progress at once; beyond it the oldest is evicted.
     pub max_handshakes: usize,
     /// HTTP/2 pings that find a dead host (a VMM does not always pass a
-    /// close on), so that its session ends.
+    /// close on), so that its session ends: sent once nothing was read
+    /// for `keepalive_interval`, and the session closed if no answer came
+    /// within `keepalive_timeout`. A dead host's session thus ends at most
+    /// their sum after its last frame.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
+
+/// See [`ServerOptions::default`].
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(120);
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 16,
-            keepalive_interval: Duration::from_secs(30),
+            // Longer than the host's probe (a Hello every 45-60 s at its
+            // default `keepalive_interval`), so that a live host's probes
+            // keep the ping from ever being sent: hyper's keepalive timer
+            // still wakes once per interval to see that frames came, so a
+            // longer interval is fewer idle wake-ups. A dead host's
+            // session ends within 140 s of its last frame; a host that
+            // restarted supersedes it at once anyway.
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: Duration::from_secs(20),
         }
     }

@@ -210,7 +210,8 @@ fn apply_to_store(
     let mut from_memory: Vec<String> = Vec::new();
     let mut memory_changed: Vec<String> = Vec::new();
     let had_file = |name: &str| {
-        before.managed.contains(name) && matches!(store.current(name), Ok(Current::Regular { .. }))
+        before.managed.contains(name)
+            && matches!(store.current_cached(name), Ok(Current::Regular { .. }))
     };
     for u in &upserts {
         if config.deliver(&u.name) == Deliver::Socket {
@@ -229,7 +230,7 @@ fn apply_to_store(
         }
         let mode = config.mode(&u.name);
         let digest = vmcred_proto::rules::digest(&u.value);
-        match store.current(&u.name) {
+        match store.current_cached(&u.name) {
             Ok(Current::Regular { sha256, mode: m }) if sha256 == digest && m == mode => {
                 planned.push((u.name.clone(), Outcome::Unchanged));
             }
@@ -261,7 +262,7 @@ fn apply_to_store(
         if !before.managed.contains(name) {
             // Already gone is removed (a push that named it may never have
             // been applied); a file vmcred did not write is not touched.
-            match store.current(name) {
+            match store.current_cached(name) {
                 Ok(Current::Missing) => planned.push((name.clone(), Outcome::Removed)),
                 _ => {
                     planned.push((name.clone(), Outcome::Failed));
@@ -427,13 +428,21 @@ impl Inner {
                 "generation {generation} is not newer than the applied generation {applied}; refusing (rollback protection)"
             )));
         }
-        let (store, config, memory) =
-            (self.store.clone(), self.config.clone(), self.memory.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            apply_to_store(&store, &config, &memory, generation, upserts, removals)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
+        // On this thread, not the blocking pool: a push is a handful of
+        // syscalls on a tmpfs/ramfs (tens of microseconds), while a pool
+        // thread, gone after its idle keep-alive, costs a thread creation
+        // and several wake-ups per push on a VM. The guest serves one host
+        // session, so nothing else waits on this thread meanwhile; the
+        // store's file lock never blocks (busy is an error at once), and
+        // its mutex is held elsewhere only by a credential-socket read.
+        let done = apply_to_store(
+            &self.store,
+            &self.config,
+            &self.memory,
+            generation,
+            upserts,
+            removals,
+        )
         .map_err(|e| {
             tracing::warn!(generation, error = %e, "apply not started; nothing applied");
             store_status(e)
@@ -495,12 +504,12 @@ impl Inner {
         let actions: Vec<(String, Action)> =
             owed.iter().map(|o| (o.unit.clone(), o.action)).collect();
         let results = self.units.run_all(&actions).await;
-        let store = self.store.clone();
-        let outcome = results.clone();
-        let saved = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        // Inline for the reason given in `apply`.
+        let saved = (|| -> Result<(), StoreError> {
+            let store = &self.store;
             let mut batch = store.batch()?;
             let mut st = store.state();
-            for r in &outcome {
+            for r in &results {
                 let Some(pos) = st
                     .owed
                     .iter()
@@ -515,14 +524,9 @@ impl Inner {
                 }
             }
             batch.commit(st)
-        })
-        .await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot record the outcome of owed unit actions; they are retried")
-            }
-            Err(e) => tracing::warn!(error = %e, "owed-actions task failed"),
+        })();
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "cannot record the outcome of owed unit actions; they are retried")
         }
         results
     }
@@ -560,25 +564,21 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 impl Guest for GuestService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let req = request.into_inner();
-        let store = self.inner.store.clone();
-        let memory = self.inner.memory.clone();
-        let config = self.inner.config.clone();
-        let (generation, held) = tokio::task::spawn_blocking(move || {
-            let generation = store.state().generation;
-            store.held().map(|mut h| {
-                // A `deliver = "socket"` credential is held only in memory:
-                // after an agent restart it is missing here, and so is a
-                // file left from when it was delivered as a file, so the
-                // host sends it again (and that push removes the file).
-                h.retain(|(n, _)| config.deliver(n) != Deliver::Socket);
-                h.extend(memory.held());
-                h.sort();
-                (generation, h)
-            })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("hello task failed: {e}")))?
-        .map_err(store_status)?;
+        let inner = &self.inner;
+        // On this thread: with the digests cached since the last push, a
+        // Hello is one `fstatat` per credential and reads no file; a
+        // blocking-pool thread would cost more than the work (the host's
+        // keepalive probe is a Hello, so this is most of an idle guest's
+        // wake-ups).
+        let generation = inner.store.state().generation;
+        let mut held = inner.store.held().map_err(store_status)?;
+        // A `deliver = "socket"` credential is held only in memory: after
+        // an agent restart it is missing here, and so is a file left from
+        // when it was delivered as a file, so the host sends it again (and
+        // that push removes the file).
+        held.retain(|(n, _)| inner.config.deliver(n) != Deliver::Socket);
+        held.extend(inner.memory.held());
+        held.sort();
         let seen = (display_name(&req.vm), generation);
         let repeat = match self.inner.last_hello.lock() {
             Ok(mut last) => last.replace(seen.clone()).as_ref() == Some(&seen),

@@ -75,6 +75,35 @@ async fn hello_reports_generation_and_held_digests() {
     assert_eq!(h.held[0].name, "A");
 }
 
+/// Issue 10: what a push wrote is never read back to be hashed, neither
+/// by the next push (to tell unchanged from changed) nor by a Hello.
+#[tokio::test]
+async fn pushes_and_hellos_read_back_no_file() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    c.apply(apply(1, vec![cred("A", b"a1"), cred("B", b"b")], &[]))
+        .await
+        .unwrap();
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held[0].sha256, digest(b"a1").to_vec());
+    let r = c
+        .apply(apply(2, vec![cred("A", b"a2"), cred("B", b"b")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("A".into(), Outcome::Written),
+            ("B".into(), Outcome::Unchanged)
+        ]
+    );
+    let h = c.hello(hello()).await.unwrap().into_inner();
+    assert_eq!(h.held[0].sha256, digest(b"a2").to_vec());
+    assert_eq!(h.held[1].sha256, digest(b"b").to_vec());
+    assert_eq!(g.store.files_hashed(), 0, "a push's own file was read back");
+}
+
 #[tokio::test]
 async fn apply_writes_with_configured_modes_then_reports_unchanged() {
     let g = start("[credentials.SHARED]\nmode = \"0440\"\n", Limits::default()).await;
@@ -840,4 +869,46 @@ async fn owed_actions_are_retried_after_a_restart() {
     );
     let text = std::fs::read_to_string(state.join("state.json")).unwrap();
     assert!(!text.contains("owed"), "{text}");
+}
+
+/// A host that went away without a close (a VMM does not always pass one
+/// on) stops answering: the guest's HTTP/2 keepalive ends its session
+/// within `keepalive_interval + keepalive_timeout` of its last frame
+/// (140 s with the defaults; 2 s here).
+#[tokio::test]
+async fn a_silent_hosts_session_is_closed_by_the_keepalive() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let opts = vmcred_guest::server::ServerOptions {
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let g = start_with("", Limits::default(), opts).await;
+    // A relay between the host and the guest that goes silent on cue and
+    // then only watches for the guest's close.
+    let relay_path = g.tmp.path().join("relay.sock");
+    let relay = tokio::net::UnixListener::bind(&relay_path).unwrap();
+    let guest_socket = g.socket.clone();
+    let (silence, silenced) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let (mut host, _) = relay.accept().await.unwrap();
+        let mut guest = tokio::net::UnixStream::connect(&guest_socket)
+            .await
+            .unwrap();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut host, &mut guest) => panic!("relay ended early: {r:?}"),
+            _ = silenced => {}
+        }
+        let mut buf = [0u8; 4096];
+        while guest.read(&mut buf).await.unwrap_or(0) > 0 {}
+        drop(host);
+    });
+    let mut c = connect(&relay_path, &g.host).await.unwrap();
+    c.hello(hello()).await.unwrap();
+    silence.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), watcher)
+        .await
+        .expect("the guest kept a silent host's session open")
+        .unwrap();
 }

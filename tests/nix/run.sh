@@ -363,6 +363,7 @@ if out=$(nix flake show --json "path:$work/repo" "${flake_args[@]}" 2>&1); then
 import json, sys
 d = json.load(sys.stdin)
 want = [("packages", "x86_64-linux", "default"), ("packages", "aarch64-linux", "default"),
+        ("packages", "x86_64-linux", "vmcred-guest"), ("packages", "aarch64-linux", "vmcred-guest"),
         ("nixosModules", "host"), ("nixosModules", "guest"), ("nixosModules", "default"),
         ("overlays", "default"), ("devShells", "x86_64-linux", "default"),
         ("checks", "x86_64-linux", "microvm-rotate"), ("checks", "x86_64-linux", "package")]
@@ -373,10 +374,10 @@ for path in want:
     if node is None:
         print("/".join(path))
 ' 2>&1)
-  if [ -z "$missing" ]; then pass "nix flake show: packages, nixosModules, overlays, devShells, checks"
-  else fail "nix flake show: packages, nixosModules, overlays, devShells, checks" "missing: $missing"$'\n'"$out"; fi
+  if [ -z "$missing" ]; then pass "nix flake show: packages (default, vmcred-guest), nixosModules, overlays, devShells, checks"
+  else fail "nix flake show: packages (default, vmcred-guest), nixosModules, overlays, devShells, checks" "missing: $missing"$'\n'"$out"; fi
 else
-  fail "nix flake show: packages, nixosModules, overlays, devShells, checks" "$out"
+  fail "nix flake show: packages (default, vmcred-guest), nixosModules, overlays, devShells, checks" "$out"
 fi
 
 if out=$(nix flake check --no-build "path:$work/repo" "${flake_args[@]}" 2>&1); then

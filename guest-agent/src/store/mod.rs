@@ -58,6 +58,8 @@ const TMP_SUFFIX: &str = ".vmcred-tmp";
 const TMP_HASHED_PREFIX: &str = ".vmcred-tmp.";
 /// tmpfs's magic number (`statfs.f_type`).
 const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// ramfs's magic number (`statfs.f_type`).
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
 /// Largest state file we read: 1024 names of 255 bytes is about 270 KiB.
 const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -245,6 +247,37 @@ pub struct Store {
     digests: Mutex<std::collections::HashMap<String, (Stamp, [u8; 32])>>,
     /// Files hashed since open: lets tests prove an idle Hello reads none.
     hashed: std::sync::atomic::AtomicU64,
+    /// Whether an fsync of the credentials directory or of the state
+    /// directory can make anything durable (see [`keeps_data`]).
+    creds_durable: bool,
+    state_durable: bool,
+    /// The credentials directory is on a tmpfs (which may have a size
+    /// limit to enlarge for a push).
+    creds_tmpfs: bool,
+    /// What a remount names: the directory we opened, through
+    /// `/proc/self/fd`, even if its path was swapped for something else
+    /// since (the path itself where /proc is missing).
+    remount_target: PathBuf,
+    /// fsyncs done since open: lets tests prove none is spent on tmpfs.
+    synced: std::sync::atomic::AtomicU64,
+}
+
+/// Whether `fd`'s file system keeps data that an fsync would protect.
+/// tmpfs and ramfs (systemd's `@system` mount, and `/run` where the state
+/// lives by default) lose everything at power-off and implement fsync as
+/// a no-op, so there a sync is a syscall that buys nothing; every other
+/// file system (and one that cannot be told) is synced. `pin_state_dir`
+/// is not the store's: the pins are always synced (`pins.rs`).
+fn keeps_data(fd: BorrowedFd<'_>) -> bool {
+    !matches!(fs_magic(fd), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// `statfs.f_type`, whose integer type differs between platforms.
+#[allow(clippy::unnecessary_cast)]
+fn fs_magic(fd: BorrowedFd<'_>) -> Option<i64> {
+    nix::sys::statfs::fstatfs(fd)
+        .ok()
+        .map(|fs| fs.filesystem_type().0 as i64)
 }
 
 /// What changes when a file is replaced or written to.
@@ -318,10 +351,28 @@ impl Store {
             e => dir_err(format!("cannot open: {e}")),
         })?;
         let dir = fd;
+        let creds_durable = keeps_data(dir.as_fd());
+        let creds_tmpfs = fs_magic(dir.as_fd()) == Some(TMPFS_MAGIC);
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let remount_target = if proc_path.exists() {
+            proc_path
+        } else {
+            credentials_dir.to_path_buf()
+        };
+        let state_durable = match File::open(state_dir) {
+            Ok(d) => keeps_data(d.as_fd()),
+            Err(e) => return Err(state_err(format!("cannot open: {e}"))),
+        };
         let state_path = state_dir.join("state.json");
         let state = load_state(&state_path)?;
-        let mount = mount_record(&dir, credentials_dir, &state_dir.join("mount.json"))
-            .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
+        let synced = std::sync::atomic::AtomicU64::new(0);
+        let mount = mount_record(
+            &dir,
+            credentials_dir,
+            &state_dir.join("mount.json"),
+            state_durable.then_some(&synced),
+        )
+        .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
         let store = Store {
             dir,
             dir_path: credentials_dir.to_path_buf(),
@@ -334,6 +385,11 @@ impl Store {
             state: Mutex::new(state),
             digests: Mutex::new(Default::default()),
             hashed: Default::default(),
+            creds_durable,
+            state_durable,
+            creds_tmpfs,
+            remount_target,
+            synced,
         };
         store.recover()?;
         Ok(store)
@@ -346,6 +402,23 @@ impl Store {
     /// A snapshot of the applied generation and managed names.
     pub fn state(&self) -> State {
         lock(&self.state).clone()
+    }
+
+    /// How many fsyncs the store did since open (diagnostics).
+    pub fn fsyncs(&self) -> u64 {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Where state files are synced: the counter to count them in, or
+    /// `None` on a state directory that keeps nothing (see [`keeps_data`]).
+    fn state_sync(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.state_durable.then_some(&self.synced)
+    }
+
+    /// Counts an fsync of the credentials directory or a file in it.
+    fn count_sync(&self) {
+        self.synced
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many files were read and hashed since open (diagnostics).
@@ -430,31 +503,62 @@ impl Store {
         })
     }
 
+    /// As [`Store::current`], but a file whose inode, size and change
+    /// times are what they were when it was last hashed (or written by a
+    /// push) is not read again: one `fstatat`.
+    pub fn current_cached(&self, name: &str) -> Result<Current, StoreError> {
+        check_name(name)?;
+        let st = match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => return Ok(Current::Missing),
+            Err(e) => return Err(self.io("inspect", name, e)),
+        };
+        if !is_regular(&st) {
+            return Ok(Current::NotRegular);
+        }
+        let stamp = Stamp::of(&st);
+        if let Some((s, d)) = lock(&self.digests).get(name) {
+            if *s == stamp {
+                return Ok(Current::Regular {
+                    sha256: *d,
+                    mode: st.st_mode & 0o7777,
+                });
+            }
+        }
+        let current = self.current(name)?;
+        if let Current::Regular { sha256, .. } = current {
+            // Hashed after the stat: if the file changed in between, the
+            // stamp no longer matches next time and it is re-read.
+            lock(&self.digests).insert(name.to_string(), (stamp, sha256));
+        }
+        Ok(current)
+    }
+
+    /// Records the digest of `value`, just written to `name` by a push,
+    /// under the file's stamp now.
+    fn remember_digest(&self, name: &str, value: &[u8]) {
+        if let Ok(st) = fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            if is_regular(&st) {
+                let digest: [u8; 32] = Sha256::digest(value).into();
+                lock(&self.digests).insert(name.to_string(), (Stamp::of(&st), digest));
+                return;
+            }
+        }
+        self.forget_digest(name);
+    }
+
+    fn forget_digest(&self, name: &str) {
+        lock(&self.digests).remove(name);
+    }
+
     /// The digests of the managed credentials whose files are still there.
-    /// A file whose inode, size and change times are what they were when
-    /// it was last hashed is not read again: an idle host's Hello costs
-    /// one `fstatat` per credential and no file read.
+    /// An idle host's Hello costs one `fstatat` per credential and no file
+    /// read (see [`Store::current_cached`]).
     pub fn held(&self) -> Result<Vec<(String, [u8; 32])>, StoreError> {
         let managed = self.state().managed;
-        let mut cache = lock(&self.digests);
         let mut out = Vec::with_capacity(managed.len());
         for name in managed {
-            let st = match fstatat(self.dirfd(), name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) if is_regular(&st) => st,
-                Ok(_) | Err(Errno::ENOENT) => continue,
-                Err(e) => return Err(self.io("inspect", &name, e)),
-            };
-            let stamp = Stamp::of(&st);
-            if let Some((s, d)) = cache.get(&name) {
-                if *s == stamp {
-                    out.push((name, *d));
-                    continue;
-                }
-            }
-            if let Current::Regular { sha256, .. } = self.current(&name)? {
-                // Hashed after the stat: if the file changed in between,
-                // the stamp no longer matches next time and it is re-read.
-                cache.insert(name.clone(), (stamp, sha256));
+            if let Current::Regular { sha256, .. } = self.current_cached(&name)? {
                 out.push((name, sha256));
             }
         }
@@ -586,9 +690,13 @@ impl Store {
     }
 
     fn sync_dir(&self) {
-        // On tmpfs/ramfs this is a no-op; elsewhere it makes the rename
-        // durable. The rename is already visible, so a failure here is not
-        // a failed write.
+        // Elsewhere than on tmpfs/ramfs (where it would be a no-op) it
+        // makes the rename durable. The rename is already visible, so a
+        // failure here is not a failed write.
+        if !self.creds_durable {
+            return;
+        }
+        self.count_sync();
         if let Err(e) = fsync(self.dirfd()) {
             tracing::warn!(dir = %self.dir_path.display(), error = %e, "fsync of the credentials directory failed");
         }
@@ -684,38 +792,63 @@ fn remove_file_if_exists(path: &Path) -> std::io::Result<()> {
 }
 
 /// Writes the state atomically (tmp + rename, 0600).
-fn save_state(path: &Path, state: &State) -> Result<(), StoreError> {
-    save_json(path, state)
+fn save_state(
+    path: &Path,
+    state: &State,
+    sync: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<(), StoreError> {
+    save_json(path, state, sync)
 }
 
-/// Writes `value` as JSON atomically (tmp + rename, 0600, synced).
-fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+/// Writes `value` as JSON atomically (tmp + rename, 0600), synced with
+/// its directory when `sync` gives the counter of fsyncs (where they keep
+/// anything, see [`keeps_data`]).
+fn save_json<T: Serialize>(
+    path: &Path,
+    value: &T,
+    sync: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<(), StoreError> {
+    let durable = sync.is_some();
+    if let Some(n) = sync {
+        n.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+    }
     let err = |why: String| StoreError::SaveState {
         path: path.display().to_string(),
         why,
     };
     let json = serde_json::to_vec_pretty(value).map_err(|e| err(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(format!("cannot remove stale {}: {e}", tmp.display()))),
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+    };
+    // A stale temporary file is removed only when it is in the way.
+    let mut f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match std::fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(format!("cannot remove stale {}: {e}", tmp.display()))),
+            }
+            create()
+        }
+        other => other,
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
-    let written = f.write_all(&json).and_then(|_| f.sync_all());
+    .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
+    let written = f
+        .write_all(&json)
+        .and_then(|_| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
     let renamed = written.and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = renamed {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e.to_string()));
     }
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = path.parent().filter(|_| durable) {
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
@@ -737,7 +870,10 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
+        fixture_in(tempfile::tempdir().unwrap())
+    }
+
+    fn fixture_in(tmp: tempfile::TempDir) -> Fixture {
         let creds = tmp.path().join("creds");
         let state = tmp.path().join("state");
         std::fs::create_dir(&creds).unwrap();
@@ -1082,9 +1218,9 @@ mod tests {
                     },
                 ],
             };
-            save_json(&f.state.join("push.json"), &j).unwrap();
+            save_json(&f.state.join("push.json"), &j, None).unwrap();
             if committed {
-                save_state(&f.state.join("state.json"), &st(2, &["A", "C"])).unwrap();
+                save_state(&f.state.join("state.json"), &st(2, &["A", "C"]), None).unwrap();
             }
             let store = open(&f, Limits::default());
             assert!(!f.state.join("push.json").exists());
@@ -1264,6 +1400,45 @@ mod tests {
         }
         assert!(!f._tmp.path().join("escape").exists());
         assert_eq!(std::fs::read_dir(&f.creds).unwrap().count(), 0);
+    }
+
+    /// tmpfs and ramfs keep nothing an fsync could protect: a push there
+    /// does none; elsewhere the staged file, the directory and the state
+    /// files are synced as before.
+    #[test]
+    fn fsyncs_only_where_they_keep_something() {
+        let push = |f: &Fixture| {
+            let store = open(f, Limits::default());
+            let before = store.fsyncs();
+            store
+                .batch()
+                .unwrap()
+                .push(
+                    &[Change::Write {
+                        name: "A",
+                        value: b"a",
+                        mode: 0o400,
+                    }],
+                    Some(1),
+                    st(1, &["A"]),
+                )
+                .unwrap();
+            assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a");
+            assert_eq!(open(f, Limits::default()).state(), st(1, &["A"]));
+            store.fsyncs() - before
+        };
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() && !keeps_data(File::open(shm).unwrap().as_fd()) {
+            let tmp = tempfile::tempdir_in(shm).unwrap();
+            let f = fixture_in(tmp);
+            assert_eq!(push(&f), 0, "fsyncs on tmpfs");
+        }
+        let f = fixture();
+        if keeps_data(File::open(&f.creds).unwrap().as_fd()) {
+            // The staged file, the directory twice, the journal and the
+            // state file with their directory.
+            assert!(push(&f) >= 5, "no fsync on a disk file system");
+        }
     }
 
     #[test]

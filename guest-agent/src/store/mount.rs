@@ -25,7 +25,12 @@ impl Store {
     }
 
     /// The size limit of a tmpfs, `None` for anything else or no limit.
+    /// (What file system the open directory is on cannot change; a
+    /// tmpfs's size can.)
     pub(super) fn tmpfs_size(&self) -> Option<u64> {
+        if !self.creds_tmpfs {
+            return None;
+        }
         tmpfs_size(&self.dir)
     }
 }
@@ -85,6 +90,7 @@ pub(super) fn mount_record(
     dir: &OwnedFd,
     dir_path: &Path,
     path: &Path,
+    sync: Option<&std::sync::atomic::AtomicU64>,
 ) -> Result<MountRecord, String> {
     let now_ro = fstatvfs(dir.as_fd())
         .map_err(|e| format!("statvfs: {e}"))?
@@ -109,7 +115,7 @@ pub(super) fn mount_record(
                 read_only,
                 size_bytes: if read_only { tmpfs_size(dir) } else { None },
             };
-            save_json(path, &r).map_err(|e| e.to_string())?;
+            save_json(path, &r, sync).map_err(|e| e.to_string())?;
             Ok(r)
         }
     }
@@ -146,14 +152,7 @@ impl ReadWrite {
         if !now_ro && !store.mount.read_only {
             return Ok(None);
         }
-        // Remount exactly the directory we opened, even if its path was
-        // swapped for something else since.
-        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", store.dirfd().as_raw_fd()));
-        let target = if proc_path.exists() {
-            proc_path
-        } else {
-            store.dir_path.clone()
-        };
+        let target = store.remount_target.clone();
         let mut rw = ReadWrite {
             target,
             dir: dir.clone(),
@@ -183,7 +182,8 @@ impl ReadWrite {
                 })
             }
         }
-        if rdonly()? {
+        let mut read_only = rdonly()?;
+        if read_only {
             if let Err(e) = rw.remount(false, false) {
                 // `rw` drops here and undoes the bind remount, if any.
                 return Err(StoreError::Remount {
@@ -192,8 +192,9 @@ impl ReadWrite {
                 });
             }
             rw.superblock = true;
+            read_only = rdonly()?;
         }
-        if rdonly()? {
+        if read_only {
             return Err(StoreError::Remount {
                 dir,
                 why: "still read-only after remounting".into(),

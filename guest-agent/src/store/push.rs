@@ -185,7 +185,7 @@ impl Batch<'_> {
                 return Err(none(Some(p.name), e));
             }
         }
-        if let Err(e) = save_json(&store.journal_path, &journal) {
+        if let Err(e) = save_json(&store.journal_path, &journal, store.state_sync()) {
             unstage(&staged);
             return Err(none(None, e));
         }
@@ -201,7 +201,7 @@ impl Batch<'_> {
             Some(f) => Err(f),
             None => {
                 let target = next.clone();
-                save_state(&store.state_path, &target)
+                save_state(&store.state_path, &target, store.state_sync())
                     .map(|()| *lock(&store.state) = target)
                     .map_err(|e| (None, e))
             }
@@ -246,6 +246,17 @@ impl Batch<'_> {
         }
         for e in &journal.entries {
             store.finish_entry(e);
+        }
+        // The next Hello or push compares against these digests instead of
+        // reading the files back. Stamped after the renames, which change
+        // the inode's ctime; only a root writer in the guest could change
+        // a file between its rename and this stat, while we hold the lock
+        // and the mount is writable.
+        for p in &plan {
+            match p.value {
+                Some((value, _)) => store.remember_digest(p.name, value),
+                None => store.forget_digest(p.name),
+            }
         }
         store.sync_dir();
         if let Err(e) = remove_file_if_exists(&store.journal_path) {
@@ -318,7 +329,7 @@ impl Batch<'_> {
         if *lock(&store.state) == state {
             return Ok(());
         }
-        let saved = save_state(&store.state_path, &state);
+        let saved = save_state(&store.state_path, &state, store.state_sync());
         let mut current = lock(&store.state);
         match saved {
             Ok(()) => {
@@ -343,20 +354,35 @@ impl TxError {
 }
 
 impl Store {
-    /// Writes `value` to the staging file of `name` and syncs it.
+    /// Writes `value` to the staging file of `name`, and syncs it where
+    /// that makes it durable (not on tmpfs/ramfs).
     fn stage(&self, name: &str, value: &[u8], mode: u32) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
         let tmp = tmp_name(name);
-        match unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
+        let create = || {
+            openat(
+                dirfd,
+                tmp.as_str(),
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_WRONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(mode),
+            )
+        };
+        // A stale temporary file (recovery removes them at start, so only
+        // a failed unlink leaves one) is removed only when it is in the way.
+        let fd = match create() {
+            Err(Errno::EEXIST) => {
+                match unlinkat(dirfd, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(self.io("remove the stale temporary file for", name, e)),
+                }
+                create()
+            }
+            other => other,
         }
-        let fd = openat(
-            dirfd,
-            tmp.as_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(mode),
-        )
         .map_err(|e| self.io("create the temporary file for", name, e))?;
         let result = (|| {
             // The umask may have narrowed the mode; set exactly what was asked.
@@ -365,6 +391,10 @@ impl Store {
             let mut file = File::from(fd);
             file.write_all(value)
                 .map_err(|e| self.io("write", name, errno_of(&e)))?;
+            if !self.creds_durable {
+                return Ok(());
+            }
+            self.count_sync();
             file.sync_all()
                 .map_err(|e| self.io("sync", name, errno_of(&e)))
         })();
@@ -390,8 +420,9 @@ impl Store {
 
     fn swap_in(&self, p: &Planned<'_>) -> Result<(), StoreError> {
         let dirfd = self.dirfd();
+        // `push` removed a stale backup of this name before it wrote the
+        // journal, under the same locks.
         let backup = backup_name(p.name);
-        self.drop_stale_backup(p.name)?;
         match p.value {
             Some(_) => {
                 if p.had_old {
