@@ -10,10 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::control::{CallError, LineError, Reply, Request, MAX_LINE};
-
-/// How long a client waits for `connect` (a full backlog makes it wait).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::control::{
+    decode_line, encode_line, CallError, LineError, Reply, Request, CONNECT_TIMEOUT, MAX_LINE,
+};
 
 /// Sends one request and reads reply lines until the terminal one, handing
 /// each item line to `item` as it arrives. `timeout` bounds the wait for
@@ -41,8 +40,7 @@ pub fn call(
         socket: shown.clone(),
         error,
     };
-    let mut line = serde_json::to_vec(req).map_err(|e| protocol(LineError::Json(e)))?;
-    line.push(b'\n');
+    let line = encode_line(req).map_err(protocol)?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| protocol(e.into()))?;
     (&s).write_all(&line)
@@ -67,13 +65,7 @@ pub fn call(
 fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> Result<Reply, LineError> {
     buf.clear();
     r.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
-    if buf.len() > MAX_LINE {
-        return Err(LineError::TooLong);
-    }
-    if buf.last() != Some(&b'\n') {
-        return Err(LineError::Closed);
-    }
-    Ok(serde_json::from_slice(buf)?)
+    decode_line(buf)
 }
 
 /// A blocking connect bounded by `CONNECT_TIMEOUT`: on a Unix socket the
@@ -219,6 +211,32 @@ mod tests {
                 e,
                 CallError::Protocol {
                     error: LineError::Closed,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_over_long_reply_line_is_refused() {
+        let (_d, path) = server(|s| {
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let _ = (&s).write_all(&vec![b' '; MAX_LINE + 1]);
+        });
+        let e = call(
+            &path,
+            &Request::Status { vms: Vec::new() },
+            Duration::from_secs(10),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CallError::Protocol {
+                    error: LineError::TooLong,
                     ..
                 }
             ),
