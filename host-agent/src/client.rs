@@ -151,6 +151,19 @@ mod tests {
         (dir, path)
     }
 
+    /// A `status` call with `timeout` per line, nothing done with items.
+    fn status(path: &Path, timeout: Duration) -> Result<Reply, CallError> {
+        call(path, &Request::Status { vms: Vec::new() }, timeout, |_| {})
+    }
+
+    /// The line error of a failed call, if it failed on the protocol.
+    fn line_error(e: &CallError) -> Option<&LineError> {
+        match e {
+            CallError::Protocol { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
     #[test]
     fn items_then_the_terminal_reply() {
         let (_d, path) = server(|s| {
@@ -177,45 +190,15 @@ mod tests {
             std::thread::sleep(Duration::from_secs(3));
             drop(s);
         });
-        let e = call(
-            &path,
-            &Request::Status { vms: Vec::new() },
-            Duration::from_millis(200),
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                CallError::Protocol {
-                    error: LineError::Timeout(_),
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = status(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::Timeout(_))), "{e}");
         let (_d, path) = server(|s| {
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
             (&s).write_all(b"{\"partial").unwrap();
         });
-        let e = call(
-            &path,
-            &Request::Status { vms: Vec::new() },
-            Duration::from_secs(10),
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                CallError::Protocol {
-                    error: LineError::Closed,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = status(&path, Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::Closed)), "{e}");
     }
 
     #[test]
@@ -225,35 +208,14 @@ mod tests {
             BufReader::new(&s).read_line(&mut line).unwrap();
             let _ = (&s).write_all(&vec![b' '; MAX_LINE + 1]);
         });
-        let e = call(
-            &path,
-            &Request::Status { vms: Vec::new() },
-            Duration::from_secs(10),
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                CallError::Protocol {
-                    error: LineError::TooLong,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = status(&path, Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::TooLong)), "{e}");
     }
 
     #[test]
     fn nothing_listening_is_unreachable() {
         let dir = tempfile::tempdir().unwrap();
-        let e = call(
-            &dir.path().join("none.sock"),
-            &Request::Status { vms: Vec::new() },
-            Duration::from_secs(1),
-            |_| {},
-        )
-        .unwrap_err();
+        let e = status(&dir.path().join("none.sock"), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, CallError::Unreachable { .. }), "{e}");
     }
 }
