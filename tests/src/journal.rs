@@ -7,6 +7,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::World;
+
 pub type Entry = BTreeMap<String, Vec<u8>>;
 
 /// One datagram of journald's native protocol: `NAME=value\n`, or
@@ -106,4 +108,19 @@ pub fn receive_until(
             }
         }
     }
+}
+
+/// The journal tests' world: `vm` holding `API_KEY` = `secret`, agents
+/// logging at INFO. `None` (with the reason on stderr, as the skip
+/// convention wants) unless root, which the private mount namespace needs.
+pub fn journal_world(vm: &str, secret: &[u8]) -> anyhow::Result<Option<World>> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+        return Ok(None);
+    }
+    let mut w = World::new()?;
+    w.log_level = "info".into();
+    w.add_vm(vm, false)?;
+    w.set_secret(vm, "API_KEY", secret, false)?;
+    Ok(Some(w))
 }

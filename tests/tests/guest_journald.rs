@@ -7,9 +7,8 @@
 use std::time::{Duration, Instant};
 
 use vmcred_tests::journal::{
-    fake_journal, journal_stream, private_run, receive_until, text, Entry,
+    fake_journal, journal_stream, journal_world, private_run, receive_until, text, Entry,
 };
-use vmcred_tests::World;
 
 const T: Duration = Duration::from_secs(30);
 const VM: &str = "vm1";
@@ -17,14 +16,9 @@ const UNIT: &str = "app.service";
 
 #[test]
 fn guest_events_are_native_journal_entries_with_generation_and_unit() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     let jdir = w.path().join("guest-journal");
     let sock = fake_journal(&jdir).unwrap();
     {
@@ -87,14 +81,9 @@ fn guest_events_are_native_journal_entries_with_generation_and_unit() {
 /// prefixed lines on stderr and says why, once.
 #[test]
 fn guest_falls_back_to_prefixed_lines_without_a_journal_socket() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     {
         let g = w.guests.get_mut(VM).unwrap();
         g.env.push(journal_stream(&g.log).unwrap());

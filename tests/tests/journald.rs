@@ -7,23 +7,17 @@
 use std::time::Duration;
 
 use vmcred_tests::journal::{
-    fake_journal, journal_stream, private_run, receive_until, text, Entry,
+    fake_journal, journal_stream, journal_world, private_run, receive_until, text, Entry,
 };
-use vmcred_tests::World;
 
 const T: Duration = Duration::from_secs(30);
 const VM: &str = "vm1";
 
 #[test]
 fn events_are_native_journal_entries_with_vm_and_generation() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     let jdir = w.path().join("journal");
     let sock = fake_journal(&jdir).unwrap();
     w.host_env.push(journal_stream(&w.host_log).unwrap());
