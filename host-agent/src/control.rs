@@ -546,7 +546,8 @@ mod tests {
         assert_eq!(ok, b"\"ok\"\n");
         let mut long = vec![b'"'; MAX_LINE + 10];
         long.push(b'\n');
-        let cases: [(&[u8], fn(&Result<Reply, LineError>) -> bool); 4] = [
+        type Want = fn(&Result<Reply, LineError>) -> bool;
+        let cases: [(&[u8], Want); 4] = [
             (&ok, |r| matches!(r, Ok(Reply::Ok))),
             (&long, |r| matches!(r, Err(LineError::TooLong))),
             (b"\"ok\"", |r| matches!(r, Err(LineError::Closed))),
