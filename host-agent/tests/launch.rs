@@ -122,7 +122,8 @@ fn assert_no_secret(out: &Output) {
     }
 }
 
-fn argv_of(out: &Output) -> Vec<String> {
+/// What a successful launch printed, parsed as `what` says it is.
+fn json_of<T: serde::de::DeserializeOwned>(out: &Output, what: &str) -> T {
     assert!(
         out.status.success(),
         "launch failed: {}",
@@ -130,10 +131,14 @@ fn argv_of(out: &Output) -> Vec<String> {
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "stdout is not a JSON array of strings ({e}): {}",
+            "stdout is not {what} ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+fn argv_of(out: &Output) -> Vec<String> {
+    json_of(out, "a JSON array of strings")
 }
 
 fn binary_oem(name: &str, value: &[u8]) -> String {
@@ -418,17 +423,7 @@ fn dry_json(env: &Env, extra: &[&str], argv: &[String]) -> Output {
 }
 
 fn parse_dry(out: &Output) -> DryRun {
-    assert!(
-        out.status.success(),
-        "launch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not the dry-run JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    json_of(out, "the dry-run JSON")
 }
 
 fn stderr(out: &Output) -> String {
