@@ -53,6 +53,15 @@ pub fn scratch_root() -> PathBuf {
     }
 }
 
+/// A fresh directory named `prefix…` under [`scratch_root`], removed when
+/// dropped: every fixture's, so none lands anywhere else.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(scratch_root())
+        .expect("a scratch directory")
+}
+
 /// Names in the guest's credentials directory at the start of every
 /// `guest_apply` execution.
 pub const BASE_GENERATION: u64 = 5;
@@ -89,10 +98,7 @@ impl GuestFixture {
     /// A store holding one managed credential at generation
     /// [`BASE_GENERATION`], one boot-time credential and the bootstrap.
     pub fn new() -> GuestFixture {
-        let dir = tempfile::Builder::new()
-            .prefix("vmcred-fuzz-")
-            .tempdir_in(scratch_root())
-            .expect("a scratch directory");
+        let dir = scratch_dir("vmcred-fuzz-");
         let creds = dir.path().join("creds");
         let state = dir.path().join("state");
         std::fs::create_dir(&creds).expect("creds dir");

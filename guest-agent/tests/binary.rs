@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{apply, connect, cred, recording_systemctl};
+use common::{applied, apply, connect, cred, recording_systemctl};
 use vmcred_proto::bootstrap::Bootstrap;
 use vmcred_proto::rpc::pb::HelloRequest;
 use vmcred_proto::tls::Identity;
@@ -282,11 +282,7 @@ fn syncs_notifies_restarts_units_and_never_logs_values() {
                 .applied_generation,
             0
         );
-        let r = c
-            .apply(apply(1, vec![cred("API_KEY", SECRET)], &[]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = applied(&mut c, 1, vec![cred("API_KEY", SECRET)], &[]).await;
         assert_eq!(r.applied_generation, 1);
         assert_eq!(r.units.len(), 1);
         assert!(r.units[0].ok, "{:?}", r.units[0].error);

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{apply, cred, start, Guest};
+use common::{applied, apply, cred, start, Guest};
 use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::creds_socket::{CredsSocket, REFUSAL_BYTES};
@@ -78,11 +78,25 @@ fn rand_u64() -> u64 {
     u64::from_ne_bytes(b)
 }
 
-async fn ask_as_systemd(path: &Path, unit: &str, credential: &str) -> Got {
-    let (path, addr) = (path.to_path_buf(), systemd_address(unit, credential));
-    tokio::task::spawn_blocking(move || ask(&path, Some(&addr)))
+/// [`ask`] off the runtime's threads, as a separate client would.
+async fn ask_apart(path: &Path, address: Option<Vec<u8>>) -> Got {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || ask(&path, address.as_deref()))
         .await
         .unwrap()
+}
+
+async fn ask_as_systemd(path: &Path, unit: &str, credential: &str) -> Got {
+    ask_apart(path, Some(systemd_address(unit, credential))).await
+}
+
+/// systemd, asking for `unit`'s `credential`, reads exactly `want`.
+async fn assert_serves(path: &Path, unit: &str, credential: &str, want: &[u8]) {
+    assert_eq!(
+        ask_as_systemd(path, unit, credential).await,
+        Got::Value(want.to_vec()),
+        "{unit} {credential}"
+    );
 }
 
 const CONFIG: &str = r#"
@@ -116,24 +130,11 @@ async fn mapped_unit_gets_the_current_value_after_each_rotation() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("API_KEY", b"one")], &[]))
-        .await
-        .unwrap();
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "API_KEY").await,
-        Got::Value(b"one".to_vec())
-    );
-    assert_eq!(
-        ask_as_systemd(&sock, "getty@tty1.service", "API_KEY").await,
-        Got::Value(b"one".to_vec())
-    );
-    c.apply(apply(2, vec![cred("API_KEY", b"two\0binary\n")], &[]))
-        .await
-        .unwrap();
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "API_KEY").await,
-        Got::Value(b"two\0binary\n".to_vec())
-    );
+    applied(&mut c, 1, vec![cred("API_KEY", b"one")], &[]).await;
+    assert_serves(&sock, "api.service", "API_KEY", b"one").await;
+    assert_serves(&sock, "getty@tty1.service", "API_KEY", b"one").await;
+    applied(&mut c, 2, vec![cred("API_KEY", b"two\0binary\n")], &[]).await;
+    assert_serves(&sock, "api.service", "API_KEY", b"two\0binary\n").await;
     // The reload that, with RefreshOnReload=credentials, makes systemd ask
     // again.
     assert!(
@@ -146,12 +147,9 @@ async fn mapped_unit_gets_the_current_value_after_each_rotation() {
         .apply(apply(2, vec![cred("API_KEY", b"rollback")], &[]))
         .await
         .is_err());
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "API_KEY").await,
-        Got::Value(b"two\0binary\n".to_vec())
-    );
+    assert_serves(&sock, "api.service", "API_KEY", b"two\0binary\n").await;
     // Removed by the host: no longer handed out.
-    c.apply(apply(3, vec![], &["API_KEY"])).await.unwrap();
+    applied(&mut c, 3, vec![], &["API_KEY"]).await;
     assert_eq!(
         ask_as_systemd(&sock, "api.service", "API_KEY").await,
         Got::TooBig
@@ -162,13 +160,13 @@ async fn mapped_unit_gets_the_current_value_after_each_rotation() {
 async fn everything_else_fails_systemds_read() {
     let (g, sock) = guest_with_socket(CONFIG).await;
     let mut c = g.client().await;
-    c.apply(apply(
+    applied(
+        &mut c,
         1,
         vec![cred("API_KEY", b"k"), cred("FILE_ONLY", b"f")],
         &[],
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     // A unit the credential is not mapped to; a credential mapped to no
     // socket unit; one mapped but never delivered; one unknown entirely;
     // the bootstrap, which vmcred never hands out.
@@ -194,17 +192,9 @@ async fn everything_else_fails_systemds_read() {
         b"ab/unit/api.service/API_KEY\0",
         b"ab/unit/../API_KEY",
     ] {
-        let (path, addr) = (sock.clone(), addr.to_vec());
-        let got = tokio::task::spawn_blocking(move || ask(&path, Some(&addr)))
-            .await
-            .unwrap();
-        assert_eq!(got, Got::TooBig);
+        assert_eq!(ask_apart(&sock, Some(addr.to_vec())).await, Got::TooBig);
     }
-    let path = sock.clone();
-    let got = tokio::task::spawn_blocking(move || ask(&path, None))
-        .await
-        .unwrap();
-    assert_eq!(got, Got::TooBig);
+    assert_eq!(ask_apart(&sock, None).await, Got::TooBig);
     // The refusal is bounded: exactly REFUSAL_BYTES to a peer that reads on.
     let path = sock.clone();
     let total = tokio::task::spawn_blocking(move || {
@@ -224,19 +214,14 @@ async fn everything_else_fails_systemds_read() {
     .unwrap();
     assert_eq!(total, REFUSAL_BYTES);
     // And the mapped unit is still served afterwards.
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "API_KEY").await,
-        Got::Value(b"k".to_vec())
-    );
+    assert_serves(&sock, "api.service", "API_KEY", b"k").await;
 }
 
 #[tokio::test]
 async fn many_concurrent_units_are_all_served() {
     let (g, sock) = guest_with_socket(CONFIG).await;
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("API_KEY", b"v")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("API_KEY", b"v")], &[]).await;
     let asks: Vec<_> = (0..64)
         .map(|_| {
             let sock = sock.clone();
@@ -303,9 +288,7 @@ async fn non_root_peers_get_nothing() {
     }
     let (g, sock) = guest_with_socket(CONFIG).await;
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("API_KEY", b"secret")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("API_KEY", b"secret")], &[]).await;
     // As bound (0600, in a 0700 directory), another uid cannot connect.
     let dir = g.tmp.path().to_path_buf();
     let s = sock.clone();
@@ -323,10 +306,7 @@ async fn non_root_peers_get_nothing() {
         .unwrap();
     assert_eq!(got, "CHILD-GOT 0 bytes");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "API_KEY").await,
-        Got::Value(b"secret".to_vec())
-    );
+    assert_serves(&sock, "api.service", "API_KEY", b"secret").await;
 }
 
 #[tokio::test]
@@ -433,22 +413,19 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = common::connect(&p("guest.sock"), &host).await.unwrap();
-        c.apply(apply(
+        applied(
+            &mut c,
             1,
             vec![cred("API_KEY", SECRET), cred("MEM", b"in-memory-only")],
             &[],
-        ))
-        .await
-        .unwrap();
+        )
+        .await;
         assert_eq!(
             ask_as_systemd(&sock, "api.service", "API_KEY").await,
             Got::Value(SECRET.to_vec())
         );
         // deliver = "socket": served from the agent's memory, no file.
-        assert_eq!(
-            ask_as_systemd(&sock, "api.service", "MEM").await,
-            Got::Value(b"in-memory-only".to_vec())
-        );
+        assert_serves(&sock, "api.service", "MEM", b"in-memory-only").await;
         assert!(!p("credentials/MEM").exists());
         assert_eq!(
             ask_as_systemd(&sock, "evil.service", "API_KEY").await,
@@ -505,15 +482,13 @@ async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
     use vmcred_proto::rules::digest;
     let (g, sock) = guest_with_socket(MEMORY_CONFIG).await;
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(
-            1,
-            vec![cred("MEMORY", b"m1"), cred("PLAIN", b"p1")],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(
+        &mut c,
+        1,
+        vec![cred("MEMORY", b"m1"), cred("PLAIN", b"p1")],
+        &[],
+    )
+    .await;
     assert!(r
         .results
         .iter()
@@ -524,10 +499,7 @@ async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
         "no file for a socket-only credential"
     );
     assert_eq!(g.read("PLAIN"), Some(b"p1".to_vec()));
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "MEMORY").await,
-        Got::Value(b"m1".to_vec())
-    );
+    assert_serves(&sock, "api.service", "MEMORY", b"m1").await;
     let h = c.hello(hello()).await.unwrap().into_inner();
     assert_eq!(
         held_names(&h),
@@ -537,21 +509,12 @@ async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
         ]
     );
     // Rotation: the new value, and the reload that makes systemd re-read.
-    c.apply(apply(2, vec![cred("MEMORY", b"m2")], &[]))
-        .await
-        .unwrap();
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "MEMORY").await,
-        Got::Value(b"m2".to_vec())
-    );
+    applied(&mut c, 2, vec![cred("MEMORY", b"m2")], &[]).await;
+    assert_serves(&sock, "api.service", "MEMORY", b"m2").await;
     assert!(g.calls().contains("try-reload-or-restart api.service"));
     // The same value again changes nothing and runs nothing.
     let calls = g.calls();
-    let r = c
-        .apply(apply(3, vec![cred("MEMORY", b"m2")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 3, vec![cred("MEMORY", b"m2")], &[]).await;
     assert_eq!(r.results[0].outcome, Outcome::Unchanged as i32);
     assert_eq!(g.calls(), calls);
     // Not newer: refused, the value stays.
@@ -561,22 +524,11 @@ async fn deliver_socket_keeps_the_value_out_of_the_credentials_directory() {
         .is_err());
     // All or nothing: a push whose other part fails leaves the old value.
     std::fs::write(g.creds.join("FOREIGN"), b"not ours").unwrap();
-    let r = c
-        .apply(apply(4, vec![cred("MEMORY", b"m3")], &["FOREIGN"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 4, vec![cred("MEMORY", b"m3")], &["FOREIGN"]).await;
     assert_eq!(r.applied_generation, 3);
-    assert_eq!(
-        ask_as_systemd(&sock, "api.service", "MEMORY").await,
-        Got::Value(b"m2".to_vec())
-    );
+    assert_serves(&sock, "api.service", "MEMORY", b"m2").await;
     // Removed: refused from then on, no longer held.
-    let r = c
-        .apply(apply(5, vec![], &["MEMORY"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 5, vec![], &["MEMORY"]).await;
     assert_eq!(r.results[0].outcome, Outcome::Removed as i32);
     assert_eq!(
         ask_as_systemd(&sock, "api.service", "MEMORY").await,
@@ -605,13 +557,13 @@ async fn socket_values_after_a_restart_and_a_switch_from_file() {
     )
     .await;
     let mut c = g.client().await;
-    c.apply(apply(
+    applied(
+        &mut c,
         1,
         vec![cred("MEMORY", b"v1"), cred("PLAIN", b"p")],
         &[],
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     assert_eq!(g.read("MEMORY"), Some(b"v1".to_vec()));
 
     // "Restart" with deliver = "socket": a new service on the same store.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{apply, connect, cred};
+use common::{applied, apply, connect, cred};
 use vmcred_guest::config::GuestConfig;
 use vmcred_guest::creds_socket::SocketValues;
 use vmcred_guest::listener::GuestListener;
@@ -112,9 +112,7 @@ async fn a_session_whose_pin_is_dropped_gets_no_further_rpc() {
     let g = rolled("").await;
     let mut old = connect(&g.socket, &g.old).await.unwrap();
     old.hello(hello()).await.unwrap();
-    old.apply(apply(1, vec![cred("A", b"one")], &[]))
-        .await
-        .unwrap();
+    applied(&mut old, 1, vec![cred("A", b"one")], &[]).await;
 
     // The rollover's switch: the guest saw the new key and dropped the old.
     g.pins.seen(g.new.pin().unwrap());
@@ -135,9 +133,7 @@ async fn a_session_whose_pin_is_dropped_gets_no_further_rpc() {
     }
     // The new key works.
     let mut new = connect(&g.socket, &g.new).await.unwrap();
-    new.apply(apply(3, vec![cred("A", b"three")], &[]))
-        .await
-        .unwrap();
+    applied(&mut new, 3, vec![cred("A", b"three")], &[]).await;
     assert_eq!(g.store.state().generation, 3);
 }
 

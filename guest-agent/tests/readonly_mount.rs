@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::in_private_mount_namespace;
 
@@ -69,10 +69,50 @@ fn mount_credentials(creds: &Path, fstype: &str, superblock: bool) {
     );
 }
 
-fn exercise(fstype: &str, superblock: bool) {
+/// A temporary directory with [`mount_credentials`]' file system at its
+/// `credentials`.
+fn mounted(fstype: &str, superblock: bool) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let creds = tmp.path().join("credentials");
     mount_credentials(&creds, fstype, superblock);
+    (tmp, creds)
+}
+
+/// What a crash between the agent's remount and the end of its write
+/// leaves: systemd's mount, writable (its other options kept).
+fn remount_writable(creds: &Path) {
+    mount(
+        None::<&str>,
+        creds,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .unwrap();
+}
+
+/// `check` on tmpfs and on ramfs: two tests of the given names, each in a
+/// private mount namespace.
+macro_rules! on_tmpfs_and_ramfs {
+    ($tmpfs:ident, $ramfs:ident, $check:expr) => {
+        #[test]
+        fn $tmpfs() {
+            in_private_mount_namespace(stringify!($tmpfs), || $check("tmpfs"));
+        }
+
+        #[test]
+        fn $ramfs() {
+            in_private_mount_namespace(stringify!($ramfs), || $check("ramfs"));
+        }
+    };
+}
+
+fn exercise(fstype: &str, superblock: bool) {
+    let (tmp, creds) = mounted(fstype, superblock);
     let before = flags(&creds);
     let store = Store::open(
         &creds,
@@ -127,19 +167,11 @@ fn exercise(fstype: &str, superblock: bool) {
     assert!(is_ro(&creds));
 }
 
-#[test]
-fn tmpfs_made_read_only_per_mount() {
-    in_private_mount_namespace("tmpfs_made_read_only_per_mount", || {
-        exercise("tmpfs", false)
-    });
-}
-
-#[test]
-fn ramfs_made_read_only_per_mount() {
-    in_private_mount_namespace("ramfs_made_read_only_per_mount", || {
-        exercise("ramfs", false)
-    });
-}
+on_tmpfs_and_ramfs!(
+    tmpfs_made_read_only_per_mount,
+    ramfs_made_read_only_per_mount,
+    (|fs| exercise(fs, false))
+);
 
 #[test]
 fn tmpfs_mounted_read_only() {
@@ -184,27 +216,14 @@ fn names(dir: &Path) -> Vec<String> {
 /// files in it; the next start makes it read-only and removes them, and
 /// the guard works even when the mount is found writable.
 fn repaired_after_a_crash(fstype: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let creds = tmp.path().join("credentials");
+    let (tmp, creds) = mounted(fstype, false);
     let state = tmp.path().join("state");
-    mount_credentials(&creds, fstype, false);
     let before = flags(&creds);
     let store = Store::open(&creds, &state, Limits::default()).unwrap();
     store.batch().unwrap().write("A", b"a1", 0o400).unwrap();
     drop(store);
     // What a crash between the remount and the end of a write leaves.
-    mount(
-        None::<&str>,
-        &creds,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .unwrap();
+    remount_writable(&creds);
     assert!(!is_ro(&creds));
     std::fs::write(creds.join(".A.vmcred-tmp"), b"a2-half").unwrap();
     std::fs::write(creds.join(".vmcred-tmp.0123"), b"x").unwrap();
@@ -217,18 +236,7 @@ fn repaired_after_a_crash(fstype: &str) {
 
     // Made writable behind the agent's back: the next write still leaves
     // it read-only (the guard is not skipped).
-    mount(
-        None::<&str>,
-        &creds,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .unwrap();
+    remount_writable(&creds);
     store.batch().unwrap().write("A", b"a2", 0o400).unwrap();
     assert!(
         is_ro(&creds),
@@ -237,28 +245,18 @@ fn repaired_after_a_crash(fstype: &str) {
     assert_eq!(flags(&creds), before);
 }
 
-#[test]
-fn tmpfs_repaired_after_a_crash() {
-    in_private_mount_namespace("tmpfs_repaired_after_a_crash", || {
-        repaired_after_a_crash("tmpfs")
-    });
-}
-
-#[test]
-fn ramfs_repaired_after_a_crash() {
-    in_private_mount_namespace("ramfs_repaired_after_a_crash", || {
-        repaired_after_a_crash("ramfs")
-    });
-}
+on_tmpfs_and_ramfs!(
+    tmpfs_repaired_after_a_crash,
+    ramfs_repaired_after_a_crash,
+    repaired_after_a_crash
+);
 
 /// Issue 9, "also": a credential larger than half of the 1 MiB mount can
 /// be rotated (old and new exist at once during the push); the tmpfs is
 /// back at its size afterwards; a set that would not fit is refused with
 /// the old value intact.
 fn rotates_a_large_credential(fstype: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let creds = tmp.path().join("credentials");
-    mount_credentials(&creds, fstype, false);
+    let (tmp, creds) = mounted(fstype, false);
     let size = tmpfs_size(&creds);
     let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
     let big = |b: u8| vec![b; 700 * 1024];
@@ -287,39 +285,18 @@ fn rotates_a_large_credential(fstype: &str) {
     assert_eq!(names(&creds), ["ADIR", "BIG", "BOOT"]);
 }
 
-#[test]
-fn tmpfs_rotates_a_large_credential() {
-    in_private_mount_namespace("tmpfs_rotates_a_large_credential", || {
-        rotates_a_large_credential("tmpfs")
-    });
-}
-
-#[test]
-fn ramfs_rotates_a_large_credential() {
-    in_private_mount_namespace("ramfs_rotates_a_large_credential", || {
-        rotates_a_large_credential("ramfs")
-    });
-}
+on_tmpfs_and_ramfs!(
+    tmpfs_rotates_a_large_credential,
+    ramfs_rotates_a_large_credential,
+    rotates_a_large_credential
+);
 
 /// A crash of an agent that kept no mount record (or lost it) left
 /// systemd's mount writable: recognised by its file system and options,
 /// made read-only at start.
 fn systemd_mount_without_record_is_made_read_only(fstype: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let creds = tmp.path().join("credentials");
-    mount_credentials(&creds, fstype, false);
-    mount(
-        None::<&str>,
-        &creds,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .unwrap();
+    let (tmp, creds) = mounted(fstype, false);
+    remount_writable(&creds);
     std::fs::write(creds.join(".A.vmcred-tmp"), b"half").unwrap();
     assert!(!is_ro(&creds));
     let store = Store::open(&creds, &tmp.path().join("state"), Limits::default()).unwrap();
@@ -329,18 +306,8 @@ fn systemd_mount_without_record_is_made_read_only(fstype: &str) {
     assert!(is_ro(&creds));
 }
 
-#[test]
-fn tmpfs_systemd_mount_without_record_is_made_read_only() {
-    in_private_mount_namespace(
-        "tmpfs_systemd_mount_without_record_is_made_read_only",
-        || systemd_mount_without_record_is_made_read_only("tmpfs"),
-    );
-}
-
-#[test]
-fn ramfs_systemd_mount_without_record_is_made_read_only() {
-    in_private_mount_namespace(
-        "ramfs_systemd_mount_without_record_is_made_read_only",
-        || systemd_mount_without_record_is_made_read_only("ramfs"),
-    );
-}
+on_tmpfs_and_ramfs!(
+    tmpfs_systemd_mount_without_record_is_made_read_only,
+    ramfs_systemd_mount_without_record_is_made_read_only,
+    systemd_mount_without_record_is_made_read_only
+);

@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::{apply, connect, cred, start, start_with};
+use common::{applied, apply, connect, cred, start, start_with};
 use tonic::Code;
 use vmcred_guest::store::Limits;
 use vmcred_proto::rpc::pb::{HelloRequest, Outcome};
@@ -39,9 +39,7 @@ async fn hello_reports_generation_and_held_digests() {
 
     // A file vmcred did not write is not reported as held.
     std::fs::write(g.creds.join("FOREIGN"), b"f").unwrap();
-    c.apply(apply(1, vec![cred("A", b"a"), cred("B", b"b")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("A", b"a"), cred("B", b"b")], &[]).await;
     let h = c.hello(hello()).await.unwrap().into_inner();
     assert_eq!(h.applied_generation, 1);
     let held: Vec<_> = h
@@ -108,15 +106,13 @@ async fn pushes_and_hellos_read_back_no_file() {
 async fn apply_writes_with_configured_modes_then_reports_unchanged() {
     let g = start("[credentials.SHARED]\nmode = \"0440\"\n", Limits::default()).await;
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(
-            3,
-            vec![cred("API_KEY", b"secret-1"), cred("SHARED", b"shared")],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(
+        &mut c,
+        3,
+        vec![cred("API_KEY", b"secret-1"), cred("SHARED", b"shared")],
+        &[],
+    )
+    .await;
     assert_eq!(r.applied_generation, 3);
     assert_eq!(
         outcomes(&r),
@@ -135,15 +131,13 @@ async fn apply_writes_with_configured_modes_then_reports_unchanged() {
         "ready after the first successful Apply"
     );
 
-    let r = c
-        .apply(apply(
-            4,
-            vec![cred("API_KEY", b"secret-2"), cred("SHARED", b"shared")],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(
+        &mut c,
+        4,
+        vec![cred("API_KEY", b"secret-2"), cred("SHARED", b"shared")],
+        &[],
+    )
+    .await;
     assert_eq!(r.applied_generation, 4);
     assert_eq!(
         outcomes(&r),
@@ -167,19 +161,11 @@ async fn an_identical_file_becomes_managed_as_unchanged() {
     )
     .unwrap();
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(1, vec![cred("BOOT", b"boot")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 1, vec![cred("BOOT", b"boot")], &[]).await;
     assert_eq!(outcomes(&r), vec![("BOOT".into(), Outcome::Unchanged)]);
     assert!(g.store.state().managed.contains("BOOT"));
     // Being managed now, the host may remove it.
-    let r = c
-        .apply(apply(2, vec![], &["BOOT"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![], &["BOOT"]).await;
     assert_eq!(outcomes(&r), vec![("BOOT".into(), Outcome::Removed)]);
     assert!(g.read("BOOT").is_none());
 }
@@ -195,9 +181,7 @@ async fn older_or_equal_generation_is_refused_and_nothing_written() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(g.read("A").is_none());
 
-    c.apply(apply(7, vec![cred("A", b"seven")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 7, vec![cred("A", b"seven")], &[]).await;
     for old in [7, 4] {
         let e = c
             .apply(apply(
@@ -337,15 +321,9 @@ async fn digest_mismatch_is_refused() {
 async fn only_managed_credentials_are_removed() {
     let g = start("", Limits::default()).await;
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("MINE", b"m")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("MINE", b"m")], &[]).await;
     std::fs::write(g.creds.join("FOREIGN"), b"not ours").unwrap();
-    let r = c
-        .apply(apply(2, vec![], &["MINE", "FOREIGN"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![], &["MINE", "FOREIGN"]).await;
     // All or nothing: MINE is not removed either.
     assert_eq!(
         outcomes(&r),
@@ -366,11 +344,7 @@ async fn only_managed_credentials_are_removed() {
     assert_eq!(r.applied_generation, 1);
     assert_eq!(g.store.state().generation, 1);
     assert!(g.store.state().managed.contains("MINE"));
-    let r = c
-        .apply(apply(2, vec![], &["MINE"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![], &["MINE"]).await;
     assert_eq!(outcomes(&r), vec![("MINE".into(), Outcome::Removed)]);
     assert_eq!(r.applied_generation, 2);
     assert!(g.read("MINE").is_none());
@@ -387,20 +361,16 @@ async fn a_write_over_the_limit_fails_clearly_and_keeps_the_generation() {
     )
     .await;
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("A", &[1; 600])], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("A", &[1; 600])], &[]).await;
     // B (300) and the new A (800) would not fit together: nothing of the
     // push is applied, B included.
-    let r = c
-        .apply(apply(
-            2,
-            vec![cred("B", &[3; 300]), cred("A", &[2; 800])],
-            &[],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(
+        &mut c,
+        2,
+        vec![cred("B", &[3; 300]), cred("A", &[2; 800])],
+        &[],
+    )
+    .await;
     assert_eq!(
         outcomes(&r),
         vec![("B".into(), Outcome::Failed), ("A".into(), Outcome::Failed)]
@@ -418,11 +388,7 @@ async fn a_write_over_the_limit_fails_clearly_and_keeps_the_generation() {
     assert_eq!(g.read("A").unwrap(), vec![1; 600]);
     assert!(g.read("B").is_none());
     // A value larger than half the budget still replaces its old value.
-    let r = c
-        .apply(apply(3, vec![cred("A", &[4; 900])], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 3, vec![cred("A", &[4; 900])], &[]).await;
     assert_eq!(r.applied_generation, 3);
     assert_eq!(g.read("A").unwrap(), vec![4; 900]);
 }
@@ -446,11 +412,7 @@ restart_units = ["c.service"]
     )
     .await;
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(1, vec![cred("A", b"a"), cred("B", b"b")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 1, vec![cred("A", b"a"), cred("B", b"b")], &[]).await;
     let units: Vec<_> = r
         .units
         .iter()
@@ -479,11 +441,7 @@ restart_units = ["c.service"]
 
     // Unchanged credentials trigger nothing; a removal does.
     std::fs::write(&g.calls, b"").unwrap();
-    let r = c
-        .apply(apply(2, vec![cred("A", b"a")], &["B"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![cred("A", b"a")], &["B"]).await;
     assert_eq!(
         outcomes(&r),
         vec![
@@ -503,9 +461,13 @@ async fn serves_again_after_the_host_goes_away() {
     for generation in 1..=3 {
         let mut c = g.client().await;
         c.hello(hello()).await.unwrap();
-        c.apply(apply(generation, vec![cred("A", &[generation as u8])], &[]))
-            .await
-            .unwrap();
+        applied(
+            &mut c,
+            generation,
+            vec![cred("A", &[generation as u8])],
+            &[],
+        )
+        .await;
         drop(c);
     }
     // Garbage instead of TLS, then a hang-up: logged and forgotten.
@@ -571,9 +533,7 @@ async fn a_new_host_session_supersedes_the_old_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     new.hello(hello()).await.unwrap();
-    new.apply(apply(1, vec![cred("A", b"a")], &[]))
-        .await
-        .unwrap();
+    applied(&mut new, 1, vec![cred("A", b"a")], &[]).await;
 }
 
 #[tokio::test]
@@ -612,7 +572,7 @@ async fn stalled_handshakes_cannot_lock_the_host_out() {
         .await
         .expect("the real host got in past 40 stalled connections");
     c.hello(hello()).await.unwrap();
-    c.apply(apply(1, vec![cred("A", b"a")], &[])).await.unwrap();
+    applied(&mut c, 1, vec![cred("A", b"a")], &[]).await;
 }
 
 async fn idle_peers(socket: &std::path::Path, n: usize) -> Vec<tokio::net::UnixStream> {
@@ -665,9 +625,7 @@ async fn an_apply_finishes_its_unit_actions_when_the_host_hangs_up() {
 async fn a_busy_store_is_aborted_and_nothing_applied() {
     let g = start("", Limits::default()).await;
     let mut c = g.client().await;
-    c.apply(apply(1, vec![cred("A", b"a1")], &[]))
-        .await
-        .unwrap();
+    applied(&mut c, 1, vec![cred("A", b"a1")], &[]).await;
     let lock = std::fs::File::open(g.state.join("write.lock")).unwrap();
     let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
     // A bounded wait: an agent that blocks on the lock never answers.
@@ -684,11 +642,7 @@ async fn a_busy_store_is_aborted_and_nothing_applied() {
     assert_eq!(g.store.state().generation, 1);
     // Same connection, same content, once the lock is free: applied.
     drop(held);
-    let r = c
-        .apply(apply(2, vec![cred("A", b"a2")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![cred("A", b"a2")], &[]).await;
     assert_eq!(r.applied_generation, 2);
     assert_eq!(g.read("A").unwrap(), b"a2");
 }
@@ -713,11 +667,7 @@ async fn a_failed_unit_action_stays_owed_until_it_succeeds() {
     let broken = g.calls.with_extension("broken");
     std::fs::write(&broken, b"").unwrap();
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(1, vec![cred("A", b"a1"), cred("B", b"b1")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 1, vec![cred("A", b"a1"), cred("B", b"b1")], &[]).await;
     assert_eq!(r.applied_generation, 1);
     let want = vec![
         ("flaky.service".to_string(), "restart".to_string()),
@@ -733,11 +683,7 @@ async fn a_failed_unit_action_stays_owed_until_it_succeeds() {
     // Unchanged bytes, a newer generation: nothing written, but the owed
     // actions are retried (and still fail).
     std::fs::write(&g.calls, b"").unwrap();
-    let r = c
-        .apply(apply(2, vec![cred("A", b"a1"), cred("B", b"b1")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 2, vec![cred("A", b"a1"), cred("B", b"b1")], &[]).await;
     assert_eq!(r.applied_generation, 2);
     assert_eq!(owed(&r.owed_units), want);
     assert!(
@@ -749,21 +695,13 @@ async fn a_failed_unit_action_stays_owed_until_it_succeeds() {
     // The unit is fixed: the next Apply's retry clears it; B's unmapped
     // or removed credential clears the other.
     std::fs::remove_file(&broken).unwrap();
-    let r = c
-        .apply(apply(3, vec![cred("A", b"a1")], &["B"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 3, vec![cred("A", b"a1")], &["B"]).await;
     assert_eq!(
         owed(&r.owed_units),
         vec![("bad.service".to_string(), "reload".to_string())],
         "the removal's own reload failed and is owed until the next prune"
     );
-    let r = c
-        .apply(apply(4, vec![cred("A", b"a1")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 4, vec![cred("A", b"a1")], &[]).await;
     assert!(r.owed_units.is_empty(), "{:?}", r.owed_units);
     let h = c.hello(hello()).await.unwrap().into_inner();
     assert!(h.owed_units.is_empty());
@@ -781,11 +719,7 @@ async fn a_hello_retries_owed_actions() {
     let broken = g.calls.with_extension("broken");
     std::fs::write(&broken, b"").unwrap();
     let mut c = g.client().await;
-    let r = c
-        .apply(apply(1, vec![cred("A", b"a1")], &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = applied(&mut c, 1, vec![cred("A", b"a1")], &[]).await;
     assert_eq!(r.owed_units.len(), 1);
     std::fs::remove_file(&broken).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

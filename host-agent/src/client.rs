@@ -10,10 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::control::{CallError, LineError, Reply, Request, MAX_LINE};
-
-/// How long a client waits for `connect` (a full backlog makes it wait).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::control::{
+    decode_line, encode_line, CallError, LineError, Reply, Request, CONNECT_TIMEOUT, MAX_LINE,
+};
 
 /// Sends one request and reads reply lines until the terminal one, handing
 /// each item line to `item` as it arrives. `timeout` bounds the wait for
@@ -41,8 +40,7 @@ pub fn call(
         socket: shown.clone(),
         error,
     };
-    let mut line = serde_json::to_vec(req).map_err(|e| protocol(LineError::Json(e)))?;
-    line.push(b'\n');
+    let line = encode_line(req).map_err(protocol)?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| protocol(e.into()))?;
     (&s).write_all(&line)
@@ -67,13 +65,7 @@ pub fn call(
 fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> Result<Reply, LineError> {
     buf.clear();
     r.take(MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
-    if buf.len() > MAX_LINE {
-        return Err(LineError::TooLong);
-    }
-    if buf.last() != Some(&b'\n') {
-        return Err(LineError::Closed);
-    }
-    Ok(serde_json::from_slice(buf)?)
+    decode_line(buf)
 }
 
 /// A blocking connect bounded by `CONNECT_TIMEOUT`: on a Unix socket the
@@ -159,6 +151,19 @@ mod tests {
         (dir, path)
     }
 
+    /// A `status` call with `timeout` per line, nothing done with items.
+    fn status(path: &Path, timeout: Duration) -> Result<Reply, CallError> {
+        call(path, &Request::Status { vms: Vec::new() }, timeout, |_| {})
+    }
+
+    /// The line error of a failed call, if it failed on the protocol.
+    fn line_error(e: &CallError) -> Option<&LineError> {
+        match e {
+            CallError::Protocol { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
     #[test]
     fn items_then_the_terminal_reply() {
         let (_d, path) = server(|s| {
@@ -185,57 +190,32 @@ mod tests {
             std::thread::sleep(Duration::from_secs(3));
             drop(s);
         });
-        let e = call(
-            &path,
-            &Request::Status { vms: Vec::new() },
-            Duration::from_millis(200),
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                CallError::Protocol {
-                    error: LineError::Timeout(_),
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = status(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::Timeout(_))), "{e}");
         let (_d, path) = server(|s| {
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
             (&s).write_all(b"{\"partial").unwrap();
         });
-        let e = call(
-            &path,
-            &Request::Status { vms: Vec::new() },
-            Duration::from_secs(10),
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                CallError::Protocol {
-                    error: LineError::Closed,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = status(&path, Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::Closed)), "{e}");
+    }
+
+    #[test]
+    fn an_over_long_reply_line_is_refused() {
+        let (_d, path) = server(|s| {
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let _ = (&s).write_all(&vec![b' '; MAX_LINE + 1]);
+        });
+        let e = status(&path, Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(line_error(&e), Some(LineError::TooLong)), "{e}");
     }
 
     #[test]
     fn nothing_listening_is_unreachable() {
         let dir = tempfile::tempdir().unwrap();
-        let e = call(
-            &dir.path().join("none.sock"),
-            &Request::Status { vms: Vec::new() },
-            Duration::from_secs(1),
-            |_| {},
-        )
-        .unwrap_err();
+        let e = status(&dir.path().join("none.sock"), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, CallError::Unreachable { .. }), "{e}");
     }
 }

@@ -309,6 +309,28 @@ impl From<serde_json::Error> for LineError {
     }
 }
 
+/// `msg` as one line of the protocol: its JSON, then the newline. The
+/// daemon's async writes and the CLI's blocking ones both send this.
+pub fn encode_line<T: Serialize>(msg: &T) -> Result<Vec<u8>, LineError> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Judges what one bounded read gave: at most `MAX_LINE + 1` bytes, up to
+/// and including the first newline. More than `MAX_LINE` is too long; no
+/// newline at the end means the peer hung up mid-line. The reads differ
+/// (async with a timeout, blocking with a deadline); this does not.
+pub fn decode_line<T: for<'de> Deserialize<'de>>(buf: &[u8]) -> Result<T, LineError> {
+    if buf.len() > MAX_LINE {
+        return Err(LineError::TooLong);
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(LineError::Closed);
+    }
+    Ok(serde_json::from_slice(buf)?)
+}
+
 /// Reads one bounded JSON line.
 pub async fn read_line<R, T>(r: R, timeout: Duration) -> Result<T, LineError>
 where
@@ -319,13 +341,7 @@ where
         let mut reader = BufReader::new(r.take(MAX_LINE as u64 + 1));
         let mut buf = Vec::new();
         reader.read_until(b'\n', &mut buf).await?;
-        if buf.len() > MAX_LINE {
-            return Err(LineError::TooLong);
-        }
-        if buf.last() != Some(&b'\n') {
-            return Err(LineError::Closed);
-        }
-        Ok(serde_json::from_slice(&buf)?)
+        decode_line(&buf)
     };
     tokio::time::timeout(timeout, fut)
         .await
@@ -337,9 +353,7 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
 ) -> Result<(), LineError> {
-    let mut line = serde_json::to_vec(msg)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
+    w.write_all(&encode_line(msg)?).await?;
     w.flush().await?;
     Ok(())
 }
@@ -363,7 +377,7 @@ pub enum CallError {
 }
 
 /// How long a client waits for `connect` (a full backlog makes it wait).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one request and reads the reply lines until the terminal one,
 /// handing each item line to `item` as it arrives. `timeout` bounds the
@@ -423,13 +437,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         let fut = async {
             let mut limited = (&mut self.reader).take(MAX_LINE as u64 + 1);
             limited.read_until(b'\n', &mut self.buf).await?;
-            if self.buf.len() > MAX_LINE {
-                return Err(LineError::TooLong);
-            }
-            if self.buf.last() != Some(&b'\n') {
-                return Err(LineError::Closed);
-            }
-            Ok(serde_json::from_slice(&self.buf)?)
+            decode_line(&self.buf)
         };
         tokio::time::timeout(timeout, fut)
             .await
@@ -529,6 +537,38 @@ fn line_len<T: Serialize>(t: &T) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The async readers and the CLI's blocking one judge a line alike:
+    /// each case read both ways gives the same outcome.
+    #[tokio::test]
+    async fn lines_are_judged_alike_however_they_are_read() {
+        let ok = encode_line(&Reply::Ok).unwrap();
+        assert_eq!(ok, b"\"ok\"\n");
+        let mut long = vec![b'"'; MAX_LINE + 10];
+        long.push(b'\n');
+        type Want = fn(&Result<Reply, LineError>) -> bool;
+        let cases: [(&[u8], Want); 4] = [
+            (&ok, |r| matches!(r, Ok(Reply::Ok))),
+            (&long, |r| matches!(r, Err(LineError::TooLong))),
+            (b"\"ok\"", |r| matches!(r, Err(LineError::Closed))),
+            (b"{\"ok\n", |r| matches!(r, Err(LineError::Json(_)))),
+        ];
+        for (input, want) in cases {
+            let shown = String::from_utf8_lossy(&input[..input.len().min(20)]).into_owned();
+            let t = Duration::from_secs(5);
+            let r = read_line::<_, Reply>(input, t).await;
+            assert!(want(&r), "read_line {shown:?}: {r:?}");
+            let r = LineReader::new(input).next::<Reply>(t).await;
+            assert!(want(&r), "LineReader {shown:?}: {r:?}");
+            let bounded = &input[..input.len().min(MAX_LINE + 1)];
+            let end = bounded
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bounded.len(), |i| i + 1);
+            let r = decode_line::<Reply>(&bounded[..end]);
+            assert!(want(&r), "decode_line {shown:?}: {r:?}");
+        }
+    }
 
     #[test]
     fn oversized_rotate_report_is_cut_with_a_marker() {

@@ -103,36 +103,7 @@ enum Cmd {
     /// type=11,path= or -fw_cfg, by machine type); other hypervisors only
     /// have a command line, so a boot secret goes there only if marked
     /// allow_on_command_line. The bootstrap is public.
-    Launch {
-        /// The VM, as named in the config.
-        #[arg(long)]
-        vm: String,
-        /// Guessed from the program name when not given.
-        #[arg(long, value_enum)]
-        hypervisor: Option<launch::Hypervisor>,
-        /// Where the bootstrap goes; auto: the hypervisor's (for qemu, the
-        /// machine type's) best carrier.
-        #[arg(long, value_enum, default_value = "auto")]
-        carrier: launch::CarrierChoice,
-        /// The process name (argv[0]) the hypervisor gets, e.g. microvm@VM
-        /// [default: the program as given].
-        #[arg(long)]
-        argv0: Option<std::ffi::OsString>,
-        /// Private directory for the files the hypervisor reads [default:
-        /// $VMCRED_LAUNCH_RUNTIME_DIR, else the first entry of
-        /// $RUNTIME_DIRECTORY, else /run/vmcred/launch/VM as root].
-        #[arg(long)]
-        runtime_dir: Option<PathBuf>,
-        /// Print the resulting argv (secrets redacted) instead of exec'ing it.
-        #[arg(long)]
-        dry_run: bool,
-        /// With --dry-run: print {"argv0","argv","files"} as JSON.
-        #[arg(long, requires = "dry_run")]
-        json: bool,
-        /// The hypervisor command line.
-        #[arg(last = true, required = true)]
-        argv: Vec<std::ffi::OsString>,
-    },
+    Launch(LaunchArgs),
     /// Validate a config file and print what it configures (no values are read).
     CheckConfig,
     /// Print the host key pin that guests are given (from state_dir/host.pin).
@@ -305,28 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(out.finish(end).into())
         }
-        Cmd::Launch {
-            vm,
-            hypervisor,
-            carrier,
-            argv0,
-            runtime_dir,
-            dry_run,
-            json,
-            argv,
-        } => run_launch(
-            &config,
-            LaunchArgs {
-                vm,
-                hypervisor,
-                carrier,
-                argv0,
-                runtime_dir,
-                dry_run,
-                json,
-                argv,
-            },
-        ),
+        Cmd::Launch(args) => run_launch(&config, args),
         Cmd::CheckConfig => {
             let cfg = Config::load(&config)?;
             println!("{}: OK", cfg.path.display());
@@ -404,15 +354,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `vmcred-host launch`'s arguments.
+// `vmcred-host launch`'s arguments (the subcommand's help is the variant's
+// doc comment, so this struct has a plain comment).
+#[derive(clap::Args)]
 struct LaunchArgs {
+    /// The VM, as named in the config.
+    #[arg(long)]
     vm: String,
+    /// Guessed from the program name when not given.
+    #[arg(long, value_enum)]
     hypervisor: Option<launch::Hypervisor>,
+    /// Where the bootstrap goes; auto: the hypervisor's (for qemu, the
+    /// machine type's) best carrier.
+    #[arg(long, value_enum, default_value = "auto")]
     carrier: launch::CarrierChoice,
+    /// The process name (argv[0]) the hypervisor gets, e.g. microvm@VM
+    /// [default: the program as given].
+    #[arg(long)]
     argv0: Option<std::ffi::OsString>,
+    /// Private directory for the files the hypervisor reads [default:
+    /// $VMCRED_LAUNCH_RUNTIME_DIR, else the first entry of
+    /// $RUNTIME_DIRECTORY, else /run/vmcred/launch/VM as root].
+    #[arg(long)]
     runtime_dir: Option<PathBuf>,
+    /// Print the resulting argv (secrets redacted) instead of exec'ing it.
+    #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: print {"argv0","argv","files"} as JSON.
+    #[arg(long, requires = "dry_run")]
     json: bool,
+    /// The hypervisor command line.
+    #[arg(last = true, required = true)]
     argv: Vec<std::ffi::OsString>,
 }
 

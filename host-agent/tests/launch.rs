@@ -122,7 +122,8 @@ fn assert_no_secret(out: &Output) {
     }
 }
 
-fn argv_of(out: &Output) -> Vec<String> {
+/// What a successful launch printed, parsed as `what` says it is.
+fn json_of<T: serde::de::DeserializeOwned>(out: &Output, what: &str) -> T {
     assert!(
         out.status.success(),
         "launch failed: {}",
@@ -130,10 +131,14 @@ fn argv_of(out: &Output) -> Vec<String> {
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "stdout is not a JSON array of strings ({e}): {}",
+            "stdout is not {what} ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+fn argv_of(out: &Output) -> Vec<String> {
+    json_of(out, "a JSON array of strings")
 }
 
 fn binary_oem(name: &str, value: &[u8]) -> String {
@@ -183,22 +188,12 @@ fn check_qemu(env: &Env, out: &Output) {
 fn qemu_dry_run_passes_values_through_private_files() {
     let env = setup(false);
     let run = env.run.display().to_string();
-    let out = launch(
+    let out = dry_run(
         &env,
         true,
-        &[
-            "--vm",
-            "test-vm",
-            "--hypervisor",
-            "qemu",
-            "--runtime-dir",
-            &run,
-            "--dry-run",
-            "--",
-            "qemu-system-x86_64",
-            "-m",
-            "512",
-        ],
+        "test-vm",
+        &["--hypervisor", "qemu", "--runtime-dir", &run],
+        &["qemu-system-x86_64", "-m", "512"],
     );
     check_qemu(&env, &out);
 }
@@ -207,20 +202,12 @@ fn qemu_dry_run_passes_values_through_private_files() {
 fn qemu_is_recognised_without_hypervisor_flag() {
     let env = setup(false);
     let run = env.run.display().to_string();
-    let out = launch(
+    let out = dry_run(
         &env,
         true,
-        &[
-            "--vm",
-            "test-vm",
-            "--runtime-dir",
-            &run,
-            "--dry-run",
-            "--",
-            "qemu-system-x86_64",
-            "-m",
-            "512",
-        ],
+        "test-vm",
+        &["--runtime-dir", &run],
+        &["qemu-system-x86_64", "-m", "512"],
     );
     check_qemu(&env, &out);
 }
@@ -228,18 +215,12 @@ fn qemu_is_recognised_without_hypervisor_flag() {
 #[test]
 fn cloud_hypervisor_refuses_a_secret_not_allowed_on_its_command_line() {
     let env = setup(false);
-    let out = launch(
+    let out = dry_run(
         &env,
         true,
-        &[
-            "--vm",
-            "test-vm",
-            "--dry-run",
-            "--",
-            "cloud-hypervisor",
-            "--platform",
-            "oem_strings=[x=1]",
-        ],
+        "test-vm",
+        &[],
+        &["cloud-hypervisor", "--platform", "oem_strings=[x=1]"],
     );
     assert!(!out.status.success());
     assert_no_secret(&out);
@@ -252,16 +233,12 @@ fn cloud_hypervisor_refuses_a_secret_not_allowed_on_its_command_line() {
 #[test]
 fn cloud_hypervisor_merges_allowed_values_with_a_warning() {
     let env = setup(true);
-    let out = launch(
+    let out = dry_run(
         &env,
         true,
+        "test-vm",
+        &["--hypervisor", "cloud-hypervisor"],
         &[
-            "--vm",
-            "test-vm",
-            "--hypervisor",
-            "cloud-hypervisor",
-            "--dry-run",
-            "--",
             "cloud-hypervisor",
             "--cpus",
             "boot=1",
@@ -307,20 +284,12 @@ fn cloud_hypervisor_merges_allowed_values_with_a_warning() {
 fn missing_credentials_directory_is_explained() {
     let env = setup(false);
     let run = env.run.display().to_string();
-    let out = launch(
+    let out = dry_run(
         &env,
         false,
-        &[
-            "--vm",
-            "test-vm",
-            "--hypervisor",
-            "qemu",
-            "--runtime-dir",
-            &run,
-            "--dry-run",
-            "--",
-            "qemu-system-x86_64",
-        ],
+        "test-vm",
+        &["--hypervisor", "qemu", "--runtime-dir", &run],
+        &["qemu-system-x86_64"],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -331,17 +300,7 @@ fn missing_credentials_directory_is_explained() {
 #[test]
 fn unknown_vm_is_refused() {
     let env = setup(false);
-    let out = launch(
-        &env,
-        true,
-        &[
-            "--vm",
-            "no-such-vm",
-            "--dry-run",
-            "--",
-            "qemu-system-x86_64",
-        ],
-    );
+    let out = dry_run(&env, true, "no-such-vm", &[], &["qemu-system-x86_64"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-vm"), "{err}");
@@ -443,29 +402,28 @@ struct DryFile {
     name: String,
 }
 
+/// Runs `launch --vm VM FLAGS --dry-run -- ARGV`, with or without the
+/// credentials directory.
+fn dry_run(env: &Env, with_credentials: bool, vm: &str, flags: &[&str], argv: &[&str]) -> Output {
+    let mut args = vec!["--vm", vm];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--dry-run", "--"]);
+    args.extend_from_slice(argv);
+    launch(env, with_credentials, &args)
+}
+
 /// Runs `launch --dry-run --json` with the runtime dir and the
 /// credentials directory set.
 fn dry_json(env: &Env, extra: &[&str], argv: &[String]) -> Output {
     let run = env.run.display().to_string();
-    let mut args = vec!["--vm", "test-vm", "--runtime-dir", &run];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--dry-run", "--json", "--"]);
-    args.extend(argv.iter().map(String::as_str));
-    launch(env, true, &args)
+    let mut flags = vec!["--runtime-dir", &run, "--json"];
+    flags.extend_from_slice(extra);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    dry_run(env, true, "test-vm", &flags, &argv)
 }
 
 fn parse_dry(out: &Output) -> DryRun {
-    assert!(
-        out.status.success(),
-        "launch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not the dry-run JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    json_of(out, "the dry-run JSON")
 }
 
 fn stderr(out: &Output) -> String {

@@ -194,6 +194,47 @@ fn exchange(mut s: UnixStream, request: &str) -> Vec<String> {
     lines
 }
 
+/// `n` control clients that all connect before any of them sends
+/// `status`; each one's reply lines, in client order.
+fn concurrent_status(agent: &Agent, n: usize) -> Vec<Vec<String>> {
+    let barrier = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let path = agent.control();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(path).unwrap();
+                barrier.wait();
+                exchange(s, r#"{"cmd":"status"}"#)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// `request` sent to the Unix socket `socket` by `nobody` (through
+/// `setpriv` and `socat`); what came back, and socat's own errors.
+fn nobody_sends(socket: &Path, request: &[u8]) -> Output {
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "socat",
+            "-t",
+            "5",
+            "-",
+        ])
+        .arg(format!("UNIX-CONNECT:{}", socket.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(request).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn vms_at_missing_sockets(dir: &str, n: usize) -> String {
     (0..n)
         .map(|i| format!("[vms.vm{i}]\nunix_socket = \"{dir}/nothing-{i}.sock\"\n"))
@@ -209,29 +250,7 @@ fn launch_socket_admits_only_root_and_launch_users() {
         .mode();
     assert_eq!(mode & 0o777, 0o666);
     let as_nobody = || {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "socat",
-                "-t",
-                "5",
-                "-",
-            ])
-            .arg(format!("UNIX-CONNECT:{}", agent.launch().display()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = out;
-        out.stdin
-            .take()
-            .unwrap()
-            .write_all(b"{\"cmd\":\"launched\",\"vm\":\"a\"}\n")
-            .unwrap();
-        let o = out.wait_with_output().unwrap();
+        let o = nobody_sends(&agent.launch(), b"{\"cmd\":\"launched\",\"vm\":\"a\"}\n");
         format!(
             "{}{}",
             String::from_utf8_lossy(&o.stdout),
@@ -329,22 +348,7 @@ fn launched_flood_is_coalesced_per_vm() {
 #[test]
 fn hundred_concurrent_control_clients_all_get_an_answer() {
     let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
-    let n = 100;
-    let barrier = Arc::new(Barrier::new(n));
-    let threads: Vec<_> = (0..n)
-        .map(|_| {
-            let path = agent.control();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                let s = UnixStream::connect(path).unwrap();
-                // Every client holds its connection before any sends.
-                barrier.wait();
-                exchange(s, r#"{"cmd":"status"}"#)
-            })
-        })
-        .collect();
-    for t in threads {
-        let lines = t.join().unwrap();
+    for lines in concurrent_status(&agent, 100) {
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(lines[1], r#"{"done":{"count":1}}"#);
     }
@@ -383,21 +387,7 @@ fn status_answers_for_2000_vms() {
 fn few_descriptors_many_clients_stays_responsive_and_quiet() {
     let dir = Agent::config("", "");
     let agent = Agent::start_in(dir, Some(40));
-    let n = 150;
-    let barrier = Arc::new(Barrier::new(n));
-    let threads: Vec<_> = (0..n)
-        .map(|_| {
-            let path = agent.control();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                let s = UnixStream::connect(path).unwrap();
-                barrier.wait();
-                exchange(s, r#"{"cmd":"status"}"#)
-            })
-        })
-        .collect();
-    for t in threads {
-        let lines = t.join().unwrap();
+    for lines in concurrent_status(&agent, 150) {
         assert_eq!(
             lines.last().map(String::as_str),
             Some(r#"{"done":{"count":0}}"#),
@@ -558,28 +548,7 @@ fn control_socket_refuses_other_users_and_long_name_lists_stay_short() {
     assert_eq!(mode & 0o777, 0o600);
     // Even with the mode opened up, the peer check refuses `nobody`.
     std::fs::set_permissions(agent.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut child = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "socat",
-            "-t",
-            "5",
-            "-",
-        ])
-        .arg(format!("UNIX-CONNECT:{}", agent.control().display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"cmd\":\"status\"}\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = nobody_sends(&agent.control(), b"{\"cmd\":\"status\"}\n");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("may not use the control socket"), "{text:?}");
     assert!(!text.contains("\"status\""), "{text:?}");

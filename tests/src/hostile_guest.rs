@@ -318,6 +318,19 @@ fn flood_units(n: usize) -> Vec<UnitResult> {
         .collect()
 }
 
+/// What an owing guest reports: a failed restart of each of `units`.
+fn failed_restarts(units: &[String]) -> Vec<UnitResult> {
+    units
+        .iter()
+        .map(|u| UnitResult {
+            unit: u.clone(),
+            action: "restart".into(),
+            ok: false,
+            error: "exit status 1".into(),
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Guest for Double {
     async fn hello(&self, _req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
@@ -377,15 +390,7 @@ impl Guest for Double {
                 held: held(&st),
                 guest_version: "owes".into(),
                 pins: Vec::new(),
-                owed_units: units
-                    .iter()
-                    .map(|u| UnitResult {
-                        unit: u.clone(),
-                        action: "restart".into(),
-                        ok: false,
-                        error: "exit status 1".into(),
-                    })
-                    .collect(),
+                owed_units: failed_restarts(&units),
             },
             _ => HelloReply {
                 applied_generation: st.applied,
@@ -499,15 +504,7 @@ impl Guest for Double {
                 return Err(Status::unavailable("reset"));
             }
             Mode::Owes(units) => {
-                reply.owed_units = units
-                    .iter()
-                    .map(|u| UnitResult {
-                        unit: u.clone(),
-                        action: "restart".into(),
-                        ok: false,
-                        error: "exit status 1".into(),
-                    })
-                    .collect();
+                reply.owed_units = failed_restarts(&units);
             }
             _ => {}
         }

@@ -4,12 +4,11 @@
 //! datagram socket this test binds; each datagram is parsed as journald's
 //! native protocol. Needs root (the mount namespace).
 
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use vmcred_tests::journal::{parse_entry, text, Entry};
-use vmcred_tests::World;
+use vmcred_tests::journal::{
+    fake_journal, journal_stream, journal_world, private_run, receive_until, text, Entry,
+};
 
 const T: Duration = Duration::from_secs(30);
 const VM: &str = "vm1";
@@ -17,44 +16,16 @@ const UNIT: &str = "app.service";
 
 #[test]
 fn guest_events_are_native_journal_entries_with_generation_and_unit() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     let jdir = w.path().join("guest-journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let sock = UnixDatagram::bind(jdir.join("socket")).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    let sock = fake_journal(&jdir).unwrap();
     {
         let g = w.guests.get_mut(VM).unwrap();
         g.units.insert("API_KEY".into(), vec![UNIT.into()]);
-        // systemd's JOURNAL_STREAM: DEV:INO of the stream given as stderr
-        // (the harness appends the agent's stderr to this file).
-        std::fs::write(&g.log, b"").unwrap();
-        let m = std::fs::metadata(&g.log).unwrap();
-        g.env
-            .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
-        // A tmpfs over /run only in the agent's mount namespace, with the
-        // test's socket where journald's would be.
-        g.prefix = [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
-             mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([jdir.display().to_string()])
-        .collect();
+        g.env.push(journal_stream(&g.log).unwrap());
+        g.prefix = private_run(Some(&jdir));
     }
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();
@@ -62,22 +33,14 @@ fn guest_events_are_native_journal_entries_with_generation_and_unit() {
         .unwrap();
 
     let mut entries: Vec<Entry> = Vec::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let deadline = Instant::now() + T;
     let find = |entries: &[Entry], pred: &dyn Fn(&Entry) -> bool| {
         entries.iter().find(|e| pred(e)).cloned()
     };
     let is_apply = |e: &Entry| text(e, "MESSAGE").starts_with("apply: ");
     let is_unit = |e: &Entry| text(e, "MESSAGE") == "unit action done";
-    while (find(&entries, &is_apply).is_none() || find(&entries, &is_unit).is_none())
-        && Instant::now() < deadline
-    {
-        if let Ok(n) = sock.recv(&mut buf) {
-            if n > 0 {
-                entries.push(parse_entry(&buf[..n]));
-            }
-        }
-    }
+    receive_until(&sock, &mut entries, T, |e| {
+        find(e, &is_apply).is_some() && find(e, &is_unit).is_some()
+    });
     let apply =
         find(&entries, &is_apply).unwrap_or_else(|| panic!("no apply entry in {entries:?}"));
     let generation: u64 = text(&apply, "GENERATION")
@@ -118,34 +81,14 @@ fn guest_events_are_native_journal_entries_with_generation_and_unit() {
 /// prefixed lines on stderr and says why, once.
 #[test]
 fn guest_falls_back_to_prefixed_lines_without_a_journal_socket() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     {
         let g = w.guests.get_mut(VM).unwrap();
-        std::fs::write(&g.log, b"").unwrap();
-        let m = std::fs::metadata(&g.log).unwrap();
-        g.env
-            .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
+        g.env.push(journal_stream(&g.log).unwrap());
         // An empty /run: no journal socket.
-        g.prefix = [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs tmpfs /run && exec \"$@\"",
-            "sh",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        g.prefix = private_run(None);
     }
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();

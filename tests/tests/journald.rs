@@ -4,74 +4,37 @@
 //! datagram socket this test binds, and each datagram is parsed as
 //! journald's native protocol. Needs root (the mount namespace).
 
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixDatagram;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vmcred_tests::journal::{parse_entry, text, Entry};
-use vmcred_tests::World;
+use vmcred_tests::journal::{
+    fake_journal, journal_stream, journal_world, private_run, receive_until, text, Entry,
+};
 
 const T: Duration = Duration::from_secs(30);
 const VM: &str = "vm1";
 
 #[test]
 fn events_are_native_journal_entries_with_vm_and_generation() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP-REASON: this test needs root for a private mount namespace");
+    let Some(mut w) = journal_world(VM, b"first-value").unwrap() else {
         return;
-    }
-    let mut w = World::new().unwrap();
-    w.log_level = "info".into();
-    w.add_vm(VM, false).unwrap();
-    w.set_secret(VM, "API_KEY", b"first-value", false).unwrap();
+    };
     let jdir = w.path().join("journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let sock = UnixDatagram::bind(jdir.join("socket")).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    // systemd's JOURNAL_STREAM: DEV:INO of the stream given as stderr (the
-    // harness appends stderr to this file).
-    std::fs::write(&w.host_log, b"").unwrap();
-    let m = std::fs::metadata(&w.host_log).unwrap();
-    w.host_env
-        .push(("JOURNAL_STREAM".into(), format!("{}:{}", m.dev(), m.ino())));
-    // A tmpfs over /run only in the agent's mount namespace, with the test's
-    // socket where journald's would be.
-    w.host_prefix = [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
-         mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([jdir.display().to_string()])
-    .collect();
+    let sock = fake_journal(&jdir).unwrap();
+    w.host_env.push(journal_stream(&w.host_log).unwrap());
+    w.host_prefix = private_run(Some(&jdir));
     w.start_host().unwrap();
     w.boot_guest(VM).unwrap();
     w.wait_for_guest_value(VM, "API_KEY", b"first-value", T)
         .unwrap();
 
     let mut entries: Vec<Entry> = Vec::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let deadline = Instant::now() + T;
     let pushed = |entries: &[Entry]| {
         entries
             .iter()
             .find(|e| text(e, "MESSAGE") == "pushing to guest")
             .cloned()
     };
-    while pushed(&entries).is_none() && Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            if n > 0 {
-                entries.push(parse_entry(&buf[..n]));
-            }
-        }
-    }
+    receive_until(&sock, &mut entries, T, |e| pushed(e).is_some());
     let push = pushed(&entries).unwrap_or_else(|| panic!("no push entry in {entries:?}"));
     assert_eq!(text(&push, "VM"), VM);
     let generation: u64 = text(&push, "GENERATION")
@@ -105,17 +68,13 @@ fn events_are_native_journal_entries_with_vm_and_generation() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    let deadline = Instant::now() + T;
-    let mut failed = None;
-    while failed.is_none() && Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let e = parse_entry(&buf[..n]);
-            if text(&e, "MESSAGE").contains("config reload failed") {
-                failed = Some(e);
-            }
-        }
-    }
-    let failed = failed.expect("a reload failure entry");
+    let is_failure = |e: &Entry| text(e, "MESSAGE").contains("config reload failed");
+    let mut later = Vec::new();
+    receive_until(&sock, &mut later, T, |es| es.iter().any(is_failure));
+    let failed = later
+        .into_iter()
+        .find(is_failure)
+        .expect("a reload failure entry");
     assert_eq!(text(&failed, "PRIORITY"), "3");
     let err = text(&failed, "ERROR");
     assert!(

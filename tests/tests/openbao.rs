@@ -353,6 +353,31 @@ fn boot(w: &mut World, vm: &str) {
     w.boot_guest(vm).unwrap();
 }
 
+/// What one test VM reads from the store: `cred`, from field `f` of the
+/// secret at `path`.
+struct One<'a> {
+    vm: &'a str,
+    cred: &'a str,
+    path: &'a str,
+}
+
+/// Puts `token` in the world's token file, starts the host agent reading
+/// `one` every `poll`, boots the VM and waits until it holds `first`.
+/// Returns the token file.
+fn deliver(w: &mut World, bao: &Bao, token: &str, poll: &str, one: One, first: &[u8]) -> PathBuf {
+    let file = w.path().join("bao-token");
+    write_token(&file, token);
+    let src = format!("{{ path = \"{}\", field = \"f\" }}", one.path);
+    start_host(
+        w,
+        &server_table(bao, &file, poll),
+        &[(one.vm, one.cred, &src)],
+    );
+    boot(w, one.vm);
+    w.wait_for_guest_value(one.vm, one.cred, first, T).unwrap();
+    file
+}
+
 #[test]
 fn put_reaches_the_guest_deletes_keep_the_value_and_rollback_is_refused() {
     let Some(bin) = bao_or_skip() else { return };
@@ -446,16 +471,13 @@ fn rotate_reads_the_store_at_once() {
     let mut w = world(&["vm1"]);
     let bao = Bao::start(bin, w.path());
     bao.put("r", &[("f", "r-v1")]);
-    let token = w.path().join("bao-token");
-    write_token(&token, ROOT);
     // A poll interval far beyond the test: only rotate can bring v2.
-    start_host(
-        &mut w,
-        &server_table(&bao, &token, "1h"),
-        &[("vm1", "R", "{ path = \"r\", field = \"f\" }")],
-    );
-    boot(&mut w, "vm1");
-    w.wait_for_guest_value("vm1", "R", b"r-v1", T).unwrap();
+    let r = One {
+        vm: "vm1",
+        cred: "R",
+        path: "r",
+    };
+    deliver(&mut w, &bao, ROOT, "1h", r, b"r-v1");
     bao.put("r", &[("f", "r-v2")]);
     let out = w.rotate("vm1", &["R"], "30s").unwrap();
     assert!(
@@ -474,16 +496,13 @@ fn store_down_keeps_values_and_delivery_resumes_after_restart() {
     let mut bao = Bao::start(bin, w.path());
     bao.put("s", &[("f", "s-v1")]);
     bao.put("s", &[("f", "s-v2")]);
-    let token = w.path().join("bao-token");
     // The dev root token is the same after a restart.
-    write_token(&token, ROOT);
-    start_host(
-        &mut w,
-        &server_table(&bao, &token, "300ms"),
-        &[("vm1", "S", "{ path = \"s\", field = \"f\" }")],
-    );
-    boot(&mut w, "vm1");
-    w.wait_for_guest_value("vm1", "S", b"s-v2", T).unwrap();
+    let s = One {
+        vm: "vm1",
+        cred: "S",
+        path: "s",
+    };
+    deliver(&mut w, &bao, ROOT, "300ms", s, b"s-v2");
 
     bao.down();
     wait_status(&w, "vm1", "S", "source-error: openbao: cannot reach");
@@ -507,16 +526,13 @@ fn revoked_token_says_why_and_a_new_token_file_resumes() {
     let mut w = world(&["vm1"]);
     let bao = Bao::start(bin, w.path());
     bao.put("t", &[("f", "t-v1")]);
-    let token = w.path().join("bao-token");
     let t1 = bao.reader_token();
-    write_token(&token, &t1);
-    start_host(
-        &mut w,
-        &server_table(&bao, &token, "300ms"),
-        &[("vm1", "T", "{ path = \"t\", field = \"f\" }")],
-    );
-    boot(&mut w, "vm1");
-    w.wait_for_guest_value("vm1", "T", b"t-v1", T).unwrap();
+    let t = One {
+        vm: "vm1",
+        cred: "T",
+        path: "t",
+    };
+    let token = deliver(&mut w, &bao, &t1, "300ms", t, b"t-v1");
 
     bao.cmd(&["token", "revoke", &t1]);
     wait_status(&w, "vm1", "T", "permission denied");
@@ -593,15 +609,12 @@ fn two_host_agents_on_one_store() {
     let bao = Bao::start(bin, a.path());
     bao.put("shared", &[("f", "sh-v1")]);
     for (w, vm) in [(&mut a, "vm-a"), (&mut b, "vm-b")] {
-        let token = w.path().join("bao-token");
-        write_token(&token, &bao.reader_token());
-        start_host(
-            w,
-            &server_table(&bao, &token, "300ms"),
-            &[(vm, "SHARED", "{ path = \"shared\", field = \"f\" }")],
-        );
-        boot(w, vm);
-        w.wait_for_guest_value(vm, "SHARED", b"sh-v1", T).unwrap();
+        let shared = One {
+            vm,
+            cred: "SHARED",
+            path: "shared",
+        };
+        deliver(w, &bao, &bao.reader_token(), "300ms", shared, b"sh-v1");
     }
     bao.put("shared", &[("f", "sh-v2")]);
     a.wait_for_guest_value("vm-a", "SHARED", b"sh-v2", T)
@@ -667,15 +680,12 @@ fn an_unchanged_secret_costs_one_metadata_read_per_round() {
     bao.audit = Some(audit.clone());
     bao.up();
     bao.put("quiet", &[("f", "q-v1")]);
-    let token = w.path().join("bao-token");
-    write_token(&token, ROOT);
-    start_host(
-        &mut w,
-        &server_table(&bao, &token, "200ms"),
-        &[("vm1", "Q", "{ path = \"quiet\", field = \"f\" }")],
-    );
-    boot(&mut w, "vm1");
-    w.wait_for_guest_value("vm1", "Q", b"q-v1", T).unwrap();
+    let q = One {
+        vm: "vm1",
+        cred: "Q",
+        path: "quiet",
+    };
+    deliver(&mut w, &bao, ROOT, "200ms", q, b"q-v1");
     let before = audited(&audit, "secret/metadata/quiet");
     wait_until(T, || {
         audited(&audit, "secret/metadata/quiet") >= before + 10

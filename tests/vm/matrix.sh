@@ -19,30 +19,10 @@ carrier_machine() {
 launcher_has_carrier() { "$HOST_BIN" launch --help 2>&1 | grep -q -- '--carrier'; }
 
 matrix_write_config() {
-	cat >"$MCFG" <<EOF2
-# vmcred VM test host config for the carrier matrix (tests/vm/matrix.sh)
-state_dir = "$MWORK/host-state"
-control_socket = "$MWORK/control.sock"
-launch_socket = "$MWORK/launch.sock"
-poll_interval = "0s"
-dial_backoff_max = "2s"
-rpc_timeout = "30s"
-
-[vms.vm1]
-hybrid_socket = "$MWORK/vm1.vsock"
-port = 700
-
-[vms.vm1.credentials.API_KEY]
-path = "$MWORK/secrets/api-key"
-boot = false
-
-[vms.vm1.credentials.ENVIRONMENT]
-path = "$MWORK/secrets/environment"
-boot = false
-
-[vms.vm1.credentials.RELOADED]
-path = "$MWORK/secrets/reloaded"
-boot = false
+	{
+		echo '# vmcred VM test host config for the carrier matrix (tests/vm/matrix.sh)'
+		vm1_host_config "$MWORK" false
+		cat <<EOF2
 
 # deliver = "socket" in the guest: vmcred-socket.service takes it from
 # /run/vmcred/creds.sock (proofs.sh).
@@ -50,14 +30,10 @@ boot = false
 path = "$MWORK/secrets/socket-token"
 boot = false
 EOF2
+	} >"$MCFG"
 }
 
-matrix_start_serve() {
-	RUST_LOG=${VMCRED_VM_HOST_LOG:-debug} "$HOST_BIN" serve --config "$MCFG" >>"$MWORK/serve.log" 2>&1 &
-	MSERVE_PID=$!
-	OUR_PIDS+=("$MSERVE_PID")
-	wait_for_path "$MWORK/control.sock" 30 && wait_for_path "$MWORK/host-state/host.pin" 5
-}
+matrix_start_serve() { serve_in "$MCFG" "$MWORK" MSERVE_PID; }
 
 m_status() { "$HOST_BIN" status --config "$MCFG" --json 2>&1; }
 

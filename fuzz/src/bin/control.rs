@@ -73,6 +73,16 @@ fn fits(reply: &Reply) -> bool {
     serde_json::to_vec(reply).expect("to json").len() < MAX_LINE
 }
 
+/// `items` `n` times over, in order.
+fn repeated<T: Clone>(items: &[T], n: usize) -> Vec<T> {
+    items
+        .iter()
+        .cycle()
+        .take(items.len() * n)
+        .cloned()
+        .collect()
+}
+
 /// Blows the lists of an accepted item up past the line limit, then checks
 /// what the daemon would send instead.
 fn check_bound(reply: &Reply) {
@@ -86,20 +96,8 @@ fn check_bound(reply: &Reply) {
                 .len();
             let n = copies(lists);
             let mut big = r.clone();
-            big.units = r
-                .units
-                .iter()
-                .cycle()
-                .take(r.units.len() * n)
-                .cloned()
-                .collect();
-            big.credentials = r
-                .credentials
-                .iter()
-                .cycle()
-                .take(r.credentials.len() * n)
-                .cloned()
-                .collect();
+            big.units = repeated(&r.units, n);
+            big.credentials = repeated(&r.credentials, n);
             let any_failed = big.units.iter().any(|u| !u.ok);
             let cut = bound_rotate(big);
             assert!(
@@ -120,13 +118,7 @@ fn check_bound(reply: &Reply) {
             let lists = serde_json::to_vec(&st.credentials).expect("to json").len();
             let n = copies(lists);
             let mut big = st.clone();
-            big.credentials = st
-                .credentials
-                .iter()
-                .cycle()
-                .take(st.credentials.len() * n)
-                .cloned()
-                .collect();
+            big.credentials = repeated(&st.credentials, n);
             let cut = bound_status(big);
             assert!(
                 fits(&Reply::Status(cut)),

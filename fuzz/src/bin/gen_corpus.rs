@@ -51,6 +51,15 @@ fn unit(unit: &str, ok: bool, error: &str) -> pb::UnitResult {
     }
 }
 
+/// The pins a guest holds mid key rollover: the current key's and the
+/// next one's.
+fn rollover_pins() -> Vec<Vec<u8>> {
+    vec![
+        digest(b"current host key").to_vec(),
+        digest(b"next host key").to_vec(),
+    ]
+}
+
 fn main() {
     let out = std::env::args_os().nth(1).expect("usage: gen_corpus DIR");
     let out = Path::new(&out);
@@ -128,11 +137,7 @@ fn main() {
             .collect(),
         guest_version: vmcred_proto::VERSION.into(),
         owed_units: vec![unit("broken.service", false, "exit status 1")],
-        // Mid key rollover: the current key's pin and the next one's.
-        pins: vec![
-            digest(b"current host key").to_vec(),
-            digest(b"next host key").to_vec(),
-        ],
+        pins: rollover_pins(),
     };
     write(
         out,
@@ -363,10 +368,7 @@ fn main() {
 
     // The Trust rpc's reply as the host reads it (tag 2).
     let trust = pb::TrustReply {
-        pins: vec![
-            digest(b"current host key").to_vec(),
-            digest(b"next host key").to_vec(),
-        ],
+        pins: rollover_pins(),
     };
     write(
         out,

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::statvfs::{statvfs, FsFlags};
-use vmcred_fuzz::{is_temp_name, scratch_root, snapshot, Entry};
+use vmcred_fuzz::{is_temp_name, scratch_dir, snapshot, Entry};
 use vmcred_guest::store::{Limits, State, Store};
 use vmcred_proto::rules::digest;
 
@@ -100,10 +100,7 @@ fn main() {
     private_mounts();
     afl::fuzz!(|data: &[u8]| {
         let fx = FX.get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("vmcred-fuzz-recovery-")
-                .tempdir_in(scratch_root())
-                .expect("a scratch directory");
+            let dir = scratch_dir("vmcred-fuzz-recovery-");
             let creds = dir.path().join("creds");
             let state = dir.path().join("state");
             std::fs::create_dir(&creds).expect("creds dir");

@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use vmcred_fuzz::scratch_root;
+use vmcred_fuzz::scratch_dir;
 use vmcred_guest::store::{Limits, Store};
 use vmcred_proto::rules;
 
@@ -15,10 +15,7 @@ static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
 fn main() {
     afl::fuzz!(|data: &[u8]| {
         let dir = DIR.get_or_init(|| {
-            let d = tempfile::Builder::new()
-                .prefix("vmcred-fuzz-state-")
-                .tempdir_in(scratch_root())
-                .expect("a scratch directory");
+            let d = scratch_dir("vmcred-fuzz-state-");
             std::fs::create_dir(d.path().join("creds")).expect("creds dir");
             std::fs::write(d.path().join("creds/API_KEY"), b"v").expect("a credential");
             d

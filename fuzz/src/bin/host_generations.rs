@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use vmcred_fuzz::scratch_root;
+use vmcred_fuzz::scratch_dir;
 use vmcred_host::generations::{GenerationError, Generations};
 
 static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -18,12 +18,7 @@ fn main() {
         .build()
         .expect("a runtime");
     afl::fuzz!(|data: &[u8]| {
-        let dir = DIR.get_or_init(|| {
-            tempfile::Builder::new()
-                .prefix("vmcred-fuzz-gen-")
-                .tempdir_in(scratch_root())
-                .expect("a scratch directory")
-        });
+        let dir = DIR.get_or_init(|| scratch_dir("vmcred-fuzz-gen-"));
         let gdir = dir.path().join("g");
         std::fs::create_dir_all(&gdir).expect("the generations directory");
         std::fs::write(gdir.join("reserved"), data).expect("write the mark");

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
-use vmcred_fuzz::{is_dangerous_char, rt, scratch_root};
+use vmcred_fuzz::{is_dangerous_char, rt, scratch_dir};
 use vmcred_host::config::{Credential, Source, Vm};
 use vmcred_host::control::{Reply, MAX_LINE};
 use vmcred_host::generations::Generations;
@@ -90,10 +90,7 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("vmcred-fuzz-session-")
-            .tempdir_in(scratch_root())
-            .expect("a scratch directory");
+        let dir = scratch_dir("vmcred-fuzz-session-");
         let socket = dir.path().join("guest.sock");
         let source = dir.path().join("api-key");
         std::fs::write(&source, b"first").expect("the source file");

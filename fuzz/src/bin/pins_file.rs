@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use vmcred_fuzz::scratch_root;
+use vmcred_fuzz::scratch_dir;
 use vmcred_guest::pins::{PinError, PinStore, MAX_PINS};
 use vmcred_proto::tls::{Pin, PinPolicy};
 
@@ -30,14 +30,7 @@ struct PinFile {
 
 fn main() {
     afl::fuzz!(|data: &[u8]| {
-        let dir = DIR
-            .get_or_init(|| {
-                tempfile::Builder::new()
-                    .prefix("vmcred-fuzz-pins-")
-                    .tempdir_in(scratch_root())
-                    .expect("a scratch directory")
-            })
-            .path();
+        let dir = DIR.get_or_init(|| scratch_dir("vmcred-fuzz-pins-")).path();
         let file = dir.join("pins.json");
         std::fs::write(&file, data).expect("write pins.json");
         let store = match PinStore::open(dir, BOOTSTRAP) {

@@ -1081,12 +1081,9 @@ mod tests {
         write(&store, "A", b"a1").unwrap();
         write(&store, "B", b"b1").unwrap();
         store.batch().unwrap().commit(st(1, &["A", "B"])).unwrap();
-        // C's name is taken by a directory: found at planning, nothing done.
-        std::fs::create_dir(f.creds.join("C")).unwrap();
-        let err = store
-            .batch()
-            .unwrap()
-            .push(
+        // The one push tried three times: A=a2, B removed, C new.
+        let push_2 = |store: &Store| {
+            store.batch().unwrap().push(
                 &[
                     Change::Write {
                         name: "A",
@@ -1103,7 +1100,10 @@ mod tests {
                 Some(2),
                 st(2, &["A", "C"]),
             )
-            .unwrap_err();
+        };
+        // C's name is taken by a directory: found at planning, nothing done.
+        std::fs::create_dir(f.creds.join("C")).unwrap();
+        let err = push_2(&store).unwrap_err();
         match &err {
             TxError::NothingApplied { name, .. } => assert_eq!(name.as_deref(), Some("C")),
             other => panic!("{other}"),
@@ -1119,27 +1119,7 @@ mod tests {
         let state_json = f.state.join("state.json");
         std::fs::remove_file(&state_json).unwrap();
         std::fs::create_dir(&state_json).unwrap();
-        let err = store
-            .batch()
-            .unwrap()
-            .push(
-                &[
-                    Change::Write {
-                        name: "A",
-                        value: b"a2",
-                        mode: 0o400,
-                    },
-                    Change::Remove { name: "B" },
-                    Change::Write {
-                        name: "C",
-                        value: b"c",
-                        mode: 0o400,
-                    },
-                ],
-                Some(2),
-                st(2, &["A", "C"]),
-            )
-            .unwrap_err();
+        let err = push_2(&store).unwrap_err();
         assert!(
             matches!(err, TxError::NothingApplied { name: None, .. }),
             "{err}"
@@ -1151,27 +1131,7 @@ mod tests {
         assert!(!f.state.join("push.json").exists());
         std::fs::remove_dir(&state_json).unwrap();
 
-        store
-            .batch()
-            .unwrap()
-            .push(
-                &[
-                    Change::Write {
-                        name: "A",
-                        value: b"a2",
-                        mode: 0o400,
-                    },
-                    Change::Remove { name: "B" },
-                    Change::Write {
-                        name: "C",
-                        value: b"c",
-                        mode: 0o400,
-                    },
-                ],
-                Some(2),
-                st(2, &["A", "C"]),
-            )
-            .unwrap();
+        push_2(&store).unwrap();
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
         assert_eq!(std::fs::read(f.creds.join("C")).unwrap(), b"c");
         assert_eq!(names(&f), ["A", "C"]);

@@ -17,7 +17,7 @@ use vmcred_guest::server::{serve, ServerOptions};
 use vmcred_guest::service::GuestService;
 use vmcred_guest::store::{Limits, Store};
 use vmcred_guest::units::UnitRunner;
-use vmcred_proto::rpc::pb::{ApplyRequest, Credential};
+use vmcred_proto::rpc::pb::{ApplyReply, ApplyRequest, Credential};
 use vmcred_proto::rpc::{client_over, GuestClient};
 use vmcred_proto::tls::{host_client_config, server_name, Identity};
 use vmcred_proto::transport::{dial, Target};
@@ -150,6 +150,20 @@ pub fn apply(generation: u64, upserts: Vec<Credential>, removals: &[&str]) -> Ap
         upserts,
         removals: removals.iter().map(|s| s.to_string()).collect(),
     }
+}
+
+/// An Apply the test needs to succeed: the guest's reply. A refusal
+/// fails the test, naming the generation.
+pub async fn applied(
+    c: &mut GuestClient<Channel>,
+    generation: u64,
+    upserts: Vec<Credential>,
+    removals: &[&str],
+) -> ApplyReply {
+    c.apply(apply(generation, upserts, removals))
+        .await
+        .unwrap_or_else(|e| panic!("apply of generation {generation} refused: {e}"))
+        .into_inner()
 }
 
 const IN_NAMESPACE: &str = "VMCRED_TEST_IN_MOUNT_NAMESPACE";

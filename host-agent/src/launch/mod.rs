@@ -220,6 +220,35 @@ pub struct LaunchInput {
     pub argv: Vec<OsString>,
 }
 
+impl LaunchInput {
+    /// The boot credentials the user has not allowed on a command line,
+    /// worded for the refusal errors; `None` when there are none.
+    pub(crate) fn not_allowed_on_command_line(&self) -> Option<NotAllowed> {
+        let refused: Vec<&str> = self
+            .boot_credentials
+            .iter()
+            .filter(|c| !c.allow_on_command_line)
+            .map(|c| c.name.as_str())
+            .collect();
+        if refused.is_empty() {
+            return None;
+        }
+        let one = refused.len() == 1;
+        Some(NotAllowed {
+            names: refused.join(", "),
+            plural: if one { "" } else { "s" },
+            them: if one { "it" } else { "them" },
+        })
+    }
+}
+
+/// See [`LaunchInput::not_allowed_on_command_line`].
+pub(crate) struct NotAllowed {
+    pub names: String,
+    pub plural: &'static str,
+    pub them: &'static str,
+}
+
 /// A file written for the hypervisor to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrivateFile {

@@ -135,6 +135,29 @@ pub fn store() -> &'static Store {
     })
 }
 
+/// A read of `path` with the token, judged the same way for metadata and
+/// data: 403 is a refused token, any other status but 200 is the store's
+/// error. Only what a 404 means differs between the two reads, so the
+/// caller names it.
+async fn get(
+    engine: &Engine,
+    token: &str,
+    path: &str,
+    not_found: Problem,
+) -> Result<http::Reply, Problem> {
+    let r = engine
+        .client
+        .request(Method::Get, path, Some(token), None)
+        .await
+        .map_err(Problem::Unreachable)?;
+    match r.status {
+        200 => Ok(r),
+        403 => Err(Problem::Denied),
+        404 => Err(not_found),
+        s => Err(Problem::Http(s, reply::errors(&r.body))),
+    }
+}
+
 /// Reads requests use: the persisted key of a secret.
 fn seen_key(address: &str, key: &SecretKey) -> String {
     format!("{address} {key}")
@@ -362,22 +385,13 @@ impl Store {
         key: &SecretKey,
         force: bool,
     ) -> Result<Read, Problem> {
-        let r = engine
-            .client
-            .request(
-                Method::Get,
-                &format!("/v1/{}/metadata/{}", key.mount, key.path),
-                Some(token),
-                None,
-            )
-            .await
-            .map_err(Problem::Unreachable)?;
-        match r.status {
-            200 => {}
-            403 => return Err(Problem::Denied),
-            404 => return Err(Problem::NotFound),
-            s => return Err(Problem::Http(s, reply::errors(&r.body))),
-        }
+        let r = get(
+            engine,
+            token,
+            &format!("/v1/{}/metadata/{}", key.mount, key.path),
+            Problem::NotFound,
+        )
+        .await?;
         let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
         let (cached, seen) = {
             let s = self
@@ -409,25 +423,16 @@ impl Store {
             debug!(secret = %key, version = meta.current_version, "openbao: unchanged");
             return Ok(Read::Unchanged);
         }
-        let r = engine
-            .client
-            .request(
-                Method::Get,
-                &format!(
-                    "/v1/{}/data/{}?version={}",
-                    key.mount, key.path, meta.current_version
-                ),
-                Some(token),
-                None,
-            )
-            .await
-            .map_err(Problem::Unreachable)?;
-        match r.status {
-            200 => {}
-            403 => return Err(Problem::Denied),
-            404 => return Err(Problem::VersionDeleted(meta.current_version)),
-            s => return Err(Problem::Http(s, reply::errors(&r.body))),
-        }
+        let r = get(
+            engine,
+            token,
+            &format!(
+                "/v1/{}/data/{}?version={}",
+                key.mount, key.path, meta.current_version
+            ),
+            Problem::VersionDeleted(meta.current_version),
+        )
+        .await?;
         match reply::check_data(&r.body) {
             Ok(()) => Ok(Read::New {
                 version: meta.current_version,

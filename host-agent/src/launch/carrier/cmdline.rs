@@ -216,22 +216,15 @@ pub(crate) fn refuse_unallowed(
     input: &crate::launch::LaunchInput,
     exposure: &'static str,
 ) -> Result<(), LaunchError> {
-    let refused: Vec<&str> = input
-        .boot_credentials
-        .iter()
-        .filter(|c| !c.allow_on_command_line)
-        .map(|c| c.name.as_str())
-        .collect();
-    if refused.is_empty() {
+    let Some(refused) = input.not_allowed_on_command_line() else {
         return Ok(());
-    }
-    let one = refused.len() == 1;
+    };
     Err(LaunchError::KernelCommandLineNotAllowed {
         vm: input.vm.clone(),
         hypervisor: input.hypervisor,
-        names: refused.join(", "),
-        plural: if one { "" } else { "s" },
-        them: if one { "it" } else { "them" },
+        names: refused.names,
+        plural: refused.plural,
+        them: refused.them,
         exposure,
     })
 }

@@ -39,19 +39,12 @@ fn bootstrap_on_cmdline(input: &LaunchInput) -> Result<bool, LaunchError> {
 
 pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
     let on_cmdline = bootstrap_on_cmdline(input)?;
-    let refused: Vec<&str> = input
-        .boot_credentials
-        .iter()
-        .filter(|c| !c.allow_on_command_line)
-        .map(|c| c.name.as_str())
-        .collect();
-    if !refused.is_empty() {
-        let one = refused.len() == 1;
+    if let Some(refused) = input.not_allowed_on_command_line() {
         return Err(LaunchError::CommandLineNotAllowed {
             vm: input.vm.clone(),
-            names: refused.join(", "),
-            plural: if one { "" } else { "s" },
-            them: if one { "it" } else { "them" },
+            names: refused.names,
+            plural: refused.plural,
+            them: refused.them,
         });
     }
     let names: Vec<&str> = std::iter::once(BOOTSTRAP_CREDENTIAL)
