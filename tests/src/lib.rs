@@ -12,6 +12,7 @@
 //! bootstrap.
 
 pub mod hostile_guest;
+pub mod inotify;
 pub mod journal;
 pub mod measure;
 pub mod muxer;
