@@ -1,7 +1,6 @@
 //! `vmcred-host`: the host side of vmcred. See README.md for the commands
 //! and the config format.
 
-mod heap;
 mod logs;
 mod report;
 
@@ -233,8 +232,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Sockets and signals on this thread, VM tasks on their own
             // workers: a wedged VM task cannot delay SIGTERM (serve_with).
             let vms = runtime()?;
-            // Gives back what bursts (start, SIGHUP, rotate --all) freed.
-            vms.spawn(heap::run());
             let result =
                 client_runtime()?.block_on(serve::serve_with(&config, vms.handle().clone()));
             vms.shutdown_timeout(SHUTDOWN_GRACE);
