@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn};
 use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
+use vmcred_proto::rpc::GuestChannel as Channel;
 use vmcred_proto::rpc::GuestClient;
 use vmcred_proto::{rules, tls, transport};
 
@@ -497,7 +497,7 @@ impl VmTask {
         .await
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
-        let mut client = vmcred_proto::rpc::client_over(tls)
+        let mut client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
         let Some(next) = next else {
