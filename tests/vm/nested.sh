@@ -75,7 +75,7 @@ nested_prepare_rootfs() {
 # a load-order file). Only what L1 does not load already.
 nested_prepare_modules() {
 	NMOD="$SCACHE/nested-modules"
-	if [ -f "$NMOD/.complete" ] && [ "$(cat "$NMOD/key")" = "$KV $NESTED_HOST_MODULES" ]; then
+	if [ -f "$NMOD/.complete" ] && [ "$(cat "$NMOD/key")" = "$KV $NESTED_HOST_MODULES vmlinux" ]; then
 		return 0
 	fi
 	local tmp d p m mroot
@@ -103,10 +103,33 @@ nested_prepare_modules() {
 		[ -f "$KDIR/modules/$m" ] && continue
 		echo "$m" >>"$tmp/out/load-order"
 	done <"$tmp/paths"
-	echo "$KV $NESTED_HOST_MODULES" >"$tmp/out/key"
+	nested_extract_vmlinux "$KDIR/vmlinuz" "$tmp/out/vmlinux" || return 1
+	echo "$KV $NESTED_HOST_MODULES vmlinux" >"$tmp/out/key"
 	mv "$tmp/out" "$NMOD"
 	rm -rf "$tmp"
 	touch "$NMOD/.complete"
+}
+
+# nested_extract_vmlinux BZIMAGE OUT: the kernel's ELF image, decompressed
+# once here: L2 boots it through its PVH entry point (qemu loads an ELF with
+# the PVH note directly), so it never runs the bzImage's decompressor, which
+# under TCG inside TCG takes minutes (xz, ~60 MB).
+nested_extract_vmlinux() {
+	local in=$1 out=$2 off
+	off=$(LC_ALL=C grep -abo $'\xfd7zXZ\x00' "$in" | head -1 | cut -d: -f1)
+	if [ -n "$off" ]; then
+		tail -c +$((off + 1)) "$in" | xz -dc >"$out" 2>/dev/null
+	else
+		off=$(LC_ALL=C grep -abo $'\x28\xb5\x2f\xfd' "$in" | head -1 | cut -d: -f1)
+		[ -n "$off" ] || return 1
+		tail -c +$((off + 1)) "$in" | zstd -qdc >"$out" 2>/dev/null
+	fi
+	# Trailing data after the stream makes xz/zstd complain; the ELF is whole.
+	[ "$(head -c 4 "$out" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] || return 1
+	readelf -n "$out" 2>/dev/null | grep -q 'Xen.*0x00000012' || {
+		log "nested: $in has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)"
+		return 1
+	}
 }
 
 # nested_l2_initramfs OUT: busybox, nested-init, the L2 modules, the static
@@ -132,7 +155,8 @@ EOF
 		echo "$m" >>"$st/modules/load-order"
 	done
 	mknod -m 600 "$st/dev/console" c 5 1
-	(cd "$st" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
+	# Not compressed: inflating it would cost L2 more than reading it.
+	(cd "$st" && find . | cpio -o -H newc --quiet) >"$out"
 	rm -rf "$st"
 }
 
@@ -149,20 +173,28 @@ nested_build_image() {
 	cp "$NMOD"/*.ko "$NMOD/load-order" "$r$NL1/modules/"
 	install -m 0755 "$HOST_BIN" "$r/usr/local/bin/vmcred-host"
 	install -m 0755 "$VSOCK_PROBE_BIN" "$r/usr/local/bin/vmcred-vsock-probe"
-	cp "$KDIR/vmlinuz" "$r$NL1/vmlinuz"
+	cp "$NMOD/vmlinux" "$r$NL1/vmlinux"
 	nested_l2_initramfs "$r$NL1/l2-initramfs.img" || return 1
 	build_image "$img"
 	ROOTFS="$SCACHE/rootfs"
 }
 
 # nested_wait_l1 TAG SECONDS COMMAND: run COMMAND in L1 every 5 s until it
-# exits 0 (its output in GUEST_OUT); 1 after SECONDS.
+# exits 0 (its output in GUEST_OUT); 1 after SECONDS. Every minute the last
+# line of L2's console is logged, to show how far L2 got.
 nested_wait_l1() {
-	local end=$((SECONDS + $2))
+	local end=$((SECONDS + $2)) next=$((SECONDS + 60)) o
 	while :; do
 		guest_run -t 60 "$3" && return 0
 		[ "$SECONDS" -lt "$end" ] || return 1
 		kill -0 "$QEMU_PID" 2>/dev/null || return 1
+		if [ "$SECONDS" -ge "$next" ]; then
+			next=$((SECONDS + 60))
+			o=$GUEST_OUT
+			guest_run -t 30 'tail -c 2000 /root/nested/l2-console.log | tr -d "\r" | grep -a . | tail -n 1' || true
+			log "nested: waiting; L2's console ends with: $GUEST_OUT"
+			GUEST_OUT=$o
+		fi
 		sleep 5
 	done
 }
@@ -254,7 +286,7 @@ echo "serve: pid $(pgrep -x vmcred-host | head -1), pin $(cat $W/state/host.pin)
 setsid vmcred-host launch --config $W/host.toml --vm vm2 --hypervisor qemu --carrier fw-cfg --runtime-dir $W/launch-runtime -- \
 	qemu-system-x86_64 -name vmcred-nested-l2 -M microvm -accel tcg -cpu max -smp 1 -m 128M \
 	-nodefaults -no-user-config -display none -no-reboot \
-	-kernel $N/vmlinuz -initrd $N/l2-initramfs.img \
+	-kernel $N/vmlinux -initrd $N/l2-initramfs.img \
 	-append "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 rdinit=/init" \
 	-device vhost-vsock-device,guest-cid=3 \
 	-serial file:$W/l2-console.log >$W/launch.log 2>&1 </dev/null &
@@ -262,7 +294,14 @@ for _ in $(seq 100); do q=$(pgrep -f "^qemu-system-x86_64 -name vmcred-nested-l2
 echo "l2 qemu pid ${q:-none}"
 [ -n "$q" ] || { cat $W/launch.log; exit 1; }
 tr "\0" "\n" </proc/$q/cmdline | grep -A1 -x -- -fw_cfg
-for fd in /proc/$q/fd/*; do [ "$(readlink $fd)" = /dev/vhost-vsock ] && echo "qemu fd ${fd##*/} -> /dev/vhost-vsock"; done
+# qemu opens /dev/vhost-vsock when it realizes the device, a moment after exec.
+for _ in $(seq 150); do
+	v=$(for fd in /proc/$q/fd/*; do [ "$(readlink $fd)" = /dev/vhost-vsock ] && echo "${fd##*/}"; done | head -1)
+	[ -n "$v" ] && break
+	kill -0 $q 2>/dev/null || break
+	sleep 0.2
+done
+if [ -n "$v" ]; then echo "qemu fd $v -> /dev/vhost-vsock"; else echo "qemu has no /dev/vhost-vsock open"; tail -n 5 $W/launch.log; fi
 true' || true
 	out=$GUEST_OUT
 	t_l2=$(now)
