@@ -22,7 +22,7 @@
 
 NESTED_SUITE=${VMCRED_VM_NESTED_SUITE:-bookworm}
 # How long L2 may take from qemu start to the agent's `listening` (TCG in TCG).
-NESTED_BOOT_TIMEOUT=${VMCRED_VM_NESTED_BOOT_TIMEOUT:-1200}
+NESTED_BOOT_TIMEOUT=${VMCRED_VM_NESTED_BOOT_TIMEOUT:-2400}
 # L1 runs L2's qemu: more memory than the other boots.
 NESTED_L1_MEM=1024M
 NESTED_L1_CID=4
@@ -199,6 +199,13 @@ nested_wait_l1() {
 	done
 }
 
+# nested_save_logs: L2's console and L1's serve log, into the work directory.
+nested_save_logs() {
+	guest_run -t 60 'cat /root/nested/l2-console.log' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-l2-console.log"
+	guest_run -t 60 'cat /root/nested/serve.log' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-serve.log"
+	true
+}
+
 nested_test() {
 	local tag="[nested]" console="$WORK/console-nested.log" t0 t_l2 out digest1 digest2 rc
 	use_suite "$NESTED_SUITE"
@@ -287,7 +294,7 @@ setsid vmcred-host launch --config $W/host.toml --vm vm2 --hypervisor qemu --car
 	qemu-system-x86_64 -name vmcred-nested-l2 -M microvm -accel tcg -cpu max -smp 1 -m 128M \
 	-nodefaults -no-user-config -display none -no-reboot \
 	-kernel $N/vmlinux -initrd $N/l2-initramfs.img \
-	-append "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 rdinit=/init" \
+	-append "console=ttyS0 loglevel=7 panic=-1 tsc_early_khz=2000000 pci=off rdinit=/init" \
 	-device vhost-vsock-device,guest-cid=3 \
 	-serial file:$W/l2-console.log >$W/launch.log 2>&1 </dev/null &
 for _ in $(seq 100); do q=$(pgrep -f "^qemu-system-x86_64 -name vmcred-nested-l2" | head -1); [ -n "$q" ] && break; sleep 0.2; done
@@ -320,6 +327,7 @@ true' || true
 		indent <<<"$GUEST_OUT"
 	else
 		fail "$tag L2 booted to the agent's listening within ${NESTED_BOOT_TIMEOUT} s"
+		nested_save_logs
 		guest_run 'tail -n 30 /root/nested/l2-console.log; tail -n 5 /root/nested/launch.log' || true
 		indent <<<"$GUEST_OUT"
 		return
@@ -344,6 +352,7 @@ vmcred-host status --config $W/host.toml' || true
 		fi
 	else
 		fail "$tag L2: API_KEY delivered"
+		nested_save_logs
 		guest_run 'tail -n 30 /root/nested/l2-console.log; tail -n 20 /root/nested/serve.log' || true
 		indent <<<"$GUEST_OUT"
 		return
@@ -409,7 +418,8 @@ done; echo checked' || true
 	else
 		fail "$tag a value in a log: $(grep '^leak' <<<"$GUEST_OUT" | tr '\n' ' ')"
 	fi
-	guest_run 'cp /root/nested/l2-console.log /root/nested/serve.log /tmp/ 2>/dev/null; pkill -TERM -f "^qemu-system-x86_64 -name vmcred-nested-l2"; true' || true
+	nested_save_logs
+	guest_run 'pkill -TERM -f "^qemu-system-x86_64 -name vmcred-nested-l2"; true' || true
 	guest_poweroff 60 || log "nested: L1 did not power off in 60 s; stopping qemu"
 	stop_pid "$QEMU_PID"
 	stop_pid "${VDV_PID:-}"
