@@ -199,6 +199,9 @@ nested_wait_l1() {
 	done
 }
 
+# L2's console is a tty: its lines end with \r\n, and the agent's log lines
+# carry colours; every output read from it has its \r removed before a check.
+
 # nested_save_logs: L2's console and L1's serve log, into the work directory.
 nested_save_logs() {
 	guest_run -t 60 'cat /root/nested/l2-console.log' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-l2-console.log"
@@ -277,7 +280,7 @@ echo "value-a sha256=$(sha256sum <$W/secrets/api-key | cut -c1-64)"
 RUST_LOG=debug setsid vmcred-host serve --config $W/host.toml >$W/serve.log 2>&1 </dev/null &
 for _ in $(seq 300); do [ -e $W/state/host.pin ] && [ -S $W/control.sock ] && break; sleep 0.2; done
 echo "serve: pid $(pgrep -x vmcred-host | head -1), pin $(cat $W/state/host.pin)"' || true
-	out=$GUEST_OUT
+	out=${GUEST_OUT//$'\r'/}
 	indent <<<"$out"
 	digest1=$(sed -n 's/^value-a sha256=\([0-9a-f]\{64\}\)$/\1/p' <<<"$out")
 	if grep -q '^crw.* /dev/vhost-vsock$' <<<"$out" && grep -qw vhost_vsock <<<"$out" &&
@@ -310,7 +313,7 @@ for _ in $(seq 150); do
 done
 if [ -n "$v" ]; then echo "qemu fd $v -> /dev/vhost-vsock"; else echo "qemu has no /dev/vhost-vsock open"; tail -n 5 $W/launch.log; fi
 true' || true
-	out=$GUEST_OUT
+	out=${GUEST_OUT//$'\r'/}
 	t_l2=$(now)
 	indent <<<"$out"
 	if grep -q '^name=opt/io.systemd.credentials/vmcred.bootstrap,file=' <<<"$out" && grep -q -- '-> /dev/vhost-vsock$' <<<"$out"; then
@@ -340,7 +343,7 @@ grep -a "^VMCRED-L2 bootstrap" $W/l2-console.log
 grep -a "host connected" $W/l2-console.log | head -n 3
 grep -a "^VMCRED-L2 API_KEY" $W/l2-console.log
 vmcred-host status --config $W/host.toml' || true
-		out=$GUEST_OUT
+		out=${GUEST_OUT//$'\r'/}
 		indent <<<"$out"
 		local port
 		port=$(grep -a 'host connected' <<<"$out" | sed -n 's/.*vsock CID 2 port \([0-9]*\).*/\1/p' | head -1)
@@ -368,7 +371,7 @@ echo "value-b sha256=$(sha256sum <$W/secrets/api-key | cut -c1-64)"
 rm -f $W/rotate.rc
 setsid sh -c "vmcred-host rotate --config $W/host.toml vm2 API_KEY --timeout 600s --json >$W/rotate.json 2>$W/rotate.err; echo \$? >$W/rotate.rc" </dev/null >/dev/null 2>&1 &
 date +%s.%N >$W/rotate.start' || true
-	digest2=$(sed -n 's/^value-b sha256=\([0-9a-f]\{64\}\)$/\1/p' <<<"$GUEST_OUT")
+	digest2=$(tr -d '\r' <<<"$GUEST_OUT" | sed -n 's/^value-b sha256=\([0-9a-f]\{64\}\)$/\1/p')
 	local t_rot
 	t_rot=$(now)
 	if nested_wait_l1 "$tag" 660 'test -s /root/nested/rotate.rc'; then
@@ -376,10 +379,10 @@ date +%s.%N >$W/rotate.start' || true
 		guest_run 'W=/root/nested
 echo "rotate rc=$(cat $W/rotate.rc)"; cat $W/rotate.json; echo; cat $W/rotate.err
 grep -a "^VMCRED-L2 API_KEY" $W/l2-console.log' || true
-		out=$GUEST_OUT
+		out=${GUEST_OUT//$'\r'/}
 		indent <<<"$out"
 		rc=$(sed -n 's/^rotate rc=//p' <<<"$out")
-		if [ -n "$digest2" ] && [ "$rc" = 0 ] && grep -q '"applied":true' <<<"$out" &&
+		if [ -n "$digest2" ] && [ "$rc" = 0 ] && grep -q '"applied": *true' <<<"$out" &&
 			grep -q "^VMCRED-L2 API_KEY sha256=$digest2 mode=400 mount=ro$" <<<"$out"; then
 			pass "$tag vmcred-host rotate vm2 API_KEY in L1 exited 0 after the ack (~$NESTED_ROTATE_S s, polled) and L2 holds the new value (digest equal, read-only mount)"
 		else
@@ -396,7 +399,7 @@ setpriv --reuid=65534 --regid=65534 --clear-groups vmcred-vsock-probe flood --ci
 for _ in $(seq 100); do after=$(grep -a -c "refused a connection before TLS" $W/l2-console.log); [ "$after" -gt "$before" ] && break; sleep 0.5; done
 echo "L2 refusals: $((after - before))"
 grep -a "refused a connection before TLS" $W/l2-console.log | tail -n 1' || true
-	out=$GUEST_OUT
+	out=${GUEST_OUT//$'\r'/}
 	indent <<<"$out"
 	local np rp
 	np=$(sed -n 's/^flood target=3:700 connected=1 refused-at-connect=0 closed-by-peer=1 still-open=0 bytes-received=0 lowest-source-port=\([0-9]*\)$/\1/p' <<<"$out")
