@@ -1,4 +1,4 @@
-# shellcheck shell=bash disable=SC2016 # guest commands are single-quoted on purpose
+# shellcheck shell=bash disable=SC2016,SC2153 # guest commands are single-quoted on purpose; GUEST_BIN, HOST_BIN, ... are run.sh's
 # Issue 9's last proof (sourced by tests/vm/run.sh after lib.sh): the host
 # agent dials the guest agent over a real /dev/vhost-vsock, one level down.
 #
