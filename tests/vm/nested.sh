@@ -378,13 +378,19 @@ date +%s.%N >$W/rotate.start' || true
 		NESTED_ROTATE_S=$(elapsed "$t_rot")
 		guest_run 'W=/root/nested
 echo "rotate rc=$(cat $W/rotate.rc)"; cat $W/rotate.json; echo; cat $W/rotate.err
-grep -a "^VMCRED-L2 API_KEY" $W/l2-console.log' || true
+# The agent logs the write before it acknowledges (colours removed).
+sed "s/\x1b\[[0-9;]*m//g" $W/l2-console.log | grep -a "apply: API_KEY written" | tail -n 1' || true
 		out=${GUEST_OUT//$'\r'/}
 		indent <<<"$out"
 		rc=$(sed -n 's/^rotate rc=//p' <<<"$out")
-		if [ -n "$digest2" ] && [ "$rc" = 0 ] && grep -q '"applied": *true' <<<"$out" &&
-			grep -q "^VMCRED-L2 API_KEY sha256=$digest2 mode=400 mount=ro$" <<<"$out"; then
-			pass "$tag vmcred-host rotate vm2 API_KEY in L1 exited 0 after the ack (~$NESTED_ROTATE_S s, polled) and L2 holds the new value (digest equal, read-only mount)"
+		local gen
+		gen=$(sed -n 's/^ *"generation": *\([0-9]*\),*$/\1/p' <<<"$out" | head -1 || true)
+		# L2's digest watcher polls: its line may follow the ack by a moment.
+		nested_wait_l1 "$tag" 120 'grep -a -q "^VMCRED-L2 API_KEY sha256='"$digest2"' mode=400 mount=ro" /root/nested/l2-console.log' || true
+		if [ -n "$digest2" ] && [ "$rc" = 0 ] && grep -q '"applied": *true' <<<"$out" && [ -n "$gen" ] &&
+			grep -q "apply: API_KEY written generation=$gen applied_generation=$gen" <<<"$out" &&
+			guest_run 'grep -a -q "^VMCRED-L2 API_KEY sha256='"$digest2"' mode=400 mount=ro" /root/nested/l2-console.log'; then
+			pass "$tag vmcred-host rotate vm2 API_KEY in L1 exited 0 after the ack (~$NESTED_ROTATE_S s, polled) for generation $gen, which L2's agent had logged as written; L2 holds the new value (digest equal, read-only mount)"
 		else
 			fail "$tag rotate acknowledged and the new value in L2 (rotate rc=${rc:-?})"
 		fi
