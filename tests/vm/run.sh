@@ -11,20 +11,27 @@
 # agent listening, first credential, one rotation with a real unit action,
 # and on systemd >= 260 a RefreshOnReload=credentials reload), plus the full
 # scenario (boot credentials, late credential, restarts, leaks) on
-# bookworm + SMBIOS.
+# bookworm + SMBIOS. Once, on one suite (bookworm): the nested proof
+# (tests/vm/nested.sh): host agent -> guest agent over a real
+# /dev/vhost-vsock, inside an L1 guest, with L2 under L1's qemu.
 #
 # Usage: tests/vm/run.sh [--infra-only] [--keep] [--suites "S..."] [--carriers "C..."] [--no-full]
+#                        [--no-nested | --nested-only]
 #   --infra-only  boot bookworm without vmcred: SMBIOS credential import and
 #                 guest vsock listening only (the harness's own self-test)
 #   --keep        keep the work directory (logs, consoles) after the run
 #   --suites      Debian suites to boot (default: bookworm trixie sid)
 #   --carriers    carriers to prove (default: smbios fw-cfg cmdline)
 #   --no-full     skip the full scenario (matrix only)
+#   --no-nested   skip the nested vhost-vsock proof
+#   --nested-only the nested vhost-vsock proof alone (its suite only)
 # Env: VMCRED_VM_CACHE (cache dir, default tests/vm/.cache), VMCRED_VM_MIRROR
 #      (Debian mirror), VMCRED_VM_NO_BUILD=1 (use existing target/release
 #      binaries), VMCRED_VM_RENDERED_UNIT_DIR (a directory holding the
 #      module's rendered vmcred-guest.service, instead of running
-#      tests/nix/render-guest-unit.sh), CARGO_TARGET_DIR.
+#      tests/nix/render-guest-unit.sh), CARGO_TARGET_DIR,
+#      VMCRED_VM_NESTED_SUITE (the nested proof's suite, default bookworm),
+#      VMCRED_VM_NESTED_BOOT_TIMEOUT (seconds L2 may take to listen, 2400).
 # Exit: 0 all checks passed, 1 a check failed (or something needed could not be
 #       fetched or built), 77 cannot run here at all (not root, not x86_64, no cargo).
 # shellcheck source-path=SCRIPTDIR
@@ -40,6 +47,8 @@ KEEP=0
 SUITES=$ALL_SUITES
 CARRIERS="smbios fw-cfg cmdline"
 FULL=1
+NESTED=1
+NESTED_ONLY=0
 while [ $# -gt 0 ]; do
 	a=$1
 	shift
@@ -47,6 +56,8 @@ while [ $# -gt 0 ]; do
 	--infra-only) MODE=infra ;;
 	--keep) KEEP=1 ;;
 	--no-full) FULL=0 ;;
+	--no-nested) NESTED=0 ;;
+	--nested-only) NESTED_ONLY=1 ;;
 	--suites)
 		SUITES=${1:?--suites needs a list}
 		shift
@@ -102,6 +113,7 @@ install_host_packages || die "cannot install the host packages (qemu-system-x86 
 log "host packages ready ($(elapsed "$T") s): $(qemu-system-x86_64 --version | head -1)"
 
 [ "$MODE" = infra ] && SUITES=bookworm
+[ "$NESTED_ONLY" = 1 ] && SUITES=${VMCRED_VM_NESTED_SUITE:-bookworm}
 
 # The suites' kernels and debootstraps (network-bound) run in the background,
 # one per suite, while cargo builds vhost-device-vsock and vmcred (CPU-bound).
@@ -168,7 +180,7 @@ done
 log "guest kernels and rootfs ready ($(elapsed "$T_PREP") s)"
 
 MAPPED_UNIT=
-if [ "$MODE" = full ]; then
+if [ "$MODE" = full ] && [ "$NESTED_ONLY" = 0 ]; then
 	render_guest_unit "$WORK/rendered" ||
 		die "cannot render vmcred-guest.service from nixos-modules/guest.nix (tests/nix/render-guest-unit.sh); the VM test runs the agent under no other unit"
 	MAPPED_UNIT="$WORK/vmcred-guest.service"
@@ -179,6 +191,7 @@ fi
 
 T=$(now)
 for s in $SUITES; do
+	[ "$NESTED_ONLY" = 1 ] && break
 	use_suite "$s"
 	KV=$(cat "$KDIR/version")
 	IMG="$WORK/img-$s"
@@ -283,6 +296,17 @@ fi
 . "$HERE/proofs.sh"
 # shellcheck source=matrix.sh
 . "$HERE/matrix.sh"
+# shellcheck source=nested.sh
+. "$HERE/nested.sh"
+if [ "$NESTED_ONLY" = 1 ]; then
+	T=$(now)
+	nested_test
+	log "nested proof on $NESTED_SUITE: $(elapsed "$T") s"
+	log "total $(elapsed "$T_START") s"
+	summary
+	[ "$FAILED" = 0 ]
+	exit
+fi
 if [ "$FULL" = 1 ] && grep -qw bookworm <<<"$SUITES" && grep -qw smbios <<<"$CARRIERS"; then
 	use_suite bookworm
 	KV=$(cat "$KDIR/version")
@@ -295,6 +319,11 @@ fi
 T=$(now)
 matrix_test "$SUITES" "$CARRIERS"
 log "matrix ($SUITES) x ($CARRIERS): $(elapsed "$T") s"
+if [ "$NESTED" = 1 ] && grep -qw "$NESTED_SUITE" <<<"$SUITES"; then
+	T=$(now)
+	nested_test
+	log "nested proof on $NESTED_SUITE: $(elapsed "$T") s"
+fi
 log "total $(elapsed "$T_START") s"
 summary
 [ "$FAILED" = 0 ]
