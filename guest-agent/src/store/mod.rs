@@ -262,14 +262,15 @@ pub struct Store {
     synced: std::sync::atomic::AtomicU64,
 }
 
-/// Whether `fd`'s file system keeps data that an fsync would protect.
+/// Whether a file system (by its `statfs` magic) keeps data that an
+/// fsync would protect.
 /// tmpfs and ramfs (systemd's `@system` mount, and `/run` where the state
 /// lives by default) lose everything at power-off and implement fsync as
 /// a no-op, so there a sync is a syscall that buys nothing; every other
 /// file system (and one that cannot be told) is synced. `pin_state_dir`
 /// is not the store's: the pins are always synced (`pins.rs`).
-fn keeps_data(fd: BorrowedFd<'_>) -> bool {
-    !matches!(fs_magic(fd), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+fn keeps_data(magic: Option<i64>) -> bool {
+    !matches!(magic, Some(TMPFS_MAGIC | RAMFS_MAGIC))
 }
 
 /// `statfs.f_type`, whose integer type differs between platforms.
@@ -351,8 +352,9 @@ impl Store {
             e => dir_err(format!("cannot open: {e}")),
         })?;
         let dir = fd;
-        let creds_durable = keeps_data(dir.as_fd());
-        let creds_tmpfs = fs_magic(dir.as_fd()) == Some(TMPFS_MAGIC);
+        let creds_magic = fs_magic(dir.as_fd());
+        let creds_durable = keeps_data(creds_magic);
+        let creds_tmpfs = creds_magic == Some(TMPFS_MAGIC);
         let proc_path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
         let remount_target = if proc_path.exists() {
             proc_path
@@ -360,7 +362,7 @@ impl Store {
             credentials_dir.to_path_buf()
         };
         let state_durable = match File::open(state_dir) {
-            Ok(d) => keeps_data(d.as_fd()),
+            Ok(d) => keeps_data(fs_magic(d.as_fd())),
             Err(e) => return Err(state_err(format!("cannot open: {e}"))),
         };
         let state_path = state_dir.join("state.json");
@@ -459,18 +461,24 @@ impl Store {
         )
     }
 
+    /// The `lstat` of `name` when it is a regular file; otherwise what
+    /// [`Store::current`] reports for it (missing, or not a regular file).
+    fn stat_regular(&self, name: &str) -> Result<Result<FileStat, Current>, StoreError> {
+        check_name(name)?;
+        match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if is_regular(&st) => Ok(Ok(st)),
+            Ok(_) => Ok(Err(Current::NotRegular)),
+            Err(Errno::ENOENT) => Ok(Err(Current::Missing)),
+            Err(e) => Err(self.io("inspect", name, e)),
+        }
+    }
+
     /// What is at `name` now, hashed without holding the value in one
     /// buffer. Only regular files are opened: opening a FIFO or a device
     /// could block or have side effects.
     pub fn current(&self, name: &str) -> Result<Current, StoreError> {
-        check_name(name)?;
-        let st = match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::ENOENT) => return Ok(Current::Missing),
-            Err(e) => return Err(self.io("inspect", name, e)),
-        };
-        if !is_regular(&st) {
-            return Ok(Current::NotRegular);
+        if let Err(other) = self.stat_regular(name)? {
+            return Ok(other);
         }
         let fd = match self.open_for_read(name) {
             Ok(fd) => fd,
@@ -507,15 +515,10 @@ impl Store {
     /// times are what they were when it was last hashed (or written by a
     /// push) is not read again: one `fstatat`.
     pub fn current_cached(&self, name: &str) -> Result<Current, StoreError> {
-        check_name(name)?;
-        let st = match fstatat(self.dirfd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let st = match self.stat_regular(name)? {
             Ok(st) => st,
-            Err(Errno::ENOENT) => return Ok(Current::Missing),
-            Err(e) => return Err(self.io("inspect", name, e)),
+            Err(other) => return Ok(other),
         };
-        if !is_regular(&st) {
-            return Ok(Current::NotRegular);
-        }
         let stamp = Stamp::of(&st);
         if let Some((s, d)) = lock(&self.digests).get(name) {
             if *s == stamp {
@@ -1388,13 +1391,13 @@ mod tests {
             store.fsyncs() - before
         };
         let shm = Path::new("/dev/shm");
-        if shm.is_dir() && !keeps_data(File::open(shm).unwrap().as_fd()) {
+        if shm.is_dir() && !keeps_data(fs_magic(File::open(shm).unwrap().as_fd())) {
             let tmp = tempfile::tempdir_in(shm).unwrap();
             let f = fixture_in(tmp);
             assert_eq!(push(&f), 0, "fsyncs on tmpfs");
         }
         let f = fixture();
-        if keeps_data(File::open(&f.creds).unwrap().as_fd()) {
+        if keeps_data(fs_magic(File::open(&f.creds).unwrap().as_fd())) {
             // The staged file, the directory twice, the journal and the
             // state file with their directory.
             assert!(push(&f) >= 5, "no fsync on a disk file system");
