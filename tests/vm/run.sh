@@ -298,13 +298,22 @@ fi
 . "$HERE/matrix.sh"
 # shellcheck source=nested.sh
 . "$HERE/nested.sh"
-if [ "$NESTED_ONLY" = 1 ]; then
-	T=$(now)
+# run_nested: the nested vhost-vsock proof, timed.
+run_nested() {
+	local t
+	t=$(now)
 	nested_test
-	log "nested proof on $NESTED_SUITE: $(elapsed "$T") s"
+	log "nested proof on $NESTED_SUITE: $(elapsed "$t") s"
+}
+# finish: the run's total and verdict (the script's exit status).
+finish() {
 	log "total $(elapsed "$T_START") s"
 	summary
 	[ "$FAILED" = 0 ]
+}
+if [ "$NESTED_ONLY" = 1 ]; then
+	run_nested
+	finish
 	exit
 fi
 if [ "$FULL" = 1 ] && grep -qw bookworm <<<"$SUITES" && grep -qw smbios <<<"$CARRIERS"; then
@@ -320,10 +329,6 @@ T=$(now)
 matrix_test "$SUITES" "$CARRIERS"
 log "matrix ($SUITES) x ($CARRIERS): $(elapsed "$T") s"
 if [ "$NESTED" = 1 ] && grep -qw "$NESTED_SUITE" <<<"$SUITES"; then
-	T=$(now)
-	nested_test
-	log "nested proof on $NESTED_SUITE: $(elapsed "$T") s"
+	run_nested
 fi
-log "total $(elapsed "$T_START") s"
-summary
-[ "$FAILED" = 0 ]
+finish
