@@ -10,7 +10,7 @@
 //! [`bound`]) and escaped ([`guest_text`]) before it reaches a log line,
 //! `status` or a `rotate` report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -259,7 +259,10 @@ struct VmTask {
     store_changes: tokio::sync::watch::Receiver<u64>,
 }
 
-type Pending = Vec<(Vec<String>, oneshot::Sender<RotateReport>)>;
+/// Rotations that wait for a session that can carry them, oldest first.
+/// Each stays here until it has been answered: a session lost while one is
+/// pushed puts it back at the front for the next session.
+type Pending = VecDeque<(Vec<String>, oneshot::Sender<RotateReport>)>;
 
 /// The wait before redial number `attempt` (0 = the first after a good
 /// session): "full jitter", uniform between [`BACKOFF_FLOOR`] and an
@@ -318,7 +321,7 @@ impl VmTask {
     async fn run(mut self) {
         let mut attempt = 0u32;
         let mut rng = fastrand::Rng::new();
-        let mut pending: Pending = Vec::new();
+        let mut pending: Pending = VecDeque::new();
         let mut rekeys: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
             let dialled = self.connect().await;
@@ -392,7 +395,7 @@ impl VmTask {
                             break;
                         }
                         Some(Command::Rotate { credentials, reply }) => {
-                            pending.push((credentials, reply));
+                            pending.push_back((credentials, reply));
                             break;
                         }
                         Some(Command::Reconfigure(vm, timing)) => {
@@ -652,15 +655,24 @@ impl VmTask {
         }
         *synced = true;
         self.reachable();
-        for (creds, reply) in pending.drain(..) {
+        while let Some((creds, reply)) = pending.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
             match self
                 .sync(&mut client, &mut guest, &creds, Why::Rotate)
                 .await
             {
                 Ok(r) => {
+                    self.log_report(&r, Why::Rotate);
                     let _ = reply.send(r);
                 }
-                Err(e) => return SessionEnd::Lost(e),
+                Err(e) => {
+                    // Its caller waits for the next session, like every
+                    // rotation still behind it.
+                    pending.push_front((creds, reply));
+                    return SessionEnd::Lost(e);
+                }
             }
         }
         let mut poll = tokio::time::interval(if self.timing.poll.is_zero() {
@@ -709,7 +721,7 @@ impl VmTask {
                             let _ = reply.send(report.clone());
                         } else {
                             // Keep the caller waiting for the redial.
-                            pending.push((credentials, reply));
+                            pending.push_back((credentials, reply));
                         }
                         r.map(|_| ())
                     }

@@ -57,6 +57,10 @@ pub enum Mode {
     ResetMidApply,
     /// Answers Hello with a message over the host's decode limit.
     Oversized,
+    /// On each connection, refuses the first Apply (INVALID_ARGUMENT,
+    /// nothing applied) and resets the connection at the second: a session
+    /// whose connect sync succeeds and whose next push is lost.
+    RefuseThenReset,
 }
 
 /// What the double holds and what it saw.
@@ -76,8 +80,9 @@ pub struct State {
 pub struct HostileGuest {
     pub state: Arc<Mutex<State>>,
     pub accepts: Arc<AtomicUsize>,
-    /// Connections reset by `ResetMidApply`.
+    /// Connections reset by `ResetMidApply` and `RefuseThenReset`.
     pub resets: Arc<AtomicUsize>,
+    current: Arc<Mutex<Arc<Cutter>>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -120,6 +125,7 @@ impl HostileGuest {
             current: current.clone(),
             resets: resets.clone(),
         };
+        let newest = current.clone();
         rt.spawn(
             tonic::transport::Server::builder()
                 .add_service(
@@ -161,8 +167,16 @@ impl HostileGuest {
             state,
             accepts,
             resets,
+            current: newest,
             rt: Some(rt),
         })
+    }
+
+    /// Resets the newest connection, as a guest that went away would.
+    pub fn cut(&self) {
+        if let Ok(c) = self.current.lock() {
+            c.cut_all();
+        }
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -198,6 +212,8 @@ impl HostileGuest {
 struct Cutter {
     cut: std::sync::atomic::AtomicBool,
     wakers: Mutex<Vec<Waker>>,
+    /// Apply calls seen on this connection (the host runs one at a time).
+    applies: AtomicUsize,
 }
 
 impl Cutter {
@@ -444,6 +460,23 @@ impl Guest for Double {
                 st.mode = Mode::Busy(n - 1);
                 record(&mut st, Code::Aborted);
                 return Err(Status::aborted("store busy: lock held"));
+            }
+            Mode::RefuseThenReset => {
+                let cutter = self
+                    .current
+                    .lock()
+                    .map_err(|_| Status::internal("poisoned"))?
+                    .clone();
+                if cutter.applies.fetch_add(1, Ordering::SeqCst) == 0 {
+                    record(&mut st, Code::InvalidArgument);
+                    return Err(Status::invalid_argument(
+                        "refused: first push of this connection",
+                    ));
+                }
+                record(&mut st, Code::Unavailable);
+                self.resets.fetch_add(1, Ordering::SeqCst);
+                cutter.cut_all();
+                return Err(Status::unavailable("reset"));
             }
             _ => {}
         }

@@ -428,6 +428,53 @@ fn a_reset_mid_apply_is_a_lost_connection_resolved_by_what_the_guest_holds() {
     good_still_rotates(&mut w, b"good-2");
 }
 
+/// A rotation that waits for a redial (the session it was sent on was
+/// lost) is answered only by a session that carries it through: when the
+/// next session's push of it is lost too, it waits again instead of being
+/// dropped with every other waiting rotation (found by the `host_session`
+/// fuzz target: `rotate` exited at once with an internal error).
+#[test]
+fn a_waiting_rotation_survives_a_session_lost_while_it_is_pushed() {
+    let (mut w, bad) = world(Mode::Honest);
+    wait_until(T, || bad.held("S").is_some()).unwrap();
+    w.set_secret(BAD, "S", b"bad-2", false).unwrap();
+    // Every new session's connect sync is refused (a report, the session
+    // goes on); the push after it resets the connection.
+    bad.set_mode(Mode::RefuseThenReset);
+    bad.cut();
+    let rotate = {
+        let mut c = std::process::Command::new(&w.bins.host);
+        c.args(["rotate", "--timeout", "30s", "--config"])
+            .arg(w.config_path())
+            .args([BAD, "S"]);
+        std::thread::spawn(move || c.output())
+    };
+    // A session whose connect sync was refused, whose push of the waiting
+    // rotation was reset, and a redial after it.
+    let lost_in_a_later_session = || {
+        let codes: Vec<Code> = bad.applies().into_iter().map(|a| a.3).collect();
+        codes.windows(3).any(|w| {
+            w == [
+                Code::InvalidArgument,
+                Code::Unavailable,
+                Code::InvalidArgument,
+            ]
+        })
+    };
+    wait_until(T, lost_in_a_later_session)
+        .unwrap_or_else(|_| panic!("applies {:?}\nhost log:\n{}", bad.applies(), w.logs()));
+    bad.set_mode(Mode::Honest);
+    let out = rotate.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nhost log:\n{}",
+        text(&out),
+        w.logs()
+    );
+    assert_eq!(bad.held("S").unwrap(), b"bad-2");
+    good_still_rotates(&mut w, b"good-2");
+}
+
 #[test]
 fn an_oversized_reply_costs_only_its_own_vm() {
     let (mut w, bad) = world(Mode::Oversized);
