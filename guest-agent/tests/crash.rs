@@ -24,44 +24,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_vmcred-guest");
 const CYCLES: u64 = 60;
 const NAMES: [&str; 4] = ["A", "B", "C", "D"];
 
-/// A small deterministic generator (xorshift64*), seeded and printed so a
-/// failure can be replayed with VMCRED_CRASH_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 type Set = BTreeMap<String, Vec<u8>>;
 
 /// The credential set of generation `generation`: some of the names, each
 /// with a value that names its generation, of a size from 1 B to 160 KiB;
 /// in one set of four, one value of 560 to 700 KiB (more than half of the
 /// 1 MiB mount, so old and new do not fit at once) and the others small.
-fn set_for(generation: u64, rng: &mut Rng) -> Set {
+fn set_for(generation: u64, rng: &mut fastrand::Rng) -> Set {
     let mut set = Set::new();
-    let big = (rng.below(4) == 0).then(|| NAMES[rng.below(4) as usize]);
+    let big = (rng.u64(..4) == 0).then(|| NAMES[rng.u64(..4) as usize]);
     for name in NAMES {
-        if Some(name) != big && rng.below(4) == 0 {
+        if Some(name) != big && rng.u64(..4) == 0 {
             continue;
         }
         let len = if Some(name) == big {
-            560 * 1024 + rng.below(140 * 1024)
+            560 * 1024 + rng.u64(..140 * 1024)
         } else if big.is_some() {
-            1 + rng.below(8 * 1024)
+            1 + rng.u64(..8 * 1024)
         } else {
-            match rng.below(3) {
-                0 => 1 + rng.below(64),
-                1 => 1 + rng.below(8 * 1024),
-                _ => 1 + rng.below(160 * 1024),
+            match rng.u64(..3) {
+                0 => 1 + rng.u64(..64),
+                1 => 1 + rng.u64(..8 * 1024),
+                _ => 1 + rng.u64(..160 * 1024),
             }
         } as usize;
         let mut v = format!("{name}@{generation}:").into_bytes();
@@ -242,7 +226,8 @@ fn run(mounted: Option<&'static str>) {
                 | 1
         });
     eprintln!("crash suite: seed {seed}, {CYCLES} cycles, read-only mount: {mounted:?}");
-    let mut rng = Rng(seed);
+    // Seeded and printed above, so a failure replays with the same seed.
+    let mut rng = fastrand::Rng::with_seed(seed);
     let env = setup(mounted);
     let size = (mounted == Some("tmpfs")).then(|| tmpfs_size(&env.creds));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -259,17 +244,17 @@ fn run(mounted: Option<&'static str>) {
     let mut child = env.spawn();
     for cycle in 0..CYCLES {
         // Push a few rotations and kill the agent at a random moment.
-        let pushes: Vec<(u64, Set)> = (0..1 + rng.below(4))
+        let pushes: Vec<(u64, Set)> = (0..1 + rng.u64(..4))
             .map(|_| {
                 let g = next_gen;
-                next_gen += 1 + rng.below(3);
+                next_gen += 1 + rng.u64(..3);
                 (g, set_for(g, &mut rng))
             })
             .collect();
         for (g, set) in &pushes {
             sent.insert(*g, set.clone());
         }
-        let delay = Duration::from_micros(rng.below(40_000));
+        let delay = Duration::from_micros(rng.u64(..40_000));
         let sock = env.p("guest.sock");
         let host = &env.host;
         let acks = rt.block_on(async {
