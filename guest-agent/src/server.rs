@@ -155,6 +155,23 @@ impl AsyncWrite for Session {
         }
         Pin::new(&mut me.stream).poll_write(cx, buf)
     }
+    /// HTTP/2 hands a reply's frames over as one vectored write (its
+    /// buffered frames and the message body): passed on whole, they go
+    /// out as one TLS write instead of one per buffer.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        if me.ended() {
+            return Poll::Ready(Err(superseded()));
+        }
+        Pin::new(&mut me.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if me.ended() {
