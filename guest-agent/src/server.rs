@@ -407,3 +407,45 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vmcred_proto::tls::{host_client_config, server_name, Identity};
+
+    use super::*;
+
+    /// HTTP/2 hands a reply's frames over as one vectored write: the
+    /// session passes it to TLS whole, so it leaves in one write rather
+    /// than one per buffer (each a relay through the VMM's muxer).
+    #[tokio::test]
+    async fn a_session_passes_vectored_writes_on_whole() {
+        let host = Identity::generate("vmcred-host").unwrap();
+        let pin = host.pin().unwrap();
+        let pins = Arc::new(PinStore::fixed(pin));
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let acceptor = TlsAcceptor::from(guest_server_config_with(pins.clone()).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(host_client_config(&host).unwrap());
+        let (server, client) = tokio::join!(
+            acceptor.accept(Stream::Unix(b)),
+            connector.connect(server_name(), Stream::Unix(a))
+        );
+        let (tls, mut client) = (server.unwrap(), client.unwrap());
+        let token = CancellationToken::new();
+        let mut session = Session {
+            stream: tls,
+            closed: Box::pin(token.clone().cancelled_owned()),
+            token,
+            pin,
+            pins,
+        };
+        assert!(session.is_write_vectored());
+        let bufs = [IoSlice::new(b"headers"), IoSlice::new(b"body")];
+        assert_eq!(session.write_vectored(&bufs).await.unwrap(), 11);
+        let mut got = [0u8; 11];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"headersbody");
+    }
+}
