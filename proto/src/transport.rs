@@ -132,6 +132,25 @@ impl AsyncWrite for Stream {
             Stream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
+    /// TLS hands over a whole flight (ServerHello, ChangeCipherSpec and
+    /// the encrypted rest; or several records) as one vectored write.
+    /// Without this, tokio's default wrote only the first buffer per call:
+    /// one syscall per record, and through a hybrid-vsock muxer one relay
+    /// and one wake-up of each party per record.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            // tokio-vsock has no writev: gather into one write instead.
+            Stream::Vsock(s) => gathered(bufs, |b| Pin::new(&mut *s).poll_write(cx, b)),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
@@ -142,6 +161,34 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bytes [`gathered`] copies into one write: a TLS flight or an HTTP/2
+/// reply here is well under it; a larger write goes out in several.
+const GATHER_BYTES: usize = 16 * 1024;
+
+/// Writes `bufs` with one call of `write` (a plain write of a stream with
+/// no writev): one buffer as it is, several copied into one of at most
+/// [`GATHER_BYTES`]. Returns what `write` returns, which counts bytes of
+/// the buffers in order, as a vectored write does.
+fn gathered(
+    bufs: &[io::IoSlice<'_>],
+    write: impl FnOnce(&[u8]) -> Poll<io::Result<usize>>,
+) -> Poll<io::Result<usize>> {
+    let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+    match (nonempty.next(), nonempty.next()) {
+        (None, _) => write(&[]),
+        (Some(only), None) => write(only),
+        _ => {
+            let total = bufs.iter().map(|b| b.len()).sum::<usize>();
+            let mut joined = Vec::with_capacity(total.min(GATHER_BYTES));
+            for b in bufs {
+                let room = GATHER_BYTES - joined.len();
+                joined.extend_from_slice(&b[..b.len().min(room)]);
+            }
+            write(&joined)
         }
     }
 }
@@ -321,6 +368,56 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathering_writes_the_buffers_in_order_in_one_call() {
+        let mut calls = Vec::new();
+        let bufs = [
+            io::IoSlice::new(b"ab"),
+            io::IoSlice::new(b""),
+            io::IoSlice::new(b"cde"),
+        ];
+        let n = gathered(&bufs, |b| {
+            calls.push(b.to_vec());
+            Poll::Ready(Ok(b.len()))
+        });
+        assert!(matches!(n, Poll::Ready(Ok(5))));
+        assert_eq!(calls, vec![b"abcde".to_vec()]);
+        // One buffer goes as it is; more than the cap is cut at the cap.
+        let big = vec![7u8; GATHER_BYTES];
+        let mut lens = Vec::new();
+        let _ = gathered(&[io::IoSlice::new(b""), io::IoSlice::new(&big)], |b| {
+            lens.push(b.len());
+            Poll::Ready(Ok(b.len()))
+        });
+        let _ = gathered(&[io::IoSlice::new(b"x"), io::IoSlice::new(&big)], |b| {
+            lens.push(b.len());
+            Poll::Ready(Ok(b.len()))
+        });
+        assert_eq!(lens, vec![GATHER_BYTES, GATHER_BYTES]);
+    }
+
+    /// A TLS flight is several records handed over at once: all of them
+    /// must leave in one write, not one write per record.
+    #[tokio::test]
+    async fn a_vectored_write_sends_every_buffer_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        assert!(s.is_write_vectored());
+        let bufs = [
+            io::IoSlice::new(b"server hello"),
+            io::IoSlice::new(b"ccs"),
+            io::IoSlice::new(b"the rest"),
+        ];
+        let n = s.write_vectored(&bufs).await.unwrap();
+        assert_eq!(n, 23);
+        let mut got = [0u8; 23];
+        tokio::io::AsyncReadExt::read_exact(&mut b, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"server helloccsthe rest");
+    }
 
     #[test]
     fn only_the_host_cid_is_allowed() {
