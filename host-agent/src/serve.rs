@@ -610,17 +610,7 @@ impl Daemon {
                 timeout_ms,
             } => {
                 let timeout = Duration::from_millis(timeout_ms).min(MAX_ROTATE_TIMEOUT);
-                // On the VM runtime, with the reply's write half: each VM
-                // task's report then wakes this request on the worker that
-                // made it, which writes the line from there, instead of
-                // every report first crossing over to the control thread
-                // (one thread wake-up less per rotate). This thread only
-                // waits for it to end, holding the request's slots.
-                let (table, _) = self.snapshot();
-                self.vm_runtime
-                    .spawn(rotate(w, table, vms, all, credentials, timeout))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("rotate request failed: {e}")))
+                self.rotate(&mut w, vms, all, credentials, timeout).await
             }
         };
         if let Err(e) = result {
@@ -735,83 +725,83 @@ impl Daemon {
         }
         send(w, &Reply::Done { count }).await
     }
-}
 
-/// Rotates each named VM (or all) at once; streams each VM's report as it
-/// finishes, then `done`. Refuses up front, with nothing sent to any guest,
-/// if a VM or credential is not in the config.
-async fn rotate<W: AsyncWrite + Unpin>(
-    mut w: W,
-    vms: Vms,
-    only: Vec<String>,
-    all: bool,
-    credentials: Vec<String>,
-    timeout: Duration,
-) -> Result<(), String> {
-    let w = &mut w;
-    let selected: Vec<VmHandle> = match (all, only.is_empty()) {
-        (true, true) => vms.values().cloned().collect(),
-        (false, false) => {
-            if let Some(e) = unknown_vms(&vms, &only) {
-                return send(w, &Reply::Unknown(e)).await;
+    /// Rotates each named VM (or all) at once; streams each VM's report as
+    /// it finishes, then `done`. Refuses up front, with nothing sent to any
+    /// guest, if a VM or credential is not in the config.
+    async fn rotate<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        only: Vec<String>,
+        all: bool,
+        credentials: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (vms, _) = self.snapshot();
+        let selected: Vec<VmHandle> = match (all, only.is_empty()) {
+            (true, true) => vms.values().cloned().collect(),
+            (false, false) => {
+                if let Some(e) = unknown_vms(&vms, &only) {
+                    return send(w, &Reply::Unknown(e)).await;
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                only.iter()
+                    .filter(|n| seen.insert(n.as_str()))
+                    .filter_map(|n| vms.get(n).cloned())
+                    .collect()
             }
-            let mut seen = std::collections::BTreeSet::new();
-            only.iter()
-                .filter(|n| seen.insert(n.as_str()))
-                .filter_map(|n| vms.get(n).cloned())
-                .collect()
-        }
-        (true, false) => {
-            return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
-        }
-        (false, true) => {
-            return send(
-                w,
-                &Reply::Error("name at least one VM, or ask for all".into()),
-            )
-            .await
-        }
-    };
-    for h in &selected {
-        let missing: Vec<&String> = credentials
-            .iter()
-            .filter(|c| !h.vm.credentials.contains_key(*c))
-            .collect();
-        if !missing.is_empty() {
-            return send(
-                w,
-                &Reply::Unknown(format!(
-                    "VM {} has no credential named {}; nothing was rotated",
-                    h.vm.name,
-                    some_names(&missing)
-                )),
-            )
-            .await;
-        }
-    }
-    let mut running = JoinSet::new();
-    for h in selected {
-        running.spawn(rotate_one(h, credentials.clone(), timeout));
-    }
-    let mut count = 0u64;
-    while let Some(done) = running.join_next().await {
-        let report = match done {
-            Ok(r) => r,
-            Err(e) => RotateReport {
-                error: Some(format!("internal error: {e}")),
-                ..Default::default()
-            },
+            (true, false) => {
+                return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
+            }
+            (false, true) => {
+                return send(
+                    w,
+                    &Reply::Error("name at least one VM, or ask for all".into()),
+                )
+                .await
+            }
         };
-        let line = Reply::Rotate(control::bound_rotate(report));
-        count += 1;
-        if running.is_empty() {
-            // The last report and the end in one write (a single-VM
-            // rotate's whole answer): the client wakes once.
-            return send_lines(w, &[line, Reply::Done { count }]).await;
+        for h in &selected {
+            let missing: Vec<&String> = credentials
+                .iter()
+                .filter(|c| !h.vm.credentials.contains_key(*c))
+                .collect();
+            if !missing.is_empty() {
+                return send(
+                    w,
+                    &Reply::Unknown(format!(
+                        "VM {} has no credential named {}; nothing was rotated",
+                        h.vm.name,
+                        some_names(&missing)
+                    )),
+                )
+                .await;
+            }
         }
-        send(w, &line).await?;
+        let mut running = JoinSet::new();
+        for h in selected {
+            running.spawn(rotate_one(h, credentials.clone(), timeout));
+        }
+        let mut count = 0u64;
+        while let Some(done) = running.join_next().await {
+            let report = match done {
+                Ok(r) => r,
+                Err(e) => RotateReport {
+                    error: Some(format!("internal error: {e}")),
+                    ..Default::default()
+                },
+            };
+            let line = Reply::Rotate(control::bound_rotate(report));
+            count += 1;
+            if running.is_empty() {
+                // The last report and the end in one write (a single-VM
+                // rotate's whole answer): the client wakes once.
+                return send_lines(w, &[line, Reply::Done { count }]).await;
+            }
+            send(w, &line).await?;
+        }
+        send(w, &Reply::Done { count }).await
     }
-    send(w, &Reply::Done { count }).await
 }
 
 fn unknown_vms(vms: &BTreeMap<String, VmHandle>, names: &[String]) -> Option<String> {
