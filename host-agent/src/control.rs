@@ -358,6 +358,22 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// Writes several JSON lines in one write: a single-VM rotate's report
+/// and its end reach the client together, which then wakes once, not
+/// twice.
+pub async fn write_lines<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msgs: &[T],
+) -> Result<(), LineError> {
+    let mut buf = Vec::new();
+    for m in msgs {
+        buf.extend_from_slice(&encode_line(m)?);
+    }
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
 /// Why a control call failed, so the CLI can exit with the right code.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -568,6 +584,51 @@ mod tests {
             let r = decode_line::<Reply>(&bounded[..end]);
             assert!(want(&r), "decode_line {shown:?}: {r:?}");
         }
+    }
+
+    /// Counts the writes that reach it.
+    struct Writes(Vec<Vec<u8>>);
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_and_its_end_leave_in_one_write_and_read_as_two_lines() {
+        let mut w = Writes(Vec::new());
+        let lines = [
+            Reply::Rotate(RotateReport {
+                vm: "vm0".into(),
+                applied: true,
+                ..Default::default()
+            }),
+            Reply::Done { count: 1 },
+        ];
+        write_lines(&mut w, &lines).await.unwrap();
+        assert_eq!(w.0.len(), 1, "one write for both lines");
+        let mut r = LineReader::new(&w.0[0][..]);
+        let first: Reply = r.next(Duration::from_secs(1)).await.unwrap();
+        assert!(matches!(first, Reply::Rotate(ref rep) if rep.vm == "vm0" && rep.applied));
+        let second: Reply = r.next(Duration::from_secs(1)).await.unwrap();
+        assert!(matches!(second, Reply::Done { count: 1 }));
     }
 
     #[test]

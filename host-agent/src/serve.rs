@@ -336,6 +336,17 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Result<(), Str
     }
 }
 
+/// Writes reply lines in one write within `WRITE_TIMEOUT`.
+async fn send_lines<W: AsyncWrite + Unpin>(w: &mut W, replies: &[Reply]) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, control::write_lines(w, replies)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the client did not read its reply within {WRITE_TIMEOUT:?}"
+        )),
+    }
+}
+
 impl Daemon {
     fn snapshot(&self) -> (Vms, Arc<Vec<u32>>) {
         match self.shared.lock() {
@@ -780,8 +791,14 @@ impl Daemon {
                     ..Default::default()
                 },
             };
-            send(w, &Reply::Rotate(control::bound_rotate(report))).await?;
+            let line = Reply::Rotate(control::bound_rotate(report));
             count += 1;
+            if running.is_empty() {
+                // The last report and the end in one write (a single-VM
+                // rotate's whole answer): the client wakes once.
+                return send_lines(w, &[line, Reply::Done { count }]).await;
+            }
+            send(w, &line).await?;
         }
         send(w, &Reply::Done { count }).await
     }

@@ -394,30 +394,29 @@ pub async fn read_vm(
 ) -> (BTreeMap<String, Fetched>, BTreeMap<String, SourceError>) {
     let mut values = BTreeMap::new();
     let mut errors = BTreeMap::new();
-    let mut reads = tokio::task::JoinSet::new();
-    for (name, cred) in &vm.credentials {
-        if !only.is_empty() && !only.contains(name) {
-            continue;
-        }
-        let (name, cred) = (name.clone(), cred.clone());
-        let dir = credentials_dir.map(Path::to_path_buf);
-        let known = known.get(&name).copied();
-        reads.spawn(async move {
-            let r = read_with_deadline(&cred, dir.as_deref(), known, deadline).await;
-            (name, r)
+    // Awaited together inside the caller's task, not spawned: every read
+    // is handed to the reader threads at the first poll, so they still run
+    // at once, and a rotate's read costs no task spawn (each woke the other
+    // runtime worker; see ARCHITECTURE.md, "Rotate latency").
+    let reads = vm
+        .credentials
+        .iter()
+        .filter(|(name, _)| only.is_empty() || only.contains(*name))
+        .map(|(name, cred)| {
+            let known = known.get(name).copied();
+            async move {
+                let r = read_with_deadline(cred, credentials_dir, known, deadline).await;
+                (name.clone(), r)
+            }
         });
-    }
-    while let Some(joined) = reads.join_next().await {
-        match joined {
-            Ok((name, Ok(v))) => {
+    for (name, r) in futures_util::future::join_all(reads).await {
+        match r {
+            Ok(v) => {
                 values.insert(name, v);
             }
-            Ok((name, Err(e))) => {
+            Err(e) => {
                 errors.insert(name, e);
             }
-            // Only a panic in our own code; the name is lost with it, and
-            // the caller reports it as "not read".
-            Err(_) => {}
         }
     }
     // The guest's mount holds 1 MiB in all: refuse a set that cannot fit,

@@ -52,22 +52,113 @@ pub async fn host_client_over<S>(stream: S) -> Result<GuestClient<GuestChannel>,
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(TokioIo::new(stream))
-            .await?;
+    let tasks = ConnTasks::default();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(tasks.clone())
+        .handshake(TokioIo::new(stream))
+        .await?;
     // Ends when the connection fails or every sender is dropped (the
-    // session ended); the VM loop sees the former as a failed call.
-    tokio::spawn(async move {
+    // session ended), and hyper's futures for it are done; the VM loop
+    // sees a failed connection as a failed call.
+    tokio::spawn(tasks.drive(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "HTTP/2 connection to the guest ended");
         }
-    });
+    }));
     Ok(
         GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
+}
+
+/// The executor hyper is given for one connection: the futures it spawns
+/// (the HTTP/2 I/O driver, and per call a response waiter and, when the
+/// request body cannot go at once, a body pipe) all run inside that
+/// connection's one task ([`ConnTasks::drive`]), not as tokio tasks of
+/// their own.
+///
+/// Why: with `TokioExecutor` one call was five tasks (the VM task, the
+/// dispatch task, the I/O driver, the waiter, the pipe) on the two workers;
+/// every spawn and cross-task wake-up woke the other worker, which then
+/// fought the first for h2's stream lock and the scheduler (futex storms
+/// in `perf trace`), and the request's HEADERS and DATA left in two TLS
+/// records a wake-up apart. Here a call is two tasks: the caller and the
+/// connection. The futures still run concurrently with each other (a
+/// `FuturesUnordered`), and many connections still spread over the
+/// workers.
+#[cfg(feature = "host")]
+#[derive(Clone, Default)]
+pub struct ConnTasks {
+    inner: Arc<ConnTasksInner>,
+}
+
+#[cfg(feature = "host")]
+type Spawned = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+#[cfg(feature = "host")]
+#[derive(Default)]
+struct ConnTasksInner {
+    /// Spawned and not yet taken into the driver's set.
+    new: Mutex<Vec<Spawned>>,
+    /// The driver's task, woken by a spawn from outside its own poll.
+    driver: futures_util::task::AtomicWaker,
+}
+
+#[cfg(feature = "host")]
+impl<F> hyper::rt::Executor<F> for ConnTasks
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        if let Ok(mut new) = self.inner.new.lock() {
+            new.push(Box::pin(fut));
+        }
+        self.inner.driver.wake();
+    }
+}
+
+#[cfg(feature = "host")]
+impl ConnTasks {
+    /// One task's worth of work: `main` (hyper's dispatch) and everything
+    /// spawned on this executor, until all of it has finished.
+    pub fn drive<M>(self, main: M) -> impl std::future::Future<Output = ()> + Send
+    where
+        M: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut main: Option<Spawned> = Some(Box::pin(main));
+        let mut running: FuturesUnordered<Spawned> = FuturesUnordered::new();
+        std::future::poll_fn(move |cx| {
+            self.inner.driver.register(cx.waker());
+            loop {
+                if let Ok(mut new) = self.inner.new.lock() {
+                    running.extend(new.drain(..));
+                }
+                if let Some(m) = main.as_mut() {
+                    if m.as_mut().poll(cx).is_ready() {
+                        main = None;
+                    }
+                }
+                while let std::task::Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
+                // Polling may have spawned more (a call's waiter and pipe):
+                // take them now rather than after another wake-up.
+                let more = self
+                    .inner
+                    .new
+                    .lock()
+                    .map(|n| !n.is_empty())
+                    .unwrap_or(false);
+                if !more {
+                    break;
+                }
+            }
+            if main.is_none() && running.is_empty() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
 }
 
 /// Sends each gRPC request straight onto the VM's HTTP/2 connection.

@@ -277,6 +277,24 @@ impl World {
         }
     }
 
+    /// `reload_host`, then waits until the agent has applied the new config
+    /// (its "config reloaded" log line; needs the log level at info or
+    /// lower, as the tests run it). A `rotate` sent right after SIGHUP
+    /// otherwise races the reload and may be checked against the old
+    /// config ("no credential named ...").
+    pub fn reload_host_applied(&self) -> Result<()> {
+        let reloads = || {
+            std::fs::read_to_string(&self.host_log)
+                .unwrap_or_default()
+                .matches("config reloaded")
+                .count()
+        };
+        let before = reloads();
+        self.reload_host()?;
+        wait_until(Duration::from_secs(20), || reloads() > before)
+            .context("the host agent did not log \"config reloaded\" after SIGHUP")
+    }
+
     /// Boots a guest: the launch wrapper's SMBIOS files are imported the
     /// way PID 1 does it, then the guest agent starts.
     pub fn boot_guest(&mut self, vm: &str) -> Result<Vec<String>> {

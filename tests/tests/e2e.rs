@@ -215,7 +215,7 @@ fn oversized_credential_and_set_are_refused_clearly() {
     let mut w = booted(&[("SMALL", b"small")]);
     w.set_secret(VM, "BIG", &vec![b'x'; 1024 * 1024 + 1], false)
         .unwrap();
-    w.reload_host().unwrap();
+    w.reload_host_applied().unwrap();
     let out = w.rotate(VM, &["BIG"], "10s").unwrap();
     assert!(!out.status.success());
     assert!(stdout(&out).contains("1 MiB"), "{}", stdout(&out));
@@ -224,7 +224,7 @@ fn oversized_credential_and_set_are_refused_clearly() {
         .unwrap();
     w.set_secret(VM, "BIG2", &vec![b'y'; 700 * 1024], false)
         .unwrap();
-    w.reload_host().unwrap();
+    w.reload_host_applied().unwrap();
     let out = w.rotate(VM, &[], "10s").unwrap();
     assert!(!out.status.success());
     assert!(
@@ -298,7 +298,7 @@ fn read_only_mount_readers_never_see_torn_values_and_mount_stays_read_only() {
     // the mount read-only too.
     w.set_secret(VM, "FILL", &vec![b'f'; 1000 * 1024], false)
         .unwrap();
-    w.reload_host().unwrap();
+    w.reload_host_applied().unwrap();
     let _ = w.rotate(VM, &["FILL"], "10s").unwrap();
     assert!(w
         .guest_mount_options(VM)

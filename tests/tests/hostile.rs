@@ -96,7 +96,7 @@ fn a_guest_claiming_u64_max_cannot_wedge_rotations_across_restarts_and_state_los
     // Not after a restart either, nor after a config rebuild.
     w.stop_host().unwrap();
     w.start_host().unwrap();
-    w.reload_host().unwrap();
+    w.reload_host_applied().unwrap();
     let out = w.rotate(BAD, &["S"], "30s").unwrap();
     assert!(text(&out).contains("not newer"), "{}", text(&out));
     good_still_rotates(&mut w, b"good-3");

@@ -443,11 +443,14 @@ fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 /// once the `done` line is read. Fails unless the VM applied.
 fn control_rotate(socket: &Path, vm: &str) -> Result<()> {
     let mut s = UnixStream::connect(socket)?;
-    writeln!(
-        s,
-        "{}",
-        json!({"cmd": "rotate", "vms": [vm], "credentials": [], "timeout_ms": 30000})
+    // One write, as the CLI sends it (`client::call`): `writeln!` on the
+    // unbuffered stream sent each JSON token in a sendto(2) of its own
+    // (about 40), each waking the daemon's reader, and that was timed too.
+    let mut line = serde_json::to_vec(
+        &json!({"cmd": "rotate", "vms": [vm], "credentials": [], "timeout_ms": 30000}),
     )?;
+    line.push(b'\n');
+    s.write_all(&line)?;
     let mut r = BufReader::new(s);
     let mut applied = false;
     loop {
