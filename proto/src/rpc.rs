@@ -59,11 +59,11 @@ const ORIGIN: &str = "http://vmcred-guest";
 /// writes them as one record (ARCHITECTURE.md, "Keepalive"). The HTTP/2
 /// settings are hyper's defaults, which the host used before.
 #[cfg(feature = "host")]
-pub async fn host_client_over<S>(stream: S) -> Result<GuestClient<GuestChannel>, h2::Error>
+pub async fn host_client_over<S>(stream: S) -> Result<HostClient, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) = h2::client::Builder::new()
+    let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(5 * 1024 * 1024)
         .initial_max_send_streams(100)
@@ -74,6 +74,7 @@ where
         .enable_push(false)
         .handshake::<_, Bytes>(stream)
         .await?;
+    let pings = connection.ping_pong();
     // Ends when the connection fails, or once every sender and stream is
     // dropped (the session ended); the VM loop sees the former as a
     // failed call.
@@ -82,11 +83,62 @@ where
             tracing::debug!(error = %e, "HTTP/2 connection to the guest ended");
         }
     });
-    Ok(
-        GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
+    Ok(HostClient {
+        grpc: GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+        pings,
+    })
+}
+
+/// The host's client of one guest session: its gRPC calls (through
+/// `Deref` to the generated client) and an HTTP/2 PING.
+#[cfg(feature = "host")]
+pub struct HostClient {
+    grpc: GuestClient<GuestChannel>,
+    /// h2 hands it out once per connection; taken at the handshake.
+    pings: Option<h2::PingPong>,
+}
+
+/// Why a PING found no live session.
+#[cfg(feature = "host")]
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("HTTP/2 PING failed: {0}")]
+    Failed(#[from] h2::Error),
+    #[error("this connection has no PING handle")]
+    Unavailable,
+}
+
+#[cfg(feature = "host")]
+impl HostClient {
+    /// Sends an HTTP/2 PING and waits for the guest's acknowledgement:
+    /// the guest's HTTP/2 layer answers it without running any RPC, so it
+    /// proves the session is alive for a fraction of a call's cost on
+    /// both sides (ARCHITECTURE.md, "Keepalive"). Fails at once on a
+    /// closed connection; a silent one never answers, so callers bound
+    /// the wait. One PING at a time: a PING whose wait was abandoned
+    /// leaves the handle busy, and the next one fails.
+    pub async fn ping(&mut self) -> Result<(), PingError> {
+        let pings = self.pings.as_mut().ok_or(PingError::Unavailable)?;
+        pings.ping(h2::Ping::opaque()).await?;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "host")]
+impl std::ops::Deref for HostClient {
+    type Target = GuestClient<GuestChannel>;
+    fn deref(&self) -> &Self::Target {
+        &self.grpc
+    }
+}
+
+#[cfg(feature = "host")]
+impl std::ops::DerefMut for HostClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.grpc
+    }
 }
 
 /// Sends each gRPC request straight onto the VM's HTTP/2 connection.
@@ -488,6 +540,30 @@ mod tests {
                 "writes for one call"
             );
         }
+    }
+
+    /// The keepalive's PING: answered by the guest's HTTP/2 layer, again
+    /// and again, and failing at once instead of waiting once the guest
+    /// hung up.
+    #[tokio::test]
+    async fn a_ping_is_answered_and_fails_once_the_guest_hung_up() {
+        let (host, dropped, guest) = pair();
+        let mut client = host_client_over(host).await.expect("HTTP/2 handshake");
+        for _ in 0..3 {
+            tokio::time::timeout(EVENT, client.ping())
+                .await
+                .expect("the PING was answered")
+                .expect("PING");
+        }
+        drop(guest.lock().expect("not poisoned").take());
+        tokio::time::timeout(EVENT, dropped)
+            .await
+            .expect("the connection task ended when the guest hung up")
+            .expect("signal sent");
+        let failed = tokio::time::timeout(EVENT, client.ping())
+            .await
+            .expect("a PING on a closed connection fails instead of waiting");
+        assert!(failed.is_err(), "a PING on a closed connection failed");
     }
 
     #[tokio::test]
