@@ -188,7 +188,12 @@ async fn run(cli: Cli) -> Result<()> {
     {
         let readiness = readiness.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(initial_sync_timeout).await;
+            // Ends at the first sync: a timer left armed until the
+            // deadline would wake the idle agent for nothing.
+            tokio::select! {
+                () = readiness.until_ready() => return,
+                () = tokio::time::sleep(initial_sync_timeout) => {}
+            }
             if !readiness.is_ready() {
                 tracing::warn!(
                     timeout = %humantime::format_duration(initial_sync_timeout),

@@ -16,8 +16,9 @@ use vmcred_proto::transport::Target;
 pub const DEFAULT_CONFIG: &str = "/etc/vmcred/host.toml";
 /// Default guest agent port: below 1024, so only the guest's root can bind it.
 pub const DEFAULT_PORT: u32 = 700;
-/// `keepalive_interval` when the config sets none: one `Hello` per idle
-/// connection per minute (see ARCHITECTURE.md, "Keepalive").
+/// `keepalive_interval` when the config sets none: one probe per idle
+/// connection per minute, an HTTP/2 PING or every second one a `Hello`
+/// (see ARCHITECTURE.md, "Keepalive").
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 /// The shortest `keepalive_interval` accepted: a probe a second per VM is
 /// already more than a fleet should pay.

@@ -20,8 +20,7 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
-use vmcred_proto::rpc::GuestChannel as Channel;
-use vmcred_proto::rpc::GuestClient;
+use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
 
 use crate::config::Vm;
@@ -187,7 +186,7 @@ enum Open {
 /// A session just dialled, and the guest's Hello when that was its first
 /// call (see `VmTask::open`).
 struct Opened {
-    client: GuestClient<Channel>,
+    client: HostClient,
     hello: Option<Result<GuestView, String>>,
 }
 
@@ -315,6 +314,39 @@ fn align_up(
         .div_ceil(step_ns);
     let since = u64::try_from(steps.saturating_mul(step_ns)).unwrap_or(u64::MAX);
     epoch + Duration::from_nanos(since)
+}
+
+/// Of the keepalive probes of a session, every `HELLO_EVERY`th is a
+/// `Hello`, the others HTTP/2 PINGs (see `probe_kind`).
+pub const HELLO_EVERY: u32 = 2;
+
+/// What one keepalive probe sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// A `Hello`: proves the guest's service answers and refreshes what
+    /// `status` shows of the guest (held digests, owed unit actions,
+    /// applied generation, pins).
+    Hello,
+    /// An HTTP/2 PING: proves the session is alive, at a fraction of the
+    /// cost on both sides, and refreshes nothing.
+    Ping,
+}
+
+/// A `Hello` while the guest owes unit actions (it retries them on its
+/// own, and `status` should show when they clear at the pace of the
+/// keepalive), and after `HELLO_EVERY - 1` PINGs in a row; a PING
+/// otherwise. What else a guest's `Hello` could tell changes only
+/// through this host's own calls (which answer with it) or a guest agent
+/// restart (a new session, which starts with a `Hello`), except a
+/// credential file changed in the guest by someone other than the agent:
+/// `status` and the next sync learn of that up to `HELLO_EVERY` probes
+/// later instead of one.
+pub fn probe_kind(pings_since_hello: u32, guest_owes: bool) -> Probe {
+    if guest_owes || pings_since_hello + 1 >= HELLO_EVERY {
+        Probe::Hello
+    } else {
+        Probe::Ping
+    }
 }
 
 impl VmTask {
@@ -553,7 +585,7 @@ impl VmTask {
     /// guest refusing the key, as a failed `Trust` probe was. A status the
     /// guest sent (no source) means it accepted the key and its Hello
     /// failed: the session is then lost, not refused.
-    async fn hello_probe(&self, mut client: GuestClient<Channel>) -> Result<Opened, Open> {
+    async fn hello_probe(&self, mut client: HostClient) -> Result<Opened, Open> {
         let req = self.hello_request();
         let hello = match tokio::time::timeout(self.timing.rpc_timeout, client.hello(req)).await {
             Err(_) => return Err(Open::Unreachable("Hello timed out".to_string())),
@@ -594,7 +626,7 @@ impl VmTask {
         }
     }
 
-    async fn hello(&self, client: &mut GuestClient<Channel>) -> Result<GuestView, String> {
+    async fn hello(&self, client: &mut HostClient) -> Result<GuestView, String> {
         let req = self.hello_request();
         let reply = tokio::time::timeout(self.timing.rpc_timeout, client.hello(req))
             .await
@@ -602,6 +634,14 @@ impl VmTask {
             .map_err(|s| format!("Hello failed: {}", guest_text(s.message())))?
             .into_inner();
         Ok(self.view_of(reply))
+    }
+
+    /// A keepalive PING, under the same deadline as a call.
+    async fn ping(&self, client: &mut HostClient) -> Result<(), String> {
+        tokio::time::timeout(self.timing.rpc_timeout, client.ping())
+            .await
+            .map_err(|_| "keepalive PING timed out".to_string())?
+            .map_err(|e| format!("keepalive {e}"))
     }
 
     /// What a Hello reply says, bounded; the pins and what is shown in
@@ -688,6 +728,8 @@ impl VmTask {
         let mut rng = fastrand::Rng::new();
         let mut last_probe = tokio::time::Instant::now();
         let mut probe_wait = probe_interval(self.timing.keepalive, &mut rng);
+        // The session began with a Hello.
+        let mut pings_since_hello = 0u32;
         loop {
             let probe_due = last_probe
                 + if self.retry_due {
@@ -708,6 +750,7 @@ impl VmTask {
                     // next keepalive.
                     Some(Command::Wake) => {
                         last_probe = tokio::time::Instant::now();
+                        pings_since_hello = 0;
                         self.hello(&mut client).await.map(|g| guest = g)
                     }
                     Some(Command::Rekey(reply)) => {
@@ -747,7 +790,16 @@ impl VmTask {
                     if self.retry_due {
                         self.sync(&mut client, &mut guest, &[], Why::Retry).await.map(|r| self.log_report(&r, Why::Retry))
                     } else {
-                        self.hello(&mut client).await.map(|g| guest = g)
+                        match probe_kind(pings_since_hello, !guest.owed.is_empty()) {
+                            Probe::Hello => {
+                                pings_since_hello = 0;
+                                self.hello(&mut client).await.map(|g| guest = g)
+                            }
+                            Probe::Ping => {
+                                pings_since_hello += 1;
+                                self.ping(&mut client).await
+                            }
+                        }
                     }
                 }
             };
@@ -762,7 +814,7 @@ impl VmTask {
     /// `Err` only when the connection is no longer usable.
     async fn sync(
         &mut self,
-        client: &mut GuestClient<Channel>,
+        client: &mut HostClient,
         guest: &mut GuestView,
         only: &[String],
         why: Why,
@@ -1392,6 +1444,23 @@ mod tests {
         // A time before the epoch (cannot happen: the epoch is the first
         // call) maps to the epoch.
         assert_eq!(align_up(epoch, epoch + step, step), epoch + step);
+    }
+
+    #[test]
+    fn probes_are_mostly_pings_with_a_hello_every_few_and_while_units_are_owed() {
+        // A session's probes, nothing owed: a Hello every HELLO_EVERY.
+        let mut since = 0u32;
+        let mut kinds = Vec::new();
+        for _ in 0..3 * HELLO_EVERY {
+            let k = probe_kind(since, false);
+            since = if k == Probe::Hello { 0 } else { since + 1 };
+            kinds.push(k);
+        }
+        let hellos = kinds.iter().filter(|k| **k == Probe::Hello).count();
+        assert_eq!(hellos, 3, "{kinds:?}");
+        assert_eq!(kinds[0], Probe::Ping, "the session began with a Hello");
+        // While the guest owes unit actions, every probe is a Hello.
+        assert_eq!(probe_kind(0, true), Probe::Hello);
     }
 
     #[test]

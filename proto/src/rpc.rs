@@ -7,6 +7,8 @@
 //! loop sees the error and dials again with its back-off.
 
 #[cfg(feature = "host")]
+use bytes::Bytes;
+#[cfg(feature = "host")]
 use hyper_util::rt::TokioIo;
 use std::io;
 #[cfg(feature = "host")]
@@ -37,127 +39,105 @@ pub use pb::guest_server::{Guest, GuestServer};
 #[cfg(feature = "host")]
 const ORIGIN: &str = "http://vmcred-guest";
 
-/// A gRPC client on an established stream: one HTTP/2 connection driven
-/// by one task, and [`GuestChannel`] handing it requests directly.
+/// A gRPC client on an established stream: one HTTP/2 connection (h2)
+/// driven by one task, and [`GuestChannel`] handing it requests directly.
 ///
 /// Not tonic's `Channel`: that puts a `tower::Buffer` (a worker task and
 /// a channel whose first block holds 32 requests, about 9 KiB) and a
 /// reconnecting wrapper in front of the connection, for every VM, to
 /// share a client between tasks and redial it. Only the VM's own task
 /// uses the client and the VM loop redials, so neither is needed (see
-/// ARCHITECTURE.md, "Host cost per VM"). The HTTP/2 settings are hyper's
-/// defaults, as tonic's `Endpoint` left them.
+/// ARCHITECTURE.md, "Host cost per VM").
+///
+/// Nor hyper's HTTP/2 client: it hands each request to its connection
+/// task through a channel, opens the stream there, and only then sends
+/// the body from a task of its own, so every unary call left as two
+/// writes (HEADERS, then DATA), each a TLS record, a syscall and a
+/// wake-up of the muxer and the guest, and cost the host two task
+/// spawns (body and response) per call. Here the caller's task queues
+/// HEADERS and the whole message together, and the connection task
+/// writes them as one record (ARCHITECTURE.md, "Keepalive"). The HTTP/2
+/// settings are hyper's defaults, which the host used before.
 #[cfg(feature = "host")]
-pub async fn host_client_over<S>(stream: S) -> Result<GuestClient<GuestChannel>, hyper::Error>
+pub async fn host_client_over<S>(stream: S) -> Result<HostClient, h2::Error>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let tasks = ConnTasks::default();
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(tasks.clone())
-        .handshake(TokioIo::new(stream))
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .initial_max_send_streams(100)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
         .await?;
-    // Ends when the connection fails or every sender is dropped (the
-    // session ended), and hyper's futures for it are done; the VM loop
-    // sees a failed connection as a failed call.
-    tokio::spawn(tasks.drive(async move {
+    let pings = connection.ping_pong();
+    // Ends when the connection fails, or once every sender and stream is
+    // dropped (the session ended); the VM loop sees the former as a
+    // failed call.
+    tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "HTTP/2 connection to the guest ended");
         }
-    }));
-    Ok(
-        GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
+    });
+    Ok(HostClient {
+        grpc: GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+        pings,
+    })
 }
 
-/// The executor hyper is given for one connection: the futures it spawns
-/// (the HTTP/2 I/O driver, and per call a response waiter and, when the
-/// request body cannot go at once, a body pipe) all run inside that
-/// connection's one task ([`ConnTasks::drive`]), not as tokio tasks of
-/// their own.
-///
-/// Why: with `TokioExecutor` one call was five tasks (the VM task, the
-/// dispatch task, the I/O driver, the waiter, the pipe) on the two workers;
-/// every spawn and cross-task wake-up woke the other worker, which then
-/// fought the first for h2's stream lock and the scheduler (futex storms
-/// in `perf trace`), and the request's HEADERS and DATA left in two TLS
-/// records a wake-up apart. Here a call is two tasks: the caller and the
-/// connection. The futures still run concurrently with each other (a
-/// `FuturesUnordered`), and many connections still spread over the
-/// workers.
+/// The host's client of one guest session: its gRPC calls (through
+/// `Deref` to the generated client) and an HTTP/2 PING.
 #[cfg(feature = "host")]
-#[derive(Clone, Default)]
-pub struct ConnTasks {
-    inner: Arc<ConnTasksInner>,
+pub struct HostClient {
+    grpc: GuestClient<GuestChannel>,
+    /// h2 hands it out once per connection; taken at the handshake.
+    pings: Option<h2::PingPong>,
 }
 
+/// Why a PING found no live session.
 #[cfg(feature = "host")]
-type Spawned = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-#[cfg(feature = "host")]
-#[derive(Default)]
-struct ConnTasksInner {
-    /// Spawned and not yet taken into the driver's set.
-    new: Mutex<Vec<Spawned>>,
-    /// The driver's task, woken by a spawn from outside its own poll.
-    driver: futures_util::task::AtomicWaker,
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("HTTP/2 PING failed: {0}")]
+    Failed(#[from] h2::Error),
+    #[error("this connection has no PING handle")]
+    Unavailable,
 }
 
 #[cfg(feature = "host")]
-impl<F> hyper::rt::Executor<F> for ConnTasks
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        if let Ok(mut new) = self.inner.new.lock() {
-            new.push(Box::pin(fut));
-        }
-        self.inner.driver.wake();
+impl HostClient {
+    /// Sends an HTTP/2 PING and waits for the guest's acknowledgement:
+    /// the guest's HTTP/2 layer answers it without running any RPC, so it
+    /// proves the session is alive for a fraction of a call's cost on
+    /// both sides (ARCHITECTURE.md, "Keepalive"). Fails at once on a
+    /// closed connection; a silent one never answers, so callers bound
+    /// the wait. One PING at a time: a PING whose wait was abandoned
+    /// leaves the handle busy, and the next one fails.
+    pub async fn ping(&mut self) -> Result<(), PingError> {
+        let pings = self.pings.as_mut().ok_or(PingError::Unavailable)?;
+        pings.ping(h2::Ping::opaque()).await?;
+        Ok(())
     }
 }
 
 #[cfg(feature = "host")]
-impl ConnTasks {
-    /// One task's worth of work: `main` (hyper's dispatch) and everything
-    /// spawned on this executor, until all of it has finished.
-    pub fn drive<M>(self, main: M) -> impl std::future::Future<Output = ()> + Send
-    where
-        M: std::future::Future<Output = ()> + Send + 'static,
-    {
-        use futures_util::stream::{FuturesUnordered, StreamExt};
-        let mut main: Option<Spawned> = Some(Box::pin(main));
-        let mut running: FuturesUnordered<Spawned> = FuturesUnordered::new();
-        std::future::poll_fn(move |cx| {
-            self.inner.driver.register(cx.waker());
-            loop {
-                if let Ok(mut new) = self.inner.new.lock() {
-                    running.extend(new.drain(..));
-                }
-                if let Some(m) = main.as_mut() {
-                    if m.as_mut().poll(cx).is_ready() {
-                        main = None;
-                    }
-                }
-                while let std::task::Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
-                // Polling may have spawned more (a call's waiter and pipe):
-                // take them now rather than after another wake-up.
-                let more = self
-                    .inner
-                    .new
-                    .lock()
-                    .map(|n| !n.is_empty())
-                    .unwrap_or(false);
-                if !more {
-                    break;
-                }
-            }
-            if main.is_none() && running.is_empty() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+impl std::ops::Deref for HostClient {
+    type Target = GuestClient<GuestChannel>;
+    fn deref(&self) -> &Self::Target {
+        &self.grpc
+    }
+}
+
+#[cfg(feature = "host")]
+impl std::ops::DerefMut for HostClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.grpc
     }
 }
 
@@ -167,33 +147,101 @@ impl ConnTasks {
 #[cfg(feature = "host")]
 #[derive(Clone)]
 pub struct GuestChannel {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+    sender: h2::client::SendRequest<Bytes>,
 }
+
+/// A failed call: the request's body could not be read, or HTTP/2 failed.
+#[cfg(feature = "host")]
+pub type CallError = Box<dyn std::error::Error + Send + Sync>;
 
 #[cfg(feature = "host")]
 type ResponseFuture = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>,
-            > + Send,
-    >,
+    Box<dyn std::future::Future<Output = Result<http::Response<ReplyBody>, CallError>> + Send>,
 >;
 
 #[cfg(feature = "host")]
 impl tower::Service<http::Request<tonic::body::Body>> for GuestChannel {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
+    type Response = http::Response<ReplyBody>;
+    type Error = CallError;
     type Future = ResponseFuture;
 
     fn poll_ready(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.sender.poll_ready(cx)
+        self.sender.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.sender.send_request(req))
+        let sender = self.sender.clone();
+        Box::pin(async move {
+            let (head, body) = req.into_parts();
+            // A unary call's body is one encoded message, ready at once:
+            // read it whole first, so that HEADERS and DATA are queued in
+            // one go and leave in one write.
+            let message = http_body_util::BodyExt::collect(body).await?.to_bytes();
+            let mut sender = sender.ready().await?;
+            let request = http::Request::from_parts(head, ());
+            let (response, mut send) = sender.send_request(request, message.is_empty())?;
+            if !message.is_empty() {
+                send.send_data(message, true)?;
+            }
+            let (head, recv) = response.await?.into_parts();
+            Ok(http::Response::from_parts(
+                head,
+                ReplyBody {
+                    recv,
+                    data_done: false,
+                },
+            ))
+        })
+    }
+}
+
+/// A reply's body: the h2 stream's DATA, then its trailers (the gRPC
+/// status). What is read is released back to the flow-control window.
+#[cfg(feature = "host")]
+pub struct ReplyBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+#[cfg(feature = "host")]
+impl http_body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        use std::task::Poll;
+        let me = self.get_mut();
+        if !me.data_done {
+            match me.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // Only fails once the stream is gone, which the next
+                    // poll reports.
+                    let _ = me.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => me.data_done = true,
+            }
+        }
+        match me.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => {
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 
@@ -278,6 +326,7 @@ impl<S: AsyncWrite + Unpin, G: Unpin> AsyncWrite for Accepted<S, G> {
 #[cfg(all(test, feature = "host", feature = "guest"))]
 mod tests {
     use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Context, Poll};
     use std::time::Duration;
 
@@ -320,6 +369,9 @@ mod tests {
     struct Tracked {
         io: DuplexStream,
         dropped: Option<oneshot::Sender<()>>,
+        /// Writes that carried bytes: each is a TLS record and a syscall
+        /// on a real connection.
+        writes: Arc<AtomicUsize>,
     }
 
     impl Drop for Tracked {
@@ -346,7 +398,12 @@ mod tests {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+            let me = self.get_mut();
+            let r = Pin::new(&mut me.io).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                me.writes.fetch_add(1, Ordering::SeqCst);
+            }
+            r
         }
         fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.get_mut().io).poll_flush(cx)
@@ -424,6 +481,7 @@ mod tests {
         let host = Tracked {
             io: host,
             dropped: Some(tx),
+            writes: Arc::new(AtomicUsize::new(0)),
         };
         (host, rx, guest)
     }
@@ -459,6 +517,53 @@ mod tests {
             .await
             .expect("the connection task ended after the client was dropped")
             .expect("signal sent");
+    }
+
+    /// A unary call leaves as one write: HEADERS and the message's DATA
+    /// together, so one TLS record, one syscall, and one wake-up of the
+    /// muxer and the guest per call (it was two: hyper's client sent the
+    /// body from a task of its own once the stream had opened).
+    #[tokio::test]
+    async fn a_call_is_one_write() {
+        let (host, _dropped, _server) = pair();
+        let writes = host.writes.clone();
+        let mut client = host_client_over(host).await.expect("HTTP/2 handshake");
+        // The first call also acknowledges the guest's SETTINGS.
+        client.hello(hello("vm1")).await.expect("Hello");
+        for vm in ["vm2", "vm3"] {
+            let before = writes.load(Ordering::SeqCst);
+            let reply = client.hello(hello(vm)).await.expect("Hello").into_inner();
+            assert_eq!(reply.guest_version, vm);
+            assert_eq!(
+                writes.load(Ordering::SeqCst) - before,
+                1,
+                "writes for one call"
+            );
+        }
+    }
+
+    /// The keepalive's PING: answered by the guest's HTTP/2 layer, again
+    /// and again, and failing at once instead of waiting once the guest
+    /// hung up.
+    #[tokio::test]
+    async fn a_ping_is_answered_and_fails_once_the_guest_hung_up() {
+        let (host, dropped, guest) = pair();
+        let mut client = host_client_over(host).await.expect("HTTP/2 handshake");
+        for _ in 0..3 {
+            tokio::time::timeout(EVENT, client.ping())
+                .await
+                .expect("the PING was answered")
+                .expect("PING");
+        }
+        drop(guest.lock().expect("not poisoned").take());
+        tokio::time::timeout(EVENT, dropped)
+            .await
+            .expect("the connection task ended when the guest hung up")
+            .expect("signal sent");
+        let failed = tokio::time::timeout(EVENT, client.ping())
+            .await
+            .expect("a PING on a closed connection fails instead of waiting");
+        assert!(failed.is_err(), "a PING on a closed connection failed");
     }
 
     #[tokio::test]
