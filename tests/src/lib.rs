@@ -625,6 +625,35 @@ fn base64_decode(s: &[u8]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// A world with one VM `vm` whose guest booted and holds `cred` =
+/// `value`, its host started with the top-level config lines
+/// `extra_config`.
+pub fn booted_one(
+    vm: &str,
+    cred: &str,
+    value: &[u8],
+    extra_config: &str,
+    timeout: Duration,
+) -> Result<World> {
+    let mut w = World::new()?;
+    w.extra_config = extra_config.into();
+    w.add_vm(vm, false)?;
+    w.set_secret(vm, cred, value, false)?;
+    w.start_host()?;
+    w.boot_guest(vm)?;
+    w.wait_for_guest_value(vm, cred, value, timeout)?;
+    Ok(w)
+}
+
+/// A measurement harness's knob from the environment: `default` when
+/// unset or not a number.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn write_atomic(path: &Path, value: &[u8], mode: u32) -> Result<()> {
     Ok(vmcred_proto::fsutil::write_atomic(path, value, mode)?)
 }

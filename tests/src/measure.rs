@@ -82,6 +82,32 @@ pub fn idle_guest(bin_dir: &Path, settle: Duration) -> Result<(ProcFootprint, u6
     Ok((fp, size))
 }
 
+/// Voluntary and involuntary context switches (`/proc/PID/task/*/status`)
+/// of those threads of `pid` whose name (`comm`) `keep` accepts; a thread
+/// that ends while being read counts as none.
+pub fn context_switches(pid: i32, keep: impl Fn(&str) -> bool) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !keep(comm.trim()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for l in status.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

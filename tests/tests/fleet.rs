@@ -12,15 +12,7 @@ const T: Duration = Duration::from_secs(30);
 const VM: &str = "vm1";
 
 fn booted(extra_config: &str) -> World {
-    let mut w = World::new().expect("world");
-    w.extra_config = extra_config.into();
-    w.add_vm(VM, false).expect("vm");
-    w.set_secret(VM, "token", b"one", false).expect("secret");
-    w.start_host().expect("host");
-    w.boot_guest(VM).expect("guest");
-    w.wait_for_guest_value(VM, "token", b"one", T)
-        .expect("first value");
-    w
+    vmcred_tests::booted_one(VM, "token", b"one", extra_config, T).expect("booted")
 }
 
 fn text(o: &std::process::Output) -> String {

@@ -16,14 +16,8 @@
 
 use std::time::Duration;
 
-use vmcred_tests::World;
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vmcred_tests::measure::context_switches;
+use vmcred_tests::{env_num, World};
 
 #[test]
 #[ignore]
@@ -142,22 +136,7 @@ fn agent_pid(w: &World) -> i32 {
 
 /// Voluntary and involuntary context switches of every thread.
 fn switches(pid: i32) -> u64 {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        for l in status.lines() {
-            if let Some(v) = l
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                n += v.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    n
+    context_switches(pid, |_| true)
 }
 
 /// Waits until the agent's own view of K1 holds `want` (a wrapper is not

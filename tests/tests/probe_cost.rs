@@ -23,14 +23,8 @@
 
 use std::time::Duration;
 
-use vmcred_tests::World;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vmcred_tests::measure::context_switches;
+use vmcred_tests::{env_num, World};
 
 #[test]
 #[ignore]
@@ -225,35 +219,12 @@ fn cpu_ns(pid: i32) -> u64 {
 
 /// Voluntary and involuntary context switches of every thread of `pid`.
 fn switches(pid: i32) -> u64 {
-    task_switches(pid, |_| true)
-}
-
-fn task_switches(pid: i32, keep: impl Fn(&str) -> bool) -> u64 {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if !keep(comm.trim()) {
-            continue;
-        }
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        for l in status.lines() {
-            if let Some(v) = l
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                n += v.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    n
+    context_switches(pid, |_| true)
 }
 
 /// The muxer stand-ins' threads in this process.
 fn muxer_switches() -> u64 {
-    task_switches(std::process::id() as i32, |c| {
+    context_switches(std::process::id() as i32, |c| {
         c == vmcred_tests::muxer::THREAD_NAME
     })
 }
