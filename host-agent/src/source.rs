@@ -397,7 +397,7 @@ pub async fn read_vm(
     // Awaited together inside the caller's task, not spawned: every read
     // is handed to the reader threads at the first poll, so they still run
     // at once, and a rotate's read costs no task spawn (each woke the other
-    // runtime worker; see ARCHITECTURE.md, "Rotate latency").
+    // runtime worker; see ARCHITECTURE.md, "Local sockets").
     let reads = vm
         .credentials
         .iter()
