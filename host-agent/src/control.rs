@@ -353,9 +353,7 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
 ) -> Result<(), LineError> {
-    w.write_all(&encode_line(msg)?).await?;
-    w.flush().await?;
-    Ok(())
+    write_lines(w, std::slice::from_ref(msg)).await
 }
 
 /// Writes several JSON lines in one write: a single-VM rotate's report
