@@ -509,6 +509,16 @@ qemu_argv() {
 # ---------------------------------------------------------------- one boot
 # The steps every boot shares (full.sh, matrix.sh).
 
+# start_qemu LOG [ARG...]: QEMU_ARGV (from qemu_argv) plus ARGs in the
+# background, its output to LOG; QEMU_PID is it, and the cleanup kills it.
+start_qemu() {
+	local log=$1
+	shift
+	"${QEMU_ARGV[@]}" "$@" >"$log" 2>&1 &
+	QEMU_PID=$!
+	OUR_PIDS+=("$QEMU_PID")
+}
+
 # vm_boot_prepare HYBRID_SOCKET: a fresh vsock backend and a fresh command
 # channel for the next boot.
 vm_boot_prepare() {

@@ -240,9 +240,7 @@ nested_test() {
 		[ "${QEMU_ARGV[$i]}" = vmcred-vm1 ] && QEMU_ARGV[i]=vmcred-nested-l1
 	done
 	t0=$(now)
-	"${QEMU_ARGV[@]}" >"$WORK/qemu-nested.log" 2>&1 &
-	QEMU_PID=$!
-	OUR_PIDS+=("$QEMU_PID")
+	start_qemu "$WORK/qemu-nested.log"
 	if ! wait_guest_up "$console"; then
 		fail "$tag L1 ($SUITE) booted and its command runner answered"
 		return

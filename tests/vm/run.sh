@@ -213,10 +213,8 @@ infra_test() {
 	IMG="$WORK/img-bookworm"
 	qemu_argv q35 "$console"
 	t0=$(now)
-	"${QEMU_ARGV[@]}" -smbios type=11,value=io.systemd.credential:VMCRED_INFRA=hello-smbios \
-		-smbios "type=11,path=$WORK/infra-cred" >"$WORK/qemu.log" 2>&1 &
-	QEMU_PID=$!
-	OUR_PIDS+=("$QEMU_PID")
+	start_qemu "$WORK/qemu.log" -smbios type=11,value=io.systemd.credential:VMCRED_INFRA=hello-smbios \
+		-smbios "type=11,path=$WORK/infra-cred"
 	if ! wait_guest_up "$console"; then
 		fail "guest booted and its command runner answered"
 		return
