@@ -36,6 +36,7 @@ struct Args {
     idle_guest: Duration,
     /// `--guest-bin`: the guest agent to run instead of the one found.
     guest_bin: Option<PathBuf>,
+    cli_bin: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -48,6 +49,7 @@ fn parse_args() -> Result<Args> {
         keepalive: Duration::from_secs(10),
         idle_guest: Duration::from_secs(70),
         guest_bin: None,
+        cli_bin: None,
     };
     let mut idle_given = false;
     let mut it = std::env::args().skip(1);
@@ -88,18 +90,21 @@ fn parse_args() -> Result<Args> {
             "--guest-bin" => {
                 a.guest_bin = Some(it.next().context("--guest-bin needs a path")?.into());
             }
+            "--cli-bin" => {
+                a.cli_bin = Some(it.next().context("--cli-bin needs a path")?.into());
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: vmcred-bench [--quick] [--json FILE] [--samples K] [--sizes 10,100,1000] [--idle-secs S] [--keepalive-secs K]\n\
-                     \x20                   [--idle-guest-secs S] [--guest-bin PATH]\n\
+                     \x20                   [--idle-guest-secs S] [--guest-bin PATH] [--cli-bin PATH]\n\
                      --keepalive-secs: the host's keepalive_interval in the fan-out runs (default 10; \n\
                      the idle window defaults to 2.5 of it, so it holds every VM's probes twice)\n\
                      --idle-guest-secs: the window of the one-VM idle run at the default 60 s keepalive,\n\
                      run alongside the other parts (default 70, so it holds one probe; 0 skips it)\n\
                      --guest-bin: the guest agent to run (default: the `guest` profile's static build,\n\
                      then its dynamic build, then the release build next to this binary)\n\
-                     the CLI timed (rotate, --version) is the static-pie vmcred-host\n\
-                     (target/x86_64-unknown-linux-gnu/release) when built, else the release one\n\
+                     --cli-bin: the vmcred-host whose rotate and --version are timed (default: the\n\
+                     static-pie build in target/x86_64-unknown-linux-gnu/release, else the release one)\n\
                      --quick: N up to 100, fewer samples, a 10 s idle window with a 4 s keepalive"
                 );
                 std::process::exit(0);
@@ -144,7 +149,7 @@ fn run() -> Result<()> {
     raise_nofile();
     let guest = GuestBin::choose(args.guest_bin.as_deref())?;
     guest.print();
-    let cli = CliBin::choose()?;
+    let cli = CliBin::choose(args.cli_bin.as_deref())?;
     cli.print();
     let mut out = json!({
         "machine": machine(),
@@ -340,14 +345,15 @@ impl GuestBin {
     }
 }
 
-/// The `vmcred-host` front the CLI figures time: its static-pie build
-/// (`+crt-static`, README "Measured here") when there is one, as a host
-/// would install it for a fast `rotate`, else the release build next to
-/// this binary. `serve` always runs from the release build (the static
-/// front's directory has no `vmcred-host-agent` to exec).
+/// The `vmcred-host` whose `rotate` and `--version` are timed:
+/// `--cli-bin`, else the front's static-pie build (`+crt-static`, README
+/// "Measured here") when there is one, as a host would install it for a
+/// fast `rotate`, else the release build next to this binary. `serve`
+/// always runs from the release build (the static front's directory has
+/// no `vmcred-host-agent` to exec).
 struct CliBin {
     path: PathBuf,
-    /// `release, static` or `release (no static build found)`.
+    /// `--cli-bin`, `release, static` or `release (no static build found)`.
     source: &'static str,
     linkage: Linkage,
     size: u64,
@@ -356,7 +362,7 @@ struct CliBin {
 }
 
 impl CliBin {
-    fn choose() -> Result<CliBin> {
+    fn choose(given: Option<&Path>) -> Result<CliBin> {
         let release = vmcred_tests::Bins::find()?.host;
         let target = std::env::current_exe()?
             .parent()
@@ -364,7 +370,9 @@ impl CliBin {
             .map(Path::to_path_buf)
             .context("cannot find the target directory above this binary")?;
         let static_front = target.join("x86_64-unknown-linux-gnu/release/vmcred-host");
-        let (path, source) = if static_front.is_file() {
+        let (path, source) = if let Some(p) = given {
+            (p.to_path_buf(), "--cli-bin")
+        } else if static_front.is_file() {
             (static_front, "release, static")
         } else {
             (release.clone(), "release (no static build found)")
