@@ -357,7 +357,8 @@ struct CliBin {
     source: &'static str,
     linkage: Linkage,
     size: u64,
-    /// Built before the release front next to this binary: likely stale.
+    /// Found (not given) and built before the release front next to this
+    /// binary: likely stale.
     older_than_release: bool,
 }
 
@@ -387,7 +388,9 @@ impl CliBin {
             Linkage::Static
         };
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let older_than_release = path != release
+        // A binary given on purpose may well be older (a comparison).
+        let older_than_release = given.is_none()
+            && path != release
             && matches!((mtime(&path), mtime(&release)), (Some(a), Some(b)) if a < b);
         Ok(CliBin {
             size: bytes.len() as u64,
