@@ -16,7 +16,8 @@ const FRONT: &str = env!("CARGO_BIN_EXE_vmcred-host");
 const AGENT: &str = env!("CARGO_BIN_EXE_vmcred-host-agent");
 
 /// Runs `exe` with `args`, `argv[0]` = the front's path (as the front
-/// passes it on), no stdin, `TERM`-independent output.
+/// passes it on), no stdin, stdout and stderr captured (not terminals:
+/// no progress line, no cut to a width).
 fn run(exe: &Path, args: &[&str]) -> Output {
     Command::new(exe)
         .arg0(FRONT)
@@ -268,7 +269,7 @@ fn a_missing_or_unusable_agent_is_named_with_exit_127_or_126() {
 /// Another `vmcred-host-agent` earlier in `PATH` is not the one run.
 #[test]
 fn the_agent_is_found_beside_the_front_not_in_path() {
-    let (dir, lone) = lone_front();
+    let (_keep, lone) = lone_front();
     let decoy_dir = tempfile::tempdir().unwrap();
     let decoy = decoy_dir.path().join("vmcred-host-agent");
     let marker = decoy_dir.path().join("ran");
@@ -282,7 +283,6 @@ fn the_agent_is_found_beside_the_front_not_in_path() {
         .unwrap();
     assert_eq!(o.status.code(), Some(127), "{}", shown(&o));
     assert!(!marker.exists(), "the decoy in PATH ran");
-    drop(dir);
 }
 
 /// `serve` through the front: the agent runs in the front's process (the
