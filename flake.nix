@@ -41,6 +41,7 @@
           # every VM links no generator, removed once it has run).
           nativeBuildInputs = [ installShellFiles ];
           postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+            # vmcred-host (the front) execs bin/vmcred-host-agent for this.
             $out/bin/vmcred-host generate-docs docs/host
             $out/bin/vmcred-guest-docs docs/guest
             rm $out/bin/vmcred-guest-docs
@@ -53,7 +54,7 @@
             done
           '';
           meta = {
-            description = "systemd credentials from a hypervisor host into its microVMs (vmcred-host, vmcred-guest)";
+            description = "systemd credentials from a hypervisor host into its microVMs (vmcred-host with its vmcred-host-agent, vmcred-guest)";
             license = with lib.licenses; [ mit asl20 ];
             mainProgram = "vmcred-host";
             platforms = lib.platforms.linux;

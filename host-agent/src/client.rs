@@ -2,7 +2,7 @@
 //! are one request and a few reply lines, so they need no async runtime
 //! (starting one, with its I/O and timer drivers, was a measurable part of
 //! a single-VM `rotate`). Same protocol, bounds and errors as
-//! [`control::call`], which the daemon's own tests keep using.
+//! [`control::call`](crate::control::call), which the daemon's own tests keep using.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;

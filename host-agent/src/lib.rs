@@ -1,6 +1,8 @@
-//! vmcred's host agent. The binary (`main.rs`) is the command line; these
-//! are a library so integration tests and fuzz targets drive the real code.
+//! vmcred's host agent. The binaries (`main.rs`: the full agent,
+//! `bin/front.rs`: the `vmcred-host` front) are the command line; these are
+//! a library so integration tests and fuzz targets drive the real code.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -1,178 +1,48 @@
-//! `vmcred-host`: the host side of vmcred. See README.md for the commands
-//! and the config format.
+//! `vmcred-host-agent`: the full host agent (`serve`, `launch`, and every
+//! command with its clap help). Users run `vmcred-host`, the small front
+//! in `bin/front.rs`, which runs `rotate` and `status` itself and execs this
+//! binary with the same arguments for everything else. See README.md for
+//! the commands and the config format, ARCHITECTURE.md "Binaries".
 
 mod logs;
-mod report;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-use vmcred_host::config::{load_control_socket, Config, DEFAULT_CONFIG};
-use vmcred_host::control::{Reply, Request};
+use vmcred_host::cli::args::{Cli, Cmd, KeyStepArg, LaunchArgs};
+use vmcred_host::cli::report;
+use vmcred_host::config::Config;
+use vmcred_host::control::Request;
 use vmcred_host::keyring::KeyStep;
-use vmcred_host::{client, launch, serve, source};
-
-use report::Exit;
+use vmcred_host::{cli, client, launch, serve, source};
 
 /// How long a stopping `serve` waits for its tasks before it exits anyway
 /// (a VM task stuck in a blocking call must not keep the agent alive).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-#[derive(Parser)]
-#[command(
-    name = "vmcred-host",
-    version,
-    about = "Deliver systemd credentials into microVMs over vsock, and rotate them without a restart",
-    long_about = "vmcred-host serves credentials to the guest agents of many VMs (serve), wraps a \
-                  hypervisor launch so the guest gets its bootstrap and boot-time credentials at boot \
-                  (SMBIOS, fw_cfg or the kernel command line: launch), and triggers and reports rotations (rotate, status). \
-                  Secret values are never printed.",
-    after_help = "Exit status (stable):\n  \
-                  0  success\n  \
-                  1  a VM did not apply or is out of sync, or the command failed\n  \
-                  2  usage error (bad arguments, or a VM or credential not in the config)\n  \
-                  3  the agent is not running or not reachable (control socket)\n  \
-                  4  config error (unreadable or invalid config file)"
-)]
-struct Cli {
-    /// The host config file (TOML); every command reads it.
-    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the agent: dial every configured VM, keep its credentials in sync.
-    ///
-    /// Sends sd_notify READY=1 once its sockets listen. SIGTERM stops it
-    /// (within 5 s even if a VM task is stuck); SIGHUP re-reads the config
-    /// (a bad config is logged and the old one kept). Only one agent may use
-    /// a state_dir at a time.
-    Serve,
-    /// Re-read the sources of VMs' credentials (all, or those named), push
-    /// them and wait for the guests' acknowledgements.
-    ///
-    /// `rotate VM [CRED...]` rotates one VM. With `--vm A --vm B` or `--all`,
-    /// every positional argument is a credential name, all VMs rotate at once
-    /// over one connection, and a per-VM table is printed at the end.
-    /// Exit status 0 only if every VM applied the new generation and every
-    /// mapped unit action succeeded; 1 otherwise, with the reason. A guest
-    /// that is down applies when it is back.
-    Rotate {
-        /// How long to wait for the acknowledgements (e.g. 30s, 2m).
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-        /// Print the result as JSON (schema 1, see README).
-        #[arg(long)]
-        json: bool,
-        /// Rotate this VM (repeatable).
-        #[arg(long = "vm", value_name = "VM")]
-        vms: Vec<String>,
-        /// Rotate every configured VM.
-        #[arg(long, conflicts_with = "vms")]
-        all: bool,
-        /// `VM [CRED...]`, or only `CRED...` with --vm/--all. No credential
-        /// named: all of each VM's credentials.
-        #[arg(value_name = "VM|CRED")]
-        args: Vec<String>,
-    },
-    /// Show each VM: connected or not, in sync or not, generation applied,
-    /// last error. One line per VM and a summary.
-    ///
-    /// Exit status 1 when any shown VM is out of sync (not connected, a
-    /// generation not applied, a credential not applied, or an error).
-    Status {
-        /// Print JSON (schema 1, see README) instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Show only this VM (repeatable).
-        #[arg(long = "vm", value_name = "VM")]
-        vms: Vec<String>,
-    },
-    /// Wrap a hypervisor: pass the guest its bootstrap and boot-time
-    /// credentials at launch, tell the serving agent the VM launched, exec.
-    ///
-    /// Boot credentials are read from $CREDENTIALS_DIRECTORY (LoadCredential=
-    /// on the VM's unit). qemu gets them through private files (-smbios
-    /// type=11,path= or -fw_cfg, by machine type); other hypervisors only
-    /// have a command line, so a boot secret goes there only if marked
-    /// allow_on_command_line. The bootstrap is public.
-    Launch(LaunchArgs),
-    /// Validate a config file and print what it configures (no values are read).
-    CheckConfig,
-    /// Print the host key pin that guests are given (from state_dir/host.pin).
-    Pin,
-    /// Write man pages (DIR/man1) and bash, zsh and fish completions
-    /// (DIR/completions); for packaging.
-    #[command(hide = true)]
-    GenerateDocs { dir: PathBuf },
-    /// Roll the host key over without relaunching VMs: `prepare` (make the
-    /// next key; connected guests store its pin), `switch` (dial with it;
-    /// the old key is kept for guests that were down), `retire` (delete
-    /// the old key), or `revoke-old` (switch and retire at once, for a
-    /// leaked key). `show` changes nothing.
-    ///
-    /// Prints one line per VM with the pins its guest holds. Exit status 0
-    /// when every VM is where the step leads (after prepare: holds the next
-    /// pin; otherwise: trusts the current key); 1 otherwise.
-    RotateKey {
-        #[arg(value_enum)]
-        step: KeyStepArg,
-        /// With switch: switch even though some guests lack the next pin.
-        #[arg(long)]
-        force: bool,
-        /// With switch: retire the old key at once (= revoke-old).
-        #[arg(long)]
-        revoke: bool,
-        /// How long to wait for the VMs to redial after the step.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-impl Cmd {
-    /// Whether the command logs through `tracing`. The control-socket
-    /// clients (`rotate`, `status`, `rotate-key`) and `pin` report only
-    /// on stdout/stderr; they skip setting up the subscriber, which is
-    /// part of every call's start (`rotate` may run once per VM).
-    fn logs(&self) -> bool {
-        !matches!(
-            self,
-            Cmd::Rotate { .. } | Cmd::Status { .. } | Cmd::RotateKey { .. } | Cmd::Pin
-        )
-    }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum KeyStepArg {
-    Show,
-    Prepare,
-    Switch,
-    Retire,
-    RevokeOld,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if cli.command.logs() {
+    keep_process_name();
+    let parsed = Cli::parse();
+    if parsed.command.logs() {
         logs::init();
     }
-    match run(cli) {
+    match run(parsed) {
         Ok(code) => code,
-        Err(e) => {
-            // Each error carries its cause once (see config::ConfigError).
-            eprintln!("vmcred-host: {e:#}");
-            Exit::of_error(&e).into()
-        }
+        Err(e) => cli::fail(&e),
     }
+}
+
+/// The process name (`/proc/self/comm`) stays `vmcred-host` when the front
+/// execs this binary, which would otherwise rename it `vmcred-host-age`
+/// (the kernel keeps 15 bytes of the file name): `ps`, `pgrep -x
+/// vmcred-host`, `top` and the journal's `_COMM=` show the agent as
+/// before. Set before any thread starts, so that threads inherit it.
+fn keep_process_name() {
+    // Failing only leaves the name the kernel gave; nothing depends on it.
+    let _ = nix::sys::prctl::set_name(c"vmcred-host");
 }
 
 /// One malloc arena for the whole daemon. glibc gives every thread that
@@ -224,58 +94,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             result?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rotate {
-            timeout,
-            json,
-            vms,
-            all,
-            args,
-        } => {
-            // Only the socket is read from the config: the daemon checks
-            // the names, so a single-VM rotate costs the same whatever the
-            // number of VMs configured.
-            let socket = load_control_socket(&config)?;
-            let (vms, credentials, many) = if all || !vms.is_empty() {
-                (vms, args, true)
-            } else {
-                let mut args = args.into_iter();
-                let Some(vm) = args.next() else {
-                    return Ok(report::usage(
-                        "name a VM (rotate VM [CRED...]), or use --vm VM or --all",
-                    ));
-                };
-                (vec![vm], args.collect(), false)
-            };
-            let expected = (!all).then_some(vms.len());
-            let req = Request::Rotate {
-                vms: if all { Vec::new() } else { vms },
-                all,
-                credentials,
-                timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-            };
-            let mut out = report::RotateOutput::new(json, many, expected);
-            let end = client::call(&socket, &req, timeout + Duration::from_secs(5), |item| {
-                out.item(item)
-            })?;
-            if let Reply::Unknown(e) = end {
-                return Ok(report::unknown_name(&e));
-            }
-            Ok(out.finish(end).into())
-        }
-        Cmd::Status { json, vms } => {
-            let socket = load_control_socket(&config)?;
-            let mut out = report::StatusOutput::new(json);
-            let end = client::call(
-                &socket,
-                &Request::Status { vms },
-                Duration::from_secs(30),
-                |item| out.item(item),
-            )?;
-            if let Reply::Unknown(e) = end {
-                return Ok(report::unknown_name(&e));
-            }
-            Ok(out.finish(end).into())
-        }
+        Cmd::Rotate(args) => cli::rotate(&config, args),
+        Cmd::Status(args) => cli::status(&config, args),
         Cmd::Launch(args) => run_launch(&config, args),
         Cmd::CheckConfig => {
             let cfg = Config::load(&config)?;
@@ -352,40 +172,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-// `vmcred-host launch`'s arguments (the subcommand's help is the variant's
-// doc comment, so this struct has a plain comment).
-#[derive(clap::Args)]
-struct LaunchArgs {
-    /// The VM, as named in the config.
-    #[arg(long)]
-    vm: String,
-    /// Guessed from the program name when not given.
-    #[arg(long, value_enum)]
-    hypervisor: Option<launch::Hypervisor>,
-    /// Where the bootstrap goes; auto: the hypervisor's (for qemu, the
-    /// machine type's) best carrier.
-    #[arg(long, value_enum, default_value = "auto")]
-    carrier: launch::CarrierChoice,
-    /// The process name (argv[0]) the hypervisor gets, e.g. microvm@VM
-    /// [default: the program as given].
-    #[arg(long)]
-    argv0: Option<std::ffi::OsString>,
-    /// Private directory for the files the hypervisor reads [default:
-    /// $VMCRED_LAUNCH_RUNTIME_DIR, else the first entry of
-    /// $RUNTIME_DIRECTORY, else /run/vmcred/launch/VM as root].
-    #[arg(long)]
-    runtime_dir: Option<PathBuf>,
-    /// Print the resulting argv (secrets redacted) instead of exec'ing it.
-    #[arg(long)]
-    dry_run: bool,
-    /// With --dry-run: print {"argv0","argv","files"} as JSON.
-    #[arg(long, requires = "dry_run")]
-    json: bool,
-    /// The hypervisor command line.
-    #[arg(last = true, required = true)]
-    argv: Vec<std::ffi::OsString>,
 }
 
 fn run_launch(config: &std::path::Path, args: LaunchArgs) -> Result<ExitCode> {

@@ -30,13 +30,16 @@ use anyhow::{bail, Context, Result};
 /// The built agent binaries.
 #[derive(Debug, Clone)]
 pub struct Bins {
+    /// The `vmcred-host` front; it execs `vmcred-host-agent`, which must be
+    /// in the same directory, for `serve`, `launch` and the rest.
     pub host: PathBuf,
     pub guest: PathBuf,
 }
 
 impl Bins {
-    /// Finds `vmcred-host` and `vmcred-guest` next to the running executable
-    /// (target/<profile>/ or its deps/ directory), or in `$VMCRED_BIN_DIR`.
+    /// Finds `vmcred-host` (with `vmcred-host-agent` beside it) and
+    /// `vmcred-guest` next to the running executable (target/<profile>/ or
+    /// its deps/ directory), or in `$VMCRED_BIN_DIR`.
     pub fn find() -> Result<Bins> {
         let mut dirs = Vec::new();
         if let Some(d) = std::env::var_os("VMCRED_BIN_DIR") {
@@ -51,12 +54,12 @@ impl Bins {
         }
         for d in &dirs {
             let (h, g) = (d.join("vmcred-host"), d.join("vmcred-guest"));
-            if h.is_file() && g.is_file() {
+            if h.is_file() && d.join("vmcred-host-agent").is_file() && g.is_file() {
                 return Ok(Bins { host: h, guest: g });
             }
         }
         bail!(
-            "vmcred-host and vmcred-guest not found in {dirs:?}; build them first: cargo build --bins"
+            "vmcred-host, vmcred-host-agent and vmcred-guest not found together in {dirs:?}; build them first: cargo build --bins"
         )
     }
 }

@@ -6,7 +6,7 @@
 //!
 //!     cargo build --profile guest -p vmcred-guest
 //!     cargo build --release -p vmcred-host
-//!     mkdir -p /tmp/fp && cp target/guest/vmcred-guest target/release/vmcred-host /tmp/fp/
+//!     mkdir -p /tmp/fp && cp target/guest/vmcred-guest target/release/vmcred-host target/release/vmcred-host-agent /tmp/fp/
 //!     VMCRED_FOOTPRINT_BIN_DIR=/tmp/fp \
 //!       cargo test -p vmcred-tests --test footprint -- --ignored --nocapture
 

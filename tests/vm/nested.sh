@@ -172,6 +172,7 @@ nested_build_image() {
 	mkdir -p "$r$NL1/modules"
 	cp "$NMOD"/*.ko "$NMOD/load-order" "$r$NL1/modules/"
 	install -m 0755 "$HOST_BIN" "$r/usr/local/bin/vmcred-host"
+	install -m 0755 "$HOST_BIN-agent" "$r/usr/local/bin/vmcred-host-agent"
 	install -m 0755 "$VSOCK_PROBE_BIN" "$r/usr/local/bin/vmcred-vsock-probe"
 	cp "$NMOD/vmlinux" "$r$NL1/vmlinux"
 	nested_l2_initramfs "$r$NL1/l2-initramfs.img" || return 1

@@ -164,7 +164,8 @@ if [ "$MODE" = full ]; then
 	HOST_BIN="$TARGET/release/vmcred-host"
 	GUEST_BIN="$TARGET/$HOST_TRIPLE/release/vmcred-guest"
 	VSOCK_PROBE_BIN="$TARGET/$HOST_TRIPLE/release/vmcred-vsock-probe"
-	for b in "$HOST_BIN" "$GUEST_BIN" "$VSOCK_PROBE_BIN"; do
+	# vmcred-host (the front) execs vmcred-host-agent from its own directory.
+	for b in "$HOST_BIN" "$HOST_BIN-agent" "$GUEST_BIN" "$VSOCK_PROBE_BIN"; do
 		[ -x "$b" ] || die "missing binary $b"
 	done
 fi

@@ -36,6 +36,7 @@ struct Args {
     idle_guest: Duration,
     /// `--guest-bin`: the guest agent to run instead of the one found.
     guest_bin: Option<PathBuf>,
+    cli_bin: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -48,6 +49,7 @@ fn parse_args() -> Result<Args> {
         keepalive: Duration::from_secs(10),
         idle_guest: Duration::from_secs(70),
         guest_bin: None,
+        cli_bin: None,
     };
     let mut idle_given = false;
     let mut it = std::env::args().skip(1);
@@ -88,16 +90,21 @@ fn parse_args() -> Result<Args> {
             "--guest-bin" => {
                 a.guest_bin = Some(it.next().context("--guest-bin needs a path")?.into());
             }
+            "--cli-bin" => {
+                a.cli_bin = Some(it.next().context("--cli-bin needs a path")?.into());
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: vmcred-bench [--quick] [--json FILE] [--samples K] [--sizes 10,100,1000] [--idle-secs S] [--keepalive-secs K]\n\
-                     \x20                   [--idle-guest-secs S] [--guest-bin PATH]\n\
+                     \x20                   [--idle-guest-secs S] [--guest-bin PATH] [--cli-bin PATH]\n\
                      --keepalive-secs: the host's keepalive_interval in the fan-out runs (default 10; \n\
                      the idle window defaults to 2.5 of it, so it holds every VM's probes twice)\n\
                      --idle-guest-secs: the window of the one-VM idle run at the default 60 s keepalive,\n\
                      run alongside the other parts (default 70, so it holds one probe; 0 skips it)\n\
                      --guest-bin: the guest agent to run (default: the `guest` profile's static build,\n\
                      then its dynamic build, then the release build next to this binary)\n\
+                     --cli-bin: the vmcred-host whose rotate and --version are timed (default: the\n\
+                     static-pie build in target/x86_64-unknown-linux-gnu/release, else the release one)\n\
                      --quick: N up to 100, fewer samples, a 10 s idle window with a 4 s keepalive"
                 );
                 std::process::exit(0);
@@ -142,13 +149,16 @@ fn run() -> Result<()> {
     raise_nofile();
     let guest = GuestBin::choose(args.guest_bin.as_deref())?;
     guest.print();
+    let cli = CliBin::choose(args.cli_bin.as_deref())?;
+    cli.print();
     let mut out = json!({
         "machine": machine(),
         "samples": args.samples,
         "guest_binary": guest.json(),
+        "cli_binary": cli.json(),
     });
     out["load_average_at_start"] = load_average();
-    let latency = part("rotate latency", || latency(&args, &guest.path))?;
+    let latency = part("rotate latency", || latency(&args, &guest.path, &cli.path))?;
     print_latency(&latency);
     out["latency"] = latency;
     // The one-VM idle run waits more than a minute for one probe; it runs
@@ -335,6 +345,95 @@ impl GuestBin {
     }
 }
 
+/// The `vmcred-host` whose `rotate` and `--version` are timed:
+/// `--cli-bin`, else the front's static-pie build (`+crt-static`, README
+/// "Measured here") when there is one, as a host would install it for a
+/// fast `rotate`, else the release build next to this binary. `serve`
+/// always runs from the release build (the static front's directory has
+/// no `vmcred-host-agent` to exec).
+struct CliBin {
+    path: PathBuf,
+    /// `--cli-bin`, `release, static` or `release (no static build found)`.
+    source: &'static str,
+    linkage: Linkage,
+    size: u64,
+    /// Found (not given) and built before the release front next to this
+    /// binary: likely stale.
+    older_than_release: bool,
+}
+
+impl CliBin {
+    fn choose(given: Option<&Path>) -> Result<CliBin> {
+        let release = vmcred_tests::Bins::find()?.host;
+        let target = std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .context("cannot find the target directory above this binary")?;
+        let static_front = target.join("x86_64-unknown-linux-gnu/release/vmcred-host");
+        let (path, source) = if let Some(p) = given {
+            (p.to_path_buf(), "--cli-bin")
+        } else if static_front.is_file() {
+            (static_front, "release, static")
+        } else {
+            (release.clone(), "release (no static build found)")
+        };
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("cannot read the CLI {}", path.display()))?;
+        let linkage = if has_interpreter(&bytes)
+            .with_context(|| format!("{} is not an ELF64 executable", path.display()))?
+        {
+            Linkage::Dynamic
+        } else {
+            Linkage::Static
+        };
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        // A binary given on purpose may well be older (a comparison).
+        let older_than_release = given.is_none()
+            && path != release
+            && matches!((mtime(&path), mtime(&release)), (Some(a), Some(b)) if a < b);
+        Ok(CliBin {
+            size: bytes.len() as u64,
+            path,
+            source,
+            linkage,
+            older_than_release,
+        })
+    }
+
+    fn linkage_name(&self) -> &'static str {
+        match self.linkage {
+            Linkage::Static => "static",
+            Linkage::Dynamic => "dynamic",
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "host CLI: {} ({}, {} glibc, {} B)",
+            self.path.display(),
+            self.source,
+            self.linkage_name(),
+            self.size
+        );
+        if self.older_than_release {
+            println!(
+                "  WARNING: built before the release vmcred-host; rebuild it (README, \"Measured here\")"
+            );
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "path": self.path.display().to_string(),
+            "source": self.source,
+            "linkage": self.linkage_name(),
+            "size_bytes": self.size,
+            "older_than_release_build": self.older_than_release,
+        })
+    }
+}
+
 /// Whether an ELF64 little-endian file has a `PT_INTERP` program header
 /// (a dynamic loader); `None` when it is not such a file.
 fn has_interpreter(elf: &[u8]) -> Option<bool> {
@@ -487,7 +586,8 @@ fn world(guest: &Path) -> Result<(World, tempfile::TempDir)> {
     Ok((w, shm))
 }
 
-fn latency(args: &Args, guest: &Path) -> Result<Value> {
+/// `cli`: the `vmcred-host` whose `rotate` and `--version` are timed.
+fn latency(args: &Args, guest: &Path, cli: &Path) -> Result<Value> {
     let (mut w, _shm) = world(guest)?;
     w.log_level = "warn".into();
     w.add_vm("vm0", false)?;
@@ -546,8 +646,8 @@ fn latency(args: &Args, guest: &Path) -> Result<Value> {
     let mut true_ = Vec::new();
     for i in 0..args.samples.min(100) {
         write_atomic(&source, format!("c-{i}").as_bytes(), 0o400)?;
-        via_cli.push(spawn(&w.bins.host, &rotate_args)?);
-        version.push(spawn(&w.bins.host, &[OsStr::new("--version")])?);
+        via_cli.push(spawn(cli, &rotate_args)?);
+        version.push(spawn(cli, &[OsStr::new("--version")])?);
         true_.push(spawn(Path::new("/bin/true"), &[])?);
     }
     let (s, c, h, u) = (

@@ -5,12 +5,10 @@
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
+use crate::config::ConfigError;
+use crate::control::{CallError, CredState, KeyTrust, Outcome, Reply, RotateReport, VmStatus};
+use crate::keyring::{KeyStep, Phase, StepOutcome};
 use serde_json::json;
-use vmcred_host::config::ConfigError;
-use vmcred_host::control::{
-    CallError, CredState, KeyTrust, Outcome, Reply, RotateReport, VmStatus,
-};
-use vmcred_host::keyring::{KeyStep, Phase, StepOutcome};
 
 /// Version of the `--json` output of `status` and `rotate`.
 pub const JSON_SCHEMA: u32 = 1;
