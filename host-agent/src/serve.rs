@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::io::AsyncWrite;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -611,13 +610,7 @@ impl Daemon {
                 timeout_ms,
             } => {
                 let timeout = Duration::from_millis(timeout_ms).min(MAX_ROTATE_TIMEOUT);
-                match self.select_for_rotate(vms, all, &credentials) {
-                    Err(refusal) => send(&mut w, &refusal).await,
-                    Ok(selected) => {
-                        self.rotate_on_vm_runtime(w, selected, credentials, timeout)
-                            .await
-                    }
-                }
+                self.rotate(&mut w, vms, all, credentials, timeout).await
             }
         };
         if let Err(e) = result {
@@ -736,21 +729,20 @@ impl Daemon {
     /// Rotates each named VM (or all) at once; streams each VM's report as
     /// it finishes, then `done`. Refuses up front, with nothing sent to any
     /// guest, if a VM or credential is not in the config.
-    /// The VMs a rotate names, every name and credential checked against
-    /// the config before anything is sent; `Err` is the reply that says why
-    /// nothing was done.
-    fn select_for_rotate(
+    async fn rotate<W: AsyncWrite + Unpin>(
         &self,
+        w: &mut W,
         only: Vec<String>,
         all: bool,
-        credentials: &[String],
-    ) -> Result<Vec<VmHandle>, Reply> {
+        credentials: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let (vms, _) = self.snapshot();
         let selected: Vec<VmHandle> = match (all, only.is_empty()) {
             (true, true) => vms.values().cloned().collect(),
             (false, false) => {
                 if let Some(e) = unknown_vms(&vms, &only) {
-                    return Err(Reply::Unknown(e));
+                    return send(w, &Reply::Unknown(e)).await;
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 only.iter()
@@ -758,9 +750,15 @@ impl Daemon {
                     .filter_map(|n| vms.get(n).cloned())
                     .collect()
             }
-            (true, false) => return Err(Reply::Error("name VMs or ask for all, not both".into())),
+            (true, false) => {
+                return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
+            }
             (false, true) => {
-                return Err(Reply::Error("name at least one VM, or ask for all".into()))
+                return send(
+                    w,
+                    &Reply::Error("name at least one VM, or ask for all".into()),
+                )
+                .await
             }
         };
         for h in &selected {
@@ -769,103 +767,41 @@ impl Daemon {
                 .filter(|c| !h.vm.credentials.contains_key(*c))
                 .collect();
             if !missing.is_empty() {
-                return Err(Reply::Unknown(format!(
-                    "VM {} has no credential named {}; nothing was rotated",
-                    h.vm.name,
-                    some_names(&missing)
-                )));
+                return send(
+                    w,
+                    &Reply::Unknown(format!(
+                        "VM {} has no credential named {}; nothing was rotated",
+                        h.vm.name,
+                        some_names(&missing)
+                    )),
+                )
+                .await;
             }
         }
-        Ok(selected)
-    }
-
-    /// Runs a checked rotate, its replies included, on the VM tasks'
-    /// runtime: a VM task's report then reaches the client from the thread
-    /// that made it, and this runtime's thread is not woken to pass it on
-    /// (one hand-over per rotate before the reply instead of two;
-    /// ARCHITECTURE.md, "Local sockets"). This task only watches, holding
-    /// the connection's slots until the rotate ends: should the VM runtime
-    /// not finish within the rotate's own timeout and [`VM_RUNTIME_GRACE`]
-    /// (a VM task wedged in a blocking call), it answers the client itself,
-    /// so a client always hears back.
-    async fn rotate_on_vm_runtime(
-        &self,
-        w: OwnedWriteHalf,
-        selected: Vec<VmHandle>,
-        credentials: Vec<String>,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        let w = Arc::new(tokio::sync::Mutex::new(w));
-        let task = self
-            .vm_runtime
-            .spawn(run_rotate(w.clone(), selected, credentials, timeout));
-        match tokio::time::timeout(timeout + VM_RUNTIME_GRACE, task).await {
-            Ok(Ok(written)) => written,
-            // A panic: the lock is free again (the task is gone).
-            Ok(Err(e)) => {
-                let mut w = w.lock().await;
-                send(&mut *w, &Reply::Error(format!("internal error: {e}"))).await
+        let mut running = JoinSet::new();
+        for h in selected {
+            running.spawn(rotate_one(h, credentials.clone(), timeout));
+        }
+        let mut count = 0u64;
+        while let Some(done) = running.join_next().await {
+            let report = match done {
+                Ok(r) => r,
+                Err(e) => RotateReport {
+                    error: Some(format!("internal error: {e}")),
+                    ..Default::default()
+                },
+            };
+            let line = Reply::Rotate(control::bound_rotate(report));
+            count += 1;
+            if running.is_empty() {
+                // The last report and the end in one write (a single-VM
+                // rotate's whole answer): the client wakes once.
+                return send_lines(w, &[line, Reply::Done { count }]).await;
             }
-            // Not while the VM runtime is writing a line of its own.
-            Err(_) => match w.try_lock() {
-                Ok(mut w) => {
-                    send(
-                        &mut *w,
-                        &Reply::Error(format!(
-                            "no answer within {:?}: the VM tasks' runtime is stalled; whether \
-                             the rotation happened is unknown, see status",
-                            timeout + VM_RUNTIME_GRACE
-                        )),
-                    )
-                    .await
-                }
-                Err(_) => Err("the VM tasks' runtime stalled while writing a rotate reply".into()),
-            },
+            send(w, &line).await?;
         }
+        send(w, &Reply::Done { count }).await
     }
-}
-
-/// Grace past a rotate's own timeout before the control socket's runtime
-/// answers for a VM runtime that has not (see `rotate_on_vm_runtime`).
-const VM_RUNTIME_GRACE: Duration = Duration::from_secs(2);
-
-/// A rotate of `selected`, one report line per VM as each finishes, then
-/// `done`. Runs on the VM tasks' runtime; `w` is shared only with the
-/// watcher on the control runtime, which writes only if this never does.
-async fn run_rotate(
-    w: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
-    selected: Vec<VmHandle>,
-    credentials: Vec<String>,
-    timeout: Duration,
-) -> Result<(), String> {
-    if let [h] = &selected[..] {
-        // One VM (the latency path): awaited here, no task spawned.
-        let report = rotate_one(h.clone(), credentials, timeout).await;
-        let line = Reply::Rotate(control::bound_rotate(report));
-        // The report and the end in one write: the client wakes once.
-        return send_lines(&mut *w.lock().await, &[line, Reply::Done { count: 1 }]).await;
-    }
-    let mut running = JoinSet::new();
-    for h in selected {
-        running.spawn(rotate_one(h, credentials.clone(), timeout));
-    }
-    let mut count = 0u64;
-    while let Some(done) = running.join_next().await {
-        let report = match done {
-            Ok(r) => r,
-            Err(e) => RotateReport {
-                error: Some(format!("internal error: {e}")),
-                ..Default::default()
-            },
-        };
-        let line = Reply::Rotate(control::bound_rotate(report));
-        count += 1;
-        if running.is_empty() {
-            return send_lines(&mut *w.lock().await, &[line, Reply::Done { count }]).await;
-        }
-        send(&mut *w.lock().await, &line).await?;
-    }
-    send(&mut *w.lock().await, &Reply::Done { count }).await
 }
 
 fn unknown_vms(vms: &BTreeMap<String, VmHandle>, names: &[String]) -> Option<String> {
@@ -930,75 +866,5 @@ async fn rotate_one(h: VmHandle, credentials: Vec<String>, timeout: Duration) ->
                 None => format!("timed out after {timeout:?} waiting for the guest's acknowledgement; it will apply when it can"),
             })
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::{BufRead, BufReader, Write};
-
-    /// A rotate runs on the VM tasks' runtime; when that runtime is wedged
-    /// (its one worker blocked), the control socket still answers the client
-    /// once the rotate's timeout and the grace are past, instead of leaving
-    /// it waiting for ever.
-    #[test]
-    fn a_rotate_is_answered_when_the_vm_runtime_is_wedged() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let control = p.join("run/control.sock");
-        let config = p.join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\n[vms.vm0]\nunix_socket = \"/nonexistent/vm0.sock\"\n",
-                p.join("state").display(),
-                control.display(),
-                p.join("run/launch.sock").display(),
-            ),
-        )
-        .unwrap();
-        let vms = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        // Blocks the VM runtime's only worker until the test ends.
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let (blocked, is_blocked) = std::sync::mpsc::channel::<()>();
-        vms.spawn(async move {
-            let _ = blocked.send(());
-            let _ = gate.recv();
-        });
-        is_blocked
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .unwrap();
-        let handle = vms.handle().clone();
-        let cfg = config.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let _ = rt.block_on(super::serve_with(&cfg, handle));
-        });
-        let mut s = None;
-        for _ in 0..3000 {
-            if let Ok(c) = std::os::unix::net::UnixStream::connect(&control) {
-                s = Some(c);
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let mut s = s.expect("the control socket did not appear");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
-            .unwrap();
-        s.write_all(b"{\"cmd\":\"rotate\",\"vms\":[\"vm0\"],\"timeout_ms\":100}\n")
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        assert!(line.starts_with("{\"error\":"), "{line}");
-        assert!(line.contains("stalled"), "{line}");
-        let _ = release.send(());
-        vms.shutdown_background();
     }
 }
