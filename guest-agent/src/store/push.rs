@@ -65,7 +65,7 @@ pub struct Batch<'a> {
     // Field order is drop order: remount read-only before unlocking.
     pub(super) remount: Option<ReadWrite>,
     pub(super) store: &'a Store,
-    pub(super) _flock: Flock<File>,
+    pub(super) _flock: FileLock<'a>,
     pub(super) _guard: MutexGuard<'a, ()>,
 }
 
