@@ -27,7 +27,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, Flock, FlockArg, OFlag};
+use nix::fcntl::{openat, renameat, AtFlags, OFlag};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{fchmod, fstat, fstatat, FileStat, Mode, SFlag};
 use nix::sys::statvfs::{fstatvfs, FsFlags};
@@ -897,6 +897,7 @@ fn save_json<T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
