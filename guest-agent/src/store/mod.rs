@@ -703,7 +703,7 @@ impl Store {
             dir: self.dir_display(),
             errno,
         };
-        let mut d = Dir::openat(
+        let d = Dir::openat(
             self.dirfd(),
             ".",
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -711,7 +711,9 @@ impl Store {
         )
         .map_err(|e| dir_io("list", e))?;
         let (mut bytes, mut inodes) = (0u64, 1u64);
-        for entry in d.iter() {
+        // Owned: the listing is read once and closed, with no rewind
+        // (`Dir::iter`'s `rewinddir`, an `lseek`) before the close.
+        for entry in d {
             let entry = entry.map_err(|e| dir_io("list", e))?;
             let name = entry.file_name();
             if name == c"." || name == c".." {
