@@ -200,6 +200,10 @@ pub fn read_if_changed(
             })
         }
     };
+    // This runs on a reader thread (or for a direct `read`): what it
+    // learns of the file's mount lets later reads of files on tmpfs or
+    // ramfs skip the thread hop.
+    memfs::learn(&file);
     read_opened(cred, path, file, known)
 }
 
@@ -625,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_source_on_tmpfs_is_read_inline_and_every_change_is_seen() {
         if !memfs::tests::available() {
-            eprintln!("skipped: no statmount/unique mount IDs here, or /dev/shm is not tmpfs");
+            eprintln!("skipped: no unique mount IDs (Linux 6.8) here, or /dev/shm is not tmpfs");
             return;
         }
         let d = tempfile::tempdir_in("/dev/shm").unwrap();

@@ -10,18 +10,23 @@
 //!   cache or fails with `EAGAIN` (no `d_revalidate` that waits on NFS or
 //!   FUSE); `O_PATH` calls no file system `open`;
 //! - `statx(AT_STATX_DONT_SYNC)` on that descriptor: the kind of file and
-//!   the mount's unique ID (Linux 6.8+, never reused), from cached
-//!   attributes;
-//! - `statmount(STATMOUNT_SB_BASIC)` for a mount ID not seen before: the
-//!   superblock's magic, read from the mount table, not the file system;
+//!   the mount's unique ID (Linux 6.8+, never reused while the system
+//!   runs), from cached attributes;
+//! - the mount's kind, looked up in what the reader threads learnt: a read
+//!   there (which may block: it is under its deadline) records the unique
+//!   mount ID of the file it opened with `fstatfs`'s magic ([`learn`]); no
+//!   newer syscall (`statmount`) is needed, so no seccomp filter that
+//!   predates one can kill the agent for calling it;
 //! - only then, for a regular file on tmpfs or ramfs, a real open of the
 //!   same inode through `/proc/self/fd` (not the path again: it may have
 //!   been replaced by then).
 //!
-//! Anything else (an older kernel, a lookup not in the cache, another file
-//! system, any error) answers `None`, and the caller reads on a reader
-//! thread under its deadline as before, which also produces the precise
-//! error for missing files, FIFOs and directories.
+//! Anything else (an older kernel, a lookup not in the cache, a mount not
+//! yet seen by a reader thread, another file system, any error such as
+//! `openat2` refused by a seccomp filter: systemd's `RestrictSUIDSGID=`
+//! refuses it) answers `None`, and the caller reads on a reader thread
+//! under its deadline as before, which also produces the precise error for
+//! missing files, FIFOs and directories.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -31,23 +36,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// `statmount(2)` (Linux 6.8); the same number on every architecture
-/// using the common syscall table. Elsewhere the fast path is off.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
-const SYS_STATMOUNT: libc::c_long = 457;
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-)))]
-const SYS_STATMOUNT: libc::c_long = -1;
 /// `statx`'s unique mount ID (Linux 6.8): never reused while the system runs.
 const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-const STATMOUNT_SB_BASIC: u64 = 0x1;
 const RESOLVE_CACHED: u64 = 0x20;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
@@ -62,28 +52,6 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// `struct mnt_id_req` (version 0, 24 bytes).
-#[repr(C)]
-struct MntIdReq {
-    size: u32,
-    spare: u32,
-    mnt_id: u64,
-    param: u64,
-}
-
-/// The head of `struct statmount` this code reads, in a buffer as large as
-/// the whole fixed part (the kernel fills at most what it is given).
-#[repr(C)]
-struct StatmountBuf {
-    size: u32,
-    mnt_opts: u32,
-    mask: u64,
-    sb_dev_major: u32,
-    sb_dev_minor: u32,
-    sb_magic: u64,
-    rest: [u64; 64],
-}
-
 /// Unique mount ID → whether it is a memory file system. Unique IDs are
 /// never reused, so an entry never goes stale.
 static MOUNTS: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
@@ -91,9 +59,6 @@ static MOUNTS: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
 /// Opens `path` for reading if that cannot block (see the module comment);
 /// `None`: read it on a reader thread instead.
 pub fn open(path: &Path) -> Option<File> {
-    if SYS_STATMOUNT < 0 {
-        return None;
-    }
     let cpath = CString::new(path.as_os_str().as_bytes()).ok()?;
     let how = OpenHow {
         flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
@@ -116,27 +81,8 @@ pub fn open(path: &Path) -> Option<File> {
     }
     // SAFETY: a descriptor just returned by openat2 and owned by no one else.
     let opath = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: statx is plain data; all zeroes is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor, an empty NUL-terminated path with
-    // AT_EMPTY_PATH, and a buffer of the right type.
-    let r = unsafe {
-        libc::statx(
-            opath.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_TYPE | STATX_MNT_ID_UNIQUE,
-            &mut stx,
-        )
-    };
-    if r != 0
-        || stx.stx_mask & STATX_MNT_ID_UNIQUE == 0
-        || stx.stx_mask & libc::STATX_TYPE == 0
-        || u32::from(stx.stx_mode) & libc::S_IFMT != libc::S_IFREG
-    {
-        return None;
-    }
-    if !is_memory_fs(stx.stx_mnt_id)? {
+    let mnt_id = regular_file_mount(opath.as_raw_fd())?;
+    if !known_memory_fs(mnt_id)? {
         return None;
     }
     // The same inode, opened for reading: a path lookup now could find
@@ -156,40 +102,48 @@ pub fn open(path: &Path) -> Option<File> {
     Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Whether the mount with this unique ID is tmpfs or ramfs; `None` when the
-/// kernel cannot say.
-fn is_memory_fs(mnt_id: u64) -> Option<bool> {
-    if let Some(known) = MOUNTS
-        .lock()
-        .ok()?
-        .as_ref()
-        .and_then(|m| m.get(&mnt_id).copied())
-    {
-        return Some(known);
-    }
-    let req = MntIdReq {
-        size: std::mem::size_of::<MntIdReq>() as u32,
-        spare: 0,
-        mnt_id,
-        param: STATMOUNT_SB_BASIC,
-    };
-    // SAFETY: plain data; all zeroes is a valid value.
-    let mut buf: StatmountBuf = unsafe { std::mem::zeroed() };
-    // SAFETY: `req` is a valid mnt_id_req of the size it states, `buf` a
-    // writable buffer of the size passed.
+/// The unique ID of the mount a regular file is on, from cached
+/// attributes; `None` for anything else or when the kernel cannot say.
+fn regular_file_mount(fd: libc::c_int) -> Option<u64> {
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, an empty NUL-terminated path with
+    // AT_EMPTY_PATH, and a buffer of the right type.
     let r = unsafe {
-        libc::syscall(
-            SYS_STATMOUNT,
-            &req as *const MntIdReq,
-            &mut buf as *mut StatmountBuf,
-            std::mem::size_of::<StatmountBuf>(),
-            0u32,
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE | STATX_MNT_ID_UNIQUE,
+            &mut stx,
         )
     };
-    if r != 0 || buf.mask & STATMOUNT_SB_BASIC == 0 {
-        return None;
+    let regular = stx.stx_mask & libc::STATX_TYPE != 0
+        && u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFREG;
+    (r == 0 && regular && stx.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(stx.stx_mnt_id)
+}
+
+/// What a reader thread learnt of this mount: whether it is tmpfs or
+/// ramfs; `None` when no reader has seen it yet.
+fn known_memory_fs(mnt_id: u64) -> Option<bool> {
+    MOUNTS.lock().ok()?.as_ref()?.get(&mnt_id).copied()
+}
+
+/// Records the kind of the mount `file` (a regular file a reader thread
+/// just opened) is on, for [`open`]. Runs on a reader thread: `fstatfs`
+/// may ask the file system (a FUSE daemon), under the read's deadline.
+/// Costs one `statx` when the mount is known already.
+pub fn learn(file: &File) {
+    let Some(mnt_id) = regular_file_mount(file.as_raw_fd()) else {
+        return;
+    };
+    if known_memory_fs(mnt_id).is_some() {
+        return;
     }
-    let memory = matches!(buf.sb_magic, TMPFS_MAGIC | RAMFS_MAGIC);
+    let Ok(fs) = nix::sys::statfs::fstatfs(file) else {
+        return;
+    };
+    let memory = matches!(fs.filesystem_type().0 as u64, TMPFS_MAGIC | RAMFS_MAGIC);
     if let Ok(mut m) = MOUNTS.lock() {
         let m = m.get_or_insert_with(HashMap::new);
         if m.len() >= MAX_MOUNTS {
@@ -197,7 +151,6 @@ fn is_memory_fs(mnt_id: u64) -> Option<bool> {
         }
         m.insert(mnt_id, memory);
     }
-    Some(memory)
 }
 
 #[cfg(test)]
@@ -212,8 +165,10 @@ pub(crate) mod tests {
         };
         let p = d.path().join("probe");
         std::fs::write(&p, b"x").is_ok() && {
-            // The first lookup may not be cached yet.
-            let _ = std::fs::metadata(&p);
+            // What a reader thread's read of the file teaches.
+            if let Ok(f) = File::open(&p) {
+                learn(&f);
+            }
             open(&p).is_some()
         }
     }
@@ -221,13 +176,13 @@ pub(crate) mod tests {
     #[test]
     fn only_regular_files_on_memory_file_systems_are_opened_inline() {
         if !available() {
-            eprintln!("skipped: no statmount/unique mount IDs here, or /dev/shm is not tmpfs");
+            eprintln!("skipped: no unique mount IDs (Linux 6.8) here, or /dev/shm is not tmpfs");
             return;
         }
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let f = shm.path().join("f");
         std::fs::write(&f, b"v").unwrap();
-        let _ = std::fs::metadata(&f);
+        learn(&File::open(&f).unwrap());
         let mut opened = open(&f).expect("a cached tmpfs file opens inline");
         let mut s = String::new();
         std::io::Read::read_to_string(&mut opened, &mut s).unwrap();
@@ -255,7 +210,9 @@ pub(crate) mod tests {
         if on_disk {
             let g = other.path().join("g");
             std::fs::write(&g, b"v").unwrap();
-            let _ = std::fs::metadata(&g);
+            // Unknown mount: not inline; once learnt as a disk one: still not.
+            assert!(open(&g).is_none());
+            learn(&File::open(&g).unwrap());
             assert!(open(&g).is_none());
         }
     }
