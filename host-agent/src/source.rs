@@ -4,11 +4,14 @@
 //!
 //! A source may hang: a FIFO, a hung FUSE or NFS mount. Files are opened
 //! with `O_NONBLOCK` (a FIFO then opens at once and is refused by `fstat`
-//! as not a regular file), and every read runs on a blocking thread under
-//! a deadline, so a hung `open()` or `read()` costs one parked thread and
-//! a `timed out` error for that credential, never the VM's task or the
-//! runtime. While a read of a path is still hung, later reads of the same
-//! path fail at once instead of parking another thread.
+//! as not a regular file), and every read that could block runs on a
+//! blocking thread under a deadline, so a hung `open()` or `read()` costs
+//! one parked thread and a `timed out` error for that credential, never the
+//! VM's task or the runtime. While a read of a path is still hung, later
+//! reads of the same path fail at once instead of parking another thread.
+//! Only a file the kernel shows cannot block (a cached lookup to tmpfs or
+//! ramfs, `memfs.rs`) is read in the VM's task, saving a rotate the thread
+//! hop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -23,6 +26,8 @@ use vmcred_proto::rules::{self, MAX_CREDENTIAL_BYTES};
 use zeroize::Zeroizing;
 
 use crate::config::{Credential, Source, Vm};
+
+mod memfs;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SourceError {
@@ -158,6 +163,15 @@ pub fn reads() -> u64 {
     READS.load(Ordering::Relaxed)
 }
 
+/// Sources opened in the VM's task (memory file systems, see `memfs.rs`)
+/// rather than on a reader thread, for tests and benchmarks.
+static INLINE_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many source reads skipped the reader thread.
+pub fn inline_reads() -> u64 {
+    INLINE_READS.load(Ordering::Relaxed)
+}
+
 /// Opens the source (never blocking on a FIFO), and reads it unless its
 /// stamp is that of the version last read and that version's digest is
 /// `known` (what the guest holds): then only the digest is returned.
@@ -186,6 +200,21 @@ pub fn read_if_changed(
             })
         }
     };
+    // This runs on a reader thread (or for a direct `read`): what it
+    // learns of the file's mount lets later reads of files on tmpfs or
+    // ramfs skip the thread hop.
+    memfs::learn(&file);
+    read_opened(cred, path, file, known)
+}
+
+/// [`read_if_changed`] from the open file of `path`.
+fn read_opened(
+    cred: &Credential,
+    path: PathBuf,
+    file: std::fs::File,
+    known: Option<[u8; 32]>,
+) -> Result<Fetched, SourceError> {
+    let desc = cred.source.to_string();
     let meta = file.metadata().map_err(|e| SourceError::Unreadable {
         source_desc: desc.clone(),
         why: e.to_string(),
@@ -245,6 +274,15 @@ pub async fn read_with_deadline(
             .map(Fetched::Value);
     }
     let path = resolve(cred, credentials_dir)?;
+    // A file the kernel shows cannot block (memfs.rs) is read here, with
+    // no thread hop; a path whose earlier read is still hung is not.
+    let parked = BLOCKED.lock().map(|b| b.contains(&path)).unwrap_or(false);
+    if !parked {
+        if let Some(file) = memfs::open(&path) {
+            INLINE_READS.fetch_add(1, Ordering::Relaxed);
+            return read_opened(cred, path, file, known);
+        }
+    }
     let cred = cred.clone();
     let dir = credentials_dir.map(Path::to_path_buf);
     run_with_deadline(path, cred.source.to_string(), deadline, move || {
@@ -583,6 +621,53 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&p, b"six").unwrap();
         assert!(matches!(fetch(Some(d2)), Fetched::Value(v) if &v.bytes[..] == b"six"));
+    }
+
+    /// The same change detection when the source is on tmpfs and read in
+    /// the VM's task (memfs.rs): a rename over it and a same-size rewrite
+    /// in place are both read again, never served from what was read before.
+    #[tokio::test]
+    async fn a_source_on_tmpfs_is_read_inline_and_every_change_is_seen() {
+        if !memfs::tests::available() {
+            eprintln!("skipped: no unique mount IDs (Linux 6.8) here, or /dev/shm is not tmpfs");
+            return;
+        }
+        let d = tempfile::tempdir_in("/dev/shm").unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, b"one").unwrap();
+        let c = cred("A", Source::Path(p.clone()));
+        let deadline = Duration::from_secs(30);
+        let inline_before = inline_reads();
+        let fetch = |known| read_with_deadline(&c, None, known, deadline);
+        let first = fetch(None).await.unwrap();
+        assert!(matches!(&first, Fetched::Value(v) if &v.bytes[..] == b"one"));
+        let d1 = first.digest();
+        assert!(
+            matches!(fetch(Some(d1)).await.unwrap(), Fetched::Unchanged { digest, len: 3 } if digest == d1)
+        );
+        let tmp = d.path().join("s.new");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let f = fetch(Some(d1)).await.unwrap();
+        assert!(matches!(&f, Fetched::Value(v) if &v.bytes[..] == b"two"));
+        let d2 = f.digest();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"six").unwrap();
+        let f = fetch(Some(d2)).await.unwrap();
+        assert!(matches!(&f, Fetched::Value(v) if &v.bytes[..] == b"six"));
+        // Removed: the reader thread says so, as for any file.
+        std::fs::remove_file(&p).unwrap();
+        assert!(matches!(
+            fetch(None).await.err().unwrap(),
+            SourceError::Missing { .. }
+        ));
+        // At least the reads above after the first lookup went inline (the
+        // counter is shared with tests running alongside).
+        assert!(inline_reads() >= inline_before + 3);
+        // Too large on tmpfs: refused as from a reader thread.
+        std::fs::write(&p, vec![b'x'; MAX_CREDENTIAL_BYTES + 1]).unwrap();
+        let e = fetch(None).await.err().unwrap();
+        assert!(e.to_string().contains("1 MiB"), "{e}");
     }
 
     #[test]

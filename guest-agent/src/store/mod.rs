@@ -27,7 +27,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, Flock, FlockArg, OFlag};
+use nix::fcntl::{openat, renameat, AtFlags, OFlag};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{fchmod, fstat, fstatat, FileStat, Mode, SFlag};
 use nix::sys::statvfs::{fstatvfs, FsFlags};
@@ -229,6 +229,34 @@ fn is_regular(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
 }
 
+/// The store's `flock` on its lock file, held for one batch: taken without
+/// waiting (another holder is [`StoreError::Busy`]), released on drop. The
+/// file stays open with the store; `flock` locks belong to that open file,
+/// so a second store or process opening the file still conflicts.
+pub struct FileLock<'a>(BorrowedFd<'a>);
+
+impl<'a> FileLock<'a> {
+    fn try_exclusive(fd: BorrowedFd<'a>) -> Result<FileLock<'a>, Errno> {
+        // SAFETY: flock(2) on a descriptor borrowed from an open file; no
+        // memory is passed.
+        let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            Ok(FileLock(fd))
+        } else {
+            Err(Errno::last())
+        }
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `try_exclusive`; the descriptor outlives `self`.
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
 /// The credentials directory, its limits and the agent's state.
 pub struct Store {
     dir: OwnedFd,
@@ -241,6 +269,9 @@ pub struct Store {
     /// Serializes writers inside this process; the `flock` on `lock_path`
     /// serializes them across processes.
     write_lock: Mutex<()>,
+    /// `lock_path`, open for the store's life: a push takes and drops the
+    /// `flock` on it, with no open and close of its own.
+    lock_file: File,
     state: Mutex<State>,
     /// Digests of the managed files by their [`Stamp`], so that an idle
     /// host's Hello reads no file.
@@ -375,15 +406,28 @@ impl Store {
             state_durable.then_some(&synced),
         )
         .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
+        let lock_path = state_dir.join("write.lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Lock {
+                path: lock_path.display().to_string(),
+                why: e.to_string(),
+            })?;
         let store = Store {
             dir,
             dir_path: credentials_dir.to_path_buf(),
-            lock_path: state_dir.join("write.lock"),
+            lock_path,
             journal_path: state_dir.join("push.json"),
             state_path,
             limits,
             mount,
             write_lock: Mutex::new(()),
+            lock_file,
             state: Mutex::new(state),
             digests: Mutex::new(Default::default()),
             hashed: Default::default(),
@@ -625,25 +669,16 @@ impl Store {
     /// caller says so (the host retries) rather than waiting blind.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
         let guard = lock(&self.write_lock);
-        let lock_err = |why: String| StoreError::Lock {
-            path: self.lock_path.display().to_string(),
-            why,
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.lock_path)
-            .map_err(|e| lock_err(e.to_string()))?;
-        let flock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let flock = FileLock::try_exclusive(self.lock_file.as_fd()).map_err(|e| {
             if e == Errno::EWOULDBLOCK {
                 StoreError::Busy {
                     path: self.lock_path.display().to_string(),
                 }
             } else {
-                lock_err(e.to_string())
+                StoreError::Lock {
+                    path: self.lock_path.display().to_string(),
+                    why: e.to_string(),
+                }
             }
         })?;
         Ok(Batch {
@@ -668,7 +703,7 @@ impl Store {
             dir: self.dir_display(),
             errno,
         };
-        let mut d = Dir::openat(
+        let d = Dir::openat(
             self.dirfd(),
             ".",
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -676,7 +711,9 @@ impl Store {
         )
         .map_err(|e| dir_io("list", e))?;
         let (mut bytes, mut inodes) = (0u64, 1u64);
-        for entry in d.iter() {
+        // Owned: the listing is read once and closed, with no rewind
+        // (`Dir::iter`'s `rewinddir`, an `lseek`) before the close.
+        for entry in d {
             let entry = entry.map_err(|e| dir_io("list", e))?;
             let name = entry.file_name();
             if name == c"." || name == c".." {
@@ -862,6 +899,7 @@ fn save_json<T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -1248,6 +1286,20 @@ mod tests {
         assert!(err.to_string().contains("another vmcred-guest"), "{err}");
         drop(held);
         write(&store, "A", b"a").unwrap();
+        // The store keeps its lock file open; a finished batch leaves the
+        // lock free for another process, and one in progress does not.
+        let other = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let other = Flock::lock(other, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .expect("a finished batch released the lock");
+        let other = other.unlock().map_err(|(_, e)| e).unwrap();
+        let batch = store.batch().unwrap();
+        let e = Flock::lock(other, FlockArg::LockExclusiveNonblock)
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+            .unwrap_err();
+        assert_eq!(e, Errno::EWOULDBLOCK);
+        drop(batch);
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub struct Batch<'a> {
     // Field order is drop order: remount read-only before unlocking.
     pub(super) remount: Option<ReadWrite>,
     pub(super) store: &'a Store,
-    pub(super) _flock: Flock<File>,
+    pub(super) _flock: FileLock<'a>,
     pub(super) _guard: MutexGuard<'a, ()>,
 }
 
@@ -244,8 +244,11 @@ impl Batch<'_> {
                 }
             };
         }
-        for e in &journal.entries {
-            store.finish_entry(e);
+        // Only the old values are left to drop: every staged file was
+        // renamed onto its name, so no temporary file is left to remove
+        // (recovery's `finish_entry` also removes those, after a crash).
+        for e in journal.entries.iter().filter(|e| e.had_old) {
+            store.drop_backup(&e.name);
         }
         // The next Hello or push compares against these digests instead of
         // reading the files back. Stamped after the renames, which change

@@ -139,6 +139,21 @@ impl Store {
         Ok(())
     }
 
+    /// Drops the old value of a committed push's change, kept under its
+    /// backup name until the commit.
+    pub(super) fn drop_backup(&self, name: &str) {
+        match unlinkat(
+            self.dirfd(),
+            backup_name(name).as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(err) => {
+                tracing::warn!(name = %name, error = %err, "cannot remove a staging file; the next start removes it")
+            }
+        }
+    }
+
     /// Completes one change of a committed push: drops the old value.
     pub(super) fn finish_entry(&self, e: &JournalEntry) {
         for n in [backup_name(&e.name), tmp_name(&e.name)] {
