@@ -29,6 +29,7 @@ use crate::control::{
     VmStatus,
 };
 use crate::generations::Generations;
+use crate::heap;
 use crate::keyring::{DialKey, KeyRing};
 use crate::metrics::{self, FailureKind};
 use crate::source;
@@ -366,7 +367,10 @@ impl VmTask {
         loop {
             // Boxed, like `sync`: a dial's state (TLS and HTTP/2 handshakes)
             // is large and short-lived.
-            let dialled = Box::pin(self.connect()).await;
+            let dialled = {
+                let _burst = heap::busy();
+                Box::pin(self.connect()).await
+            };
             for r in rekeys.drain(..) {
                 let _ = r.send(());
             }
@@ -849,6 +853,8 @@ impl VmTask {
         only: &[String],
         why: Why,
     ) -> Result<RotateReport, String> {
+        // Polls are steady, not bursts (see `heap`).
+        let _burst = (why != Why::Poll).then(heap::busy);
         self.retry_due = false;
         let started = std::time::Instant::now();
         let mut report = RotateReport {
