@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -158,7 +159,8 @@ pub struct Config {
     /// when the metrics changed, at most once per `metrics_interval`.
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_interval: Duration,
-    pub vms: BTreeMap<String, Vm>,
+    /// Shared with each VM's task and handle (see `vm::spawn`).
+    pub vms: BTreeMap<String, Arc<Vm>>,
     /// Set when an `[openbao]` table is present.
     pub openbao: Option<crate::openbao::config::Server>,
 }
@@ -366,7 +368,7 @@ impl Config {
                     message: "a credential uses openbao = { ... } but there is no [openbao] table with the server's address".into(),
                 });
             }
-            vms.insert(name, vm);
+            vms.insert(name, Arc::new(vm));
         }
         Ok(Config {
             path: path.to_path_buf(),

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod generations;
+pub mod heap;
 pub mod keyring;
 pub mod launch;
 pub mod metrics;

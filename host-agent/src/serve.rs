@@ -386,7 +386,7 @@ impl Daemon {
             match old.get(name) {
                 Some(h) if h.vm.target == vm.target => {
                     let mut h = h.clone();
-                    h.vm = Arc::new(vm.clone());
+                    h.vm = vm.clone();
                     // Every reload re-reads every source, changed entry or
                     // not: SIGHUP is also how a secret manager says "files
                     // replaced".
@@ -413,7 +413,7 @@ impl Daemon {
             w.retain(|name, _| cfg.vms.contains_key(name));
         }
         for (tx, vm) in reconfigure {
-            match tx.try_send(Command::Reconfigure(Box::new(vm), t)) {
+            match tx.try_send(Command::Reconfigure(vm, Box::new(t))) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(cmd)) => {
                     tokio::spawn(async move {

@@ -29,6 +29,7 @@ use crate::control::{
     VmStatus,
 };
 use crate::generations::Generations;
+use crate::heap;
 use crate::keyring::{DialKey, KeyRing};
 use crate::metrics::{self, FailureKind};
 use crate::source;
@@ -91,7 +92,10 @@ pub enum Command {
     /// dial again now, with the current key, handing over the next pin.
     /// `reply` is answered after that dial, whatever its outcome.
     Rekey(oneshot::Sender<()>),
-    Reconfigure(Box<Vm>, Timing),
+    /// Boxed `Timing` (64 bytes): the channel's first block holds 32
+    /// commands whatever its capacity, so the largest variant sets what
+    /// every VM's channel costs.
+    Reconfigure(Arc<Vm>, Box<Timing>),
 }
 
 /// The handle the daemon keeps per VM. Dropping every sender stops the task.
@@ -102,8 +106,10 @@ pub struct VmHandle {
     pub vm: Arc<Vm>,
 }
 
+/// `vm` is shared with the config and the handle: one copy per VM, not
+/// three (a credential map is a B-tree whose smallest node holds 11).
 pub fn spawn(
-    vm: Vm,
+    vm: Arc<Vm>,
     timing: Timing,
     keys: Arc<KeyRing>,
     generations: Generations,
@@ -139,7 +145,7 @@ pub fn spawn(
     let handle = VmHandle {
         tx,
         status: status.clone(),
-        vm: Arc::new(vm.clone()),
+        vm: vm.clone(),
     };
     let task = VmTask {
         vm,
@@ -239,7 +245,7 @@ fn outcome(name: &str, o: Outcome, error: Option<String>) -> CredentialOutcome {
 }
 
 struct VmTask {
-    vm: Vm,
+    vm: Arc<Vm>,
     timing: Timing,
     keys: Arc<KeyRing>,
     generations: Generations,
@@ -257,6 +263,9 @@ struct VmTask {
     /// Wakes the session when the OpenBao store changed (see `openbao`).
     store_changes: tokio::sync::watch::Receiver<u64>,
 }
+
+/// A future that lives on the heap only while it runs (see `VmTask::sync`).
+type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Rotations that wait for a session that can carry them, oldest first.
 /// Each stays here until it has been answered: a session lost while one is
@@ -356,7 +365,12 @@ impl VmTask {
         let mut pending: Pending = VecDeque::new();
         let mut rekeys: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
-            let dialled = self.connect().await;
+            // Boxed, like `sync`: a dial's state (TLS and HTTP/2 handshakes)
+            // is large and short-lived.
+            let dialled = {
+                let _burst = heap::busy();
+                Box::pin(self.connect()).await
+            };
             for r in rekeys.drain(..) {
                 let _ = r.send(());
             }
@@ -431,8 +445,8 @@ impl VmTask {
                             break;
                         }
                         Some(Command::Reconfigure(vm, timing)) => {
-                            self.vm = *vm;
-                            self.timing = timing;
+                            self.vm = vm;
+                            self.timing = *timing;
                         }
                     },
                 }
@@ -626,7 +640,12 @@ impl VmTask {
         }
     }
 
-    async fn hello(&self, client: &mut HostClient) -> Result<GuestView, String> {
+    /// Boxed, like `sync`: a call's state is large and short-lived.
+    fn hello<'a>(&'a self, client: &'a mut HostClient) -> Boxed<'a, Result<GuestView, String>> {
+        Box::pin(self.hello_now(client))
+    }
+
+    async fn hello_now(&self, client: &mut HostClient) -> Result<GuestView, String> {
         let req = self.hello_request();
         let reply = tokio::time::timeout(self.timing.rpc_timeout, client.hello(req))
             .await
@@ -769,8 +788,8 @@ impl VmTask {
                         r.map(|_| ())
                     }
                     Some(Command::Reconfigure(vm, timing)) => {
-                        self.vm = *vm;
-                        self.timing = timing;
+                        self.vm = vm;
+                        self.timing = *timing;
                         self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| self.log_report(&r, Why::Reload))
                     }
                 },
@@ -812,13 +831,30 @@ impl VmTask {
     /// Reads sources and pushes what differs from the guest. `only` limits
     /// the push to those credentials (and then nothing is removed).
     /// `Err` only when the connection is no longer usable.
-    async fn sync(
+    ///
+    /// Boxed: a task's future is as large as its largest state, and a
+    /// sync's (source reads, the `Apply` call) was most of the VM task's
+    /// 7.5 KiB, held by every VM while idle. Boxed, it takes memory only
+    /// while it runs (ARCHITECTURE.md, "Host cost per VM").
+    fn sync<'a>(
+        &'a mut self,
+        client: &'a mut HostClient,
+        guest: &'a mut GuestView,
+        only: &'a [String],
+        why: Why,
+    ) -> Boxed<'a, Result<RotateReport, String>> {
+        Box::pin(self.sync_now(client, guest, only, why))
+    }
+
+    async fn sync_now(
         &mut self,
         client: &mut HostClient,
         guest: &mut GuestView,
         only: &[String],
         why: Why,
     ) -> Result<RotateReport, String> {
+        // Polls are steady, not bursts (see `heap`).
+        let _burst = (why != Why::Poll).then(heap::busy);
         self.retry_due = false;
         let started = std::time::Instant::now();
         let mut report = RotateReport {
@@ -1302,6 +1338,62 @@ pub fn guest_text(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every VM holds its task's future for as long as it runs, sized for
+    /// its largest state. The dial, `Hello` and the sync are boxed so
+    /// that it stays small while idle: it was 7.5 KiB per VM (release).
+    #[test]
+    fn the_vm_task_future_is_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_tx, rx) = mpsc::channel(1);
+        let task = VmTask {
+            vm: Arc::new(Vm {
+                name: "vm".into(),
+                target: transport::Target::Unix {
+                    path: dir.path().join("vm.sock"),
+                },
+                port: 1,
+                credentials: BTreeMap::new(),
+            }),
+            timing: Timing {
+                poll: Duration::ZERO,
+                backoff_max: Duration::from_secs(1),
+                rpc_timeout: Duration::from_secs(1),
+                keepalive: Duration::from_secs(60),
+            },
+            keys: Arc::new(KeyRing::load(dir.path()).expect("host key")),
+            generations: Generations::open(dir.path().join("generations")).expect("generations"),
+            credentials_dir: None,
+            status: Arc::new(Mutex::new(VmStatus {
+                vm: "vm".into(),
+                target: String::new(),
+                connected: false,
+                generation_sent: 0,
+                generation_applied: 0,
+                last_error: None,
+                last_sync: None,
+                credentials: Vec::new(),
+                owed_units: Vec::new(),
+                guest_version: None,
+                guest_pins: Vec::new(),
+                key_refused: false,
+                key_trust: KeyTrust::Unknown,
+            })),
+            rx,
+            cred_state: BTreeMap::new(),
+            reach: Reach::Unknown,
+            retry_due: false,
+            store_changes: crate::openbao::store().subscribe(),
+        };
+        let size = std::mem::size_of_val(&task.run());
+        assert!(size <= 2048, "the VM task's future is {size} bytes");
+    }
+
+    /// Each VM's command channel allocates a block of 32 commands.
+    #[test]
+    fn a_command_is_small() {
+        assert!(std::mem::size_of::<Command>() <= 40);
+    }
 
     #[test]
     fn guest_text_is_bounded_and_escaped() {

@@ -78,17 +78,43 @@ where
     // Ends when the connection fails, or once every sender and stream is
     // dropped (the session ended); the VM loop sees the former as a
     // failed call.
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "HTTP/2 connection to the guest ended");
-        }
-    });
+    tokio::spawn(Drive(connection));
     Ok(HostClient {
         grpc: GuestClient::with_origin(GuestChannel { sender }, Uri::from_static(ORIGIN))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         pings,
     })
+}
+
+/// Drives one HTTP/2 connection to its end, then logs how it ended.
+///
+/// A named future, not `async move { connection.await }`: an async block
+/// keeps what it captured and what it awaits in two slots
+/// (rust-lang/rust#62958, #108906), and this task lives as long as the
+/// session, once per connected VM (ARCHITECTURE.md, "Host cost per VM").
+#[cfg(feature = "host")]
+struct Drive<S>(h2::client::Connection<S, Bytes>);
+
+#[cfg(feature = "host")]
+impl<S> std::future::Future for Drive<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.get_mut().0)
+            .poll(cx)
+            .map(|ended| {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "HTTP/2 connection to the guest ended");
+                }
+            })
+    }
 }
 
 /// The host's client of one guest session: its gRPC calls (through

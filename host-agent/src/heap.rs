@@ -1,0 +1,322 @@
+//! Gives the heap's free pages back to the kernel after a burst of work.
+//!
+//! A fan-out (host start, SIGHUP, `rotate --all`) dials, syncs and pushes
+//! to every VM at once: TLS and HTTP/2 handshakes, source reads, `Apply`
+//! messages, all allocated and freed within the burst. glibc keeps the
+//! freed pages resident for the next allocation, so after a burst the
+//! host's RSS holds the burst's peak, not what it still uses
+//! (ARCHITECTURE.md, "Host cost per VM"). Once a burst of at least
+//! [`BURST`] dials or syncs has ended and nothing new started for
+//! [`QUIET`], `malloc_trim(0)` hands the free pages back.
+//!
+//! Not a periodic trimmer: nothing wakes while the host is idle, and a
+//! burst costs one trim.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Allocations of at least this many bytes get pages of their own.
+pub const LARGE: usize = 16 * 1024;
+
+const PAGE: usize = 4096;
+
+/// The host's allocator: glibc's, except that blocks of [`LARGE`] bytes
+/// or more are mapped pages of their own, released on free.
+///
+/// Each connection's HTTP/2 write buffer is 16 KiB (h2 0.4, no setting),
+/// allocated at connect and only ever written from its start (h2 clears
+/// it after each flush and chains payloads over 256 bytes instead of
+/// copying them), so its first page is all an idle connection uses.
+/// From glibc it was carved out of memory the connect burst had already
+/// written, so all four pages were resident; fresh pages are resident
+/// only once written. Large blocks are rare otherwise: in a whole
+/// vmcred-bench run at N = 1000 (1000 connects, a SIGHUP and a `rotate
+/// --all`) there were 1027 allocations of 16 KiB or more, 1000 of them
+/// these buffers, so the extra `mmap`/`munmap` per block costs nothing
+/// measurable (ARCHITECTURE.md, "Host cost per VM").
+pub struct PageBacked;
+
+fn large(layout: &Layout) -> bool {
+    layout.size() >= LARGE && layout.align() <= PAGE
+}
+
+fn pages(size: usize) -> usize {
+    size.div_ceil(PAGE) * PAGE
+}
+
+unsafe fn map(size: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages(size),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        std::ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+// SAFETY: every block is either glibc's or a mapping of its own, decided
+// by its layout alone, which the caller passes unchanged to `dealloc` and
+// `realloc`; mappings are page aligned, which satisfies any alignment up
+// to a page, and larger alignments stay with glibc.
+unsafe impl GlobalAlloc for PageBacked {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if large(&layout) {
+            // SAFETY: see `map`.
+            unsafe { map(layout.size()) }
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc(layout) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if large(&layout) {
+            // SAFETY: see `map`; fresh anonymous pages read as zero.
+            unsafe { map(layout.size()) }
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if large(&layout) {
+            // SAFETY: `ptr` is a mapping of `pages(layout.size())` bytes
+            // made by `map`, and the caller no longer uses it.
+            unsafe {
+                libc::munmap(ptr.cast(), pages(layout.size()));
+            }
+        } else {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees a valid, non-overflowing new size
+        // for this alignment.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (large(&layout), large(&new_layout)) {
+            // SAFETY: forwarded with the caller's guarantees.
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            (true, true) => {
+                // SAFETY: `ptr` is a mapping of `pages(layout.size())`
+                // bytes; mremap keeps its contents and may move it.
+                let p = unsafe {
+                    libc::mremap(
+                        ptr.cast(),
+                        pages(layout.size()),
+                        pages(new_size),
+                        libc::MREMAP_MAYMOVE,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    std::ptr::null_mut()
+                } else {
+                    p.cast()
+                }
+            }
+            _ => {
+                // SAFETY: a new block from this allocator, the old one's
+                // bytes copied (as many as both hold), then the old one
+                // freed by the path that made it.
+                unsafe {
+                    let new = self.alloc(new_layout);
+                    if !new.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                    new
+                }
+            }
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: PageBacked = PageBacked;
+
+/// Dials and syncs since the last trim before one is worth it.
+pub const BURST: usize = 64;
+
+/// How long nothing new must have started before the trim runs.
+pub const QUIET: Duration = Duration::from_secs(1);
+
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// Started since the last trim; also tells the waiting trim whether
+/// anything started while it waited.
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+static SCHEDULED: AtomicBool = AtomicBool::new(false);
+
+/// Marks one dial or sync in flight; dropping it may schedule a trim.
+#[must_use]
+pub struct Busy(());
+
+pub fn busy() -> Busy {
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    STARTED.fetch_add(1, Ordering::SeqCst);
+    Busy(())
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if IN_FLIGHT.fetch_sub(1, Ordering::SeqCst) != 1 || STARTED.load(Ordering::SeqCst) < BURST {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if SCHEDULED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        runtime.spawn(async {
+            // Wait until a whole QUIET passed with nothing started and
+            // nothing left in flight.
+            loop {
+                let seen = STARTED.load(Ordering::SeqCst);
+                tokio::time::sleep(QUIET).await;
+                if STARTED.load(Ordering::SeqCst) == seen && IN_FLIGHT.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+            }
+            STARTED.store(0, Ordering::SeqCst);
+            // It walks the whole heap under the allocator's lock: off the
+            // runtime's workers.
+            let _ = tokio::task::spawn_blocking(trim).await;
+            SCHEDULED.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Returns free heap pages to the kernel.
+pub fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory the allocator owns; it
+    // takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of work followed by quiet ends in a trim that returns the
+    /// burst's freed pages (RSS falls), and leaves nothing scheduled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_then_quiet_trims() {
+        // Freed memory that glibc keeps: many small blocks (below the mmap
+        // threshold), touched, then freed with a few kept in between so
+        // that the heap's top cannot simply shrink.
+        let mut kept = Vec::new();
+        {
+            let mut blocks: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 8192]).collect();
+            for (i, b) in blocks.drain(..).enumerate() {
+                if i % 512 == 511 {
+                    kept.push(b);
+                }
+            }
+        }
+        let before = rss_anon_kib();
+        let guards: Vec<Busy> = (0..BURST).map(|_| busy()).collect();
+        drop(guards);
+        // Bounded wait for the event (the trim), not a timing assertion.
+        let mut after = before;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            after = rss_anon_kib();
+            if !SCHEDULED.load(Ordering::SeqCst) && after + 8 * 1024 < before {
+                break;
+            }
+        }
+        assert!(
+            after + 8 * 1024 < before,
+            "RSS fell by at least 8 MiB after the burst: {before} -> {after} KiB"
+        );
+        drop(kept);
+    }
+
+    /// Large blocks round-trip through every path: allocate, grow and
+    /// shrink across the threshold both ways, zeroed, freed.
+    #[test]
+    fn large_blocks_keep_their_bytes_across_every_path() {
+        let mut v: Vec<u8> = Vec::with_capacity(100);
+        for i in 0..(3 * LARGE) {
+            v.push(i as u8);
+        }
+        v.shrink_to_fit();
+        assert!(v.iter().enumerate().all(|(i, b)| *b == i as u8));
+        v.truncate(LARGE / 2);
+        v.shrink_to_fit();
+        assert!(v.iter().enumerate().all(|(i, b)| *b == i as u8));
+        v.extend(std::iter::repeat_n(7, 5 * LARGE));
+        assert_eq!(v[LARGE / 2 + 1], 7);
+        assert_eq!(
+            v[..LARGE / 2],
+            (0..LARGE / 2).map(|i| i as u8).collect::<Vec<_>>()[..]
+        );
+        let z = vec![0u8; 2 * LARGE + 1];
+        assert!(z.iter().all(|b| *b == 0));
+        // Page-aligned types larger than the threshold stay correct.
+        #[repr(align(4096))]
+        struct Aligned([u8; 4096]);
+        let a: Vec<Aligned> = (0..5).map(|i| Aligned([i; 4096])).collect();
+        assert!(a.iter().enumerate().all(|(i, x)| x.0[4095] == i as u8));
+        assert_eq!(a.as_ptr() as usize % 4096, 0);
+    }
+
+    /// A large block is resident only where it was written, even when the
+    /// heap holds freed memory that was written before (as after a
+    /// connect burst): the point of giving it pages of its own.
+    #[test]
+    fn a_large_block_is_resident_only_where_written() {
+        // Written and freed, with a block kept after it so that glibc
+        // keeps it rather than shrinking the heap.
+        let written: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 4000]).collect();
+        let fence = vec![1u8; 4000];
+        drop(written);
+        let mut block: Vec<u8> = Vec::with_capacity(LARGE);
+        block.push(1);
+        let start = (block.as_ptr() as usize).div_ceil(PAGE) * PAGE + PAGE;
+        let end = (block.as_ptr() as usize + LARGE) / PAGE * PAGE;
+        let mut resident = vec![0u8; (end - start) / PAGE];
+        // SAFETY: the range lies inside `block`'s allocation, page aligned;
+        // mincore only reports on it.
+        let r = unsafe {
+            libc::mincore(
+                start as *mut libc::c_void,
+                end - start,
+                resident.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        let pages = resident.iter().filter(|p| *p & 1 == 1).count();
+        assert_eq!(
+            pages,
+            0,
+            "unwritten pages of a large block resident: {pages} of {}",
+            resident.len()
+        );
+        drop((block, fence));
+    }
+
+    fn rss_anon_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon")
+    }
+}
