@@ -143,6 +143,11 @@ unsafe impl GlobalAlloc for PageBacked {
     }
 }
 
+/// The agent binary (`main.rs`) sets [`PageBacked`] as its allocator;
+/// the library does not, so the front binary, the test harnesses and the
+/// fuzz targets (whose sanitizers check glibc's blocks) keep glibc's. The
+/// unit tests below set it for their own binary.
+#[cfg(test)]
 #[global_allocator]
 static ALLOCATOR: PageBacked = PageBacked;
 

@@ -19,6 +19,12 @@ use vmcred_host::control::Request;
 use vmcred_host::keyring::KeyStep;
 use vmcred_host::{cli, client, launch, serve, source};
 
+/// glibc's allocator, except that blocks of 16 KiB or more get pages of
+/// their own: each connection's HTTP/2 write buffer is then resident only
+/// where written (`vmcred_host::heap`, ARCHITECTURE.md "Host cost per VM").
+#[global_allocator]
+static ALLOCATOR: vmcred_host::heap::PageBacked = vmcred_host::heap::PageBacked;
+
 /// How long a stopping `serve` waits for its tasks before it exits anyway
 /// (a VM task stuck in a blocking call must not keep the agent alive).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
