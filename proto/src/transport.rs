@@ -32,7 +32,11 @@ use tokio::net::UnixListener;
 use tokio::net::UnixStream;
 
 #[cfg(feature = "host")]
+mod corked;
+#[cfg(feature = "host")]
 mod source_port;
+#[cfg(feature = "host")]
+pub use corked::{Cork, Corked};
 #[cfg(feature = "host")]
 pub use source_port::{pick_source_port, SourcePortError, PRIVILEGED_SOURCE_PORTS};
 
