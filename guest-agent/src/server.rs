@@ -108,7 +108,7 @@ pub enum ServerError {
 /// update, then the `Hello` reply; ARCHITECTURE.md, "Host cost per VM").
 /// Nothing is held for long: a flush is put off only while the host's
 /// bytes are already buffered here (HTTP/2 reads them at once and flushes
-/// again when it runs out), and otherwise by one turn of the runtime.
+/// again when it runs out), and otherwise by two turns of the runtime.
 pub struct Session {
     stream: TlsStream<Stream>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -117,13 +117,19 @@ pub struct Session {
     pins: Arc<PinStore>,
     /// Plaintext written and not yet handed to TLS.
     held: Vec<u8>,
-    /// This flush already let the runtime run other tasks once.
-    yielded: bool,
+    /// Turns of the runtime this flush has let other tasks run.
+    yields: u8,
 }
 
 /// Beyond this, writes go to TLS at once instead of being held (a large
 /// reply is several TLS records anyway).
 const MAX_HELD: usize = 64 * 1024;
+
+/// Turns of the runtime a flush waits before it sends. A unary reply
+/// takes two: in the first the RPC's task answers and queues its
+/// headers, in the second, once the connection task has given it send
+/// capacity, its message and trailers.
+const FLUSH_YIELDS: u8 = 2;
 
 impl Session {
     fn new(
@@ -139,7 +145,7 @@ impl Session {
             pin,
             pins,
             held: Vec::new(),
-            yielded: false,
+            yields: 0,
         }
     }
 
@@ -248,9 +254,10 @@ impl AsyncWrite for Session {
     }
     /// Sends what is held, unless more is about to be written (see
     /// [`Session`]): while the host's bytes are buffered, HTTP/2 flushes
-    /// again after reading them; otherwise the first call yields once
-    /// (other tasks, such as the RPC answering the request just read,
-    /// run and add their frames) and the next one sends.
+    /// again after reading them; otherwise the first calls yield
+    /// ([`FLUSH_YIELDS`] turns: other tasks, such as the RPC answering
+    /// the request just read, run and add their frames) and then one
+    /// sends.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if me.ended() {
@@ -260,14 +267,14 @@ impl AsyncWrite for Session {
             if me.host_bytes_buffered() {
                 return Poll::Ready(Ok(()));
             }
-            if !me.yielded {
-                me.yielded = true;
+            if me.yields < FLUSH_YIELDS {
+                me.yields += 1;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             ready!(me.poll_send_held(cx))?;
         }
-        me.yielded = false;
+        me.yields = 0;
         Pin::new(&mut me.stream).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -558,7 +565,7 @@ mod tests {
     /// then the SETTINGS ack and window update, then the reply) leaves in
     /// one TLS record: the first flush, while the host's preface is still
     /// buffered unread, sends nothing; a flush with nothing buffered
-    /// yields once first, so that the RPC's reply joins it.
+    /// yields first, so that the RPC's reply joins it.
     #[tokio::test]
     async fn flushes_at_connect_leave_as_one_write() {
         let (mut session, mut host) = session_pair().await;
@@ -580,11 +587,13 @@ mod tests {
         let mut rest = [0u8; 6];
         session.read_exact(&mut rest).await.unwrap();
         session.write_all(b"ack").await.unwrap();
-        assert!(
-            flush_once(&mut session).await.is_pending(),
-            "no yield before sending"
-        );
-        assert!(records_sent(host.get_ref().0).is_empty());
+        for _ in 0..FLUSH_YIELDS {
+            assert!(
+                flush_once(&mut session).await.is_pending(),
+                "no yield before sending"
+            );
+            assert!(records_sent(host.get_ref().0).is_empty());
+        }
         session.write_all(b"reply").await.unwrap();
         session.flush().await.unwrap();
         // One record: 16 bytes, the content type byte and the AEAD tag.
