@@ -535,6 +535,7 @@ impl VmTask {
         .await
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
+        cork.handshake_done();
         let mut client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;

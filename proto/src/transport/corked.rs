@@ -9,15 +9,20 @@
 //! [`Corked`] holds them and sends them in one write (see ARCHITECTURE.md,
 //! "Host cost per VM").
 //!
-//! While corked, flushes are held back, and whatever is held goes out
-//! before a read that would wait (the TLS handshake's ClientHello must
-//! reach the guest before its ServerHello can come back). Once
+//! While corked, flushes are held back. During the TLS handshake
+//! whatever is held goes out before a read that would wait (the
+//! ClientHello must reach the guest before its ServerHello can come
+//! back); after [`Cork::handshake_done`] nothing does, so that HTTP/2's
+//! connection task, which may start reading on another worker at once,
+//! does not send the Finished and the preface on their own. Once
 //! [`Cork::release`] is called the next flush sends everything: HTTP/2
-//! flushes after it writes the first request.
+//! flushes after it writes the first request, which the caller makes
+//! right after the release (nothing is held across a wait for the guest:
+//! the guest says nothing before it has the client's Finished).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -26,41 +31,55 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Beyond this, held bytes are sent even while corked.
 const MAX_HELD: usize = 64 * 1024;
 
+/// [`Corked`]'s states, in order.
+const HANDSHAKE: u8 = 0;
+const HOLDING: u8 = 1;
+const RELEASED: u8 = 2;
+
 /// A stream whose writes are held until a flush after [`Cork::release`].
 pub struct Corked<S> {
     inner: S,
     held: Vec<u8>,
-    corked: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
-/// Releases the cork of a [`Corked`] stream from the task that decides
-/// when its first flights are complete.
+/// Moves a [`Corked`] stream on, from the task that knows where the
+/// connect is.
 #[derive(Clone)]
-pub struct Cork(Arc<AtomicBool>);
+pub struct Cork(Arc<AtomicU8>);
 
 impl Cork {
-    /// From now on a flush sends what is held.
+    /// The TLS handshake is complete: a read no longer sends what is
+    /// held.
+    pub fn handshake_done(&self) {
+        let _ = self
+            .0
+            .compare_exchange(HANDSHAKE, HOLDING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// From now on a flush sends what is held. Make the first call (its
+    /// write and flush) right after.
     pub fn release(&self) {
-        self.0.store(false, Ordering::Release);
+        self.0.store(RELEASED, Ordering::Release);
     }
 }
 
 impl<S> Corked<S> {
     /// Corked from the start.
     pub fn new(inner: S) -> (Corked<S>, Cork) {
-        let corked = Arc::new(AtomicBool::new(true));
+        let state = Arc::new(AtomicU8::new(HANDSHAKE));
         (
             Corked {
                 inner,
                 held: Vec::new(),
-                corked: corked.clone(),
+                state: state.clone(),
             },
-            Cork(corked),
+            Cork(state),
         )
     }
 
-    fn corked(&self) -> bool {
-        self.corked.load(Ordering::Acquire)
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
     }
 }
 
@@ -106,7 +125,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
         let read = Pin::new(&mut me.inner).poll_read(cx, buf);
         // About to wait for the guest while holding bytes it may need
         // first: send them, then wait (the read registered the waker).
-        if read.is_pending() && me.corked() && !me.held.is_empty() {
+        if read.is_pending() && me.state() == HANDSHAKE && !me.held.is_empty() {
             debug_assert_eq!(buf.filled().len(), filled);
             ready!(me.poll_send_held(cx))?;
             ready!(Pin::new(&mut me.inner).poll_flush(cx))?;
@@ -136,7 +155,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.corked() {
+        if me.state() != RELEASED {
             return Poll::Ready(Ok(()));
         }
         ready!(me.poll_send_held(cx))?;
@@ -208,6 +227,31 @@ mod tests {
         s.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"server");
         drop(answer.await.unwrap());
+    }
+
+    /// After the handshake a read no longer sends what is held: HTTP/2's
+    /// connection task reads before the first call is written.
+    #[tokio::test]
+    async fn after_the_handshake_a_read_sends_nothing() {
+        let (a, guest) = UnixStream::pair().unwrap();
+        let (mut s, cork) = Corked::new(a);
+        s.write_all(b"finished ").await.unwrap();
+        cork.handshake_done();
+        let mut buf = [0u8; 1];
+        let read = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(Pin::new(&mut s).poll_read(cx, &mut rb))
+        })
+        .await;
+        assert!(read.is_pending());
+        assert!(
+            pending(&guest).is_empty(),
+            "sent on a read after the handshake"
+        );
+        cork.release();
+        s.write_all(b"request").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(pending(&guest), b"finished request");
     }
 
     /// A shutdown sends what is held, corked or not.
