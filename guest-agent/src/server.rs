@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -99,18 +99,87 @@ pub enum ServerError {
 
 /// An authenticated host session. Reads end (EOF) and writes fail once a
 /// newer session superseded it, which makes the HTTP/2 server close it.
+///
+/// Writes are held here until a flush, and a flush sends them as one
+/// TLS write only once the host's pending bytes are read and the tasks
+/// that may answer them have run: every write is a relay through the
+/// VMM's muxer and a wake-up of the host, and HTTP/2 alone flushed three
+/// times in a connect (its SETTINGS, then the SETTINGS ack and window
+/// update, then the `Hello` reply; ARCHITECTURE.md, "Host cost per VM").
+/// Nothing is held for long: a flush is put off only while the host's
+/// bytes are already buffered here (HTTP/2 reads them at once and flushes
+/// again when it runs out), and otherwise by two turns of the runtime.
 pub struct Session {
     stream: TlsStream<Stream>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     token: CancellationToken,
     pin: HostPin,
     pins: Arc<PinStore>,
+    /// Plaintext written and not yet handed to TLS.
+    held: Vec<u8>,
+    /// Turns of the runtime this flush has let other tasks run.
+    yields: u8,
 }
 
+/// Beyond this, writes go to TLS at once instead of being held (a large
+/// reply is several TLS records anyway).
+const MAX_HELD: usize = 64 * 1024;
+
+/// Turns of the runtime a flush waits before it sends. A unary reply
+/// takes two: in the first the RPC's task answers and queues its
+/// headers, in the second, once the connection task has given it send
+/// capacity, its message and trailers.
+const FLUSH_YIELDS: u8 = 2;
+
 impl Session {
+    fn new(
+        stream: TlsStream<Stream>,
+        token: CancellationToken,
+        pin: HostPin,
+        pins: Arc<PinStore>,
+    ) -> Session {
+        Session {
+            stream,
+            closed: Box::pin(token.clone().cancelled_owned()),
+            token,
+            pin,
+            pins,
+            held: Vec::new(),
+            yields: 0,
+        }
+    }
+
     /// Superseded, or its pin was dropped since it was admitted.
     fn ended(&self) -> bool {
         self.token.is_cancelled() || !vmcred_proto::tls::PinPolicy::accepts(&*self.pins, &self.pin)
+    }
+
+    /// Decrypted bytes from the host wait to be read: HTTP/2 will read
+    /// them before it waits again, and flush after them.
+    fn host_bytes_buffered(&self) -> bool {
+        let tls = self.stream.get_ref().1;
+        !tls.is_handshaking() && !tls.wants_read()
+    }
+
+    /// Hands every held byte to TLS (which writes it to the socket).
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Holds `len` more bytes, first sending what is held if they would
+    /// not fit. `false`: too large to hold; write them through.
+    fn poll_make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.held.len() + len > MAX_HELD {
+            ready!(self.poll_send_held(cx))?;
+        }
+        Poll::Ready(Ok(len <= MAX_HELD))
     }
 }
 
@@ -153,11 +222,15 @@ impl AsyncWrite for Session {
         if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
+        if ready!(me.poll_make_room(cx, buf.len()))? {
+            me.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut me.stream).poll_write(cx, buf)
     }
     /// HTTP/2 hands a reply's frames over as one vectored write (its
-    /// buffered frames and the message body): passed on whole, they go
-    /// out as one TLS write instead of one per buffer.
+    /// buffered frames and the message body): held whole, or passed on
+    /// whole, they go out as one TLS write instead of one per buffer.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -167,20 +240,49 @@ impl AsyncWrite for Session {
         if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if ready!(me.poll_make_room(cx, len))? {
+            for b in bufs {
+                me.held.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
         Pin::new(&mut me.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
+    /// Sends what is held, unless more is about to be written (see
+    /// [`Session`]): while the host's bytes are buffered, HTTP/2 flushes
+    /// again after reading them; otherwise the first calls yield
+    /// ([`FLUSH_YIELDS`] turns: other tasks, such as the RPC answering
+    /// the request just read, run and add their frames) and then one
+    /// sends.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
+        if !me.held.is_empty() {
+            if me.host_bytes_buffered() {
+                return Poll::Ready(Ok(()));
+            }
+            if me.yields < FLUSH_YIELDS {
+                me.yields += 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            ready!(me.poll_send_held(cx))?;
+        }
+        me.yields = 0;
         Pin::new(&mut me.stream).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let me = self.get_mut();
+        if !me.ended() {
+            ready!(me.poll_send_held(cx))?;
+        }
+        Pin::new(&mut me.stream).poll_shutdown(cx)
     }
 }
 
@@ -387,13 +489,7 @@ async fn accept_loop(
                     }
                 }
                 tracing::info!(%peer, "host connected");
-                let session = Session {
-                    stream: tls,
-                    closed: Box::pin(token.clone().cancelled_owned()),
-                    token,
-                    pin,
-                    pins,
-                };
+                let session = Session::new(tls, token, pin, pins);
                 if tx.send(Ok(session)).await.is_err() {
                     tracing::warn!(%peer, "gRPC server is gone; connection dropped");
                 }
@@ -417,11 +513,12 @@ mod tests {
 
     use super::*;
 
-    /// HTTP/2 hands a reply's frames over as one vectored write: the
-    /// session passes it to TLS whole, so it leaves in one write rather
-    /// than one per buffer (each a relay through the VMM's muxer).
-    #[tokio::test]
-    async fn a_session_passes_vectored_writes_on_whole() {
+    /// A session and the raw socket of the host's end, after a real
+    /// handshake: what the host receives can be read off that socket.
+    async fn session_pair() -> (
+        Session,
+        tokio_rustls::client::TlsStream<tokio::net::UnixStream>,
+    ) {
         let host = Identity::generate("vmcred-host").unwrap();
         let pin = host.pin().unwrap();
         let pins = Arc::new(PinStore::fixed(pin));
@@ -430,20 +527,115 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(host_client_config(&host).unwrap());
         let (server, client) = tokio::join!(
             acceptor.accept(Stream::Unix(b)),
-            connector.connect(server_name(), Stream::Unix(a))
+            connector.connect(server_name(), a)
         );
-        let (tls, mut client) = (server.unwrap(), client.unwrap());
-        let token = CancellationToken::new();
-        let mut session = Session {
-            stream: tls,
-            closed: Box::pin(token.clone().cancelled_owned()),
-            token,
-            pin,
-            pins,
+        let session = Session::new(server.unwrap(), CancellationToken::new(), pin, pins);
+        (session, client.unwrap())
+    }
+
+    /// The TLS records waiting on the host's socket, by length; empty when
+    /// nothing was sent. Reads them off the socket (the test's end).
+    fn records_sent(host: &tokio::net::UnixStream) -> Vec<usize> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // Not `try_read`: that answers from tokio's cached readiness.
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let n = match recv(host.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => 0,
+            Err(e) => panic!("{e}"),
         };
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at + 5 <= n {
+            let len = u16::from_be_bytes([buf[at + 3], buf[at + 4]]) as usize;
+            records.push(len);
+            at += 5 + len;
+        }
+        assert_eq!(at, n, "a partial record");
+        records
+    }
+
+    /// Polls a flush once, as the HTTP/2 connection task does.
+    async fn flush_once(session: &mut Session) -> Poll<io::Result<()>> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *session).poll_flush(cx))).await
+    }
+
+    /// What HTTP/2 writes in separate flushes at connect (its SETTINGS,
+    /// then the SETTINGS ack and window update, then the reply) leaves in
+    /// one TLS record: the first flush, while the host's preface is still
+    /// buffered unread, sends nothing; a flush with nothing buffered
+    /// yields first, so that the RPC's reply joins it.
+    #[tokio::test]
+    async fn flushes_at_connect_leave_as_one_write() {
+        let (mut session, mut host) = session_pair().await;
+        host.write_all(b"preface").await.unwrap();
+        host.flush().await.unwrap();
+        let mut first = [0u8; 1];
+        session.read_exact(&mut first).await.unwrap();
+
+        session.write_all(b"settings").await.unwrap();
+        assert!(matches!(
+            flush_once(&mut session).await,
+            Poll::Ready(Ok(()))
+        ));
+        assert!(
+            records_sent(host.get_ref().0).is_empty(),
+            "sent while the host's bytes were unread"
+        );
+
+        let mut rest = [0u8; 6];
+        session.read_exact(&mut rest).await.unwrap();
+        session.write_all(b"ack").await.unwrap();
+        for _ in 0..FLUSH_YIELDS {
+            assert!(
+                flush_once(&mut session).await.is_pending(),
+                "no yield before sending"
+            );
+            assert!(records_sent(host.get_ref().0).is_empty());
+        }
+        session.write_all(b"reply").await.unwrap();
+        session.flush().await.unwrap();
+        // One record: 16 bytes, the content type byte and the AEAD tag.
+        assert_eq!(records_sent(host.get_ref().0), vec![16 + 1 + 16]);
+    }
+
+    /// A shutdown sends what is held first.
+    #[tokio::test]
+    async fn shutdown_sends_what_is_held() {
+        let (mut session, mut host) = session_pair().await;
+        session.write_all(b"last words").await.unwrap();
+        session.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+    }
+
+    /// A write larger than what is held goes to TLS at once, after what
+    /// was held, in order.
+    #[tokio::test]
+    async fn large_writes_pass_through_in_order() {
+        let (mut session, mut host) = session_pair().await;
+        session.write_all(b"small").await.unwrap();
+        let big = vec![7u8; MAX_HELD + 1];
+        session.write_all(&big).await.unwrap();
+        session.flush().await.unwrap();
+        let mut got = vec![0u8; 5 + big.len()];
+        host.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..5], b"small");
+        assert!(got[5..].iter().all(|&b| b == 7));
+    }
+
+    /// HTTP/2 hands a reply's frames over as one vectored write: the
+    /// session takes it whole, so it leaves in one write rather than one
+    /// per buffer (each a relay through the VMM's muxer).
+    #[tokio::test]
+    async fn a_session_passes_vectored_writes_on_whole() {
+        let (mut session, mut client) = session_pair().await;
         assert!(session.is_write_vectored());
         let bufs = [IoSlice::new(b"headers"), IoSlice::new(b"body")];
         assert_eq!(session.write_vectored(&bufs).await.unwrap(), 11);
+        session.flush().await.unwrap();
         let mut got = [0u8; 11];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"headersbody");

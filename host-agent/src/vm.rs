@@ -538,6 +538,9 @@ impl VmTask {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
             .map_err(|e| Open::Unreachable(e.to_string()))?;
+        // The TLS Finished, HTTP/2's preface and SETTINGS and the first
+        // call leave in one write (see `transport::Corked`).
+        let (stream, cork) = transport::Corked::new(stream);
         let connector = tokio_rustls::TlsConnector::from(key.config.clone());
         let tls = tokio::time::timeout(
             self.timing.rpc_timeout,
@@ -546,9 +549,12 @@ impl VmTask {
         .await
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
+        cork.handshake_done();
         let mut client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
+        // HTTP/2 flushes once it has written the call below.
+        cork.release();
         let Some(next) = next else {
             return self.hello_probe(client).await;
         };
