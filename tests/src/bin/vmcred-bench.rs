@@ -147,9 +147,9 @@ fn main() {
 fn run() -> Result<()> {
     let args = parse_args()?;
     raise_nofile();
-    let guest = GuestBin::choose(args.guest_bin.as_deref())?;
+    let guest = choose_guest(args.guest_bin.as_deref())?;
     guest.print();
-    let cli = CliBin::choose(args.cli_bin.as_deref())?;
+    let cli = choose_cli(args.cli_bin.as_deref())?;
     cli.print();
     let mut out = json!({
         "machine": machine(),
@@ -241,53 +241,95 @@ enum Linkage {
     Dynamic,
 }
 
-/// The guest agent binary every part runs: the VMs get the `guest`
-/// profile (`opt-level = "z"`, fat LTO, `panic = "abort"`), so that is
-/// what is measured when it is built.
-struct GuestBin {
+/// A binary under test, as found: where, how linked, how big.
+struct Binary {
+    /// What it is, for the printed line (`guest agent`, `host CLI`).
+    role: &'static str,
     path: PathBuf,
-    /// Where it was found: `--guest-bin`, `guest profile, static`, `guest
-    /// profile`, or `release (no guest-profile build found)`.
+    /// Where it was found (see [`choose_guest`] and [`choose_cli`]).
     source: &'static str,
     linkage: Linkage,
     size: u64,
-    /// Built before the release guest agent next to this binary: likely
-    /// stale.
+    /// Found (not given) and built before the release build next to this
+    /// binary: likely stale.
     older_than_release: bool,
-    /// For the static guest-profile build: the size of the dynamic one
+    /// For the static guest-profile guest: the size of the dynamic one
     /// (`target/guest/vmcred-guest`), when built. glibc linked in is about
     /// 0.9 MB of the static binary.
     dynamic_sibling_size: Option<u64>,
 }
 
-impl GuestBin {
-    fn choose(given: Option<&Path>) -> Result<GuestBin> {
-        let release = vmcred_tests::Bins::find()?.guest;
-        // target/release/vmcred-bench -> target/
-        let target = std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .context("cannot find the target directory above this binary")?;
-        let dynamic_guest = target.join("guest/vmcred-guest");
-        let (path, source) = match given {
-            Some(p) => (p.to_path_buf(), "--guest-bin"),
-            None => {
-                let candidates = [
-                    (
-                        target.join("x86_64-unknown-linux-gnu/guest/vmcred-guest"),
-                        "guest profile, static",
-                    ),
-                    (dynamic_guest.clone(), "guest profile"),
-                ];
-                candidates
-                    .into_iter()
-                    .find(|(p, _)| p.is_file())
-                    .unwrap_or((release.clone(), "release (no guest-profile build found)"))
-            }
-        };
+/// `target/` above this binary (`target/release/vmcred-bench`).
+fn target_dir() -> Result<PathBuf> {
+    std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("cannot find the target directory above this binary")
+}
+
+/// The guest agent binary every part runs: the VMs get the `guest`
+/// profile (`opt-level = "z"`, fat LTO, `panic = "abort"`), so that is
+/// what is measured when it is built: `--guest-bin`, else the static
+/// guest-profile build, else the dynamic one, else the release build.
+fn choose_guest(given: Option<&Path>) -> Result<Binary> {
+    let release = vmcred_tests::Bins::find()?.guest;
+    let target = target_dir()?;
+    let dynamic_guest = target.join("guest/vmcred-guest");
+    let (path, source) = match given {
+        Some(p) => (p.to_path_buf(), "--guest-bin"),
+        None => {
+            let candidates = [
+                (
+                    target.join("x86_64-unknown-linux-gnu/guest/vmcred-guest"),
+                    "guest profile, static",
+                ),
+                (dynamic_guest.clone(), "guest profile"),
+            ];
+            candidates
+                .into_iter()
+                .find(|(p, _)| p.is_file())
+                .unwrap_or((release.clone(), "release (no guest-profile build found)"))
+        }
+    };
+    let mut bin = Binary::inspect("guest agent", path, source, &release)?;
+    bin.dynamic_sibling_size = (bin.linkage == Linkage::Static && bin.path != dynamic_guest)
+        .then(|| std::fs::metadata(&dynamic_guest).ok().map(|m| m.len()))
+        .flatten();
+    Ok(bin)
+}
+
+/// The `vmcred-host` whose `rotate` and `--version` are timed:
+/// `--cli-bin`, else the front's static-pie build (`+crt-static`, README
+/// "Measured here") when there is one, as a host would install it for a
+/// fast `rotate`, else the release build next to this binary. `serve`
+/// always runs from the release build (the static front's directory has
+/// no `vmcred-host-agent` to exec).
+fn choose_cli(given: Option<&Path>) -> Result<Binary> {
+    let release = vmcred_tests::Bins::find()?.host;
+    let static_front = target_dir()?.join("x86_64-unknown-linux-gnu/release/vmcred-host");
+    let (path, source) = if let Some(p) = given {
+        (p.to_path_buf(), "--cli-bin")
+    } else if static_front.is_file() {
+        (static_front, "release, static")
+    } else {
+        (release.clone(), "release (no static build found)")
+    };
+    let mut bin = Binary::inspect("host CLI", path, source, &release)?;
+    // A binary given on purpose may well be older (a comparison).
+    bin.older_than_release &= given.is_none();
+    Ok(bin)
+}
+
+impl Binary {
+    fn inspect(
+        role: &'static str,
+        path: PathBuf,
+        source: &'static str,
+        release: &Path,
+    ) -> Result<Binary> {
         let bytes = std::fs::read(&path)
-            .with_context(|| format!("cannot read the guest agent {}", path.display()))?;
+            .with_context(|| format!("cannot read the {role} {}", path.display()))?;
         let linkage = if has_interpreter(&bytes)
             .with_context(|| format!("{} is not an ELF64 executable", path.display()))?
         {
@@ -297,17 +339,15 @@ impl GuestBin {
         };
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let older_than_release = path != release
-            && matches!((mtime(&path), mtime(&release)), (Some(a), Some(b)) if a < b);
-        let dynamic_sibling_size = (linkage == Linkage::Static && path != dynamic_guest)
-            .then(|| std::fs::metadata(&dynamic_guest).ok().map(|m| m.len()))
-            .flatten();
-        Ok(GuestBin {
+            && matches!((mtime(&path), mtime(release)), (Some(a), Some(b)) if a < b);
+        Ok(Binary {
+            role,
             size: bytes.len() as u64,
             path,
             source,
             linkage,
             older_than_release,
-            dynamic_sibling_size,
+            dynamic_sibling_size: None,
         })
     }
 
@@ -320,7 +360,8 @@ impl GuestBin {
 
     fn print(&self) {
         println!(
-            "guest agent: {} ({}, {} glibc, {} B)",
+            "{}: {} ({}, {} glibc, {} B)",
+            self.role,
             self.path.display(),
             self.source,
             self.linkage_name(),
@@ -328,109 +369,24 @@ impl GuestBin {
         );
         if self.older_than_release {
             println!(
-                "  WARNING: built before the release guest agent; rebuild it (README, \"Measured here\")"
+                "  WARNING: built before the release {}; rebuild it (README, \"Measured here\")",
+                self.role
             );
         }
     }
 
     fn json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "path": self.path.display().to_string(),
             "source": self.source,
             "linkage": self.linkage_name(),
             "size_bytes": self.size,
             "older_than_release_build": self.older_than_release,
-            "dynamic_guest_profile_size_bytes": self.dynamic_sibling_size,
-        })
-    }
-}
-
-/// The `vmcred-host` whose `rotate` and `--version` are timed:
-/// `--cli-bin`, else the front's static-pie build (`+crt-static`, README
-/// "Measured here") when there is one, as a host would install it for a
-/// fast `rotate`, else the release build next to this binary. `serve`
-/// always runs from the release build (the static front's directory has
-/// no `vmcred-host-agent` to exec).
-struct CliBin {
-    path: PathBuf,
-    /// `--cli-bin`, `release, static` or `release (no static build found)`.
-    source: &'static str,
-    linkage: Linkage,
-    size: u64,
-    /// Found (not given) and built before the release front next to this
-    /// binary: likely stale.
-    older_than_release: bool,
-}
-
-impl CliBin {
-    fn choose(given: Option<&Path>) -> Result<CliBin> {
-        let release = vmcred_tests::Bins::find()?.host;
-        let target = std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .context("cannot find the target directory above this binary")?;
-        let static_front = target.join("x86_64-unknown-linux-gnu/release/vmcred-host");
-        let (path, source) = if let Some(p) = given {
-            (p.to_path_buf(), "--cli-bin")
-        } else if static_front.is_file() {
-            (static_front, "release, static")
-        } else {
-            (release.clone(), "release (no static build found)")
-        };
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("cannot read the CLI {}", path.display()))?;
-        let linkage = if has_interpreter(&bytes)
-            .with_context(|| format!("{} is not an ELF64 executable", path.display()))?
-        {
-            Linkage::Dynamic
-        } else {
-            Linkage::Static
-        };
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        // A binary given on purpose may well be older (a comparison).
-        let older_than_release = given.is_none()
-            && path != release
-            && matches!((mtime(&path), mtime(&release)), (Some(a), Some(b)) if a < b);
-        Ok(CliBin {
-            size: bytes.len() as u64,
-            path,
-            source,
-            linkage,
-            older_than_release,
-        })
-    }
-
-    fn linkage_name(&self) -> &'static str {
-        match self.linkage {
-            Linkage::Static => "static",
-            Linkage::Dynamic => "dynamic",
+        });
+        if let Some(size) = self.dynamic_sibling_size {
+            v["dynamic_guest_profile_size_bytes"] = json!(size);
         }
-    }
-
-    fn print(&self) {
-        println!(
-            "host CLI: {} ({}, {} glibc, {} B)",
-            self.path.display(),
-            self.source,
-            self.linkage_name(),
-            self.size
-        );
-        if self.older_than_release {
-            println!(
-                "  WARNING: built before the release vmcred-host; rebuild it (README, \"Measured here\")"
-            );
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "path": self.path.display().to_string(),
-            "source": self.source,
-            "linkage": self.linkage_name(),
-            "size_bytes": self.size,
-            "older_than_release_build": self.older_than_release,
-        })
+        v
     }
 }
 
@@ -1280,7 +1236,7 @@ fn row(figure: &str, measured: String, goal: &str, met: Option<bool>, note: &str
 /// Every goal of issue 10 next to what this run measured. The fleet goals
 /// are for N = 1000; the guest's from the one-VM idle run at the default
 /// keepalive and the guest binary this run used.
-fn goals(latency: &Value, fleet: &[Value], idle: &Value, guest: &GuestBin) -> Value {
+fn goals(latency: &Value, fleet: &[Value], idle: &Value, guest: &Binary) -> Value {
     let l = |k: &str, p: &str| latency[k][p].as_f64().unwrap_or(f64::NAN);
     let (sp50, sp99) = (
         l("rotate_control_socket", "p50_ms"),
