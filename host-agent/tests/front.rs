@@ -4,6 +4,8 @@
 //! prints byte for byte what the agent prints, even with no agent beside
 //! it, and a missing or unusable agent is a precise error.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -294,17 +296,7 @@ fn serve_through_the_front_keeps_the_pid_and_the_name() {
 
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    std::fs::write(
-        p.join("host.toml"),
-        format!(
-            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\n[vms.vm0]\nunix_socket = \"{}\"\n",
-            p.join("state").display(),
-            p.join("control.sock").display(),
-            p.join("launch.sock").display(),
-            p.join("nothing.sock").display(),
-        ),
-    )
-    .unwrap();
+    common::config_with_unreachable_vm(p, "");
     let notify = UnixDatagram::bind(p.join("notify.sock")).unwrap();
     setsockopt(&notify, sockopt::PassCred, &true).unwrap();
     let mut child = Command::new(FRONT)

@@ -3,6 +3,8 @@
 //! WARN (later failures only at DEBUG), every event is one line with a
 //! `<N>` journald priority, and a multi-line error stays one entry.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,18 +31,7 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 fn an_unreachable_vm_is_logged_once_and_every_event_is_one_prefixed_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let config = p.join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\ndial_backoff_max = \"100ms\"\n[vms.vm0]\nunix_socket = \"{}\"\n",
-            p.join("state").display(),
-            p.join("control.sock").display(),
-            p.join("launch.sock").display(),
-            p.join("nothing.sock").display(),
-        ),
-    )
-    .unwrap();
+    let config = common::config_with_unreachable_vm(p, "dial_backoff_max = \"100ms\"\n");
     let log = p.join("serve.log");
     let log_file = std::fs::File::create(&log).unwrap();
     // `JOURNAL_STREAM` counts only when it names fd 2 itself (as systemd

@@ -4,6 +4,8 @@
 //! (what `Type=notify-reload` requires), WATCHDOG=1 while `WATCHDOG_USEC`
 //! is set, STOPPING=1 on SIGTERM.
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,17 +47,7 @@ fn wait_for(
 fn ready_reload_watchdog_and_stopping_reach_the_notify_socket() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    std::fs::write(
-        p.join("host.toml"),
-        format!(
-            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\nlaunch_socket = \"{}\"\n[vms.vm0]\nunix_socket = \"{}\"\n",
-            p.join("state").display(),
-            p.join("control.sock").display(),
-            p.join("launch.sock").display(),
-            p.join("nothing.sock").display(),
-        ),
-    )
-    .unwrap();
+    common::config_with_unreachable_vm(p, "");
     let notify = UnixDatagram::bind(p.join("notify.sock")).unwrap();
     let serve = Serve(
         Command::new(env!("CARGO_BIN_EXE_vmcred-host"))
