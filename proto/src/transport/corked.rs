@@ -19,6 +19,8 @@
 //! flushes after it writes the first request, which the caller makes
 //! right after the release (nothing is held across a wait for the guest:
 //! the guest says nothing before it has the client's Finished).
+//! After that flush, writes go straight through: a session's later
+//! writes are neither copied nor kept in a buffer.
 
 use std::io;
 use std::pin::Pin;
@@ -41,6 +43,10 @@ pub struct Corked<S> {
     inner: S,
     held: Vec<u8>,
     state: Arc<AtomicU8>,
+    /// The first flush after the release has sent everything: from then
+    /// on writes go straight to `inner` (no copy, and no buffer kept for
+    /// the session's life).
+    through: bool,
 }
 
 /// Moves a [`Corked`] stream on, from the task that knows where the
@@ -73,6 +79,7 @@ impl<S> Corked<S> {
                 inner,
                 held: Vec::new(),
                 state: state.clone(),
+                through: false,
             },
             Cork(state),
         )
@@ -141,14 +148,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_hold(cx, &[io::IoSlice::new(buf)])
+        let me = self.get_mut();
+        if me.through {
+            return Pin::new(&mut me.inner).poll_write(cx, buf);
+        }
+        me.poll_hold(cx, &[io::IoSlice::new(buf)])
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_hold(cx, bufs)
+        let me = self.get_mut();
+        if me.through {
+            return Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
+        }
+        me.poll_hold(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         true
@@ -159,6 +174,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
             return Poll::Ready(Ok(()));
         }
         ready!(me.poll_send_held(cx))?;
+        if !me.through {
+            me.through = true;
+            me.held = Vec::new();
+        }
         Pin::new(&mut me.inner).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -202,10 +221,18 @@ mod tests {
         s.write_all(b"request").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(pending(&guest), b"finished preface request");
-        // Uncorked: each flush sends.
+        // Uncorked: writes go straight through, and no buffer is kept for
+        // the rest of the session.
+        assert_eq!(s.held.capacity(), 0);
         s.write_all(b"more").await.unwrap();
-        s.flush().await.unwrap();
         assert_eq!(pending(&guest), b"more");
+        s.write_all(&[7u8; 20_000]).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(
+            s.held.capacity(),
+            0,
+            "a large write after the release was held"
+        );
     }
 
     /// A read that would wait sends what is held first: the peer may need
