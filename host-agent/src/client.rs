@@ -14,6 +14,9 @@ use crate::control::{
     decode_line, encode_line, CallError, LineError, Reply, Request, CONNECT_TIMEOUT, MAX_LINE,
 };
 
+/// The longest wait per reply line `call` takes (about a century).
+const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Sends one request and reads reply lines until the terminal one, handing
 /// each item line to `item` as it arrives. `timeout` bounds the wait for
 /// each line (the daemon may take that long between items).
@@ -23,6 +26,9 @@ pub fn call(
     timeout: Duration,
     mut item: impl FnMut(Reply),
 ) -> Result<Reply, CallError> {
+    // `--timeout 100000000000s` is a valid duration; a deadline that far
+    // out would overflow `Instant`. A century is "no timeout" here.
+    let timeout = timeout.min(LONGEST_WAIT);
     let shown = socket.display().to_string();
     let s = connect(socket).map_err(|error| {
         if is_timeout(&error) {
@@ -210,6 +216,17 @@ mod tests {
         });
         let e = status(&path, Duration::from_secs(10)).unwrap_err();
         assert!(matches!(line_error(&e), Some(LineError::TooLong)), "{e}");
+    }
+
+    #[test]
+    fn a_timeout_too_large_for_a_deadline_is_a_long_wait_not_a_panic() {
+        let (_d, path) = server(|s| {
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            (&s).write_all(b"{\"busy\":\"x\"}\n").unwrap();
+        });
+        let end = status(&path, Duration::MAX).unwrap();
+        assert!(matches!(end, Reply::Busy(_)), "{end:?}");
     }
 
     #[test]

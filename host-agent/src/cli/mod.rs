@@ -61,9 +61,12 @@ pub fn rotate(config: &Path, a: RotateArgs) -> Result<ExitCode> {
         timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
     };
     let mut out = report::RotateOutput::new(json, many, expected);
-    let end = client::call(&socket, &req, timeout + Duration::from_secs(5), |item| {
-        out.item(item)
-    })?;
+    let end = client::call(
+        &socket,
+        &req,
+        timeout.saturating_add(Duration::from_secs(5)),
+        |item| out.item(item),
+    )?;
     if let Reply::Unknown(e) = end {
         return Ok(report::unknown_name(&e));
     }
