@@ -157,6 +157,11 @@ pub const BURST: usize = 64;
 /// How long nothing new must have started before the trim runs.
 pub const QUIET: Duration = Duration::from_secs(1);
 
+/// How many `QUIET` waits a scheduled trim makes at most: a host whose
+/// work never pauses for a whole second (many VMs redialling, steady
+/// rotations) still trims, and its trim task does not wake forever.
+pub const PATIENCE: u32 = 10;
+
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// Started since the last trim; also tells the waiting trim whether
 /// anything started while it waited.
@@ -186,8 +191,9 @@ impl Drop for Busy {
         }
         runtime.spawn(async {
             // Wait until a whole QUIET passed with nothing started and
-            // nothing left in flight.
-            loop {
+            // nothing left in flight, or PATIENCE of them (trimming while
+            // work runs is safe: only free pages go).
+            for _ in 0..PATIENCE {
                 let seen = STARTED.load(Ordering::SeqCst);
                 tokio::time::sleep(QUIET).await;
                 if STARTED.load(Ordering::SeqCst) == seen && IN_FLIGHT.load(Ordering::SeqCst) == 0 {

@@ -367,10 +367,7 @@ impl VmTask {
         loop {
             // Boxed, like `sync`: a dial's state (TLS and HTTP/2 handshakes)
             // is large and short-lived.
-            let dialled = {
-                let _burst = heap::busy();
-                Box::pin(self.connect()).await
-            };
+            let dialled = Box::pin(self.connect()).await;
             for r in rekeys.drain(..) {
                 let _ = r.send(());
             }
@@ -538,6 +535,10 @@ impl VmTask {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
             .map_err(|e| Open::Unreachable(e.to_string()))?;
+        // A connect is burst work for `heap` only once something answered:
+        // dials to VMs that are down fail at once, and would keep the trim
+        // from ever finding a quiet second.
+        let _burst = heap::busy();
         // The TLS Finished, HTTP/2's preface and SETTINGS and the first
         // call leave in one write (see `transport::Corked`).
         let (stream, cork) = transport::Corked::new(stream);
