@@ -153,7 +153,7 @@ fn world() -> &'static World {
             };
             let generations =
                 Generations::open(dir.path().join("generations")).expect("generations");
-            vm::spawn(vm, timing, keys, generations, None)
+            vm::spawn(Arc::new(vm), timing, keys, generations, None)
         });
         World {
             _dir: dir,
