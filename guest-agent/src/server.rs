@@ -163,14 +163,7 @@ impl Session {
 
     /// Hands every held byte to TLS (which writes it to the socket).
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.held.is_empty() {
-            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.held))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.held.drain(..n);
-        }
-        Poll::Ready(Ok(()))
+        vmcred_proto::transport::poll_send_held(&mut self.stream, &mut self.held, cx)
     }
 
     /// Holds `len` more bytes, first sending what is held if they would

@@ -92,14 +92,7 @@ impl<S> Corked<S> {
 
 impl<S: AsyncWrite + Unpin> Corked<S> {
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.held.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.held.drain(..n);
-        }
-        Poll::Ready(Ok(()))
+        super::poll_send_held(&mut self.inner, &mut self.held, cx)
     }
 
     fn poll_hold(
