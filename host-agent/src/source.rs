@@ -628,8 +628,7 @@ mod tests {
     /// in place are both read again, never served from what was read before.
     #[tokio::test]
     async fn a_source_on_tmpfs_is_read_inline_and_every_change_is_seen() {
-        if !memfs::tests::available() {
-            eprintln!("skipped: no unique mount IDs (Linux 6.8) here, or /dev/shm is not tmpfs");
+        if !memfs::tests::available_or_skip() {
             return;
         }
         let d = tempfile::tempdir_in("/dev/shm").unwrap();
