@@ -19,7 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 use vmcred_proto::rules::{self, MAX_CREDENTIAL_BYTES};
@@ -149,6 +149,32 @@ impl Stamp {
     }
 }
 
+/// How long ago a file must have changed for its stamp to be trusted.
+/// File systems keep timestamps in granules (a kernel tick on tmpfs and
+/// ext4 without fine-grained timestamps, a second or two on some others),
+/// so a same-size rewrite in place within the granule of the read that
+/// cached a stamp keeps that stamp. A version that changed less than this
+/// before its read is not cached (git's "racy" entries): it is read again
+/// at each sync until it has been still for this long.
+pub const RACY: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    /// Whether the version this stamp names had been still for [`RACY`]
+    /// when its read began at `read_at` (a change time in the future, after
+    /// the clock went back, is not).
+    fn settled(&self, read_at: SystemTime) -> bool {
+        let at = |(secs, nsec): (i64, i64)| {
+            let secs = u64::try_from(secs).unwrap_or(0);
+            let nsec = u32::try_from(nsec).unwrap_or(0).min(999_999_999);
+            SystemTime::UNIX_EPOCH + Duration::new(secs, nsec)
+        };
+        let changed = at(self.mtime).max(at(self.ctime));
+        read_at
+            .duration_since(changed)
+            .is_ok_and(|still| still >= RACY)
+    }
+}
+
 /// The digest of the version of each source path last read, shared by
 /// every VM, so a source several VMs use is read once per change.
 static DIGESTS: Mutex<BTreeMap<PathBuf, (Stamp, [u8; 32])>> = Mutex::new(BTreeMap::new());
@@ -223,6 +249,7 @@ fn read_opened(
         return Err(SourceError::NotAFile { source_desc: desc });
     }
     let stamp = Stamp::of(&meta);
+    let read_at = SystemTime::now();
     if let Some(known) = known {
         let cached = DIGESTS.lock().ok().and_then(|c| c.get(&path).copied());
         if cached == Some((stamp, known)) {
@@ -246,12 +273,17 @@ fn read_opened(
     rules::validate_size(&cred.name, bytes.len())?;
     let digest = rules::digest(&bytes);
     // The stamp is from before the read: a write during it changes the
-    // stamp, so the next sync reads again.
+    // stamp, so the next sync reads again. A version too recent to trust
+    // its stamp (see `RACY`) is not cached.
     if let Ok(mut c) = DIGESTS.lock() {
-        if c.len() >= MAX_CACHED && !c.contains_key(&path) {
-            c.clear();
+        if !stamp.settled(read_at) {
+            c.remove(&path);
+        } else {
+            if c.len() >= MAX_CACHED && !c.contains_key(&path) {
+                c.clear();
+            }
+            c.insert(path, (stamp, digest));
         }
-        c.insert(path, (stamp, digest));
     }
     Ok(Fetched::Value(Value { bytes, digest }))
 }
@@ -595,6 +627,41 @@ mod tests {
         assert!(matches!(e, SourceError::Missing { .. }), "{e}");
     }
 
+    /// Waits until a file written now has a stamp old enough to cache.
+    fn settle() {
+        std::thread::sleep(RACY + Duration::from_millis(100));
+    }
+
+    /// A version read right after it changed is not cached: a same-size
+    /// rewrite in place within the file system's timestamp granule (same
+    /// stamp) must still be seen.
+    #[test]
+    fn a_version_read_right_after_its_change_is_read_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, b"one").unwrap();
+        let c = cred("A", Source::Path(p.clone()));
+        let fetch = |known| read_if_changed(&c, None, known).unwrap();
+        let d1 = fetch(None).digest();
+        assert!(matches!(fetch(Some(d1)), Fetched::Value(v) if &v.bytes[..] == b"one"));
+        std::fs::write(&p, b"two").unwrap();
+        assert!(matches!(fetch(Some(d1)), Fetched::Value(v) if &v.bytes[..] == b"two"));
+        // A change time in the future (the clock went back) is not settled.
+        let now = SystemTime::now();
+        let stamp = |secs: i64| Stamp {
+            dev: 0,
+            ino: 0,
+            size: 0,
+            mtime: (secs, 0),
+            ctime: (secs, 0),
+        };
+        let epoch =
+            |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(!stamp(epoch(now) + 60).settled(now));
+        assert!(!stamp(epoch(now)).settled(now));
+        assert!(stamp(epoch(now) - 3).settled(now));
+    }
+
     #[test]
     fn an_unchanged_file_is_not_read_again_and_every_kind_of_change_is_seen() {
         let d = tempfile::tempdir().unwrap();
@@ -602,6 +669,7 @@ mod tests {
         std::fs::write(&p, b"one").unwrap();
         let c = cred("A", Source::Path(p.clone()));
         let fetch = |known| read_if_changed(&c, None, known).unwrap();
+        settle();
         let first = fetch(None);
         assert!(matches!(first, Fetched::Value(_)));
         let d1 = first.digest();
@@ -616,6 +684,10 @@ mod tests {
         let f = fetch(Some(d1));
         assert!(matches!(&f, Fetched::Value(v) if &v.bytes[..] == b"two"));
         let d2 = f.digest();
+        // Read again while its change is recent; once settled, not.
+        assert!(matches!(fetch(Some(d2)), Fetched::Value(_)));
+        settle();
+        assert!(matches!(fetch(Some(d2)), Fetched::Value(_)));
         assert!(matches!(fetch(Some(d2)), Fetched::Unchanged { .. }));
         // Rewritten in place, same size.
         std::thread::sleep(Duration::from_millis(20));
@@ -636,6 +708,7 @@ mod tests {
         std::fs::write(&p, b"one").unwrap();
         let c = cred("A", Source::Path(p.clone()));
         let deadline = Duration::from_secs(30);
+        settle();
         let inline_before = inline_reads();
         let fetch = |known| read_with_deadline(&c, None, known, deadline);
         let first = fetch(None).await.unwrap();
