@@ -142,26 +142,23 @@ impl Store {
     /// Drops the old value of a committed push's change, kept under its
     /// backup name until the commit.
     pub(super) fn drop_backup(&self, name: &str) {
-        match unlinkat(
-            self.dirfd(),
-            backup_name(name).as_str(),
-            UnlinkatFlags::NoRemoveDir,
-        ) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(err) => {
-                tracing::warn!(name = %name, error = %err, "cannot remove a staging file; the next start removes it")
-            }
-        }
+        self.remove_staging(name, &backup_name(name));
     }
 
     /// Completes one change of a committed push: drops the old value.
     pub(super) fn finish_entry(&self, e: &JournalEntry) {
         for n in [backup_name(&e.name), tmp_name(&e.name)] {
-            match unlinkat(self.dirfd(), n.as_str(), UnlinkatFlags::NoRemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(err) => {
-                    tracing::warn!(name = %e.name, error = %err, "cannot remove a staging file; the next start removes it")
-                }
+            self.remove_staging(&e.name, &n);
+        }
+    }
+
+    /// Removes `file`, a staging name of credential `name`; already gone is
+    /// fine, and a failure is left for the next start's sweep.
+    fn remove_staging(&self, name: &str, file: &str) {
+        match unlinkat(self.dirfd(), file, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(err) => {
+                tracing::warn!(name = %name, error = %err, "cannot remove a staging file; the next start removes it")
             }
         }
     }
