@@ -29,28 +29,18 @@
 //! missing files, FIFOs and directories.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// `statx`'s unique mount ID (Linux 6.8): never reused while the system runs.
-const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-const RESOLVE_CACHED: u64 = 0x20;
-const TMPFS_MAGIC: u64 = 0x0102_1994;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
+
+/// `ramfs`'s `statfs` magic (not in `libc` or `nix`).
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 /// Mounts remembered at most; past it the cache starts over.
 const MAX_MOUNTS: usize = 4096;
-
-/// `struct open_how` of `openat2(2)`.
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
 
 /// Unique mount ID → whether it is a memory file system. Unique IDs are
 /// never reused, so an entry never goes stale.
@@ -59,47 +49,24 @@ static MOUNTS: Mutex<Option<HashMap<u64, bool>>> = Mutex::new(None);
 /// Opens `path` for reading if that cannot block (see the module comment);
 /// `None`: read it on a reader thread instead.
 pub fn open(path: &Path) -> Option<File> {
-    let cpath = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_CACHED,
-    };
-    // SAFETY: `cpath` is a valid NUL-terminated string and `how` a valid
-    // `open_how` of the size passed; the returned descriptor is owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            cpath.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a descriptor just returned by openat2 and owned by no one else.
-    let opath = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // `RESOLVE_CACHED` is not among nix's named flags; the kernel's value.
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::from_bits_retain(libc::RESOLVE_CACHED));
+    let opath = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how).ok()?;
     let mnt_id = regular_file_mount(opath.as_raw_fd())?;
     if !known_memory_fs(mnt_id)? {
         return None;
     }
     // The same inode, opened for reading: a path lookup now could find
     // another file put there since.
-    let proc = CString::new(format!("/proc/self/fd/{}", opath.as_raw_fd())).ok()?;
-    // SAFETY: a valid NUL-terminated path; the descriptor is owned below.
-    let fd = unsafe {
-        libc::open(
-            proc.as_ptr(),
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a descriptor just returned by open and owned by no one else.
-    Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    let fd = nix::fcntl::open(
+        format!("/proc/self/fd/{}", opath.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    Some(File::from(fd))
 }
 
 /// The unique ID of the mount a regular file is on, from cached
@@ -114,13 +81,13 @@ fn regular_file_mount(fd: libc::c_int) -> Option<u64> {
             fd,
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_TYPE | STATX_MNT_ID_UNIQUE,
+            libc::STATX_TYPE | libc::STATX_MNT_ID_UNIQUE,
             &mut stx,
         )
     };
     let regular = stx.stx_mask & libc::STATX_TYPE != 0
         && u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFREG;
-    (r == 0 && regular && stx.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(stx.stx_mnt_id)
+    (r == 0 && regular && stx.stx_mask & libc::STATX_MNT_ID_UNIQUE != 0).then_some(stx.stx_mnt_id)
 }
 
 /// What a reader thread learnt of this mount: whether it is tmpfs or
@@ -143,7 +110,7 @@ pub fn learn(file: &File) {
     let Ok(fs) = nix::sys::statfs::fstatfs(file) else {
         return;
     };
-    let memory = matches!(fs.filesystem_type().0 as u64, TMPFS_MAGIC | RAMFS_MAGIC);
+    let memory = is_memory_fs(fs.filesystem_type());
     if let Ok(mut m) = MOUNTS.lock() {
         let m = m.get_or_insert_with(HashMap::new);
         if m.len() >= MAX_MOUNTS {
@@ -151,6 +118,11 @@ pub fn learn(file: &File) {
         }
         m.insert(mnt_id, memory);
     }
+}
+
+/// tmpfs or ramfs: memory, no device, no daemon.
+fn is_memory_fs(kind: nix::sys::statfs::FsType) -> bool {
+    kind == nix::sys::statfs::TMPFS_MAGIC || kind.0 as u64 == RAMFS_MAGIC
 }
 
 #[cfg(test)]
@@ -215,10 +187,7 @@ pub(crate) mod tests {
         assert!(open(&link).is_some());
         // A file on a disk file system is read on a reader thread.
         let on_disk = nix::sys::statfs::statfs(other.path())
-            .map(|s| {
-                let t = s.filesystem_type().0 as u64;
-                t != TMPFS_MAGIC && t != RAMFS_MAGIC
-            })
+            .map(|s| !is_memory_fs(s.filesystem_type()))
             .unwrap_or(false);
         if on_disk {
             let g = other.path().join("g");
