@@ -40,7 +40,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use vmcred_proto::rpc::GuestServer;
 use vmcred_proto::rules::MAX_MESSAGE_BYTES;
 use vmcred_proto::tls::{guest_server_config_with, Pin as HostPin, TlsError};
-use vmcred_proto::transport::Stream;
+use vmcred_proto::transport::{Held, Stream};
 
 use crate::listener::{Accepted, GuestListener};
 use crate::pins::PinStore;
@@ -116,14 +116,10 @@ pub struct Session {
     pin: HostPin,
     pins: Arc<PinStore>,
     /// Plaintext written and not yet handed to TLS.
-    held: Vec<u8>,
+    held: Held,
     /// Turns of the runtime this flush has let other tasks run.
     yields: u8,
 }
-
-/// Beyond this, writes go to TLS at once instead of being held (a large
-/// reply is several TLS records anyway).
-const MAX_HELD: usize = 64 * 1024;
 
 /// Turns of the runtime a flush waits before it sends. A unary reply
 /// takes two: in the first the RPC's task answers and queues its
@@ -144,7 +140,7 @@ impl Session {
             token,
             pin,
             pins,
-            held: Vec::new(),
+            held: Held::default(),
             yields: 0,
         }
     }
@@ -163,16 +159,7 @@ impl Session {
 
     /// Hands every held byte to TLS (which writes it to the socket).
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        vmcred_proto::transport::poll_send_held(&mut self.stream, &mut self.held, cx)
-    }
-
-    /// Holds `len` more bytes, first sending what is held if they would
-    /// not fit. `false`: too large to hold; write them through.
-    fn poll_make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
-        if self.held.len() + len > MAX_HELD {
-            ready!(self.poll_send_held(cx))?;
-        }
-        Poll::Ready(Ok(len <= MAX_HELD))
+        self.held.poll_send(&mut self.stream, cx)
     }
 }
 
@@ -215,8 +202,10 @@ impl AsyncWrite for Session {
         if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
-        if ready!(me.poll_make_room(cx, buf.len()))? {
-            me.held.extend_from_slice(buf);
+        if ready!(me
+            .held
+            .poll_take(&mut me.stream, cx, &[io::IoSlice::new(buf)]))?
+        {
             return Poll::Ready(Ok(buf.len()));
         }
         Pin::new(&mut me.stream).poll_write(cx, buf)
@@ -233,12 +222,8 @@ impl AsyncWrite for Session {
         if me.ended() {
             return Poll::Ready(Err(superseded()));
         }
-        let len = bufs.iter().map(|b| b.len()).sum();
-        if ready!(me.poll_make_room(cx, len))? {
-            for b in bufs {
-                me.held.extend_from_slice(b);
-            }
-            return Poll::Ready(Ok(len));
+        if ready!(me.held.poll_take(&mut me.stream, cx, bufs))? {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         Pin::new(&mut me.stream).poll_write_vectored(cx, bufs)
     }
@@ -610,7 +595,7 @@ mod tests {
     async fn large_writes_pass_through_in_order() {
         let (mut session, mut host) = session_pair().await;
         session.write_all(b"small").await.unwrap();
-        let big = vec![7u8; MAX_HELD + 1];
+        let big = vec![7u8; vmcred_proto::transport::MAX_HELD + 1];
         session.write_all(&big).await.unwrap();
         session.flush().await.unwrap();
         let mut got = vec![0u8; 5 + big.len()];

@@ -31,23 +31,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::net::UnixStream;
 
-/// Writes all of `held` to `w`, dropping what was written from its front:
-/// what a stream that holds writes back (`Corked` on the host, the guest's
-/// session) does before it flushes or shuts down.
-pub fn poll_send_held<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    held: &mut Vec<u8>,
-    cx: &mut std::task::Context<'_>,
-) -> std::task::Poll<std::io::Result<()>> {
-    while !held.is_empty() {
-        let n = std::task::ready!(std::pin::Pin::new(&mut *w).poll_write(cx, held))?;
-        if n == 0 {
-            return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-        }
-        held.drain(..n);
-    }
-    std::task::Poll::Ready(Ok(()))
-}
+mod held;
+pub use held::{Held, MAX_HELD};
 
 #[cfg(feature = "host")]
 mod corked;

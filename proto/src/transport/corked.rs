@@ -30,18 +30,35 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Beyond this, held bytes are sent even while corked.
-const MAX_HELD: usize = 64 * 1024;
+use super::Held;
 
-/// [`Corked`]'s states, in order.
-const HANDSHAKE: u8 = 0;
-const HOLDING: u8 = 1;
-const RELEASED: u8 = 2;
+/// Where a [`Corked`] stream is, in order; kept in an `AtomicU8` shared
+/// with its [`Cork`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// TLS handshake: a read that would wait sends what is held.
+    Handshake = 0,
+    /// Holding everything until the release.
+    Holding = 1,
+    /// A flush sends what is held.
+    Released = 2,
+}
+
+impl Phase {
+    fn of(v: u8) -> Phase {
+        match v {
+            0 => Phase::Handshake,
+            1 => Phase::Holding,
+            _ => Phase::Released,
+        }
+    }
+}
 
 /// A stream whose writes are held until a flush after [`Cork::release`].
 pub struct Corked<S> {
     inner: S,
-    held: Vec<u8>,
+    held: Held,
     state: Arc<AtomicU8>,
     /// The first flush after the release has sent everything: from then
     /// on writes go straight to `inner` (no copy, and no buffer kept for
@@ -58,26 +75,29 @@ impl Cork {
     /// The TLS handshake is complete: a read no longer sends what is
     /// held.
     pub fn handshake_done(&self) {
-        let _ = self
-            .0
-            .compare_exchange(HANDSHAKE, HOLDING, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.0.compare_exchange(
+            Phase::Handshake as u8,
+            Phase::Holding as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// From now on a flush sends what is held. Make the first call (its
     /// write and flush) right after.
     pub fn release(&self) {
-        self.0.store(RELEASED, Ordering::Release);
+        self.0.store(Phase::Released as u8, Ordering::Release);
     }
 }
 
 impl<S> Corked<S> {
     /// Corked from the start.
     pub fn new(inner: S) -> (Corked<S>, Cork) {
-        let state = Arc::new(AtomicU8::new(HANDSHAKE));
+        let state = Arc::new(AtomicU8::new(Phase::Handshake as u8));
         (
             Corked {
                 inner,
-                held: Vec::new(),
+                held: Held::default(),
                 state: state.clone(),
                 through: false,
             },
@@ -85,14 +105,14 @@ impl<S> Corked<S> {
         )
     }
 
-    fn state(&self) -> u8 {
-        self.state.load(Ordering::Acquire)
+    fn phase(&self) -> Phase {
+        Phase::of(self.state.load(Ordering::Acquire))
     }
 }
 
 impl<S: AsyncWrite + Unpin> Corked<S> {
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        super::poll_send_held(&mut self.inner, &mut self.held, cx)
+        self.held.poll_send(&mut self.inner, cx)
     }
 
     fn poll_hold(
@@ -100,17 +120,10 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        if self.held.len() + len > MAX_HELD {
-            ready!(self.poll_send_held(cx))?;
-            if len > MAX_HELD {
-                return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-            }
+        if ready!(self.held.poll_take(&mut self.inner, cx, bufs))? {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        for b in bufs {
-            self.held.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(len))
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -125,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
         let read = Pin::new(&mut me.inner).poll_read(cx, buf);
         // About to wait for the guest while holding bytes it may need
         // first: send them, then wait (the read registered the waker).
-        if read.is_pending() && me.state() == HANDSHAKE && !me.held.is_empty() {
+        if read.is_pending() && me.phase() == Phase::Handshake && !me.held.is_empty() {
             debug_assert_eq!(buf.filled().len(), filled);
             ready!(me.poll_send_held(cx))?;
             ready!(Pin::new(&mut me.inner).poll_flush(cx))?;
@@ -163,13 +176,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if me.state() != RELEASED {
+        if me.phase() != Phase::Released {
             return Poll::Ready(Ok(()));
         }
         ready!(me.poll_send_held(cx))?;
         if !me.through {
             me.through = true;
-            me.held = Vec::new();
+            me.held.release();
         }
         Pin::new(&mut me.inner).poll_flush(cx)
     }
