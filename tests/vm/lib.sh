@@ -528,12 +528,16 @@ vm_boot_prepare() {
 }
 
 # wait_qemu_exec PID LOG [ARGV_FILE]: until PID (`vmcred-host launch`, which
-# execs qemu in place, or qemu itself) runs qemu; then its argv, one word a
-# line, goes to ARGV_FILE. On failure the tail of LOG is shown.
+# execs qemu in place, or qemu itself) runs qemu and its argv is readable;
+# then that argv, one word a line, goes to ARGV_FILE. On failure the tail of
+# LOG is shown. /proc/PID/exe names the new image early in execve, before
+# the kernel has copied the argument area into place: in that window
+# /proc/PID/cmdline reads empty (seen once in CI), so both are waited for.
 wait_qemu_exec() {
 	local pid=$1 qlog=$2 argv=${3:-} end=$((SECONDS + 15)) qemu
 	qemu=$(readlink -f "$(command -v qemu-system-x86_64)")
-	until [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$qemu" ]; do
+	until [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$qemu" ] &&
+		[ -n "$(tr -d '\0' <"/proc/$pid/cmdline" 2>/dev/null | head -c 1)" ]; do
 		if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; then
 			tail -20 "$qlog" >&2
 			return 1
