@@ -1132,6 +1132,14 @@ fn print_fleet(v: &Value) {
             c("muxers"),
             c("bench"),
         );
+        let k = |who: &str, x: &str| v[k][who][x].as_u64().unwrap_or(0);
+        println!(
+            "  minor faults / switches      host {} / {}  guests {} / {}",
+            k("host_kernel", "minor_faults"),
+            k("host_kernel", "context_switches"),
+            k("guests_kernel", "minor_faults"),
+            k("guests_kernel", "context_switches"),
+        );
         println!(
             "  of the bench: seeing all synced {:.4} s ({} inotify events, {} file reads)",
             v[w]["cpu_s"].as_f64().unwrap_or(f64::NAN),
@@ -1173,6 +1181,58 @@ struct Cpu {
     guests: f64,
     muxers: f64,
     bench: f64,
+    /// Minor page faults and context switches of the host and of all
+    /// guests: what the kernel's share of a fan-out is made of, which an
+    /// instruction profile of the agents (user space only) does not see.
+    host_kernel: Kernel,
+    guests_kernel: Kernel,
+}
+
+/// A process's minor faults (`/proc/PID/stat` field 10, whole process)
+/// and context switches (its live threads').
+#[derive(Clone, Copy, Default)]
+struct Kernel {
+    minor_faults: u64,
+    switches: u64,
+}
+
+impl Kernel {
+    fn of(pid: u32) -> Kernel {
+        // comm (field 2) may hold spaces; the fields after its ')' are
+        // fixed, minflt being the 8th of them.
+        let minor_faults = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 1..];
+                rest.split_whitespace().nth(7)?.parse().ok()
+            })
+            .unwrap_or(0);
+        Kernel {
+            minor_faults,
+            switches: wakeups(pid).unwrap_or(0),
+        }
+    }
+
+    fn sum(pids: &[u32]) -> Kernel {
+        pids.iter().fold(Kernel::default(), |a, p| {
+            let k = Kernel::of(*p);
+            Kernel {
+                minor_faults: a.minor_faults + k.minor_faults,
+                switches: a.switches + k.switches,
+            }
+        })
+    }
+
+    fn since(&self, before: &Kernel) -> Kernel {
+        Kernel {
+            minor_faults: self.minor_faults.saturating_sub(before.minor_faults),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"minor_faults": self.minor_faults, "context_switches": self.switches})
+    }
 }
 
 /// This process's CPU seconds: (muxer threads, all other threads).
@@ -1204,6 +1264,8 @@ impl Cpu {
             guests: guests.iter().filter_map(|p| cpu_secs(*p).ok()).sum(),
             muxers,
             bench,
+            host_kernel: host.map(Kernel::of).unwrap_or_default(),
+            guests_kernel: Kernel::sum(guests),
         }
     }
 
@@ -1213,6 +1275,8 @@ impl Cpu {
             guests: self.guests - before.guests,
             muxers: self.muxers - before.muxers,
             bench: self.bench - before.bench,
+            host_kernel: self.host_kernel.since(&before.host_kernel),
+            guests_kernel: self.guests_kernel.since(&before.guests_kernel),
         }
     }
 
@@ -1223,6 +1287,8 @@ impl Cpu {
             "muxers": self.muxers,
             "bench": self.bench,
             "bench_and_muxers": self.muxers + self.bench,
+            "host_kernel": self.host_kernel.json(),
+            "guests_kernel": self.guests_kernel.json(),
         })
     }
 }
