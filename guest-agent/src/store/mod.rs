@@ -757,6 +757,12 @@ impl Store {
                 "the lock file was removed or replaced while the agent ran; locking the one there now"
             );
             *guard = LockFile::open(&self.lock_path)?;
+            #[cfg(test)]
+            tests::AFTER_LOCK_REOPEN.with(|h| {
+                if let Some(h) = h.borrow_mut().as_mut() {
+                    h()
+                }
+            });
         }
         Err(StoreError::Lock {
             path: path(),
@@ -1436,6 +1442,55 @@ mod tests {
         assert!(matches!(err, StoreError::Busy { .. }), "{err}");
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a");
         drop(held);
+        write(&store, "A", b"a2").unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+    }
+
+    thread_local! {
+        /// Runs right after a batch reopened the lock file: lets a test
+        /// replace it again at exactly that point, every time.
+        pub(super) static AFTER_LOCK_REOPEN: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// A lock file that is replaced again after every reopen is an error
+    /// that names it, after a bounded number of tries, and nothing is
+    /// written.
+    #[test]
+    fn a_lock_file_that_keeps_being_replaced_is_an_error() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a").unwrap();
+        let lock_path = f.state.join("write.lock");
+        let replace = {
+            let (lock_path, fresh) = (lock_path.clone(), f.state.join("fresh"));
+            move || {
+                std::fs::write(&fresh, b"").unwrap();
+                std::fs::rename(&fresh, &lock_path).unwrap();
+            }
+        };
+        replace();
+        let reopens = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = reopens.clone();
+        let replace_again = replace.clone();
+        AFTER_LOCK_REOPEN.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                replace_again();
+            }))
+        });
+        let err = store
+            .batch()
+            .err()
+            .expect("locked a file no longer in place");
+        AFTER_LOCK_REOPEN.with(|h| *h.borrow_mut() = None);
+        assert!(matches!(err, StoreError::Lock { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&lock_path.display().to_string()), "{text}");
+        assert!(text.contains("keeps swapping it"), "{text}");
+        assert_eq!(reopens.load(Ordering::SeqCst), LOCK_REOPENS);
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a");
+        // Once it stays put, the next batch locks it.
         write(&store, "A", b"a2").unwrap();
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
     }
