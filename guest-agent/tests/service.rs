@@ -647,6 +647,40 @@ async fn a_busy_store_is_aborted_and_nothing_applied() {
     assert_eq!(g.read("A").unwrap(), b"a2");
 }
 
+/// Guest root removed `write.lock` while the agent ran, and another
+/// process (a second agent) created and locked a new one: the agent's next
+/// `Apply` must find the store busy (ABORTED, nothing applied), not write
+/// under its lock of the unlinked file.
+#[tokio::test]
+async fn a_store_whose_lock_file_was_replaced_is_aborted_while_the_new_one_is_held() {
+    let g = start("", Limits::default()).await;
+    let mut c = g.client().await;
+    applied(&mut c, 1, vec![cred("A", b"a1")], &[]).await;
+    let path = g.state.join("write.lock");
+    std::fs::remove_file(&path).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.apply(apply(2, vec![cred("A", b"a2")], &[])),
+    )
+    .await
+    .expect("the Apply waited on the lock instead of answering")
+    .expect_err("applied while another process held the lock file now in place");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert_eq!(g.read("A").unwrap(), b"a1");
+    assert_eq!(g.store.state().generation, 1);
+    drop(held);
+    let r = applied(&mut c, 2, vec![cred("A", b"a2")], &[]).await;
+    assert_eq!(r.applied_generation, 2);
+    assert_eq!(g.read("A").unwrap(), b"a2");
+}
+
 fn owed(units: &[vmcred_proto::rpc::pb::UnitResult]) -> Vec<(String, String)> {
     units
         .iter()

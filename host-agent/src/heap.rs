@@ -162,50 +162,100 @@ pub const QUIET: Duration = Duration::from_secs(1);
 /// rotations) still trims, and its trim task does not wake forever.
 pub const PATIENCE: u32 = 10;
 
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-/// Started since the last trim; also tells the waiting trim whether
-/// anything started while it waited.
-static STARTED: AtomicUsize = AtomicUsize::new(0);
-static SCHEDULED: AtomicBool = AtomicBool::new(false);
+/// The bursts of one heap: the process's is [`busy`]'s; tests make their
+/// own, so that they do not see each other's work.
+struct Bursts {
+    in_flight: AtomicUsize,
+    /// Started since the last trim; also tells the waiting trim whether
+    /// anything started while it waited.
+    started: AtomicUsize,
+    scheduled: AtomicBool,
+    /// Trims done (tests: that one ran, and when).
+    #[cfg(test)]
+    trims: AtomicUsize,
+}
+
+static BURSTS: Bursts = Bursts::new();
+
+#[cfg(test)]
+thread_local! {
+    /// [`busy`] calls made on this thread: a test on a current-thread
+    /// runtime counts its own tasks' calls, whatever other tests do.
+    static TAKEN_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// Marks one dial or sync in flight; dropping it may schedule a trim.
 #[must_use]
-pub struct Busy(());
+pub struct Busy(&'static Bursts);
 
+/// Marks one dial or sync of the process in flight.
 pub fn busy() -> Busy {
-    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    STARTED.fetch_add(1, Ordering::SeqCst);
-    Busy(())
+    #[cfg(test)]
+    TAKEN_HERE.with(|n| n.set(n.get() + 1));
+    BURSTS.busy()
+}
+
+/// How many times [`busy`] was called on this thread.
+#[cfg(test)]
+pub(crate) fn taken_here() -> usize {
+    TAKEN_HERE.with(|n| n.get())
+}
+
+impl Bursts {
+    const fn new() -> Bursts {
+        Bursts {
+            in_flight: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            scheduled: AtomicBool::new(false),
+            #[cfg(test)]
+            trims: AtomicUsize::new(0),
+        }
+    }
+
+    fn busy(&'static self) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Busy(self)
+    }
+
+    /// Waits until a whole QUIET passed with nothing started and nothing
+    /// left in flight, or PATIENCE of them (trimming while work runs is
+    /// safe: only free pages go), then trims.
+    async fn trim_when_quiet(&'static self) {
+        for _ in 0..PATIENCE {
+            let seen = self.started.load(Ordering::SeqCst);
+            tokio::time::sleep(QUIET).await;
+            if self.started.load(Ordering::SeqCst) == seen
+                && self.in_flight.load(Ordering::SeqCst) == 0
+            {
+                break;
+            }
+        }
+        self.started.store(0, Ordering::SeqCst);
+        // It walks the whole heap under the allocator's lock: off the
+        // runtime's workers.
+        let _ = tokio::task::spawn_blocking(trim).await;
+        #[cfg(test)]
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.scheduled.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if IN_FLIGHT.fetch_sub(1, Ordering::SeqCst) != 1 || STARTED.load(Ordering::SeqCst) < BURST {
+        let b = self.0;
+        if b.in_flight.fetch_sub(1, Ordering::SeqCst) != 1
+            || b.started.load(Ordering::SeqCst) < BURST
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if SCHEDULED.swap(true, Ordering::SeqCst) {
+        if b.scheduled.swap(true, Ordering::SeqCst) {
             return;
         }
-        runtime.spawn(async {
-            // Wait until a whole QUIET passed with nothing started and
-            // nothing left in flight, or PATIENCE of them (trimming while
-            // work runs is safe: only free pages go).
-            for _ in 0..PATIENCE {
-                let seen = STARTED.load(Ordering::SeqCst);
-                tokio::time::sleep(QUIET).await;
-                if STARTED.load(Ordering::SeqCst) == seen && IN_FLIGHT.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-            }
-            STARTED.store(0, Ordering::SeqCst);
-            // It walks the whole heap under the allocator's lock: off the
-            // runtime's workers.
-            let _ = tokio::task::spawn_blocking(trim).await;
-            SCHEDULED.store(false, Ordering::SeqCst);
-        });
+        runtime.spawn(b.trim_when_quiet());
     }
 }
 
@@ -239,15 +289,16 @@ mod tests {
                 }
             }
         }
+        static B: Bursts = Bursts::new();
         let before = rss_anon_kib();
-        let guards: Vec<Busy> = (0..BURST).map(|_| busy()).collect();
+        let guards: Vec<Busy> = (0..BURST).map(|_| B.busy()).collect();
         drop(guards);
         // Bounded wait for the event (the trim), not a timing assertion.
         let mut after = before;
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             after = rss_anon_kib();
-            if !SCHEDULED.load(Ordering::SeqCst) && after + 8 * 1024 < before {
+            if !B.scheduled.load(Ordering::SeqCst) && after + 8 * 1024 < before {
                 break;
             }
         }
@@ -256,6 +307,155 @@ mod tests {
             "RSS fell by at least 8 MiB after the burst: {before} -> {after} KiB"
         );
         drop(kept);
+    }
+
+    /// Waits, in steps of virtual time, until `b` has trimmed `n` times;
+    /// returns when (virtual time) it saw it.
+    async fn trimmed(b: &Bursts, n: usize) -> tokio::time::Instant {
+        for _ in 0..10_000 {
+            if b.trims.load(Ordering::SeqCst) >= n {
+                return tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no trim in 100 s of virtual time");
+    }
+
+    /// With nothing in flight and nothing new, a burst is trimmed after
+    /// one quiet period.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_trimmed_after_one_quiet_period() {
+        static B: Bursts = Bursts::new();
+        let start = tokio::time::Instant::now();
+        drop((0..BURST).map(|_| B.busy()).collect::<Vec<_>>());
+        assert!(B.scheduled.load(Ordering::SeqCst));
+        let at = trimmed(&B, 1).await - start;
+        assert!(at >= QUIET && at < 2 * QUIET, "trimmed after {at:?}");
+        assert!(!B.scheduled.load(Ordering::SeqCst));
+    }
+
+    /// Something that stays in flight for ever (a dial that hangs, a
+    /// session's sync that never ends) does not keep a scheduled trim
+    /// waiting, and waking every quiet period, for ever: it trims after
+    /// PATIENCE quiet periods and its task ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_trim_waits_at_most_patience_quiet_periods() {
+        static B: Bursts = Bursts::new();
+        let start = tokio::time::Instant::now();
+        drop((0..BURST).map(|_| B.busy()).collect::<Vec<_>>());
+        assert!(B.scheduled.load(Ordering::SeqCst));
+        let stuck = B.busy();
+        let at = trimmed(&B, 1).await - start;
+        assert!(
+            at >= QUIET * PATIENCE && at < QUIET * (PATIENCE + 1),
+            "trimmed after {at:?}, with work in flight the whole time"
+        );
+        assert!(!B.scheduled.load(Ordering::SeqCst));
+        let metrics = tokio::runtime::Handle::current().metrics();
+        assert_eq!(metrics.num_alive_tasks(), 0, "the trim's task still runs");
+        // An hour later, still in flight: nothing more was scheduled.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(B.trims.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.num_alive_tasks(), 0);
+        drop(stuck);
+        assert!(
+            !B.scheduled.load(Ordering::SeqCst),
+            "one dial after a trim is not a burst"
+        );
+    }
+
+    /// Failed dials of the VM of `handle` so far (the host's metrics).
+    fn unreachable_count(handle: &crate::vm::VmHandle) -> u64 {
+        let status = handle.status.lock().expect("status").clone();
+        let key = format!(
+            "vmcred_vm_failures_total{{vm=\"{}\",kind=\"unreachable\"}} ",
+            status.vm
+        );
+        let text = crate::metrics::global().render(vec![status]);
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map_or(0, |n| n.trim().parse().expect("a count"))
+    }
+
+    /// Only a dial that reached something is burst work (`vm.rs`,
+    /// `open`): VMs that are down redial for ever, and if each failed
+    /// dial counted, BURST of them would schedule trims over and over and
+    /// keep each from finding a quiet period. Counted on this thread (a
+    /// current-thread runtime), so other tests' VMs do not count.
+    #[tokio::test(start_paused = true)]
+    async fn only_dials_that_reach_something_are_burst_work() {
+        use crate::config::Vm;
+        use crate::vm::{spawn, Timing};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = Arc::new(crate::keyring::KeyRing::load(dir.path()).expect("host key"));
+        let generations = crate::generations::Generations::open(dir.path().join("generations"))
+            .expect("generations");
+        let timing = Timing {
+            poll: Duration::ZERO,
+            backoff_max: Duration::from_secs(1),
+            rpc_timeout: Duration::from_secs(1),
+            keepalive: Duration::from_secs(60),
+        };
+        let vm = |name: String, socket: &str| {
+            Arc::new(Vm {
+                name,
+                target: vmcred_proto::transport::Target::Unix {
+                    path: dir.path().join(socket),
+                },
+                port: 1,
+                credentials: Default::default(),
+            })
+        };
+        let taken = taken_here();
+        // BURST VMs whose sockets nothing listens on, each failing its
+        // dial at least three times (the back-off is virtual time).
+        let names: Vec<String> = (0..BURST).map(|i| format!("heap-down-{i}")).collect();
+        let down: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let v = vm(n.clone(), &format!("{n}.sock"));
+                spawn(v, timing, keys.clone(), generations.clone(), None)
+            })
+            .collect();
+        let mut dialled = false;
+        for _ in 0..10_000 {
+            if down.iter().all(|h| unreachable_count(h) >= 3) {
+                dialled = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(dialled, "the VMs did not redial");
+        assert_eq!(
+            taken_here() - taken,
+            0,
+            "failed dials were counted as burst work"
+        );
+
+        // The counter's control: a socket that accepts (into its backlog)
+        // is reached, and that dial counts, whatever follows.
+        let _listener =
+            std::os::unix::net::UnixListener::bind(dir.path().join("up.sock")).expect("bind");
+        let up = spawn(
+            vm("heap-up".into(), "up.sock"),
+            timing,
+            keys.clone(),
+            generations.clone(),
+            None,
+        );
+        for _ in 0..10_000 {
+            if taken_here() > taken {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            taken_here() > taken,
+            "a dial that reached a socket was not counted"
+        );
+        drop((down, up));
     }
 
     /// Large blocks round-trip through every path: allocate, grow and

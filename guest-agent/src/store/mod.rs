@@ -229,33 +229,90 @@ fn is_regular(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
 }
 
-/// The store's `flock` on its lock file, held for one batch: taken without
-/// waiting (another holder is [`StoreError::Busy`]), released on drop. The
-/// file stays open with the store; `flock` locks belong to that open file,
-/// so a second store or process opening the file still conflicts.
-pub struct FileLock<'a>(BorrowedFd<'a>);
+/// How many times a batch reopens a lock file that was unlinked or
+/// replaced under it before it gives up: once is what a root who removed
+/// or recreated the file causes; more means something keeps swapping it.
+const LOCK_REOPENS: u32 = 3;
 
-impl<'a> FileLock<'a> {
-    fn try_exclusive(fd: BorrowedFd<'a>) -> Result<FileLock<'a>, Errno> {
-        // SAFETY: flock(2) on a descriptor borrowed from an open file; no
+/// `write.lock`, open for the store's life: a push takes and drops the
+/// `flock` on it, with no open and close of its own. Kept inside the
+/// in-process writers' mutex, so a batch can swap it for the file now at
+/// the path (see [`Store::batch`]) while no one else uses it.
+struct LockFile {
+    file: File,
+    /// The open file's identity, which never changes (taken once, at the
+    /// open): what the path must still name once the file is locked.
+    id: (u64, u64),
+}
+
+impl LockFile {
+    /// Opens (creating, 0600) the lock file at `path`, never through a
+    /// symlink.
+    fn open(path: &Path) -> Result<LockFile, StoreError> {
+        let err = |why: String| StoreError::Lock {
+            path: path.display().to_string(),
+            why,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| err(e.to_string()))?;
+        let st = fstat(&file).map_err(|e| err(format!("cannot inspect it: {e}")))?;
+        Ok(LockFile {
+            file,
+            id: (st.st_dev, st.st_ino),
+        })
+    }
+
+    fn try_exclusive(&self) -> Result<(), Errno> {
+        // SAFETY: flock(2) on a descriptor of an open file we own; no
         // memory is passed.
-        let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let r = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r == 0 {
-            Ok(FileLock(fd))
+            Ok(())
         } else {
             Err(Errno::last())
         }
     }
-}
 
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as in `try_exclusive`; the descriptor outlives `self`.
+    fn unlock(&self) {
+        // SAFETY: as in `try_exclusive`.
         unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+            libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+
+    /// Whether `path` names this open file now (not following a
+    /// symlink). An unlinked or replaced lock file is no lock at all: a
+    /// second agent opening the path locks another inode.
+    fn is_at(&self, path: &Path) -> Result<bool, Errno> {
+        match fstatat(nix::fcntl::AT_FDCWD, path, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok((st.st_dev, st.st_ino) == self.id),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
+
+/// The store's locks, held for one batch: the in-process writers' mutex
+/// and the `flock` on the lock file it guards, taken without waiting
+/// (another holder is [`StoreError::Busy`]). Dropping it releases the
+/// `flock`, then the mutex. `flock` locks belong to the open file, so a
+/// second store or process opening the same file conflicts.
+pub struct FileLock<'a>(MutexGuard<'a, LockFile>);
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        self.0.unlock();
+    }
+}
+
+/// Keeps writers out until dropped (see [`Store::quiesce`]).
+pub struct Quiesced<'a>(#[allow(dead_code)] MutexGuard<'a, LockFile>);
 
 /// The credentials directory, its limits and the agent's state.
 pub struct Store {
@@ -266,12 +323,9 @@ pub struct Store {
     lock_path: PathBuf,
     limits: Limits,
     mount: MountRecord,
-    /// Serializes writers inside this process; the `flock` on `lock_path`
-    /// serializes them across processes.
-    write_lock: Mutex<()>,
-    /// `lock_path`, open for the store's life: a push takes and drops the
-    /// `flock` on it, with no open and close of its own.
-    lock_file: File,
+    /// Serializes writers inside this process; the `flock` on the lock
+    /// file it holds (`lock_path`) serializes them across processes.
+    write_lock: Mutex<LockFile>,
     state: Mutex<State>,
     /// Digests of the managed files by their [`Stamp`], so that an idle
     /// host's Hello reads no file.
@@ -407,17 +461,7 @@ impl Store {
         )
         .map_err(|why| dir_err(format!("cannot record how it is mounted: {why}")))?;
         let lock_path = state_dir.join("write.lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&lock_path)
-            .map_err(|e| StoreError::Lock {
-                path: lock_path.display().to_string(),
-                why: e.to_string(),
-            })?;
+        let lock_file = LockFile::open(&lock_path)?;
         let store = Store {
             dir,
             dir_path: credentials_dir.to_path_buf(),
@@ -426,8 +470,7 @@ impl Store {
             state_path,
             limits,
             mount,
-            write_lock: Mutex::new(()),
-            lock_file,
+            write_lock: Mutex::new(lock_file),
             state: Mutex::new(state),
             digests: Mutex::new(Default::default()),
             hashed: Default::default(),
@@ -667,32 +710,75 @@ impl Store {
     /// directory is remounted read-write lazily, on the first change. A
     /// lock another process holds is [`StoreError::Busy`] at once: the
     /// caller says so (the host retries) rather than waiting blind.
+    ///
+    /// Once locked, the lock file must still be the one at its path (one
+    /// `fstatat`): if root unlinked or replaced it since the store opened
+    /// it, another agent would open and lock the file now there, and both
+    /// would write. Then the lock is dropped and the file now at the path
+    /// is opened (created if gone) and locked instead.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
-        let guard = lock(&self.write_lock);
-        let flock = FileLock::try_exclusive(self.lock_file.as_fd()).map_err(|e| {
-            if e == Errno::EWOULDBLOCK {
-                StoreError::Busy {
-                    path: self.lock_path.display().to_string(),
-                }
-            } else {
-                StoreError::Lock {
-                    path: self.lock_path.display().to_string(),
-                    why: e.to_string(),
-                }
-            }
-        })?;
         Ok(Batch {
             remount: None,
             store: self,
-            _flock: flock,
-            _guard: guard,
+            _lock: self.lock_for_writing()?,
+        })
+    }
+
+    fn lock_for_writing(&self) -> Result<FileLock<'_>, StoreError> {
+        let path = || self.lock_path.display().to_string();
+        let mut guard = lock(&self.write_lock);
+        for reopened in 0..=LOCK_REOPENS {
+            guard.try_exclusive().map_err(|e| {
+                if e == Errno::EWOULDBLOCK {
+                    StoreError::Busy { path: path() }
+                } else {
+                    StoreError::Lock {
+                        path: path(),
+                        why: e.to_string(),
+                    }
+                }
+            })?;
+            match guard.is_at(&self.lock_path) {
+                Ok(true) => return Ok(FileLock(guard)),
+                Ok(false) => guard.unlock(),
+                Err(e) => {
+                    guard.unlock();
+                    return Err(StoreError::Lock {
+                        path: path(),
+                        why: format!("cannot inspect it: {e}"),
+                    });
+                }
+            }
+            if reopened == LOCK_REOPENS {
+                break;
+            }
+            tracing::warn!(
+                path = %self.lock_path.display(),
+                "the lock file was removed or replaced while the agent ran; locking the one there now"
+            );
+            *guard = LockFile::open(&self.lock_path)?;
+            #[cfg(test)]
+            tests::AFTER_LOCK_REOPEN.with(|h| {
+                if let Some(h) = h.borrow_mut().as_mut() {
+                    h()
+                }
+            });
+        }
+        Err(StoreError::Lock {
+            path: path(),
+            why: format!(
+                "it was removed or replaced again each of the {} times it was reopened and \
+                 locked; something keeps swapping it. Nothing was changed; stop whatever \
+                 replaces it",
+                LOCK_REOPENS
+            ),
         })
     }
 
     /// Waits for any write in progress and keeps others out, so the process
     /// can exit without leaving the directory remounted read-write.
-    pub fn quiesce(&self) -> MutexGuard<'_, ()> {
-        lock(&self.write_lock)
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        Quiesced(lock(&self.write_lock))
     }
 
     /// Bytes in regular files and inodes in use (the directory's own
@@ -1300,6 +1386,138 @@ mod tests {
             .unwrap_err();
         assert_eq!(e, Errno::EWOULDBLOCK);
         drop(batch);
+    }
+
+    /// Root unlinks `write.lock` between two batches, and a second store
+    /// (another agent, or a recovery run) opens the state directory
+    /// after: it creates and locks a new file. The first store's next
+    /// batch must lock that file too, not the unlinked one it still has
+    /// open, so that only one of them writes at a time.
+    #[test]
+    fn an_unlinked_lock_file_is_not_a_lock_of_its_own() {
+        let f = fixture();
+        let first = open(&f, Limits::default());
+        write(&first, "A", b"a").unwrap();
+        std::fs::remove_file(f.state.join("write.lock")).unwrap();
+        let second = open(&f, Limits::default());
+
+        let held = second.batch().unwrap();
+        let err = first
+            .batch()
+            .err()
+            .expect("both stores hold a batch at once");
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        drop(held);
+
+        let held = first.batch().unwrap();
+        let err = second
+            .batch()
+            .err()
+            .expect("both stores hold a batch at once");
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        drop(held);
+        write(&second, "A", b"a2").unwrap();
+        write(&first, "A", b"a3").unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a3");
+    }
+
+    /// The same when the file is replaced (renamed over) rather than
+    /// removed, and when the process that holds the lock is not a store:
+    /// the store locks the file now at the path, so one holding it is
+    /// busy (ABORTED for the host).
+    #[test]
+    fn a_replaced_lock_file_is_not_a_lock_of_its_own() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a").unwrap();
+        let fresh = f.state.join("write.lock.new");
+        std::fs::write(&fresh, b"").unwrap();
+        std::fs::rename(&fresh, f.state.join("write.lock")).unwrap();
+        let other = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let held = Flock::lock(other, FlockArg::LockExclusive).unwrap();
+        let err = store
+            .batch()
+            .err()
+            .expect("the store locked the replaced file and wrote");
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a");
+        drop(held);
+        write(&store, "A", b"a2").unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+    }
+
+    thread_local! {
+        /// Runs right after a batch reopened the lock file: lets a test
+        /// replace it again at exactly that point, every time.
+        pub(super) static AFTER_LOCK_REOPEN: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// A lock file that is replaced again after every reopen is an error
+    /// that names it, after a bounded number of tries, and nothing is
+    /// written.
+    #[test]
+    fn a_lock_file_that_keeps_being_replaced_is_an_error() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a").unwrap();
+        let lock_path = f.state.join("write.lock");
+        let replace = {
+            let (lock_path, fresh) = (lock_path.clone(), f.state.join("fresh"));
+            move || {
+                std::fs::write(&fresh, b"").unwrap();
+                std::fs::rename(&fresh, &lock_path).unwrap();
+            }
+        };
+        replace();
+        let reopens = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = reopens.clone();
+        let replace_again = replace.clone();
+        AFTER_LOCK_REOPEN.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                replace_again();
+            }))
+        });
+        let err = store
+            .batch()
+            .err()
+            .expect("locked a file no longer in place");
+        AFTER_LOCK_REOPEN.with(|h| *h.borrow_mut() = None);
+        assert!(matches!(err, StoreError::Lock { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&lock_path.display().to_string()), "{text}");
+        assert!(text.contains("keeps swapping it"), "{text}");
+        assert_eq!(reopens.load(Ordering::SeqCst), LOCK_REOPENS);
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a");
+        // Once it stays put, the next batch locks it.
+        write(&store, "A", b"a2").unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+    }
+
+    /// A lock file replaced by a symlink is not followed: the batch is
+    /// refused with an error that names the file, and the symlink's
+    /// target is untouched.
+    #[test]
+    fn a_lock_file_replaced_by_a_symlink_is_refused() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        let target = f._tmp.path().join("elsewhere");
+        std::fs::write(&target, b"keep").unwrap();
+        let lock_path = f.state.join("write.lock");
+        std::fs::remove_file(&lock_path).unwrap();
+        std::os::unix::fs::symlink(&target, &lock_path).unwrap();
+        let err = store.batch().err().expect("locked through a symlink");
+        assert!(matches!(err, StoreError::Lock { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&lock_path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        // Once the symlink is gone the store locks (and creates) the file.
+        std::fs::remove_file(&lock_path).unwrap();
+        write(&store, "A", b"a").unwrap();
+        assert!(std::fs::symlink_metadata(&lock_path).unwrap().is_file());
     }
 
     #[test]

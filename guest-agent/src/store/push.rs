@@ -65,8 +65,8 @@ pub struct Batch<'a> {
     // Field order is drop order: remount read-only before unlocking.
     pub(super) remount: Option<ReadWrite>,
     pub(super) store: &'a Store,
-    pub(super) _flock: FileLock<'a>,
-    pub(super) _guard: MutexGuard<'a, ()>,
+    /// The file lock, then the writers' mutex, released in that order.
+    pub(super) _lock: FileLock<'a>,
 }
 
 impl Batch<'_> {

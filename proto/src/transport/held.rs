@@ -13,6 +13,13 @@ use tokio::io::AsyncWrite;
 /// through (a large write is several TLS records anyway).
 pub const MAX_HELD: usize = 64 * 1024;
 
+/// What an emptied buffer may keep: enough for a connect's flights and a
+/// small reply, so those are not allocated anew each time, while a
+/// session that once held a large reply does not keep up to
+/// [`MAX_HELD`] for the rest of its life (a guest's session lives as long
+/// as the host is connected).
+pub const KEEP_HELD: usize = 4 * 1024;
+
 /// Bytes written and not yet passed on.
 #[derive(Debug, Default)]
 pub struct Held(Vec<u8>);
@@ -44,7 +51,8 @@ impl Held {
         Poll::Ready(Ok(true))
     }
 
-    /// Writes all that is held to `w`, in order.
+    /// Writes all that is held to `w`, in order, then gives back any
+    /// capacity beyond [`KEEP_HELD`].
     pub fn poll_send<W: AsyncWrite + Unpin>(
         &mut self,
         w: &mut W,
@@ -57,6 +65,9 @@ impl Held {
             }
             self.0.drain(..n);
         }
+        if self.0.capacity() > KEEP_HELD {
+            self.0.shrink_to(KEEP_HELD);
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -68,5 +79,58 @@ impl Held {
     /// The buffer's capacity (tests: what a session keeps).
     pub fn capacity(&self) -> usize {
         self.0.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixStream;
+
+    use super::*;
+
+    async fn take(held: &mut Held, w: &mut UnixStream, bytes: &[u8]) -> bool {
+        poll_fn(|cx| held.poll_take(w, cx, &[IoSlice::new(bytes)]))
+            .await
+            .unwrap()
+    }
+
+    async fn send(held: &mut Held, w: &mut UnixStream) {
+        poll_fn(|cx| held.poll_send(w, cx)).await.unwrap()
+    }
+
+    /// A large hold, once sent, leaves at most [`KEEP_HELD`] behind: an
+    /// idle session does not keep what its largest reply needed.
+    #[tokio::test]
+    async fn a_sent_large_hold_gives_its_capacity_back() {
+        let (mut a, mut peer) = UnixStream::pair().unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut held = Held::default();
+        let big = vec![7u8; MAX_HELD - 10];
+        assert!(take(&mut held, &mut a, &big).await);
+        assert!(held.capacity() >= big.len());
+        send(&mut held, &mut a).await;
+        assert!(held.is_empty());
+        assert!(
+            held.capacity() <= KEEP_HELD,
+            "kept {} bytes of capacity after the send",
+            held.capacity()
+        );
+
+        // A small hold keeps its buffer for the next one.
+        assert!(take(&mut held, &mut a, b"small").await);
+        send(&mut held, &mut a).await;
+        assert!(held.capacity() > 0 && held.capacity() <= KEEP_HELD);
+
+        drop(a);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), big.len() + 5);
+        assert!(got.ends_with(b"small"));
     }
 }
