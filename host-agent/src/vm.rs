@@ -719,8 +719,13 @@ impl VmTask {
             Ok(r) => self.log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),
         }
-        *synced = true;
         self.reachable();
+        // Only once the rotations that waited for this session are through
+        // does it count as synced (and reset the back-off): a guest that
+        // takes the connect sync and then drops every waiting push would
+        // otherwise have the host redial it at the back-off's floor, a
+        // full handshake and connect sync each time, for as long as the
+        // caller waits.
         while let Some((creds, reply)) = pending.pop_front() {
             if reply.is_closed() {
                 continue;
@@ -741,6 +746,7 @@ impl VmTask {
                 }
             }
         }
+        *synced = true;
         let mut poll = tokio::time::interval(if self.timing.poll.is_zero() {
             Duration::from_secs(3600 * 24 * 365)
         } else {

@@ -475,6 +475,56 @@ fn a_waiting_rotation_survives_a_session_lost_while_it_is_pushed() {
     good_still_rotates(&mut w, b"good-2");
 }
 
+/// A guest that takes every connect sync and then drops the push of the
+/// rotation waiting for it does not get redialled at the back-off's floor
+/// for as long as the rotation waits: such a session does not count as
+/// synced, so the back-off keeps growing (before, every session reset it,
+/// and the host made a full handshake and connect sync every 20-250 ms).
+#[test]
+fn a_guest_that_drops_every_waiting_push_is_redialled_with_growing_back_off() {
+    let (mut w, bad) = world(Mode::Honest);
+    wait_until(T, || bad.held("S").is_some()).unwrap();
+    w.set_secret(BAD, "S", b"bad-2", false).unwrap();
+    bad.set_mode(Mode::RefuseThenReset);
+    bad.cut();
+    let rotate = {
+        let mut c = std::process::Command::new(&w.bins.host);
+        c.args(["rotate", "--timeout", "60s", "--config"])
+            .arg(w.config_path())
+            .args([BAD, "S"]);
+        std::thread::spawn(move || c.output())
+    };
+    let resets = || bad.resets.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(T, || resets() >= 4)
+        .unwrap_or_else(|_| panic!("resets {}\nhost log:\n{}", resets(), w.logs()));
+    // The back-off attempts the host logged for this VM's redials.
+    let logs = w.logs();
+    let attempts: Vec<u32> = logs
+        .lines()
+        .filter(|l| l.contains("redialling after back-off") && l.contains(&format!("vm={BAD}")))
+        .filter_map(|l| {
+            let at = l
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("attempt="))?;
+            at.parse().ok()
+        })
+        .collect();
+    assert!(
+        attempts.iter().any(|a| *a >= 3),
+        "the back-off was reset by sessions that dropped the waiting push: attempts {attempts:?}\nhost log:\n{logs}"
+    );
+    bad.set_mode(Mode::Honest);
+    let out = rotate.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nhost log:\n{}",
+        text(&out),
+        w.logs()
+    );
+    assert_eq!(bad.held("S").unwrap(), b"bad-2");
+    good_still_rotates(&mut w, b"good-2");
+}
+
 #[test]
 fn an_oversized_reply_costs_only_its_own_vm() {
     let (mut w, bad) = world(Mode::Oversized);
