@@ -911,12 +911,18 @@ impl VmTask {
                 .await;
         }
         let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
+        // A rotate reads every source it names, whatever the source cache
+        // says: a file's stamp (inode, size, times) does not see every
+        // change (a writer that keeps a tmpfs file mapped and rewrites it
+        // in place changes none of them), and `rotate` is how a user says
+        // "the value changed". Other syncs trust the stamp; the guest is
+        // pushed only what differs from what it holds either way.
         let no_digests = BTreeMap::new();
         let (values, errors) = source::read_vm(
             &self.vm,
             only,
             self.credentials_dir.as_deref(),
-            if resend_for_owed {
+            if why == Why::Rotate {
                 &no_digests
             } else {
                 &guest.held

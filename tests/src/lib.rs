@@ -186,6 +186,15 @@ impl World {
         Ok(())
     }
 
+    /// Makes `path` (a file the test owns, anywhere) the source of a
+    /// credential; see `set_secret` for telling a running host.
+    pub fn set_source(&mut self, vm: &str, cred: &str, path: &Path, boot: bool) {
+        self.creds
+            .entry(vm.into())
+            .or_default()
+            .insert(cred.into(), (path.to_path_buf(), boot));
+    }
+
     pub fn remove_credential(&mut self, vm: &str, cred: &str) {
         if let Some(m) = self.creds.get_mut(vm) {
             m.remove(cred);

@@ -423,3 +423,126 @@ fn launch_tells_the_serving_agent_and_execs() {
     assert!(!stdout(&out).contains("could not tell"), "{}", stdout(&out));
     wait_until(T, || w.logs().contains("VM launched; dialling now")).expect("agent woken");
 }
+
+/// A shared, writable mapping of a tmpfs file, unmapped and the file
+/// removed on drop.
+struct Mapped {
+    path: std::path::PathBuf,
+    at: *mut u8,
+    len: usize,
+}
+
+impl Mapped {
+    fn create(path: std::path::PathBuf, len: usize) -> Mapped {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        file.set_len(len as u64).unwrap();
+        // SAFETY: a fresh shared mapping of a file this test created and
+        // sized; no other memory is touched. It stays valid after the
+        // descriptor closes, until `drop` unmaps it.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        Mapped {
+            path,
+            at: at.cast(),
+            len,
+        }
+    }
+
+    /// Writes `value` (exactly `len` bytes) through the mapping: no
+    /// `write(2)`, so on tmpfs the file's times stay as they were once the
+    /// page is mapped writable.
+    fn put(&self, value: &[u8]) {
+        assert_eq!(value.len(), self.len);
+        // SAFETY: `at` maps `len` writable bytes until drop.
+        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.at, self.len) };
+    }
+
+    fn stamp(&self) -> (u64, u64, i64, i64, i64, i64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.path).unwrap();
+        (
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        )
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `create` made.
+        unsafe { libc::munmap(self.at.cast(), self.len) };
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `rotate` re-reads its sources even when the host's cache of file stamps
+/// says nothing changed: a writer that keeps a tmpfs file mapped and
+/// rewrites it in place changes neither its inode, size nor times, and
+/// before, such a rotate answered "unchanged" and the guest kept the old
+/// value for good (found in review).
+#[test]
+fn rotate_rereads_a_source_rewritten_in_place_through_a_mapping() {
+    let shm = std::path::Path::new("/dev/shm");
+    let kind = nix::sys::statfs::statfs(shm)
+        .unwrap_or_else(|e| panic!("this test needs a tmpfs at /dev/shm: {e}"))
+        .filesystem_type();
+    assert_eq!(
+        kind,
+        nix::sys::statfs::TMPFS_MAGIC,
+        "this test needs a tmpfs at /dev/shm"
+    );
+    let src = Mapped::create(
+        shm.join(format!("vmcred-e2e-mapped-{}", std::process::id())),
+        16,
+    );
+    src.put(b"mapped-value-one");
+    let mut w = world(false);
+    w.set_source(VM, "TOKEN", &src.path, false);
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "TOKEN", b"mapped-value-one", T)
+        .unwrap();
+    // Once the version has been still for the cache's racy window, a read
+    // of it caches its stamp: this rotate's (it returns after the ack).
+    std::thread::sleep(vmcred_host::source::RACY + Duration::from_millis(500));
+    let out = w.rotate(VM, &["TOKEN"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    let before = src.stamp();
+    src.put(b"mapped-value-two");
+    assert_eq!(
+        src.stamp(),
+        before,
+        "the kernel changed the file's stamp on a write through a mapping; \
+         this test's premise (tmpfs keeps it) does not hold here"
+    );
+    let out = w.rotate(VM, &["TOKEN"], "30s").unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(
+        w.read_guest(VM, "TOKEN").unwrap(),
+        b"mapped-value-two",
+        "rotate trusted the cached stamp\n{}\nhost log:\n{}",
+        stdout(&out),
+        w.logs()
+    );
+}
