@@ -727,26 +727,33 @@ impl Store {
     fn lock_for_writing(&self) -> Result<FileLock<'_>, StoreError> {
         let path = || self.lock_path.display().to_string();
         let mut guard = lock(&self.write_lock);
+        let inspect = |e: Errno| StoreError::Lock {
+            path: path(),
+            why: format!("cannot inspect it: {e}"),
+        };
         for reopened in 0..=LOCK_REOPENS {
-            guard.try_exclusive().map_err(|e| {
-                if e == Errno::EWOULDBLOCK {
-                    StoreError::Busy { path: path() }
-                } else {
-                    StoreError::Lock {
-                        path: path(),
-                        why: e.to_string(),
+            match guard.try_exclusive() {
+                Ok(()) => match guard.is_at(&self.lock_path) {
+                    Ok(true) => return Ok(FileLock(guard)),
+                    Ok(false) => guard.unlock(),
+                    Err(e) => {
+                        guard.unlock();
+                        return Err(inspect(e));
+                    }
+                },
+                // Held by another: busy, unless the file held is no longer
+                // the one at the path (whoever holds it holds nothing);
+                // then the one there now is tried.
+                Err(Errno::EWOULDBLOCK) => {
+                    if guard.is_at(&self.lock_path).map_err(inspect)? {
+                        return Err(StoreError::Busy { path: path() });
                     }
                 }
-            })?;
-            match guard.is_at(&self.lock_path) {
-                Ok(true) => return Ok(FileLock(guard)),
-                Ok(false) => guard.unlock(),
                 Err(e) => {
-                    guard.unlock();
                     return Err(StoreError::Lock {
                         path: path(),
-                        why: format!("cannot inspect it: {e}"),
-                    });
+                        why: e.to_string(),
+                    })
                 }
             }
             if reopened == LOCK_REOPENS {
@@ -1444,6 +1451,32 @@ mod tests {
         drop(held);
         write(&store, "A", b"a2").unwrap();
         assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+    }
+
+    /// The other way round: a process still holds the `flock` on the old
+    /// file after it was replaced, and the file now at the path is free.
+    /// That holder holds nothing (a new agent would lock the new file), so
+    /// the store locks the new file and writes instead of answering busy
+    /// until the stale holder lets go.
+    #[test]
+    fn a_holder_of_a_replaced_lock_file_does_not_make_the_store_busy() {
+        let f = fixture();
+        let store = open(&f, Limits::default());
+        write(&store, "A", b"a").unwrap();
+        let old = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let stale = Flock::lock(old, FlockArg::LockExclusive).unwrap();
+        let fresh = f.state.join("write.lock.new");
+        std::fs::write(&fresh, b"").unwrap();
+        std::fs::rename(&fresh, f.state.join("write.lock")).unwrap();
+        write(&store, "A", b"a2").unwrap();
+        assert_eq!(std::fs::read(f.creds.join("A")).unwrap(), b"a2");
+        // And it holds the file at the path now: another holder of that
+        // one makes it busy.
+        let now = std::fs::File::open(f.state.join("write.lock")).unwrap();
+        let held = Flock::lock(now, FlockArg::LockExclusive).unwrap();
+        let err = store.batch().err().expect("two holders of the same file");
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        drop((held, stale));
     }
 
     thread_local! {
