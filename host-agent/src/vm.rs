@@ -1338,18 +1338,35 @@ fn visible(ch: char) -> bool {
 /// A guest-supplied string made safe for logs and terminals: at most
 /// [`bound::TEXT`] characters (then "… N more"), every character that is
 /// not printable and visible written as `\u{…}` (or `\n`, `\t`, …).
+///
+/// The bound is on what comes out, escapes included: bounding only the
+/// input let 300 invisible characters become 3000 (`\u{10fffd}` each), so
+/// a guest's 64 owed unit actions could push one VM's `status` line past
+/// the control socket's line limit and break `status` for every VM (found
+/// in review).
 pub fn guest_text(s: &str) -> String {
-    let total = s.chars().count();
     let mut out = String::new();
-    for ch in s.chars().take(bound::TEXT) {
-        if visible(ch) {
+    let (mut shown, mut used) = (0usize, 0usize);
+    for ch in s.chars() {
+        let len = if visible(ch) {
+            1
+        } else {
+            ch.escape_default().count()
+        };
+        if shown + len > bound::TEXT {
+            break;
+        }
+        if len == 1 && visible(ch) {
             out.push(ch);
         } else {
             out.extend(ch.escape_default());
         }
+        shown += len;
+        used += 1;
     }
-    if total > bound::TEXT {
-        out.push_str(&format!("… {} more", total - bound::TEXT));
+    let total = used + s.chars().skip(used).count();
+    if total > used {
+        out.push_str(&format!("… {} more", total - used));
     }
     out
 }
@@ -1424,6 +1441,32 @@ mod tests {
             guest_text(&"x".repeat(bound::TEXT)),
             "x".repeat(bound::TEXT)
         );
+        // Escapes count against the bound: 300 invisible characters do
+        // not become 3000.
+        let escaped = guest_text(&"\u{10fffd}".repeat(bound::TEXT));
+        let shown = escaped.split('…').next().unwrap_or_default();
+        assert!(shown.chars().count() <= bound::TEXT, "{escaped}");
+        assert!(
+            escaped.ends_with(&format!("… {} more", bound::TEXT - bound::TEXT / 10)),
+            "{escaped}"
+        );
+    }
+
+    /// What the worst guest can put in its owed unit actions stays a
+    /// small part of a `status` line (the control socket's lines are at
+    /// most 256 KiB, and every VM's must fit in one).
+    #[test]
+    fn the_worst_owed_units_encode_to_a_bounded_size() {
+        let worst: Vec<pb::UnitResult> = (0..1000)
+            .map(|_| pb::UnitResult {
+                unit: "\u{10ffff}\u{1F600}".repeat(5000),
+                action: "\u{10fffd}".repeat(5000),
+                ok: false,
+                error: "\u{10fffd}\u{1F600}".repeat(5000),
+            })
+            .collect();
+        let json = serde_json::to_vec(&bound_units(worst)).unwrap();
+        assert!(json.len() < 160 * 1024, "{} bytes", json.len());
     }
 
     #[test]
