@@ -37,6 +37,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use vmcred_proto::loglimit::LogLimiter;
 use vmcred_proto::rpc::GuestServer;
 use vmcred_proto::rules::MAX_MESSAGE_BYTES;
 use vmcred_proto::tls::{guest_server_config_with, Pin as HostPin, TlsError};
@@ -126,6 +127,10 @@ pub struct Session {
 /// headers, in the second, once the connection task has given it send
 /// capacity, its message and trailers.
 const FLUSH_YIELDS: u8 = 2;
+
+/// How often a refused connection is logged at most; the line that gets
+/// through says how many were refused since the last one.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Session {
     fn new(
@@ -387,11 +392,17 @@ async fn accept_loop(
     let pending = Arc::new(Mutex::new(Pending::default()));
     let current: Arc<Mutex<Option<CancellationToken>>> = Arc::new(Mutex::new(None));
     let max = opts.max_handshakes.max(1);
+    // Any host user can connect in a loop and be refused (an unprivileged
+    // source port): one line per period, not one per attempt, so the
+    // journal and journald's per-unit rate limit keep room for the rest.
+    let refusals = LogLimiter::new(REFUSAL_LOG_EVERY);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(Accepted::Peer(s, peer)) => (s, peer),
             Ok(Accepted::Refused { peer, why }) => {
-                tracing::warn!(%peer, "refused a connection before TLS: {why}");
+                if let Some(suppressed) = refusals.allow(()) {
+                    tracing::warn!(%peer, suppressed, "refused a connection before TLS: {why}");
+                }
                 continue;
             }
             Err(e) => {

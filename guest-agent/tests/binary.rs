@@ -29,6 +29,8 @@ fn hello() -> HelloRequest {
 struct Setup {
     tmp: tempfile::TempDir,
     host: Identity,
+    /// `--allow-uid`: this process's by default.
+    allow_uid: u32,
 }
 
 impl Setup {
@@ -48,7 +50,11 @@ impl Setup {
         )
         .unwrap();
         recording_systemctl(tmp.path(), &tmp.path().join("calls"));
-        Setup { tmp, host }
+        Setup {
+            tmp,
+            host,
+            allow_uid: nix::unistd::geteuid().as_raw(),
+        }
     }
 
     fn p(&self, rel: &str) -> PathBuf {
@@ -68,7 +74,7 @@ impl Setup {
             .arg("--listen-unix")
             .arg(self.p("guest.sock"))
             .arg("--allow-uid")
-            .arg(nix::unistd::geteuid().as_raw().to_string())
+            .arg(self.allow_uid.to_string())
             .arg("--systemctl")
             .arg(self.p("systemctl"))
             .arg("--log-level")
@@ -352,4 +358,31 @@ fn ready_after_the_initial_sync_timeout_without_a_host() {
     let (status, log) = agent.stop();
     assert!(status.success());
     assert!(log.contains("no sync with the host yet"), "{log}");
+}
+
+/// Refused connections are logged one per period, not one per attempt:
+/// any host user can connect in a loop (on AF_VSOCK from an unprivileged
+/// port), and a line each would flood the guest's journal and push the
+/// agent's other messages past journald's per-unit rate limit.
+#[test]
+fn refused_connections_in_a_loop_are_logged_once_per_period() {
+    let mut s = Setup::new();
+    // Nobody this test runs as may connect: every connection is refused.
+    s.allow_uid = nix::unistd::geteuid().as_raw().wrapping_add(4242);
+    let (agent, _notify) = s.spawn(&[]);
+    for _ in 0..200 {
+        let mut c = std::os::unix::net::UnixStream::connect(s.p("guest.sock")).unwrap();
+        // The agent closes a refused connection without a byte.
+        let mut buf = [0u8; 1];
+        let _ = c.read(&mut buf);
+    }
+    let (_, log) = agent.stop();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused a connection before TLS"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} refusal lines for 200 refused connections:\n{log}"
+    );
 }

@@ -4,6 +4,7 @@
 pub mod bootstrap;
 pub mod fsutil;
 pub mod loglayer;
+pub mod loglimit;
 pub mod logline;
 pub mod rpc;
 pub mod rules;
