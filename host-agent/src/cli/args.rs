@@ -183,6 +183,9 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
     /// Print the resulting argv (secrets redacted) instead of exec'ing it.
+    /// The carrier files are still written (0400, in the runtime directory,
+    /// as a launch would) so that they can be checked; the next launch of
+    /// the VM replaces them.
     #[arg(long)]
     pub dry_run: bool,
     /// With --dry-run: print {"argv0","argv","files"} as JSON.
