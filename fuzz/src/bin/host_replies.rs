@@ -15,15 +15,16 @@ use vmcred_host::vm::guest_text;
 use vmcred_proto::rpc::pb::{ApplyReply, HelloReply, TrustReply};
 use vmcred_proto::rules;
 
-/// What `guest_text` keeps of a guest string, in characters, before
-/// escaping (vm.rs `MAX_GUEST_TEXT`); each may become an escape of at most
-/// 10 characters (`\u{10ffff}`).
-const MAX_KEPT_CHARS: usize = 300;
+/// What `guest_text` writes of a guest string, in characters, escapes
+/// included (vm.rs `bound::TEXT`), before its "… N more" marker.
+const MAX_SHOWN_CHARS: usize = 300;
+/// The marker: "… " and a count of at most 20 digits and " more".
+const MAX_MARKER_CHARS: usize = 2 + 20 + 5;
 
 fn check_text(s: &str) {
     let out = guest_text(s);
     assert!(
-        out.chars().count() <= MAX_KEPT_CHARS * 10,
+        out.chars().count() <= MAX_SHOWN_CHARS + MAX_MARKER_CHARS,
         "guest_text output of {} chars",
         out.chars().count()
     );
