@@ -9,8 +9,9 @@
 //! deadline, so a stuck or hostile local client costs the daemon nothing
 //! lasting.
 //!
-//! Two sockets: `control_socket` (0600, and the peer must be root or the
-//! daemon's own uid) takes `rotate` and `status`; `launch_socket` (0666,
+//! Two sockets: `control_socket` (0600, or 0660 with `control_group`; the
+//! peer must be root or the daemon's own uid, or a `control_group` member
+//! for `status` only) takes `rotate` and `status`; `launch_socket` (0666,
 //! but only root and the configured `launch_users` are admitted, checked
 //! with `SO_PEERCRED`) takes only `launched`.
 
