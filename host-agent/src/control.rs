@@ -9,8 +9,9 @@
 //! deadline, so a stuck or hostile local client costs the daemon nothing
 //! lasting.
 //!
-//! Two sockets: `control_socket` (0600, and the peer must be root or the
-//! daemon's own uid) takes `rotate` and `status`; `launch_socket` (0666,
+//! Two sockets: `control_socket` (0600, or 0660 with `control_group`; the
+//! peer must be root or the daemon's own uid, or a `control_group` member
+//! for `status` only) takes `rotate` and `status`; `launch_socket` (0666,
 //! but only root and the configured `launch_users` are admitted, checked
 //! with `SO_PEERCRED`) takes only `launched`.
 
@@ -462,90 +463,156 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 /// Marker name for entries left out of an over-long item.
 pub const OMITTED: &str = "…";
 
-/// Shrinks a rotate report until its line fits in `MAX_LINE`: unit results
-/// then credential outcomes are dropped from the end and replaced by one
-/// marker entry that says how many were left out. Nothing the guest sends
-/// can then break the reply.
+/// Room kept free below `MAX_LINE` while shrinking an item: the marker
+/// entries added afterwards and the reply's wrapping (`{"status":..}` and
+/// the newline) fit in it.
+const MARKER_ROOM: usize = 4 * 1024;
+
+/// The back half of `v` (all of it when one entry is left), removed.
+fn drain_half<T>(v: &mut Vec<T>) -> Vec<T> {
+    let keep = v.len() / 2;
+    v.split_off(keep)
+}
+
+/// The marker that stands for unit results left out: `ok` only when every
+/// one left out was, so a dropped failure stays visible.
+fn units_marker(dropped: &[UnitOutcome], what: &str) -> UnitOutcome {
+    UnitOutcome {
+        unit: OMITTED.into(),
+        action: "omitted".into(),
+        ok: dropped.iter().all(|u| u.ok),
+        error: Some(format!(
+            "{} more {what} left out (reply too long)",
+            dropped.len()
+        )),
+    }
+}
+
+/// Shrinks a rotate report until its line fits in `MAX_LINE`, whatever the
+/// guest sent: the units it still owes, then unit results, then credential
+/// outcomes are halved from the end and each cut list ends with one marker
+/// entry that says how many were left out; free text is cut last.
 pub fn bound_rotate(mut r: RotateReport) -> RotateReport {
     r.error = r.error.map(|e| bound_text(&e));
-    let mut dropped_units: Vec<UnitOutcome> = Vec::new();
-    let mut dropped_creds = 0usize;
-    while line_len(&r) > MAX_LINE {
-        if r.units.len() > 1 {
-            let keep = r.units.len() / 2;
-            dropped_units.extend(r.units.drain(keep..));
-        } else if r.credentials.len() > 1 {
-            let keep = r.credentials.len() / 2;
-            dropped_creds += r.credentials.len() - keep;
-            r.credentials.truncate(keep);
+    let mut owed: Vec<UnitOutcome> = Vec::new();
+    let mut units: Vec<UnitOutcome> = Vec::new();
+    let mut creds = 0usize;
+    while line_len(&r) > MAX_LINE - MARKER_ROOM {
+        if !r.owed_units.is_empty() {
+            owed.extend(drain_half(&mut r.owed_units));
+        } else if !r.units.is_empty() {
+            units.extend(drain_half(&mut r.units));
+        } else if !r.credentials.is_empty() {
+            creds += drain_half(&mut r.credentials).len();
         } else {
-            r.units.clear();
-            r.credentials.clear();
+            r.error = r.error.map(|e| shorten(&e, LAST_RESORT_TEXT));
+            r.vm = shorten(&r.vm, LAST_RESORT_TEXT);
             break;
         }
     }
-    if !dropped_units.is_empty() {
-        r.units.push(UnitOutcome {
-            unit: OMITTED.into(),
-            action: "omitted".into(),
-            // The marker must not hide a failure that was dropped.
-            ok: dropped_units.iter().all(|u| u.ok),
-            error: Some(format!(
-                "{} more unit results left out (reply too long)",
-                dropped_units.len()
-            )),
-        });
+    if !owed.is_empty() {
+        r.owed_units.push(units_marker(&owed, "owed unit actions"));
     }
-    if dropped_creds > 0 {
+    if !units.is_empty() {
+        r.units.push(units_marker(&units, "unit results"));
+    }
+    if creds > 0 {
         r.credentials.push(CredentialOutcome {
             name: OMITTED.into(),
             outcome: Outcome::Omitted,
             error: Some(format!(
-                "{dropped_creds} more credential results left out (reply too long)"
+                "{creds} more credential results left out (reply too long)"
             )),
         });
     }
     r
 }
 
-/// Shrinks a status item the same way.
+/// Shrinks a status item the same way: the units the guest still owes,
+/// then credentials, then the pins the guest claims, then free text.
 pub fn bound_status(mut s: VmStatus) -> VmStatus {
     s.last_error = s.last_error.map(|e| bound_text(&e));
-    let mut dropped = 0usize;
-    while line_len(&s) > MAX_LINE && !s.credentials.is_empty() {
-        let keep = s.credentials.len() / 2;
-        dropped += s.credentials.len() - keep;
-        s.credentials.truncate(keep);
+    s.guest_version = s.guest_version.map(|v| bound_text(&v));
+    let mut owed: Vec<UnitOutcome> = Vec::new();
+    let mut creds = 0usize;
+    let mut pins = 0usize;
+    while line_len(&s) > MAX_LINE - MARKER_ROOM {
+        if !s.owed_units.is_empty() {
+            owed.extend(drain_half(&mut s.owed_units));
+        } else if !s.credentials.is_empty() {
+            creds += drain_half(&mut s.credentials).len();
+        } else if !s.guest_pins.is_empty() {
+            pins += drain_half(&mut s.guest_pins).len();
+        } else {
+            s.last_error = s.last_error.map(|e| shorten(&e, LAST_RESORT_TEXT));
+            s.guest_version = s.guest_version.map(|v| shorten(&v, LAST_RESORT_TEXT));
+            s.vm = shorten(&s.vm, LAST_RESORT_TEXT);
+            s.target = shorten(&s.target, LAST_RESORT_TEXT);
+            break;
+        }
     }
-    if dropped > 0 {
+    if !owed.is_empty() {
+        s.owed_units.push(units_marker(&owed, "owed unit actions"));
+    }
+    if creds > 0 {
         s.credentials.push(CredentialStatus {
             name: OMITTED.into(),
             state: CredState::Omitted,
             error: Some(format!(
-                "{dropped} more credentials left out (reply too long)"
+                "{creds} more credentials left out (reply too long)"
             )),
             ..Default::default()
         });
+    }
+    if pins > 0 {
+        s.guest_pins.push(format!(
+            "{OMITTED} {pins} more pins left out (reply too long)"
+        ));
     }
     s
 }
 
 /// Longest free-text field kept in a reply.
 const MAX_TEXT: usize = 8 * 1024;
+/// Longest free-text field kept when a line is still too long with every
+/// list emptied (JSON escaping makes a control character six bytes).
+const LAST_RESORT_TEXT: usize = 1024;
 
 fn bound_text(s: &str) -> String {
-    if s.len() <= MAX_TEXT {
+    shorten(s, MAX_TEXT)
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), saying how
+/// much was left out: for text a peer controls that goes into a reply or
+/// a log line.
+pub fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut cut = MAX_TEXT;
+    let mut cut = max;
     while !s.is_char_boundary(cut) {
         cut -= 1;
     }
     format!("{}… ({} more bytes left out)", &s[..cut], s.len() - cut)
 }
 
+/// The length of `t`'s JSON, counted without building it.
 fn line_len<T: Serialize>(t: &T) -> usize {
-    serde_json::to_vec(t).map(|v| v.len()).unwrap_or(usize::MAX)
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match serde_json::to_writer(&mut c, t) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 #[cfg(test)]
@@ -671,6 +738,90 @@ mod tests {
         assert!(line_len(&Reply::Status(s.clone())) <= MAX_LINE);
         assert_eq!(s.credentials.last().unwrap().name, OMITTED);
         assert!(s.last_error.unwrap().len() < 9000);
+    }
+
+    /// What a hostile guest can make a unit entry: long names and errors
+    /// of 4-byte characters and of characters JSON escapes to six bytes.
+    fn hostile_units(n: usize) -> Vec<UnitOutcome> {
+        (0..n)
+            .map(|i| UnitOutcome {
+                unit: format!("{i}{}", "\u{10FFFD}".repeat(500)),
+                action: "\u{1}".repeat(500),
+                ok: false,
+                error: Some(format!(
+                    "{}{}",
+                    "\u{7}\"".repeat(2000),
+                    "\u{10FFFD}".repeat(2000)
+                )),
+            })
+            .collect()
+    }
+
+    /// The line as the CLI reads it: encoded, within `MAX_LINE`, decoded.
+    fn round_trip(reply: &Reply) -> Reply {
+        let line = encode_line(reply).unwrap();
+        assert!(line.len() <= MAX_LINE, "line of {} bytes", line.len());
+        decode_line(&line).unwrap()
+    }
+
+    #[test]
+    fn a_guests_owed_units_cannot_make_a_status_line_too_long() {
+        for n in [1, 7, 300, 1000] {
+            let s = bound_status(VmStatus {
+                vm: "a".into(),
+                owed_units: hostile_units(n),
+                guest_pins: vec!["\u{1}".repeat(100_000); 50],
+                guest_version: Some("\u{10FFFD}".repeat(100_000)),
+                credentials: vec![
+                    CredentialStatus {
+                        name: "c".into(),
+                        ..Default::default()
+                    };
+                    3
+                ],
+                ..Default::default()
+            });
+            let Reply::Status(back) = round_trip(&Reply::Status(s.clone())) else {
+                panic!("not a status line");
+            };
+            assert_eq!(back, s);
+            let marker = s.owed_units.last().unwrap();
+            assert_eq!(marker.unit, OMITTED, "n={n}");
+            assert!(!marker.ok, "owed actions are failures");
+            let kept = s.owed_units.len() - 1;
+            assert!(
+                marker
+                    .error
+                    .as_ref()
+                    .unwrap()
+                    .starts_with(&format!("{} more owed unit actions", n - kept)),
+                "{marker:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_guests_owed_units_cannot_make_a_rotate_line_too_long() {
+        for n in [1, 300, 1000] {
+            let r = bound_rotate(RotateReport {
+                vm: "a".into(),
+                owed_units: hostile_units(n),
+                units: hostile_units(n),
+                error: Some("\u{1}".repeat(1 << 20)),
+                ..Default::default()
+            });
+            let Reply::Rotate(back) = round_trip(&Reply::Rotate(r.clone())) else {
+                panic!("not a rotate line");
+            };
+            assert_eq!(back, r);
+            if n == 1 {
+                // Small enough once the error is cut: nothing left out.
+                assert_eq!(r.owed_units, hostile_units(1));
+                continue;
+            }
+            assert_eq!(r.owed_units.last().unwrap().unit, OMITTED, "n={n}");
+            assert_eq!(r.units.last().unwrap().unit, OMITTED, "n={n}");
+        }
     }
 
     /// Status JSON schema 1 and rotate reports: states and outcomes are

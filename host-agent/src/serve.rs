@@ -7,6 +7,8 @@
 //! writes. Connections are bounded per socket (the accept loop waits for a
 //! free slot, so the kernel's backlog is the queue), and control requests
 //! wait a bounded time for a work slot, then get an explicit `busy`.
+//! Read-only (`control_group`) clients have their own, smaller pools of
+//! connections and work slots, so they can never keep root waiting.
 
 mod limits;
 mod lock;
@@ -43,8 +45,15 @@ use socket::{Bound, Group};
 /// Connections open at once per socket; the next ones wait in the kernel's
 /// listen backlog until one finishes.
 const MAX_CONNECTIONS: usize = 256;
-/// Control requests worked on at once; others wait up to `QUEUE_WAIT`.
+/// Full-access (root) control requests worked on at once; others wait up
+/// to `QUEUE_WAIT`. Read-only requests never take these slots.
 const MAX_ACTIVE: usize = 32;
+/// Read-only (`control_group`) control requests worked on at once, from a
+/// pool of their own, so that read-only users cannot keep root waiting.
+const MAX_READ_ONLY_ACTIVE: usize = 4;
+/// Read-only connections open at once on the control socket; more are
+/// answered `busy` at once, so that they cannot fill the connection slots.
+const MAX_READ_ONLY_CONNECTIONS: usize = 16;
 /// How long a control request waits for a work slot before `busy`.
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// How long a control client has to send its request.
@@ -54,8 +63,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const LAUNCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refused clients (either socket) whose request line we wait for, at once.
 const MAX_REFUSING: usize = 16;
-/// How long a client may take to read one reply line.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may keep the daemon waiting on writes, in all, over
+/// its whole reply (not per line: a client that reads a little now and
+/// then would otherwise hold its slots for as long as it liked). Time the
+/// daemon spends waiting for guests does not count.
+const REPLY_WRITE_BUDGET: Duration = Duration::from_secs(10);
+/// Longest client-supplied text (such as a parse error, which quotes the
+/// request) put into a log line or an error reply.
+const SHOWN_TEXT: usize = 200;
 /// At most one wake-up per VM per this period; further `launched` lines
 /// are acknowledged and dropped, so a flood cannot become a storm of
 /// dials and Hellos at the guest.
@@ -82,7 +97,12 @@ struct Daemon {
     shared: Mutex<Shared>,
     /// Last wake-up sent per VM (only configured VMs are ever keys).
     wakes: Mutex<HashMap<String, Instant>>,
+    /// Work slots of full-access clients.
     work: Arc<Semaphore>,
+    /// Work slots of read-only clients.
+    read_only_work: Arc<Semaphore>,
+    /// Connections of read-only clients.
+    read_only_connections: Arc<Semaphore>,
     /// Refused clients waited on at once (see `refuse`).
     refusing: Arc<Semaphore>,
     logs: LogLimiter,
@@ -151,6 +171,8 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         }),
         wakes: Mutex::new(HashMap::new()),
         work: Arc::new(Semaphore::new(MAX_ACTIVE)),
+        read_only_work: Arc::new(Semaphore::new(MAX_READ_ONLY_ACTIVE)),
+        read_only_connections: Arc::new(Semaphore::new(MAX_READ_ONLY_CONNECTIONS)),
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         logs: LogLimiter::new(LOG_EVERY),
         me: nix::unistd::geteuid().as_raw(),
@@ -325,25 +347,41 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, kind: SocketKi
     }
 }
 
-/// Writes one reply line within `WRITE_TIMEOUT`.
-async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> Result<(), String> {
-    match tokio::time::timeout(WRITE_TIMEOUT, control::write_line(w, reply)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "the client did not read its reply within {WRITE_TIMEOUT:?}"
-        )),
-    }
+/// A reply's writer: every write of the reply draws on one budget of
+/// `REPLY_WRITE_BUDGET`, so a slow reader is cut off once it has kept the
+/// daemon waiting that long in all, however it paces its reads.
+struct Out<W> {
+    w: W,
+    left: Duration,
 }
 
-/// Writes reply lines in one write within `WRITE_TIMEOUT`.
-async fn send_lines<W: AsyncWrite + Unpin>(w: &mut W, replies: &[Reply]) -> Result<(), String> {
-    match tokio::time::timeout(WRITE_TIMEOUT, control::write_lines(w, replies)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "the client did not read its reply within {WRITE_TIMEOUT:?}"
-        )),
+impl<W: AsyncWrite + Unpin> Out<W> {
+    fn new(w: W) -> Self {
+        Out {
+            w,
+            left: REPLY_WRITE_BUDGET,
+        }
+    }
+
+    /// Writes one reply line.
+    async fn send(&mut self, reply: &Reply) -> Result<(), String> {
+        self.send_lines(std::slice::from_ref(reply)).await
+    }
+
+    /// Writes reply lines in one write.
+    async fn send_lines(&mut self, replies: &[Reply]) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        let written =
+            tokio::time::timeout(self.left, control::write_lines(&mut self.w, replies)).await;
+        self.left = self.left.saturating_sub(started.elapsed());
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the client did not read its reply: it kept the daemon waiting \
+                 {REPLY_WRITE_BUDGET:?} in all; connection closed"
+            )),
+        }
     }
 }
 
@@ -446,9 +484,9 @@ impl Daemon {
             }
             self.refuse(
                 s,
-                format!(
+                Reply::Error(format!(
                     "uid {uid} may not notify launches; add its user to launch_users in the host config"
-                ),
+                )),
             )
             .await;
             return;
@@ -458,13 +496,14 @@ impl Daemon {
             Ok(Request::Launched { vm }) => self.launched(&vm),
             Ok(_) => Reply::Error("the launch socket only takes launched".into()),
             Err(e) => {
+                let e = control::shorten(&e.to_string(), SHOWN_TEXT);
                 if let Some(suppressed) = self.logs.allow(Repeated::BadRequest) {
                     warn!(uid, error = %e, suppressed, "bad request on the launch socket");
                 }
                 Reply::Error(format!("bad request: {e}"))
             }
         };
-        let _ = send(&mut s, &reply).await;
+        let _ = Out::new(&mut s).send(&reply).await;
     }
 
     fn launched(&self, vm: &str) -> Reply {
@@ -496,16 +535,17 @@ impl Daemon {
         Reply::Ok
     }
 
-    /// Answers a refused peer with `why`. Its connection slot is already
-    /// given back; from a small pool of its own it may first finish writing
-    /// its line, so that it reads the reason rather than a broken pipe. When
-    /// that pool is full the reason is written at once.
-    async fn refuse(&self, mut s: UnixStream, why: String) {
+    /// Answers a refused peer with `why` (an error, or `busy`). Its
+    /// connection slot is already given back; from a small pool of its own
+    /// it may first finish writing its line, so that it reads the reason
+    /// rather than a broken pipe. When that pool is full the reason is
+    /// written at once.
+    async fn refuse(&self, mut s: UnixStream, why: Reply) {
         if let Ok(_refusing) = self.refusing.clone().try_acquire_owned() {
             let _ =
                 control::read_line::<_, serde_json::Value>(&mut s, LAUNCH_REQUEST_TIMEOUT).await;
         }
-        let _ = send(&mut s, &Reply::Error(why)).await;
+        let _ = Out::new(&mut s).send(&why).await;
     }
 
     /// What a control peer may do: everything as root or the agent's own
@@ -550,51 +590,78 @@ impl Daemon {
             if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
                 warn!(uid, suppressed, "refused a control client");
             }
-            self.refuse(s, format!("uid {uid} may not use the control socket"))
-                .await;
+            self.refuse(
+                s,
+                Reply::Error(format!("uid {uid} may not use the control socket")),
+            )
+            .await;
             return;
         }
-        let _slot = slot;
-        let (r, mut w) = s.into_split();
-        let req: Request = match control::read_line(r, REQUEST_TIMEOUT).await {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(suppressed) = self.logs.allow(Repeated::BadRequest) {
-                    warn!(uid, error = %e, suppressed, "bad request on the control socket");
-                }
-                let _ = send(&mut w, &Reply::Error(format!("bad request: {e}"))).await;
-                return;
-            }
-        };
-        let _work = match tokio::time::timeout(QUEUE_WAIT, self.work.clone().acquire_owned()).await
-        {
-            Ok(Ok(p)) => p,
-            _ => {
+        // Read-only clients hold at most a few of the connection slots and
+        // none of root's work slots: they cannot keep root waiting.
+        let (_read_only_connection, pool, pool_size, class) = if access == Access::ReadOnly {
+            let Ok(c) = self.read_only_connections.clone().try_acquire_owned() else {
+                drop(slot);
                 if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
-                    warn!(suppressed, "control request refused: busy");
+                    warn!(uid, suppressed, "read-only control client refused: busy");
                 }
-                let _ = send(
-                    &mut w,
-                    &Reply::Busy(format!(
-                        "{MAX_ACTIVE} requests were being served for {QUEUE_WAIT:?}; nothing was done, try again"
+                self.refuse(
+                    s,
+                    Reply::Busy(format!(
+                        "{MAX_READ_ONLY_CONNECTIONS} read-only (control_group) connections \
+                         were open; nothing was done, try again"
                     )),
                 )
                 .await;
+                return;
+            };
+            (
+                Some(c),
+                &self.read_only_work,
+                MAX_READ_ONLY_ACTIVE,
+                "read-only (control_group)",
+            )
+        } else {
+            (None, &self.work, MAX_ACTIVE, "root")
+        };
+        let _slot = slot;
+        let (r, w) = s.into_split();
+        let mut w = Out::new(w);
+        let req: Request = match control::read_line(r, REQUEST_TIMEOUT).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = control::shorten(&e.to_string(), SHOWN_TEXT);
+                if let Some(suppressed) = self.logs.allow(Repeated::BadRequest) {
+                    warn!(uid, error = %e, suppressed, "bad request on the control socket");
+                }
+                let _ = w.send(&Reply::Error(format!("bad request: {e}"))).await;
+                return;
+            }
+        };
+        let _work = match tokio::time::timeout(QUEUE_WAIT, pool.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
+                    warn!(uid, suppressed, "{class} control request refused: busy");
+                }
+                let _ = w
+                    .send(&Reply::Busy(format!(
+                        "all {pool_size} work slots for {class} requests stayed taken for \
+                         {QUEUE_WAIT:?}; nothing was done, try again"
+                    )))
+                    .await;
                 return;
             }
         };
         let result = match req {
             Request::Status { vms } => self.status(&mut w, &vms).await,
             _ if access != Access::Full => {
-                send(
-                    &mut w,
-                    &Reply::Error(format!(
-                        "uid {uid} may only read status (control_group); rotate needs root"
-                    )),
-                )
+                w.send(&Reply::Error(format!(
+                    "uid {uid} may only read status (control_group); rotate needs root"
+                )))
                 .await
             }
-            Request::Launched { vm } => send(&mut w, &self.launched(&vm)).await,
+            Request::Launched { vm } => w.send(&self.launched(&vm)).await,
             Request::RotateKey {
                 step,
                 force,
@@ -637,7 +704,7 @@ impl Daemon {
     /// per VM follows once it has (or `timeout` passed).
     async fn rotate_key<W: AsyncWrite + Unpin>(
         &self,
-        w: &mut W,
+        w: &mut Out<W>,
         step: KeyStep,
         force: bool,
         timeout: Duration,
@@ -650,9 +717,8 @@ impl Daemon {
                 .map(|h| &h.vm.name)
                 .collect();
             if !lacking.is_empty() {
-                return send(
-                    w,
-                    &Reply::Error(format!(
+                return w
+                    .send(&Reply::Error(format!(
                         "not switching: {} not acknowledged the next key's pin (see `vmcred-host \
                          status`). Wait for them to connect, or `switch --force`: they then \
                          fall back to the previous key until `retire`, after which they must be \
@@ -662,16 +728,15 @@ impl Daemon {
                         } else {
                             format!("VMs {} have", some_names(&lacking))
                         }
-                    )),
-                )
-                .await;
+                    )))
+                    .await;
             }
         }
         let keys = self.keys.clone();
         let outcome = match tokio::task::spawn_blocking(move || keys.step(step)).await {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => return send(w, &Reply::Error(e.to_string())).await,
-            Err(e) => return send(w, &Reply::Error(format!("internal error: {e}"))).await,
+            Ok(Err(e)) => return w.send(&Reply::Error(e.to_string())).await,
+            Err(e) => return w.send(&Reply::Error(format!("internal error: {e}"))).await,
         };
         let report = control::KeyReport {
             step,
@@ -681,7 +746,7 @@ impl Daemon {
             next_pin: self.keys.next_pin().map(|p| p.to_string()),
             previous_pin: self.keys.prev().map(|k| k.pin.to_string()),
         };
-        send(w, &Reply::Key(report)).await?;
+        w.send(&Reply::Key(report)).await?;
         if outcome == keyring::StepOutcome::Done || step == KeyStep::Prepare {
             let mut waits = JoinSet::new();
             for h in vms.values() {
@@ -696,34 +761,41 @@ impl Daemon {
         }
         let mut count = 0u64;
         for h in vms.values() {
-            send(w, &Reply::Status(control::bound_status(self.vm_status(h)))).await?;
+            w.send(&Reply::Status(control::bound_status(self.vm_status(h))))
+                .await?;
             count += 1;
         }
-        send(w, &Reply::Done { count }).await
+        w.send(&Reply::Done { count }).await
     }
 
     /// One line per VM from the current table, then `done`.
     async fn status<W: AsyncWrite + Unpin>(
         &self,
-        w: &mut W,
+        w: &mut Out<W>,
         only: &[String],
     ) -> Result<(), String> {
         let (vms, _) = self.snapshot();
         if let Some(e) = unknown_vms(&vms, only) {
-            return send(w, &Reply::Unknown(e)).await;
+            return w.send(&Reply::Unknown(e)).await;
         }
         let mut count = 0u64;
+        // Each VM once, however often it was named: the reply is never
+        // longer than the table.
+        let mut seen = std::collections::BTreeSet::new();
         let selected: Vec<&VmHandle> = if only.is_empty() {
             vms.values().collect()
         } else {
-            only.iter().filter_map(|n| vms.get(n)).collect()
+            only.iter()
+                .filter(|n| seen.insert(n.as_str()))
+                .filter_map(|n| vms.get(n))
+                .collect()
         };
         for h in selected {
             let item = self.vm_status(h);
-            send(w, &Reply::Status(control::bound_status(item))).await?;
+            w.send(&Reply::Status(control::bound_status(item))).await?;
             count += 1;
         }
-        send(w, &Reply::Done { count }).await
+        w.send(&Reply::Done { count }).await
     }
 
     /// Rotates each named VM (or all) at once; streams each VM's report as
@@ -731,7 +803,7 @@ impl Daemon {
     /// guest, if a VM or credential is not in the config.
     async fn rotate<W: AsyncWrite + Unpin>(
         &self,
-        w: &mut W,
+        w: &mut Out<W>,
         only: Vec<String>,
         all: bool,
         credentials: Vec<String>,
@@ -742,7 +814,7 @@ impl Daemon {
             (true, true) => vms.values().cloned().collect(),
             (false, false) => {
                 if let Some(e) = unknown_vms(&vms, &only) {
-                    return send(w, &Reply::Unknown(e)).await;
+                    return w.send(&Reply::Unknown(e)).await;
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 only.iter()
@@ -751,14 +823,14 @@ impl Daemon {
                     .collect()
             }
             (true, false) => {
-                return send(w, &Reply::Error("name VMs or ask for all, not both".into())).await
+                return w
+                    .send(&Reply::Error("name VMs or ask for all, not both".into()))
+                    .await
             }
             (false, true) => {
-                return send(
-                    w,
-                    &Reply::Error("name at least one VM, or ask for all".into()),
-                )
-                .await
+                return w
+                    .send(&Reply::Error("name at least one VM, or ask for all".into()))
+                    .await
             }
         };
         for h in &selected {
@@ -767,15 +839,13 @@ impl Daemon {
                 .filter(|c| !h.vm.credentials.contains_key(*c))
                 .collect();
             if !missing.is_empty() {
-                return send(
-                    w,
-                    &Reply::Unknown(format!(
+                return w
+                    .send(&Reply::Unknown(format!(
                         "VM {} has no credential named {}; nothing was rotated",
                         h.vm.name,
                         some_names(&missing)
-                    )),
-                )
-                .await;
+                    )))
+                    .await;
             }
         }
         let mut running = JoinSet::new();
@@ -796,11 +866,11 @@ impl Daemon {
             if running.is_empty() {
                 // The last report and the end in one write (a single-VM
                 // rotate's whole answer): the client wakes once.
-                return send_lines(w, &[line, Reply::Done { count }]).await;
+                return w.send_lines(&[line, Reply::Done { count }]).await;
             }
-            send(w, &line).await?;
+            w.send(&line).await?;
         }
-        send(w, &Reply::Done { count }).await
+        w.send(&Reply::Done { count }).await
     }
 }
 

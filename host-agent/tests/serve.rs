@@ -597,3 +597,211 @@ fn control_group_members_may_read_status_but_not_rotate() {
     );
     assert!(all.contains("may only read status"), "{all}");
 }
+
+/// An agent with `n` VMs at missing sockets and `top` in its config.
+fn agent_with_vms(top: &str, n: usize) -> Agent {
+    let dir = Agent::config(top, "");
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let vms = vms_at_missing_sockets(&dir.path().display().to_string(), n);
+    std::fs::write(&cfg, format!("{text}{vms}")).unwrap();
+    Agent::start_in(dir, None)
+}
+
+/// Reads whatever has arrived on the non-blocking `s` without waiting;
+/// whether the daemon closed the connection.
+fn drain(s: &mut UnixStream, got: &mut Vec<u8>) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// How often the slow readers below take what has arrived: well within
+/// the old per-line write deadline (10 s), so each of them could hold its
+/// slot for as long as its reply lasted.
+const SLOW_READ_EVERY: Duration = Duration::from_secs(4);
+
+#[test]
+fn status_names_each_vm_once_however_often_it_is_named() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let req = serde_json::json!({"cmd": "status", "vms": vec!["a"; 50_000]});
+    let lines = exchange(
+        UnixStream::connect(agent.control()).unwrap(),
+        &req.to_string(),
+    );
+    assert_eq!(lines.len(), 2, "{} lines", lines.len());
+    assert!(
+        lines[0].starts_with("{\"status\":{\"vm\":\"a\""),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[1], r#"{"done":{"count":1}}"#);
+}
+
+#[test]
+fn a_huge_bogus_command_gives_a_short_log_line_and_a_short_reply() {
+    let agent = Agent::start("", "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n");
+    let bogus = format!("{{\"cmd\":\"{}\"}}", "x".repeat(200_000));
+    let mut replies = Vec::new();
+    for socket in [agent.control(), agent.launch()] {
+        replies.push((
+            socket.clone(),
+            exchange(UnixStream::connect(&socket).unwrap(), &bogus),
+        ));
+    }
+    // Bad requests are logged once per 10 s (the start-up probe's empty
+    // connection was one): send it again until its whole line is logged.
+    let logged = |log: &str| {
+        log.find("unknown variant")
+            .is_some_and(|at| log[at..].contains('\n'))
+    };
+    wait_for(Duration::from_secs(40), || {
+        if logged(&agent.log()) {
+            return true;
+        }
+        exchange(UnixStream::connect(agent.control()).unwrap(), &bogus);
+        std::thread::sleep(Duration::from_millis(500));
+        logged(&agent.log())
+    });
+    let log = agent.log();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1000, "a log line of {longest} bytes");
+    for (socket, lines) in replies {
+        assert_eq!(lines.len(), 1, "{socket:?}");
+        assert!(lines[0].contains("bad request"), "{}", lines[0]);
+        assert!(
+            lines[0].len() < 1000,
+            "{socket:?}: {} bytes",
+            lines[0].len()
+        );
+    }
+}
+
+#[test]
+fn a_slow_reader_is_cut_off_once_it_has_kept_the_daemon_waiting_long_enough() {
+    let agent = agent_with_vms("", 2000);
+    let mut s = UnixStream::connect(agent.control()).unwrap();
+    s.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(180);
+    loop {
+        std::thread::sleep(SLOW_READ_EVERY);
+        if drain(&mut s, &mut got) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "never cut off ({} bytes read)",
+            got.len()
+        );
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        !text.contains("{\"done\""),
+        "the slow reader was served its whole reply ({} lines)",
+        text.lines().count()
+    );
+    wait_for(Duration::from_secs(20), || {
+        agent.log().contains("kept the daemon waiting")
+    });
+}
+
+/// Not a test on its own: `read_only_slow_readers_cannot_make_root_busy`
+/// runs it as `nobody`. It opens `VMCRED_SLOW_READERS` control connections,
+/// asks each for the status of every VM (each named ten times), then reads
+/// what has arrived every `SLOW_READ_EVERY`, saying after each round how
+/// many connections are still open.
+#[test]
+#[ignore]
+fn slow_read_only_readers() {
+    let Ok(socket) = std::env::var("VMCRED_SLOW_READER_SOCKET") else {
+        return;
+    };
+    let n: usize = std::env::var("VMCRED_SLOW_READERS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let vms: usize = std::env::var("VMCRED_SLOW_READER_VMS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let names: Vec<String> = (0..10)
+        .flat_map(|_| (0..vms).map(|i| format!("vm{i}")))
+        .collect();
+    let mut req = serde_json::json!({"cmd": "status", "vms": names}).to_string();
+    req.push('\n');
+    let mut conns: Vec<Option<UnixStream>> = (0..n)
+        .map(|_| {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            // A connection refused at once may be closed before all of it
+            // is written.
+            let _ = s.write_all(req.as_bytes());
+            s.set_nonblocking(true).unwrap();
+            Some(s)
+        })
+        .collect();
+    for round in 1..=100 {
+        std::thread::sleep(SLOW_READ_EVERY);
+        for c in conns.iter_mut() {
+            if let Some(s) = c {
+                let mut got = Vec::new();
+                if drain(s, &mut got) {
+                    *c = None;
+                }
+            }
+        }
+        let open = conns.iter().filter(|c| c.is_some()).count();
+        println!("round {round} open {open}");
+        if open == 0 {
+            return;
+        }
+    }
+}
+
+#[test]
+fn read_only_slow_readers_cannot_make_root_busy() {
+    let agent = agent_with_vms("control_group = \"nogroup\"", 2000);
+    // More slow readers than the daemon had work slots in all.
+    let mut readers = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "slow_read_only_readers",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("VMCRED_SLOW_READER_SOCKET", agent.control())
+        .env("VMCRED_SLOW_READERS", "40")
+        .env("VMCRED_SLOW_READER_VMS", "2000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(readers.stdout.take().unwrap());
+    let mut lines = out.lines();
+    // Two rounds in, every slow reader that got a slot holds it.
+    let second = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("round 2 "));
+    assert!(second.is_some(), "the slow readers did not start");
+    let reply = exchange(
+        UnixStream::connect(agent.control()).unwrap(),
+        r#"{"cmd":"rotate","vms":["vm0"],"timeout_ms":500}"#,
+    );
+    let _ = readers.kill();
+    let _ = readers.wait();
+    assert!(
+        reply.first().is_some_and(|l| l.starts_with("{\"rotate\"")),
+        "{reply:?}"
+    );
+    assert!(reply.iter().all(|l| !l.contains("busy")), "{reply:?}");
+}
