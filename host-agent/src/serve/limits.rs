@@ -3,9 +3,7 @@
 //! guest; when they run out, `accept` fails at once, and a loop that only
 //! logs and retries would spin a core and flood the journal.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long an accept loop sleeps after running out of descriptors (or
 /// kernel memory): long enough for connections to finish, short enough not
@@ -61,62 +59,14 @@ pub enum Repeated {
     WriteFailed,
 }
 
-/// At most one line per kind per `every`; the next line that gets through
-/// says how many were suppressed in between.
-pub struct LogLimiter {
-    every: Duration,
-    seen: Mutex<HashMap<Repeated, (Instant, u64)>>,
-}
-
-impl LogLimiter {
-    pub fn new(every: Duration) -> Self {
-        LogLimiter {
-            every,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// `Some(suppressed)` when a line of `kind` may be written now.
-    pub fn allow(&self, kind: Repeated) -> Option<u64> {
-        let Ok(mut seen) = self.seen.lock() else {
-            return Some(0);
-        };
-        let now = Instant::now();
-        match seen.get_mut(&kind) {
-            Some((last, suppressed)) if now.duration_since(*last) < self.every => {
-                *suppressed += 1;
-                None
-            }
-            Some((last, suppressed)) => {
-                let n = *suppressed;
-                *last = now;
-                *suppressed = 0;
-                Some(n)
-            }
-            None => {
-                seen.insert(kind, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
+/// At most one line per kind per period (`proto::loglimit`, shared with
+/// the guest's refusal log); the next line that gets through says how many
+/// were suppressed in between.
+pub type LogLimiter = vmcred_proto::loglimit::LogLimiter<Repeated>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limiter_lets_one_line_through_per_period_and_counts_the_rest() {
-        let l = LogLimiter::new(Duration::from_millis(200));
-        assert_eq!(l.allow(Repeated::Busy), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(l.allow(Repeated::Busy), None);
-        }
-        // Other kinds are independent.
-        assert_eq!(l.allow(Repeated::AcceptLaunch), Some(0));
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(l.allow(Repeated::Busy), Some(1000));
-    }
 
     #[test]
     fn soft_limit_reaches_the_hard_limit() {
