@@ -127,6 +127,17 @@ fn remove(p: &Path) -> Result<(), KeyError> {
     }
 }
 
+/// Removes a retired key's files, its pin (the marker) first.
+fn remove_retired(n: &Names) -> Result<(), KeyError> {
+    remove(&n.pin)?;
+    remove(&n.key)?;
+    remove(&n.crt)?;
+    if let Some(dir) = n.pin.parent() {
+        sync_dir(dir);
+    }
+    Ok(())
+}
+
 fn rename_if_present(from: &Path, to: &Path) -> Result<(), KeyError> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
@@ -180,6 +191,14 @@ impl KeyRing {
             finish_switch(dir)?;
         }
         let current = Identity::load_or_create(dir)?;
+        // Remains of a retire that was killed part-way: the previous key's
+        // pin without its key (the order of earlier versions, or a key
+        // shredded by hand), or its key without the pin (this version's
+        // order). Either way the retire was asked for: finish it.
+        if prev.pin.exists() != prev.key.exists() || (!prev.pin.exists() && prev.crt.exists()) {
+            tracing::warn!("finishing a retire of the previous host key that was interrupted");
+            remove_retired(&prev)?;
+        }
         let next_id = load_marked(&next)?;
         let prev_id = load_marked(&prev)?;
         let keys = Keys {
@@ -321,10 +340,11 @@ impl KeyRing {
         if k.prev.is_none() && !prev.key.exists() {
             return Ok(StepOutcome::AlreadyDone);
         }
-        remove(&prev.key)?;
-        remove(&prev.crt)?;
-        remove(&prev.pin)?;
-        sync_dir(&self.dir);
+        // The pin file first: it is what marks the previous key as one to
+        // load, so a retire killed part-way leaves files that `load`
+        // ignores and removes, never a pin without its key (which stopped
+        // the agent from starting).
+        remove_retired(&prev)?;
         if let Some(old) = k.prev.take() {
             tracing::info!(retired = %old.pin, "retired the previous host key");
         }
@@ -449,6 +469,45 @@ mod tests {
         assert_eq!(ring.current().pin, next);
         assert_eq!(ring.prev().unwrap().pin, first);
         assert_eq!(ring.phase(), Phase::Switched);
+    }
+
+    /// A retire killed part-way, in either order of its removals (this
+    /// version removes the pin first; earlier ones removed the key first,
+    /// and an admin may shred the old key by hand): the agent starts, the
+    /// retire is finished, and the current key is untouched. Before, a pin
+    /// left without its key stopped every start (found in review).
+    #[test]
+    fn a_retire_cut_short_is_finished_on_load() {
+        for gone in ["host.prev.key", "host.prev.pin"] {
+            let d = tempfile::tempdir().unwrap();
+            let ring = KeyRing::load(d.path()).unwrap();
+            ring.step(KeyStep::Prepare).unwrap();
+            ring.step(KeyStep::Switch).unwrap();
+            let current = ring.current().pin;
+            drop(ring);
+            std::fs::remove_file(d.path().join(gone)).unwrap();
+            let ring = KeyRing::load(d.path()).unwrap_or_else(|e| panic!("{gone} removed: {e}"));
+            assert_eq!(ring.current().pin, current, "{gone}");
+            assert!(ring.prev().is_none(), "{gone}");
+            assert_eq!(ring.phase(), Phase::Steady, "{gone}");
+            for f in ["host.prev.key", "host.prev.crt", "host.prev.pin"] {
+                assert!(!d.path().join(f).exists(), "{gone}: {f} left");
+            }
+        }
+    }
+
+    /// A host certificate that is gone (a first start killed between the
+    /// key and the certificate by an earlier version, or removed by hand)
+    /// is made again for the same key: the pin every guest holds stays.
+    #[test]
+    fn a_missing_certificate_is_made_again_for_the_same_key() {
+        let d = tempfile::tempdir().unwrap();
+        let pin = KeyRing::load(d.path()).unwrap().current().pin;
+        std::fs::remove_file(d.path().join("host.crt")).unwrap();
+        let ring = KeyRing::load(d.path()).unwrap();
+        assert_eq!(ring.current().pin, pin);
+        assert_eq!(pin_file(d.path(), "host").unwrap(), pin.to_string());
+        assert!(d.path().join("host.crt").exists());
     }
 
     #[test]

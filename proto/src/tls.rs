@@ -131,6 +131,23 @@ impl Identity {
         })
     }
 
+    /// A new self-signed certificate for an existing PKCS#8 key: the same
+    /// SubjectPublicKeyInfo, so the same [`Pin`].
+    #[cfg(feature = "host")]
+    fn certify(name: &str, key_pkcs8: Zeroizing<Vec<u8>>) -> Result<Identity, TlsError> {
+        let key = rcgen::KeyPair::try_from(key_pkcs8.as_slice())
+            .map_err(|e| TlsError::Generate(format!("the host key is not usable: {e}")))?;
+        let params = rcgen::CertificateParams::new(vec![name.to_string()])
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok(Identity {
+            cert: cert.der().clone(),
+            key_pkcs8,
+        })
+    }
+
     #[cfg(feature = "host")]
     /// Loads the host identity from `dir`, or creates it there on first
     /// start: `host.key` (0600), `host.crt` and `host.pin` (0644, public;
@@ -146,7 +163,25 @@ impl Identity {
             let key = Zeroizing::new(
                 std::fs::read(&key_path).map_err(|e| err(&key_path, e.to_string()))?,
             );
-            let cert = std::fs::read(&cert_path).map_err(|e| err(&cert_path, e.to_string()))?;
+            let cert = match std::fs::read(&cert_path) {
+                Ok(c) => c,
+                // A start killed between the two writes of an earlier
+                // version (key first), or a certificate removed by hand:
+                // the key is what guests pin (its SPKI), so a new
+                // self-signed certificate for it keeps the pin. Making a
+                // new key instead would lock every guest out.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let id = Identity::certify("vmcred-host", key.clone())?;
+                    write_file(&cert_path, id.cert.as_ref(), 0o644)
+                        .map_err(|e| err(&cert_path, e))?;
+                    tracing::warn!(
+                        path = %cert_path.display(),
+                        "the host certificate was missing; made a new one for the same key (same pin)"
+                    );
+                    id.cert.to_vec()
+                }
+                Err(e) => return Err(err(&cert_path, e.to_string())),
+            };
             let mode = std::fs::metadata(&key_path)
                 .map_err(|e| err(&key_path, e.to_string()))?
                 .permissions();
@@ -168,9 +203,12 @@ impl Identity {
                 .map_err(|e| err(&key_path, format!("does not match host.crt: {e}")))?;
             id
         } else {
+            // The certificate first: the key's presence is what marks the
+            // pair complete, so a start killed in between makes a new pair
+            // next time (no pin was written, so no guest holds this one).
             let id = Identity::generate("vmcred-host")?;
-            write_file(&key_path, &id.key_pkcs8, 0o600).map_err(|e| err(&key_path, e))?;
             write_file(&cert_path, id.cert.as_ref(), 0o644).map_err(|e| err(&cert_path, e))?;
+            write_file(&key_path, &id.key_pkcs8, 0o600).map_err(|e| err(&key_path, e))?;
             id
         };
         let pin_path = dir.join("host.pin");
