@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use vmcred_proto::rpc::pb::UnitResult;
+use vmcred_proto::rules::UNIT_ACTIONS_BUDGET;
 
 use crate::config::GuestConfig;
 
@@ -103,16 +104,45 @@ impl UnitRunner {
         self
     }
 
-    /// Runs the planned actions one after the other, in order.
+    /// Runs the planned actions one after the other, in order, within
+    /// [`UNIT_ACTIONS_BUDGET`] in all: the host waits for the `Apply`
+    /// reply, which comes after these. An action whose turn comes after
+    /// the budget is spent is not run and reported as failed, so it stays
+    /// owed and is retried after the reply.
     pub async fn run_all(&self, plan: &[(String, Action)]) -> Vec<UnitResult> {
+        self.run_all_within(plan, UNIT_ACTIONS_BUDGET).await
+    }
+
+    async fn run_all_within(&self, plan: &[(String, Action)], budget: Duration) -> Vec<UnitResult> {
+        let until = tokio::time::Instant::now() + budget;
         let mut out = Vec::with_capacity(plan.len());
         for (unit, action) in plan {
-            out.push(self.run(unit, *action).await);
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                let error = format!(
+                    "not run yet: this push's unit actions used their {} (the host waits for \
+                     them); owed, and retried shortly",
+                    humantime::format_duration(budget)
+                );
+                tracing::warn!(unit, action = action.as_str(), %error, "unit action deferred");
+                out.push(UnitResult {
+                    unit: unit.clone(),
+                    action: action.as_str().to_string(),
+                    ok: false,
+                    error,
+                });
+                continue;
+            }
+            out.push(self.run_for(unit, *action, self.timeout.min(left)).await);
         }
         out
     }
 
     pub async fn run(&self, unit: &str, action: Action) -> UnitResult {
+        self.run_for(unit, action, self.timeout).await
+    }
+
+    async fn run_for(&self, unit: &str, action: Action, timeout: Duration) -> UnitResult {
         let result = |ok: bool, error: String| UnitResult {
             unit: unit.to_string(),
             action: action.as_str().to_string(),
@@ -137,7 +167,7 @@ impl UnitRunner {
                 return result(false, error);
             }
         };
-        let output = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
+        let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 let error = format!("waiting for systemctl: {e}");
@@ -149,7 +179,7 @@ impl UnitRunner {
                 let error = format!(
                     "systemctl {} {unit} did not finish within {}",
                     action.verb(),
-                    humantime::format_duration(self.timeout)
+                    humantime::format_duration(timeout)
                 );
                 tracing::warn!(unit, action = action.as_str(), %error, "unit action failed");
                 return result(false, error);
@@ -285,6 +315,31 @@ mod tests {
             res.error
         );
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// The actions of one push share one budget: what does not fit is
+    /// not run (so it stays owed) and the reply is not held past it. A
+    /// unit slow to restart used to hold the reply for 60 s per action,
+    /// past the host's deadline, which then dropped the session.
+    #[tokio::test]
+    async fn actions_share_one_budget_and_the_rest_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = script(dir.path(), "sleep 30");
+        let r = UnitRunner::new(sc);
+        let plan = vec![
+            ("slow.service".to_string(), Action::Restart),
+            ("next.service".to_string(), Action::Restart),
+        ];
+        let out = r.run_all_within(&plan, Duration::from_millis(300)).await;
+        assert_eq!(out.len(), 2);
+        assert!(
+            !out[0].ok && out[0].error.contains("did not finish"),
+            "{out:?}"
+        );
+        assert!(
+            !out[1].ok && out[1].error.contains("not run yet"),
+            "{out:?}"
+        );
     }
 
     #[test]

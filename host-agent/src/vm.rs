@@ -1030,7 +1030,14 @@ impl VmTask {
         };
         let mut busy = 0u32;
         let reply = loop {
-            let sent = tokio::time::timeout(self.timing.rpc_timeout, client.apply(request())).await;
+            // The guest answers once its unit actions are done, which it
+            // bounds by UNIT_ACTIONS_BUDGET: a unit slow to restart is not
+            // a lost guest.
+            let sent = tokio::time::timeout(
+                self.timing.rpc_timeout + rules::UNIT_ACTIONS_BUDGET,
+                client.apply(request()),
+            )
+            .await;
             let status = match sent {
                 Err(_) => return Err(format!("Apply of generation {generation} timed out")),
                 Ok(Ok(r)) => break r.into_inner(),

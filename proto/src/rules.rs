@@ -25,6 +25,12 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_CREDENTIALS_PER_MESSAGE: usize = 1000;
 /// Largest gRPC message either side decodes: a full set plus framing.
 pub const MAX_MESSAGE_BYTES: usize = MAX_TOTAL_BYTES + 256 * 1024;
+/// How long the guest spends at most on unit actions (restarts, reloads)
+/// before it answers an `Apply`: actions it did not reach stay owed and
+/// are retried after the reply. The host waits this much longer for an
+/// `Apply` than for other calls, so a unit that is slow to restart does
+/// not look like a lost guest.
+pub const UNIT_ACTIONS_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 /// Name of the bootstrap credential the guest reads at start.
 pub const BOOTSTRAP_CREDENTIAL: &str = "vmcred.bootstrap";
 /// Suffix of the guest store's temporary files (`.NAME.vmcred-tmp`).

@@ -397,7 +397,7 @@ impl World {
         std::fs::write(
             &systemctl,
             format!(
-                "#!/bin/sh\n# Records unit actions; the real systemctl runs in the VM test.\necho \"$@\" >> '{}'\n",
+                "#!/bin/sh\n# Records unit actions; the real systemctl runs in the VM test.\n[ -z \"$VMCRED_TEST_SYSTEMCTL_SLEEP\" ] || sleep \"$VMCRED_TEST_SYSTEMCTL_SLEEP\"\necho \"$@\" >> '{}'\n",
                 g.systemctl_log.display()
             ),
         )?;

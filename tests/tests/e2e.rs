@@ -546,3 +546,31 @@ fn rotate_rereads_a_source_rewritten_in_place_through_a_mapping() {
         w.logs()
     );
 }
+
+/// A unit slower to restart than the host's `rpc_timeout` (10 s in these
+/// worlds): the guest answers the `Apply` once the restart is done, within
+/// its unit-action budget, and the host waits that long for an `Apply`
+/// rather than dropping the session as lost and redialling (found in
+/// review: every push to such a VM timed out and reported a failure).
+#[test]
+fn a_unit_slower_than_the_rpc_timeout_is_not_a_lost_guest() {
+    let mut w = world(false);
+    let g = w.guests.get_mut(VM).unwrap();
+    g.units
+        .insert("API_KEY".into(), vec!["slow.service".into()]);
+    g.env
+        .push(("VMCRED_TEST_SYSTEMCTL_SLEEP".into(), "12".into()));
+    w.set_secret(VM, "API_KEY", b"k1", false).unwrap();
+    w.start_host().unwrap();
+    w.boot_guest(VM).unwrap();
+    w.wait_for_guest_value(VM, "API_KEY", b"k1", T).unwrap();
+    w.set_secret(VM, "API_KEY", b"k2", false).unwrap();
+    let out = w.rotate(VM, &["API_KEY"], "60s").unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), w.logs());
+    assert!(stdout(&out).contains("slow.service"), "{}", stdout(&out));
+    let logs = w.logs();
+    assert!(
+        !logs.contains("timed out") && !logs.contains("lost the guest agent"),
+        "{logs}"
+    );
+}
