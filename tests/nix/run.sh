@@ -487,10 +487,11 @@ if out=$("$here/render-guest-unit.sh" "$work/render" 2>&1) \
    && grep -qx 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' "$work/render/vmcred-guest.service" \
    && [ "$(grep -c '^\[Install\]' "$work/render/vmcred-guest.service")" = 1 ] \
    && grep -qx 'WantedBy=basic.target' "$work/render/vmcred-guest.service" \
-   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml"; then
-  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml"
+   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml" \
+   && [ "$(sed -n 's/^CapabilityBoundingSet=//p' "$work/render/vmcred-host.service" | tr '\n' ' ')" = "CAP_DAC_READ_SEARCH CAP_NET_BIND_SERVICE " ]; then
+  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml; the host unit for the nested proof (one AF_VSOCK VM)"
 else
-  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" 2>&1)"
+  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml; the host unit for the nested proof (one AF_VSOCK VM)" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" "$work/render/vmcred-host.service" 2>&1)"
 fi
 
 # --- the flake, offline, with stand-in nixpkgs and microvm.nix inputs -------------------
