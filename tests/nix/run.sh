@@ -388,7 +388,6 @@ print(format(sum(1 << num[c] for c in sys.stdin.read().split()), "016x"))' 2>&1)
   }
   # Bounded wait for the event: both sockets in place, or the agent gone.
   wait_sockets() { # dir pid
-    local i
     for _ in $(seq 300); do
       [ -S "$1/run/control.sock" ] && [ -S "$1/run/metrics.sock" ] && return 0
       kill -0 "$2" 2>/dev/null || return 1
@@ -439,6 +438,11 @@ fi
 # chown and fchownat (what chown(2) is on x86_64/aarch64) are allowed.
 sc_step="the rendered SystemCallFilter= (with control_group) allows chown/fchownat: @chown added after ~@privileged"
 sc_lines=$(printf '%s\n' "$caps_unit" | sed -n 's/^SystemCallFilter=//p')
+# systemd-analyze comes with Debian's systemd package (a container may lack it).
+if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing systemd (for systemd-analyze syscall-filter) ..." >&2
+  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; } >/dev/null 2>&1
+fi
 if [ "$sc_lines" != $'@system-service\n~@privileged\n@chown' ]; then
   fail "$sc_step" "rendered: $sc_lines"
 elif ! command -v systemd-analyze >/dev/null; then
