@@ -1004,8 +1004,8 @@ in
           #   requires ("Guest: admission before TLS"), and the kernel's
           #   vsock bind() refuses a port <= 1023 without it (EACCES): no
           #   such VM would ever get a credential after boot. It lets the
-          #   agent bind privileged ports, nothing else; RestrictAddressFamilies
-          #   and IPAddressDeny= below keep it off IP unless OpenBao is used.
+          #   agent bind privileged ports, nothing else; RestrictAddressFamilies=
+          #   below keeps it off IP sockets unless OpenBao is used.
           # - CAP_CHOWN, only with settings.control_group: the agent gives
           #   control.sock (and metrics.sock) to that group, which root is
           #   not a member of; without it the chown fails (EPERM) and the
