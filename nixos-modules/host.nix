@@ -405,6 +405,12 @@ let
     else c.source;
 
   anyHybrid = any (vm: vm.hybridSocket != null) (attrValues cfg.vms);
+  # A VM with a CID (qemu, crosvm, kvmtool, alioth) is dialled over AF_VSOCK
+  # from a privileged source port (the guest admits no other).
+  anyVsock = any (vm: vm.cid != null) (attrValues cfg.vms);
+  # With control_group the agent gives control.sock (and metrics.sock) to
+  # that group: a chown to a group root is not a member of.
+  chownsSockets = (cfg.settings.control_group or null) != null;
 
   # The agent re-reads the sources itself on rotate, so this only fills in
   # the config path: push, then return when the guest has acknowledged.
@@ -993,8 +999,23 @@ in
           # - CAP_DAC_OVERRIDE, only with hybrid vsock: those sockets belong
           #   to the hypervisor user (microvm.nix: microvm, mode 0755), and
           #   connecting needs write permission on them.
+          # - CAP_NET_BIND_SERVICE, only with an AF_VSOCK VM (a `cid`): the
+          #   agent dials from a source port below 1024, which the guest
+          #   requires ("Guest: admission before TLS"), and the kernel's
+          #   vsock bind() refuses a port <= 1023 without it (EACCES): no
+          #   such VM would ever get a credential after boot. It lets the
+          #   agent bind privileged ports, nothing else; RestrictAddressFamilies=
+          #   below keeps it off IP sockets unless OpenBao is used.
+          # - CAP_CHOWN, only with settings.control_group: the agent gives
+          #   control.sock (and metrics.sock) to that group, which root is
+          #   not a member of; without it the chown fails (EPERM) and the
+          #   agent exits at start. ProtectSystem=strict leaves it only its
+          #   own directories (and the metrics one) to chown in.
           # Several CapabilityBoundingSet= lines are ORed by systemd.
-          CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ] ++ optional anyHybrid "CAP_DAC_OVERRIDE";
+          CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ]
+            ++ optional anyHybrid "CAP_DAC_OVERRIDE"
+            ++ optional anyVsock "CAP_NET_BIND_SERVICE"
+            ++ optional chownsSockets "CAP_CHOWN";
           NoNewPrivileges = true;
           RestrictAddressFamilies = "AF_UNIX AF_VSOCK"
             # The OpenBao source talks HTTP(S) to the store.
@@ -1019,7 +1040,13 @@ in
           MemoryDenyWriteExecute = true;
           RemoveIPC = true;
           SystemCallArchitectures = "native";
-          SystemCallFilter = [ "@system-service" "~@privileged" ];
+          # The first line decides: an allow list (@system-service), from
+          # which each later line removes (~) or to which it adds, in
+          # order (systemd.exec(5)). So "@chown" must come after
+          # "~@privileged" (which contains @chown) to take effect; without
+          # it the chown is killed with SIGSYS. Only with control_group.
+          SystemCallFilter = [ "@system-service" "~@privileged" ]
+            ++ optional chownsSockets "@chown";
         } // optionalAttrs (cfg.openbao != null) {
           IPAddressAllow = cfg.openbao.ipAddressAllow;
         } // optionalAttrs (metricsDir != null) {

@@ -148,6 +148,21 @@ let
     modules = [{ services.vmcred.host = { enable = true; vms.vm1 = { cid = 7; credentials.A.source = "/run/secrets/a"; }; }; }];
   };
 
+  # --- the agent's capabilities and system calls, by transport and group ---
+  # vmcred-host.service for `vms` (no microvm.nix) plus extra host options.
+  agentUnitOf = vms: extra: (evalHost {
+    microvm = false;
+    modules = [{ services.vmcred.host = { enable = true; inherit vms; } // extra; }];
+  }).test.unitText.vmcred-host or "";
+  unitLines = key: text: lib.filter (lib.hasPrefix "${key}=") (lib.splitString "\n" text);
+  vsockVm = { cid = 3; credentials.A.source = "/run/secrets/a"; };
+  hybridVm = { hybridSocket = "/run/vhost-device-vsock/h.sock"; credentials.B.source = "/run/secrets/b"; };
+  hybridOnlyUnit = agentUnitOf { h = hybridVm; } { };
+  # Both transports and a control group: every capability the module grants.
+  # run.sh runs the real agent under this unit's bounding set.
+  fullCapsUnit = agentUnitOf { v = vsockVm; h = hybridVm; } { settings.control_group = "nogroup"; metrics.socket = true; };
+  groupNoMetricsUnit = agentUnitOf { h = hybridVm; } { settings.control_group = "vmcred-status"; };
+
   # --- OpenBao source -------------------------------------------------------
   baoServer = { address = "https://bao.example.org:8200"; caFile = "/etc/ssl/bao-ca.pem"; tokenFile = "/run/secrets/bao-token"; };
   baoHost = evalHost {
@@ -198,6 +213,7 @@ in
     realCloudHypervisor = "${pkgs.cloud-hypervisor}";
     realQemu = "${pkgs.qemu_kvm}";
     vmcred = vmcredPkg;
+    hostUnitAllCaps = fullCapsUnit;
   };
 
   results = {
@@ -256,12 +272,36 @@ in
     "host: agent only opens AF_UNIX and AF_VSOCK sockets" = contains agentUnit "RestrictAddressFamilies=AF_UNIX AF_VSOCK";
     "host: NoNewPrivileges, PrivateTmp, ProtectHome" =
       check (lib.all (l: hasInfix l agentUnit) [ "NoNewPrivileges=true" "PrivateTmp=true" "ProtectHome=true" ]) agentUnit;
-    "host: capabilities: CAP_DAC_READ_SEARCH (sources) + CAP_DAC_OVERRIDE (hybrid-vsock sockets), nothing else" =
-      let lines = lib.filter (hasInfix "CapabilityBoundingSet=") (lib.splitString "\n" agentUnit); in
-      eq lines [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE" ];
-    "host: only CAP_DAC_READ_SEARCH without hybrid vsock" =
-      let lines = lib.filter (hasInfix "CapabilityBoundingSet=") (lib.splitString "\n" (noMicrovm.test.unitText.vmcred-host or "")); in
-      eq lines [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" ];
+    "host: capabilities: CAP_DAC_READ_SEARCH (sources) + CAP_DAC_OVERRIDE (hybrid-vsock sockets) + CAP_NET_BIND_SERVICE (qemu VM over AF_VSOCK), nothing else" =
+      eq (unitLines "CapabilityBoundingSet" agentUnit)
+        [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" ];
+    "host: an AF_VSOCK VM only (cid): CAP_NET_BIND_SERVICE for the privileged source port, no CAP_DAC_OVERRIDE" =
+      eq (unitLines "CapabilityBoundingSet" (noMicrovm.test.unitText.vmcred-host or ""))
+        [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" ];
+    "host: hybrid vsock only: no CAP_NET_BIND_SERVICE (the VMM picks the source port)" =
+      eq (unitLines "CapabilityBoundingSet" hybridOnlyUnit)
+        [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE" ];
+    "host: without control_group: no CAP_CHOWN, and ~@privileged (with @chown) stays denied" =
+      check (lib.all (u: !(hasInfix "CAP_CHOWN" u)
+          && unitLines "SystemCallFilter" u == [ "SystemCallFilter=@system-service" "SystemCallFilter=~@privileged" ])
+        [ agentUnit hybridOnlyUnit (noMicrovm.test.unitText.vmcred-host or "") ])
+        (lib.concatStringsSep "\n" (unitLines "SystemCallFilter" agentUnit ++ unitLines "CapabilityBoundingSet" agentUnit));
+    "host: control_group: CAP_CHOWN to give control.sock and metrics.sock to the group" =
+      eq (unitLines "CapabilityBoundingSet" fullCapsUnit)
+        [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE"
+          "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" "CapabilityBoundingSet=CAP_CHOWN" ];
+    "host: control_group: @chown allowed AFTER ~@privileged (systemd applies the lines in order)" =
+      eq (unitLines "SystemCallFilter" fullCapsUnit)
+        [ "SystemCallFilter=@system-service" "SystemCallFilter=~@privileged" "SystemCallFilter=@chown" ];
+    "host: control_group without metrics socket: CAP_CHOWN and @chown as well" =
+      check (unitLines "CapabilityBoundingSet" groupNoMetricsUnit
+          == [ "CapabilityBoundingSet=CAP_DAC_READ_SEARCH" "CapabilityBoundingSet=CAP_DAC_OVERRIDE" "CapabilityBoundingSet=CAP_CHOWN" ]
+        && unitLines "SystemCallFilter" groupNoMetricsUnit
+          == [ "SystemCallFilter=@system-service" "SystemCallFilter=~@privileged" "SystemCallFilter=@chown" ])
+        groupNoMetricsUnit;
+    "host: NoNewPrivileges=true and no AmbientCapabilities= in every variant" =
+      check (lib.all (u: hasInfix "NoNewPrivileges=true" u && !(hasInfix "AmbientCapabilities" u))
+        [ agentUnit fullCapsUnit hybridOnlyUnit ]) fullCapsUnit;
     "host: sandbox does not hide /run/secrets (no InaccessiblePaths=, no TemporaryFileSystem=/run)" =
       check (!(hasInfix "InaccessiblePaths" agentUnit) && !(hasInfix "TemporaryFileSystem" agentUnit)
         && !(hasInfix "ProtectHome=tmpfs" agentUnit)) agentUnit;

@@ -18,6 +18,10 @@
 #   OUT_DIR/vmcred-socket.service.d/vmcred-module.conf  what the module adds
 #       to a unit in socketUnits (After=, Wants=, LoadCredential= from the
 #       credential socket), as a drop-in for the VM test's own unit.
+#   OUT_DIR/vmcred-host.service  the HOST agent's unit as nixos-modules/host.nix
+#       renders it for one AF_VSOCK VM (cid 3, port 700: the VM stage's
+#       nested proof, tests/vm/nested.sh, which runs the L1 host agent under
+#       its CapabilityBoundingSet=).
 #
 # Sample guest config: credential API_KEY restarts vmcred-consumer.service,
 # RELOADED reloads vmcred-reload.service, SOCKET_TOKEN is delivered only
@@ -66,6 +70,11 @@ json=$(nix-instantiate --read-write-mode --eval --strict --json -E "
     toml = builtins.readFile c.services.vmcred.guest.configFile;
     tomlPath = builtins.unsafeDiscardStringContext \"\${c.services.vmcred.guest.configFile}\";
     bin = builtins.unsafeDiscardStringContext \"\${c.services.vmcred.guest.package}/bin/vmcred-guest\";
+    hostUnit = (lib.evalModules { modules = [
+      (import $here/nixos-stub.nix { nixpkgs = $nixpkgs; inherit pkgs; })
+      $repo/nixos-modules/host.nix
+      { services.vmcred.host = { enable = true; vms.vm2 = { cid = 3; port = 700; credentials.API_KEY.source = \"/root/nested/secrets/api-key\"; }; }; }
+    ]; }).config.test.unitText.vmcred-host;
   }")
 
 mkdir -p "$out"
@@ -79,6 +88,7 @@ if d["wantedBy"] and "[Install]" not in unit:
     unit = unit.rstrip("\n") + "\n\n[Install]\nWantedBy=" + " ".join(d["wantedBy"]) + "\n"
 open(f"{out}/vmcred-guest.service", "w").write(unit)
 open(f"{out}/guest.toml", "w").write(d["toml"])
+open(f"{out}/vmcred-host.service", "w").write(d["hostUnit"])
 su = d["socketUnit"]
 os.makedirs(f"{out}/vmcred-socket.service.d", exist_ok=True)
 open(f"{out}/vmcred-socket.service.d/vmcred-module.conf", "w").write(
@@ -88,4 +98,4 @@ open(f"{out}/vmcred-socket.service.d/vmcred-module.conf", "w").write(
     + "\n[Service]\n"
     + "".join(f"LoadCredential={v}\n" for v in su["loadCredential"]))
 PY
-echo "wrote $out/vmcred-guest.service and $out/guest.toml ($nixpkgs_kind)"
+echo "wrote $out/vmcred-guest.service, $out/guest.toml and $out/vmcred-host.service ($nixpkgs_kind)"

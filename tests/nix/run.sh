@@ -336,16 +336,166 @@ else
   fi
 fi
 
+# --- the real agent under the capability bounding set the module renders ----------------
+# The unit with every capability the module grants (an AF_VSOCK VM, a hybrid
+# VM, control_group and the metrics socket: tests/nix/checks.nix
+# fullCapsUnit): its CapabilityBoundingSet= lines become setpriv's bounding
+# set, and `vmcred-host serve` runs under it as root with a config that has a
+# control_group, as systemd would start it. It must give control.sock and
+# metrics.sock to the group and keep serving. The same run without CAP_CHOWN
+# (the set before it was added) must fail, or this step proves nothing.
+# The VM is a plain Unix-socket target: no AF_VSOCK socket is ever opened
+# here, so CAP_NET_BIND_SERVICE is proven by checks.nix's assertions and the
+# VM stage only. The seccomp half (SystemCallFilter=) cannot be reproduced by
+# setpriv: checks.nix asserts the lines and their order, and
+# systemd-analyze (when present) resolves @chown here.
+caps_step="the real vmcred-host serve under the rendered unit's CapabilityBoundingSet= gives control.sock/metrics.sock to control_group and stays up"
+caps_skip() { # reason
+  if [ "${CI:-}" = true ]; then fail "$caps_step" "cannot run: $1"; else echo "SKIP: $caps_step: $1"; fi
+}
+caps_unit=$(artifact hostUnitAllCaps)
+cap_names=$(printf '%s\n' "$caps_unit" | sed -n 's/^CapabilityBoundingSet=//p' | tr ' ' '\n' | sed '/^$/d')
+grp_gid=$(getent group nogroup 2>/dev/null | cut -d: -f3)
+if [ -z "$cap_names" ]; then
+  fail "$caps_step" "no CapabilityBoundingSet= in the rendered unit: $(cat "$work/err")"$'\n'"$caps_unit"
+elif [ "$(id -u)" != 0 ]; then
+  caps_skip "needs root (the agent runs as root under the unit)"
+elif ! command -v setpriv >/dev/null; then
+  caps_skip "setpriv (util-linux) is not installed"
+elif [ ! -x "$host_bin" ]; then
+  fail "$caps_step" "no executable at $host_bin"
+elif [ -z "$grp_gid" ]; then
+  caps_skip "this host has no group 'nogroup' to give the sockets to"
+elif id -G | tr ' ' '\n' | grep -qx "$grp_gid"; then
+  caps_skip "root is a member of nogroup here (the chown would need no capability)"
+else
+  # CAP_DAC_READ_SEARCH -> +dac_read_search, ...
+  bset="-all$(printf '%s\n' "$cap_names" | sed 's/^CAP_//' | tr '[:upper:]' '[:lower:]' | sed 's/^/,+/' | tr -d '\n')"
+  # The agent's CapBnd as /proc shows it, from linux/capability.h's numbers
+  # of the capabilities the module may grant (a new one must be added here).
+  want_bnd=$(printf '%s\n' "$cap_names" | python3 -c '
+import sys
+num = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10}
+print(format(sum(1 << num[c] for c in sys.stdin.read().split()), "016x"))' 2>&1)
+  run_capped() { # dir bounding-set: starts the agent, sets $agent_pid
+    local d=$1
+    mkdir -p "$d/run"; chmod 755 "$d"
+    printf '%s\n' "state_dir = \"$d/state\"" "control_socket = \"$d/run/control.sock\"" \
+      "launch_socket = \"$d/run/launch.sock\"" "metrics_socket = \"$d/run/metrics.sock\"" \
+      'control_group = "nogroup"' 'poll_interval = "0s"' '[vms.a]' "unix_socket = \"$d/absent.sock\"" > "$d/host.toml"
+    setpriv --bounding-set "$2" --inh-caps -all --no-new-privs "$host_bin" serve --config "$d/host.toml" > "$d/serve.log" 2>&1 &
+    agent_pid=$!
+  }
+  # Bounded wait for the event: both sockets in place, or the agent gone.
+  wait_sockets() { # dir pid
+    for _ in $(seq 300); do
+      [ -S "$1/run/control.sock" ] && [ -S "$1/run/metrics.sock" ] && return 0
+      kill -0 "$2" 2>/dev/null || return 1
+      sleep 0.1
+    done
+    return 1
+  }
+  cd_ok="$work/caps-ok"; run_capped "$cd_ok" "$bset"; ok_pid=$agent_pid
+  detail=""
+  if ! wait_sockets "$cd_ok" "$ok_pid"; then
+    detail="the agent did not come up under --bounding-set $bset"
+  elif [ "$(stat -c %g "$cd_ok/run/control.sock")" != "$grp_gid" ] || [ "$(stat -c %g "$cd_ok/run/metrics.sock")" != "$grp_gid" ]; then
+    detail="sockets not given to nogroup: $(stat -c '%n %U:%G %a' "$cd_ok"/run/*.sock)"
+  else
+    # Still serving: a status answered over the control socket (exit 1:
+    # VM a is out of sync, its socket does not exist), and still running.
+    st=$("$host_bin" status --config "$cd_ok/host.toml" 2>&1)
+    if ! grep -q '^a ' <<<"$st"; then detail="status over control.sock did not answer: $st"
+    elif ! kill -0 "$ok_pid" 2>/dev/null; then detail="the agent exited after start"
+    elif [ "$(sed -n 's/^CapBnd:[[:space:]]*//p' "/proc/$ok_pid/status")" != "$want_bnd" ]; then
+      detail="the agent's CapBnd is $(grep CapBnd: "/proc/$ok_pid/status"), expected $want_bnd"
+    fi
+  fi
+  if [ -z "$detail" ]; then
+    pass "$caps_step (--bounding-set $bset)"
+  else
+    fail "$caps_step" "$detail"$'\n'"$(cat "$cd_ok/serve.log")"
+  fi
+  kill "$ok_pid" 2>/dev/null; wait "$ok_pid" 2>/dev/null
+  # Control: the same set without CAP_CHOWN (the unit before it was fixed).
+  no_chown=${bset//,+chown/}
+  cd_no="$work/caps-nochown"; run_capped "$cd_no" "$no_chown"; no_pid=$agent_pid
+  no_step="control: without CAP_CHOWN (--bounding-set $no_chown) the same agent exits: cannot give control.sock to group nogroup"
+  if wait_sockets "$cd_no" "$no_pid"; then
+    kill "$no_pid" 2>/dev/null; wait "$no_pid" 2>/dev/null
+    fail "$no_step" "it came up: this step would not catch a missing CAP_CHOWN"$'\n'"$(cat "$cd_no/serve.log")"
+  else
+    # Gone (wait_sockets saw it exit) or hung at start: a bounded wait either way.
+    kill "$no_pid" 2>/dev/null; wait "$no_pid" 2>/dev/null; no_rc=$?
+    if [ "$no_chown" != "$bset" ] && [ "$no_rc" != 0 ] && grep -q "cannot give .*control.sock to group nogroup" "$cd_no/serve.log"; then
+      pass "$no_step"
+    else
+      fail "$no_step" "exit $no_rc"$'\n'"$(cat "$cd_no/serve.log")"
+    fi
+  fi
+fi
+# The rendered SystemCallFilter= lines, resolved by systemd's own tables:
+# chown and fchownat (what chown(2) is on x86_64/aarch64) are allowed.
+sc_step="the rendered SystemCallFilter= (with control_group) allows chown/fchownat: @chown added after ~@privileged"
+sc_lines=$(printf '%s\n' "$caps_unit" | sed -n 's/^SystemCallFilter=//p')
+# systemd-analyze comes with Debian's systemd package (a container may lack it).
+if ! command -v systemd-analyze >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing systemd (for systemd-analyze syscall-filter) ..." >&2
+  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; } >/dev/null 2>&1
+fi
+if [ "$sc_lines" != $'@system-service\n~@privileged\n@chown' ]; then
+  fail "$sc_step" "rendered: $sc_lines"
+elif ! command -v systemd-analyze >/dev/null; then
+  if [ "${CI:-}" = true ]; then fail "$sc_step" "cannot run: systemd-analyze is not installed"; else echo "SKIP: $sc_step: systemd-analyze is not installed"; fi
+elif sc_out=$(python3 - "$sc_lines" 2>&1 <<'PY'
+import subprocess, sys
+def group(name):
+    # `systemd-analyze syscall-filter @g` lists its members; nested groups
+    # (lines starting with @) are expanded recursively.
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], check=True,
+                         capture_output=True, text=True).stdout
+    names = set()
+    for line in out.splitlines():
+        w = line.strip()
+        if not w or w.startswith("#") or w == name:
+            continue
+        names |= group(w) if w.startswith("@") else {w}
+    return names
+lines = sys.argv[1].split("\n")
+# systemd.exec(5): the first line decides (an allow list); each later line
+# adds to it, or removes from it with ~, in order.
+allowed = set()
+for i, l in enumerate(lines):
+    deny = l.startswith("~")
+    items = set()
+    for w in l.lstrip("~").split():
+        items |= group(w) if w.startswith("@") else {w}
+    if i == 0 and deny:
+        sys.exit("first line is a deny list; this check expects an allow list")
+    allowed = allowed - items if deny else allowed | items
+missing = [s for s in ("chown", "fchown", "fchownat") if s not in allowed]
+leaked = [s for s in ("setuid", "mount", "init_module", "reboot") if s in allowed]
+if missing or leaked:
+    sys.exit(f"missing {missing}, still allowed from @privileged {leaked}")
+print(len(allowed))
+PY
+); then
+  pass "$sc_step ($sc_out system calls, none of @privileged's others)"
+else
+  fail "$sc_step" "$sc_out"
+fi
+
 # --- the guest unit as the VM test runs it --------------------------------------------
 if out=$("$here/render-guest-unit.sh" "$work/render" 2>&1) \
    && grep -Eqx "ExecStart=@VMCRED_GUEST@ --config @VMCRED_GUEST_CONFIG@ --credentials-dir '?/run/credentials/@system'? --systemctl /usr/bin/systemctl" "$work/render/vmcred-guest.service" \
    && grep -qx 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' "$work/render/vmcred-guest.service" \
    && [ "$(grep -c '^\[Install\]' "$work/render/vmcred-guest.service")" = 1 ] \
    && grep -qx 'WantedBy=basic.target' "$work/render/vmcred-guest.service" \
-   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml"; then
-  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml"
+   && grep -q 'restart_units = \["vmcred-consumer.service"\]' "$work/render/guest.toml" \
+   && [ "$(sed -n 's/^CapabilityBoundingSet=//p' "$work/render/vmcred-host.service" | tr '\n' ' ')" = "CAP_DAC_READ_SEARCH CAP_NET_BIND_SERVICE " ]; then
+  pass "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml; the host unit for the nested proof (one AF_VSOCK VM)"
 else
-  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" 2>&1)"
+  fail "render-guest-unit.sh: the unit as NixOS renders it, with placeholders, [Install] and guest.toml; the host unit for the nested proof (one AF_VSOCK VM)" "$out"$'\n'"$(cat "$work/render/vmcred-guest.service" "$work/render/vmcred-host.service" 2>&1)"
 fi
 
 # --- the flake, offline, with stand-in nixpkgs and microvm.nix inputs -------------------

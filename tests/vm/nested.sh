@@ -180,6 +180,35 @@ nested_build_image() {
 	ROOTFS="$SCACHE/rootfs"
 }
 
+# nested_host_caps: the capability bounding set nixos-modules/host.nix gives
+# vmcred-host.service for this proof's setup (one AF_VSOCK VM, CID 3 port
+# 700), from the unit tests/nix/render-guest-unit.sh renders (or the one in
+# VMCRED_VM_RENDERED_UNIT_DIR): NESTED_BSET for setpriv --bounding-set, and
+# NESTED_BND, the CapBnd /proc shows for it. L1's agent runs under it, so the
+# AF_VSOCK dial from a privileged source port is proven under the module's
+# own set, not root's full one.
+nested_host_caps() {
+	local d="$WORK/nested-rendered" names
+	mkdir -p "$d"
+	if [ -n "${VMCRED_VM_RENDERED_UNIT_DIR:-}" ] && [ -s "$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-host.service" ]; then
+		cp "$VMCRED_VM_RENDERED_UNIT_DIR/vmcred-host.service" "$d/"
+	else
+		"$REPO/tests/nix/render-guest-unit.sh" "$d" >"$WORK/nested-render.log" 2>&1 || {
+			tail -20 "$WORK/nested-render.log" >&2
+			return 1
+		}
+	fi
+	names=$(sed -n 's/^CapabilityBoundingSet=//p' "$d/vmcred-host.service" | tr ' ' '\n' | sed '/^$/d')
+	[ -n "$names" ] || return 1
+	NESTED_BSET="-all$(printf '%s\n' "$names" | sed 's/^CAP_//' | tr '[:upper:]' '[:lower:]' | sed 's/^/,+/' | tr -d '\n')"
+	# linux/capability.h's numbers of the capabilities the module may grant.
+	NESTED_BND=$(printf '%s\n' "$names" | python3 -c '
+import sys
+num = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10}
+print(format(sum(1 << num[c] for c in sys.stdin.read().split()), "016x"))') || return 1
+	log "nested: L1's vmcred-host serve runs under the rendered unit's bounding set $NESTED_BSET (CapBnd $NESTED_BND)"
+}
+
 # nested_wait_l1 TAG SECONDS COMMAND: run COMMAND in L1 every 5 s until it
 # exits 0 (its output in GUEST_OUT); 1 after SECONDS. Every minute the last
 # line of L2's console is logged, to show how far L2 got.
@@ -221,6 +250,10 @@ nested_test() {
 	}
 	nested_prepare_modules || {
 		fail "$tag $SUITE: vhost_vsock and its dependencies from the kernel $KV package"
+		return
+	}
+	nested_host_caps || {
+		fail "$tag vmcred-host.service's CapabilityBoundingSet= rendered from nixos-modules/host.nix (tests/nix/render-guest-unit.sh, see $WORK/nested-render.log)"
 		return
 	}
 	IMG="$WORK/img-nested"
@@ -276,15 +309,17 @@ EOF
 umask 077
 printf "vmcred-test-nested-api-key-a-%s" "$(od -An -N8 -tx1 /dev/urandom | tr -d " \n")" >$W/secrets/api-key
 echo "value-a sha256=$(sha256sum <$W/secrets/api-key | cut -c1-64)"
-RUST_LOG=debug setsid vmcred-host serve --config $W/host.toml >$W/serve.log 2>&1 </dev/null &
+RUST_LOG=debug setsid setpriv --bounding-set '"$NESTED_BSET"' --inh-caps -all --no-new-privs vmcred-host serve --config $W/host.toml >$W/serve.log 2>&1 </dev/null &
 for _ in $(seq 300); do [ -e $W/state/host.pin ] && [ -S $W/control.sock ] && break; sleep 0.2; done
-echo "serve: pid $(pgrep -x vmcred-host | head -1), pin $(cat $W/state/host.pin)"' || true
+P=$(pgrep -x vmcred-host | head -1)
+echo "serve: pid $P, pin $(cat $W/state/host.pin)"
+echo "serve CapBnd=$(sed -n "s/^CapBnd:[[:space:]]*//p" /proc/$P/status)"' || true
 	out=${GUEST_OUT//$'\r'/}
 	indent <<<"$out"
 	digest1=$(sed -n 's/^value-a sha256=\([0-9a-f]\{64\}\)$/\1/p' <<<"$out")
 	if grep -q '^crw.* /dev/vhost-vsock$' <<<"$out" && grep -qw vhost_vsock <<<"$out" &&
-		[ -n "$digest1" ] && grep -q '^serve: pid [0-9]' <<<"$out"; then
-		pass "$tag L1 ($SUITE, kernel $KV) loaded vhost_vsock (/dev/vhost-vsock present) and runs vmcred-host serve for vm2 = AF_VSOCK CID 3 port 700"
+		[ -n "$digest1" ] && grep -q '^serve: pid [0-9]' <<<"$out" && grep -qx "serve CapBnd=$NESTED_BND" <<<"$out"; then
+		pass "$tag L1 ($SUITE, kernel $KV) loaded vhost_vsock (/dev/vhost-vsock present) and runs vmcred-host serve for vm2 = AF_VSOCK CID 3 port 700 under the NixOS unit's bounding set ($NESTED_BSET, CapBnd $NESTED_BND)"
 	else
 		fail "$tag L1: vhost_vsock loaded, vmcred-host serve running"
 		return
