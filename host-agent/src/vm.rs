@@ -905,12 +905,18 @@ impl VmTask {
         // worked. Other syncs leave the retrying to the guest.
         let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
         // `rotate` reads the store now instead of waiting for its poll.
-        if why == Why::Rotate {
-            crate::openbao::store()
-                .refresh(crate::openbao::secrets_of(&self.vm, only))
-                .await;
-        }
         let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
+        // Bounded: the refresh waits for the store's watcher, whose round
+        // against a store that accepts and never answers lasts a request
+        // timeout per secret; past the deadline this rotate uses what the
+        // watcher last read, and the VM task goes on serving commands.
+        if why == Why::Rotate {
+            let refresh =
+                crate::openbao::store().refresh(crate::openbao::secrets_of(&self.vm, only));
+            if tokio::time::timeout(deadline, refresh).await.is_err() {
+                warn!(vm = %self.vm.name, "the OpenBao store did not answer the rotate's read in time; using the values last read");
+            }
+        }
         // A rotate reads every source it names, whatever the source cache
         // says: a file's stamp (inode, size, times) does not see every
         // change (a writer that keeps a tmpfs file mapped and rewrites it
