@@ -245,6 +245,19 @@ impl Bao {
     }
 }
 
+impl Bao {
+    /// A policy named `name` that may read only the secret at `path`.
+    fn policy_for(&self, name: &str, path: &str) {
+        let p = self.log.with_file_name(format!("{name}.hcl"));
+        std::fs::write(
+            &p,
+            format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{path}\" {{ capabilities = [\"read\"] }}\n"),
+        )
+        .unwrap();
+        self.cmd(&["policy", "write", name, &p.display().to_string()]);
+    }
+}
+
 impl Drop for Bao {
     fn drop(&mut self) {
         self.down();
@@ -535,7 +548,7 @@ fn revoked_token_says_why_and_a_new_token_file_resumes() {
     let token = deliver(&mut w, &bao, &t1, "300ms", t, b"t-v1");
 
     bao.cmd(&["token", "revoke", &t1]);
-    wait_status(&w, "vm1", "T", "permission denied");
+    wait_status(&w, "vm1", "T", "the store refused the token");
     bao.put("t", &[("f", "t-v2")]);
     // Still denied with the old token; the guest keeps t-v1.
     std::thread::sleep(Duration::from_secs(1));
@@ -754,4 +767,126 @@ fn pem_certificate_round_trips() {
     let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
     assert_eq!(back.as_ref(), c.cert.der().as_ref());
     assert!(pem.lines().all(|l| l.len() <= 64));
+}
+
+/// Two VMs, `vm-ok` reading secret `ok` (in the token's policy) and
+/// `vm-no` reading secret `no` (not in it); host agent started with
+/// `openbao` as its `[openbao]` table, both VMs booted. Puts `ok` twice
+/// more and checks each reaches `vm-ok`, and that `vm-no` is told its
+/// secret is not in the policy, not that the token is refused.
+fn one_secret_outside_the_policy(w: &mut World, bao: &Bao, openbao: &str) {
+    bao.put("ok", &[("f", "ok-v1")]);
+    bao.put("no", &[("f", "no-v1")]);
+    start_host(
+        w,
+        openbao,
+        &[
+            ("vm-ok", "OK", "{ path = \"ok\", field = \"f\" }"),
+            ("vm-no", "NO", "{ path = \"no\", field = \"f\" }"),
+        ],
+    );
+    boot(w, "vm-ok");
+    boot(w, "vm-no");
+    w.wait_for_guest_value("vm-ok", "OK", b"ok-v1", T).unwrap();
+    wait_status(w, "vm-no", "NO", "policy does not cover this secret");
+    // Several rounds (300 ms apart) later, vm-ok still rotates.
+    for v in ["ok-v2", "ok-v3"] {
+        std::thread::sleep(Duration::from_secs(1));
+        bao.put("ok", &[("f", v)]);
+        w.wait_for_guest_value("vm-ok", "OK", v.as_bytes(), T)
+            .unwrap();
+    }
+    let no = cred_status(w, "vm-no", "NO");
+    assert!(
+        no.contains("secret/no") && no.contains("add read on secret/data/no"),
+        "vm-no's status must name its secret and the fix: {no:?}"
+    );
+    assert!(!no.contains("refused the token"), "{no:?}");
+    assert_eq!(w.read_guest("vm-no", "NO"), None);
+    let logs = w.logs();
+    assert!(!logs.contains("refused the token"), "{logs}");
+    assert!(
+        !logs.contains("no-v1") && !logs.contains("ok-v"),
+        "a value is in a log"
+    );
+}
+
+#[test]
+fn a_file_token_denied_one_secret_keeps_serving_the_others() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm-ok", "vm-no"]);
+    let bao = Bao::start(bin, w.path());
+    bao.policy_for("okonly", "ok");
+    let token = bao.cmd(&["token", "create", "-policy=okonly", "-field=token"]);
+    let file = w.path().join("bao-token");
+    write_token(&file, &token);
+    let table = server_table(&bao, &file, "300ms");
+    one_secret_outside_the_policy(&mut w, &bao, &table);
+    assert!(!w.logs().contains(&token), "the token is in a log");
+}
+
+#[test]
+fn an_approle_token_denied_one_secret_logs_in_once() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm-ok", "vm-no"]);
+    let bao = Bao::start(bin, w.path());
+    bao.policy_for("okonly", "ok");
+    bao.cmd(&["auth", "enable", "approle"]);
+    bao.cmd(&["write", "auth/approle/role/vmcred", "token_policies=okonly"]);
+    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
+    let secret_id = bao.cmd(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/vmcred/secret-id",
+    ]);
+    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
+    write_token(&rf, &role_id);
+    write_token(&sf, &secret_id);
+    let table = format!(
+        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        bao.addr(),
+        bao.http_opt_in(),
+        rf.display(),
+        sf.display()
+    );
+    one_secret_outside_the_policy(&mut w, &bao, &table);
+    let logs = w.logs();
+    assert_eq!(
+        logs.matches("logged in with AppRole").count(),
+        1,
+        "a per-secret 403 must not make the agent log in again:\n{logs}"
+    );
+    assert!(!logs.contains(&secret_id), "the secret id is in a log");
+}
+
+#[test]
+fn a_token_without_the_default_policy_reads_its_secrets() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    bao.put("nd", &[("f", "nd-v1")]);
+    let token = bao.cmd(&[
+        "token",
+        "create",
+        "-policy=reader",
+        "-no-default-policy",
+        "-field=token",
+    ]);
+    let nd = One {
+        vm: "vm1",
+        cred: "ND",
+        path: "nd",
+    };
+    deliver(&mut w, &bao, &token, "300ms", nd, b"nd-v1");
+    bao.put("nd", &[("f", "nd-v2")]);
+    w.wait_for_guest_value("vm1", "ND", b"nd-v2", T).unwrap();
+    wait_status(&w, "vm1", "ND", "applied");
+    let logs = w.logs();
+    assert!(
+        logs.contains("may not look itself up") && logs.contains("default policy"),
+        "the log must say what the token lacks:\n{logs}"
+    );
+    assert!(!logs.contains(&token), "the token is in a log");
 }

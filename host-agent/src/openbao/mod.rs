@@ -325,9 +325,7 @@ impl Store {
         // A 403 is one secret's unless the token itself is shown refused:
         // a read the store answered proves the token; when every read was
         // refused, `lookup-self` is asked once.
-        let denied = outcomes
-            .iter()
-            .any(|o| matches!(o, Err(Problem::Denied)));
+        let denied = outcomes.iter().any(|o| matches!(o, Err(Problem::Denied)));
         if denied {
             let proven = outcomes.iter().any(|o| {
                 matches!(
