@@ -836,25 +836,7 @@ fn an_approle_token_denied_one_secret_logs_in_once() {
     let mut w = world(&["vm-ok", "vm-no"]);
     let bao = Bao::start(bin, w.path());
     bao.policy_for("okonly", "ok");
-    bao.cmd(&["auth", "enable", "approle"]);
-    bao.cmd(&["write", "auth/approle/role/vmcred", "token_policies=okonly"]);
-    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
-    let secret_id = bao.cmd(&[
-        "write",
-        "-f",
-        "-field=secret_id",
-        "auth/approle/role/vmcred/secret-id",
-    ]);
-    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
-    write_token(&rf, &role_id);
-    write_token(&sf, &secret_id);
-    let table = format!(
-        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
-        bao.addr(),
-        bao.http_opt_in(),
-        rf.display(),
-        sf.display()
-    );
+    let (table, secret_id) = approle(&w, &bao, &["token_policies=okonly"]);
     one_secret_outside_the_policy(&mut w, &bao, &table);
     let logs = w.logs();
     assert_eq!(
@@ -895,4 +877,91 @@ fn a_token_without_the_default_policy_reads_its_secrets() {
         "the log must say what the token lacks:\n{logs}"
     );
     assert!(!logs.contains(&token), "the token is in a log");
+}
+
+/// An AppRole role's `[openbao.approle]` table, the role made with
+/// `role_args` (after `auth/approle/role/vmcred`); returns the table and
+/// the secret id.
+fn approle(w: &World, bao: &Bao, role_args: &[&str]) -> (String, String) {
+    bao.cmd(&["auth", "enable", "approle"]);
+    let mut args = vec!["write", "auth/approle/role/vmcred"];
+    args.extend_from_slice(role_args);
+    bao.cmd(&args);
+    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
+    let secret_id = bao.cmd(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/vmcred/secret-id",
+    ]);
+    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
+    write_token(&rf, &role_id);
+    write_token(&sf, &secret_id);
+    let table = format!(
+        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        bao.addr(),
+        bao.http_opt_in(),
+        rf.display(),
+        sf.display()
+    );
+    (table, secret_id)
+}
+
+#[test]
+fn an_approle_token_without_the_default_policy_logs_in_once_and_reads() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    let (table, secret_id) = approle(
+        &w,
+        &bao,
+        &["token_policies=reader", "token_no_default_policy=true"],
+    );
+    bao.put("a", &[("f", "a-v1")]);
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "A", "{ path = \"a\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "A", b"a-v1", T).unwrap();
+    for v in ["a-v2", "a-v3"] {
+        std::thread::sleep(Duration::from_secs(1));
+        bao.put("a", &[("f", v)]);
+        w.wait_for_guest_value("vm1", "A", v.as_bytes(), T).unwrap();
+    }
+    let logs = w.logs();
+    assert_eq!(logs.matches("logged in with AppRole").count(), 1, "{logs}");
+    assert!(logs.contains("has no `default` policy"), "{logs}");
+    assert!(!logs.contains(&secret_id), "the secret id is in a log");
+}
+
+#[test]
+fn a_revoked_approle_token_is_replaced_by_one_new_login() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    let (table, _) = approle(&w, &bao, &["token_policies=reader"]);
+    bao.put("a", &[("f", "a-v1")]);
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "A", "{ path = \"a\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "A", b"a-v1", T).unwrap();
+    // Every token the AppRole mount issued is revoked: every read and
+    // lookup-self get 403, which is the evidence for a new login.
+    bao.cmd(&["token", "revoke", "-mode=path", "auth/approle"]);
+    wait_until(T, || {
+        w.logs().matches("logged in with AppRole").count() >= 2
+    })
+    .expect("a new login after the token was revoked");
+    bao.put("a", &[("f", "a-v2")]);
+    w.wait_for_guest_value("vm1", "A", b"a-v2", T).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = w.logs();
+    assert_eq!(logs.matches("logged in with AppRole").count(), 2, "{logs}");
 }
