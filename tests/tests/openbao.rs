@@ -245,6 +245,19 @@ impl Bao {
     }
 }
 
+impl Bao {
+    /// A policy named `name` that may read only the secret at `path`.
+    fn policy_for(&self, name: &str, path: &str) {
+        let p = self.log.with_file_name(format!("{name}.hcl"));
+        std::fs::write(
+            &p,
+            format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}\npath \"secret/metadata/{path}\" {{ capabilities = [\"read\"] }}\n"),
+        )
+        .unwrap();
+        self.cmd(&["policy", "write", name, &p.display().to_string()]);
+    }
+}
+
 impl Drop for Bao {
     fn drop(&mut self) {
         self.down();
@@ -535,7 +548,7 @@ fn revoked_token_says_why_and_a_new_token_file_resumes() {
     let token = deliver(&mut w, &bao, &t1, "300ms", t, b"t-v1");
 
     bao.cmd(&["token", "revoke", &t1]);
-    wait_status(&w, "vm1", "T", "permission denied");
+    wait_status(&w, "vm1", "T", "the store refused the token");
     bao.put("t", &[("f", "t-v2")]);
     // Still denied with the old token; the guest keeps t-v1.
     std::thread::sleep(Duration::from_secs(1));
@@ -754,4 +767,201 @@ fn pem_certificate_round_trips() {
     let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
     assert_eq!(back.as_ref(), c.cert.der().as_ref());
     assert!(pem.lines().all(|l| l.len() <= 64));
+}
+
+/// Two VMs, `vm-ok` reading secret `ok` (in the token's policy) and
+/// `vm-no` reading secret `no` (not in it); host agent started with
+/// `openbao` as its `[openbao]` table, both VMs booted. Puts `ok` twice
+/// more and checks each reaches `vm-ok`.
+fn one_secret_outside_the_policy(w: &mut World, bao: &Bao, openbao: &str) {
+    bao.put("ok", &[("f", "ok-v1")]);
+    bao.put("no", &[("f", "no-v1")]);
+    start_host(
+        w,
+        openbao,
+        &[
+            ("vm-ok", "OK", "{ path = \"ok\", field = \"f\" }"),
+            ("vm-no", "NO", "{ path = \"no\", field = \"f\" }"),
+        ],
+    );
+    boot(w, "vm-ok");
+    boot(w, "vm-no");
+    w.wait_for_guest_value("vm-ok", "OK", b"ok-v1", T).unwrap();
+    // Several rounds (300 ms apart) later, vm-ok still rotates.
+    for v in ["ok-v2", "ok-v3"] {
+        std::thread::sleep(Duration::from_secs(1));
+        bao.put("ok", &[("f", v)]);
+        w.wait_for_guest_value("vm-ok", "OK", v.as_bytes(), T)
+            .unwrap();
+    }
+}
+
+/// `vm-no` is told its secret is not in the policy, and how to fix it,
+/// not that the token is refused; no value is logged.
+fn the_denied_secret_is_named(w: &World) {
+    wait_status(w, "vm-no", "NO", "policy does not cover this secret");
+    let no = cred_status(w, "vm-no", "NO");
+    assert!(
+        no.contains("secret/no") && no.contains("add read on secret/data/no"),
+        "vm-no's status must name its secret and the fix: {no:?}"
+    );
+    assert!(!no.contains("refused the token"), "{no:?}");
+    assert_eq!(w.read_guest("vm-no", "NO"), None);
+    let logs = w.logs();
+    assert!(!logs.contains("refused the token"), "{logs}");
+    assert!(
+        !logs.contains("no-v1") && !logs.contains("ok-v"),
+        "a value is in a log"
+    );
+}
+
+#[test]
+fn a_file_token_denied_one_secret_keeps_serving_the_others() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm-ok", "vm-no"]);
+    let bao = Bao::start(bin, w.path());
+    bao.policy_for("okonly", "ok");
+    let token = bao.cmd(&["token", "create", "-policy=okonly", "-field=token"]);
+    let file = w.path().join("bao-token");
+    write_token(&file, &token);
+    let table = server_table(&bao, &file, "300ms");
+    one_secret_outside_the_policy(&mut w, &bao, &table);
+    the_denied_secret_is_named(&w);
+    assert!(!w.logs().contains(&token), "the token is in a log");
+}
+
+#[test]
+fn an_approle_token_denied_one_secret_logs_in_once() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm-ok", "vm-no"]);
+    let bao = Bao::start(bin, w.path());
+    bao.policy_for("okonly", "ok");
+    let (table, secret_id) = approle(&w, &bao, &["token_policies=okonly"]);
+    one_secret_outside_the_policy(&mut w, &bao, &table);
+    let logs = w.logs();
+    assert_eq!(
+        logs.matches("logged in with AppRole").count(),
+        1,
+        "a per-secret 403 must not make the agent log in again:\n{logs}"
+    );
+    the_denied_secret_is_named(&w);
+    assert!(!logs.contains(&secret_id), "the secret id is in a log");
+}
+
+#[test]
+fn a_token_without_the_default_policy_reads_its_secrets() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    bao.put("nd", &[("f", "nd-v1")]);
+    let token = bao.cmd(&[
+        "token",
+        "create",
+        "-policy=reader",
+        "-no-default-policy",
+        "-field=token",
+    ]);
+    let nd = One {
+        vm: "vm1",
+        cred: "ND",
+        path: "nd",
+    };
+    deliver(&mut w, &bao, &token, "300ms", nd, b"nd-v1");
+    bao.put("nd", &[("f", "nd-v2")]);
+    w.wait_for_guest_value("vm1", "ND", b"nd-v2", T).unwrap();
+    wait_status(&w, "vm1", "ND", "applied");
+    let logs = w.logs();
+    assert!(
+        logs.contains("may not look itself up") && logs.contains("default policy"),
+        "the log must say what the token lacks:\n{logs}"
+    );
+    assert!(!logs.contains(&token), "the token is in a log");
+}
+
+/// An AppRole role's `[openbao.approle]` table, the role made with
+/// `role_args` (after `auth/approle/role/vmcred`); returns the table and
+/// the secret id.
+fn approle(w: &World, bao: &Bao, role_args: &[&str]) -> (String, String) {
+    bao.cmd(&["auth", "enable", "approle"]);
+    let mut args = vec!["write", "auth/approle/role/vmcred"];
+    args.extend_from_slice(role_args);
+    bao.cmd(&args);
+    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
+    let secret_id = bao.cmd(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/vmcred/secret-id",
+    ]);
+    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
+    write_token(&rf, &role_id);
+    write_token(&sf, &secret_id);
+    let table = format!(
+        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        bao.addr(),
+        bao.http_opt_in(),
+        rf.display(),
+        sf.display()
+    );
+    (table, secret_id)
+}
+
+#[test]
+fn an_approle_token_without_the_default_policy_logs_in_once_and_reads() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    let (table, secret_id) = approle(
+        &w,
+        &bao,
+        &["token_policies=reader", "token_no_default_policy=true"],
+    );
+    bao.put("a", &[("f", "a-v1")]);
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "A", "{ path = \"a\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "A", b"a-v1", T).unwrap();
+    for v in ["a-v2", "a-v3"] {
+        std::thread::sleep(Duration::from_secs(1));
+        bao.put("a", &[("f", v)]);
+        w.wait_for_guest_value("vm1", "A", v.as_bytes(), T).unwrap();
+    }
+    let logs = w.logs();
+    assert_eq!(logs.matches("logged in with AppRole").count(), 1, "{logs}");
+    assert!(logs.contains("has no `default` policy"), "{logs}");
+    assert!(!logs.contains(&secret_id), "the secret id is in a log");
+}
+
+#[test]
+fn a_revoked_approle_token_is_replaced_by_one_new_login() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.ensure_reader_policy();
+    let (table, _) = approle(&w, &bao, &["token_policies=reader"]);
+    bao.put("a", &[("f", "a-v1")]);
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "A", "{ path = \"a\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "A", b"a-v1", T).unwrap();
+    // Every token the AppRole mount issued is revoked: every read and
+    // lookup-self get 403, which is the evidence for a new login.
+    bao.cmd(&["token", "revoke", "-mode=path", "auth/approle"]);
+    wait_until(T, || {
+        w.logs().matches("logged in with AppRole").count() >= 2
+    })
+    .expect("a new login after the token was revoked");
+    bao.put("a", &[("f", "a-v2")]);
+    w.wait_for_guest_value("vm1", "A", b"a-v2", T).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = w.logs();
+    assert_eq!(logs.matches("logged in with AppRole").count(), 2, "{logs}");
 }

@@ -5,6 +5,13 @@
 //! when no token is configured or the configured one was refused. A token
 //! with a TTL is renewed at about 2/3 of it; when a renewal fails and
 //! AppRole is configured, the agent logs in again.
+//!
+//! A 403 on one secret's read says nothing about the token: its policy may
+//! just not cover that secret. The token is judged refused only on
+//! evidence: every read of a round was refused and `lookup-self` is
+//! refused too (see [`Auth::verdict`]). A token without the `default`
+//! policy may not look itself up; it is kept, with its TTL unknown and
+//! no renewal, and its reads decide.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,6 +39,23 @@ struct Current {
     /// When to renew; `None` for a token without TTL or not renewable.
     renew_at: Option<Instant>,
     looked_up: bool,
+    /// The token may call `lookup-self` (false after a 403 there, or an
+    /// AppRole token without the `default` policy), so a 403 from it is
+    /// evidence that the token itself is refused.
+    self_lookup: bool,
+}
+
+/// Whether the current token is refused by the store, asked when every
+/// read of a round got 403.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// `lookup-self` answered: the token is valid; the 403s are its policy.
+    Valid,
+    /// `lookup-self` was refused too: the token is revoked or expired.
+    Refused,
+    /// Cannot tell: the token may not look itself up, or the store did not
+    /// answer the question.
+    Unknown,
 }
 
 #[derive(Default)]
@@ -102,6 +126,39 @@ impl Auth {
         }
     }
 
+    /// Asked when every read of a round got 403: is the token itself
+    /// refused? One `lookup-self`; a refused token is dropped (a file
+    /// token until its file changes, an AppRole token for a new login).
+    pub async fn verdict(&mut self, client: &Client) -> Verdict {
+        let Some(c) = &self.current else {
+            return Verdict::Unknown;
+        };
+        if !c.self_lookup {
+            return Verdict::Unknown;
+        }
+        let r = match client
+            .request(
+                Method::Get,
+                "/v1/auth/token/lookup-self",
+                Some(&c.token),
+                None,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return Verdict::Unknown,
+        };
+        match r.status {
+            200 => Verdict::Valid,
+            403 => {
+                warn!("openbao: the store refused the token (every read and auth/token/lookup-self got HTTP 403): revoked or expired");
+                self.refused();
+                Verdict::Refused
+            }
+            _ => Verdict::Unknown,
+        }
+    }
+
     /// A token to use now.
     pub async fn token(
         &mut self,
@@ -113,7 +170,7 @@ impl Auth {
         if let Some(src) = &server.token {
             match read_secret_file(src, credentials_dir) {
                 Ok(t) if self.refused_file_token.as_ref() == Some(&t) => {
-                    file_problem = Some(Problem::Denied);
+                    file_problem = Some(Problem::TokenRefused);
                 }
                 Ok(t) => {
                     self.refused_file_token = None;
@@ -127,6 +184,7 @@ impl Auth {
                             origin: Origin::File,
                             renew_at: None,
                             looked_up: false,
+                            self_lookup: true,
                         });
                     }
                 }
@@ -138,7 +196,7 @@ impl Auth {
                 self.current = None;
             }
             if server.approle.is_none() {
-                return Err(file_problem.unwrap_or(Problem::Denied));
+                return Err(file_problem.unwrap_or(Problem::TokenRefused));
             }
         }
         if self.current.is_none() {
@@ -210,16 +268,24 @@ impl Auth {
         let token = info
             .client_token
             .ok_or_else(|| Problem::Auth("the AppRole login reply has no token".into()))?;
+        let self_lookup = info
+            .token_policies
+            .iter()
+            .any(|p| p == "default" || p == "root");
         info!(
             ttl_s = info.lease_duration,
             renewable = info.renewable,
             "openbao: logged in with AppRole"
         );
+        if !self_lookup {
+            warn!("openbao: the AppRole token has no `default` policy, so it may not renew itself (auth/token/renew-self) and a new login is made when its renewal fails; give the role the default policy (token_no_default_policy=false)");
+        }
         self.current = Some(Current {
             token: token.0,
             origin: Origin::AppRole,
             renew_at: renew_at(info.lease_duration, info.renewable),
             looked_up: true,
+            self_lookup,
         });
         Ok(())
     }
@@ -245,12 +311,13 @@ impl Auth {
                 .await
                 .map_err(Problem::Unreachable)?;
             if r.status == 403 {
-                self.refused();
-                return if server.approle.is_some() {
-                    self.login(client, server, credentials_dir).await
-                } else {
-                    Err(Problem::Denied)
-                };
+                // A token without the `default` policy gets 403 here
+                // though it can read its secrets: not a refusal. Its TTL
+                // is unknown, so it is not renewed; the reads decide.
+                warn!("openbao: the token may not look itself up (HTTP 403 on auth/token/lookup-self; no `default` policy?): its TTL is unknown and it is not renewed; give it the default policy (lookup-self, renew-self) to have it renewed");
+                c.self_lookup = false;
+                c.looked_up = true;
+                return Ok(());
             }
             if r.status == 200 {
                 if let Ok(l) = serde_json::from_slice::<reply::LookupReply>(&r.body) {

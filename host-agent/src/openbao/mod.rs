@@ -41,8 +41,15 @@ pub enum Problem {
     /// The first read has not finished yet.
     NotYetRead,
     Unreachable(String),
-    /// HTTP 403 on a read, or the token file holds a refused token.
+    /// HTTP 403 on this secret's read while the token is valid (another
+    /// read or `lookup-self` succeeded): the token's policy lacks it.
     Denied,
+    /// HTTP 403 on every read of a round, and the token may not look
+    /// itself up: the policy lacks the secret or the token is dead.
+    DeniedUnproven,
+    /// The store refused the token itself (every read and `lookup-self`
+    /// got 403), or the token file still holds that refused token.
+    TokenRefused,
     Auth(String),
     /// No such secret (404 on its metadata): deleted, or never written.
     NotFound,
@@ -66,7 +73,9 @@ impl Problem {
         match self {
             Problem::NotYetRead => format!("{key} not read from the store yet"),
             Problem::Unreachable(e) => format!("cannot reach {address}: {e}; the guest keeps its last value and delivery resumes when the store is back"),
-            Problem::Denied => format!("permission denied reading {key} (token revoked or expired, or its policy lacks read on {}/data and {}/metadata?); put a valid token in the token file", key.mount, key.mount),
+            Problem::Denied => format!("permission denied reading {key}: the token is valid but its policy does not cover this secret; add read on {m}/data/{p} and {m}/metadata/{p} to the token's policy", m = key.mount, p = key.path),
+            Problem::DeniedUnproven => format!("permission denied reading {key}, and the token may not look itself up (no `default` policy), so whether it is still valid is unknown; add read on {m}/data/{p} and {m}/metadata/{p} to the token's policy, or replace the token if it was revoked or expired", m = key.mount, p = key.path),
+            Problem::TokenRefused => format!("the store refused the token (revoked or expired) while reading {key}; put a valid token in the token file, or check the AppRole role and secret id"),
             Problem::Auth(e) => format!("login failed: {e}"),
             Problem::NotFound => format!("{key} does not exist (deleted?)"),
             Problem::VersionDeleted(v) => format!("version {v} of {key} is deleted or destroyed"),
@@ -136,7 +145,8 @@ pub fn store() -> &'static Store {
 }
 
 /// A read of `path` with the token, judged the same way for metadata and
-/// data: 403 is a refused token, any other status but 200 is the store's
+/// data: 403 is this secret's refusal (whether the token itself is refused
+/// is decided per round), any other status but 200 is the store's
 /// error. Only what a 404 means differs between the two reads, so the
 /// caller names it.
 async fn get(
@@ -308,11 +318,42 @@ impl Store {
                 return;
             }
         };
+        let mut outcomes = Vec::with_capacity(secrets.len());
         for key in &secrets {
-            let outcome = self.read_one(engine, &token, key, force).await;
-            if matches!(outcome, Err(Problem::Denied)) {
-                engine.auth.refused();
+            outcomes.push(self.read_one(engine, &token, key, force).await);
+        }
+        // A 403 is one secret's unless the token itself is shown refused:
+        // a read the store answered proves the token; when every read was
+        // refused, `lookup-self` is asked once.
+        let denied = outcomes.iter().any(|o| matches!(o, Err(Problem::Denied)));
+        if denied {
+            let proven = outcomes.iter().any(|o| {
+                matches!(
+                    o,
+                    Ok(_)
+                        | Err(Problem::NotFound
+                            | Problem::VersionDeleted(_)
+                            | Problem::Rollback { .. }
+                            | Problem::BadReply(_))
+                )
+            });
+            let verdict = if proven {
+                auth::Verdict::Valid
+            } else {
+                engine.auth.verdict(&engine.client).await
+            };
+            let as_problem = match verdict {
+                auth::Verdict::Valid => Problem::Denied,
+                auth::Verdict::Refused => Problem::TokenRefused,
+                auth::Verdict::Unknown => Problem::DeniedUnproven,
+            };
+            for o in &mut outcomes {
+                if matches!(o, Err(Problem::Denied)) {
+                    *o = Err(as_problem.clone());
+                }
             }
+        }
+        for (key, outcome) in secrets.iter().zip(outcomes) {
             self.record(key, outcome);
         }
     }

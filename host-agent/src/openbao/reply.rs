@@ -171,6 +171,10 @@ pub struct AuthInfo {
     pub lease_duration: u64,
     #[serde(default)]
     pub renewable: bool,
+    /// The token's policies; without `default` the token may not look
+    /// itself up or renew itself.
+    #[serde(default)]
+    pub token_policies: Vec<String>,
 }
 
 /// A token from a login reply, zeroized on drop.
