@@ -965,3 +965,58 @@ fn a_revoked_approle_token_is_replaced_by_one_new_login() {
     let logs = w.logs();
     assert_eq!(logs.matches("logged in with AppRole").count(), 2, "{logs}");
 }
+
+/// A store that accepts connections and never answers does not hold a
+/// rotate (or its VM's task) for a request timeout per secret: the
+/// rotate's read of the store is bounded by the source deadline (10 s),
+/// then the rotate reports on what it has (found in review: it waited for
+/// the watcher's round and then its own, a 30 s request timeout each here,
+/// past the rotate's 25 s). Needs no `bao`: the store is a loopback
+/// listener that never replies.
+#[test]
+fn a_store_that_never_answers_does_not_hold_a_rotate() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accept and hold every connection, never writing a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let mut w = world(&["vm1"]);
+    let token = w.path().join("bao-token");
+    write_token(&token, "not-a-real-token");
+    let table = format!(
+        "address = \"http://{addr}\"\ntoken_file = \"{}\"\npoll_interval = \"1h\"\nrequest_timeout = \"30s\"\ninsecure_loopback_http = true\n",
+        token.display()
+    );
+    let creds: Vec<(String, String)> = (1..=4)
+        .map(|i| {
+            (
+                format!("S{i}"),
+                format!("{{ path = \"s{i}\", field = \"f\" }}"),
+            )
+        })
+        .collect();
+    let creds: Vec<(&str, &str, &str)> = creds
+        .iter()
+        .map(|(c, s)| ("vm1", c.as_str(), s.as_str()))
+        .collect();
+    start_host(&mut w, &table, &creds);
+    boot(&mut w, "vm1");
+    let out = w.rotate("vm1", &["S1"], "25s").unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A report for S1 (its source failed), not the CLI giving up.
+    assert!(text.contains("vm1 S1: failed"), "{text}\n{}", w.logs());
+    assert!(
+        w.logs()
+            .contains("did not answer the rotate's read in time"),
+        "{text}\n{}",
+        w.logs()
+    );
+}
