@@ -904,8 +904,8 @@ impl VmTask {
         // owes on every Apply, and the report then says whether that
         // worked. Other syncs leave the retrying to the guest.
         let resend_for_owed = why == Why::Rotate && !guest.owed.is_empty();
-        // `rotate` reads the store now instead of waiting for its poll.
         let deadline = SOURCE_DEADLINE.min(self.timing.rpc_timeout);
+        // `rotate` reads the store now instead of waiting for its poll.
         // Bounded: the refresh waits for the store's watcher, whose round
         // against a store that accepts and never answers lasts a request
         // timeout per secret; past the deadline this rotate uses what the
