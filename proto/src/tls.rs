@@ -120,13 +120,8 @@ impl Identity {
     ) -> Result<Identity, TlsError> {
         let key =
             rcgen::KeyPair::generate_for(alg).map_err(|e| TlsError::Generate(e.to_string()))?;
-        let params = rcgen::CertificateParams::new(vec![name.to_string()])
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
         Ok(Identity {
-            cert: cert.der().clone(),
+            cert: self_signed(name, &key)?,
             key_pkcs8: Zeroizing::new(key.serialize_der()),
         })
     }
@@ -137,13 +132,8 @@ impl Identity {
     fn certify(name: &str, key_pkcs8: Zeroizing<Vec<u8>>) -> Result<Identity, TlsError> {
         let key = rcgen::KeyPair::try_from(key_pkcs8.as_slice())
             .map_err(|e| TlsError::Generate(format!("the host key is not usable: {e}")))?;
-        let params = rcgen::CertificateParams::new(vec![name.to_string()])
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
         Ok(Identity {
-            cert: cert.der().clone(),
+            cert: self_signed(name, &key)?,
             key_pkcs8,
         })
     }
@@ -374,6 +364,17 @@ impl ClientCertVerifier for PinnedHostSet {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// A self-signed certificate naming `name` for `key`: what both a new
+/// identity and a re-certified host key carry.
+fn self_signed(name: &str, key: &rcgen::KeyPair) -> Result<CertificateDer<'static>, TlsError> {
+    let params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let cert = params
+        .self_signed(key)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(cert.der().clone())
 }
 
 #[cfg(feature = "host")]
