@@ -100,6 +100,14 @@ fn read_secret_file(
 /// Renewal at two thirds of the TTL. The TTL is the store's word, so it is
 /// capped (ten years) and added with checked arithmetic: an absurd value
 /// must not panic the watcher.
+/// `GET auth/token/lookup-self` with `token`: its TTL, and whether the
+/// store still takes it.
+async fn lookup_self(client: &Client, token: &str) -> Result<super::http::Reply, String> {
+    client
+        .request(Method::Get, "/v1/auth/token/lookup-self", Some(token), None)
+        .await
+}
+
 fn renew_at(ttl_secs: u64, renewable: bool) -> Option<Instant> {
     const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
     if ttl_secs == 0 || !renewable {
@@ -136,15 +144,7 @@ impl Auth {
         if !c.self_lookup {
             return Verdict::Unknown;
         }
-        let r = match client
-            .request(
-                Method::Get,
-                "/v1/auth/token/lookup-self",
-                Some(&c.token),
-                None,
-            )
-            .await
-        {
+        let r = match lookup_self(client, &c.token).await {
             Ok(r) => r,
             Err(_) => return Verdict::Unknown,
         };
@@ -301,13 +301,7 @@ impl Auth {
             return Ok(());
         };
         if !c.looked_up {
-            let r = client
-                .request(
-                    Method::Get,
-                    "/v1/auth/token/lookup-self",
-                    Some(&c.token),
-                    None,
-                )
+            let r = lookup_self(client, &c.token)
                 .await
                 .map_err(Problem::Unreachable)?;
             if r.status == 403 {
