@@ -21,6 +21,14 @@
 //! systemd accepts for any credential (1 MiB, or 1 MiB + 128 KiB
 //! encrypted); systemd's read then fails with E2BIG and the unit's
 //! credential setup fails, as it does for a missing file.
+//!
+//! The same holds for every way a connection can end early: at its
+//! deadline, or when the agent stops. A request still being decided is
+//! refused that way, and a value cut off mid-write is followed by the
+//! refusal's bytes, so that systemd's read fails rather than returning
+//! the part that was sent (`Stopper`). Only a peer that stops reading
+//! altogether can still see a bare EOF, once the grace for the refusal
+//! has passed.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -30,7 +38,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use vmcred_proto::rules::{display_name, validate_name};
 use zeroize::Zeroizing;
 
@@ -48,6 +56,9 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// credential (`CREDENTIAL_ENCRYPTED_SIZE_MAX`, 1 MiB + 128 KiB), so that
 /// its read fails instead of yielding an empty credential.
 pub const REFUSAL_BYTES: usize = 2 * 1024 * 1024;
+/// How long the refusal (or the padding after a cut-off value) may take
+/// to send once a connection's deadline has passed or the agent stops.
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum CredsSocketError {
@@ -115,12 +126,19 @@ pub enum Refusal {
     NotHeld { credential: String },
     #[error("cannot read credential {credential:?}: {why}")]
     Read { credential: String, why: String },
+    #[error("not decided within the connection's deadline of {}", humantime::format_duration(*.0))]
+    Deadline(Duration),
+    #[error("the agent is stopping")]
+    Stopping,
 }
 
 /// How one connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Served(Request),
+    /// The value's write was cut off (deadline, or the agent stopping) and
+    /// the refusal's bytes followed it, so systemd's read fails.
+    CutOff(Request),
     Refused(Refusal),
 }
 
@@ -179,6 +197,51 @@ impl SocketValues {
 pub struct CredsSocket {
     listener: UnixListener,
     path: PathBuf,
+    deadline: Duration,
+    stopper: Stopper,
+}
+
+/// Stops a [`CredsSocket`]'s service without leaving systemd an empty or
+/// cut-off credential: see the module docs.
+#[derive(Clone)]
+pub struct Stopper {
+    stopping: Arc<watch::Sender<bool>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Stopper {
+    fn new() -> Stopper {
+        Stopper {
+            stopping: Arc::new(watch::channel(false).0),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+
+    /// Stops accepting (pending connections then fail with ECONNRESET),
+    /// refuses every request still being decided, pads any value being
+    /// written, and waits until every connection has ended. That wait is
+    /// bounded by [`REFUSAL_GRACE`] per connection, all running at once.
+    pub async fn stop(&self) {
+        self.stopping.send_replace(true);
+        // Every connection holds one slot until it has ended.
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(
+            REFUSAL_GRACE + Duration::from_millis(500),
+            self.slots.acquire_many(all),
+        )
+        .await;
+    }
+
+    fn watch(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+}
+
+/// Resolves once the agent is stopping (never, if the sender is gone).
+async fn stopping(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl CredsSocket {
@@ -225,29 +288,56 @@ impl CredsSocket {
         Ok(CredsSocket {
             listener,
             path: path.to_path_buf(),
+            deadline: CONNECTION_DEADLINE,
+            stopper: Stopper::new(),
         })
+    }
+
+    /// Another per-connection deadline than [`CONNECTION_DEADLINE`] (tests).
+    pub fn with_deadline(mut self, deadline: Duration) -> CredsSocket {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The handle that stops this socket's service cleanly (see
+    /// [`Stopper::stop`]); take it before [`CredsSocket::serve`].
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Serves connections until the task is dropped: at most
-    /// [`MAX_CONNECTIONS`] at once, each within [`CONNECTION_DEADLINE`].
+    /// Serves connections until the task is dropped or the [`Stopper`]
+    /// stops it: at most [`MAX_CONNECTIONS`] at once, each decided within
+    /// the deadline ([`CONNECTION_DEADLINE`]) and its value written within
+    /// it too.
     pub async fn serve(
         self,
         store: Arc<Store>,
         config: Arc<GuestConfig>,
         memory: Arc<SocketValues>,
     ) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = self.stopper.slots.clone();
+        let deadline = self.deadline;
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            let stop = stopping(self.stopper.watch());
+            // Returning drops the listener: connections still in its
+            // backlog then fail (ECONNRESET), which systemd reports as a
+            // failed load, not an empty credential.
+            let stream = tokio::select! {
+                biased;
+                () = stop => return,
+                accepted = async {
+                    let permit = slots.clone().acquire_owned().await;
+                    (permit, self.listener.accept().await)
+                } => accepted,
             };
-            let stream = match self.listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
+            let (permit, stream) = match stream {
+                (Ok(p), Ok((s, _))) => (p, s),
+                (Err(_), _) => return,
+                (_, Err(e)) => {
                     // Out of file descriptors and the like: pause rather
                     // than spin.
                     tracing::warn!(error = %e, "credential socket: accept failed");
@@ -256,17 +346,18 @@ impl CredsSocket {
                 }
             };
             let (store, config, memory) = (store.clone(), config.clone(), memory.clone());
+            let stop = self.stopper.watch();
             tokio::spawn(async move {
                 let _permit = permit;
+                // A backstop only: `handle` bounds each of its steps.
                 let served = tokio::time::timeout(
-                    CONNECTION_DEADLINE,
-                    handle(stream, &store, &config, &memory),
+                    deadline + REFUSAL_GRACE + REFUSAL_GRACE,
+                    handle(stream, &store, &config, &memory, deadline, stop),
                 )
                 .await;
                 if served.is_err() {
                     tracing::warn!(
-                        deadline = %humantime::format_duration(CONNECTION_DEADLINE),
-                        "credential socket: connection closed at its deadline"
+                        "credential socket: connection dropped at its backstop deadline"
                     );
                 }
             });
@@ -275,33 +366,54 @@ impl CredsSocket {
 }
 
 /// Serves one connection and logs how it ended (names only, never a value).
+/// The answer must be decided, and a value written, within `deadline` of
+/// the call, and before the agent stops (`stop`); past either, root gets
+/// the refusal, after whatever part of a value was already sent.
 pub async fn handle(
     mut stream: UnixStream,
     store: &Arc<Store>,
     config: &GuestConfig,
     memory: &SocketValues,
+    deadline: Duration,
+    stop: watch::Receiver<bool>,
 ) -> Outcome {
     // For the log only: which process asked (systemd-executor, usually).
     let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
-    let outcome = decide(&stream, store, config, memory).await;
+    let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+    let until = tokio::time::Instant::now() + deadline;
+    let cut = |stop: watch::Receiver<bool>| async move {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => Refusal::Deadline(deadline),
+            () = stopping(stop) => Refusal::Stopping,
+        }
+    };
+    let outcome = tokio::select! {
+        biased;
+        d = decide(&stream, store, config, memory) => d,
+        why = cut(stop.clone()) => Err((why, root)),
+    };
     match outcome {
         Ok((request, value)) => {
-            let sent = async {
-                stream.write_all(&value).await?;
-                stream.shutdown().await
-            }
-            .await;
+            let sent = tokio::select! {
+                biased;
+                r = async {
+                    stream.write_all(&value).await?;
+                    stream.shutdown().await
+                } => Ok(r),
+                why = cut(stop) => Err(why),
+            };
             drop(value);
             match sent {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     tracing::info!(
                         unit = %request.unit,
                         credential = %request.credential,
                         ?peer_pid,
                         "credential socket: value handed to the unit"
                     );
+                    Outcome::Served(request)
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(
                         unit = %request.unit,
                         credential = %request.credential,
@@ -309,9 +421,20 @@ pub async fn handle(
                         error = %e,
                         "credential socket: the peer went away before taking the value"
                     );
+                    Outcome::Served(request)
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        unit = %request.unit,
+                        credential = %request.credential,
+                        ?peer_pid,
+                        reason = %why,
+                        "credential socket: value cut off; refusing the rest so the unit's load fails"
+                    );
+                    refuse(&mut stream).await;
+                    Outcome::CutOff(request)
                 }
             }
-            Outcome::Served(request)
         }
         Err((refusal, root)) => {
             tracing::warn!(reason = %refusal, ?peer_pid, "credential socket: refused");
@@ -324,18 +447,21 @@ pub async fn handle(
 }
 
 /// Sends the over-long refusal (see the module docs) until the peer
-/// stops reading.
+/// stops reading, for at most [`REFUSAL_GRACE`].
 async fn refuse(stream: &mut UnixStream) {
-    let chunk = [0u8; 64 * 1024];
-    let mut left = REFUSAL_BYTES;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        if stream.write_all(&chunk[..n]).await.is_err() {
-            return;
+    let send = async {
+        let chunk = [0u8; 64 * 1024];
+        let mut left = REFUSAL_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if stream.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
         }
-        left -= n;
-    }
-    let _ = stream.shutdown().await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(REFUSAL_GRACE, send).await;
 }
 
 /// Who asks for what, and whether they get it. The bool in the error says

@@ -165,10 +165,12 @@ async fn run(cli: Cli) -> Result<()> {
     // after this one may read it as soon as they start.
     let config = Arc::new(config);
     let memory = Arc::new(vmcred_guest::creds_socket::SocketValues::default());
+    let mut creds_socket_stopper = None;
     if config.serves_socket() {
         let path = cli.state_dir.join(vmcred_guest::creds_socket::SOCKET_NAME);
         let socket = vmcred_guest::creds_socket::CredsSocket::bind(&path)?;
         tracing::info!(socket = %path.display(), "serving the credential socket");
+        creds_socket_stopper = Some(socket.stopper());
         tokio::spawn(socket.serve(store.clone(), config.clone(), memory.clone()));
     }
 
@@ -222,17 +224,26 @@ async fn run(cli: Cli) -> Result<()> {
             r?;
             Ok(())
         }
-        _ = term.recv() => shutdown(store).await,
-        _ = tokio::signal::ctrl_c() => shutdown(store).await,
+        _ = term.recv() => shutdown(store, creds_socket_stopper).await,
+        _ = tokio::signal::ctrl_c() => shutdown(store, creds_socket_stopper).await,
     }
 }
 
-/// Lets a write in progress finish (so the credentials directory is
-/// read-only again), then exits while still holding the store's lock, so
-/// that no write can start in between. Exiting here rather than returning
-/// also spares waiting for blocking tasks queued behind that lock.
-async fn shutdown(store: Arc<Store>) -> Result<()> {
+/// Ends the credential socket's connections first (a unit asking right
+/// now gets a failed load, never an empty or cut-off credential; see
+/// `creds_socket`), then lets a write in progress finish (so the
+/// credentials directory is read-only again), then exits while still
+/// holding the store's lock, so that no write can start in between.
+/// Exiting here rather than returning also spares waiting for blocking
+/// tasks queued behind that lock.
+async fn shutdown(
+    store: Arc<Store>,
+    creds_socket: Option<vmcred_guest::creds_socket::Stopper>,
+) -> Result<()> {
     tracing::info!("stopping");
+    if let Some(s) = creds_socket {
+        s.stop().await;
+    }
     let quiesced = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || {

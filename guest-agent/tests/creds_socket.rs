@@ -334,76 +334,128 @@ async fn bind_replaces_a_stale_socket_and_nothing_else() {
     assert!(err.contains("writable by no one else"), "{err}");
 }
 
+/// The real agent binary, started on a temporary directory, its log
+/// drained line by line.
+struct Binary {
+    tmp: tempfile::TempDir,
+    host: vmcred_proto::tls::Identity,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+}
+
+impl Binary {
+    /// Starts the agent with `guest_toml` and waits until it serves the
+    /// credential socket.
+    fn start(guest_toml: &str) -> Binary {
+        use std::io::BufRead;
+        use vmcred_proto::bootstrap::{Bootstrap, HostTransport};
+        use vmcred_proto::tls::Identity;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let p = |rel: &str| tmp.path().join(rel);
+        let host = Identity::generate("vmcred-host").unwrap();
+        let b = Bootstrap {
+            port: 700,
+            pin: host.pin().unwrap(),
+            host: HostTransport::Hybrid,
+        };
+        std::fs::create_dir(p("credentials")).unwrap();
+        std::fs::write(p("credentials/vmcred.bootstrap"), b.encode()).unwrap();
+        std::fs::write(p("guest.toml"), guest_toml).unwrap();
+        let systemctl = common::recording_systemctl(tmp.path(), &p("calls"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmcred-guest"))
+            .arg("--config")
+            .arg(p("guest.toml"))
+            .arg("--bootstrap")
+            .arg(p("credentials/vmcred.bootstrap"))
+            .arg("--credentials-dir")
+            .arg(p("credentials"))
+            .arg("--state-dir")
+            .arg(p("state"))
+            .arg("--listen-unix")
+            .arg(p("guest.sock"))
+            .arg("--systemctl")
+            .arg(&systemctl)
+            .arg("--log-level")
+            .arg("trace")
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let b = Binary {
+            tmp,
+            host,
+            child,
+            lines,
+            reader,
+        };
+        b.wait_for_line("serving the credential socket");
+        b
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn wait_for_line(&self, needle: &str) {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(std::time::Duration::from_secs(15))
+                .unwrap_or_else(|_| panic!("the agent never logged {needle:?}"));
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    fn term(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+
+    /// Waits for the exit; returns whether it was 0, and the whole log.
+    fn wait(mut self) -> (bool, String) {
+        let ok = self.child.wait().unwrap().success();
+        (ok, self.reader.join().unwrap())
+    }
+
+    /// SIGTERM, then [`Binary::wait`].
+    fn stop(self) -> (bool, String) {
+        self.term();
+        self.wait()
+    }
+}
+
 /// The real binary: with `socket_units` in its config it serves
 /// `<state dir>/creds.sock` (0600) from the values its pushes applied,
 /// and logs refusals by name, never a value.
 #[test]
 fn the_binary_serves_the_socket_in_its_state_dir() {
-    use std::io::BufRead;
-    use vmcred_proto::bootstrap::{Bootstrap, HostTransport};
-    use vmcred_proto::tls::Identity;
-
     const SECRET: &[u8] = b"Sock-S3cr3t-4b1d";
-    let tmp = tempfile::tempdir().unwrap();
-    let p = |rel: &str| tmp.path().join(rel);
-    let host = Identity::generate("vmcred-host").unwrap();
-    let b = Bootstrap {
-        port: 700,
-        pin: host.pin().unwrap(),
-        host: HostTransport::Hybrid,
-    };
-    std::fs::create_dir(p("credentials")).unwrap();
-    std::fs::write(p("credentials/vmcred.bootstrap"), b.encode()).unwrap();
-    std::fs::write(
-        p("guest.toml"),
+    let b = Binary::start(
         "initial_sync_timeout = \"1h\"\n[credentials.API_KEY]\nsocket_units = [\"api.service\"]\nreload_units = [\"api.service\"]\n[credentials.MEM]\ndeliver = \"socket\"\nsocket_units = [\"api.service\"]\n",
-    )
-    .unwrap();
-    let systemctl = common::recording_systemctl(tmp.path(), &p("calls"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmcred-guest"))
-        .arg("--config")
-        .arg(p("guest.toml"))
-        .arg("--bootstrap")
-        .arg(p("credentials/vmcred.bootstrap"))
-        .arg("--credentials-dir")
-        .arg(p("credentials"))
-        .arg("--state-dir")
-        .arg(p("state"))
-        .arg("--listen-unix")
-        .arg(p("guest.sock"))
-        .arg("--systemctl")
-        .arg(&systemctl)
-        .arg("--log-level")
-        .arg("trace")
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Drain the log as it goes, line by line, until the socket is bound.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(15))
-            .expect("the agent never said it serves the credential socket");
-        if line.contains("serving the credential socket") {
-            break;
-        }
-    }
-    let sock = p("state/creds.sock");
+    );
+    let sock = b.path("state/creds.sock");
     let mode = std::fs::symlink_metadata(&sock)
         .unwrap()
         .permissions()
@@ -412,7 +464,9 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = common::connect(&p("guest.sock"), &host).await.unwrap();
+        let mut c = common::connect(&b.path("guest.sock"), &b.host)
+            .await
+            .unwrap();
         applied(
             &mut c,
             1,
@@ -426,19 +480,14 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
         );
         // deliver = "socket": served from the agent's memory, no file.
         assert_serves(&sock, "api.service", "MEM", b"in-memory-only").await;
-        assert!(!p("credentials/MEM").exists());
+        assert!(!b.path("credentials/MEM").exists());
         assert_eq!(
             ask_as_systemd(&sock, "evil.service", "API_KEY").await,
             Got::TooBig
         );
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
-    let log = reader.join().unwrap();
+    let (ok, log) = b.stop();
+    assert!(ok);
     assert!(log.contains("serving the credential socket"), "{log}");
     assert!(log.contains("value handed to the unit"), "{log}");
     assert!(log.contains("evil.service"), "{log}");
@@ -450,6 +499,135 @@ fn the_binary_serves_the_socket_in_its_state_dir() {
         !log.contains(&hex::encode(SECRET)),
         "a value reached the log (hex)"
     );
+}
+
+/// Bytes queued for reading on `fd` (FIONREAD).
+fn queued(fd: &impl AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// A unit loading its credential while the agent stops (a switch that
+/// restarts both, a shutdown) must see its load fail, never a value cut
+/// short: a 768 KiB value does not fit the socket's buffer, so the agent is
+/// mid-write when SIGTERM comes, and systemd reads to EOF whatever arrived.
+#[test]
+fn an_agent_stopping_mid_value_never_hands_over_a_cut_off_value() {
+    let b = Binary::start(
+        "initial_sync_timeout = \"1h\"\n[credentials.BIG]\nsocket_units = [\"api.service\"]\n",
+    );
+    // Within the credentials directory's 1 MiB budget, next to the bootstrap.
+    let big = vec![b'v'; 768 * 1024];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = common::connect(&b.path("guest.sock"), &b.host)
+            .await
+            .unwrap();
+        applied(&mut c, 1, vec![cred("BIG", &big)], &[]).await;
+    });
+    // systemd's side: bound to its address, connected, not reading yet.
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &UnixAddr::new_abstract(&systemd_address("api.service", "BIG")).unwrap(),
+    )
+    .unwrap();
+    connect(
+        fd.as_raw_fd(),
+        &UnixAddr::new(&b.path("state/creds.sock")).unwrap(),
+    )
+    .unwrap();
+    // The agent has started writing the value (and, with 1 MiB against a
+    // socket buffer far smaller, cannot have finished).
+    while queued(&fd) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    b.term();
+    // Read only once the agent is stopping, as a busy systemd might.
+    b.wait_for_line("stopping");
+    let stopping = std::thread::spawn(move || b.wait());
+    let mut file = std::fs::File::from(fd);
+    let mut got = 0usize;
+    let mut buf = [0u8; 65536];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let (ok, log) = stopping.join().unwrap();
+    assert!(ok, "{log}");
+    assert!(
+        got > SYSTEMD_MAX,
+        "systemd would have read {got} bytes to EOF and taken them as the credential (the value has {})",
+        big.len()
+    );
+    assert!(log.contains("value cut off"), "{log}");
+}
+
+/// A request the agent cannot decide within the connection's deadline
+/// (here: the store held by a writer) is refused the way systemd notices,
+/// not closed, which systemd would read as an empty credential.
+#[tokio::test]
+async fn a_request_past_its_deadline_is_refused_not_answered_empty() {
+    let g = start(CONFIG, Limits::default()).await;
+    let path = g.tmp.path().join("creds.sock");
+    let socket = CredsSocket::bind(&path)
+        .unwrap()
+        .with_deadline(std::time::Duration::from_millis(300));
+    let config = Arc::new(GuestConfig::parse(CONFIG).unwrap());
+    tokio::spawn(socket.serve(g.store.clone(), config, g.memory.clone()));
+    let mut c = common::connect(&g.socket, &g.host).await.unwrap();
+    applied(&mut c, 1, vec![cred("API_KEY", b"k-1")], &[]).await;
+    // A writer holds the store: the committed value cannot be read.
+    let held = g.store.quiesce();
+    assert_eq!(
+        ask_as_systemd(&path, "api.service", "API_KEY").await,
+        Got::TooBig
+    );
+    drop(held);
+    assert_serves(&path, "api.service", "API_KEY", b"k-1").await;
+}
+
+/// Stopping the socket's service refuses a request still waiting to be
+/// decided, and then refuses new connections outright.
+#[tokio::test]
+async fn stopping_refuses_a_waiting_request_and_later_connections() {
+    let g = start(CONFIG, Limits::default()).await;
+    let path = g.tmp.path().join("creds.sock");
+    let socket = CredsSocket::bind(&path).unwrap();
+    let stopper = socket.stopper();
+    let config = Arc::new(GuestConfig::parse(CONFIG).unwrap());
+    tokio::spawn(socket.serve(g.store.clone(), config, g.memory.clone()));
+    let mut c = common::connect(&g.socket, &g.host).await.unwrap();
+    applied(&mut c, 1, vec![cred("API_KEY", b"k-1")], &[]).await;
+    let held = g.store.quiesce();
+    let before = Arc::strong_count(&g.store);
+    let asking = tokio::spawn({
+        let path = path.clone();
+        async move { ask_as_systemd(&path, "api.service", "API_KEY").await }
+    });
+    // The request is in once its read of the store (which waits for the
+    // held lock) holds a reference to the store.
+    while Arc::strong_count(&g.store) == before {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stopper.stop().await;
+    assert_eq!(asking.await.unwrap(), Got::TooBig);
+    drop(held);
+    assert!(matches!(
+        ask_as_systemd(&path, "api.service", "API_KEY").await,
+        Got::Error(_)
+    ));
 }
 
 const MEMORY_CONFIG: &str = r#"
