@@ -566,18 +566,20 @@ fn latency(args: &Args, guest: &Path, cli: &Path) -> Result<Value> {
         &mux_sock,
         [(ECHO_PORT, echo_sock.clone())].into_iter().collect(),
     )?;
-    let mut hybrid = Vec::new();
-    let mut unix = Vec::new();
-    for _ in 0..args.samples {
-        hybrid.push(time_ms(|| hybrid_echo(&mux_sock))?);
-        unix.push(time_ms(|| echo_once(UnixStream::connect(&echo_sock)?))?);
-    }
-
     let control = w.path().join("run/control.sock");
     let source = w.creds["vm0"][CRED].0.clone();
+    let mut hybrid = Vec::new();
+    let mut unix = Vec::new();
     let mut via_socket = Vec::new();
     let mut via_cli = Vec::new();
+    // The rotate and its floors interleaved, one sample of each in turn,
+    // so that the ratio compares figures taken under the same load: on
+    // this shared machine the floor alone moved 0.094 -> 0.142 ms between
+    // runs minutes apart (session 7), and a floor measured in one stretch
+    // and the rotate in the next could meet different weather.
     for i in 0..args.samples {
+        hybrid.push(time_ms(|| hybrid_echo(&mux_sock))?);
+        unix.push(time_ms(|| echo_once(UnixStream::connect(&echo_sock)?))?);
         // A new value each time, so every rotate pushes and is applied.
         write_atomic(&source, format!("s-{i}").as_bytes(), 0o400)?;
         via_socket.push(time_ms(|| control_rotate(&control, "vm0"))?);
