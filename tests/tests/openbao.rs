@@ -5,10 +5,11 @@
 //! needs it. Without it the tests skip with a reason, except in CI
 //! (`CI=true`), where that is a failure.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use vmcred_tests::{wait_until, World};
@@ -1019,4 +1020,300 @@ fn a_store_that_never_answers_does_not_hold_a_rotate() {
         "{text}\n{}",
         w.logs()
     );
+}
+
+/// What the stand-in in front of the store does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// Passed to the store, its reply passed back as it came.
+    Forward,
+    /// Answered 404 with an HTML page, as a proxy or load balancer would.
+    Html404,
+    /// Passed to the store; its reply's body sent back chunked, in small
+    /// chunks and without a length.
+    Rechunk,
+}
+
+/// The stand-in's state: what to do per request path, and whether to hold
+/// every request until released.
+#[derive(Default)]
+struct ProxyState {
+    /// Path prefixes (after `/v1/`) and what to do with them; the first
+    /// that matches wins, otherwise `Forward`.
+    rules: Vec<(String, Act)>,
+    hold: bool,
+    /// Requests that arrived while holding (and wait).
+    held: usize,
+    /// Every request path seen, in order.
+    seen: Vec<String>,
+}
+
+/// A loopback HTTP/1.1 stand-in between the host agent and a real
+/// `bao server -dev`: one request per connection (the agent's client
+/// makes one), forwarded with `Connection: close` so the reply ends at
+/// EOF.
+struct Proxy {
+    addr: SocketAddr,
+    state: Arc<(Mutex<ProxyState>, Condvar)>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state: Arc<(Mutex<ProxyState>, Condvar)> = Arc::default();
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(c, upstream, &st);
+                });
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    fn addr(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn rule(&self, prefix: &str, act: Act) {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .rules
+            .push((prefix.into(), act));
+    }
+
+    fn hold(&self, on: bool) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap().hold = on;
+        cv.notify_all();
+    }
+
+    /// Waits until a request is held.
+    fn wait_held(&self) {
+        let (m, cv) = &*self.state;
+        let g = m.lock().unwrap();
+        let (g, t) = cv.wait_timeout_while(g, T, |s| s.held == 0).unwrap();
+        assert!(
+            !t.timed_out(),
+            "no request reached the held stand-in: {:?}",
+            g.seen
+        );
+    }
+
+    fn seen(&self, prefix: &str) -> usize {
+        let g = self.state.0.lock().unwrap();
+        g.seen.iter().filter(|p| p.starts_with(prefix)).count()
+    }
+}
+
+/// The end of an HTTP head in `buf`, after its blank line.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// A chunked body decoded (the store's replies over 2 KiB come chunked).
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = std::str::from_utf8(&body[..eol]).unwrap_or("0");
+        let size =
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        body = &body[eol + 2..];
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+fn proxy_one(
+    mut c: TcpStream,
+    upstream: u16,
+    st: &(Mutex<ProxyState>, Condvar),
+) -> std::io::Result<()> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+        if let Some(e) = head_end(&req) {
+            break e;
+        }
+    };
+    let head = String::from_utf8_lossy(&req[..end]).to_string();
+    while req.len() < end + content_length(&head).unwrap_or(0) {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_start_matches("/v1/")
+        .to_string();
+    let act = {
+        let (m, cv) = st;
+        let mut g = m.lock().unwrap();
+        g.seen.push(path.clone());
+        if g.hold {
+            g.held += 1;
+            cv.notify_all();
+            g = cv.wait_while(g, |s| s.hold).unwrap();
+        }
+        g.rules
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|r| r.1)
+            .unwrap_or(Act::Forward)
+    };
+    if act == Act::Html404 {
+        let page = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1><hr>nginx</body></html>\n";
+        return write!(
+            c,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        );
+    }
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let line_end = head.find("\r\n").unwrap_or(0) + 2;
+    up.write_all(&req[..line_end])?;
+    up.write_all(b"Connection: close\r\n")?;
+    up.write_all(&req[line_end..])?;
+    let mut reply = Vec::new();
+    up.read_to_end(&mut reply)?;
+    if act == Act::Forward {
+        return c.write_all(&reply);
+    }
+    let end = head_end(&reply).unwrap_or(reply.len());
+    let rhead = String::from_utf8_lossy(&reply[..end]).to_string();
+    let body = if content_length(&rhead).is_some() {
+        reply[end..].to_vec()
+    } else {
+        dechunk(&reply[end..])
+    };
+    let mut out = String::new();
+    for l in rhead.lines().filter(|l| !l.is_empty()) {
+        let k = l
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if k != "content-length" && k != "transfer-encoding" && k != "connection" {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    c.write_all(out.as_bytes())?;
+    // Chunks of 100 bytes: many frames, no length known up front.
+    for chunk in body.chunks(100) {
+        write!(c, "{:x}\r\n", chunk.len())?;
+        c.write_all(chunk)?;
+        c.write_all(b"\r\n")?;
+    }
+    c.write_all(b"0\r\n\r\n")
+}
+
+/// A proxy or load balancer in front of the store answering 404 with its
+/// own page is not the store saying "deleted": with `on_delete =
+/// "remove"` the guest keeps its value, and status says the 404 was not
+/// OpenBao's (found in review: any 404 was taken as deleted). The real
+/// deletion behind the same stand-in still removes.
+#[test]
+fn a_404_that_is_not_openbao_s_removes_nothing() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    bao.put("apps/proxied", &[("f", "px-v1")]);
+    bao.put("apps/real", &[("f", "real-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"5s\"\ninsecure_loopback_http = true\n",
+        proxy.addr(),
+        token.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[
+            (
+                "vm1",
+                "PROXIED",
+                "{ path = \"apps/proxied\", field = \"f\", on_delete = \"remove\" }",
+            ),
+            (
+                "vm1",
+                "REAL",
+                "{ path = \"apps/real\", field = \"f\", on_delete = \"remove\" }",
+            ),
+        ],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "PROXIED", b"px-v1", T)
+        .unwrap();
+    w.wait_for_guest_value("vm1", "REAL", b"real-v1", T)
+        .unwrap();
+
+    // The proxy loses the route to one secret's metadata.
+    proxy.rule("secret/metadata/apps/proxied", Act::Html404);
+    wait_status(&w, "vm1", "PROXIED", "the reply is not OpenBao's");
+    let seen = proxy.seen("secret/metadata/apps/proxied");
+    wait_until(T, || proxy.seen("secret/metadata/apps/proxied") >= seen + 3)
+        .expect("more rounds see the proxy's 404");
+    assert_eq!(
+        w.read_guest("vm1", "PROXIED").as_deref(),
+        Some(&b"px-v1"[..]),
+        "a proxy's 404 removed the credential\n{}",
+        w.logs()
+    );
+    let st = cred_status(&w, "vm1", "PROXIED");
+    assert!(
+        st.contains("source-error") && st.contains("not a JSON object"),
+        "{st}"
+    );
+    assert!(
+        w.logs().contains("the reply is not OpenBao's"),
+        "{}",
+        w.logs()
+    );
+
+    // OpenBao's own "deleted" through the same stand-in still removes.
+    bao.cmd(&["kv", "metadata", "delete", "secret/apps/real"]);
+    wait_until(T, || w.read_guest("vm1", "REAL").is_none()).expect("REAL removed");
+    assert_eq!(
+        w.read_guest("vm1", "PROXIED").as_deref(),
+        Some(&b"px-v1"[..])
+    );
+    let logs = w.logs();
+    for v in ["px-v1", "real-v1"] {
+        assert!(!logs.contains(v), "{v} in the logs");
+    }
 }

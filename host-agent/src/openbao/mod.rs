@@ -61,6 +61,9 @@ pub enum Problem {
         seen: u64,
     },
     Http(u16, String),
+    /// HTTP 404 whose body is not OpenBao's (a proxy's or load balancer's
+    /// page): the store's error, never taken as "deleted".
+    Foreign404(&'static str),
     BadReply(String),
 }
 
@@ -81,6 +84,7 @@ impl Problem {
             Problem::VersionDeleted(v) => format!("version {v} of {key} is deleted or destroyed"),
             Problem::Rollback { current, seen } => format!("{key} is at version {current}, below version {seen} already seen; refusing a rollback (put a new version above {seen}, or, if the secret was re-created on purpose, remove its entry from openbao-versions.json in the state directory)"),
             Problem::Http(s, e) => format!("HTTP {s} for {key}: {e}"),
+            Problem::Foreign404(what) => format!("HTTP 404 for {key} from {address}, but the reply is not OpenBao's ({what}): a reverse proxy or load balancer in front of the store? Not taken as deleted; the guest keeps its last value"),
             Problem::BadReply(e) => format!("{key}: {e}"),
         }
     }
@@ -144,17 +148,21 @@ pub fn store() -> &'static Store {
     })
 }
 
+/// What a 404 on one of a secret's reads means, when OpenBao itself said
+/// it: the secret is gone (metadata) or its version is (data).
+#[derive(Clone, Copy)]
+enum Gone {
+    Secret,
+    Version(u64),
+}
+
 /// A read of `path` with the token, judged the same way for metadata and
 /// data: 403 is this secret's refusal (whether the token itself is refused
 /// is decided per round), any other status but 200 is the store's
-/// error. Only what a 404 means differs between the two reads, so the
-/// caller names it.
-async fn get(
-    engine: &Engine,
-    token: &str,
-    path: &str,
-    not_found: Problem,
-) -> Result<http::Reply, Problem> {
+/// error. A 404 means deleted only when its body is OpenBao's own
+/// ([`reply::not_found`]); anything else in front of the store answering
+/// 404 is an error, so that it cannot remove credentials from guests.
+async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<http::Reply, Problem> {
     let r = engine
         .client
         .request(Method::Get, path, Some(token), None)
@@ -163,7 +171,19 @@ async fn get(
     match r.status {
         200 => Ok(r),
         403 => Err(Problem::Denied),
-        404 => Err(not_found),
+        404 => Err(match (reply::not_found(&r.body), gone) {
+            (reply::NotFound::Absent, Gone::Secret) => Problem::NotFound,
+            (reply::NotFound::Absent | reply::NotFound::VersionGone, Gone::Version(v)) => {
+                Problem::VersionDeleted(v)
+            }
+            // A deleted version's data reply from the metadata endpoint:
+            // not what OpenBao sends there.
+            (reply::NotFound::VersionGone, Gone::Secret) => {
+                Problem::Foreign404("a data reply where metadata was asked for")
+            }
+            (reply::NotFound::Error(e), _) => Problem::Http(404, e),
+            (reply::NotFound::Foreign(what), _) => Problem::Foreign404(what),
+        }),
         s => Err(Problem::Http(s, reply::errors(&r.body))),
     }
 }
@@ -430,7 +450,7 @@ impl Store {
             engine,
             token,
             &format!("/v1/{}/metadata/{}", key.mount, key.path),
-            Problem::NotFound,
+            Gone::Secret,
         )
         .await?;
         let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
@@ -471,7 +491,7 @@ impl Store {
                 "/v1/{}/data/{}?version={}",
                 key.mount, key.path, meta.current_version
             ),
-            Problem::VersionDeleted(meta.current_version),
+            Gone::Version(meta.current_version),
         )
         .await?;
         match reply::check_data(&r.body) {

@@ -157,6 +157,67 @@ impl<'de> Deserialize<'de> for ZString {
     }
 }
 
+/// What a 404 reply says, judged by its body: only OpenBao's own shapes
+/// mean "deleted". A reverse proxy or load balancer in front of the store
+/// answering 404 (an HTML page, an empty body, a route missing during a
+/// deploy) must not make a credential leave its guests.
+///
+/// Seen from `bao server -dev` 2.x (2026-12-01): a never-written or
+/// metadata-deleted secret, or a version that does not exist, answers
+/// `{"errors":[]}` (metadata and data alike); a soft-deleted or destroyed
+/// version's data answers the KV v2 data reply with `data.data: null` and
+/// `data.metadata.deletion_time` set or `destroyed: true`; a mount that
+/// does not exist answers `{"errors":["no handler for route ..."]}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotFound {
+    /// `{"errors":[]}`: no such secret, or no such version.
+    Absent,
+    /// The data reply of a version that is soft-deleted or destroyed.
+    VersionGone,
+    /// OpenBao's error list with entries (a missing mount or route): the
+    /// store's error, not a deleted secret. The text is bounded and
+    /// escaped, as [`errors`] makes it.
+    Error(String),
+    /// Not OpenBao's reply (not a JSON object of its shape); what it was,
+    /// for the status line (never the body itself).
+    Foreign(&'static str),
+}
+
+pub fn not_found(body: &[u8]) -> NotFound {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        errors: Option<Vec<String>>,
+        #[serde(borrow)]
+        data: Option<GoneData<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct GoneData<'a> {
+        #[serde(borrow)]
+        data: Option<&'a RawValue>,
+        metadata: Option<VersionMeta>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return NotFound::Foreign("an empty body");
+    }
+    let Ok(r) = serde_json::from_slice::<Reply>(body) else {
+        return NotFound::Foreign("a body that is not a JSON object");
+    };
+    match (r.errors, r.data) {
+        (Some(e), None) if e.is_empty() => NotFound::Absent,
+        (Some(_), None) => NotFound::Error(errors(body)),
+        (None, Some(d)) => {
+            let no_data = d.data.map(|v| v.get().trim() == "null").unwrap_or(true);
+            match d.metadata {
+                Some(m) if no_data && (!m.deletion_time.is_empty() || m.destroyed) => {
+                    NotFound::VersionGone
+                }
+                _ => NotFound::Foreign("JSON that is neither an error list nor a deleted version"),
+            }
+        }
+        _ => NotFound::Foreign("JSON that is neither an error list nor a deleted version"),
+    }
+}
+
 /// The `auth` part of a login or renewal reply, and `data` of lookup-self.
 #[derive(Deserialize)]
 pub struct AuthReply {
@@ -240,6 +301,39 @@ mod tests {
         );
         assert_eq!(field(b"<html>", "a"), Err(FieldError::Malformed));
         assert!(check_data(BODY.as_bytes()).is_ok());
+    }
+
+    /// The bodies are what `bao server -dev` 2.7.2 sent (ids shortened).
+    #[test]
+    fn only_openbao_s_own_404_means_deleted() {
+        assert_eq!(not_found(br#"{"errors":[]}"#), NotFound::Absent);
+        let soft = br#"{"request_id":"r","lease_id":"","renewable":false,"lease_duration":0,"data":{"data":null,"metadata":{"created_time":"2026-12-01T01:18:42Z","custom_metadata":null,"deletion_time":"2026-12-01T01:18:42Z","destroyed":false,"version":2}},"wrap_info":null,"warnings":null,"auth":null}"#;
+        assert_eq!(not_found(soft), NotFound::VersionGone);
+        let destroyed = br#"{"data":{"data":null,"metadata":{"deletion_time":"","destroyed":true,"version":2}}}"#;
+        assert_eq!(not_found(destroyed), NotFound::VersionGone);
+        assert_eq!(
+            not_found(br#"{"errors":["no handler for route \"nomount/metadata/a\". route entry not found."]}"#),
+            NotFound::Error(r#"no handler for route "nomount/metadata/a". route entry not found."#.into())
+        );
+        for foreign in [
+            &b"<html><body>404 Not Found</body></html>"[..],
+            b"",
+            b" \n",
+            b"null",
+            b"[]",
+            b"{}",
+            br#"{"message":"not found"}"#,
+            br#"{"errors":[],"data":{}}"#,
+            // A live version's data is not a deleted one.
+            br#"{"data":{"data":{"f":"v"},"metadata":{"deletion_time":"x","destroyed":false}}}"#,
+            br#"{"data":{"data":null,"metadata":{"deletion_time":"","destroyed":false}}}"#,
+        ] {
+            assert!(
+                matches!(not_found(foreign), NotFound::Foreign(_)),
+                "{:?}",
+                String::from_utf8_lossy(foreign)
+            );
+        }
     }
 
     #[test]
