@@ -1317,3 +1317,82 @@ fn a_404_that_is_not_openbao_s_removes_nothing() {
         assert!(!logs.contains(v), "{v} in the logs");
     }
 }
+
+/// A SIGHUP that moves `[openbao] address` to another store while a round
+/// against the old one is in flight: the old round's results are dropped,
+/// not recorded under the new address (found in review: they were, so
+/// the old store's version 3 became the new store's rollback floor and its
+/// version 1 was refused, the guest stuck on the old store's value). The
+/// stand-in in front of the old store holds the round's first request
+/// until the reload is applied, so the window is certain.
+#[test]
+fn a_sighup_to_another_store_drops_the_round_in_flight() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let old = Bao::start(bin.clone(), w.path());
+    let new_dir = w.path().join("new-store");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let new = Bao::start(bin, &new_dir);
+    for v in ["old-v1", "old-v2", "old-v3"] {
+        old.put("moved", &[("f", v)]);
+    }
+    assert_eq!(new.put("moved", &[("f", "new-v1")]), 1);
+    let proxy = Proxy::start(old.port);
+    proxy.hold(true);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = |address: &str| {
+        format!(
+            "address = \"{address}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"60s\"\ninsecure_loopback_http = true\n",
+            token.display()
+        )
+    };
+    start_host(
+        &mut w,
+        &table(&proxy.addr()),
+        &[("vm1", "MOVED", "{ path = \"moved\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    proxy.wait_held();
+
+    // The store moves while the first round waits on the old one.
+    let config = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), config.replace(&proxy.addr(), &new.addr())).unwrap();
+    let reloads = || w.logs().matches("config reloaded").count();
+    let before = reloads();
+    let host = w.host.as_ref().expect("host agent").id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(T, || reloads() > before).expect("the reload applied");
+    proxy.hold(false);
+
+    // The old round read version 3 of the old store to its end.
+    wait_until(T, || proxy.seen("secret/data/moved") >= 1)
+        .expect("the old round reads the old store's data");
+    w.wait_for_guest_value("vm1", "MOVED", b"new-v1", T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "MOVED"), w.logs()));
+    wait_status(&w, "vm1", "MOVED", "applied");
+    assert!(
+        w.logs().contains("[openbao] changed during the round"),
+        "the old round must have finished after the reload:\n{}",
+        w.logs()
+    );
+    let floors: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.path().join("host-state/openbao-versions.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        floors[format!("{} secret/moved", new.addr())],
+        serde_json::json!(1),
+        "the new store's floor: {floors}"
+    );
+    assert!(
+        floors
+            .get(format!("{} secret/moved", proxy.addr()))
+            .is_none(),
+        "the dropped round recorded nothing: {floors}"
+    );
+}

@@ -116,6 +116,10 @@ struct Shared {
     cache: BTreeMap<SecretKey, Entry>,
     /// Highest version seen per `address mount/path`.
     seen: BTreeMap<String, u64>,
+    /// Bumped whenever `server` changes (SIGHUP): a round that started
+    /// under another epoch ran against another server, or another token
+    /// or CA, and its results are dropped.
+    epoch: u64,
     state_file: Option<PathBuf>,
     credentials_dir: Option<PathBuf>,
     watcher: bool,
@@ -188,6 +192,12 @@ async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<htt
     }
 }
 
+/// The server a round runs against, by address and config epoch.
+struct Round<'a> {
+    address: &'a str,
+    epoch: u64,
+}
+
 /// Reads requests use: the persisted key of a secret.
 fn seen_key(address: &str, key: &SecretKey) -> String {
     format!("{address} {key}")
@@ -219,6 +229,7 @@ impl Store {
             }
             if s.server != cfg.openbao {
                 s.cache.clear();
+                s.epoch = s.epoch.wrapping_add(1);
             }
             s.server = cfg.openbao.clone();
             s.cache.retain(|k, _| secrets.contains(k));
@@ -290,7 +301,7 @@ impl Store {
     /// One round of requests: all configured secrets (`None`, checking
     /// versions first) or the given ones (read whatever their version).
     async fn round(&self, only: Option<BTreeSet<SecretKey>>) {
-        let (server, secrets, credentials_dir) = {
+        let (server, secrets, credentials_dir, epoch) = {
             let Ok(s) = self.shared.lock() else { return };
             let Some(server) = s.server.clone() else {
                 return;
@@ -303,7 +314,11 @@ impl Store {
                     .collect(),
                 None => s.secrets.iter().cloned().collect(),
             };
-            (server, secrets, s.credentials_dir.clone())
+            (server, secrets, s.credentials_dir.clone(), s.epoch)
+        };
+        let at = Round {
+            address: &server.address,
+            epoch,
         };
         if secrets.is_empty() {
             return;
@@ -321,7 +336,11 @@ impl Store {
                 }
                 Err(e) => {
                     *guard = None;
-                    self.record_all(&secrets, Problem::BadReply(format!("openbao client: {e}")));
+                    self.record_all(
+                        &at,
+                        &secrets,
+                        Problem::BadReply(format!("openbao client: {e}")),
+                    );
                     return;
                 }
             }
@@ -334,7 +353,7 @@ impl Store {
         {
             Ok(t) => t,
             Err(p) => {
-                self.record_all(&secrets, p);
+                self.record_all(&at, &secrets, p);
                 return;
             }
         };
@@ -374,27 +393,36 @@ impl Store {
             }
         }
         for (key, outcome) in secrets.iter().zip(outcomes) {
-            self.record(key, outcome);
+            self.record(&at, key, outcome);
         }
     }
 
-    fn record_all(&self, secrets: &[SecretKey], p: Problem) {
+    fn record_all(&self, at: &Round, secrets: &[SecretKey], p: Problem) {
         for k in secrets {
-            self.record(k, Err(p.clone()));
+            self.record(at, k, Err(p.clone()));
         }
     }
 
     /// Stores the outcome of one read, and tells the VM tasks if anything
     /// they would see changed.
-    fn record(&self, key: &SecretKey, outcome: Result<Read, Problem>) {
+    /// The outcome is judged and its version recorded only under the
+    /// server the round ran against: when `[openbao]` changed while the
+    /// round was in flight (SIGHUP), it is dropped, since the old server's
+    /// versions would otherwise become the new one's rollback floor and
+    /// its values the new one's cache. The round the SIGHUP queued reads
+    /// the new server.
+    fn record(&self, at: &Round, key: &SecretKey, outcome: Result<Read, Problem>) {
         let Ok(mut s) = self.shared.lock() else {
             return;
         };
-        let address = s
-            .server
-            .as_ref()
-            .map(|x| x.address.clone())
-            .unwrap_or_default();
+        if s.epoch != at.epoch {
+            debug!(secret = %key, server = at.address, "openbao: [openbao] changed during the round; its result is dropped");
+            return;
+        }
+        if !s.secrets.contains(key) {
+            return;
+        }
+        let address = at.address;
         let mut persist = None;
         let changed = {
             let e = s.cache.entry(key.clone()).or_default();
@@ -410,7 +438,7 @@ impl Store {
                 }
                 Err(p) => {
                     if e.problem.as_ref() != Some(&p) {
-                        warn!(secret = %key, error = %p.describe(key, &address), "openbao: cannot read");
+                        warn!(secret = %key, error = %p.describe(key, address), "openbao: cannot read");
                         e.problem = Some(p);
                         true
                     } else {
@@ -420,7 +448,7 @@ impl Store {
             }
         };
         if let Some(v) = persist {
-            let sk = seen_key(&address, key);
+            let sk = seen_key(address, key);
             if s.seen.get(&sk).copied().unwrap_or(0) < v {
                 s.seen.insert(sk, v);
                 if let Some(f) = &s.state_file {
