@@ -1396,3 +1396,43 @@ fn a_sighup_to_another_store_drops_the_round_in_flight() {
         "the dropped round recorded nothing: {floors}"
     );
 }
+
+/// Replies without a length (chunked, in 100-byte chunks: hundreds of
+/// frames) reach the guest whole through the agent's client, whose reply
+/// buffer grows without leaving unwiped copies (the growth itself is
+/// checked by `host-agent/tests/openbao_zbuf.rs`). The value is large,
+/// with JSON escapes in it.
+#[test]
+fn a_chunked_reply_reaches_the_guest_whole() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    proxy.rule("secret/", Act::Rechunk);
+    let value: String = (0..4000)
+        .map(|i| format!("{i:04}\"\\é\t"))
+        .collect::<Vec<_>>()
+        .concat();
+    assert!(value.len() > 30_000);
+    bao.put("big", &[("f", &value)]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"10s\"\ninsecure_loopback_http = true\n",
+        proxy.addr(),
+        token.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "BIG", "{ path = \"big\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "BIG", value.as_bytes(), T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "BIG"), w.logs()));
+    assert!(proxy.seen("secret/data/big") >= 1);
+    let v2 = value.replace('é', "ü");
+    bao.put("big", &[("f", &v2)]);
+    w.wait_for_guest_value("vm1", "BIG", v2.as_bytes(), T)
+        .unwrap();
+}

@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 use super::config::{SecretFile, Server};
 use super::http::{Client, Method};
 use super::reply;
+use super::zbuf::ZBuf;
 use super::Problem;
 
 /// Largest token or id file read.
@@ -222,19 +223,17 @@ impl Auth {
         };
         let role_id = read_secret_file(&ar.role_id, credentials_dir)?;
         let secret_id = read_secret_file(&ar.secret_id, credentials_dir)?;
-        /// Borrowed fields and a body sized up front: no unwiped copy of
-        /// the secret id is made while serialising (escapes are rare and
-        /// the margin covers a few).
+        /// Borrowed fields, written into a buffer that wipes what it
+        /// leaves when it grows: no unwiped copy of the secret id is made
+        /// while serialising, whatever the escapes.
         #[derive(serde::Serialize)]
         struct Login<'a> {
             role_id: &'a str,
             secret_id: &'a str,
         }
-        let mut body = Zeroizing::new(Vec::with_capacity(
-            2 * (role_id.len() + secret_id.len()) + 64,
-        ));
+        let mut body = ZBuf::with_capacity(role_id.len() + secret_id.len() + 64);
         serde_json::to_writer(
-            &mut *body,
+            &mut body,
             &Login {
                 role_id: role_id.as_str(),
                 secret_id: secret_id.as_str(),
@@ -246,7 +245,7 @@ impl Auth {
                 Method::Post,
                 &format!("/v1/auth/{}/login", ar.mount),
                 None,
-                Some(body),
+                Some(body.into_inner()),
             )
             .await
             .map_err(Problem::Unreachable)?;

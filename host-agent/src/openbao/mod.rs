@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod reply;
+pub mod zbuf;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

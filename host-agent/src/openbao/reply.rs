@@ -131,30 +131,78 @@ impl<'de> Visitor<'de> for Pick<'_> {
     }
 }
 
-/// A JSON string read into a zeroizing buffer: borrowed strings are copied
-/// once, owned ones (with escapes, decoded by the parser into its scratch
-/// buffer first) are moved in.
+/// A JSON string read into a zeroizing buffer. The raw JSON text is
+/// borrowed from the (zeroizing) reply and decoded here, straight into a
+/// buffer sized to it: serde_json would decode a string with escapes into
+/// its scratch `Vec` first, which grows and is freed without wiping.
+/// Needs a deserializer that lends raw values (serde_json on a slice or
+/// `str`), which every reply here is parsed with.
 struct ZString(Zeroizing<String>);
 
 impl<'de> Deserialize<'de> for ZString {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ZString;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ZString, E> {
-                let mut z = Zeroizing::new(String::with_capacity(s.len()));
-                z.push_str(s);
-                Ok(ZString(z))
-            }
-            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<ZString, E> {
-                Ok(ZString(Zeroizing::new(s)))
-            }
-        }
-        d.deserialize_string(V)
+        let raw = <&'de RawValue>::deserialize(d)?;
+        unescape(raw.get()).map(ZString).ok_or_else(|| {
+            serde::de::Error::invalid_type(
+                serde::de::Unexpected::Other("not a string"),
+                &"a string",
+            )
+        })
     }
+}
+
+/// The text of a JSON string literal (quotes included), its escapes
+/// decoded; `None` when `raw` is not a string or holds a lone surrogate.
+/// Decoded text is never longer than its escaped form, so the buffer
+/// reserved up front never moves.
+fn unescape(raw: &str) -> Option<Zeroizing<String>> {
+    let inner = raw.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = Zeroizing::new(String::with_capacity(inner.len()));
+    let mut rest = inner;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i + 1..i + 2)?;
+        rest = &rest[i + 2..];
+        let c = match esc {
+            "\"" => '"',
+            "\\" => '\\',
+            "/" => '/',
+            "b" => '\u{8}',
+            "f" => '\u{c}',
+            "n" => '\n',
+            "r" => '\r',
+            "t" => '\t',
+            "u" => {
+                let hi = hex4(rest)?;
+                rest = &rest[4..];
+                match hi {
+                    0xD800..=0xDBFF => {
+                        let lo = hex4(rest.strip_prefix("\\u")?)?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return None;
+                        }
+                        rest = &rest[6..];
+                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => char::from_u32(hi)?,
+                }
+            }
+            _ => return None,
+        };
+        out.push(c);
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// The four hex digits at the start of `s`.
+fn hex4(s: &str) -> Option<u32> {
+    let h = s.get(..4)?;
+    if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(h, 16).ok()
 }
 
 /// What a 404 reply says, judged by its body: only OpenBao's own shapes
@@ -334,6 +382,42 @@ mod tests {
                 String::from_utf8_lossy(foreign)
             );
         }
+    }
+
+    #[test]
+    fn escapes_are_decoded_in_place() {
+        for (raw, want) in [
+            (r#""plain""#, "plain"),
+            (r#""""#, ""),
+            (r#""a\"b\\c\/d\b\f\n\r\t""#, "a\"b\\c/d\u{8}\u{c}\n\r\t"),
+            (r#""\u00e9\u20ac\ud83d\ude00x""#, "é€😀x"),
+            (r#""\\""#, "\\"),
+        ] {
+            let got = unescape(raw).unwrap();
+            assert_eq!(got.as_str(), want, "{raw}");
+            let inner = raw.len() - 2;
+            assert_eq!(got.capacity(), inner, "{raw}: the buffer moved");
+        }
+        for bad in [
+            "5",
+            "null",
+            r#"{"a":1}"#,
+            r#""\ud83d""#,
+            r#""\ude00""#,
+            r#""\ud83dx""#,
+            r#""\u12""#,
+            r#""\q""#,
+        ] {
+            assert!(unescape(bad).is_none(), "{bad}");
+        }
+        // Through the whole field path too, with serde_json's own decoding
+        // as the oracle.
+        let body = r#"{"data":{"data":{"f":"\u00e9\"\\\ud83d\ude00\t"}}}"#;
+        let want: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            field(body.as_bytes(), "f").unwrap().as_str(),
+            want["data"]["data"]["f"].as_str().unwrap()
+        );
     }
 
     #[test]
