@@ -567,34 +567,14 @@ fn approle_login_with_renewal_and_relogin() {
     let mut w = world(&["vm1"]);
     let bao = Bao::start(bin, w.path());
     bao.ensure_reader_policy();
-    bao.cmd(&["auth", "enable", "approle"]);
     // Tokens live 3 s and can be renewed up to 6 s: the agent must renew,
     // then log in again.
-    bao.cmd(&[
-        "write",
-        "auth/approle/role/vmcred",
-        "token_policies=reader",
-        "token_ttl=3s",
-        "token_max_ttl=6s",
-    ]);
-    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
-    let secret_id = bao.cmd(&[
-        "write",
-        "-f",
-        "-field=secret_id",
-        "auth/approle/role/vmcred/secret-id",
-    ]);
-    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
-    write_token(&rf, &role_id);
-    write_token(&sf, &secret_id);
-    bao.put("a", &[("f", "a-v1")]);
-    let table = format!(
-        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
-        bao.addr(),
-        bao.http_opt_in(),
-        rf.display(),
-        sf.display()
+    let (table, secret_id) = approle(
+        &w,
+        &bao,
+        &["token_policies=reader", "token_ttl=3s", "token_max_ttl=6s"],
     );
+    bao.put("a", &[("f", "a-v1")]);
     start_host(
         &mut w,
         &table,
