@@ -77,17 +77,27 @@ fn read_secret_file(
             .map(|d| d.join(c))
             .ok_or_else(|| Problem::Auth(format!("$CREDENTIALS_DIRECTORY is not set, but {f} is configured; add LoadCredential={c}:SOURCE to vmcred-host.service")))?,
     };
-    // Sized before reading, so that `read_to_end` never reallocates and
-    // leaves an unwiped copy of the token behind.
-    let mut buf = Zeroizing::new(Vec::new());
+    // Sized before reading, so that the buffer does not move; a file that
+    // grew meanwhile makes it grow through `ZBuf`, which wipes what it
+    // leaves, as does the chunk read into on the stack.
+    let mut buf = ZBuf::default();
     std::fs::File::open(&path)
         .and_then(|file| {
             let len = file.metadata()?.len().min(MAX_SECRET_FILE);
-            buf.reserve_exact(usize::try_from(len).unwrap_or(0) + 1);
-            file.take(MAX_SECRET_FILE).read_to_end(&mut buf)
+            buf = ZBuf::with_capacity(usize::try_from(len).unwrap_or(0));
+            let mut r = file.take(MAX_SECRET_FILE);
+            let mut chunk = Zeroizing::new([0u8; 1024]);
+            loop {
+                match r.read(&mut chunk[..]) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => buf.extend(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
         })
         .map_err(|e| Problem::Auth(format!("cannot read {f}: {e}")))?;
-    let text = std::str::from_utf8(&buf)
+    let text = std::str::from_utf8(buf.as_ref())
         .map_err(|_| Problem::Auth(format!("{f} is not UTF-8")))?
         .trim();
     if text.is_empty() {
