@@ -420,6 +420,40 @@ mod tests {
         );
     }
 
+    /// Random strings, escaped every way JSON allows, decode as
+    /// serde_json decodes them.
+    #[test]
+    fn unescape_agrees_with_serde_json() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let pool = [
+            'a', 'é', '€', '😀', '"', '\\', '/', '\n', '\u{8}', '\u{c}', '\u{0}', '\u{1f}',
+            '\u{7f}', ' ',
+        ];
+        for _ in 0..2000 {
+            let mut raw = String::from("\"");
+            for _ in 0..rng.usize(0..12) {
+                let c = pool[rng.usize(0..pool.len())];
+                let mut units = [0u16; 2];
+                match rng.u8(0..3) {
+                    0 if !matches!(c, '"' | '\\') && c >= ' ' => raw.push(c),
+                    1 => {
+                        // serde_json's own escaping (`\"`, `\\`, `\n`, `\u001f`).
+                        let quoted = serde_json::to_string(&c.to_string()).unwrap();
+                        raw.push_str(&quoted[1..quoted.len() - 1]);
+                    }
+                    _ => {
+                        for u in c.encode_utf16(&mut units) {
+                            raw.push_str(&format!("\\u{u:04X}"));
+                        }
+                    }
+                }
+            }
+            raw.push('"');
+            let want: String = serde_json::from_str(&raw).unwrap();
+            assert_eq!(unescape(&raw).unwrap().as_str(), want, "{raw}");
+        }
+    }
+
     #[test]
     fn metadata_sees_a_deleted_current_version() {
         let m = metadata(br#"{"data":{"current_version":2,"versions":{"1":{"deletion_time":"","destroyed":false},"2":{"deletion_time":"2026-01-01T00:00:00Z","destroyed":false}}}}"#).unwrap();
