@@ -160,13 +160,13 @@ impl Client {
             .uri(path)
             .header(hyper::header::HOST, &self.authority);
         if let Some(t) = token {
-            // A `Bytes` that owns a zeroizing copy: the header value is
-            // wiped when hyper drops the request (hyper's own write buffer,
-            // which the head is encoded into, is not ours to wipe).
             // Visible ASCII only, as `HeaderValue::from_str` would demand.
             if !t.bytes().all(|b| (32..127).contains(&b) || b == b'\t') {
                 return Err("the token holds characters not allowed in a header".to_string());
             }
+            // A `Bytes` that owns a zeroizing copy: the header value is
+            // wiped when hyper drops the request (hyper's own write buffer,
+            // which the head is encoded into, is not ours to wipe).
             let owned = Bytes::from_owner(Zeroizing::new(t.as_bytes().to_vec()));
             let mut v = hyper::header::HeaderValue::from_maybe_shared(owned)
                 .map_err(|_| "the token holds characters not allowed in a header".to_string())?;

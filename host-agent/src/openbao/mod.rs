@@ -406,6 +406,7 @@ impl Store {
 
     /// Stores the outcome of one read, and tells the VM tasks if anything
     /// they would see changed.
+    ///
     /// The outcome is judged and its version recorded only under the
     /// server the round ran against: when `[openbao]` changed while the
     /// round was in flight (SIGHUP), it is dropped, since the old server's
@@ -420,6 +421,7 @@ impl Store {
             debug!(secret = %key, server = at.address, "openbao: [openbao] changed during the round; its result is dropped");
             return;
         }
+        // No VM uses it any more (SIGHUP): nothing to cache or wake.
         if !s.secrets.contains(key) {
             return;
         }
