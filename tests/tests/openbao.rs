@@ -5,10 +5,11 @@
 //! needs it. Without it the tests skip with a reason, except in CI
 //! (`CI=true`), where that is a failure.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use vmcred_tests::{wait_until, World};
@@ -566,34 +567,14 @@ fn approle_login_with_renewal_and_relogin() {
     let mut w = world(&["vm1"]);
     let bao = Bao::start(bin, w.path());
     bao.ensure_reader_policy();
-    bao.cmd(&["auth", "enable", "approle"]);
     // Tokens live 3 s and can be renewed up to 6 s: the agent must renew,
     // then log in again.
-    bao.cmd(&[
-        "write",
-        "auth/approle/role/vmcred",
-        "token_policies=reader",
-        "token_ttl=3s",
-        "token_max_ttl=6s",
-    ]);
-    let role_id = bao.cmd(&["read", "-field=role_id", "auth/approle/role/vmcred/role-id"]);
-    let secret_id = bao.cmd(&[
-        "write",
-        "-f",
-        "-field=secret_id",
-        "auth/approle/role/vmcred/secret-id",
-    ]);
-    let (rf, sf) = (w.path().join("role-id"), w.path().join("secret-id"));
-    write_token(&rf, &role_id);
-    write_token(&sf, &secret_id);
-    bao.put("a", &[("f", "a-v1")]);
-    let table = format!(
-        "address = \"{}\"\npoll_interval = \"300ms\"\n{}[openbao.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
-        bao.addr(),
-        bao.http_opt_in(),
-        rf.display(),
-        sf.display()
+    let (table, secret_id) = approle(
+        &w,
+        &bao,
+        &["token_policies=reader", "token_ttl=3s", "token_max_ttl=6s"],
     );
+    bao.put("a", &[("f", "a-v1")]);
     start_host(
         &mut w,
         &table,
@@ -1019,4 +1000,419 @@ fn a_store_that_never_answers_does_not_hold_a_rotate() {
         "{text}\n{}",
         w.logs()
     );
+}
+
+/// What the stand-in in front of the store does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// Passed to the store, its reply passed back as it came.
+    Forward,
+    /// Answered 404 with an HTML page, as a proxy or load balancer would.
+    Html404,
+    /// Passed to the store; its reply's body sent back chunked, in small
+    /// chunks and without a length.
+    Rechunk,
+}
+
+/// The stand-in's state: what to do per request path, and whether to hold
+/// every request until released.
+#[derive(Default)]
+struct ProxyState {
+    /// Path prefixes (after `/v1/`) and what to do with them; the first
+    /// that matches wins, otherwise `Forward`.
+    rules: Vec<(String, Act)>,
+    hold: bool,
+    /// Requests that arrived while holding (and wait).
+    held: usize,
+    /// Every request path seen, in order.
+    seen: Vec<String>,
+}
+
+/// A loopback HTTP/1.1 stand-in between the host agent and a real
+/// `bao server -dev`: one request per connection (the agent's client
+/// makes one), forwarded with `Connection: close` so the reply ends at
+/// EOF.
+struct Proxy {
+    addr: SocketAddr,
+    state: Arc<(Mutex<ProxyState>, Condvar)>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state: Arc<(Mutex<ProxyState>, Condvar)> = Arc::default();
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(c, upstream, &st);
+                });
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    fn addr(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn rule(&self, prefix: &str, act: Act) {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .rules
+            .push((prefix.into(), act));
+    }
+
+    fn hold(&self, on: bool) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap().hold = on;
+        cv.notify_all();
+    }
+
+    /// Waits until a request is held.
+    fn wait_held(&self) {
+        let (m, cv) = &*self.state;
+        let g = m.lock().unwrap();
+        let (g, t) = cv.wait_timeout_while(g, T, |s| s.held == 0).unwrap();
+        assert!(
+            !t.timed_out(),
+            "no request reached the held stand-in: {:?}",
+            g.seen
+        );
+    }
+
+    fn seen(&self, prefix: &str) -> usize {
+        let g = self.state.0.lock().unwrap();
+        g.seen.iter().filter(|p| p.starts_with(prefix)).count()
+    }
+}
+
+/// The end of an HTTP head in `buf`, after its blank line.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// A chunked body decoded (the store's replies over 2 KiB come chunked).
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = std::str::from_utf8(&body[..eol]).unwrap_or("0");
+        let size =
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        body = &body[eol + 2..];
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+fn proxy_one(
+    mut c: TcpStream,
+    upstream: u16,
+    st: &(Mutex<ProxyState>, Condvar),
+) -> std::io::Result<()> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+        if let Some(e) = head_end(&req) {
+            break e;
+        }
+    };
+    let head = String::from_utf8_lossy(&req[..end]).to_string();
+    while req.len() < end + content_length(&head).unwrap_or(0) {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_start_matches("/v1/")
+        .to_string();
+    let act = {
+        let (m, cv) = st;
+        let mut g = m.lock().unwrap();
+        g.seen.push(path.clone());
+        if g.hold {
+            g.held += 1;
+            cv.notify_all();
+            g = cv.wait_while(g, |s| s.hold).unwrap();
+        }
+        g.rules
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|r| r.1)
+            .unwrap_or(Act::Forward)
+    };
+    if act == Act::Html404 {
+        let page = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1><hr>nginx</body></html>\n";
+        return write!(
+            c,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        );
+    }
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let line_end = head.find("\r\n").unwrap_or(0) + 2;
+    up.write_all(&req[..line_end])?;
+    up.write_all(b"Connection: close\r\n")?;
+    up.write_all(&req[line_end..])?;
+    let mut reply = Vec::new();
+    up.read_to_end(&mut reply)?;
+    if act == Act::Forward {
+        return c.write_all(&reply);
+    }
+    let end = head_end(&reply).unwrap_or(reply.len());
+    let rhead = String::from_utf8_lossy(&reply[..end]).to_string();
+    let body = if content_length(&rhead).is_some() {
+        reply[end..].to_vec()
+    } else {
+        dechunk(&reply[end..])
+    };
+    let mut out = String::new();
+    for l in rhead.lines().filter(|l| !l.is_empty()) {
+        let k = l
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if k != "content-length" && k != "transfer-encoding" && k != "connection" {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    c.write_all(out.as_bytes())?;
+    // Chunks of 100 bytes: many frames, no length known up front.
+    for chunk in body.chunks(100) {
+        write!(c, "{:x}\r\n", chunk.len())?;
+        c.write_all(chunk)?;
+        c.write_all(b"\r\n")?;
+    }
+    c.write_all(b"0\r\n\r\n")
+}
+
+/// A proxy or load balancer in front of the store answering 404 with its
+/// own page is not the store saying "deleted": with `on_delete =
+/// "remove"` the guest keeps its value, and status says the 404 was not
+/// OpenBao's (found in review: any 404 was taken as deleted). The real
+/// deletion behind the same stand-in still removes.
+#[test]
+fn a_404_that_is_not_openbao_s_removes_nothing() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    bao.put("apps/proxied", &[("f", "px-v1")]);
+    bao.put("apps/real", &[("f", "real-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"5s\"\ninsecure_loopback_http = true\n",
+        proxy.addr(),
+        token.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[
+            (
+                "vm1",
+                "PROXIED",
+                "{ path = \"apps/proxied\", field = \"f\", on_delete = \"remove\" }",
+            ),
+            (
+                "vm1",
+                "REAL",
+                "{ path = \"apps/real\", field = \"f\", on_delete = \"remove\" }",
+            ),
+        ],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "PROXIED", b"px-v1", T)
+        .unwrap();
+    w.wait_for_guest_value("vm1", "REAL", b"real-v1", T)
+        .unwrap();
+
+    // The proxy loses the route to one secret's metadata.
+    proxy.rule("secret/metadata/apps/proxied", Act::Html404);
+    wait_status(&w, "vm1", "PROXIED", "the reply is not OpenBao's");
+    let seen = proxy.seen("secret/metadata/apps/proxied");
+    wait_until(T, || proxy.seen("secret/metadata/apps/proxied") >= seen + 3)
+        .expect("more rounds see the proxy's 404");
+    assert_eq!(
+        w.read_guest("vm1", "PROXIED").as_deref(),
+        Some(&b"px-v1"[..]),
+        "a proxy's 404 removed the credential\n{}",
+        w.logs()
+    );
+    let st = cred_status(&w, "vm1", "PROXIED");
+    assert!(
+        st.contains("source-error") && st.contains("not a JSON object"),
+        "{st}"
+    );
+    assert!(
+        w.logs().contains("the reply is not OpenBao's"),
+        "{}",
+        w.logs()
+    );
+
+    // OpenBao's own "deleted" through the same stand-in still removes.
+    bao.cmd(&["kv", "metadata", "delete", "secret/apps/real"]);
+    wait_until(T, || w.read_guest("vm1", "REAL").is_none()).expect("REAL removed");
+    assert_eq!(
+        w.read_guest("vm1", "PROXIED").as_deref(),
+        Some(&b"px-v1"[..])
+    );
+    let logs = w.logs();
+    for v in ["px-v1", "real-v1"] {
+        assert!(!logs.contains(v), "{v} in the logs");
+    }
+}
+
+/// A SIGHUP that moves `[openbao] address` to another store while a round
+/// against the old one is in flight: the old round's results are dropped,
+/// not recorded under the new address (found in review: they were, so
+/// the old store's version 3 became the new store's rollback floor and its
+/// version 1 was refused, the guest stuck on the old store's value). The
+/// stand-in in front of the old store holds the round's first request
+/// until the reload is applied, so the window is certain.
+#[test]
+fn a_sighup_to_another_store_drops_the_round_in_flight() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let old = Bao::start(bin.clone(), w.path());
+    let new_dir = w.path().join("new-store");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let new = Bao::start(bin, &new_dir);
+    for v in ["old-v1", "old-v2", "old-v3"] {
+        old.put("moved", &[("f", v)]);
+    }
+    assert_eq!(new.put("moved", &[("f", "new-v1")]), 1);
+    let proxy = Proxy::start(old.port);
+    proxy.hold(true);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = |address: &str| {
+        format!(
+            "address = \"{address}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"60s\"\ninsecure_loopback_http = true\n",
+            token.display()
+        )
+    };
+    start_host(
+        &mut w,
+        &table(&proxy.addr()),
+        &[("vm1", "MOVED", "{ path = \"moved\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    proxy.wait_held();
+
+    // The store moves while the first round waits on the old one.
+    let config = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), config.replace(&proxy.addr(), &new.addr())).unwrap();
+    let reloads = || w.logs().matches("config reloaded").count();
+    let before = reloads();
+    let host = w.host.as_ref().expect("host agent").id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(T, || reloads() > before).expect("the reload applied");
+    proxy.hold(false);
+
+    // The old round read version 3 of the old store to its end.
+    wait_until(T, || proxy.seen("secret/data/moved") >= 1)
+        .expect("the old round reads the old store's data");
+    w.wait_for_guest_value("vm1", "MOVED", b"new-v1", T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "MOVED"), w.logs()));
+    wait_status(&w, "vm1", "MOVED", "applied");
+    assert!(
+        w.logs().contains("[openbao] changed during the round"),
+        "the old round must have finished after the reload:\n{}",
+        w.logs()
+    );
+    let floors: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.path().join("host-state/openbao-versions.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        floors[format!("{} secret/moved", new.addr())],
+        serde_json::json!(1),
+        "the new store's floor: {floors}"
+    );
+    assert!(
+        floors
+            .get(format!("{} secret/moved", proxy.addr()))
+            .is_none(),
+        "the dropped round recorded nothing: {floors}"
+    );
+}
+
+/// Replies without a length (chunked, in 100-byte chunks: hundreds of
+/// frames) reach the guest whole through the agent's client, whose reply
+/// buffer grows without leaving unwiped copies (the growth itself is
+/// checked by `host-agent/tests/openbao_zbuf.rs`). The value is large,
+/// with JSON escapes in it.
+#[test]
+fn a_chunked_reply_reaches_the_guest_whole() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    proxy.rule("secret/", Act::Rechunk);
+    let value: String = (0..4000)
+        .map(|i| format!("{i:04}\"\\é\t"))
+        .collect::<Vec<_>>()
+        .concat();
+    assert!(value.len() > 30_000);
+    bao.put("big", &[("f", &value)]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"10s\"\ninsecure_loopback_http = true\n",
+        proxy.addr(),
+        token.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[("vm1", "BIG", "{ path = \"big\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "BIG", value.as_bytes(), T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "BIG"), w.logs()));
+    assert!(proxy.seen("secret/data/big") >= 1);
+    let v2 = value.replace('é', "ü");
+    bao.put("big", &[("f", &v2)]);
+    w.wait_for_guest_value("vm1", "BIG", v2.as_bytes(), T)
+        .unwrap();
 }

@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 use super::config::{SecretFile, Server};
 use super::http::{Client, Method};
 use super::reply;
+use super::zbuf::ZBuf;
 use super::Problem;
 
 /// Largest token or id file read.
@@ -76,17 +77,27 @@ fn read_secret_file(
             .map(|d| d.join(c))
             .ok_or_else(|| Problem::Auth(format!("$CREDENTIALS_DIRECTORY is not set, but {f} is configured; add LoadCredential={c}:SOURCE to vmcred-host.service")))?,
     };
-    // Sized before reading, so that `read_to_end` never reallocates and
-    // leaves an unwiped copy of the token behind.
-    let mut buf = Zeroizing::new(Vec::new());
+    // Sized before reading, so that the buffer does not move; a file that
+    // grew meanwhile makes it grow through `ZBuf`, which wipes what it
+    // leaves, as does the chunk read into on the stack.
+    let mut buf = ZBuf::default();
     std::fs::File::open(&path)
         .and_then(|file| {
             let len = file.metadata()?.len().min(MAX_SECRET_FILE);
-            buf.reserve_exact(usize::try_from(len).unwrap_or(0) + 1);
-            file.take(MAX_SECRET_FILE).read_to_end(&mut buf)
+            buf = ZBuf::with_capacity(usize::try_from(len).unwrap_or(0));
+            let mut r = file.take(MAX_SECRET_FILE);
+            let mut chunk = Zeroizing::new([0u8; 1024]);
+            loop {
+                match r.read(&mut chunk[..]) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => buf.extend(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
         })
         .map_err(|e| Problem::Auth(format!("cannot read {f}: {e}")))?;
-    let text = std::str::from_utf8(&buf)
+    let text = std::str::from_utf8(buf.as_ref())
         .map_err(|_| Problem::Auth(format!("{f} is not UTF-8")))?
         .trim();
     if text.is_empty() {
@@ -222,19 +233,17 @@ impl Auth {
         };
         let role_id = read_secret_file(&ar.role_id, credentials_dir)?;
         let secret_id = read_secret_file(&ar.secret_id, credentials_dir)?;
-        /// Borrowed fields and a body sized up front: no unwiped copy of
-        /// the secret id is made while serialising (escapes are rare and
-        /// the margin covers a few).
+        /// Borrowed fields, written into a buffer that wipes what it
+        /// leaves when it grows: no unwiped copy of the secret id is made
+        /// while serialising, whatever the escapes.
         #[derive(serde::Serialize)]
         struct Login<'a> {
             role_id: &'a str,
             secret_id: &'a str,
         }
-        let mut body = Zeroizing::new(Vec::with_capacity(
-            2 * (role_id.len() + secret_id.len()) + 64,
-        ));
+        let mut body = ZBuf::with_capacity(role_id.len() + secret_id.len() + 64);
         serde_json::to_writer(
-            &mut *body,
+            &mut body,
             &Login {
                 role_id: role_id.as_str(),
                 secret_id: secret_id.as_str(),
@@ -246,7 +255,7 @@ impl Auth {
                 Method::Post,
                 &format!("/v1/auth/{}/login", ar.mount),
                 None,
-                Some(body),
+                Some(body.into_inner()),
             )
             .await
             .map_err(Problem::Unreachable)?;

@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use zeroize::Zeroizing;
 
 use super::config::Server;
+use super::zbuf::ZBuf;
 
 /// Largest reply read: a KV v2 secret of up to 1 MiB, JSON-escaped, plus
 /// its metadata.
@@ -159,14 +160,23 @@ impl Client {
             .uri(path)
             .header(hyper::header::HOST, &self.authority);
         if let Some(t) = token {
-            let mut v = hyper::header::HeaderValue::from_str(t)
+            // Visible ASCII only, as `HeaderValue::from_str` would demand.
+            if !t.bytes().all(|b| (32..127).contains(&b) || b == b'\t') {
+                return Err("the token holds characters not allowed in a header".to_string());
+            }
+            // A `Bytes` that owns a zeroizing copy: the header value is
+            // wiped when hyper drops the request (hyper's own write buffer,
+            // which the head is encoded into, is not ours to wipe).
+            let owned = Bytes::from_owner(Zeroizing::new(t.as_bytes().to_vec()));
+            let mut v = hyper::header::HeaderValue::from_maybe_shared(owned)
                 .map_err(|_| "the token holds characters not allowed in a header".to_string())?;
             v.set_sensitive(true);
             req = req.header("X-Vault-Token", v);
         }
-        // The request body (AppRole ids) becomes `Bytes` for hyper; that
-        // copy is not zeroized (see ARCHITECTURE.md).
-        let body = body.map(|b| Bytes::copy_from_slice(&b)).unwrap_or_default();
+        // The request body (AppRole ids) is handed to hyper as a `Bytes`
+        // that owns the zeroizing buffer, not a copy of it: wiped when
+        // hyper drops it.
+        let body = body.map(Bytes::from_owner).unwrap_or_default();
         if !body.is_empty() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
@@ -180,9 +190,11 @@ impl Client {
         let status = resp.status().as_u16();
         let mut incoming = resp.into_body();
         // Reserved up front where the length is known, so the buffer does
-        // not move (and leave unzeroized copies) while it fills.
-        let hint = hyper::body::Body::size_hint(&incoming).lower() as usize;
-        let mut out = Zeroizing::new(Vec::with_capacity(hint.min(MAX_REPLY)));
+        // not move while it fills; a chunked reply (no length) grows it,
+        // and `ZBuf` wipes each block it leaves.
+        let hint = hyper::body::Body::size_hint(&incoming).lower();
+        let mut out =
+            ZBuf::with_capacity(usize::try_from(hint).unwrap_or(MAX_REPLY).min(MAX_REPLY));
         while let Some(frame) = incoming.frame().await {
             let frame = frame.map_err(|e| format!("reading the reply failed: {e}"))?;
             if let Some(data) = frame.data_ref() {
@@ -190,10 +202,13 @@ impl Client {
                     conn.abort();
                     return Err(format!("reply larger than {MAX_REPLY} bytes"));
                 }
-                out.extend_from_slice(data);
+                out.extend(data);
             }
         }
         conn.abort();
-        Ok(Reply { status, body: out })
+        Ok(Reply {
+            status,
+            body: out.into_inner(),
+        })
     }
 }

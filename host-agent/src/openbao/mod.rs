@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod reply;
+pub mod zbuf;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -61,6 +62,9 @@ pub enum Problem {
         seen: u64,
     },
     Http(u16, String),
+    /// HTTP 404 whose body is not OpenBao's (a proxy's or load balancer's
+    /// page): the store's error, never taken as "deleted".
+    Foreign404(&'static str),
     BadReply(String),
 }
 
@@ -81,6 +85,7 @@ impl Problem {
             Problem::VersionDeleted(v) => format!("version {v} of {key} is deleted or destroyed"),
             Problem::Rollback { current, seen } => format!("{key} is at version {current}, below version {seen} already seen; refusing a rollback (put a new version above {seen}, or, if the secret was re-created on purpose, remove its entry from openbao-versions.json in the state directory)"),
             Problem::Http(s, e) => format!("HTTP {s} for {key}: {e}"),
+            Problem::Foreign404(what) => format!("HTTP 404 for {key} from {address}, but the reply is not OpenBao's ({what}): a reverse proxy or load balancer in front of the store? Not taken as deleted; the guest keeps its last value"),
             Problem::BadReply(e) => format!("{key}: {e}"),
         }
     }
@@ -112,6 +117,10 @@ struct Shared {
     cache: BTreeMap<SecretKey, Entry>,
     /// Highest version seen per `address mount/path`.
     seen: BTreeMap<String, u64>,
+    /// Bumped whenever `server` changes (SIGHUP): a round that started
+    /// under another epoch ran against another server, or another token
+    /// or CA, and its results are dropped.
+    epoch: u64,
     state_file: Option<PathBuf>,
     credentials_dir: Option<PathBuf>,
     watcher: bool,
@@ -144,17 +153,21 @@ pub fn store() -> &'static Store {
     })
 }
 
+/// What a 404 on one of a secret's reads means, when OpenBao itself said
+/// it: the secret is gone (metadata) or its version is (data).
+#[derive(Clone, Copy)]
+enum Gone {
+    Secret,
+    Version(u64),
+}
+
 /// A read of `path` with the token, judged the same way for metadata and
 /// data: 403 is this secret's refusal (whether the token itself is refused
 /// is decided per round), any other status but 200 is the store's
-/// error. Only what a 404 means differs between the two reads, so the
-/// caller names it.
-async fn get(
-    engine: &Engine,
-    token: &str,
-    path: &str,
-    not_found: Problem,
-) -> Result<http::Reply, Problem> {
+/// error. A 404 means deleted only when its body is OpenBao's own
+/// ([`reply::not_found`]); anything else in front of the store answering
+/// 404 is an error, so that it cannot remove credentials from guests.
+async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<http::Reply, Problem> {
     let r = engine
         .client
         .request(Method::Get, path, Some(token), None)
@@ -163,9 +176,27 @@ async fn get(
     match r.status {
         200 => Ok(r),
         403 => Err(Problem::Denied),
-        404 => Err(not_found),
+        404 => Err(match (reply::not_found(&r.body), gone) {
+            (reply::NotFound::Absent, Gone::Secret) => Problem::NotFound,
+            (reply::NotFound::Absent | reply::NotFound::VersionGone, Gone::Version(v)) => {
+                Problem::VersionDeleted(v)
+            }
+            // A deleted version's data reply from the metadata endpoint:
+            // not what OpenBao sends there.
+            (reply::NotFound::VersionGone, Gone::Secret) => {
+                Problem::Foreign404("a data reply where metadata was asked for")
+            }
+            (reply::NotFound::Error(e), _) => Problem::Http(404, e),
+            (reply::NotFound::Foreign(what), _) => Problem::Foreign404(what),
+        }),
         s => Err(Problem::Http(s, reply::errors(&r.body))),
     }
+}
+
+/// The server a round runs against, by address and config epoch.
+struct Round<'a> {
+    address: &'a str,
+    epoch: u64,
 }
 
 /// Reads requests use: the persisted key of a secret.
@@ -199,6 +230,7 @@ impl Store {
             }
             if s.server != cfg.openbao {
                 s.cache.clear();
+                s.epoch = s.epoch.wrapping_add(1);
             }
             s.server = cfg.openbao.clone();
             s.cache.retain(|k, _| secrets.contains(k));
@@ -270,7 +302,7 @@ impl Store {
     /// One round of requests: all configured secrets (`None`, checking
     /// versions first) or the given ones (read whatever their version).
     async fn round(&self, only: Option<BTreeSet<SecretKey>>) {
-        let (server, secrets, credentials_dir) = {
+        let (server, secrets, credentials_dir, epoch) = {
             let Ok(s) = self.shared.lock() else { return };
             let Some(server) = s.server.clone() else {
                 return;
@@ -283,7 +315,11 @@ impl Store {
                     .collect(),
                 None => s.secrets.iter().cloned().collect(),
             };
-            (server, secrets, s.credentials_dir.clone())
+            (server, secrets, s.credentials_dir.clone(), s.epoch)
+        };
+        let at = Round {
+            address: &server.address,
+            epoch,
         };
         if secrets.is_empty() {
             return;
@@ -301,7 +337,11 @@ impl Store {
                 }
                 Err(e) => {
                     *guard = None;
-                    self.record_all(&secrets, Problem::BadReply(format!("openbao client: {e}")));
+                    self.record_all(
+                        &at,
+                        &secrets,
+                        Problem::BadReply(format!("openbao client: {e}")),
+                    );
                     return;
                 }
             }
@@ -314,7 +354,7 @@ impl Store {
         {
             Ok(t) => t,
             Err(p) => {
-                self.record_all(&secrets, p);
+                self.record_all(&at, &secrets, p);
                 return;
             }
         };
@@ -354,27 +394,38 @@ impl Store {
             }
         }
         for (key, outcome) in secrets.iter().zip(outcomes) {
-            self.record(key, outcome);
+            self.record(&at, key, outcome);
         }
     }
 
-    fn record_all(&self, secrets: &[SecretKey], p: Problem) {
+    fn record_all(&self, at: &Round, secrets: &[SecretKey], p: Problem) {
         for k in secrets {
-            self.record(k, Err(p.clone()));
+            self.record(at, k, Err(p.clone()));
         }
     }
 
     /// Stores the outcome of one read, and tells the VM tasks if anything
     /// they would see changed.
-    fn record(&self, key: &SecretKey, outcome: Result<Read, Problem>) {
+    ///
+    /// The outcome is judged and its version recorded only under the
+    /// server the round ran against: when `[openbao]` changed while the
+    /// round was in flight (SIGHUP), it is dropped, since the old server's
+    /// versions would otherwise become the new one's rollback floor and
+    /// its values the new one's cache. The round the SIGHUP queued reads
+    /// the new server.
+    fn record(&self, at: &Round, key: &SecretKey, outcome: Result<Read, Problem>) {
         let Ok(mut s) = self.shared.lock() else {
             return;
         };
-        let address = s
-            .server
-            .as_ref()
-            .map(|x| x.address.clone())
-            .unwrap_or_default();
+        if s.epoch != at.epoch {
+            debug!(secret = %key, server = at.address, "openbao: [openbao] changed during the round; its result is dropped");
+            return;
+        }
+        // No VM uses it any more (SIGHUP): nothing to cache or wake.
+        if !s.secrets.contains(key) {
+            return;
+        }
+        let address = at.address;
         let mut persist = None;
         let changed = {
             let e = s.cache.entry(key.clone()).or_default();
@@ -390,7 +441,7 @@ impl Store {
                 }
                 Err(p) => {
                     if e.problem.as_ref() != Some(&p) {
-                        warn!(secret = %key, error = %p.describe(key, &address), "openbao: cannot read");
+                        warn!(secret = %key, error = %p.describe(key, address), "openbao: cannot read");
                         e.problem = Some(p);
                         true
                     } else {
@@ -400,7 +451,7 @@ impl Store {
             }
         };
         if let Some(v) = persist {
-            let sk = seen_key(&address, key);
+            let sk = seen_key(address, key);
             if s.seen.get(&sk).copied().unwrap_or(0) < v {
                 s.seen.insert(sk, v);
                 if let Some(f) = &s.state_file {
@@ -430,7 +481,7 @@ impl Store {
             engine,
             token,
             &format!("/v1/{}/metadata/{}", key.mount, key.path),
-            Problem::NotFound,
+            Gone::Secret,
         )
         .await?;
         let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
@@ -471,7 +522,7 @@ impl Store {
                 "/v1/{}/data/{}?version={}",
                 key.mount, key.path, meta.current_version
             ),
-            Problem::VersionDeleted(meta.current_version),
+            Gone::Version(meta.current_version),
         )
         .await?;
         match reply::check_data(&r.body) {

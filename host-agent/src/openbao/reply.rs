@@ -131,29 +131,138 @@ impl<'de> Visitor<'de> for Pick<'_> {
     }
 }
 
-/// A JSON string read into a zeroizing buffer: borrowed strings are copied
-/// once, owned ones (with escapes, decoded by the parser into its scratch
-/// buffer first) are moved in.
+/// A JSON string read into a zeroizing buffer. The raw JSON text is
+/// borrowed from the (zeroizing) reply and decoded here, straight into a
+/// buffer sized to it: serde_json would decode a string with escapes into
+/// its scratch `Vec` first, which grows and is freed without wiping.
+/// Needs a deserializer that lends raw values (serde_json on a slice or
+/// `str`), which every reply here is parsed with.
 struct ZString(Zeroizing<String>);
 
 impl<'de> Deserialize<'de> for ZString {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ZString;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
+        let raw = <&'de RawValue>::deserialize(d)?;
+        unescape(raw.get()).map(ZString).ok_or_else(|| {
+            serde::de::Error::invalid_type(
+                serde::de::Unexpected::Other("not a string"),
+                &"a string",
+            )
+        })
+    }
+}
+
+/// The text of a JSON string literal (quotes included), its escapes
+/// decoded; `None` when `raw` is not a string or holds a lone surrogate.
+/// Decoded text is never longer than its escaped form, so the buffer
+/// reserved up front never moves.
+fn unescape(raw: &str) -> Option<Zeroizing<String>> {
+    let inner = raw.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = Zeroizing::new(String::with_capacity(inner.len()));
+    let mut rest = inner;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i + 1..i + 2)?;
+        rest = &rest[i + 2..];
+        let c = match esc {
+            "\"" => '"',
+            "\\" => '\\',
+            "/" => '/',
+            "b" => '\u{8}',
+            "f" => '\u{c}',
+            "n" => '\n',
+            "r" => '\r',
+            "t" => '\t',
+            "u" => {
+                let hi = hex4(rest)?;
+                rest = &rest[4..];
+                match hi {
+                    0xD800..=0xDBFF => {
+                        let lo = hex4(rest.strip_prefix("\\u")?)?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return None;
+                        }
+                        rest = &rest[6..];
+                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => char::from_u32(hi)?,
+                }
             }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ZString, E> {
-                let mut z = Zeroizing::new(String::with_capacity(s.len()));
-                z.push_str(s);
-                Ok(ZString(z))
-            }
-            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<ZString, E> {
-                Ok(ZString(Zeroizing::new(s)))
+            _ => return None,
+        };
+        out.push(c);
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// The four hex digits at the start of `s`.
+fn hex4(s: &str) -> Option<u32> {
+    let h = s.get(..4)?;
+    if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(h, 16).ok()
+}
+
+/// What a 404 reply says, judged by its body: only OpenBao's own shapes
+/// mean "deleted". A reverse proxy or load balancer in front of the store
+/// answering 404 (an HTML page, an empty body, a route missing during a
+/// deploy) must not make a credential leave its guests.
+///
+/// Seen from `bao server -dev` 2.x (2026-12-01): a never-written or
+/// metadata-deleted secret, or a version that does not exist, answers
+/// `{"errors":[]}` (metadata and data alike); a soft-deleted or destroyed
+/// version's data answers the KV v2 data reply with `data.data: null` and
+/// `data.metadata.deletion_time` set or `destroyed: true`; a mount that
+/// does not exist answers `{"errors":["no handler for route ..."]}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotFound {
+    /// `{"errors":[]}`: no such secret, or no such version.
+    Absent,
+    /// The data reply of a version that is soft-deleted or destroyed.
+    VersionGone,
+    /// OpenBao's error list with entries (a missing mount or route): the
+    /// store's error, not a deleted secret. The text is bounded and
+    /// escaped, as [`errors`] makes it.
+    Error(String),
+    /// Not OpenBao's reply (not a JSON object of its shape); what it was,
+    /// for the status line (never the body itself).
+    Foreign(&'static str),
+}
+
+pub fn not_found(body: &[u8]) -> NotFound {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        errors: Option<Vec<String>>,
+        #[serde(borrow)]
+        data: Option<GoneData<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct GoneData<'a> {
+        #[serde(borrow)]
+        data: Option<&'a RawValue>,
+        metadata: Option<VersionMeta>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return NotFound::Foreign("an empty body");
+    }
+    let Ok(r) = serde_json::from_slice::<Reply>(body) else {
+        return NotFound::Foreign("a body that is not a JSON object");
+    };
+    match (r.errors, r.data) {
+        (Some(e), None) if e.is_empty() => NotFound::Absent,
+        (Some(_), None) => NotFound::Error(errors(body)),
+        (None, Some(d)) => {
+            let no_data = d.data.map(|v| v.get().trim() == "null").unwrap_or(true);
+            match d.metadata {
+                Some(m) if no_data && (!m.deletion_time.is_empty() || m.destroyed) => {
+                    NotFound::VersionGone
+                }
+                _ => NotFound::Foreign("JSON that is neither an error list nor a deleted version"),
             }
         }
-        d.deserialize_string(V)
+        _ => NotFound::Foreign("JSON that is neither an error list nor a deleted version"),
     }
 }
 
@@ -240,6 +349,109 @@ mod tests {
         );
         assert_eq!(field(b"<html>", "a"), Err(FieldError::Malformed));
         assert!(check_data(BODY.as_bytes()).is_ok());
+    }
+
+    /// The bodies are what `bao server -dev` 2.7.2 sent (ids shortened).
+    #[test]
+    fn only_openbao_s_own_404_means_deleted() {
+        assert_eq!(not_found(br#"{"errors":[]}"#), NotFound::Absent);
+        let soft = br#"{"request_id":"r","lease_id":"","renewable":false,"lease_duration":0,"data":{"data":null,"metadata":{"created_time":"2026-12-01T01:18:42Z","custom_metadata":null,"deletion_time":"2026-12-01T01:18:42Z","destroyed":false,"version":2}},"wrap_info":null,"warnings":null,"auth":null}"#;
+        assert_eq!(not_found(soft), NotFound::VersionGone);
+        let destroyed = br#"{"data":{"data":null,"metadata":{"deletion_time":"","destroyed":true,"version":2}}}"#;
+        assert_eq!(not_found(destroyed), NotFound::VersionGone);
+        assert_eq!(
+            not_found(br#"{"errors":["no handler for route \"nomount/metadata/a\". route entry not found."]}"#),
+            NotFound::Error(r#"no handler for route "nomount/metadata/a". route entry not found."#.into())
+        );
+        for foreign in [
+            &b"<html><body>404 Not Found</body></html>"[..],
+            b"",
+            b" \n",
+            b"null",
+            b"[]",
+            b"{}",
+            br#"{"message":"not found"}"#,
+            br#"{"errors":[],"data":{}}"#,
+            // A live version's data is not a deleted one.
+            br#"{"data":{"data":{"f":"v"},"metadata":{"deletion_time":"x","destroyed":false}}}"#,
+            br#"{"data":{"data":null,"metadata":{"deletion_time":"","destroyed":false}}}"#,
+        ] {
+            assert!(
+                matches!(not_found(foreign), NotFound::Foreign(_)),
+                "{:?}",
+                String::from_utf8_lossy(foreign)
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_are_decoded_in_place() {
+        for (raw, want) in [
+            (r#""plain""#, "plain"),
+            (r#""""#, ""),
+            (r#""a\"b\\c\/d\b\f\n\r\t""#, "a\"b\\c/d\u{8}\u{c}\n\r\t"),
+            (r#""\u00e9\u20ac\ud83d\ude00x""#, "é€😀x"),
+            (r#""\\""#, "\\"),
+        ] {
+            let got = unescape(raw).unwrap();
+            assert_eq!(got.as_str(), want, "{raw}");
+            let inner = raw.len() - 2;
+            assert_eq!(got.capacity(), inner, "{raw}: the buffer moved");
+        }
+        for bad in [
+            "5",
+            "null",
+            r#"{"a":1}"#,
+            r#""\ud83d""#,
+            r#""\ude00""#,
+            r#""\ud83dx""#,
+            r#""\u12""#,
+            r#""\q""#,
+        ] {
+            assert!(unescape(bad).is_none(), "{bad}");
+        }
+        // Through the whole field path too, with serde_json's own decoding
+        // as the oracle.
+        let body = r#"{"data":{"data":{"f":"\u00e9\"\\\ud83d\ude00\t"}}}"#;
+        let want: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            field(body.as_bytes(), "f").unwrap().as_str(),
+            want["data"]["data"]["f"].as_str().unwrap()
+        );
+    }
+
+    /// Random strings, escaped every way JSON allows, decode as
+    /// serde_json decodes them.
+    #[test]
+    fn unescape_agrees_with_serde_json() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let pool = [
+            'a', 'é', '€', '😀', '"', '\\', '/', '\n', '\u{8}', '\u{c}', '\u{0}', '\u{1f}',
+            '\u{7f}', ' ',
+        ];
+        for _ in 0..2000 {
+            let mut raw = String::from("\"");
+            for _ in 0..rng.usize(0..12) {
+                let c = pool[rng.usize(0..pool.len())];
+                let mut units = [0u16; 2];
+                match rng.u8(0..3) {
+                    0 if !matches!(c, '"' | '\\') && c >= ' ' => raw.push(c),
+                    1 => {
+                        // serde_json's own escaping (`\"`, `\\`, `\n`, `\u001f`).
+                        let quoted = serde_json::to_string(&c.to_string()).unwrap();
+                        raw.push_str(&quoted[1..quoted.len() - 1]);
+                    }
+                    _ => {
+                        for u in c.encode_utf16(&mut units) {
+                            raw.push_str(&format!("\\u{u:04X}"));
+                        }
+                    }
+                }
+            }
+            raw.push('"');
+            let want: String = serde_json::from_str(&raw).unwrap();
+            assert_eq!(unescape(&raw).unwrap().as_str(), want, "{raw}");
+        }
     }
 
     #[test]
