@@ -1022,8 +1022,11 @@ fn one_read_only_user_cannot_crowd_out_another() {
         .map_while(Result::ok)
         .find(|l| l.starts_with("round 2 "));
     assert!(second.is_some(), "the slow readers did not start");
-    // Another member of the group (uid 65533, primary group nogroup) still
-    // gets its answer…
+    // `nobody`, over its share, is told so…
+    let over = client_as(65534, 65534, &[], &agent.control(), r#"{"cmd":"status"}"#)
+        .output_within(Duration::from_secs(90), "nobody's extra status");
+    // …and another member of the group (uid 65533, primary group nogroup)
+    // still gets its answer.
     let other = client_as(
         65533,
         65534,
@@ -1032,9 +1035,6 @@ fn one_read_only_user_cannot_crowd_out_another() {
         r#"{"cmd":"status","vms":["vm0"]}"#,
     )
     .output_within(Duration::from_secs(90), "the other member's status");
-    // …and `nobody`, over its share, is told so.
-    let over = client_as(65534, 65534, &[], &agent.control(), r#"{"cmd":"status"}"#)
-        .output_within(Duration::from_secs(90), "nobody's extra status");
     let _ = readers.kill();
     let _ = readers.wait();
     let text = String::from_utf8_lossy(&other.stdout);
