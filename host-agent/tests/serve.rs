@@ -1045,3 +1045,104 @@ fn one_read_only_user_cannot_crowd_out_another() {
     assert!(text.contains("uid 65534"), "{over:?}");
     assert!(text.contains("per user"), "{over:?}");
 }
+
+/// Not a test on its own: `one_user_cannot_keep_others_from_the_metrics_socket`
+/// runs it as `nobody`. It opens `VMCRED_IDLE_CONNECTIONS` connections to
+/// `VMCRED_IDLE_SOCKET`, sends nothing on them, says how many it opened,
+/// and holds them until it is killed.
+#[test]
+#[ignore]
+fn idle_connections() {
+    let Ok(socket) = std::env::var("VMCRED_IDLE_SOCKET") else {
+        return;
+    };
+    let n: usize = std::env::var("VMCRED_IDLE_CONNECTIONS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let held: Vec<UnixStream> = (0..n)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    println!("open {}", held.len());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn one_user_cannot_keep_others_from_the_metrics_socket() {
+    let dir = Agent::config("control_group = \"nogroup\"", "");
+    let metrics = dir.path().join("run/metrics.sock");
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}metrics_socket = \"{}\"\n[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_in(dir, None);
+    wait_for(Duration::from_secs(30), || metrics.exists());
+    // A member of the group opens many connections and sends nothing on
+    // them (each would hold a scrape slot until its deadline).
+    let mut idle = KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "idle_connections", "--ignored", "--nocapture"])
+            .env("VMCRED_IDLE_SOCKET", &metrics)
+            .env("VMCRED_IDLE_CONNECTIONS", "60")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Kept open until the end: the helper must not die of a closed pipe.
+    let mut lines = BufReader::new(idle.0.stdout.take().unwrap()).lines();
+    let opened = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("open "));
+    assert_eq!(opened.as_deref(), Some("open 60"));
+    // Root's scrape is still answered.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = metrics.clone();
+    std::thread::spawn(move || {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vmcred\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        let _ = tx.send(got);
+    });
+    let limit = Duration::from_secs(60);
+    let got = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("root's scrape got no answer within {limit:?}"));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("vmcred_vms 1"), "{got}");
+    // `nobody`'s next connection is closed at once, with the reason
+    // written first (best effort; a client that writes after the close
+    // sees a broken pipe instead, so this one only reads).
+    let over = KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["socat", "-u"])
+            .arg(format!("UNIX-CONNECT:{}", metrics.display()))
+            .arg("-")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+    .output_within(Duration::from_secs(60), "nobody's extra scrape");
+    let text = String::from_utf8_lossy(&over.stdout);
+    assert!(text.starts_with("HTTP/1.1 503"), "{over:?}");
+    assert!(
+        text.contains("uid 65534") && text.contains("per user"),
+        "{over:?}"
+    );
+    drop(idle);
+    drop(lines);
+    drop(agent);
+}
