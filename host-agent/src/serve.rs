@@ -8,14 +8,20 @@
 //! free slot, so the kernel's backlog is the queue), and control requests
 //! wait a bounded time for a work slot, then get an explicit `busy`.
 //! Read-only (`control_group`) clients have their own, smaller pools of
-//! connections and work slots, so they can never keep root waiting.
+//! connections and work slots, so they can never keep root waiting, with a
+//! share per uid, so that one of them cannot keep the others out. Who may
+//! do what is decided from the peer's credentials as the kernel recorded
+//! them, never by asking the user or group database (`access`).
 
+mod access;
 mod limits;
 mod lock;
+mod read_only;
 mod socket;
 mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,6 +45,7 @@ use crate::generations::Generations;
 use crate::keyring::{self, KeyRing, KeyStep};
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
+use access::Access;
 use limits::{LogLimiter, Repeated};
 use socket::{Bound, Group};
 
@@ -46,14 +53,9 @@ use socket::{Bound, Group};
 /// listen backlog until one finishes.
 const MAX_CONNECTIONS: usize = 256;
 /// Full-access (root) control requests worked on at once; others wait up
-/// to `QUEUE_WAIT`. Read-only requests never take these slots.
+/// to `QUEUE_WAIT`. Read-only requests never take these slots (theirs are
+/// in `read_only`).
 const MAX_ACTIVE: usize = 32;
-/// Read-only (`control_group`) control requests worked on at once, from a
-/// pool of their own, so that read-only users cannot keep root waiting.
-const MAX_READ_ONLY_ACTIVE: usize = 4;
-/// Read-only connections open at once on the control socket; more are
-/// answered `busy` at once, so that they cannot fill the connection slots.
-const MAX_READ_ONLY_CONNECTIONS: usize = 16;
 /// How long a control request waits for a work slot before `busy`.
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// How long a control client has to send its request.
@@ -99,10 +101,8 @@ struct Daemon {
     wakes: Mutex<HashMap<String, Instant>>,
     /// Work slots of full-access clients.
     work: Arc<Semaphore>,
-    /// Work slots of read-only clients.
-    read_only_work: Arc<Semaphore>,
-    /// Connections of read-only clients.
-    read_only_connections: Arc<Semaphore>,
+    /// Connections and work slots of read-only clients, shared per uid.
+    read_only: read_only::Pools,
     /// Refused clients waited on at once (see `refuse`).
     refusing: Arc<Semaphore>,
     logs: LogLimiter,
@@ -113,12 +113,10 @@ struct Daemon {
     vm_runtime: tokio::runtime::Handle,
 }
 
-/// What a control-socket peer may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Full,
-    ReadOnly,
-    None,
+/// A control request's work slot, held until its reply is written.
+enum WorkSlot {
+    Root { _slot: OwnedSemaphorePermit },
+    ReadOnly { _slot: read_only::Work },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,8 +169,7 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         }),
         wakes: Mutex::new(HashMap::new()),
         work: Arc::new(Semaphore::new(MAX_ACTIVE)),
-        read_only_work: Arc::new(Semaphore::new(MAX_READ_ONLY_ACTIVE)),
-        read_only_connections: Arc::new(Semaphore::new(MAX_READ_ONLY_CONNECTIONS)),
+        read_only: read_only::Pools::default(),
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         logs: LogLimiter::new(LOG_EVERY),
         me: nix::unistd::geteuid().as_raw(),
@@ -550,30 +547,12 @@ impl Daemon {
 
     /// What a control peer may do: everything as root or the agent's own
     /// uid; only `status` as a member of `control_group` (its primary group
-    /// or, per the group database, a supplementary one).
-    fn control_access(&self, uid: u32, gid: u32) -> Access {
-        if uid == 0 || uid == self.me {
-            return Access::Full;
-        }
-        let Some(group) = self.control_gid else {
-            return Access::None;
-        };
-        if gid == group {
-            return Access::ReadOnly;
-        }
-        let member = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .and_then(|u| {
-                let name = std::ffi::CString::new(u.name).ok()?;
-                nix::unistd::getgrouplist(&name, u.gid).ok()
-            })
-            .is_some_and(|groups| groups.iter().any(|g| g.as_raw() == group));
-        if member {
-            Access::ReadOnly
-        } else {
-            Access::None
-        }
+    /// or one of its supplementary groups, as the kernel recorded them at
+    /// connect). Never waits: no user or group database is asked.
+    fn control_access(&self, s: &UnixStream, uid: u32, gid: u32) -> std::io::Result<Access> {
+        access::decide(uid, gid, self.me, self.control_gid, || {
+            access::peer_groups(s.as_fd())
+        })
     }
 
     async fn control_client(&self, s: UnixStream, slot: OwnedSemaphorePermit) {
@@ -584,45 +563,44 @@ impl Daemon {
                 return;
             }
         };
-        let access = self.control_access(uid, gid);
-        if access == Access::None {
-            drop(slot);
-            if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
-                warn!(uid, suppressed, "refused a control client");
-            }
-            self.refuse(
-                s,
-                Reply::Error(format!("uid {uid} may not use the control socket")),
-            )
-            .await;
-            return;
-        }
-        // Read-only clients hold at most a few of the connection slots and
-        // none of root's work slots: they cannot keep root waiting.
-        let (_read_only_connection, pool, pool_size, class) = if access == Access::ReadOnly {
-            let Ok(c) = self.read_only_connections.clone().try_acquire_owned() else {
+        let access = match self.control_access(&s, uid, gid) {
+            Ok(Access::None) => Err(format!("uid {uid} may not use the control socket")),
+            Ok(a) => Ok(a),
+            Err(e) => Err(format!(
+                "cannot read the supplementary groups of uid {uid} from its connection \
+                 (SO_PEERGROUPS: {e}); nothing was done. A member of control_group by its \
+                 primary group is admitted without them"
+            )),
+        };
+        let access = match access {
+            Ok(a) => a,
+            Err(why) => {
                 drop(slot);
-                if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
-                    warn!(uid, suppressed, "read-only control client refused: busy");
+                if let Some(suppressed) = self.logs.allow(Repeated::RefusedControlPeer) {
+                    warn!(uid, suppressed, reason = %why, "refused a control client");
                 }
-                self.refuse(
-                    s,
-                    Reply::Busy(format!(
-                        "{MAX_READ_ONLY_CONNECTIONS} read-only (control_group) connections \
-                         were open; nothing was done, try again"
-                    )),
-                )
-                .await;
+                self.refuse(s, Reply::Error(why)).await;
                 return;
-            };
-            (
-                Some(c),
-                &self.read_only_work,
-                MAX_READ_ONLY_ACTIVE,
-                "read-only (control_group)",
-            )
+            }
+        };
+        // Read-only clients hold at most a few of the connection slots, each
+        // uid at most its share, and none of root's work slots: they cannot
+        // keep root waiting, nor one of them the others.
+        let read_only = if access == Access::ReadOnly {
+            match self.read_only.connect(uid) {
+                Ok(c) => Some(c),
+                Err(busy) => {
+                    drop(slot);
+                    let why = busy.reason(uid, QUEUE_WAIT);
+                    if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
+                        warn!(uid, suppressed, reason = %why, "read-only control client refused: busy");
+                    }
+                    self.refuse(s, Reply::Busy(why)).await;
+                    return;
+                }
+            }
         } else {
-            (None, &self.work, MAX_ACTIVE, "root")
+            None
         };
         let _slot = slot;
         let (r, w) = s.into_split();
@@ -638,18 +616,28 @@ impl Daemon {
                 return;
             }
         };
-        let _work = match tokio::time::timeout(QUEUE_WAIT, pool.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => {
+        let work = match &read_only {
+            None => match tokio::time::timeout(QUEUE_WAIT, self.work.clone().acquire_owned()).await
+            {
+                Ok(Ok(p)) => Ok(WorkSlot::Root { _slot: p }),
+                _ => Err(format!(
+                    "all {MAX_ACTIVE} work slots for root requests stayed taken for \
+                     {QUEUE_WAIT:?}; nothing was done, try again"
+                )),
+            },
+            Some(c) => c
+                .work(QUEUE_WAIT)
+                .await
+                .map(|w| WorkSlot::ReadOnly { _slot: w })
+                .map_err(|busy| busy.reason(uid, QUEUE_WAIT)),
+        };
+        let _work = match work {
+            Ok(slot) => slot,
+            Err(why) => {
                 if let Some(suppressed) = self.logs.allow(Repeated::Busy) {
-                    warn!(uid, suppressed, "{class} control request refused: busy");
+                    warn!(uid, suppressed, reason = %why, "control request refused: busy");
                 }
-                let _ = w
-                    .send(&Reply::Busy(format!(
-                        "all {pool_size} work slots for {class} requests stayed taken for \
-                         {QUEUE_WAIT:?}; nothing was done, try again"
-                    )))
-                    .await;
+                let _ = w.send(&Reply::Busy(why)).await;
                 return;
             }
         };

@@ -53,7 +53,13 @@ impl Agent {
     }
 
     fn start_in(dir: tempfile::TempDir, nofile: Option<u64>) -> Agent {
-        let child = spawn_serve(dir.path(), nofile);
+        Agent::start_under(&[], dir, nofile)
+    }
+
+    /// The agent run as the last argument of `wrapper` (such as
+    /// `unshare -m`), which must exec it.
+    fn start_under(wrapper: &[&str], dir: tempfile::TempDir, nofile: Option<u64>) -> Agent {
+        let child = spawn_serve(wrapper, dir.path(), nofile);
         let agent = Agent {
             dir,
             child: Some(child),
@@ -105,9 +111,16 @@ impl Drop for Agent {
     }
 }
 
-fn spawn_serve(dir: &Path, nofile: Option<u64>) -> Child {
+fn spawn_serve(wrapper: &[&str], dir: &Path, nofile: Option<u64>) -> Child {
     let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-    let mut cmd = Command::new(bin());
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
     cmd.args(["serve", "--config"])
         .arg(dir.join("host.toml"))
         .env("RUST_LOG", "info")
@@ -804,4 +817,332 @@ fn read_only_slow_readers_cannot_make_root_busy() {
         "{reply:?}"
     );
     assert!(reply.iter().all(|l| !l.contains("busy")), "{reply:?}");
+}
+
+/// Kills its child when dropped, so that a failed test leaves no helper
+/// process behind (one blocked on a FIFO would keep its namespace alive).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl KillOnDrop {
+    /// The child's output once it has exited on its own; panics if it
+    /// has not within `limit` (a bound on waiting, not a timing check).
+    fn output_within(mut self, limit: Duration, what: &str) -> Output {
+        let end = Instant::now() + limit;
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < end, "{what}: no answer within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = Vec::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_end(&mut out).unwrap();
+        }
+        let mut err = Vec::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            e.read_to_end(&mut err).unwrap();
+        }
+        Output {
+            status: self.0.wait().unwrap(),
+            stdout: out,
+            stderr: err,
+        }
+    }
+}
+
+/// A control client running as `uid` with primary group `gid` and exactly
+/// the supplementary `groups` (through `setpriv` and `socat`), which sends
+/// `request` and then reads until the daemon closes; started, not waited
+/// for.
+fn client_as(uid: u32, gid: u32, groups: &[u32], socket: &Path, request: &str) -> KillOnDrop {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        format!("--groups={}", list.join(","))
+    };
+    let mut child = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg(groups)
+        .args(["socat", "-t", "60", "-"])
+        .arg(format!("UNIX-CONNECT:{}", socket.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(request.as_bytes()).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    KillOnDrop(child)
+}
+
+/// `exchange` as root, in a thread; panics if no terminal line came within
+/// `limit` (a bound on waiting for the answer, not a timing check).
+fn exchange_within(limit: Duration, socket: PathBuf, request: &'static str) -> Vec<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let s = UnixStream::connect(socket).unwrap();
+        let _ = tx.send(exchange(s, request));
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("root's {request} got no answer within {limit:?}"))
+}
+
+/// `control_group` of the group-database test: a group that is not
+/// `nobody`'s primary one, so that only a supplementary membership can
+/// admit it (the test gives that membership to the client's process, not
+/// to the group database).
+const SUPPLEMENTARY_GROUP: (&str, u32) = ("users", 100);
+
+#[test]
+fn a_hanging_group_database_stalls_no_control_client() {
+    let (group, gid) = SUPPLEMENTARY_GROUP;
+    let dir = Agent::config(
+        &format!("control_group = \"{group}\""),
+        "[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+    );
+    // The agent resolves control_group's name when it loads its config,
+    // before the FIFO below is in place.
+    let agent = Agent::start_under(
+        &["unshare", "--mount", "--propagation", "private"],
+        dir,
+        None,
+    );
+    let fifo = agent.path().join("group.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let pid = agent.pid().to_string();
+    let mounted = Command::new("nsenter")
+        .args(["-t", &pid, "--mount", "--", "mount", "--bind"])
+        .arg(&fifo)
+        .arg("/etc/group")
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    // From now on a lookup in the group database inside the agent's
+    // namespace blocks in open(2) until someone writes to the FIFO, as a
+    // hanging LDAP or sssd would; this one shows that it does.
+    let lookup = KillOnDrop(
+        Command::new("nsenter")
+            .args(["-t", &pid, "--mount", "--", "getent", "group", group])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // `nobody` holding the group as a supplementary one (as a member who
+    // logged in does) while the group database cannot be read.
+    let member = client_as(
+        65534,
+        65534,
+        &[gid],
+        &agent.control(),
+        r#"{"cmd":"status"}"#,
+    );
+    let status = exchange_within(
+        Duration::from_secs(30),
+        agent.control(),
+        r#"{"cmd":"status"}"#,
+    );
+    assert_eq!(
+        status.last().map(String::as_str),
+        Some(r#"{"done":{"count":1}}"#),
+        "{status:?}"
+    );
+    let rotate = exchange_within(
+        Duration::from_secs(30),
+        agent.control(),
+        r#"{"cmd":"rotate","vms":["a"],"timeout_ms":500}"#,
+    );
+    assert!(
+        rotate.first().is_some_and(|l| l.starts_with("{\"rotate\"")),
+        "{rotate:?}"
+    );
+    let out = member.output_within(Duration::from_secs(30), "the member's status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("{\"status\":{\"vm\":\"a\""), "{out:?}");
+    assert!(text.contains(r#"{"done":{"count":1}}"#), "{out:?}");
+    // Someone without the group (the socket's mode opened up for it) is
+    // refused at once, with no lookup either.
+    std::fs::set_permissions(agent.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = client_as(65534, 65534, &[], &agent.control(), r#"{"cmd":"status"}"#);
+    let out = stranger.output_within(Duration::from_secs(30), "the stranger's refusal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("uid 65534 may not use the control socket"),
+        "{out:?}"
+    );
+    // The group database was blocked all along: the lookup above is still
+    // waiting, and ends once the FIFO is fed (with "not found": glibc's
+    // reader cannot seek in a FIFO, which does not matter here).
+    let mut lookup = lookup;
+    assert!(
+        lookup.0.try_wait().unwrap().is_none(),
+        "getent finished without the FIFO being fed: the test proved nothing"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .unwrap()
+        .write_all(format!("{group}:x:{gid}:\n").as_bytes())
+        .unwrap();
+    lookup.output_within(Duration::from_secs(30), "getent after the FIFO was fed");
+}
+
+#[test]
+fn one_read_only_user_cannot_crowd_out_another() {
+    let agent = agent_with_vms("control_group = \"nogroup\"", 2000);
+    // `nobody` opens as many slow-read status connections as all read-only
+    // users had in all.
+    let mut readers = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "slow_read_only_readers",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("VMCRED_SLOW_READER_SOCKET", agent.control())
+        .env("VMCRED_SLOW_READERS", "16")
+        .env("VMCRED_SLOW_READER_VMS", "2000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(readers.stdout.take().unwrap());
+    let mut lines = out.lines();
+    let second = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("round 2 "));
+    assert!(second.is_some(), "the slow readers did not start");
+    // `nobody`, over its share, is told so…
+    let over = client_as(65534, 65534, &[], &agent.control(), r#"{"cmd":"status"}"#)
+        .output_within(Duration::from_secs(90), "nobody's extra status");
+    // …and another member of the group (uid 65533, primary group nogroup)
+    // still gets its answer.
+    let other = client_as(
+        65533,
+        65534,
+        &[],
+        &agent.control(),
+        r#"{"cmd":"status","vms":["vm0"]}"#,
+    )
+    .output_within(Duration::from_secs(90), "the other member's status");
+    let _ = readers.kill();
+    let _ = readers.wait();
+    let text = String::from_utf8_lossy(&other.stdout);
+    assert!(text.starts_with("{\"status\":{\"vm\":\"vm0\""), "{other:?}");
+    assert!(text.contains(r#"{"done":{"count":1}}"#), "{other:?}");
+    let text = String::from_utf8_lossy(&over.stdout);
+    assert!(text.starts_with("{\"busy\":"), "{over:?}");
+    assert!(text.contains("uid 65534"), "{over:?}");
+    assert!(text.contains("per user"), "{over:?}");
+}
+
+/// Not a test on its own: `one_user_cannot_keep_others_from_the_metrics_socket`
+/// runs it as `nobody`. It opens `VMCRED_IDLE_CONNECTIONS` connections to
+/// `VMCRED_IDLE_SOCKET`, sends nothing on them, says how many it opened,
+/// and holds them until it is killed.
+#[test]
+#[ignore]
+fn idle_connections() {
+    let Ok(socket) = std::env::var("VMCRED_IDLE_SOCKET") else {
+        return;
+    };
+    let n: usize = std::env::var("VMCRED_IDLE_CONNECTIONS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let held: Vec<UnixStream> = (0..n)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    println!("open {}", held.len());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn one_user_cannot_keep_others_from_the_metrics_socket() {
+    let dir = Agent::config("control_group = \"nogroup\"", "");
+    let metrics = dir.path().join("run/metrics.sock");
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}metrics_socket = \"{}\"\n[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_in(dir, None);
+    wait_for(Duration::from_secs(30), || metrics.exists());
+    // A member of the group opens many connections and sends nothing on
+    // them (each would hold a scrape slot until its deadline).
+    let mut idle = KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "idle_connections", "--ignored", "--nocapture"])
+            .env("VMCRED_IDLE_SOCKET", &metrics)
+            .env("VMCRED_IDLE_CONNECTIONS", "60")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Kept open until the end: the helper must not die of a closed pipe.
+    let mut lines = BufReader::new(idle.0.stdout.take().unwrap()).lines();
+    let opened = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("open "));
+    assert_eq!(opened.as_deref(), Some("open 60"));
+    // Root's scrape is still answered.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = metrics.clone();
+    std::thread::spawn(move || {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vmcred\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        let _ = tx.send(got);
+    });
+    let limit = Duration::from_secs(60);
+    let got = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("root's scrape got no answer within {limit:?}"));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("vmcred_vms 1"), "{got}");
+    // `nobody`'s next connection is closed at once, with the reason
+    // written first (best effort; a client that writes after the close
+    // sees a broken pipe instead, so this one only reads).
+    let over = KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["socat", "-u"])
+            .arg(format!("UNIX-CONNECT:{}", metrics.display()))
+            .arg("-")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+    .output_within(Duration::from_secs(60), "nobody's extra scrape");
+    let text = String::from_utf8_lossy(&over.stdout);
+    assert!(text.starts_with("HTTP/1.1 503"), "{over:?}");
+    assert!(
+        text.contains("uid 65534") && text.contains("per user"),
+        "{over:?}"
+    );
+    drop(idle);
+    drop(lines);
+    drop(agent);
 }

@@ -542,12 +542,28 @@ impl World {
 
     /// `vmcred-host rotate --config ... VM CREDS... --timeout T`.
     pub fn rotate(&self, vm: &str, creds: &[&str], timeout: &str) -> Result<Output> {
+        Ok(self.rotate_command(vm, creds, timeout).output()?)
+    }
+
+    /// `rotate` run in a thread, for a test that makes something happen
+    /// while it waits; join the handle for its output.
+    pub fn rotate_in_background(
+        &self,
+        vm: &str,
+        creds: &[&str],
+        timeout: &str,
+    ) -> std::thread::JoinHandle<std::io::Result<Output>> {
+        let mut c = self.rotate_command(vm, creds, timeout);
+        std::thread::spawn(move || c.output())
+    }
+
+    fn rotate_command(&self, vm: &str, creds: &[&str], timeout: &str) -> Command {
         let mut c = Command::new(&self.bins.host);
         c.args(["rotate", "--timeout", timeout, "--config"])
             .arg(self.config_path())
             .arg(vm)
             .args(creds);
-        Ok(c.output()?)
+        c
     }
 
     /// The `vms` array of `status --json` (schema 1). Exit status 1 only

@@ -277,22 +277,11 @@ fn a_stalled_guest_does_not_hold_up_other_vms_or_status() {
     wait_until(T, || bad.held("S").is_some()).unwrap();
     bad.set_mode(Mode::HangApply);
     w.set_secret(BAD, "S", b"bad-2", false).unwrap();
-    let hung = {
-        let bin = w.bins.host.clone();
-        let cfg = w.config_path();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .args(["rotate", "--timeout", "3s", "--config"])
-                .arg(cfg)
-                .args([BAD, "S"])
-                .output()
-                .unwrap()
-        })
-    };
+    let hung = w.rotate_in_background(BAD, &["S"], "3s");
     // While BAD's Apply hangs, GOOD rotates and status answers.
     good_still_rotates(&mut w, b"good-2");
     assert!(w.status_json().is_ok());
-    let out = hung.join().unwrap();
+    let out = hung.join().unwrap().unwrap();
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("timed out"), "{}", text(&out));
 }
@@ -442,13 +431,7 @@ fn a_waiting_rotation_survives_a_session_lost_while_it_is_pushed() {
     // goes on); the push after it resets the connection.
     bad.set_mode(Mode::RefuseThenReset);
     bad.cut();
-    let rotate = {
-        let mut c = std::process::Command::new(&w.bins.host);
-        c.args(["rotate", "--timeout", "30s", "--config"])
-            .arg(w.config_path())
-            .args([BAD, "S"]);
-        std::thread::spawn(move || c.output())
-    };
+    let rotate = w.rotate_in_background(BAD, &["S"], "30s");
     // A session whose connect sync was refused, whose push of the waiting
     // rotation was reset, and a redial after it.
     let lost_in_a_later_session = || {
@@ -487,13 +470,7 @@ fn a_guest_that_drops_every_waiting_push_is_redialled_with_growing_back_off() {
     w.set_secret(BAD, "S", b"bad-2", false).unwrap();
     bad.set_mode(Mode::RefuseThenReset);
     bad.cut();
-    let rotate = {
-        let mut c = std::process::Command::new(&w.bins.host);
-        c.args(["rotate", "--timeout", "60s", "--config"])
-            .arg(w.config_path())
-            .args([BAD, "S"]);
-        std::thread::spawn(move || c.output())
-    };
+    let rotate = w.rotate_in_background(BAD, &["S"], "60s");
     let resets = || bad.resets.load(std::sync::atomic::Ordering::SeqCst);
     wait_until(T, || resets() >= 4)
         .unwrap_or_else(|_| panic!("resets {}\nhost log:\n{}", resets(), w.logs()));

@@ -3,15 +3,16 @@
 //! a node-exporter textfile (`metrics_textfile`), rewritten atomically when
 //! its content changed, at most once per `metrics_interval`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -27,22 +28,46 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const MAX_SCRAPES: usize = 4;
 /// A scrape's whole exchange, request to response, must fit in this.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
+/// Scrapes one uid other than root has in progress at once. A client that
+/// connects and sends nothing holds its slot until `SCRAPE_DEADLINE`, and
+/// the next connection is accepted only while a slot is free: without a
+/// share per uid, one member of `control_group` holding every slot, with
+/// more connections queued in the backlog, kept every other scraper out.
+/// A uid's connections over its share are answered 503 and closed as
+/// soon as they are accepted, so they queue nowhere.
+const SCRAPES_PER_USER: usize = 1;
 
 /// Answers `GET /metrics` on `listener` until the task is dropped. Each
-/// connection has a deadline and a slot, so a stuck client costs nothing
-/// lasting.
+/// connection has a deadline and a slot, and each uid but root at most
+/// `SCRAPES_PER_USER` of the slots, so a stuck or hostile client costs
+/// nothing lasting and keeps no one else out.
 pub async fn serve_socket(listener: UnixListener, statuses: Statuses) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let users = Users::default();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                debug!(error = %e, "metrics socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        // The slot waits for a connection within its uid's share.
+        let (stream, scrape) = loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!(error = %e, "metrics socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match users.admit(&stream) {
+                Ok(scrape) => break (stream, scrape),
+                Err(uid) => {
+                    debug!(
+                        uid,
+                        "metrics socket: a uid over its share of scrapes; refused"
+                    );
+                    // Best effort and never waiting: the reason, then close.
+                    let _ = stream.try_write(over_share(uid).as_bytes());
+                }
             }
         };
         let statuses = statuses.clone();
@@ -59,9 +84,70 @@ pub async fn serve_socket(listener: UnixListener, statuses: Statuses) {
                 Ok(Err(e)) => debug!(error = %e, "metrics socket: connection failed"),
                 Err(_) => debug!("metrics socket: a client exceeded the deadline"),
             }
+            drop(scrape);
             drop(permit);
         });
     }
+}
+
+/// Scrapes in progress per uid (root is not counted).
+#[derive(Default, Clone)]
+struct Users(Arc<Mutex<HashMap<u32, usize>>>);
+
+/// A uid's scrape in progress; counts down when dropped.
+struct Scrape {
+    uid: Option<u32>,
+    users: Users,
+}
+
+impl Users {
+    /// A scrape for the peer of `s`, or its uid when it already has its
+    /// share. A peer whose credentials cannot be read is served as no one
+    /// in particular: the file mode already admitted it.
+    fn admit(&self, s: &UnixStream) -> Result<Scrape, u32> {
+        let uid = match s.peer_cred() {
+            Ok(c) if c.uid() != 0 => Some(c.uid()),
+            _ => None,
+        };
+        if let Some(uid) = uid {
+            let mut users = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = users.entry(uid).or_insert(0);
+            if *n >= SCRAPES_PER_USER {
+                return Err(uid);
+            }
+            *n += 1;
+        }
+        Ok(Scrape {
+            uid,
+            users: self.clone(),
+        })
+    }
+}
+
+impl Drop for Scrape {
+    fn drop(&mut self) {
+        let Some(uid) = self.uid else { return };
+        let mut users = self.users.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = users.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                users.remove(&uid);
+            }
+        }
+    }
+}
+
+/// The whole answer to a connection over its uid's share.
+fn over_share(uid: u32) -> String {
+    let body = format!(
+        "uid {uid} already has {SCRAPES_PER_USER} scrape in progress, the limit per user; \
+         try again when it has finished\n"
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 fn answer<B>(req: &http::Request<B>, statuses: &Statuses) -> http::Response<Full<Bytes>> {
@@ -170,6 +256,21 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_over_share_answer_is_one_whole_http_response() {
+        let text = over_share(65534);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains("uid 65534") && body.contains("per user"),
+            "{body}"
+        );
+    }
 
     #[test]
     fn textfile_is_replaced_whole() {
