@@ -993,7 +993,8 @@ fn cmdline_names_are_found_in_every_form_systemd_reads() {
         ),
     ];
     for (cmdline, what) in forms {
-        let found = defined_names(&format!("console=ttyS0 {cmdline} quiet"));
+        let line = format!("console=ttyS0 {cmdline} quiet");
+        let found = defined_names(&line);
         let want: &[&str] = if what.starts_with("not this") {
             &[]
         } else {
