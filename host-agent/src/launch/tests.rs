@@ -1005,10 +1005,7 @@ fn cmdline_names_are_found_in_every_form_systemd_reads() {
     // A backslash is an ordinary character (EXTRACT_RETAIN_ESCAPE): it
     // neither escapes the closing quote (so the next word is a word of its
     // own) nor the space.
-    assert_eq!(
-        defined_names("\"a\\\" systemd.set_credential=N:v"),
-        ["N"]
-    );
+    assert_eq!(defined_names("\"a\\\" systemd.set_credential=N:v"), ["N"]);
     assert_eq!(defined_names("a\\ systemd.set_credential=N:v"), ["N"]);
 }
 
