@@ -191,7 +191,6 @@ fn run_launch(config: &std::path::Path, args: LaunchArgs) -> Result<ExitCode> {
         args.runtime_dir,
         std::env::var_os("VMCRED_LAUNCH_RUNTIME_DIR").as_deref(),
         std::env::var_os("RUNTIME_DIRECTORY").as_deref(),
-        vm_name,
         nix::unistd::geteuid().is_root(),
     );
     let input = launch::LaunchInput {

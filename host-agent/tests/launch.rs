@@ -24,7 +24,16 @@ struct Env {
     _tmp: tempfile::TempDir,
     config: PathBuf,
     creds: PathBuf,
+    /// What the tests pass as `--runtime-dir`.
     run: PathBuf,
+}
+
+impl Env {
+    /// Where test-vm's launch writes its files: its own directory in the
+    /// runtime directory.
+    fn vm_dir(&self) -> PathBuf {
+        self.run.join("test-vm")
+    }
 }
 
 /// A config with one VM: API_KEY (boot, allowed on cloud-hypervisor's
@@ -86,7 +95,7 @@ path = {late}
         ),
     )
     .unwrap();
-    let run = root.join("run").join("test-vm");
+    let run = root.join("run");
     Env {
         _tmp: tmp,
         config,
@@ -165,13 +174,13 @@ fn check_qemu(env: &Env, out: &Output) {
         assert_eq!(pair[0], "-smbios");
         let path = pair[1].strip_prefix("type=11,path=").unwrap();
         let path = Path::new(path);
-        assert_eq!(path.parent(), Some(env.run.as_path()));
+        assert_eq!(path.parent(), Some(env.vm_dir().as_path()));
         let meta = fs::metadata(path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o400, "{path:?}");
         contents.push(fs::read_to_string(path).unwrap());
     }
     assert_eq!(
-        fs::metadata(&env.run).unwrap().permissions().mode() & 0o7777,
+        fs::metadata(env.vm_dir()).unwrap().permissions().mode() & 0o7777,
         0o700
     );
     contents.sort();
@@ -196,6 +205,88 @@ fn qemu_dry_run_passes_values_through_private_files() {
         &["qemu-system-x86_64", "-m", "512"],
     );
     check_qemu(&env, &out);
+}
+
+/// Two VMs given one runtime directory (one `$VMCRED_LAUNCH_RUNTIME_DIR`
+/// for all, as the review reproduced with `--dry-run`): each launch
+/// writes only in its VM's own directory, so launching b neither
+/// replaces nor removes the files a's hypervisor is about to read.
+#[test]
+fn two_vms_sharing_a_runtime_directory_keep_their_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let state = root.join("state");
+    fs::create_dir(&state).unwrap();
+    fs::write(state.join("host.pin"), format!("sha256:{PIN_HEX}\n")).unwrap();
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut toml = format!(
+        "state_dir = {}\ncontrol_socket = {}\nlaunch_socket = {}\n",
+        q(&state),
+        q(&root.join("control.sock")),
+        q(&root.join("launch.sock")),
+    );
+    let shared = root.join("rt2");
+    let launch_vm = |vm: &str| -> DryRun {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmcred-host"))
+            .args(["launch", "--config"])
+            .arg(root.join("host.toml"))
+            .args([
+                "--vm",
+                vm,
+                "--hypervisor",
+                "qemu",
+                "--dry-run",
+                "--json",
+                "--",
+            ])
+            .args(qemu_argv(MICROVM, "device"))
+            .env_remove("RUNTIME_DIRECTORY")
+            .env("VMCRED_LAUNCH_RUNTIME_DIR", &shared)
+            .env("CREDENTIALS_DIRECTORY", root.join(format!("creds-{vm}")))
+            .output()
+            .unwrap();
+        parse_dry(&out)
+    };
+    for (vm, cid) in [("a", 3), ("b", 4)] {
+        let creds = root.join(format!("creds-{vm}"));
+        fs::create_dir(&creds).unwrap();
+        fs::write(creds.join("DB_PASSWORD"), format!("secret-of-{vm}")).unwrap();
+        toml.push_str(&format!(
+            "\n[vms.{vm}]\ncid = {cid}\n\n[vms.{vm}.credentials.DB_PASSWORD]\npath = {}\nboot = true\n",
+            q(&creds.join("DB_PASSWORD"))
+        ));
+    }
+    fs::write(root.join("host.toml"), toml).unwrap();
+
+    let a = launch_vm("a");
+    let b = launch_vm("b");
+    let secret_file = |d: &DryRun| {
+        d.files
+            .iter()
+            .find(|f| f.name == "DB_PASSWORD")
+            .map(|f| f.path.clone())
+            .unwrap()
+    };
+    let (a_file, b_file) = (secret_file(&a), secret_file(&b));
+    assert_ne!(a_file, b_file);
+    assert!(
+        a.argv
+            .iter()
+            .any(|arg| arg.ends_with(&a_file.display().to_string())),
+        "{:?}",
+        a.argv
+    );
+    assert_eq!(
+        fs::read(&a_file).unwrap(),
+        b"secret-of-a",
+        "a's file after b's launch"
+    );
+    assert_eq!(fs::read(&b_file).unwrap(), b"secret-of-b");
+    for f in a.files.iter().chain(&b.files) {
+        assert!(f.path.is_file(), "{f:?} still there");
+    }
+    assert_eq!(a_file.parent(), Some(shared.join("a").as_path()));
+    assert_eq!(b_file.parent(), Some(shared.join("b").as_path()));
 }
 
 #[test]
@@ -366,7 +457,7 @@ fn setup_vm(target: &str, creds: &[Cred]) -> Env {
     }
     let config = root.join("host.toml");
     fs::write(&config, toml).unwrap();
-    let run = root.join("run").join("test-vm");
+    let run = root.join("run");
     Env {
         _tmp: tmp,
         config,
@@ -537,7 +628,7 @@ fn qemu_microvm_machine_gets_fw_cfg_files() {
     ];
     for ((pair, file), (name, value)) in pairs.iter().zip(&dry.files).zip(want) {
         assert_eq!(file.name, name);
-        assert_eq!(check_file(file, &env.run, "fw-cfg"), value, "{name}");
+        assert_eq!(check_file(file, &env.vm_dir(), "fw-cfg"), value, "{name}");
         assert_eq!(pair.0, "-fw_cfg");
         assert_eq!(
             pair.1,
@@ -548,7 +639,7 @@ fn qemu_microvm_machine_gets_fw_cfg_files() {
         );
     }
     assert_eq!(
-        fs::metadata(&env.run).unwrap().permissions().mode() & 0o7777,
+        fs::metadata(env.vm_dir()).unwrap().permissions().mode() & 0o7777,
         0o700
     );
 }
@@ -578,7 +669,7 @@ fn qemu_q35_and_default_machine_get_smbios_files() {
         for (pair, file) in pairs.iter().zip(&dry.files) {
             assert_eq!(pair.0, "-smbios");
             assert_eq!(pair.1, format!("type=11,path={}", file.path.display()));
-            contents.push(String::from_utf8(check_file(file, &env.run, "smbios")).unwrap());
+            contents.push(String::from_utf8(check_file(file, &env.vm_dir(), "smbios")).unwrap());
         }
         assert_eq!(
             contents,
@@ -795,7 +886,7 @@ fn firecracker_gets_a_private_config_copy_with_the_bootstrap() {
     assert_eq!(dry.argv, want_argv);
 
     let got: serde_json::Value =
-        serde_json::from_slice(&check_file(copy, &env.run, "cmdline")).unwrap();
+        serde_json::from_slice(&check_file(copy, &env.vm_dir(), "cmdline")).unwrap();
     let mut want = firecracker_config();
     let args = want["boot-source"]["boot_args"]
         .as_str()
@@ -1295,7 +1386,8 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
         launch_as_nobody(&env, envs, &args)
     };
 
-    // systemd's RuntimeDirectory= (owned by the user, 0700), used as is.
+    // systemd's RuntimeDirectory= (owned by the user, 0700): the files go
+    // in the VM's own directory in it.
     let rt = root
         .join("systemd-run")
         .join("vmcred-launch")
@@ -1306,7 +1398,7 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
     let d = parse_dry(&out);
     assert_eq!(d.files.len(), 2);
     for f in &d.files {
-        assert_eq!(f.path.parent(), Some(rt.as_path()));
+        assert_eq!(f.path.parent(), Some(rt.join("test-vm").as_path()));
         let meta = fs::symlink_metadata(&f.path).unwrap();
         assert_eq!(meta.uid(), 65534);
         assert_eq!(meta.permissions().mode() & 0o7777, 0o400);
@@ -1328,7 +1420,8 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
     args.extend(crosvm.iter().map(String::as_str));
     assert!(launch_as_nobody(&env2, &[], &args).status.success());
 
-    // A directory that is not the user's, or open to others, is refused.
+    // A directory that is not the user's, or that others can write to, is
+    // refused.
     let roots = root.join("root-owned");
     fs::create_dir(&roots).unwrap();
     fs::set_permissions(&roots, fs::Permissions::from_mode(0o700)).unwrap();
@@ -1338,9 +1431,24 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
         "{e}"
     );
     let open = root.join("open");
-    nobody_dir(&open, 0o750);
+    nobody_dir(&open, 0o770);
     let e = stderr(&run(&[("RUNTIME_DIRECTORY", &open)], &[]));
-    assert!(e.contains("mode 0750") && e.contains("0700"), "{e}");
+    assert!(
+        e.contains("mode 0770") && e.contains("group or others can write"),
+        "{e}"
+    );
+    // One that others may only read is a base: the VM's directory in it
+    // is private.
+    let readable = root.join("readable");
+    nobody_dir(&readable, 0o755);
+    let d = parse_dry(&run(&[("RUNTIME_DIRECTORY", &readable)], &[]));
+    let vm_dir = readable.join("test-vm");
+    assert_eq!(d.files[0].path.parent(), Some(vm_dir.as_path()));
+    let meta = fs::symlink_metadata(&vm_dir).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (65534, 0o700)
+    );
 
     // $VMCRED_LAUNCH_RUNTIME_DIR wins over $RUNTIME_DIRECTORY; a missing
     // directory under a parent the user may write is created 0700.
@@ -1355,7 +1463,10 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
         &[],
     );
     let d = parse_dry(&out);
-    assert_eq!(d.files[0].path.parent(), Some(fresh.as_path()));
+    assert_eq!(
+        d.files[0].path.parent(),
+        Some(fresh.join("test-vm").as_path())
+    );
     let meta = fs::symlink_metadata(&fresh).unwrap();
     assert_eq!(
         (meta.uid(), meta.permissions().mode() & 0o7777),
@@ -1370,7 +1481,7 @@ fn runtime_dir_rules_as_the_hypervisors_user() {
         ],
         &["--runtime-dir", &fresh_s],
     ));
-    assert_eq!(d.files[0].path.parent(), Some(rt.as_path()));
+    assert_eq!(d.files[0].path.parent(), Some(rt.join("test-vm").as_path()));
 }
 
 #[test]
@@ -1415,7 +1526,7 @@ fn firecracker_exec_as_the_hypervisors_user_reads_its_private_copy() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let got = recorded_argv(&record);
-    let copy = rt.join("config.firecracker.json");
+    let copy = rt.join("test-vm").join("config.firecracker.json");
     let mut want = argv.clone();
     want[0] = "microvm@test-vm".into();
     want[4] = copy.display().to_string();

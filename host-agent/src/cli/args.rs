@@ -177,9 +177,10 @@ pub struct LaunchArgs {
     /// [default: the program as given].
     #[arg(long)]
     pub argv0: Option<std::ffi::OsString>,
-    /// Private directory for the files the hypervisor reads [default:
-    /// $VMCRED_LAUNCH_RUNTIME_DIR, else the first entry of
-    /// $RUNTIME_DIRECTORY, else /run/vmcred/launch/VM as root].
+    /// Directory for the files the hypervisor reads, which go in its
+    /// private subdirectory DIR/VM [default: $VMCRED_LAUNCH_RUNTIME_DIR,
+    /// else the first entry of $RUNTIME_DIRECTORY, else /run/vmcred/launch
+    /// as root].
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
     /// Print the resulting argv (secrets redacted) instead of exec'ing it.

@@ -213,8 +213,9 @@ pub struct LaunchInput {
     /// `$CREDENTIALS_DIRECTORY` of the VM's unit: boot credential `NAME` is
     /// read from `credentials_dir/NAME`.
     pub credentials_dir: Option<PathBuf>,
-    /// Private directory for the files carriers need; `None` when none
-    /// could be chosen (an error only if a file is needed).
+    /// Base directory for the files carriers need, which go in
+    /// `<runtime_dir>/<vm>`; `None` when none could be chosen (an error
+    /// only if a file is needed).
     pub runtime_dir: Option<PathBuf>,
     /// The hypervisor argv, `argv[0]` being the binary.
     pub argv: Vec<OsString>,
@@ -389,7 +390,7 @@ pub enum LaunchError {
     },
     #[error("firecracker config file {}: {problem}", .path.display())]
     FirecrackerConfig { path: PathBuf, problem: String },
-    #[error("VM {vm:?}: no runtime directory for the files {hypervisor} reads: running as uid {uid}, not root, so /run/vmcred/launch/{vm} is not writable; give the VM's unit RuntimeDirectory=vmcred-launch/{vm} with RuntimeDirectoryMode=0700 (systemd then sets $RUNTIME_DIRECTORY), or pass --runtime-dir DIR or $VMCRED_LAUNCH_RUNTIME_DIR")]
+    #[error("VM {vm:?}: no runtime directory for the files {hypervisor} reads: running as uid {uid}, not root, so /run/vmcred/launch is not writable; give the VM's unit RuntimeDirectory=vmcred-launch/{vm} with RuntimeDirectoryMode=0700 (systemd then sets $RUNTIME_DIRECTORY), or pass --runtime-dir DIR or $VMCRED_LAUNCH_RUNTIME_DIR (the files go in DIR/{vm}, so one DIR may serve several VMs)")]
     NoRuntimeDir {
         vm: String,
         hypervisor: Hypervisor,
@@ -439,20 +440,20 @@ impl<'a> Build<'a> {
         }
     }
 
-    /// The private runtime directory, prepared (checked, stale files
-    /// removed) on first use.
+    /// The VM's private directory, `<runtime dir>/<vm>`, prepared
+    /// (checked, created, stale files removed) on first use.
     pub fn runtime_dir(&mut self) -> Result<PathBuf, LaunchError> {
         if let Some(d) = &self.dir {
             return Ok(d.clone());
         }
-        let Some(dir) = self.input.runtime_dir.clone() else {
+        let Some(base) = self.input.runtime_dir.as_deref() else {
             return Err(LaunchError::NoRuntimeDir {
                 vm: self.input.vm.clone(),
                 hypervisor: self.input.hypervisor,
                 uid: nix::unistd::geteuid().as_raw(),
             });
         };
-        runtime_dir::prepare(&dir)?;
+        let dir = runtime_dir::prepare(base, &self.input.vm)?;
         self.dir = Some(dir.clone());
         Ok(dir)
     }

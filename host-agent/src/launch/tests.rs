@@ -19,6 +19,7 @@ const OTHER: &[u8] = b"staging-xyzzy";
 struct Fixture {
     tmp: tempfile::TempDir,
     creds: PathBuf,
+    /// The runtime directory given to the launch.
     run: PathBuf,
 }
 
@@ -26,11 +27,16 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let creds = tmp.path().join("creds");
     fs::create_dir(&creds).unwrap();
-    let run = tmp.path().join("run").join("test-vm");
+    let run = tmp.path().join("run");
     Fixture { tmp, creds, run }
 }
 
 impl Fixture {
+    /// Where test-vm's files go: its own directory in the runtime one.
+    fn vm_dir(&self) -> PathBuf {
+        self.run.join("test-vm")
+    }
+
     fn put(&self, name: &str, value: &[u8]) {
         fs::write(self.creds.join(name), value).unwrap();
     }
@@ -165,7 +171,7 @@ fn qemu_writes_private_files_and_keeps_values_off_argv() {
     );
     let p = prepare(&input).unwrap();
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-    assert_eq!(mode(&f.run), 0o700);
+    assert_eq!(mode(&f.vm_dir()), 0o700);
 
     let expected = [
         ("00-vmcred.bootstrap.smbios", bootstrap_oem().into_bytes()),
@@ -180,18 +186,18 @@ fn qemu_writes_private_files_and_keeps_values_off_argv() {
     ];
     let mut want_argv = vec!["qemu-system-x86_64".to_string(), "-m".into(), "512".into()];
     for (file, content) in &expected {
-        let path = f.run.join(file);
+        let path = f.vm_dir().join(file);
         assert_eq!(&fs::read(&path).unwrap(), content, "{file}");
         assert_eq!(mode(&path), 0o400, "{file}");
         want_argv.push("-smbios".into());
         want_argv.push(format!("type=11,path={}", path.display()));
     }
     assert_eq!(strs(&p.argv), want_argv);
-    assert_eq!(fs::read_dir(&f.run).unwrap().count(), 3);
+    assert_eq!(fs::read_dir(f.vm_dir()).unwrap().count(), 3);
     assert_no_secret(&argv_bytes(&p.argv));
 
     // The binary form decodes back to the exact bytes.
-    let text = fs::read_to_string(f.run.join("01-API_KEY.smbios")).unwrap();
+    let text = fs::read_to_string(f.vm_dir().join("01-API_KEY.smbios")).unwrap();
     let b64 = text
         .strip_prefix("io.systemd.credential.binary:API_KEY=")
         .unwrap();
@@ -204,15 +210,18 @@ fn qemu_relaunch_replaces_stale_files_only() {
     f.put("API_KEY", SECRET);
     let input = f.input(Hypervisor::Qemu, &[("API_KEY", false)], &["qemu-kvm"]);
     let first = prepare(&input).unwrap();
-    fs::write(f.run.join("07-OLD.smbios"), b"stale").unwrap();
-    fs::write(f.run.join("keep.txt"), b"not ours").unwrap();
+    fs::write(f.vm_dir().join("07-OLD.smbios"), b"stale").unwrap();
+    fs::write(f.vm_dir().join("keep.txt"), b"not ours").unwrap();
+    // What is beside the VM's directory is another VM's or the user's.
+    fs::write(f.run.join("01-API_KEY.smbios"), b"not this VM's").unwrap();
     f.put("API_KEY", OTHER);
     let second = prepare(&input).unwrap();
     assert_eq!(first.argv, second.argv);
-    assert!(!f.run.join("07-OLD.smbios").exists());
-    assert!(f.run.join("keep.txt").exists());
+    assert!(!f.vm_dir().join("07-OLD.smbios").exists());
+    assert!(f.vm_dir().join("keep.txt").exists());
+    assert!(f.run.join("01-API_KEY.smbios").exists());
     assert_eq!(
-        fs::read(f.run.join("01-API_KEY.smbios")).unwrap(),
+        fs::read(f.vm_dir().join("01-API_KEY.smbios")).unwrap(),
         binary_oem("API_KEY", OTHER).into_bytes()
     );
 }
@@ -223,11 +232,11 @@ fn qemu_escapes_commas_in_paths() {
     f.run = f.tmp.path().join("a,b").join("run");
     let p = prepare(&f.input(Hypervisor::Qemu, &[], &["qemu-system-aarch64"])).unwrap();
     let want = format!(
-        "type=11,path={}/a,,b/run/00-vmcred.bootstrap.smbios",
+        "type=11,path={}/a,,b/run/test-vm/00-vmcred.bootstrap.smbios",
         f.tmp.path().display()
     );
     assert_eq!(strs(&p.argv)[2], want);
-    assert!(f.run.join("00-vmcred.bootstrap.smbios").is_file());
+    assert!(f.vm_dir().join("00-vmcred.bootstrap.smbios").is_file());
 }
 
 #[test]
@@ -236,29 +245,148 @@ fn runtime_dir_must_be_private_and_real() {
     let input = f.input(Hypervisor::Qemu, &[], &["qemu-system-x86_64"]);
     let err = |input: &LaunchInput| prepare(input).unwrap_err().to_string();
 
-    // A symlink to a private directory is still refused.
+    // The runtime directory, and the VM's in it: a symlink to a private
+    // directory is still refused, and so is a file.
     let real = f.tmp.path().join("real");
     DirBuilder::new().mode(0o700).create(&real).unwrap();
-    fs::create_dir_all(f.run.parent().unwrap()).unwrap();
-    symlink(&real, &f.run).unwrap();
-    assert!(err(&input).contains("symbolic link"), "{}", err(&input));
-    fs::remove_file(&f.run).unwrap();
+    for dir in [f.run.clone(), f.vm_dir()] {
+        fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        symlink(&real, &dir).unwrap();
+        let e = err(&input);
+        assert!(
+            e.contains("symbolic link") && e.contains(&*dir.to_string_lossy()),
+            "{e}"
+        );
+        fs::remove_file(&dir).unwrap();
 
-    fs::write(&f.run, b"").unwrap();
-    assert!(err(&input).contains("not a directory"), "{}", err(&input));
-    fs::remove_file(&f.run).unwrap();
+        fs::write(&dir, b"").unwrap();
+        assert!(err(&input).contains("not a directory"), "{}", err(&input));
+        fs::remove_file(&dir).unwrap();
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    }
 
-    fs::create_dir(&f.run).unwrap();
-    fs::set_permissions(&f.run, fs::Permissions::from_mode(0o750)).unwrap();
-    assert!(err(&input).contains("mode 0750"), "{}", err(&input));
-
+    // Others may read the runtime directory, not write to it; the VM's
+    // directory is theirs alone.
+    fs::set_permissions(&f.run, fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(prepare(&input).is_ok());
+    fs::set_permissions(&f.run, fs::Permissions::from_mode(0o770)).unwrap();
+    let e = err(&input);
+    assert!(
+        e.contains("mode 0770") && e.contains("group or others can write"),
+        "{e}"
+    );
     fs::set_permissions(&f.run, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(f.vm_dir(), fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(err(&input).contains("mode 0750"), "{}", err(&input));
+    fs::set_permissions(f.vm_dir(), fs::Permissions::from_mode(0o700)).unwrap();
+
     if nix::unistd::geteuid().is_root() {
-        nix::unistd::chown(&f.run, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
-        assert!(err(&input).contains("owned by uid 4242"), "{}", err(&input));
-        nix::unistd::chown(&f.run, Some(nix::unistd::geteuid()), None).unwrap();
+        for dir in [f.run.clone(), f.vm_dir()] {
+            nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            assert!(err(&input).contains("owned by uid 4242"), "{}", err(&input));
+            nix::unistd::chown(&dir, Some(nix::unistd::geteuid()), None).unwrap();
+        }
     }
     assert!(prepare(&input).is_ok());
+}
+
+/// The review's L5: the hypervisor opens the carrier files by path after
+/// the checks, so a runtime directory under a directory another user can
+/// write to (or reached through one) could be swapped for theirs.
+#[test]
+fn runtime_dir_reached_through_a_directory_others_can_change_is_refused() {
+    let f = fixture();
+    let shared = f.tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut input = f.input(Hypervisor::Qemu, &[], &["qemu-system-x86_64"]);
+    input.runtime_dir = Some(shared.join("rt"));
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(
+        e.contains(&*shared.to_string_lossy())
+            && e.contains("mode 0777")
+            && e.contains("not sticky"),
+        "{e}"
+    );
+    assert!(!shared.join("rt").exists(), "nothing created under it");
+
+    // The same directory reached through a symbolic link.
+    let link = f.tmp.path().join("link");
+    symlink(&shared, &link).unwrap();
+    input.runtime_dir = Some(link.join("rt"));
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(e.contains("mode 0777"), "{e}");
+    // ... and as a relative link target, and through `..`.
+    let rel = f.tmp.path().join("rel");
+    symlink("shared/../shared", &rel).unwrap();
+    input.runtime_dir = Some(rel.join("rt"));
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(e.contains("mode 0777"), "{e}");
+
+    // Sticky (as /tmp): others cannot rename or remove what is ours.
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    input.runtime_dir = Some(link.join("rt"));
+    assert!(prepare(&input).is_ok());
+    assert!(shared.join("rt").join("test-vm").is_dir());
+
+    if nix::unistd::geteuid().is_root() {
+        // A parent of another user's: they may rename it away.
+        let theirs = f.tmp.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+        input.runtime_dir = Some(theirs.join("rt"));
+        let e = prepare(&input).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 4242"), "{e}");
+    }
+}
+
+/// The review's M1: two VMs given one runtime directory (one
+/// `$VMCRED_LAUNCH_RUNTIME_DIR` for all; microvm.nix starts VMs in
+/// parallel) share file names (`NN-<cred>.<ext>`); each VM's files live
+/// in its own directory, so launching b leaves a's files as they were.
+#[test]
+fn two_vms_sharing_a_runtime_dir_keep_their_own_files() {
+    let f = fixture();
+    let creds_b = f.tmp.path().join("creds-b");
+    fs::create_dir(&creds_b).unwrap();
+    f.put("DB_PASSWORD", b"secret-of-a");
+    fs::write(creds_b.join("DB_PASSWORD"), b"secret-of-b").unwrap();
+    let argv = ["qemu-system-x86_64", "-M", "microvm"];
+    let mut a = f.input(Hypervisor::Qemu, &[("DB_PASSWORD", false)], &argv);
+    a.vm = "a".into();
+    let mut b = f.input(Hypervisor::Qemu, &[("DB_PASSWORD", false)], &argv);
+    b.vm = "b".into();
+    b.credentials_dir = Some(creds_b);
+
+    let pa = prepare(&a).unwrap();
+    let pb = prepare(&b).unwrap();
+    let file_of = |p: &Prepared| {
+        p.files
+            .iter()
+            .find(|f| f.name == "DB_PASSWORD")
+            .map(|f| f.path.clone())
+            .unwrap()
+    };
+    let (fa, fb) = (file_of(&pa), file_of(&pb));
+    assert!(
+        strs(&pa.argv)
+            .iter()
+            .any(|arg| arg.ends_with(&*fa.to_string_lossy())),
+        "a's argv names a's file"
+    );
+    assert_eq!(
+        fs::read(&fa).unwrap(),
+        b"secret-of-a",
+        "a's file after b's launch"
+    );
+    assert_eq!(fs::read(&fb).unwrap(), b"secret-of-b");
+    for file in pa.files.iter().chain(&pb.files) {
+        assert!(file.path.is_file(), "{:?} still there", file.path);
+    }
+    assert_eq!(fa.parent(), Some(f.run.join("a").as_path()));
+    assert_eq!(fb.parent(), Some(f.run.join("b").as_path()));
 }
 
 #[test]
@@ -778,29 +906,19 @@ fn runtime_dir_precedence() {
     use runtime_dir::choose;
     let p = |s: &str| Some(PathBuf::from(s));
     let os = |s: &'static str| Some(OsStr::new(s));
+    assert_eq!(choose(p("/cli"), os("/env"), os("/rd"), true), p("/cli"));
+    assert_eq!(choose(None, os("/env"), os("/rd"), false), p("/env"));
+    // $RUNTIME_DIRECTORY: the first of several.
     assert_eq!(
-        choose(p("/cli"), os("/env"), os("/rd"), "vm", true),
-        p("/cli")
-    );
-    assert_eq!(choose(None, os("/env"), os("/rd"), "vm", false), p("/env"));
-    // $RUNTIME_DIRECTORY: the first of several, as is.
-    assert_eq!(
-        choose(
-            None,
-            None,
-            os("/run/vmcred-launch/vm:/run/other"),
-            "vm",
-            false
-        ),
+        choose(None, None, os("/run/vmcred-launch/vm:/run/other"), false),
         p("/run/vmcred-launch/vm")
     );
-    assert_eq!(
-        choose(None, None, None, "vm", true),
-        p("/run/vmcred/launch/vm")
-    );
-    assert_eq!(choose(None, None, None, "vm", false), None);
+    // Root's default; the VM's files go in /run/vmcred/launch/<vm>, as
+    // before.
+    assert_eq!(choose(None, None, None, true), p("/run/vmcred/launch"));
+    assert_eq!(choose(None, None, None, false), None);
     // Empty values count as unset.
-    assert_eq!(choose(p(""), os(""), os(""), "vm", false), None);
+    assert_eq!(choose(p(""), os(""), os(""), false), None);
 }
 
 #[test]
@@ -833,6 +951,152 @@ fn cmdline_names_already_set_are_found() {
         ["A", "B"]
     );
     assert!(defined_names("").is_empty());
+}
+
+/// The review's L1: every form systemd's PID 1 reads as the same key
+/// (`proc_cmdline_key_streq`: `-` and `_` alike; words unquoted by
+/// `extract_first_word`: quotes anywhere, `'` or `"`, removed).
+#[test]
+fn cmdline_names_are_found_in_every_form_systemd_reads() {
+    use carrier::cmdline::defined_names;
+    let forms = [
+        ("systemd.set-credential=N:v", "dash for underscore"),
+        ("systemd-set_credential=N:v", "not this: '.' is not relaxed"),
+        ("systemd.set_credential=\"N:v w\"", "quoted value"),
+        ("systemd.set_credential='N:v w'", "single-quoted value"),
+        (
+            "\"systemd.set-credential-binary=N:dg==\"",
+            "quoted binary, dashes",
+        ),
+        ("sys\"temd.set_cred\"ential=N:v", "quote inside the key"),
+        ("systemd.set_credential=\"N\":v", "quoted name"),
+        (
+            "\"systemd.set_credential=N:unclosed quote",
+            "unclosed quote",
+        ),
+        ("\tsystemd.set_credential=N:v\n", "tab and newline separate"),
+        (
+            "systemd.set_credential=N",
+            "not this: no ':', systemd ignores it",
+        ),
+        (
+            "rd.systemd.set_credential=N:v",
+            "not this: rd. is not stripped for credentials",
+        ),
+        (
+            "Systemd.set_credential=N:v",
+            "not this: keys are case-sensitive",
+        ),
+        (
+            "\"x systemd.set_credential=N:v\"",
+            "not this: one word, key x",
+        ),
+    ];
+    for (cmdline, what) in forms {
+        let line = format!("console=ttyS0 {cmdline} quiet");
+        let found = defined_names(&line);
+        let want: &[&str] = if what.starts_with("not this") {
+            &[]
+        } else {
+            &["N"]
+        };
+        assert_eq!(found, want, "{what}: {cmdline}");
+    }
+    // A backslash is an ordinary character (EXTRACT_RETAIN_ESCAPE): it
+    // neither escapes the closing quote (so the next word is a word of its
+    // own) nor the space.
+    assert_eq!(defined_names("\"a\\\" systemd.set_credential=N:v"), ["N"]);
+    assert_eq!(defined_names("a\\ systemd.set_credential=N:v"), ["N"]);
+}
+
+/// Each form above, on a real argv: refused rather than merged (systemd
+/// keeps the first definition of a name, so ours would be ignored).
+#[test]
+fn a_name_set_on_the_command_line_in_any_form_is_refused() {
+    let f = fixture();
+    for word in [
+        "systemd.set-credential=vmcred.bootstrap:x",
+        "systemd.set_credential=\"vmcred.bootstrap:x y\"",
+        "'systemd.set_credential_binary=vmcred.bootstrap:eA=='",
+    ] {
+        let cmdline = format!("console=ttyS0 {word}");
+        for (hypervisor, argv) in [
+            (
+                Hypervisor::Crosvm,
+                vec!["crosvm", "run", "-p", &cmdline, "k"],
+            ),
+            (
+                Hypervisor::Qemu,
+                vec!["qemu-system-x86_64", "-kernel", "k", "-append", &cmdline],
+            ),
+            (
+                Hypervisor::Alioth,
+                vec!["alioth", "run", "--cmd-line", &cmdline],
+            ),
+        ] {
+            let e = prepare(&f.input(hypervisor, &[], &argv)).unwrap_err();
+            assert!(
+                matches!(&e, LaunchError::AlreadyDefined { name, .. } if name == "vmcred.bootstrap"),
+                "{hypervisor} {word}: {e}"
+            );
+        }
+    }
+}
+
+/// The review's L9: alioth's `-c` is also `--cmdline` and `--cmd-line`
+/// (a clap alias), and its `run` subcommand is an alias of `boot`.
+#[test]
+fn alioth_command_line_aliases_are_merged_into() {
+    let f = fixture();
+    let param = format!(
+        "\"systemd.set_credential=vmcred.bootstrap:{}\"",
+        bootstrap().encode()
+    );
+    for (argv, at, want) in [
+        (
+            vec![
+                "alioth",
+                "run",
+                "--cmd-line",
+                "console=ttyS0",
+                "--num-cpu",
+                "1",
+            ],
+            3,
+            format!("console=ttyS0 {param}"),
+        ),
+        (
+            vec![
+                "alioth",
+                "run",
+                "--cmd-line=console=ttyS0",
+                "--num-cpu",
+                "1",
+            ],
+            2,
+            format!("--cmd-line=console=ttyS0 {param}"),
+        ),
+        (
+            vec!["alioth", "boot", "-c", "console=ttyS0", "--num-cpu", "1"],
+            3,
+            format!("console=ttyS0 {param}"),
+        ),
+    ] {
+        let p = prepare(&f.input(Hypervisor::Alioth, &[], &argv)).unwrap();
+        let out = strs(&p.argv);
+        assert_eq!(out.len(), argv.len(), "nothing added: {out:?}");
+        assert_eq!(out[at], want, "{argv:?}");
+    }
+    let input = f.input(
+        Hypervisor::Alioth,
+        &[],
+        &["alioth", "run", "-c", "a", "--cmd-line", "b"],
+    );
+    let e = prepare(&input).unwrap_err().to_string();
+    assert!(
+        e.contains("--cmd-line") && e.contains("given 2 times"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -9,8 +9,14 @@
 //! unquoted value is cut at the first one. Measured in real guests, this
 //! text form works on systemd 252, 257 and 262, while
 //! `systemd.set_credential_binary=` is ignored by 252. The command line is
-//! readable by every process in the guest (`/proc/cmdline`): public data
-//! only, unless the user marked a credential `allow_on_command_line`.
+//! readable by every process in the guest (`/proc/cmdline`), and the guest
+//! kernel logs it at boot (`Kernel command line: …`, notice level): into
+//! its ring buffer and the guest journal, and onto its console when the
+//! console log level lets notices through (Linux's default 7 does; `quiet`
+//! or `loglevel=5` and below do not). microvm.nix sends the serial console
+//! to the hypervisor's stdout, that is the host journal of `microvm@<vm>`.
+//! Public data only, unless the user marked a credential
+//! `allow_on_command_line`.
 
 use std::ffi::OsString;
 
@@ -74,16 +80,63 @@ fn shown_param(p: &Payload) -> String {
     }
 }
 
-/// The credential names a command line already sets.
-pub fn defined_names(cmdline: &str) -> Vec<&str> {
-    cmdline
-        .split_ascii_whitespace()
+/// The words systemd's PID 1 reads from a kernel command line, as its
+/// `proc_cmdline_parse` splits `/proc/cmdline` (`extract_first_word` with
+/// `EXTRACT_UNQUOTE|EXTRACT_RELAX|EXTRACT_RETAIN_ESCAPE`): white space
+/// separates words; a `'` or `"` anywhere in a word opens a quote that
+/// the same character closes, both removed, white space inside kept; an
+/// unclosed quote runs to the end; a backslash is an ordinary character.
+fn systemd_words(cmdline: &str) -> Vec<Zeroizing<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<Zeroizing<String>> = None;
+    let mut quote: Option<char> = None;
+    for c in cmdline.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => word.get_or_insert_with(Default::default).push(c),
+            None if matches!(c, ' ' | '\t' | '\n' | '\r') => words.extend(word.take()),
+            None => {
+                let w = word.get_or_insert_with(Default::default);
+                if c == '\'' || c == '"' {
+                    quote = Some(c);
+                } else {
+                    w.push(c);
+                }
+            }
+        }
+    }
+    words.extend(word);
+    words
+}
+
+/// systemd's `proc_cmdline_key_streq`: keys are equal when they differ
+/// only in `-` against `_`.
+fn key_eq(key: &str, want: &str) -> bool {
+    key.len() == want.len()
+        && key
+            .bytes()
+            .zip(want.bytes())
+            .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_')))
+}
+
+/// The credential names a kernel command line sets, read as systemd reads
+/// them: every word whose key is `systemd.set_credential` or
+/// `systemd.set_credential_binary` (`-` and `_` alike, quotes removed),
+/// the name being its value up to the first `:` (a word without one is
+/// ignored by systemd too). `rd.` forms are not credentials: systemd
+/// parses the command line for them without stripping that prefix.
+pub fn defined_names(cmdline: &str) -> Vec<String> {
+    systemd_words(cmdline)
+        .iter()
         .filter_map(|word| {
-            let word = word.trim_start_matches('"');
-            let rest = word
-                .strip_prefix(PARAM)
-                .or_else(|| word.strip_prefix(BINARY_PARAM))?;
-            Some(rest.split(':').next().unwrap_or(rest))
+            let (key, value) = word.split_once('=')?;
+            let is_credential = key_eq(key, &PARAM[..PARAM.len() - 1])
+                || key_eq(key, &BINARY_PARAM[..BINARY_PARAM.len() - 1]);
+            if !is_credential {
+                return None;
+            }
+            let (name, _) = value.split_once(':')?;
+            Some(name.to_string())
         })
         .collect()
 }
@@ -115,7 +168,7 @@ pub(crate) fn merge(
     let hypervisor = build.input.hypervisor;
     let already = defined_names(existing);
     for p in payloads {
-        if already.contains(&p.name.as_str()) {
+        if already.contains(&p.name) {
             return Err(LaunchError::AlreadyDefined {
                 hypervisor,
                 name: p.name.clone(),
@@ -141,7 +194,7 @@ pub(crate) fn merge(
     let shown = join(existing, &shown_refs);
     for p in payloads.iter().filter(|p| p.secret) {
         build.warnings.push(format!(
-            "credential {} is on the guest's kernel command line, readable by every process in the guest (/proc/cmdline){}: marked allow_on_command_line",
+            "credential {} is on the guest's kernel command line, readable by every process in the guest (/proc/cmdline){}, and logged by the guest kernel at boot (\"Kernel command line: ...\", notice level: in the guest's kernel log and journal, and in the host journal of the VM's unit when the guest console prints notices, as Linux's default log level does; microvm.nix sends the console to the hypervisor's output): marked allow_on_command_line",
             p.name,
             if on_host_argv {
                 format!(" and by every local user through {hypervisor}'s /proc/PID/cmdline")
@@ -232,7 +285,7 @@ pub(crate) fn refuse_unallowed(
 /// What the kernel command line exposes on `hypervisor`.
 pub(crate) fn exposure(hypervisor: Hypervisor) -> &'static str {
     match hypervisor {
-        Hypervisor::Firecracker => "which every process in the guest can read",
-        _ => "which every process in the guest, and every local user on the host (through the hypervisor's /proc/PID/cmdline), can read",
+        Hypervisor::Firecracker => "which every process in the guest can read and the guest kernel logs at boot (to its console too, and so to the host journal, unless its log level is 5 or lower)",
+        _ => "which every process in the guest, and every local user on the host (through the hypervisor's /proc/PID/cmdline), can read, and which the guest kernel logs at boot (to its console too, and so to the host journal, unless its log level is 5 or lower)",
     }
 }

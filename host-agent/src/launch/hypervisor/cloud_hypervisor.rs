@@ -61,11 +61,11 @@ pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
         // would shadow (or be shadowed by) ours.
         if let Some(name) = cmdline::defined_names(text)
             .into_iter()
-            .find(|n| names.contains(n))
+            .find(|n| names.contains(&n.as_str()))
         {
             return Err(LaunchError::AlreadyDefined {
                 hypervisor: CH,
-                name: name.to_string(),
+                name,
                 place: "on the kernel command line (--cmdline)",
             });
         }

@@ -6,6 +6,7 @@ use crate::launch::Hypervisor;
 
 pub(super) const SPEC: CmdlineOnly = CmdlineOnly {
     hypervisor: Hypervisor::Crosvm,
+    subcommands: &["run"],
     names: &["-p", "--params"],
     example: "crosvm run -m MEM -c CPUS -p PARAMS ... KERNEL",
 };

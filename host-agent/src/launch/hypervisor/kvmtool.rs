@@ -6,6 +6,7 @@ use crate::launch::Hypervisor;
 
 pub(super) const SPEC: CmdlineOnly = CmdlineOnly {
     hypervisor: Hypervisor::Kvmtool,
+    subcommands: &["run"],
     names: &["-p", "--params"],
     example: "lkvm run --name NAME -m MEM -c CPUS -k KERNEL -i INITRD -p PARAMS ...",
 };

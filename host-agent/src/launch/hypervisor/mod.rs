@@ -132,27 +132,35 @@ pub(crate) fn value_at(argv: &[OsString], at: ValueAt) -> Option<&str> {
     }
 }
 
-/// What a hypervisor with only a kernel command line looks like: a `run`
-/// subcommand, then options, one of which is the command line.
+/// What a hypervisor with only a kernel command line looks like: a
+/// subcommand that starts the VM, then options, one of which is the
+/// command line.
 pub(crate) struct CmdlineOnly {
     pub hypervisor: Hypervisor,
+    /// The subcommand that starts a VM, and its aliases.
+    pub subcommands: &'static [&'static str],
     /// The option names of the kernel command line, short first.
     pub names: &'static [&'static str],
     /// How microvm.nix's runner invokes it, for error messages.
     pub example: &'static str,
 }
 
-/// The index of the `run` subcommand.
+/// The index of the subcommand that starts the VM (`run`).
 fn run_subcommand(argv: &[OsString], spec: &CmdlineOnly) -> Result<usize, LaunchError> {
     argv.iter()
         .skip(1)
-        .position(|a| a.as_bytes() == b"run")
+        .position(|a| {
+            spec.subcommands
+                .iter()
+                .any(|s| a.as_bytes() == s.as_bytes())
+        })
         .map(|i| i + 1)
         .ok_or_else(|| {
             bad_argv(
                 spec.hypervisor,
                 format!(
-                    "no `run` subcommand: expected `{}` (as microvm.nix's runner passes it)",
+                    "no `{}` subcommand: expected `{}` (as microvm.nix's runner passes it)",
+                    spec.subcommands.join("` or `"),
                     spec.example
                 ),
             )

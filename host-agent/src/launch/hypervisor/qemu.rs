@@ -188,11 +188,11 @@ pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
             .ok_or_else(|| bad_argv(Q, "the -append value is not UTF-8 text".into()))?;
         if let Some(name) = cmdline::defined_names(text)
             .into_iter()
-            .find(|n| names.contains(n))
+            .find(|n| names.contains(&n.as_str()))
         {
             return Err(LaunchError::AlreadyDefined {
                 hypervisor: Q,
-                name: name.to_string(),
+                name,
                 place: "on the kernel command line (-append)",
             });
         }
