@@ -370,6 +370,10 @@ impl Config {
             }
             vms.insert(name, Arc::new(vm));
         }
+        refuse_shared_targets(&vms).map_err(|message| ConfigError::Parse {
+            path: p.clone(),
+            message,
+        })?;
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
@@ -426,6 +430,61 @@ fn resolve_group(name: &str) -> Result<ControlGroup, String> {
         )),
         Err(e) => Err(format!("control_group: cannot look up group {shown:?}: {e}")),
     }
+}
+
+/// What makes a VM's transport reach one VM and no other: its AF_VSOCK CID
+/// (host-wide), its hybrid-vsock socket (one per VMM), or its Unix socket.
+/// The port is left out on purpose: a second agent port on the same CID or
+/// socket is the same VM, not another one.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Endpoint<'a> {
+    Cid(u32),
+    HybridSocket(&'a Path),
+    UnixSocket(&'a Path),
+}
+
+impl std::fmt::Display for Endpoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Cid(cid) => write!(f, "cid = {cid}"),
+            Endpoint::HybridSocket(p) => write!(f, "hybrid_socket = {:?}", p.display().to_string()),
+            Endpoint::UnixSocket(p) => write!(f, "unix_socket = {:?}", p.display().to_string()),
+        }
+    }
+}
+
+/// Two VMs on one CID or one socket would each receive the other's
+/// credentials (whichever answers the dial gets the push), so the whole
+/// config is refused; on SIGHUP that keeps the previous one. Paths compare
+/// by their components (`/a//b` is `/a/b`); symbolic links are not
+/// resolved, since the socket may not exist yet.
+fn refuse_shared_targets(vms: &BTreeMap<String, Arc<Vm>>) -> Result<(), String> {
+    let mut seen: BTreeMap<Endpoint<'_>, &str> = BTreeMap::new();
+    for (name, vm) in vms {
+        let endpoint = match &vm.target {
+            Target::Vsock { cid, .. } => Endpoint::Cid(*cid),
+            Target::Hybrid { socket, .. } => Endpoint::HybridSocket(socket),
+            Target::Unix { path } => Endpoint::UnixSocket(path),
+        };
+        let why = match endpoint {
+            Endpoint::Cid(_) => "an AF_VSOCK CID names one VM on the host; give each VM its own",
+            Endpoint::HybridSocket(_) => {
+                "a hybrid-vsock socket belongs to one VMM; give each VM its own"
+            }
+            Endpoint::UnixSocket(_) => {
+                "a guest agent's socket belongs to one VM; give each VM its own"
+            }
+        };
+        if let Some((shared, first)) = seen.get_key_value(&endpoint) {
+            return Err(format!(
+                "VMs {:?} and {:?} both have {shared}: {why}",
+                rules::display_name(first),
+                rules::display_name(name),
+            ));
+        }
+        seen.insert(endpoint, name);
+    }
+    Ok(())
 }
 
 /// VM names end up in file names (`generations/<vm>`) and log lines.
@@ -653,6 +712,54 @@ mod tests {
             shown.matches("No such file or directory").count(),
             1,
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn two_vms_on_one_cid_or_socket_are_refused() {
+        let cases = [
+            (
+                "[vms.a]\ncid = 5\n[vms.b]\ncid = 5\nport = 701",
+                "VMs \"a\" and \"b\" both have cid = 5",
+            ),
+            (
+                "[vms.c]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/var/lib/microvms/c//notify.vsock\"",
+                "VMs \"c\" and \"d\" both have hybrid_socket = \"/var/lib/microvms/c/notify.vsock\"",
+            ),
+            (
+                "[vms.e]\nunix_socket = \"/t/g.sock\"\n[vms.f]\nunix_socket = \"/t/./g.sock\"",
+                "VMs \"e\" and \"f\" both have unix_socket = \"/t/g.sock\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(err.contains("give each VM its own"), "{err}");
+        }
+        // One of each, and the same port on different CIDs: accepted.
+        let c = parse(
+            "[vms.a]\ncid = 5\n[vms.b]\ncid = 6\n[vms.c]\nhybrid_socket = \"/v/c.vsock\"\n[vms.d]\nhybrid_socket = \"/v/d.vsock\"\n[vms.e]\nunix_socket = \"/v/c.vsock\"",
+        )
+        .expect("distinct targets");
+        assert_eq!(c.vms.len(), 5);
+    }
+
+    /// The reviewer's file: `check-config` (and so `serve` and a SIGHUP
+    /// reload, which all go through `Config::load`) printed OK for it.
+    #[test]
+    fn load_refuses_a_file_with_a_shared_cid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            "[vms.a]\ncid = 5\n[vms.a.credentials.A_SECRET]\npath = \"/s/a\"\n[vms.b]\ncid = 5\n[vms.b.credentials.B_SECRET]\npath = \"/s/b\"\n",
+        )
+        .expect("write config");
+        let err = Config::load(&path).expect_err("shared CID").to_string();
+        assert!(err.contains("host.toml"), "{err}");
+        assert!(
+            err.contains("VMs \"a\" and \"b\" both have cid = 5"),
+            "{err}"
         );
     }
 
