@@ -433,23 +433,24 @@ fn resolve_group(name: &str) -> Result<ControlGroup, String> {
 }
 
 /// What makes a VM's transport reach one VM and no other: its AF_VSOCK CID
-/// (host-wide), its hybrid-vsock socket (one per VMM), or its Unix socket.
+/// (host-wide) or its socket (a hybrid-vsock VMM's, or, in tests, the
+/// guest agent's own; the same path under either key is the same peer).
 /// The port is left out on purpose: a second agent port on the same CID or
 /// socket is the same VM, not another one.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Endpoint<'a> {
     Cid(u32),
-    HybridSocket(&'a Path),
-    UnixSocket(&'a Path),
+    Socket(&'a Path),
 }
 
-impl std::fmt::Display for Endpoint<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Cid(cid) => write!(f, "cid = {cid}"),
-            Endpoint::HybridSocket(p) => write!(f, "hybrid_socket = {:?}", p.display().to_string()),
-            Endpoint::UnixSocket(p) => write!(f, "unix_socket = {:?}", p.display().to_string()),
+/// The target as its config key says it, for an error.
+fn shown_target(target: &Target) -> String {
+    match target {
+        Target::Vsock { cid, .. } => format!("cid = {cid}"),
+        Target::Hybrid { socket, .. } => {
+            format!("hybrid_socket = {:?}", socket.display().to_string())
         }
+        Target::Unix { path } => format!("unix_socket = {:?}", path.display().to_string()),
     }
 }
 
@@ -459,30 +460,30 @@ impl std::fmt::Display for Endpoint<'_> {
 /// by their components (`/a//b` is `/a/b`); symbolic links are not
 /// resolved, since the socket may not exist yet.
 fn refuse_shared_targets(vms: &BTreeMap<String, Arc<Vm>>) -> Result<(), String> {
-    let mut seen: BTreeMap<Endpoint<'_>, &str> = BTreeMap::new();
+    let mut seen: BTreeMap<Endpoint<'_>, (&str, &Target)> = BTreeMap::new();
     for (name, vm) in vms {
         let endpoint = match &vm.target {
             Target::Vsock { cid, .. } => Endpoint::Cid(*cid),
-            Target::Hybrid { socket, .. } => Endpoint::HybridSocket(socket),
-            Target::Unix { path } => Endpoint::UnixSocket(path),
+            Target::Hybrid { socket, .. } => Endpoint::Socket(socket),
+            Target::Unix { path } => Endpoint::Socket(path),
         };
-        let why = match endpoint {
-            Endpoint::Cid(_) => "an AF_VSOCK CID names one VM on the host; give each VM its own",
-            Endpoint::HybridSocket(_) => {
-                "a hybrid-vsock socket belongs to one VMM; give each VM its own"
-            }
-            Endpoint::UnixSocket(_) => {
-                "a guest agent's socket belongs to one VM; give each VM its own"
-            }
-        };
-        if let Some((shared, first)) = seen.get_key_value(&endpoint) {
-            return Err(format!(
-                "VMs {:?} and {:?} both have {shared}: {why}",
-                rules::display_name(first),
-                rules::display_name(name),
-            ));
+        if let Some((first, first_target)) = seen.get(&endpoint) {
+            let why = match endpoint {
+                Endpoint::Cid(_) => "an AF_VSOCK CID names one VM on the host",
+                Endpoint::Socket(_) => "a socket reaches one VM's hypervisor (or agent)",
+            };
+            let (a, b) = (shown_target(first_target), shown_target(&vm.target));
+            let first = rules::display_name(first);
+            let name = rules::display_name(name);
+            return Err(if a == b {
+                format!("VMs {first:?} and {name:?} both have {a}: {why}; give each VM its own")
+            } else {
+                format!(
+                    "VMs {first:?} ({a}) and {name:?} ({b}) name the same socket: {why}; give each VM its own"
+                )
+            });
         }
-        seen.insert(endpoint, name);
+        seen.insert(endpoint, (name, &vm.target));
     }
     Ok(())
 }
@@ -723,12 +724,20 @@ mod tests {
                 "VMs \"a\" and \"b\" both have cid = 5",
             ),
             (
-                "[vms.c]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/var/lib/microvms/c//notify.vsock\"",
+                "[vms.c]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"",
                 "VMs \"c\" and \"d\" both have hybrid_socket = \"/var/lib/microvms/c/notify.vsock\"",
             ),
             (
-                "[vms.e]\nunix_socket = \"/t/g.sock\"\n[vms.f]\nunix_socket = \"/t/./g.sock\"",
+                "[vms.c]\nhybrid_socket = \"/v/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/v/c//notify.vsock\"",
+                "VMs \"c\" (hybrid_socket = \"/v/c/notify.vsock\") and \"d\" (hybrid_socket = \"/v/c//notify.vsock\") name the same socket",
+            ),
+            (
+                "[vms.e]\nunix_socket = \"/t/g.sock\"\n[vms.f]\nunix_socket = \"/t/g.sock\"",
                 "VMs \"e\" and \"f\" both have unix_socket = \"/t/g.sock\"",
+            ),
+            (
+                "[vms.g]\nhybrid_socket = \"/t/g.sock\"\n[vms.h]\nunix_socket = \"/t/./g.sock\"",
+                "VMs \"g\" (hybrid_socket = \"/t/g.sock\") and \"h\" (unix_socket = \"/t/./g.sock\") name the same socket",
             ),
         ];
         for (text, want) in cases {
@@ -738,7 +747,7 @@ mod tests {
         }
         // One of each, and the same port on different CIDs: accepted.
         let c = parse(
-            "[vms.a]\ncid = 5\n[vms.b]\ncid = 6\n[vms.c]\nhybrid_socket = \"/v/c.vsock\"\n[vms.d]\nhybrid_socket = \"/v/d.vsock\"\n[vms.e]\nunix_socket = \"/v/c.vsock\"",
+            "[vms.a]\ncid = 5\n[vms.b]\ncid = 6\n[vms.c]\nhybrid_socket = \"/v/c.vsock\"\n[vms.d]\nhybrid_socket = \"/v/d.vsock\"\n[vms.e]\nunix_socket = \"/v/e.sock\"",
         )
         .expect("distinct targets");
         assert_eq!(c.vms.len(), 5);
