@@ -165,6 +165,51 @@ mod tests {
         assert_eq!(check(&vsock, &p), Some(Access::OpenToAll { mode: 0o666 }));
     }
 
+    /// What the operator reads: at WARN only when open to all, saying
+    /// what it means and both ways to fix it.
+    #[test]
+    fn the_warning_says_what_it_means_and_how_to_fix_it() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logged = |mode: u32| {
+            let (_d, p) = with_mode(mode);
+            let cfg = Config::parse(Path::new("/t/host.toml"), "[vms.q]\ncid = 3").expect("config");
+            let buf = Buf::default();
+            let out = buf.clone();
+            let sub = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || out.clone())
+                .finish();
+            tracing::subscriber::with_default(sub, || check(&cfg, &p));
+            let text = buf.0.lock().expect("log buffer").clone();
+            String::from_utf8(text).expect("utf-8 log")
+        };
+        let open = logged(0o666);
+        assert_eq!(open.lines().count(), 1, "{open}");
+        for want in [
+            "WARN",
+            "is mode 0666",
+            "any local user can start a VM with the CID of a stopped AF_VSOCK VM",
+            "receive that VM's credentials",
+            "services.vmcred.host.restrictVhostVsock",
+            "MODE=\"0660\"",
+            "static_node=vhost-vsock",
+        ] {
+            assert!(open.contains(want), "{want:?} not in {open}");
+        }
+        assert_eq!(logged(0o660), "", "no warning for 0660");
+    }
+
     #[test]
     fn the_type_bits_are_ignored() {
         // st_mode of a character device: S_IFCHR | 0660.
