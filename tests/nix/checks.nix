@@ -217,6 +217,14 @@ in
     realQemu = "${pkgs.qemu_kvm}";
     vmcred = vmcredPkg;
     hostUnitAllCaps = fullCapsUnit;
+    # run.sh builds it and looks for getty@tty1.service.d/overrides.conf.
+    templateInstanceUnits = (import ./generate-units.nix {
+      inherit nixpkgs;
+      name = "getty@tty1.service";
+      template = "getty@.service";
+      text = templGuest.test.unitText."getty@tty1";
+      strategy = templGuest.test.overrideStrategy."getty@tty1";
+    }).drvPath;
   };
 
   results = {
