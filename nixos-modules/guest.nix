@@ -103,9 +103,20 @@ let
     };
   };
 
+  # systemd binds "@<hex>/unit/<unit>/<credential>" to ask the socket
+  # (src/core/exec-credential.c): at most 107 bytes, with up to 16 hex
+  # digits, so unit and credential name share 83 (as the agent checks).
+  socketUnitAndNameMax = 83;
+
   socketWiring = mkMerge (concatLists (mapAttrsToList (name: c:
     map (unit: {
       ${removeSuffix ".service" unit} = {
+        # A template instance ("foo@bar.service") has no unit file of its
+        # own, so NixOS's default strategy (asDropinIfExists) would write a
+        # whole foo@bar.service with only these lines, which hides the
+        # template (no ExecStart=). As a drop-in it extends the instance.
+        # mkDefault: a NixOS-defined full instance can set it back.
+        overrideStrategy = lib.mkIf (lib.hasInfix "@" unit) (lib.mkDefault "asDropin");
         after = [ "vmcred-guest.service" ];
         wants = [ "vmcred-guest.service" ];
         serviceConfig.LoadCredential = [ (vlib.escapeUnitValue "${name}:${credsSocket}") ];
@@ -242,6 +253,13 @@ in
         assertion = hasSuffix ".service" unit && unit != "vmcred-guest.service";
         message = ''
           services.vmcred.guest.credentials.${vlib.tomlKey name}.socketUnits: ${builtins.toJSON unit} is not a .service unit other than vmcred-guest.service; the credential socket is wired only into services (systemd.services.<name>.serviceConfig.LoadCredential).
+        '';
+      }) c.socketUnits) cfg.credentials)
+      ++ concatLists (mapAttrsToList (name: c: map (unit:
+        let total = builtins.stringLength unit + builtins.stringLength name; in {
+        assertion = total <= socketUnitAndNameMax;
+        message = ''
+          services.vmcred.guest.credentials.${vlib.tomlKey name}.socketUnits: ${builtins.toJSON unit} (${toString (builtins.stringLength unit)} bytes) with this credential name (${toString (builtins.stringLength name)} bytes) is ${toString total} bytes. systemd asks the credential socket from the address "@<up to 16 hex digits>/unit/<unit>/<credential>", at most 107 bytes, which leaves ${toString socketUnitAndNameMax} for the unit and the credential name together; the unit would fail to start. Shorten one of them, or deliver this credential as a file.
         '';
       }) c.socketUnits) cfg.credentials)
       ++ mapAttrsToList (name: c: {

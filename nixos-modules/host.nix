@@ -549,6 +549,19 @@ let
         (builtins.filter (n: cfg.vms.${n}.cid != null) (builtins.attrNames cfg.vms));
     in
     filterAttrs (_: names: builtins.length names > 1) byCid;
+  # A hybrid-vsock socket is one VMM's: two VMs on it would each receive
+  # the other's credentials (the agent refuses such a host.toml too).
+  hybridClashes =
+    let
+      bySocket = lib.groupBy (n: cfg.vms.${n}.hybridSocket)
+        (builtins.filter (n: cfg.vms.${n}.hybridSocket != null) (builtins.attrNames cfg.vms));
+    in
+    filterAttrs (_: names: builtins.length names > 1) bySocket;
+
+  # systemd's 50-udev-default.rules gives /dev/vhost-vsock GROUP="kvm",
+  # MODE="@DEV_KVM_MODE@" (0666 unless built otherwise); extraRules land in
+  # 99-local.rules, read later, whose assignments win.
+  vhostVsockRule = ''KERNEL=="vhost-vsock", GROUP="kvm", MODE="0660", OPTIONS+="static_node=vhost-vsock"'';
 
   vmAssertions = vmName: vm:
     let
@@ -847,6 +860,30 @@ in
       '';
     };
 
+    restrictVhostVsock = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        When any VM is reached by AF_VSOCK (a `cid`: qemu, crosvm, kvmtool,
+        alioth), make `/dev/vhost-vsock` mode 0660, owner root, group `kvm`
+        (a udev rule with `static_node=vhost-vsock`, so the node made at
+        boot before the module loads gets it too). microvm.nix runs every
+        VM as user `microvm`, whose primary group is `kvm`, so its VMs keep
+        their vsock.
+
+        systemd's own rule makes the device 0666 (`DEV_KVM_MODE`): then
+        every local user can start a VM with vhost-vsock, and may give it
+        the CID of one of these VMs while that VM is stopped. The agent
+        finds a VM by its CID alone and accepts any guest certificate, so it
+        would push the stopped VM's credentials to that user's VM. With
+        this option only root and members of `kvm` can do that: treat `kvm`
+        membership like the hypervisor user itself. Turn it off only if the
+        device's mode is managed elsewhere; `vmcred-host serve` cannot see
+        the device from its sandbox (`PrivateDevices=`), so nothing warns
+        at run time.
+      '';
+    };
+
     checkConfig = mkOption {
       type = types.bool;
       default = true;
@@ -896,6 +933,13 @@ in
             one VM on the host; give each VM its own (microvm.vsock.cid in each VM's configuration).
           '';
         }) cidClashes
+        ++ mapAttrsToList (socket: names: {
+          assertion = false;
+          message = ''
+            services.vmcred.host.vms: ${concatStringsSep ", " names} all have hybridSocket ${socket}. A
+            hybrid-vsock socket belongs to one VM's hypervisor; give each VM its own.
+          '';
+        }) hybridClashes
         ++ map (k: {
           assertion = !(cfg.settings ? ${k});
           message = "services.vmcred.host.settings.${k} is fixed by the NixOS module (${if k == "vms" then "use services.vmcred.host.vms" else "it must match the unit's StateDirectory/RuntimeDirectory"}); remove it from settings.";
@@ -935,6 +979,9 @@ in
         ) (filterAttrs (n: _: isMicrovm n) cfg.vms));
 
       environment.etc."vmcred/host.toml".source = hostToml;
+      # Only root and kvm (microvm.nix's VMM user) may start vhost-vsock
+      # VMs: see restrictVhostVsock.
+      services.udev.extraRules = lib.optionalString (cfg.restrictVhostVsock && anyVsock) vhostVsockRule;
       systemd.tmpfiles.rules = optional (metricsDir != null) "d ${metricsDir} 0755 root root -";
       environment.systemPackages = [ cfg.package rotateCommand ];
 

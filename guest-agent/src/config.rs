@@ -15,6 +15,17 @@ use vmcred_proto::rules::{validate_name, BOOTSTRAP_CREDENTIAL};
 pub const DEFAULT_MODE: u32 = 0o400;
 /// Longest unit name systemd accepts.
 const MAX_UNIT_NAME: usize = 255;
+/// The longest unit name plus credential name that systemd can ask the
+/// credential socket for. `LoadCredential=NAME:/run/vmcred/creds.sock` makes
+/// systemd bind its client socket to the abstract address
+/// `@<random hex>/unit/<unit>/<NAME>` (src/core/exec-credential.c), and
+/// `sockaddr_un_set_path` refuses (EINVAL) an address of more than 107
+/// bytes, leaving room for its NUL in the 108 of `sun_path`. The hex is a
+/// random 64-bit number, not zero-padded: up to 16 digits, and 16 in 15
+/// starts out of 16. So 107 - 1 ("@") - 16 - 6 ("/unit/") - 1 ("/") = 83
+/// bytes for the unit and the credential together; a longer pair would fail
+/// the unit's start almost every time, with an error that names neither.
+pub const MAX_SOCKET_UNIT_AND_NAME: usize = 83;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -142,6 +153,9 @@ impl GuestConfig {
             {
                 validate_unit(unit).map_err(ctx)?;
             }
+            for unit in &c.socket_units {
+                check_socket_address(unit, &name).map_err(ctx)?;
+            }
             if c.deliver == Deliver::Socket && c.socket_units.is_empty() {
                 return Err(ctx(
                     "deliver = \"socket\" needs socket_units: no unit could read the value otherwise"
@@ -222,6 +236,21 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
         return Err(format!("mode {s:?} must let the owner read (include 0400)"));
     }
     Ok(mode)
+}
+
+/// Whether systemd can ask the credential socket for `credential` on
+/// behalf of `unit` (see [`MAX_SOCKET_UNIT_AND_NAME`]).
+fn check_socket_address(unit: &str, credential: &str) -> Result<(), String> {
+    let total = unit.len() + credential.len();
+    if total > MAX_SOCKET_UNIT_AND_NAME {
+        return Err(format!(
+            "socket_units: {:?} ({} bytes) with this credential name ({} bytes) is {total} bytes; systemd's address for asking the credential socket, \"@<up to 16 hex digits>/unit/<unit>/<credential>\", must fit in 107 bytes, which leaves {MAX_SOCKET_UNIT_AND_NAME} for the unit and the credential name together: shorten one of them, or deliver this credential as a file",
+            vmcred_proto::rules::display_name(unit),
+            unit.len(),
+            credential.len(),
+        ));
+    }
+    Ok(())
 }
 
 /// A unit name that can be passed to systemctl as one argument and never
@@ -352,6 +381,40 @@ deliver = "socket"
         }
         let long = format!("[credentials.A]\nrestart_units = [\"{}\"]", "u".repeat(256));
         assert!(GuestConfig::parse(&long).unwrap_err().contains("256 bytes"));
+    }
+
+    /// systemd binds `@<hex>/unit/<unit>/<credential>` (at most 107
+    /// bytes): 83 bytes of unit and credential fit with a 16-digit hex, 84
+    /// do not.
+    #[test]
+    fn socket_units_must_fit_systemds_socket_address() {
+        let unit = format!("{}.service", "u".repeat(40)); // 48 bytes
+        let fits = format!(
+            "[credentials.{}]\nsocket_units = [\"{unit}\"]",
+            "N".repeat(35)
+        );
+        GuestConfig::parse(&fits).expect("83 bytes fit");
+        let address = format!("@{:x}/unit/{unit}/{}", u64::MAX, "N".repeat(35));
+        assert_eq!(address.len(), 107);
+        let too_long = format!(
+            "[credentials.{}]\nsocket_units = [\"a.service\", \"{unit}\"]",
+            "N".repeat(36)
+        );
+        let err = GuestConfig::parse(&too_long).unwrap_err();
+        assert!(
+            err.contains(&format!("{unit:?} (48 bytes)"))
+                && err.contains("(36 bytes) is 84 bytes")
+                && err.contains("107 bytes")
+                && err.contains("leaves 83"),
+            "{err}"
+        );
+        // Only units that ask over the socket: restart and reload units
+        // are passed to systemctl, not through that address.
+        let not_socket = format!(
+            "[credentials.{}]\nrestart_units = [\"{unit}\"]",
+            "N".repeat(200)
+        );
+        GuestConfig::parse(&not_socket).expect("no socket unit");
     }
 
     #[test]

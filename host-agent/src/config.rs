@@ -370,6 +370,10 @@ impl Config {
             }
             vms.insert(name, Arc::new(vm));
         }
+        refuse_shared_targets(&vms).map_err(|message| ConfigError::Parse {
+            path: p.clone(),
+            message,
+        })?;
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
@@ -426,6 +430,62 @@ fn resolve_group(name: &str) -> Result<ControlGroup, String> {
         )),
         Err(e) => Err(format!("control_group: cannot look up group {shown:?}: {e}")),
     }
+}
+
+/// What makes a VM's transport reach one VM and no other: its AF_VSOCK CID
+/// (host-wide) or its socket (a hybrid-vsock VMM's, or, in tests, the
+/// guest agent's own; the same path under either key is the same peer).
+/// The port is left out on purpose: a second agent port on the same CID or
+/// socket is the same VM, not another one.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Endpoint<'a> {
+    Cid(u32),
+    Socket(&'a Path),
+}
+
+/// The target as its config key says it, for an error.
+fn shown_target(target: &Target) -> String {
+    match target {
+        Target::Vsock { cid, .. } => format!("cid = {cid}"),
+        Target::Hybrid { socket, .. } => {
+            format!("hybrid_socket = {:?}", socket.display().to_string())
+        }
+        Target::Unix { path } => format!("unix_socket = {:?}", path.display().to_string()),
+    }
+}
+
+/// Two VMs on one CID or one socket would each receive the other's
+/// credentials (whichever answers the dial gets the push), so the whole
+/// config is refused; on SIGHUP that keeps the previous one. Paths compare
+/// by their components (`/a//b` is `/a/b`); symbolic links are not
+/// resolved, since the socket may not exist yet.
+fn refuse_shared_targets(vms: &BTreeMap<String, Arc<Vm>>) -> Result<(), String> {
+    let mut seen: BTreeMap<Endpoint<'_>, (&str, &Target)> = BTreeMap::new();
+    for (name, vm) in vms {
+        let endpoint = match &vm.target {
+            Target::Vsock { cid, .. } => Endpoint::Cid(*cid),
+            Target::Hybrid { socket, .. } => Endpoint::Socket(socket),
+            Target::Unix { path } => Endpoint::Socket(path),
+        };
+        if let Some((first, first_target)) = seen.get(&endpoint) {
+            let why = match endpoint {
+                Endpoint::Cid(_) => "an AF_VSOCK CID names one VM on the host",
+                Endpoint::Socket(_) => "a socket reaches one VM's hypervisor (or agent)",
+            };
+            let (a, b) = (shown_target(first_target), shown_target(&vm.target));
+            let first = rules::display_name(first);
+            let name = rules::display_name(name);
+            return Err(if a == b {
+                format!("VMs {first:?} and {name:?} both have {a}: {why}; give each VM its own")
+            } else {
+                format!(
+                    "VMs {first:?} ({a}) and {name:?} ({b}) name the same socket: {why}; give each VM its own"
+                )
+            });
+        }
+        seen.insert(endpoint, (name, &vm.target));
+    }
+    Ok(())
 }
 
 /// VM names end up in file names (`generations/<vm>`) and log lines.
@@ -653,6 +713,62 @@ mod tests {
             shown.matches("No such file or directory").count(),
             1,
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn two_vms_on_one_cid_or_socket_are_refused() {
+        let cases = [
+            (
+                "[vms.a]\ncid = 5\n[vms.b]\ncid = 5\nport = 701",
+                "VMs \"a\" and \"b\" both have cid = 5",
+            ),
+            (
+                "[vms.c]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/var/lib/microvms/c/notify.vsock\"",
+                "VMs \"c\" and \"d\" both have hybrid_socket = \"/var/lib/microvms/c/notify.vsock\"",
+            ),
+            (
+                "[vms.c]\nhybrid_socket = \"/v/c/notify.vsock\"\n[vms.d]\nhybrid_socket = \"/v/c//notify.vsock\"",
+                "VMs \"c\" (hybrid_socket = \"/v/c/notify.vsock\") and \"d\" (hybrid_socket = \"/v/c//notify.vsock\") name the same socket",
+            ),
+            (
+                "[vms.e]\nunix_socket = \"/t/g.sock\"\n[vms.f]\nunix_socket = \"/t/g.sock\"",
+                "VMs \"e\" and \"f\" both have unix_socket = \"/t/g.sock\"",
+            ),
+            (
+                "[vms.g]\nhybrid_socket = \"/t/g.sock\"\n[vms.h]\nunix_socket = \"/t/./g.sock\"",
+                "VMs \"g\" (hybrid_socket = \"/t/g.sock\") and \"h\" (unix_socket = \"/t/./g.sock\") name the same socket",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(err.contains("give each VM its own"), "{err}");
+        }
+        // One of each, and the same port on different CIDs: accepted.
+        let c = parse(
+            "[vms.a]\ncid = 5\n[vms.b]\ncid = 6\n[vms.c]\nhybrid_socket = \"/v/c.vsock\"\n[vms.d]\nhybrid_socket = \"/v/d.vsock\"\n[vms.e]\nunix_socket = \"/v/e.sock\"",
+        )
+        .expect("distinct targets");
+        assert_eq!(c.vms.len(), 5);
+    }
+
+    /// The reviewer's file: `check-config` (and so `serve` and a SIGHUP
+    /// reload, which all go through `Config::load`) printed OK for it.
+    #[test]
+    fn load_refuses_a_file_with_a_shared_cid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            "[vms.a]\ncid = 5\n[vms.a.credentials.A_SECRET]\npath = \"/s/a\"\n[vms.b]\ncid = 5\n[vms.b.credentials.B_SECRET]\npath = \"/s/b\"\n",
+        )
+        .expect("write config");
+        let err = Config::load(&path).expect_err("shared CID").to_string();
+        assert!(err.contains("host.toml"), "{err}");
+        assert!(
+            err.contains("VMs \"a\" and \"b\" both have cid = 5"),
+            "{err}"
         );
     }
 

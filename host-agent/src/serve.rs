@@ -18,6 +18,7 @@ mod limits;
 mod lock;
 mod read_only;
 mod socket;
+mod vsock_device;
 mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
@@ -412,6 +413,7 @@ impl Daemon {
     /// Starts, stops and reconfigures VM tasks to match `cfg`. Never waits
     /// on a VM task: a busy one gets its new config from a helper task.
     fn apply_config(&self, cfg: &Config) {
+        vsock_device::warn_if_open(cfg);
         crate::openbao::store().configure(cfg, self.credentials_dir.clone());
         let t = timing(cfg);
         let (old, _) = self.snapshot();

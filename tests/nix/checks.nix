@@ -136,6 +136,9 @@ let
       credentials.MEMORY = { socketUnits = [ "api.service" ]; deliver = "socket"; };
     };
   }];
+  templGuest = evalGuest [{
+    services.vmcred.guest = { enable = true; credentials.API_KEY.socketUnits = [ "getty@tty1.service" "api.service" ]; };
+  }];
   socketToml = builtins.fromTOML (builtins.readFile socketGuest.services.vmcred.guest.configFile);
   guestTomlFile = guest.services.vmcred.guest.configFile;
   guestToml = builtins.readFile guestTomlFile;
@@ -214,6 +217,14 @@ in
     realQemu = "${pkgs.qemu_kvm}";
     vmcred = vmcredPkg;
     hostUnitAllCaps = fullCapsUnit;
+    # run.sh builds it and looks for getty@tty1.service.d/overrides.conf.
+    templateInstanceUnits = (import ./generate-units.nix {
+      inherit nixpkgs;
+      name = "getty@tty1.service";
+      template = "getty@.service";
+      text = templGuest.test.unitText."getty@tty1";
+      strategy = templGuest.test.overrideStrategy."getty@tty1";
+    }).drvPath;
   };
 
   results = {
@@ -484,6 +495,22 @@ in
       check (!(hasInfix "creds.sock" (socketGuest.test.unitText.vmcred-guest or ""))) "vmcred-guest names creds.sock";
     "refused: guest socketUnits on a unit that is not a service" =
       guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "x.mount" ]; }; }] "is not a .service unit";
+    "refused: guest socketUnits + credential name longer than systemd's socket address leaves (83 bytes; here 84)" =
+      guestRefused [{ services.vmcred.guest = { enable = true;
+        credentials.${lib.concatStrings (lib.genList (_: "N") 36)}.socketUnits = [ "${lib.concatStrings (lib.genList (_: "u") 40)}.service" ]; }; }]
+        "(48 bytes) with this credential name (36 bytes) is 84 bytes";
+    "accepted: guest socketUnits + credential name of exactly 83 bytes" =
+      eq (evalGuest [{ services.vmcred.guest = { enable = true;
+        credentials.${lib.concatStrings (lib.genList (_: "N") 35)}.socketUnits = [ "${lib.concatStrings (lib.genList (_: "u") 40)}.service" ]; }; }]).test.failedAssertions [ ];
+    "guest socket: a template instance in socketUnits is a drop-in (asDropin), other units keep NixOS's default" =
+      eq [ templGuest.test.overrideStrategy."getty@tty1" templGuest.test.overrideStrategy.api
+           (lib.hasInfix "LoadCredential=API_KEY:/run/vmcred/creds.sock" (templGuest.test.unitText."getty@tty1" or "")) ]
+         [ "asDropin" "asDropinIfExists" true ];
+    "guest socket: a NixOS-defined full instance can set its overrideStrategy back" =
+      eq (evalGuest [
+        { services.vmcred.guest = { enable = true; credentials.API_KEY.socketUnits = [ "getty@tty1.service" ]; }; }
+        { systemd.services."getty@tty1".overrideStrategy = "asDropinIfExists"; }
+      ]).test.overrideStrategy."getty@tty1" "asDropinIfExists";
     "refused: guest socketUnits naming vmcred-guest.service itself" =
       guestRefused [{ services.vmcred.guest = { enable = true; credentials.A.socketUnits = [ "vmcred-guest.service" ]; }; }] "is not a .service unit";
 
@@ -535,6 +562,26 @@ in
     "refused: boot credential name with , (cannot go into an OEM string)" =
       refusedWith "oem" (credWith "A,B" { boot = true; }) "which no boot carrier\ncan hold";
     "accepted: late credential name with , (vsock only)" = eq (failedWith (credWith "A,B" { })) [ ];
+    "refused: two VMs on one hybridSocket" =
+      refusedWith "hybrid clash" [{ services.vmcred.host = { enable = true;
+        vms.a = { hybridSocket = "/var/lib/microvms/c/notify.vsock"; };
+        vms.b = { hybridSocket = "/var/lib/microvms/c/notify.vsock"; }; }; }]
+        "a, b all have hybridSocket /var/lib/microvms/c/notify.vsock";
+    "refused: two VMs on one CID" =
+      refusedWith "cid clash" [{ services.vmcred.host = { enable = true; vms.a.cid = 5; vms.b.cid = 5; }; }] "a, b all have AF_VSOCK CID 5";
+    "host: an AF_VSOCK VM makes /dev/vhost-vsock 0660 root:kvm (udev rule, static node)" =
+      eq host.services.udev.extraRules
+        ''KERNEL=="vhost-vsock", GROUP="kvm", MODE="0660", OPTIONS+="static_node=vhost-vsock"'';
+    "host: no vhost-vsock rule with hybrid-vsock VMs only, with restrictVhostVsock = false, or disabled" =
+      eq [ (evalHost { microvm = false; modules = [{ services.vmcred.host = { enable = true; vms.h = hybridVm; }; }]; }).services.udev.extraRules
+           (evalHost { modules = [ seedsModule { services.vmcred.host.restrictVhostVsock = false; } ]; }).services.udev.extraRules
+           disabledHost.services.udev.extraRules ]
+         [ "" "" "" ];
+    "microvm: microvm.nix runs VMs as user microvm in group kvm (so the 0660 root:kvm vhost-vsock keeps working)" =
+      if microvmSrc == null then check true "stand-in microvm.nix: checked only with the real one"
+      else let grp = lib.attrByPath [ "users" "users" "microvm" "group" ] null host; tmpl = units."microvm@" or ""; in
+        check (grp == "kvm" && hasInfix "\nGroup=kvm\n" tmpl && hasInfix "\nUser=microvm\n" tmpl)
+          "users.users.microvm.group = ${builtins.toJSON grp}; microvm@ unit:\n${tmpl}";
     "refused: port 1024" = refusedWith "port" (vmWith { port = 1024; }) "must be 1-1023";
     "refused: both cid and hybridSocket" = refusedWith "both" (vmWith { hybridSocket = "/run/x.sock"; }) "set exactly one of `cid`";
     "refused: neither cid nor hybridSocket" =

@@ -29,14 +29,20 @@ in
     systemd.services = mkOption { type = utils.systemdUtils.types.services; default = { }; };
     systemd.targets = mkOption { type = utils.systemdUtils.types.targets; default = { }; };
     systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+    services.udev.extraRules = mkOption { type = types.lines; default = ""; };
 
     # What a test reads back: rendered unit files and failed assertions.
     test.unitText = mkOption { type = types.unspecified; readOnly = true; };
     test.failedAssertions = mkOption { type = types.unspecified; readOnly = true; };
+    # How NixOS's generateUnits would write each service: asDropinIfExists
+    # (a whole unit unless a package ships one of that exact name) or
+    # asDropin (<name>.service.d/overrides.conf).
+    test.overrideStrategy = mkOption { type = types.unspecified; readOnly = true; };
   };
 
   config.test = {
     unitText = lib.mapAttrs (n: d: (utils.systemdUtils.lib.serviceToUnit n d).text) config.systemd.services;
     failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+    overrideStrategy = lib.mapAttrs (n: d: (utils.systemdUtils.lib.serviceToUnit n d).overrideStrategy) config.systemd.services;
   };
 }

@@ -224,6 +224,19 @@ if [ -x "$guest_bin" ]; then
   fi
 fi
 
+# --- a template instance in socketUnits, through NixOS's own generateUnits ---------
+# The guest module's unit for "getty@tty1.service" (socketUnits), built by
+# nixos/lib/systemd-lib.nix's generateUnits next to a package shipping
+# getty@.service: it must be a drop-in, not a whole unit hiding the template.
+tmpl_step="guest socket: generateUnits writes getty@tty1.service.d/overrides.conf (LoadCredential=) and no getty@tty1.service over the template"
+if tmpl_out=$(nix-store --realise "$(artifact templateInstanceUnits)" 2>&1 | tail -1) && [ -d "$tmpl_out" ] \
+   && grep -qx 'LoadCredential=API_KEY:/run/vmcred/creds.sock' "$tmpl_out/getty@tty1.service.d/overrides.conf" 2>/dev/null \
+   && [ ! -e "$tmpl_out/getty@tty1.service" ] && [ -e "$tmpl_out/getty@.service" ]; then
+  pass "$tmpl_step"
+else
+  fail "$tmpl_step" "$tmpl_out"$'\n'"$(cd "$tmpl_out" 2>/dev/null && find . | sort)"
+fi
+
 # --- the launch wrappers, built and run ---------------------------------------------
 vmcred=$(artifact vmcred)
 check_wrapper() { # artifact binary hypervisor vm real-artifact
