@@ -1113,7 +1113,8 @@ in
           # The launcher runs as the unit's User= (microvm): systemd makes
           # this directory for it, 0700, and names it in
           # $RUNTIME_DIRECTORY; the carrier files (SMBIOS/fw_cfg files, a
-          # Firecracker config copy) are written there, never in /tmp.
+          # Firecracker config copy) are written in its <vm> subdirectory
+          # (the launcher's per-VM directory, 0700), never in /tmp.
           RuntimeDirectory = "vmcred-launch/${vlib.escapeUnitValue vmName}";
           RuntimeDirectoryMode = "0700";
         } // optionalAttrs (any (c: c.boot) (attrValues vm.credentials)) {
