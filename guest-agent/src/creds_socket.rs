@@ -26,9 +26,17 @@
 //! deadline, or when the agent stops. A request still being decided is
 //! refused that way, and a value cut off mid-write is followed by the
 //! refusal's bytes, so that systemd's read fails rather than returning
-//! the part that was sent (`Stopper`). Only a peer that stops reading
-//! altogether can still see a bare EOF, once the grace for the refusal
-//! has passed.
+//! the part that was sent (`Stopper`).
+//!
+//! A refusal is only a refusal once systemd has read past its limit, and
+//! the socket's buffer holds about 200 KiB: closing before the peer has
+//! read the rest would hand it that much as a credential. So a refusal
+//! the peer has not taken within [`REFUSAL_GRACE`] is not closed: it
+//! *lingers*, its connection slot given back, still written as the peer
+//! reads, until it is all sent or the peer hangs up ([`MAX_LINGERING`] at
+//! once; past that, and when the agent exits after waiting
+//! [`LINGER_AT_STOP`] for them, a lingering peer is closed on and may read
+//! a short answer, which is logged).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -56,9 +64,14 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// credential (`CREDENTIAL_ENCRYPTED_SIZE_MAX`, 1 MiB + 128 KiB), so that
 /// its read fails instead of yielding an empty credential.
 pub const REFUSAL_BYTES: usize = 2 * 1024 * 1024;
-/// How long the refusal (or the padding after a cut-off value) may take
-/// to send once a connection's deadline has passed or the agent stops.
+/// How long the refusal (or the padding after a cut-off value) may hold
+/// its connection slot; after that it lingers (see the module docs).
 pub const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+/// Refusals still being written after their grace, at most; root peers
+/// only, each one a peer that neither reads nor hangs up.
+pub const MAX_LINGERING: usize = 64;
+/// How long a stopping agent waits for lingering refusals to be read.
+pub const LINGER_AT_STOP: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum CredsSocketError {
@@ -207,6 +220,7 @@ pub struct CredsSocket {
 pub struct Stopper {
     stopping: Arc<watch::Sender<bool>>,
     slots: Arc<Semaphore>,
+    lingering: Arc<Semaphore>,
 }
 
 impl Stopper {
@@ -214,22 +228,34 @@ impl Stopper {
         Stopper {
             stopping: Arc::new(watch::channel(false).0),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         }
     }
 
     /// Stops accepting (pending connections then fail with ECONNRESET),
     /// refuses every request still being decided, pads any value being
-    /// written, and waits until every connection has ended. That wait is
-    /// bounded by [`REFUSAL_GRACE`] per connection, all running at once.
+    /// written, and waits until every connection has ended: within
+    /// [`REFUSAL_GRACE`] for those in their slots, all at once, then up to
+    /// [`LINGER_AT_STOP`] for lingering refusals to be read.
     pub async fn stop(&self) {
         self.stopping.send_replace(true);
-        // Every connection holds one slot until it has ended.
+        // Every connection holds one slot until it has ended or lingers.
         let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(
             REFUSAL_GRACE + Duration::from_millis(500),
             self.slots.acquire_many(all),
         )
         .await;
+        let all = u32::try_from(MAX_LINGERING).unwrap_or(u32::MAX);
+        if tokio::time::timeout(LINGER_AT_STOP, self.lingering.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                wait = %humantime::format_duration(LINGER_AT_STOP),
+                "credential socket: stopping with refusals a peer has not read; it may read a short answer"
+            );
+        }
     }
 
     fn watch(&self) -> watch::Receiver<bool> {
@@ -346,13 +372,13 @@ impl CredsSocket {
                 }
             };
             let (store, config, memory) = (store.clone(), config.clone(), memory.clone());
-            let stop = self.stopper.watch();
+            let stopper = self.stopper.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 // A backstop only: `handle` bounds each of its steps.
                 let served = tokio::time::timeout(
                     deadline + REFUSAL_GRACE + REFUSAL_GRACE,
-                    handle(stream, &store, &config, &memory, deadline, stop),
+                    handle(stream, &store, &config, &memory, deadline, &stopper),
                 )
                 .await;
                 if served.is_err() {
@@ -375,8 +401,9 @@ pub async fn handle(
     config: &GuestConfig,
     memory: &SocketValues,
     deadline: Duration,
-    stop: watch::Receiver<bool>,
+    stopper: &Stopper,
 ) -> Outcome {
+    let stop = stopper.watch();
     // For the log only: which process asked (systemd-executor, usually).
     let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
@@ -431,7 +458,7 @@ pub async fn handle(
                         reason = %why,
                         "credential socket: value cut off; refusing the rest so the unit's load fails"
                     );
-                    refuse(&mut stream).await;
+                    refuse(stream, &stopper.lingering).await;
                     Outcome::CutOff(request)
                 }
             }
@@ -439,29 +466,50 @@ pub async fn handle(
         Err((refusal, root)) => {
             tracing::warn!(reason = %refusal, ?peer_pid, "credential socket: refused");
             if root {
-                refuse(&mut stream).await;
+                refuse(stream, &stopper.lingering).await;
             }
             Outcome::Refused(refusal)
         }
     }
 }
 
-/// Sends the over-long refusal (see the module docs) until the peer
-/// stops reading, for at most [`REFUSAL_GRACE`].
-async fn refuse(stream: &mut UnixStream) {
-    let send = async {
-        let chunk = [0u8; 64 * 1024];
-        let mut left = REFUSAL_BYTES;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            if stream.write_all(&chunk[..n]).await.is_err() {
-                return;
-            }
-            left -= n;
+/// Sends the over-long refusal (see the module docs): within
+/// [`REFUSAL_GRACE`] here, or else lingering in a task of its own, which
+/// gives the connection slot back.
+async fn refuse(mut stream: UnixStream, lingering: &Arc<Semaphore>) {
+    let mut left = REFUSAL_BYTES;
+    if tokio::time::timeout(REFUSAL_GRACE, send_zeros(&mut stream, &mut left))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    match lingering.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                let _permit = permit;
+                send_zeros(&mut stream, &mut left).await;
+            });
         }
-        let _ = stream.shutdown().await;
-    };
-    let _ = tokio::time::timeout(REFUSAL_GRACE, send).await;
+        Err(_) => tracing::warn!(
+            lingering = MAX_LINGERING,
+            "credential socket: too many refusals not being read; closing one, its peer may read a short answer"
+        ),
+    }
+}
+
+/// Writes `left` zero bytes, counting down as they go (so that a caller
+/// that stopped waiting can go on where this left off), then shuts the
+/// socket down; ends early when the peer hangs up.
+async fn send_zeros(stream: &mut UnixStream, left: &mut usize) {
+    let chunk = [0u8; 64 * 1024];
+    while *left > 0 {
+        match stream.write(&chunk[..(*left).min(chunk.len())]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => *left -= n,
+        }
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// Who asks for what, and whether they get it. The bool in the error says

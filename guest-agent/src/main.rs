@@ -221,11 +221,16 @@ async fn run(cli: Cli) -> Result<()> {
         .context("cannot handle SIGTERM")?;
     tokio::select! {
         r = server => {
+            // Ending for any reason: the credential socket's peers get
+            // refusals, not a bare EOF, as on SIGTERM.
+            if let Some(s) = &creds_socket_stopper {
+                s.stop().await;
+            }
             r?;
             Ok(())
         }
-        _ = term.recv() => shutdown(store, creds_socket_stopper).await,
-        _ = tokio::signal::ctrl_c() => shutdown(store, creds_socket_stopper).await,
+        _ = term.recv() => shutdown(store, creds_socket_stopper.clone()).await,
+        _ = tokio::signal::ctrl_c() => shutdown(store, creds_socket_stopper.clone()).await,
     }
 }
 

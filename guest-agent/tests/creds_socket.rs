@@ -15,7 +15,7 @@ use std::sync::Arc;
 use common::{applied, apply, cred, start, Guest};
 use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vmcred_guest::config::GuestConfig;
-use vmcred_guest::creds_socket::{CredsSocket, REFUSAL_BYTES};
+use vmcred_guest::creds_socket::{CredsSocket, REFUSAL_BYTES, REFUSAL_GRACE};
 use vmcred_guest::store::Limits;
 
 /// systemd's CREDENTIAL_SIZE_MAX: a longer read fails with E2BIG.
@@ -512,10 +512,10 @@ fn queued(fd: &impl AsRawFd) -> usize {
 
 /// A unit loading its credential while the agent stops (a switch that
 /// restarts both, a shutdown) must see its load fail, never a value cut
-/// short: a 768 KiB value does not fit the socket's buffer, so the agent is
-/// mid-write when SIGTERM comes, and systemd reads to EOF whatever arrived.
-#[test]
-fn an_agent_stopping_mid_value_never_hands_over_a_cut_off_value() {
+/// short: a 768 KiB value does not fit the socket's buffer, so the agent
+/// is mid-write when SIGTERM comes, and systemd reads to EOF whatever
+/// arrived. Its reader starts `read_after` the agent said it is stopping.
+fn stop_mid_value(read_after: std::time::Duration) {
     let b = Binary::start(
         "initial_sync_timeout = \"1h\"\n[credentials.BIG]\nsocket_units = [\"api.service\"]\n",
     );
@@ -546,14 +546,15 @@ fn an_agent_stopping_mid_value_never_hands_over_a_cut_off_value() {
         &UnixAddr::new(&b.path("state/creds.sock")).unwrap(),
     )
     .unwrap();
-    // The agent has started writing the value (and, with 1 MiB against a
-    // socket buffer far smaller, cannot have finished).
+    // The agent has started writing the value (and, with 768 KiB against
+    // a socket buffer far smaller, cannot have finished).
     while queued(&fd) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     b.term();
-    // Read only once the agent is stopping, as a busy systemd might.
     b.wait_for_line("stopping");
+    // A busy systemd reads late.
+    std::thread::sleep(read_after);
     let stopping = std::thread::spawn(move || b.wait());
     let mut file = std::fs::File::from(fd);
     let mut got = 0usize;
@@ -572,6 +573,61 @@ fn an_agent_stopping_mid_value_never_hands_over_a_cut_off_value() {
         big.len()
     );
     assert!(log.contains("value cut off"), "{log}");
+}
+
+#[test]
+fn an_agent_stopping_mid_value_never_hands_over_a_cut_off_value() {
+    stop_mid_value(std::time::Duration::ZERO);
+}
+
+/// The same with a reader slower than the refusal's grace: the refusal
+/// lingers until it is read, and the agent waits for it before exiting.
+#[test]
+fn a_late_reader_of_a_stopping_agent_still_gets_a_refusal() {
+    stop_mid_value(REFUSAL_GRACE + std::time::Duration::from_secs(1));
+}
+
+/// A refusal its reader takes only after the grace still ends past
+/// systemd's limit: the socket's buffer holds only part of it, and a close
+/// then would hand the reader that part (zeros) as the credential.
+#[tokio::test]
+async fn a_refusal_read_late_is_still_a_refusal() {
+    let (_g, path) = guest_with_socket(CONFIG).await;
+    let got = tokio::task::spawn_blocking(move || {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            fd.as_raw_fd(),
+            &UnixAddr::new_abstract(&systemd_address("evil.service", "API_KEY")).unwrap(),
+        )
+        .unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        // The refusal has started and filled the socket's buffer.
+        while queued(&fd) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(REFUSAL_GRACE + std::time::Duration::from_secs(1));
+        let mut file = std::fs::File::from(fd);
+        let mut got = 0usize;
+        let mut buf = [0u8; 65536];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        got > SYSTEMD_MAX,
+        "a late reader read {got} bytes to EOF: systemd would take them as the credential"
+    );
 }
 
 /// A request the agent cannot decide within the connection's deadline
