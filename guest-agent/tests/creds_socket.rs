@@ -31,9 +31,10 @@ enum Got {
     Error(String),
 }
 
-/// Binds `address` (abstract, without the NUL) if given, connects to
-/// `path` and reads as systemd's read_full_file_full does.
-fn ask(path: &Path, address: Option<&[u8]>) -> Got {
+/// A client socket bound to `address` (abstract, without the NUL) if
+/// given, connected to `path`, as systemd's end of a LoadCredential=
+/// socket; not read from yet.
+fn systemd_end(path: &Path, address: Option<&[u8]>) -> Result<std::os::fd::OwnedFd, String> {
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -44,9 +45,13 @@ fn ask(path: &Path, address: Option<&[u8]>) -> Got {
     if let Some(a) = address {
         bind(fd.as_raw_fd(), &UnixAddr::new_abstract(a).unwrap()).unwrap();
     }
-    if let Err(e) = connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()) {
-        return Got::Error(format!("connect: {e}"));
-    }
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).map_err(|e| format!("connect: {e}"))?;
+    Ok(fd)
+}
+
+/// Reads `fd` as systemd's read_full_file_full does: to EOF, failing past
+/// its size limit.
+fn read_as_systemd(fd: std::os::fd::OwnedFd) -> Got {
     let mut file = std::fs::File::from(fd);
     let mut out = Vec::new();
     let mut buf = [0u8; 65536];
@@ -61,6 +66,14 @@ fn ask(path: &Path, address: Option<&[u8]>) -> Got {
             }
             Err(e) => return Got::Error(format!("read: {e}")),
         }
+    }
+}
+
+/// [`systemd_end`], then [`read_as_systemd`].
+fn ask(path: &Path, address: Option<&[u8]>) -> Got {
+    match systemd_end(path, address) {
+        Ok(fd) => read_as_systemd(fd),
+        Err(e) => Got::Error(e),
     }
 }
 
@@ -529,21 +542,9 @@ fn stop_mid_value(read_after: std::time::Duration) {
         applied(&mut c, 1, vec![cred("BIG", &big)], &[]).await;
     });
     // systemd's side: bound to its address, connected, not reading yet.
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        fd.as_raw_fd(),
-        &UnixAddr::new_abstract(&systemd_address("api.service", "BIG")).unwrap(),
-    )
-    .unwrap();
-    connect(
-        fd.as_raw_fd(),
-        &UnixAddr::new(&b.path("state/creds.sock")).unwrap(),
+    let fd = systemd_end(
+        &b.path("state/creds.sock"),
+        Some(&systemd_address("api.service", "BIG")),
     )
     .unwrap();
     // The agent has started writing the value (and, with 768 KiB against
@@ -556,20 +557,13 @@ fn stop_mid_value(read_after: std::time::Duration) {
     // A busy systemd reads late.
     std::thread::sleep(read_after);
     let stopping = std::thread::spawn(move || b.wait());
-    let mut file = std::fs::File::from(fd);
-    let mut got = 0usize;
-    let mut buf = [0u8; 65536];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
+    let got = read_as_systemd(fd);
     let (ok, log) = stopping.join().unwrap();
     assert!(ok, "{log}");
-    assert!(
-        got > SYSTEMD_MAX,
-        "systemd would have read {got} bytes to EOF and taken them as the credential (the value has {})",
+    assert_eq!(
+        got,
+        Got::TooBig,
+        "systemd would have read the answer to EOF and taken it as the credential (the value has {} bytes)",
         big.len()
     );
     assert!(log.contains("value cut off"), "{log}");
@@ -594,39 +588,20 @@ fn a_late_reader_of_a_stopping_agent_still_gets_a_refusal() {
 async fn a_refusal_read_late_is_still_a_refusal() {
     let (_g, path) = guest_with_socket(CONFIG).await;
     let got = tokio::task::spawn_blocking(move || {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        bind(
-            fd.as_raw_fd(),
-            &UnixAddr::new_abstract(&systemd_address("evil.service", "API_KEY")).unwrap(),
-        )
-        .unwrap();
-        connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        let fd = systemd_end(&path, Some(&systemd_address("evil.service", "API_KEY"))).unwrap();
         // The refusal has started and filled the socket's buffer.
         while queued(&fd) == 0 {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         std::thread::sleep(REFUSAL_GRACE + std::time::Duration::from_secs(1));
-        let mut file = std::fs::File::from(fd);
-        let mut got = 0usize;
-        let mut buf = [0u8; 65536];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) | Err(_) => return got,
-                Ok(n) => got += n,
-            }
-        }
+        read_as_systemd(fd)
     })
     .await
     .unwrap();
-    assert!(
-        got > SYSTEMD_MAX,
-        "a late reader read {got} bytes to EOF: systemd would take them as the credential"
+    assert_eq!(
+        got,
+        Got::TooBig,
+        "a late reader read the answer to EOF: systemd would take it as the credential"
     );
 }
 
