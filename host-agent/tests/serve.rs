@@ -5,7 +5,7 @@
 //! dials): none of this needs a guest.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -985,12 +985,16 @@ fn a_hanging_group_database_stalls_no_control_client() {
         lookup.0.try_wait().unwrap().is_none(),
         "getent finished without the FIFO being fed: the test proved nothing"
     );
-    std::fs::OpenOptions::new()
+    // The writer's open lets the lookup's open(2) return; glibc then gives
+    // up on the FIFO (it cannot seek in it) and may close it before the
+    // write, which then fails with EPIPE: either way the lookup ends.
+    let writer = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
-        .unwrap()
-        .write_all(format!("{group}:x:{gid}:\n").as_bytes())
-        .unwrap();
+        .expect("the blocked lookup holds the FIFO open for reading");
+    let _ = (&writer).write_all(format!("{group}:x:{gid}:\n").as_bytes());
+    drop(writer);
     lookup.output_within(Duration::from_secs(30), "getent after the FIFO was fed");
 }
 
