@@ -28,7 +28,13 @@ fn demo_runs_as_an_unprivileged_user() {
         .prefix("vmcred-demo-nobody")
         .tempdir()
         .unwrap();
-    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // nobody's own home, as a user's is: `launch` refuses a runtime
+    // directory under a parent that others may write to (0777 was that).
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a user named nobody");
+    nix::unistd::chown(home.path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let out = Command::new("runuser")
         .args(["-u", "nobody", "--", "env", "-i", "PATH=/usr/bin:/bin"])
         .arg(format!("HOME={}", home.path().display()))
