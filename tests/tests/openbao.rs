@@ -1557,6 +1557,51 @@ fn a_rotate_queued_behind_a_round_reads_the_store_the_sighup_names() {
     );
 }
 
+/// A secret whose versions are deleted automatically after a while
+/// (`delete_version_after`) has a `deletion_time` in the future on every
+/// version from the moment it is written; until that time passes the
+/// version is readable and delivered (found in session 8: any
+/// `deletion_time` was taken as "deleted", so such a secret was never
+/// delivered, and with `on_delete = "remove"` it was removed).
+#[test]
+fn a_version_deleted_only_in_the_future_is_delivered() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.cmd(&[
+        "kv",
+        "metadata",
+        "put",
+        "-delete-version-after=1h",
+        "secret/expiring",
+    ]);
+    bao.put("expiring", &[("f", "exp-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[(
+            "vm1",
+            "EXPIRING",
+            "{ path = \"expiring\", field = \"f\", on_delete = \"remove\" }",
+        )],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "EXPIRING", b"exp-v1", T)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}: {}\n{}",
+                cred_status(&w, "vm1", "EXPIRING"),
+                w.logs()
+            )
+        });
+    bao.put("expiring", &[("f", "exp-v2")]);
+    w.wait_for_guest_value("vm1", "EXPIRING", b"exp-v2", T)
+        .unwrap();
+    wait_status(&w, "vm1", "EXPIRING", "applied");
+}
+
 /// Replies without a length (chunked, in 100-byte chunks: hundreds of
 /// frames) reach the guest whole through the agent's client, whose reply
 /// buffer grows without leaving unwiped copies (the growth itself is
