@@ -1150,3 +1150,85 @@ fn one_user_cannot_keep_others_from_the_metrics_socket() {
     drop(lines);
     drop(agent);
 }
+
+/// Not a test on its own: `two_scrapes_of_one_uid_that_collide_are_both_served`
+/// runs it as `nobody`. On `VMCRED_SCRAPE_SOCKET`, connection A opens and
+/// sends nothing yet (a scrape in progress); B sends its request; C only
+/// reads. C's answer means B was accepted before it (the backlog is
+/// first in, first out); then A sends its request. It prints each
+/// connection's status line.
+#[test]
+#[ignore]
+fn colliding_scrapes() {
+    let Ok(socket) = std::env::var("VMCRED_SCRAPE_SOCKET") else {
+        return;
+    };
+    const GET: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: vmcred\r\nConnection: close\r\n\r\n";
+    let status = |mut s: UnixStream| {
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut a = UnixStream::connect(&socket).unwrap();
+    let mut b = UnixStream::connect(&socket).unwrap();
+    b.write_all(GET).unwrap();
+    let c = UnixStream::connect(&socket).unwrap();
+    println!("C {}", status(c));
+    a.write_all(GET).unwrap();
+    println!("A {}", status(a));
+    println!("B {}", status(b));
+}
+
+/// Two scrapers under one uid that collide (a Prometheus HA pair through
+/// one local proxy user) are both served: the second waits for the first
+/// instead of being answered 503 at once (found in review: with one
+/// scrape per uid, the loser recorded `up = 0`). A third at the same time
+/// is still answered 503 at once, so a uid queues at most one.
+#[test]
+fn two_scrapes_of_one_uid_that_collide_are_both_served() {
+    let dir = Agent::config("control_group = \"nogroup\"", "");
+    let metrics = dir.path().join("run/metrics.sock");
+    let cfg = dir.path().join("host.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}metrics_socket = \"{}\"\n[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_in(dir, None);
+    wait_for(Duration::from_secs(30), || metrics.exists());
+    let out = KillOnDrop(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "colliding_scrapes", "--ignored", "--nocapture"])
+            .env("VMCRED_SCRAPE_SOCKET", &metrics)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+    .output_within(Duration::from_secs(60), "nobody's colliding scrapes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |who: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(who))
+            .unwrap_or_else(|| panic!("no answer for {who}: {out:?}\n{}", agent.log()))
+            .to_string()
+    };
+    assert!(line("A ").starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        line("B ").starts_with("HTTP/1.1 200"),
+        "the colliding scrape was refused: {text}"
+    );
+    assert!(line("C ").starts_with("HTTP/1.1 503"), "{text}");
+    drop(agent);
+}

@@ -1014,15 +1014,17 @@ enum Act {
     Rechunk,
 }
 
-/// The stand-in's state: what to do per request path, and whether to hold
-/// every request until released.
+/// The stand-in's state: what to do per request path, and which requests
+/// to hold until released.
 #[derive(Default)]
 struct ProxyState {
     /// Path prefixes (after `/v1/`) and what to do with them; the first
     /// that matches wins, otherwise `Forward`.
     rules: Vec<(String, Act)>,
-    hold: bool,
-    /// Requests that arrived while holding (and wait).
+    /// Requests whose path (after `/v1/`) starts with this are held
+    /// (`""`: every request).
+    hold: Option<String>,
+    /// Requests that arrived since the hold was set (and wait).
     held: usize,
     /// Every request path seen, in order.
     seen: Vec<String>,
@@ -1068,8 +1070,18 @@ impl Proxy {
     }
 
     fn hold(&self, on: bool) {
+        self.hold_only(on.then_some(""));
+    }
+
+    /// Holds the requests whose path (after `/v1/`) starts with `prefix`
+    /// until called with `None`.
+    fn hold_only(&self, prefix: Option<&str>) {
         let (m, cv) = &*self.state;
-        m.lock().unwrap().hold = on;
+        let mut g = m.lock().unwrap();
+        if prefix.is_some() {
+            g.held = 0;
+        }
+        g.hold = prefix.map(str::to_string);
         cv.notify_all();
     }
 
@@ -1160,10 +1172,15 @@ fn proxy_one(
         let (m, cv) = st;
         let mut g = m.lock().unwrap();
         g.seen.push(path.clone());
-        if g.hold {
+        let held = |s: &ProxyState| {
+            s.hold
+                .as_ref()
+                .is_some_and(|p| path.starts_with(p.as_str()))
+        };
+        if held(&g) {
             g.held += 1;
             cv.notify_all();
-            g = cv.wait_while(g, |s| s.hold).unwrap();
+            g = cv.wait_while(g, |s| held(s)).unwrap();
         }
         g.rules
             .iter()
@@ -1303,8 +1320,8 @@ fn a_404_that_is_not_openbao_s_removes_nothing() {
 /// not recorded under the new address (found in review: they were, so
 /// the old store's version 3 became the new store's rollback floor and its
 /// version 1 was refused, the guest stuck on the old store's value). The
-/// stand-in in front of the old store holds the round's first request
-/// until the reload is applied, so the window is certain.
+/// stand-in in front of the old store holds the round's first read of the
+/// secret until the reload is applied, so the window is certain.
 #[test]
 fn a_sighup_to_another_store_drops_the_round_in_flight() {
     let Some(bin) = bao_or_skip() else { return };
@@ -1318,7 +1335,9 @@ fn a_sighup_to_another_store_drops_the_round_in_flight() {
     }
     assert_eq!(new.put("moved", &[("f", "new-v1")]), 1);
     let proxy = Proxy::start(old.port);
-    proxy.hold(true);
+    // The secret's reads only: the token's lookup passes, so the round is
+    // inside its read of the secret when the reload lands.
+    proxy.hold_only(Some("secret/"));
     let token = w.path().join("bao-token");
     write_token(&token, ROOT);
     let table = |address: &str| {
@@ -1375,6 +1394,212 @@ fn a_sighup_to_another_store_drops_the_round_in_flight() {
             .is_none(),
         "the dropped round recorded nothing: {floors}"
     );
+}
+
+/// A write between a round's metadata read and its data read: with
+/// `max_versions = 1` the version the metadata named is purged by the
+/// write, and its data read answers OpenBao's own 404 `{"errors":[]}`.
+/// That is not a deletion: the round reads the metadata again and the
+/// new version, and an `on_delete = "remove"` credential never leaves the
+/// guest (found in review: it was taken as "version deleted" and removed
+/// for one poll interval). A real deletion in the same window, confirmed
+/// by the metadata read again, still removes. The stand-in in front of
+/// the store holds the data read while the write happens.
+#[test]
+fn a_write_between_the_metadata_and_the_data_read_removes_nothing() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    bao.cmd(&["kv", "metadata", "put", "-max-versions=1", "secret/app"]);
+    assert_eq!(bao.put("app", &[("f", "app-v1")]), 1);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    let table = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"60s\"\ninsecure_loopback_http = true\n",
+        proxy.addr(),
+        token.display()
+    );
+    start_host(
+        &mut w,
+        &table,
+        &[(
+            "vm1",
+            "APP",
+            "{ path = \"app\", field = \"f\", on_delete = \"remove\" }",
+        )],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "APP", b"app-v1", T).unwrap();
+
+    // A round sees version 2 in the metadata; its data read waits while
+    // version 3 is written, which purges version 2.
+    proxy.hold_only(Some("secret/data/app"));
+    assert_eq!(bao.put("app", &[("f", "app-v2")]), 2);
+    proxy.wait_held();
+    assert_eq!(bao.put("app", &[("f", "app-v3")]), 3);
+    assert!(
+        bao.try_cmd(&["kv", "get", "-version=2", "secret/app"])
+            .is_err(),
+        "the store still has version 2: the window this test needs is not there"
+    );
+    proxy.hold_only(None);
+    w.wait_for_guest_value("vm1", "APP", b"app-v3", T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "APP"), w.logs()));
+    assert_eq!(proxy.seen("secret/data/app?version=2"), 1);
+    // The old code concluded "deleted" (and logged it) before any later
+    // round could read version 3; the guest then lost APP.
+    let logs = w.logs();
+    assert!(
+        !logs.contains("deleted or destroyed"),
+        "a purged version was taken as a deletion:\n{logs}"
+    );
+    wait_status(&w, "vm1", "APP", "applied");
+
+    // The same window with a real deletion: version 4 soft-deleted while
+    // its data read waits. The metadata read again confirms it: removed.
+    proxy.hold_only(Some("secret/data/app"));
+    assert_eq!(bao.put("app", &[("f", "app-v4")]), 4);
+    proxy.wait_held();
+    bao.cmd(&["kv", "delete", "secret/app"]);
+    proxy.hold_only(None);
+    wait_until(T, || w.read_guest("vm1", "APP").is_none()).expect("APP removed");
+    assert!(
+        w.logs()
+            .contains("version 4 of secret/app is deleted or destroyed"),
+        "{}",
+        w.logs()
+    );
+    assert_eq!(proxy.seen("secret/data/app?version=4"), 1);
+    let logs = w.logs();
+    for v in ["app-v1", "app-v2", "app-v3", "app-v4"] {
+        assert!(!logs.contains(v), "{v} in the logs");
+    }
+}
+
+/// A rotate whose read of the store waits behind a round in flight while
+/// a SIGHUP moves `[openbao] address` to another store: once its turn
+/// comes, the rotate reads the new store, and nothing more (no token, no
+/// request) goes to the old one (found in review: the queued round had
+/// taken the old server before waiting, then sent the token file's
+/// token to the old address and its results were dropped, so the rotate
+/// delivered nothing). The stand-in in front of the old store holds the
+/// watcher's first request until the reload is applied.
+#[test]
+fn a_rotate_queued_behind_a_round_reads_the_store_the_sighup_names() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let old = Bao::start(bin.clone(), w.path());
+    let new_dir = w.path().join("new-store");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let new = Bao::start(bin, &new_dir);
+    old.put("queued", &[("f", "old-v1")]);
+    new.put("queued", &[("f", "new-v1")]);
+    let proxy = Proxy::start(old.port);
+    proxy.hold(true);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &format!(
+            "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"1h\"\nrequest_timeout = \"60s\"\ninsecure_loopback_http = true\n",
+            proxy.addr(),
+            token.display()
+        ),
+        &[("vm1", "QUEUED", "{ path = \"queued\", field = \"f\" }")],
+    );
+    boot(&mut w, "vm1");
+    proxy.wait_held();
+
+    // The rotate's read queues behind the watcher's held round.
+    let rotating = || {
+        w.logs()
+            .matches("openbao: rotate reads the store now")
+            .count()
+    };
+    let rotate = w.rotate_in_background("vm1", &["QUEUED"], "30s");
+    wait_until(T, || rotating() == 1).expect("the rotate asks the store");
+
+    // The store moves; then the old one answers the held round.
+    let config = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), config.replace(&proxy.addr(), &new.addr())).unwrap();
+    let reloads = || w.logs().matches("config reloaded").count();
+    let before = reloads();
+    let host = w.host.as_ref().expect("host agent").id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(T, || reloads() > before).expect("the reload applied");
+    proxy.hold(false);
+
+    let out = rotate.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "the rotate did not deliver the new store's value: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        w.logs()
+    );
+    assert_eq!(
+        w.read_guest("vm1", "QUEUED").as_deref(),
+        Some(&b"new-v1"[..])
+    );
+    // The round in flight stops at its next request once the epoch
+    // moved: the old store saw the one request held, nothing after.
+    let g = proxy.state.0.lock().unwrap();
+    assert_eq!(
+        g.seen.len(),
+        1,
+        "only the request held reached the old store: {:?}",
+        g.seen
+    );
+}
+
+/// A secret whose versions are deleted automatically after a while
+/// (`delete_version_after`) has a `deletion_time` in the future on every
+/// version from the moment it is written; until that time passes the
+/// version is readable and delivered (found in session 8: any
+/// `deletion_time` was taken as "deleted", so such a secret was never
+/// delivered, and with `on_delete = "remove"` it was removed).
+#[test]
+fn a_version_deleted_only_in_the_future_is_delivered() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    bao.cmd(&[
+        "kv",
+        "metadata",
+        "put",
+        "-delete-version-after=1h",
+        "secret/expiring",
+    ]);
+    bao.put("expiring", &[("f", "exp-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &server_table(&bao, &token, "300ms"),
+        &[(
+            "vm1",
+            "EXPIRING",
+            "{ path = \"expiring\", field = \"f\", on_delete = \"remove\" }",
+        )],
+    );
+    boot(&mut w, "vm1");
+    w.wait_for_guest_value("vm1", "EXPIRING", b"exp-v1", T)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}: {}\n{}",
+                cred_status(&w, "vm1", "EXPIRING"),
+                w.logs()
+            )
+        });
+    bao.put("expiring", &[("f", "exp-v2")]);
+    w.wait_for_guest_value("vm1", "EXPIRING", b"exp-v2", T)
+        .unwrap();
+    wait_status(&w, "vm1", "EXPIRING", "applied");
 }
 
 /// Replies without a length (chunked, in 100-byte chunks: hundreds of

@@ -56,6 +56,11 @@ pub enum Problem {
     NotFound,
     /// The current version is soft-deleted or destroyed.
     VersionDeleted(u64),
+    /// The data read found this version gone, and the metadata read
+    /// again does not say it is deleted (it still names it current, or
+    /// moved on again): not taken as a deletion; the next round reads
+    /// again.
+    VersionVanished(u64),
     /// The store's current version is below the highest one seen.
     Rollback {
         current: u64,
@@ -83,6 +88,7 @@ impl Problem {
             Problem::Auth(e) => format!("login failed: {e}"),
             Problem::NotFound => format!("{key} does not exist (deleted?)"),
             Problem::VersionDeleted(v) => format!("version {v} of {key} is deleted or destroyed"),
+            Problem::VersionVanished(v) => format!("the data of version {v} of {key} was not found, yet the metadata does not say it is deleted (written over while being read?); not taken as deleted: the guest keeps its last value and the next round reads again"),
             Problem::Rollback { current, seen } => format!("{key} is at version {current}, below version {seen} already seen; refusing a rollback (put a new version above {seen}, or, if the secret was re-created on purpose, remove its entry from openbao-versions.json in the state directory)"),
             Problem::Http(s, e) => format!("HTTP {s} for {key}: {e}"),
             Problem::Foreign404(what) => format!("HTTP 404 for {key} from {address}, but the reply is not OpenBao's ({what}): a reverse proxy or load balancer in front of the store? Not taken as deleted; the guest keeps its last value"),
@@ -193,6 +199,33 @@ async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<htt
     }
 }
 
+/// Data reads of one secret in a round: the one the metadata named, and
+/// one more when a write replaced that version before it was read.
+const DATA_READS: usize = 2;
+
+/// The data reply of one version of a secret. `VersionDeleted` here only
+/// means that this read found the version gone: the caller asks the
+/// metadata whether it was deleted.
+async fn read_data(
+    engine: &Engine,
+    token: &str,
+    key: &SecretKey,
+    version: u64,
+) -> Result<Zeroizing<Vec<u8>>, Problem> {
+    let r = get(
+        engine,
+        token,
+        &format!("/v1/{}/data/{}?version={version}", key.mount, key.path),
+        Gone::Version(version),
+    )
+    .await?;
+    match reply::check_data(&r.body) {
+        Ok(()) => Ok(r.body),
+        Err(reply::FieldError::NoData) => Err(Problem::VersionDeleted(version)),
+        Err(_) => Err(Problem::BadReply("the data reply is not KV v2 data".into())),
+    }
+}
+
 /// The server a round runs against, by address and config epoch.
 struct Round<'a> {
     address: &'a str,
@@ -259,6 +292,7 @@ impl Store {
         if keys.is_empty() {
             return;
         }
+        debug!(secrets = keys.len(), "openbao: rotate reads the store now");
         self.round(Some(keys)).await;
     }
 
@@ -302,6 +336,13 @@ impl Store {
     /// One round of requests: all configured secrets (`None`, checking
     /// versions first) or the given ones (read whatever their version).
     async fn round(&self, only: Option<BTreeSet<SecretKey>>) {
+        // The server, secrets and epoch are taken only once the engine is
+        // this round's: a round that queued behind another (a rotate's
+        // behind the watcher's) while a SIGHUP changed `[openbao]` then
+        // runs against the new server, instead of sending the token file's
+        // token (by now perhaps the new server's) to the old address and
+        // having its results dropped.
+        let mut guard = self.engine.lock().await;
         let (server, secrets, credentials_dir, epoch) = {
             let Ok(s) = self.shared.lock() else { return };
             let Some(server) = s.server.clone() else {
@@ -325,7 +366,6 @@ impl Store {
             return;
         }
         let force = only.is_some();
-        let mut guard = self.engine.lock().await;
         if guard.as_ref().map(|e| e.server != server).unwrap_or(true) {
             match Client::new(&server) {
                 Ok(client) => {
@@ -360,6 +400,15 @@ impl Store {
         };
         let mut outcomes = Vec::with_capacity(secrets.len());
         for key in &secrets {
+            // A SIGHUP during the round: the rest would go to the old
+            // server and be dropped; the round it queued reads the new one.
+            if !self.is_epoch(epoch) {
+                debug!(
+                    server = at.address,
+                    "openbao: [openbao] changed during the round; stopping it"
+                );
+                return;
+            }
             outcomes.push(self.read_one(engine, &token, key, force).await);
         }
         // A 403 is one secret's unless the token itself is shown refused:
@@ -373,6 +422,7 @@ impl Store {
                     Ok(_)
                         | Err(Problem::NotFound
                             | Problem::VersionDeleted(_)
+                            | Problem::VersionVanished(_)
                             | Problem::Rollback { .. }
                             | Problem::BadReply(_))
                 )
@@ -396,6 +446,13 @@ impl Store {
         for (key, outcome) in secrets.iter().zip(outcomes) {
             self.record(&at, key, outcome);
         }
+    }
+
+    fn is_epoch(&self, epoch: u64) -> bool {
+        self.shared
+            .lock()
+            .map(|s| s.epoch == epoch)
+            .unwrap_or(false)
     }
 
     fn record_all(&self, at: &Round, secrets: &[SecretKey], p: Problem) {
@@ -470,6 +527,16 @@ impl Store {
 
     /// One secret: its metadata, then its data if the version is new (or
     /// `force`).
+    ///
+    /// The version the metadata names can vanish before its data is read:
+    /// a write purges it when the secret keeps `max_versions` versions, and
+    /// OpenBao then answers the data read with its own 404. So a data read
+    /// that finds its version gone is never taken as a deletion by
+    /// itself: the metadata is read again, and it decides. Deleted only
+    /// when it says so (the secret is gone, or its current version has a
+    /// deletion time or is destroyed); a newer current version is read
+    /// instead, once; anything else is [`Problem::VersionVanished`], which
+    /// keeps the guest's value until the next round.
     async fn read_one(
         &self,
         engine: &Engine,
@@ -477,6 +544,45 @@ impl Store {
         key: &SecretKey,
         force: bool,
     ) -> Result<Read, Problem> {
+        let cached = {
+            let s = self
+                .shared
+                .lock()
+                .map_err(|_| Problem::BadReply("internal: lock".into()))?;
+            s.cache
+                .get(key)
+                .filter(|e| e.body.is_some())
+                .map(|e| e.version)
+        };
+        let mut version = self.current_version(engine, token, key).await?;
+        if !force && cached == Some(version) {
+            debug!(secret = %key, version, "openbao: unchanged");
+            return Ok(Read::Unchanged);
+        }
+        for _ in 0..DATA_READS {
+            match read_data(engine, token, key, version).await {
+                Ok(body) => return Ok(Read::New { version, body }),
+                Err(Problem::VersionDeleted(_)) => {}
+                Err(p) => return Err(p),
+            }
+            let now = self.current_version(engine, token, key).await?;
+            if now == version {
+                return Err(Problem::VersionVanished(version));
+            }
+            debug!(secret = %key, was = version, now, "openbao: the version moved between the metadata and the data read; reading the new one");
+            version = now;
+        }
+        Err(Problem::VersionVanished(version))
+    }
+
+    /// The secret's current version from its metadata: refused when below
+    /// the highest seen (a rollback) or when it is deleted or destroyed.
+    async fn current_version(
+        &self,
+        engine: &Engine,
+        token: &str,
+        key: &SecretKey,
+    ) -> Result<u64, Problem> {
         let r = get(
             engine,
             token,
@@ -485,22 +591,15 @@ impl Store {
         )
         .await?;
         let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
-        let (cached, seen) = {
+        let seen = {
             let s = self
                 .shared
                 .lock()
                 .map_err(|_| Problem::BadReply("internal: lock".into()))?;
-            let cached = s
-                .cache
-                .get(key)
-                .filter(|e| e.body.is_some())
-                .map(|e| e.version);
-            let seen = s
-                .seen
+            s.seen
                 .get(&seen_key(&engine.server.address, key))
                 .copied()
-                .unwrap_or(0);
-            (cached, seen)
+                .unwrap_or(0)
         };
         if meta.current_version < seen {
             return Err(Problem::Rollback {
@@ -511,28 +610,7 @@ impl Store {
         if meta.current_deleted {
             return Err(Problem::VersionDeleted(meta.current_version));
         }
-        if !force && cached == Some(meta.current_version) {
-            debug!(secret = %key, version = meta.current_version, "openbao: unchanged");
-            return Ok(Read::Unchanged);
-        }
-        let r = get(
-            engine,
-            token,
-            &format!(
-                "/v1/{}/data/{}?version={}",
-                key.mount, key.path, meta.current_version
-            ),
-            Gone::Version(meta.current_version),
-        )
-        .await?;
-        match reply::check_data(&r.body) {
-            Ok(()) => Ok(Read::New {
-                version: meta.current_version,
-                body: r.body,
-            }),
-            Err(reply::FieldError::NoData) => Err(Problem::VersionDeleted(meta.current_version)),
-            Err(_) => Err(Problem::BadReply("the data reply is not KV v2 data".into())),
-        }
+        Ok(meta.current_version)
     }
 
     /// The value of one credential from what the store last gave.
