@@ -950,7 +950,8 @@ impl VmTask {
             } else {
                 CredState::SourceError
             };
-            self.set_cred(name, state, Some(e.to_string()));
+            let removed = matches!(e, source::SourceError::OpenBaoDeleted { remove: true, .. });
+            self.set_source_problem(name, state, e.to_string(), removed);
         }
         // The names to push; their bytes stay in the zeroizing buffers
         // until a request is built (once per try).
@@ -1291,9 +1292,21 @@ impl VmTask {
         }
     }
 
+    /// Records a source problem of a credential (see `set_cred`); `removed`:
+    /// the secret was deleted in the store and `on_delete = "remove"` takes
+    /// it from the guest too, which the warning says instead of the guest
+    /// keeping its last value.
+    fn set_source_problem(&mut self, name: &str, state: CredState, error: String, removed: bool) {
+        self.record_cred(name, state, Some(error), removed);
+    }
+
     /// Records a credential's state; a source going missing or unreadable
     /// (or its error changing) is logged once at WARN, its return at INFO.
     fn set_cred(&mut self, name: &str, state: CredState, error: Option<String>) {
+        self.record_cred(name, state, error, false);
+    }
+
+    fn record_cred(&mut self, name: &str, state: CredState, error: Option<String>, removed: bool) {
         let prev = self
             .cred_state
             .insert(name.to_string(), (state, error.clone()));
@@ -1307,7 +1320,12 @@ impl VmTask {
                     FailureKind::SourceError
                 };
                 metrics::global().failure(vm, kind);
-                warn!(vm = %vm, credential = name, error = error.as_deref().unwrap_or(""), "source {}; the guest keeps its last value until it is back (logged again when this changes)", state.as_str());
+                let consequence = if removed {
+                    "the guest's copy is removed (on_delete = \"remove\")"
+                } else {
+                    "the guest keeps its last value until it is back"
+                };
+                warn!(vm = %vm, credential = name, error = error.as_deref().unwrap_or(""), "source {}; {consequence} (logged again when this changes)", state.as_str());
             }
         } else if was_problem {
             info!(vm = %vm, credential = name, "source is back");

@@ -441,6 +441,18 @@ fn put_reaches_the_guest_deletes_keep_the_value_and_rollback_is_refused() {
     // A deleted secret with on_delete = "remove" leaves the guest.
     bao.cmd(&["kv", "metadata", "delete", "secret/apps/gone"]);
     wait_until(T, || w.read_guest("vm1", "GONE").is_none()).expect("GONE removed");
+    // The warning says what happens, not that the guest keeps its value.
+    let log = std::fs::read_to_string(&w.host_log).unwrap();
+    let gone = log
+        .lines()
+        .find(|l| l.contains("GONE") && l.contains("source source-missing"))
+        .expect("a warning for GONE's deletion");
+    assert!(gone.contains("the guest's copy is removed"), "{gone}");
+    let kept = log
+        .lines()
+        .find(|l| l.contains("DB_PASSWORD") && l.contains("source source-missing"))
+        .expect("a warning for DB_PASSWORD's deletion");
+    assert!(kept.contains("the guest keeps its last value"), "{kept}");
 
     // The secret re-created from scratch is at version 1, below the 3
     // seen: refused, and the guest keeps pw-v2.
