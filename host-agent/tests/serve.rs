@@ -778,10 +778,12 @@ fn slow_read_only_readers() {
     }
 }
 
-#[test]
-fn read_only_slow_readers_cannot_make_root_busy() {
-    let agent = agent_with_vms("control_group = \"nogroup\"", 2000);
-    // More slow readers than the daemon had work slots in all.
+/// Runs [`slow_read_only_readers`] as `nobody` with `n` connections to
+/// `agent`'s control socket (status of 2000 VMs, each named ten times),
+/// and returns once two of its rounds have passed, when every reader that
+/// got a slot holds it. The readers' stdout comes back with them: closing
+/// it would end them at their next round's line.
+fn start_slow_readers(agent: &Agent, n: usize) -> (Child, BufReader<std::process::ChildStdout>) {
     let mut readers = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(std::env::current_exe().unwrap())
@@ -792,20 +794,27 @@ fn read_only_slow_readers_cannot_make_root_busy() {
             "--nocapture",
         ])
         .env("VMCRED_SLOW_READER_SOCKET", agent.control())
-        .env("VMCRED_SLOW_READERS", "40")
+        .env("VMCRED_SLOW_READERS", n.to_string())
         .env("VMCRED_SLOW_READER_VMS", "2000")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = BufReader::new(readers.stdout.take().unwrap());
-    let mut lines = out.lines();
-    // Two rounds in, every slow reader that got a slot holds it.
-    let second = lines
+    let mut out = BufReader::new(readers.stdout.take().unwrap());
+    let second = out
         .by_ref()
+        .lines()
         .map_while(Result::ok)
         .find(|l| l.starts_with("round 2 "));
     assert!(second.is_some(), "the slow readers did not start");
+    (readers, out)
+}
+
+#[test]
+fn read_only_slow_readers_cannot_make_root_busy() {
+    let agent = agent_with_vms("control_group = \"nogroup\"", 2000);
+    // More slow readers than the daemon had work slots in all.
+    let (mut readers, _their_stdout) = start_slow_readers(&agent, 40);
     let reply = exchange(
         UnixStream::connect(agent.control()).unwrap(),
         r#"{"cmd":"rotate","vms":["vm0"],"timeout_ms":500}"#,
@@ -1003,29 +1012,7 @@ fn one_read_only_user_cannot_crowd_out_another() {
     let agent = agent_with_vms("control_group = \"nogroup\"", 2000);
     // `nobody` opens as many slow-read status connections as all read-only
     // users had in all.
-    let mut readers = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "slow_read_only_readers",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("VMCRED_SLOW_READER_SOCKET", agent.control())
-        .env("VMCRED_SLOW_READERS", "16")
-        .env("VMCRED_SLOW_READER_VMS", "2000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(readers.stdout.take().unwrap());
-    let mut lines = out.lines();
-    let second = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("round 2 "));
-    assert!(second.is_some(), "the slow readers did not start");
+    let (mut readers, _their_stdout) = start_slow_readers(&agent, 16);
     // `nobody`, over its share, is told so…
     let over = client_as(65534, 65534, &[], &agent.control(), r#"{"cmd":"status"}"#)
         .output_within(Duration::from_secs(90), "nobody's extra status");
