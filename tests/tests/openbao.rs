@@ -1327,6 +1327,30 @@ fn a_404_that_is_not_openbao_s_removes_nothing() {
     }
 }
 
+/// Two dev servers: the world's, and another in its own directory.
+fn two_stores(bin: PathBuf, w: &World) -> (Bao, Bao) {
+    let old = Bao::start(bin.clone(), w.path());
+    let new_dir = w.path().join("new-store");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    (old, Bao::start(bin, &new_dir))
+}
+
+/// Rewrites `[openbao] address` from `from` to `to` in the host's config,
+/// sends SIGHUP and waits until the agent says the reload applied.
+fn move_store(w: &World, from: &str, to: &str) {
+    let config = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), config.replace(from, to)).unwrap();
+    let reloads = || w.logs().matches("config reloaded").count();
+    let before = reloads();
+    let host = w.host.as_ref().expect("host agent").id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(T, || reloads() > before).expect("the reload applied");
+}
+
 /// A SIGHUP that moves `[openbao] address` to another store while a round
 /// against the old one is in flight: the old round's results are dropped,
 /// not recorded under the new address (found in review: they were, so
@@ -1338,10 +1362,7 @@ fn a_404_that_is_not_openbao_s_removes_nothing() {
 fn a_sighup_to_another_store_drops_the_round_in_flight() {
     let Some(bin) = bao_or_skip() else { return };
     let mut w = world(&["vm1"]);
-    let old = Bao::start(bin.clone(), w.path());
-    let new_dir = w.path().join("new-store");
-    std::fs::create_dir_all(&new_dir).unwrap();
-    let new = Bao::start(bin, &new_dir);
+    let (old, new) = two_stores(bin, &w);
     for v in ["old-v1", "old-v2", "old-v3"] {
         old.put("moved", &[("f", v)]);
     }
@@ -1367,17 +1388,7 @@ fn a_sighup_to_another_store_drops_the_round_in_flight() {
     proxy.wait_held();
 
     // The store moves while the first round waits on the old one.
-    let config = std::fs::read_to_string(w.config_path()).unwrap();
-    std::fs::write(w.config_path(), config.replace(&proxy.addr(), &new.addr())).unwrap();
-    let reloads = || w.logs().matches("config reloaded").count();
-    let before = reloads();
-    let host = w.host.as_ref().expect("host agent").id();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(host as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_until(T, || reloads() > before).expect("the reload applied");
+    move_store(&w, &proxy.addr(), &new.addr());
     proxy.hold(false);
 
     // The old round read version 3 of the old store to its end.
@@ -1501,10 +1512,7 @@ fn a_write_between_the_metadata_and_the_data_read_removes_nothing() {
 fn a_rotate_queued_behind_a_round_reads_the_store_the_sighup_names() {
     let Some(bin) = bao_or_skip() else { return };
     let mut w = world(&["vm1"]);
-    let old = Bao::start(bin.clone(), w.path());
-    let new_dir = w.path().join("new-store");
-    std::fs::create_dir_all(&new_dir).unwrap();
-    let new = Bao::start(bin, &new_dir);
+    let (old, new) = two_stores(bin, &w);
     old.put("queued", &[("f", "old-v1")]);
     new.put("queued", &[("f", "new-v1")]);
     let proxy = Proxy::start(old.port);
@@ -1533,17 +1541,7 @@ fn a_rotate_queued_behind_a_round_reads_the_store_the_sighup_names() {
     wait_until(T, || rotating() == 1).expect("the rotate asks the store");
 
     // The store moves; then the old one answers the held round.
-    let config = std::fs::read_to_string(w.config_path()).unwrap();
-    std::fs::write(w.config_path(), config.replace(&proxy.addr(), &new.addr())).unwrap();
-    let reloads = || w.logs().matches("config reloaded").count();
-    let before = reloads();
-    let host = w.host.as_ref().expect("host agent").id();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(host as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_until(T, || reloads() > before).expect("the reload applied");
+    move_store(&w, &proxy.addr(), &new.addr());
     proxy.hold(false);
 
     let out = rotate.join().unwrap().unwrap();
