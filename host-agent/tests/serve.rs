@@ -1058,8 +1058,9 @@ fn idle_connections() {
     std::thread::sleep(Duration::from_secs(600));
 }
 
-#[test]
-fn one_user_cannot_keep_others_from_the_metrics_socket() {
+/// An agent with `control_group = "nogroup"`, one VM and a metrics
+/// socket, started and serving it; and that socket's path.
+fn agent_with_metrics_socket() -> (Agent, PathBuf) {
     let dir = Agent::config("control_group = \"nogroup\"", "");
     let metrics = dir.path().join("run/metrics.sock");
     let cfg = dir.path().join("host.toml");
@@ -1074,6 +1075,12 @@ fn one_user_cannot_keep_others_from_the_metrics_socket() {
     .unwrap();
     let agent = Agent::start_in(dir, None);
     wait_for(Duration::from_secs(30), || metrics.exists());
+    (agent, metrics)
+}
+
+#[test]
+fn one_user_cannot_keep_others_from_the_metrics_socket() {
+    let (agent, metrics) = agent_with_metrics_socket();
     // A member of the group opens many connections and sends nothing on
     // them (each would hold a scrape slot until its deadline).
     let mut idle = KillOnDrop(
@@ -1177,20 +1184,7 @@ fn colliding_scrapes() {
 /// is still answered 503 at once, so a uid queues at most one.
 #[test]
 fn two_scrapes_of_one_uid_that_collide_are_both_served() {
-    let dir = Agent::config("control_group = \"nogroup\"", "");
-    let metrics = dir.path().join("run/metrics.sock");
-    let cfg = dir.path().join("host.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "{text}metrics_socket = \"{}\"\n[vms.a]\nunix_socket = \"/nonexistent/a.sock\"\n",
-            metrics.display()
-        ),
-    )
-    .unwrap();
-    let agent = Agent::start_in(dir, None);
-    wait_for(Duration::from_secs(30), || metrics.exists());
+    let (agent, metrics) = agent_with_metrics_socket();
     let out = KillOnDrop(
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
