@@ -1024,6 +1024,10 @@ enum Act {
     /// Passed to the store; its reply's body sent back chunked, in small
     /// chunks and without a length.
     Rechunk,
+    /// Passed to the store; every non-empty `deletion_time` in its reply
+    /// replaced by this one (sent back chunked), as a host whose clock is
+    /// off from the store's would compare it.
+    DeletionTimes(&'static str),
 }
 
 /// The stand-in's state: what to do per request path, and which requests
@@ -1130,6 +1134,23 @@ fn content_length(head: &str) -> Option<usize> {
     })
 }
 
+/// `body` with every non-empty `"deletion_time":"…"` value replaced by `t`.
+fn shift_deletion_times(body: &[u8], t: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(body);
+    let key = "\"deletion_time\":\"";
+    let mut out = String::new();
+    let mut rest: &str = &text;
+    while let Some(i) = rest.find(key) {
+        let (head, tail) = rest.split_at(i + key.len());
+        out.push_str(head);
+        let end = tail.find('"').unwrap_or(tail.len());
+        out.push_str(if end == 0 { "" } else { t });
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out.into_bytes()
+}
+
 /// A chunked body decoded (the store's replies over 2 KiB come chunked).
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -1220,11 +1241,14 @@ fn proxy_one(
     }
     let end = head_end(&reply).unwrap_or(reply.len());
     let rhead = String::from_utf8_lossy(&reply[..end]).to_string();
-    let body = if content_length(&rhead).is_some() {
+    let mut body = if content_length(&rhead).is_some() {
         reply[end..].to_vec()
     } else {
         dechunk(&reply[end..])
     };
+    if let Act::DeletionTimes(t) = act {
+        body = shift_deletion_times(&body, t);
+    }
     let mut out = String::new();
     for l in rhead.lines().filter(|l| !l.is_empty()) {
         let k = l
@@ -1650,4 +1674,87 @@ fn a_chunked_reply_reaches_the_guest_whole() {
     bao.put("big", &[("f", &v2)]);
     w.wait_for_guest_value("vm1", "BIG", v2.as_bytes(), T)
         .unwrap();
+}
+
+/// Whether a version is deleted is the store's word, not the host's clock
+/// against a `deletion_time` (found in review: a host clock behind the
+/// store's kept a soft-deleted secret in the guests until it caught up,
+/// and one ahead removed a secret that `delete_version_after` will only
+/// delete later). The stand-in moves every `deletion_time` the store sends
+/// far into the future (a host clock far behind) for one secret, and far
+/// into the past (far ahead) for another.
+#[test]
+fn a_deletion_is_the_store_s_word_whatever_the_host_clock_says() {
+    let Some(bin) = bao_or_skip() else { return };
+    let mut w = world(&["vm1"]);
+    let bao = Bao::start(bin, w.path());
+    let proxy = Proxy::start(bao.port);
+    proxy.rule(
+        "secret/metadata/behind",
+        Act::DeletionTimes("2999-01-01T00:00:00Z"),
+    );
+    proxy.rule(
+        "secret/data/behind",
+        Act::DeletionTimes("2999-01-01T00:00:00Z"),
+    );
+    proxy.rule(
+        "secret/metadata/ahead",
+        Act::DeletionTimes("2000-01-01T00:00:00Z"),
+    );
+    proxy.rule(
+        "secret/data/ahead",
+        Act::DeletionTimes("2000-01-01T00:00:00Z"),
+    );
+    bao.put("behind", &[("f", "behind-v1")]);
+    bao.cmd(&[
+        "kv",
+        "metadata",
+        "put",
+        "-delete-version-after=1h",
+        "secret/ahead",
+    ]);
+    bao.put("ahead", &[("f", "ahead-v1")]);
+    let token = w.path().join("bao-token");
+    write_token(&token, ROOT);
+    start_host(
+        &mut w,
+        &format!(
+            "address = \"{}\"\ntoken_file = \"{}\"\npoll_interval = \"300ms\"\nrequest_timeout = \"10s\"\ninsecure_loopback_http = true\n",
+            proxy.addr(),
+            token.display()
+        ),
+        &[
+            (
+                "vm1",
+                "BEHIND",
+                "{ path = \"behind\", field = \"f\", on_delete = \"remove\" }",
+            ),
+            (
+                "vm1",
+                "AHEAD",
+                "{ path = \"ahead\", field = \"f\", on_delete = \"remove\" }",
+            ),
+        ],
+    );
+    boot(&mut w, "vm1");
+    // Ahead: every version "deleted in 2000" by the host's reckoning, yet
+    // the store serves it: delivered.
+    w.wait_for_guest_value("vm1", "AHEAD", b"ahead-v1", T)
+        .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", cred_status(&w, "vm1", "AHEAD"), w.logs()));
+    w.wait_for_guest_value("vm1", "BEHIND", b"behind-v1", T)
+        .unwrap();
+    // Behind: a soft delete's time is "in 2999" by the host's reckoning,
+    // yet the store says the version is deleted: removed.
+    bao.cmd(&["kv", "delete", "secret/behind"]);
+    wait_until(T, || w.read_guest("vm1", "BEHIND").is_none()).unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: BEHIND not removed: {}\n{}",
+            cred_status(&w, "vm1", "BEHIND"),
+            w.logs()
+        )
+    });
+    assert_eq!(
+        w.read_guest("vm1", "AHEAD").as_deref(),
+        Some(&b"ahead-v1"[..])
+    );
 }

@@ -184,9 +184,13 @@ async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<htt
         403 => Err(Problem::Denied),
         404 => Err(match (reply::not_found(&r.body), gone) {
             (reply::NotFound::Absent, Gone::Secret) => Problem::NotFound,
-            (reply::NotFound::Absent | reply::NotFound::VersionGone, Gone::Version(v)) => {
-                Problem::VersionDeleted(v)
-            }
+            // The store's own word that this version is deleted or
+            // destroyed: its data reply with the version's metadata.
+            (reply::NotFound::VersionGone, Gone::Version(v)) => Problem::VersionDeleted(v),
+            // No such version: purged by a write since the metadata named
+            // it, or the whole secret deleted; the metadata, read again,
+            // tells which (`read_one`).
+            (reply::NotFound::Absent, Gone::Version(v)) => Problem::VersionVanished(v),
             // A deleted version's data reply from the metadata endpoint:
             // not what OpenBao sends there.
             (reply::NotFound::VersionGone, Gone::Secret) => {
@@ -203,9 +207,9 @@ async fn get(engine: &Engine, token: &str, path: &str, gone: Gone) -> Result<htt
 /// one more when a write replaced that version before it was read.
 const DATA_READS: usize = 2;
 
-/// The data reply of one version of a secret. `VersionDeleted` here only
-/// means that this read found the version gone: the caller asks the
-/// metadata whether it was deleted.
+/// The data reply of one version of a secret. `VersionDeleted`: the store
+/// said this version is deleted or destroyed; `VersionVanished`: it knows
+/// no such version, and the caller asks the metadata why.
 async fn read_data(
     engine: &Engine,
     token: &str,
@@ -526,17 +530,20 @@ impl Store {
     }
 
     /// One secret: its metadata, then its data if the version is new (or
-    /// `force`).
+    /// `force`, or the version has a deletion time).
     ///
-    /// The version the metadata names can vanish before its data is read:
-    /// a write purges it when the secret keeps `max_versions` versions, and
-    /// OpenBao then answers the data read with its own 404. So a data read
-    /// that finds its version gone is never taken as a deletion by
-    /// itself: the metadata is read again, and it decides. Deleted only
-    /// when it says so (the secret is gone, or its current version has a
-    /// deletion time or is destroyed); a newer current version is read
-    /// instead, once; anything else is [`Problem::VersionVanished`], which
-    /// keeps the guest's value until the next round.
+    /// Whether a version is deleted is the store's word, never judged by
+    /// the host's clock against a `deletion_time` (see
+    /// [`reply::VersionState`]): a version with a deletion time is read,
+    /// and a value (a deletion still to come) or OpenBao's "deleted" 404
+    /// decides. The version the metadata names can also vanish before its
+    /// data is read: a write purges it when the secret keeps
+    /// `max_versions` versions, and OpenBao then answers as for a version
+    /// it never had. That is never a deletion by itself: the metadata is
+    /// read again and decides: the secret gone or its current version
+    /// destroyed is a deletion; a newer current version is read instead,
+    /// once; anything else is [`Problem::VersionVanished`], which keeps
+    /// the guest's value until the next round.
     async fn read_one(
         &self,
         engine: &Engine,
@@ -554,18 +561,18 @@ impl Store {
                 .filter(|e| e.body.is_some())
                 .map(|e| e.version)
         };
-        let mut version = self.current_version(engine, token, key).await?;
-        if !force && cached == Some(version) {
+        let (mut version, state) = self.current_version(engine, token, key).await?;
+        if !force && state == reply::VersionState::Live && cached == Some(version) {
             debug!(secret = %key, version, "openbao: unchanged");
             return Ok(Read::Unchanged);
         }
         for _ in 0..DATA_READS {
             match read_data(engine, token, key, version).await {
                 Ok(body) => return Ok(Read::New { version, body }),
-                Err(Problem::VersionDeleted(_)) => {}
+                Err(Problem::VersionVanished(_)) => {}
                 Err(p) => return Err(p),
             }
-            let now = self.current_version(engine, token, key).await?;
+            let (now, _) = self.current_version(engine, token, key).await?;
             if now == version {
                 return Err(Problem::VersionVanished(version));
             }
@@ -575,14 +582,14 @@ impl Store {
         Err(Problem::VersionVanished(version))
     }
 
-    /// The secret's current version from its metadata: refused when below
-    /// the highest seen (a rollback) or when it is deleted or destroyed.
+    /// The secret's current version and its state from its metadata:
+    /// refused when below the highest seen (a rollback) or destroyed.
     async fn current_version(
         &self,
         engine: &Engine,
         token: &str,
         key: &SecretKey,
-    ) -> Result<u64, Problem> {
+    ) -> Result<(u64, reply::VersionState), Problem> {
         let r = get(
             engine,
             token,
@@ -607,10 +614,10 @@ impl Store {
                 seen,
             });
         }
-        if meta.current_deleted {
+        if meta.current == reply::VersionState::Destroyed {
             return Err(Problem::VersionDeleted(meta.current_version));
         }
-        Ok(meta.current_version)
+        Ok((meta.current_version, meta.current))
     }
 
     /// The value of one credential from what the store last gave.

@@ -15,8 +15,25 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata {
     pub current_version: u64,
-    /// The current version is soft-deleted or destroyed.
-    pub current_deleted: bool,
+    pub current: VersionState,
+}
+
+/// The current version as the metadata describes it. A `deletion_time`
+/// is the store's clock, not ours: it is set in the past by a soft
+/// delete, in the future by `delete_version_after` at every write, and
+/// comparing it with the host's clock would let a host clock that is
+/// behind keep a deleted secret in the guests, or one that is ahead
+/// remove a live one. So a version with a deletion time is read, and
+/// the data read's answer decides (the value, or OpenBao's "deleted"
+/// 404).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// No deletion time, not destroyed.
+    Live,
+    /// A deletion time, past or future: the data read decides.
+    DeletionTimeSet,
+    /// Destroyed: no data, whatever the time.
+    Destroyed,
 }
 
 #[derive(Deserialize)]
@@ -40,40 +57,17 @@ struct VersionMeta {
 }
 
 pub fn metadata(body: &[u8]) -> Result<Metadata, String> {
-    metadata_at(body, std::time::SystemTime::now())
-}
-
-/// [`metadata`] as of `now`: a version's `deletion_time` is when it is,
-/// or was, deleted. `delete_version_after` (on the secret or the mount)
-/// sets it in the future at every write, and the version is readable and
-/// current until then, so only a time that has come counts.
-pub fn metadata_at(body: &[u8], now: std::time::SystemTime) -> Result<Metadata, String> {
     let r: MetaReply = serde_json::from_slice(body)
         .map_err(|_| "the metadata reply is not KV v2 metadata (is the mount KV version 2?)")?;
-    let current_deleted = r
-        .data
-        .versions
-        .get(&r.data.current_version.to_string())
-        .map(|v| v.destroyed || deleted_by(&v.deletion_time, now))
-        .unwrap_or(false);
+    let current = match r.data.versions.get(&r.data.current_version.to_string()) {
+        Some(v) if v.destroyed => VersionState::Destroyed,
+        Some(v) if !v.deletion_time.is_empty() => VersionState::DeletionTimeSet,
+        _ => VersionState::Live,
+    };
     Ok(Metadata {
         current_version: r.data.current_version,
-        current_deleted,
+        current,
     })
-}
-
-/// Whether a version's `deletion_time` has come by `now`. Empty: never
-/// deleted. One that is not RFC 3339 UTC (OpenBao writes UTC with `Z`)
-/// counts as come, as every `deletion_time` did before the future ones
-/// were told apart: an unreadable time does not turn a deletion into a
-/// value kept in the guests.
-fn deleted_by(deletion_time: &str, now: std::time::SystemTime) -> bool {
-    if deletion_time.is_empty() {
-        return false;
-    }
-    humantime::parse_rfc3339(deletion_time)
-        .map(|at| at <= now)
-        .unwrap_or(true)
 }
 
 #[derive(Deserialize)]
@@ -477,45 +471,26 @@ mod tests {
     }
 
     #[test]
-    fn metadata_sees_a_deleted_current_version() {
+    fn metadata_tells_a_deletion_time_and_a_destroyed_version_apart() {
         let m = metadata(br#"{"data":{"current_version":2,"versions":{"1":{"deletion_time":"","destroyed":false},"2":{"deletion_time":"2026-01-01T00:00:00Z","destroyed":false}}}}"#).unwrap();
         assert_eq!(
             m,
             Metadata {
                 current_version: 2,
-                current_deleted: true
+                current: VersionState::DeletionTimeSet
             }
         );
         let m = metadata(br#"{"data":{"current_version":1,"versions":{"1":{"deletion_time":"","destroyed":false}}}}"#).unwrap();
-        assert!(!m.current_deleted);
-    }
-
-    /// `delete_version_after` puts a `deletion_time` in the future on
-    /// every version (as `bao server -dev` 2.7.2 writes it): deleted only
-    /// once that time has come.
-    #[test]
-    fn a_deletion_time_counts_once_it_has_come() {
-        let body = br#"{"data":{"current_version":1,"delete_version_after":"1h0m0s","versions":{"1":{"created_time":"2026-12-01T02:12:16.055720809Z","deletion_time":"2026-12-01T03:12:16.055720809Z","destroyed":false}}}}"#;
-        let at = |t: &str| humantime::parse_rfc3339(t).unwrap();
-        let before = metadata_at(body, at("2026-12-01T03:12:16Z")).unwrap();
-        assert!(!before.current_deleted);
-        let on_time = metadata_at(body, at("2026-12-01T03:12:16.055720809Z")).unwrap();
-        assert!(on_time.current_deleted);
-        let after = metadata_at(body, at("2026-12-01T04:00:00Z")).unwrap();
-        assert!(after.current_deleted);
-        // Destroyed is deleted whatever the time says; a time that does
-        // not parse counts as come.
-        let destroyed = br#"{"data":{"current_version":1,"versions":{"1":{"deletion_time":"2999-01-01T00:00:00Z","destroyed":true}}}}"#;
-        assert!(
-            metadata_at(destroyed, at("2026-12-01T00:00:00Z"))
-                .unwrap()
-                .current_deleted
-        );
-        let odd = br#"{"data":{"current_version":1,"versions":{"1":{"deletion_time":"tomorrow","destroyed":false}}}}"#;
-        assert!(
-            metadata_at(odd, at("2026-12-01T00:00:00Z"))
-                .unwrap()
-                .current_deleted
-        );
+        assert_eq!(m.current, VersionState::Live);
+        // `delete_version_after`, as `bao server -dev` 2.7.2 writes it: a
+        // deletion time in the future, which only the data read judges.
+        let m = metadata(br#"{"data":{"current_version":1,"delete_version_after":"1h0m0s","versions":{"1":{"created_time":"2026-12-01T02:12:16.055720809Z","deletion_time":"2026-12-01T03:12:16.055720809Z","destroyed":false}}}}"#).unwrap();
+        assert_eq!(m.current, VersionState::DeletionTimeSet);
+        let m = metadata(br#"{"data":{"current_version":1,"versions":{"1":{"deletion_time":"2999-01-01T00:00:00Z","destroyed":true}}}}"#).unwrap();
+        assert_eq!(m.current, VersionState::Destroyed);
+        // A current version the metadata does not list: live (its data
+        // read decides anyway).
+        let m = metadata(br#"{"data":{"current_version":3,"versions":{}}}"#).unwrap();
+        assert_eq!(m.current, VersionState::Live);
     }
 }
