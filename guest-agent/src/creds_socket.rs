@@ -33,10 +33,12 @@
 //! read the rest would hand it that much as a credential. So a refusal
 //! the peer has not taken within [`REFUSAL_GRACE`] is not closed: it
 //! *lingers*, its connection slot given back, still written as the peer
-//! reads, until it is all sent or the peer hangs up ([`MAX_LINGERING`] at
-//! once; past that, and when the agent exits after waiting
-//! [`LINGER_AT_STOP`] for them, a lingering peer is closed on and may read
-//! a short answer, which is logged).
+//! reads, until it is all sent, the peer hangs up, or [`LINGER_LIMIT`]
+//! has passed. At most [`MAX_LINGERING`] linger; a new one closes the
+//! oldest (whose peer has read least willingly). A peer closed on that
+//! way, at the limit, or when the agent exits after waiting
+//! [`LINGER_AT_STOP`] for them, may read a short answer, which is logged;
+//! only root peers ever get a refusal, so only root can cause that.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -72,6 +74,8 @@ pub const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 pub const MAX_LINGERING: usize = 64;
 /// How long a stopping agent waits for lingering refusals to be read.
 pub const LINGER_AT_STOP: Duration = Duration::from_secs(10);
+/// How long a refusal may linger while the agent runs.
+pub const LINGER_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum CredsSocketError {
@@ -220,7 +224,70 @@ pub struct CredsSocket {
 pub struct Stopper {
     stopping: Arc<watch::Sender<bool>>,
     slots: Arc<Semaphore>,
-    lingering: Arc<Semaphore>,
+    lingering: Arc<Lingering>,
+}
+
+/// Refusals written on after their grace (see the module docs).
+#[derive(Default)]
+struct Lingering {
+    tasks: std::sync::Mutex<Tasks>,
+    ended: tokio::sync::Notify,
+}
+
+/// The last id given, and the lingering tasks by id, oldest first.
+type Tasks = (u64, Vec<(u64, tokio::task::AbortHandle)>);
+
+impl Lingering {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().1.is_empty()
+    }
+
+    /// Writes the rest of a refusal in a task of its own, for at most
+    /// [`LINGER_LIMIT`]; with [`MAX_LINGERING`] already lingering, the
+    /// oldest is closed first.
+    fn add(self: &Arc<Self>, mut stream: UnixStream, mut left: usize) {
+        let mut g = self.lock();
+        if g.1.len() >= MAX_LINGERING {
+            if let Some((_, oldest)) = (!g.1.is_empty()).then(|| g.1.remove(0)) {
+                oldest.abort();
+                tracing::warn!(
+                    lingering = MAX_LINGERING,
+                    "credential socket: too many refusals not being read; closing the oldest, its peer may read a short answer"
+                );
+            }
+        }
+        g.0 += 1;
+        let id = g.0;
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            // Removes this entry however the task ends (aborted too).
+            let _entry = Entry(me, id);
+            if tokio::time::timeout(LINGER_LIMIT, send_zeros(&mut stream, &mut left))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    limit = %humantime::format_duration(LINGER_LIMIT),
+                    "credential socket: a refusal was not read within its limit; closing, its peer may read a short answer"
+                );
+            }
+        });
+        g.1.push((id, task.abort_handle()));
+    }
+}
+
+/// A lingering refusal's place in [`Lingering`], given up on drop.
+struct Entry(Arc<Lingering>, u64);
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.0.lock().1.retain(|(id, _)| *id != self.1);
+        self.0.ended.notify_waiters();
+    }
 }
 
 impl Stopper {
@@ -228,7 +295,7 @@ impl Stopper {
         Stopper {
             stopping: Arc::new(watch::channel(false).0),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            lingering: Arc::new(Lingering::default()),
         }
     }
 
@@ -246,11 +313,16 @@ impl Stopper {
             self.slots.acquire_many(all),
         )
         .await;
-        let all = u32::try_from(MAX_LINGERING).unwrap_or(u32::MAX);
-        if tokio::time::timeout(LINGER_AT_STOP, self.lingering.acquire_many(all))
-            .await
-            .is_err()
-        {
+        let drained = async {
+            loop {
+                let ended = self.lingering.ended.notified();
+                if self.lingering.is_empty() {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        if tokio::time::timeout(LINGER_AT_STOP, drained).await.is_err() {
             tracing::warn!(
                 wait = %humantime::format_duration(LINGER_AT_STOP),
                 "credential socket: stopping with refusals a peer has not read; it may read a short answer"
@@ -476,7 +548,7 @@ pub async fn handle(
 /// Sends the over-long refusal (see the module docs): within
 /// [`REFUSAL_GRACE`] here, or else lingering in a task of its own, which
 /// gives the connection slot back.
-async fn refuse(mut stream: UnixStream, lingering: &Arc<Semaphore>) {
+async fn refuse(mut stream: UnixStream, lingering: &Arc<Lingering>) {
     let mut left = REFUSAL_BYTES;
     if tokio::time::timeout(REFUSAL_GRACE, send_zeros(&mut stream, &mut left))
         .await
@@ -484,18 +556,7 @@ async fn refuse(mut stream: UnixStream, lingering: &Arc<Semaphore>) {
     {
         return;
     }
-    match lingering.clone().try_acquire_owned() {
-        Ok(permit) => {
-            tokio::spawn(async move {
-                let _permit = permit;
-                send_zeros(&mut stream, &mut left).await;
-            });
-        }
-        Err(_) => tracing::warn!(
-            lingering = MAX_LINGERING,
-            "credential socket: too many refusals not being read; closing one, its peer may read a short answer"
-        ),
-    }
+    lingering.add(stream, left);
 }
 
 /// Writes `left` zero bytes, counting down as they go (so that a caller

@@ -15,13 +15,13 @@ use std::sync::Arc;
 use common::{applied, apply, cred, start, Guest};
 use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vmcred_guest::config::GuestConfig;
-use vmcred_guest::creds_socket::{CredsSocket, REFUSAL_BYTES, REFUSAL_GRACE};
+use vmcred_guest::creds_socket::{CredsSocket, MAX_LINGERING, REFUSAL_BYTES, REFUSAL_GRACE};
 use vmcred_guest::store::Limits;
 
 /// systemd's CREDENTIAL_SIZE_MAX: a longer read fails with E2BIG.
 const SYSTEMD_MAX: usize = 1024 * 1024;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 enum Got {
     /// Read to EOF within the limit: what systemd would store.
     Value(Vec<u8>),
@@ -29,6 +29,24 @@ enum Got {
     TooBig,
     /// connect() or read() failed.
     Error(String),
+}
+
+/// A value shows as its length and first bytes: a failed assertion on
+/// a refusal's zeros would otherwise print hundreds of KiB.
+impl std::fmt::Debug for Got {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Got::Value(v) if v.len() > 64 => write!(
+                f,
+                "Value({} bytes, starting {:?})",
+                v.len(),
+                String::from_utf8_lossy(&v[..32])
+            ),
+            Got::Value(v) => write!(f, "Value({:?})", String::from_utf8_lossy(v)),
+            Got::TooBig => f.write_str("TooBig"),
+            Got::Error(e) => write!(f, "Error({e})"),
+        }
+    }
 }
 
 /// A client socket bound to `address` (abstract, without the NUL) if
@@ -603,6 +621,40 @@ async fn a_refusal_read_late_is_still_a_refusal() {
         Got::TooBig,
         "a late reader read the answer to EOF: systemd would take it as the credential"
     );
+}
+
+/// Root peers that never read fill the refusals that linger; one more
+/// closes the oldest of them, not the newest: a unit asking now, whose
+/// systemd reads late, still gets its refusal whole (found in review: the
+/// newest was closed on, a short answer of zeros taken as its credential).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_refusals_full_close_the_oldest_not_a_new_one() {
+    let (_g, path) = guest_with_socket(CONFIG).await;
+    let late = tokio::task::spawn_blocking(move || {
+        // More never-reading peers than may linger, each refused.
+        let stuck: Vec<_> = (0..MAX_LINGERING + 1)
+            .map(|_| systemd_end(&path, Some(&systemd_address("evil.service", "API_KEY"))).unwrap())
+            .collect();
+        // Each lingers once its grace has passed, 16 being served at once;
+        // the last one's refusal has started when it has bytes queued.
+        for fd in &stuck {
+            while queued(fd) == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        std::thread::sleep(REFUSAL_GRACE + std::time::Duration::from_secs(1));
+        let fd = systemd_end(&path, Some(&systemd_address("evil.service", "API_KEY"))).unwrap();
+        while queued(&fd) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(REFUSAL_GRACE + std::time::Duration::from_secs(1));
+        let got = read_as_systemd(fd);
+        drop(stuck);
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(late, Got::TooBig, "the late reader's refusal was cut short");
 }
 
 /// A request the agent cannot decide within the connection's deadline
