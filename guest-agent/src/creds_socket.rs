@@ -252,13 +252,13 @@ impl Lingering {
     fn add(self: &Arc<Self>, mut stream: UnixStream, mut left: usize) {
         let mut g = self.lock();
         if g.1.len() >= MAX_LINGERING {
-            if let Some((_, oldest)) = (!g.1.is_empty()).then(|| g.1.remove(0)) {
-                oldest.abort();
-                tracing::warn!(
-                    lingering = MAX_LINGERING,
-                    "credential socket: too many refusals not being read; closing the oldest, its peer may read a short answer"
-                );
-            }
+            // Not empty: MAX_LINGERING is above zero.
+            let (_, oldest) = g.1.remove(0);
+            oldest.abort();
+            tracing::warn!(
+                lingering = MAX_LINGERING,
+                "credential socket: too many refusals not being read; closing the oldest, its peer may read a short answer"
+            );
         }
         g.0 += 1;
         let id = g.0;
