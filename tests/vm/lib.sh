@@ -547,6 +547,15 @@ wait_qemu_exec() {
 	[ -z "$argv" ] || tr '\0' '\n' <"/proc/$pid/cmdline" >"$argv" 2>/dev/null || true
 }
 
+# qemu_aborted_itself LOG: qemu stopped on an assertion of its own (its
+# "qemu-system-x86_64: FILE:LINE: FUNC: Assertion ... failed." line in
+# LOG), as TCG once did in CI before the guest printed anything
+# (system/physmem.c iotlb_to_section, sid/smbios): qemu's bug, not
+# vmcred's, which a second boot may not meet. Nothing else counts.
+qemu_aborted_itself() {
+	grep -qE '^qemu-system-[^:]+: [^:]+:[0-9]+: [^:]+: Assertion .* failed\.$' "$1" 2>/dev/null
+}
+
 # wait_guest_up CONSOLE [SECONDS]: the guest's command runner answered; if
 # not, the console's tail is shown.
 wait_guest_up() {

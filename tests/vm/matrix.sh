@@ -116,27 +116,36 @@ matrix_boot() {
 	write_secret "$MWORK/secrets/api-key" "$a"
 	write_secret "$MWORK/secrets/reloaded" "$ra"
 	write_secret "$MWORK/secrets/socket-token" "$sa"
-	vm_boot_prepare "$MWORK/vm1.vsock"
-	t0=$(now)
-	if ! matrix_launch "$suite" "$carrier" "$console"; then
-		fail "$tag qemu started (see $MWORK/qemu-$suite-$carrier.log)"
-		return
-	fi
-	if [ "$M_VIA" = launcher ] || { [ "$M_VIA" = launcher-auto ] && [ "$carrier" = smbios ]; }; then
-		if matrix_carrier_on_argv "$carrier" "$MWORK/qemu-cmdline-$suite-$carrier.txt"; then
-			pass "$tag vmcred-host launch put the bootstrap on qemu's argv as $carrier (and in no other form) on -M $(carrier_machine "$carrier")"
-		else
-			fail "$tag vmcred-host launch: the argv does not carry the bootstrap as $carrier alone"
-			grep -E 'smbios|fw_cfg|fw-cfg|set_credential|^-machine|^microvm|^q35' "$MWORK/qemu-cmdline-$suite-$carrier.txt" | indent
+	local attempt qlog="$MWORK/qemu-$suite-$carrier.log"
+	for attempt in 1 2; do
+		vm_boot_prepare "$MWORK/vm1.vsock"
+		t0=$(now)
+		if ! matrix_launch "$suite" "$carrier" "$console"; then
+			fail "$tag qemu started (see $qlog)"
+			return
 		fi
-	else
-		fail "$tag vmcred-host launch has no --carrier: qemu was started by the harness with the bootstrap as $carrier (the guest side below is still checked)"
-	fi
-	if ! wait_guest_up "$console"; then
-		fail "$tag guest booted (no answer from its command runner)"
+		if [ "$attempt" = 2 ]; then
+			:
+		elif [ "$M_VIA" = launcher ] || { [ "$M_VIA" = launcher-auto ] && [ "$carrier" = smbios ]; }; then
+			if matrix_carrier_on_argv "$carrier" "$MWORK/qemu-cmdline-$suite-$carrier.txt"; then
+				pass "$tag vmcred-host launch put the bootstrap on qemu's argv as $carrier (and in no other form) on -M $(carrier_machine "$carrier")"
+			else
+				fail "$tag vmcred-host launch: the argv does not carry the bootstrap as $carrier alone"
+				grep -E 'smbios|fw_cfg|fw-cfg|set_credential|^-machine|^microvm|^q35' "$MWORK/qemu-cmdline-$suite-$carrier.txt" | indent
+			fi
+		else
+			fail "$tag vmcred-host launch has no --carrier: qemu was started by the harness with the bootstrap as $carrier (the guest side below is still checked)"
+		fi
+		wait_guest_up "$console" && break
 		stop_pid "$QEMU_PID"
+		if [ "$attempt" = 1 ] && qemu_aborted_itself "$qlog"; then
+			log "RETRY: $tag qemu aborted on its own assertion before the guest was up ($(grep -m1 -E 'Assertion .* failed' "$qlog")); qemu's bug, not vmcred's: booting once more"
+			: >"$console"
+			continue
+		fi
+		fail "$tag guest booted (no answer from its command runner)"
 		return
-	fi
+	done
 	local t_up
 	t_up=$(elapsed "$t0")
 
