@@ -104,6 +104,11 @@ impl Bao {
         Bao::start_with(bin, dir, false)
     }
 
+    /// Starts a dev server on a free port pair. The pair is free when
+    /// chosen, not when the server binds it: a parallel test's listener or
+    /// connection can take it in between (seen once in CI: the server
+    /// exited and the test waited for nothing). A server that exits before
+    /// it answers is started again on another pair, at most three times.
     fn start_with(bin: PathBuf, dir: &Path, tls: bool) -> Bao {
         let mut b = Bao {
             bin,
@@ -113,6 +118,12 @@ impl Bao {
             audit: None,
             child: None,
         };
+        for _ in 0..2 {
+            if b.try_up() {
+                return b;
+            }
+            b.port = free_port_pair();
+        }
         b.up();
         b
     }
@@ -140,6 +151,18 @@ impl Bao {
     }
 
     fn up(&mut self) {
+        assert!(
+            self.try_up(),
+            "bao dev server on port {} exited before it answered (see {})",
+            self.port,
+            self.log.display()
+        );
+    }
+
+    /// Spawns the dev server and waits until it answers (true) or exits
+    /// (false, reaped); a server that neither answers nor exits in time
+    /// fails the test.
+    fn try_up(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -177,8 +200,19 @@ impl Bao {
             .spawn()
             .expect("bao server -dev");
         self.child = Some(child);
-        wait_until(T, || self.try_cmd(&["status"]).is_ok())
-            .expect("bao dev server did not come up");
+        let mut exited = false;
+        wait_until(T, || {
+            exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            exited || self.try_cmd(&["status"]).is_ok()
+        })
+        .expect("bao dev server did not come up");
+        if exited {
+            self.child = None;
+        }
+        !exited
     }
 
     fn down(&mut self) {
