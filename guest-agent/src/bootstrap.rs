@@ -7,6 +7,8 @@ use std::path::Path;
 
 use thiserror::Error;
 use vmcred_proto::bootstrap::{Bootstrap, BootstrapError, MAX_BOOTSTRAP_BYTES};
+use vmcred_proto::rules::MAX_LAUNCH_KEY_BYTES;
+use zeroize::Zeroizing;
 
 /// Ports from here on can be bound by any guest user, who could then pose
 /// as the guest agent to the host.
@@ -58,6 +60,35 @@ pub fn read(path: &Path) -> Result<Bootstrap, BootstrapReadError> {
         path: shown(),
         error,
     })
+}
+
+/// Reads the launch key at `path`: `None` when there is none (the host
+/// does not require one for this VM, or the VM was not started by
+/// `vmcred-host launch`). Not followed through a symlink, and at most
+/// `MAX_LAUNCH_KEY_BYTES`; the bytes are wiped on drop.
+pub fn read_launch_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open launch key {}: {e}", path.display())),
+    };
+    let mut key = Zeroizing::new(Vec::with_capacity(MAX_LAUNCH_KEY_BYTES + 1));
+    file.take(MAX_LAUNCH_KEY_BYTES as u64 + 1)
+        .read_to_end(&mut key)
+        .map_err(|e| format!("cannot read launch key {}: {e}", path.display()))?;
+    if key.is_empty() || key.len() > MAX_LAUNCH_KEY_BYTES {
+        return Err(format!(
+            "launch key {} is {} bytes; expected 1 to {MAX_LAUNCH_KEY_BYTES}",
+            path.display(),
+            key.len()
+        ));
+    }
+    Ok(Some(key))
 }
 
 /// Refuses a port that an unprivileged guest process could bind.

@@ -30,6 +30,16 @@ pub struct Cli {
     )]
     pub bootstrap: PathBuf,
 
+    /// The VM's launch key, which `vmcred-host launch` passes through a
+    /// private carrier when the host requires it (launch_key = "required");
+    /// returned to the pinned host only. Absent: the guest has none.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/credentials/@system/vmcred.launch-key"
+    )]
+    pub launch_key: PathBuf,
+
     /// Where credentials are written: systemd's system credentials
     /// directory, which `LoadCredential=NAME` in any guest service reads.
     #[arg(long, value_name = "DIR", default_value = "/run/credentials/@system")]

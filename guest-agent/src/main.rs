@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
         });
     }
 
-    let service = GuestService::with_socket_values(
+    let mut service = GuestService::with_socket_values(
         store.clone(),
         config,
         UnitRunner::new(cli.systemctl.clone()),
@@ -216,6 +216,16 @@ async fn run(cli: Cli) -> Result<()> {
         memory,
     )
     .with_pins(pins.clone());
+    // A guest without its key still runs: a host that requires one then
+    // refuses it and says why in its `status`.
+    match vmcred_guest::bootstrap::read_launch_key(&cli.launch_key) {
+        Ok(Some(key)) => {
+            tracing::info!(path = %cli.launch_key.display(), "holding the VM's launch key");
+            service = service.with_launch_key(key);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "no launch key to prove this VM's launch"),
+    }
     let server = serve_pinned(listener, pins, service, ServerOptions::default());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;

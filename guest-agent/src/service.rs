@@ -65,6 +65,9 @@ struct Inner {
     pins: std::sync::OnceLock<Arc<PinStore>>,
     /// Values of `deliver = "socket"` credentials (no file).
     memory: Arc<SocketValues>,
+    /// The VM's launch key, returned in every `HelloReply` (only ever to
+    /// a host the TLS layer authenticated by its pin).
+    launch_key: std::sync::OnceLock<Zeroizing<Vec<u8>>>,
 }
 
 impl GuestService {
@@ -106,6 +109,7 @@ impl GuestService {
             last_hello: std::sync::Mutex::new(None),
             pins: std::sync::OnceLock::new(),
             memory,
+            launch_key: std::sync::OnceLock::new(),
         });
         if !inner.store.state().owed.is_empty() {
             inner.retry.notify_one();
@@ -120,6 +124,12 @@ impl GuestService {
         if self.inner.pins.set(pins).is_err() {
             tracing::warn!("with_pins called twice; keeping the first pin store");
         }
+        self
+    }
+
+    /// The launch key `launch` passed to this VM (see `HelloReply`).
+    pub fn with_launch_key(self, key: Zeroizing<Vec<u8>>) -> Self {
+        let _ = self.inner.launch_key.set(key);
         self
     }
 
@@ -620,6 +630,12 @@ impl Guest for GuestService {
                 .collect(),
             guest_version: vmcred_proto::VERSION.to_string(),
             pins: self.pin_bytes(),
+            launch_key: self
+                .inner
+                .launch_key
+                .get()
+                .map(|k| k.to_vec())
+                .unwrap_or_default(),
         }))
     }
 

@@ -86,6 +86,8 @@ struct RawVm {
     #[serde(default = "default_port")]
     port: u32,
     #[serde(default)]
+    launch_key: LaunchKeyMode,
+    #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
 }
 
@@ -193,7 +195,27 @@ pub struct Vm {
     pub name: String,
     pub target: Target,
     pub port: u32,
+    /// Whether the guest must prove it is the VM `launch` started.
+    pub launch_key: LaunchKeyMode,
     pub credentials: BTreeMap<String, Credential>,
+}
+
+/// `launch_key` of a VM. Why it exists: an AF_VSOCK VM is dialled by its
+/// CID alone, and while it is stopped anyone who can open
+/// `/dev/vhost-vsock` can start a VM of their own on that CID. With
+/// `required`, the agent keeps a random key for the VM
+/// (`state_dir/launch-keys/<vm>`), `launch` hands it to the guest through
+/// a private carrier, and the agent pushes nothing to a guest that does not
+/// return it (see ARCHITECTURE.md, "Launch key").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchKeyMode {
+    /// The guest is trusted by where it is reached (a hybrid-vsock socket
+    /// is owned by the VMM's user; a CID is not).
+    #[default]
+    Off,
+    /// Push nothing unless the guest returns the VM's launch key.
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -555,6 +577,11 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
                 "credential name {cname:?} is reserved for vmcred's own bootstrap"
             ));
         }
+        if cname == rules::LAUNCH_KEY_CREDENTIAL {
+            return Err(format!(
+                "credential name {cname:?} is reserved for the VM's launch key, which vmcred makes and passes itself (set launch_key = \"required\" on the VM)"
+            ));
+        }
         let source = match (rc.path, rc.credential, rc.openbao) {
             (None, None, Some(s)) => {
                 if rc.boot {
@@ -611,6 +638,7 @@ fn validate_vm(name: &str, rv: RawVm) -> Result<Vm, String> {
         name: name.to_string(),
         target,
         port: rv.port,
+        launch_key: rv.launch_key,
         credentials,
     })
 }

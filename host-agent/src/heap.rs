@@ -405,6 +405,7 @@ mod tests {
                     path: dir.path().join(socket),
                 },
                 port: 1,
+                launch_key: crate::config::LaunchKeyMode::Off,
                 credentials: Default::default(),
             })
         };

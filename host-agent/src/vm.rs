@@ -1420,6 +1420,7 @@ mod tests {
                     path: dir.path().join("vm.sock"),
                 },
                 port: 1,
+                launch_key: crate::config::LaunchKeyMode::Off,
                 credentials: BTreeMap::new(),
             }),
             timing: Timing {

@@ -33,6 +33,14 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_TOTAL_BYTES + 256 * 1024;
 pub const UNIT_ACTIONS_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 /// Name of the bootstrap credential the guest reads at start.
 pub const BOOTSTRAP_CREDENTIAL: &str = "vmcred.bootstrap";
+/// Name of the launch key credential: the per-VM secret that `launch`
+/// passes through a private carrier and the guest returns in `HelloReply`
+/// (see ARCHITECTURE.md, "Launch key").
+pub const LAUNCH_KEY_CREDENTIAL: &str = "vmcred.launch-key";
+/// Longest launch key either side reads or accepts. The host makes 64
+/// hex digits (32 random bytes); the bound keeps a hostile file or peer
+/// from making anyone read or hold more.
+pub const MAX_LAUNCH_KEY_BYTES: usize = 128;
 /// Suffix of the guest store's temporary files (`.NAME.vmcred-tmp`).
 pub const TMP_SUFFIX: &str = ".vmcred-tmp";
 /// Prefix of the guest store's hashed temporary names, used when

@@ -75,6 +75,8 @@ pub struct State {
     pub hellos: usize,
     /// Trust calls: each is a round trip of the host's connect.
     pub trusts: usize,
+    /// What it returns as the VM's launch key (`Flood`: 100 000 bytes).
+    pub launch_key: Vec<u8>,
 }
 
 pub struct HostileGuest {
@@ -113,6 +115,7 @@ impl HostileGuest {
             applies: Vec::new(),
             hellos: 0,
             trusts: 0,
+            launch_key: Vec::new(),
         }));
         let accepts = Arc::new(AtomicUsize::new(0));
         let acceptor = TlsAcceptor::from(server_config()?);
@@ -371,6 +374,7 @@ impl Guest for Double {
                 guest_version: "liar\u{202e}1.0".into(),
                 owed_units: Vec::new(),
                 pins: Vec::new(),
+                launch_key: st.launch_key.clone(),
             },
             Mode::Flood => {
                 let mut h = held(&st);
@@ -387,6 +391,8 @@ impl Guest for Double {
                     owed_units: flood_units(2000),
                     // Pins: too many, wrong lengths; the host keeps a few.
                     pins: (0..500).map(|i| vec![i as u8; 33 + i % 3]).collect(),
+                    // A launch key far over the bound.
+                    launch_key: vec![b'k'; 100_000],
                 }
             }
             Mode::Oversized => HelloReply {
@@ -400,12 +406,14 @@ impl Guest for Double {
                 guest_version: "oversized".into(),
                 owed_units: Vec::new(),
                 pins: Vec::new(),
+                launch_key: st.launch_key.clone(),
             },
             Mode::Owes(units) => HelloReply {
                 applied_generation: st.applied,
                 held: held(&st),
                 guest_version: "owes".into(),
                 pins: Vec::new(),
+                launch_key: st.launch_key.clone(),
                 owed_units: failed_restarts(&units),
             },
             _ => HelloReply {
@@ -414,6 +422,7 @@ impl Guest for Double {
                 guest_version: "hostile-double".into(),
                 owed_units: Vec::new(),
                 pins: Vec::new(),
+                launch_key: st.launch_key.clone(),
             },
         };
         Ok(Response::new(reply))
