@@ -346,7 +346,7 @@ pub enum LaunchError {
     },
     #[error("VM {vm:?}: {source}")]
     Size { vm: String, source: RuleError },
-    #[error("VM {vm:?} has launch_key = \"required\" but {what}: add LoadCredential=vmcred.launch-key:{} to the VM's unit (microvm@{vm}.service), ordered after vmcred-host.service (Requires= and After=), since the host agent makes that file when it starts", .agent_file.display())]
+    #[error("VM {vm:?} has launch_key = \"required\" but {what}: add LoadCredential=vmcred.launch-key:{} to the VM's unit (microvm@{vm}.service), with After= and Wants=vmcred-host.service: the host agent makes that file when it starts, before it reports ready", .agent_file.display())]
     LaunchKeyMissing {
         vm: String,
         what: String,

@@ -1509,7 +1509,7 @@ fn a_missing_launch_key_names_the_load_credential_line() {
     for needle in [
         "LoadCredential=vmcred.launch-key:/var/lib/vmcred/launch-keys/test-vm",
         "microvm@test-vm.service",
-        "vmcred-host.service",
+        "After= and Wants=vmcred-host.service",
         "not found",
     ] {
         assert!(text.contains(needle), "{needle:?} missing in: {text}");
