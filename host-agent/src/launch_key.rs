@@ -165,11 +165,9 @@ pub fn load_or_make(state_dir: &Path, vm: &str) -> Result<LaunchKey, LaunchKeyEr
         hex.push(HEX[usize::from(b >> 4)]);
         hex.push(HEX[usize::from(b & 15)]);
     }
-    vmcred_proto::fsutil::write_atomic(&path, &hex, 0o600).map_err(|error| {
-        LaunchKeyError::Io {
-            path: path.clone(),
-            error,
-        }
+    vmcred_proto::fsutil::write_atomic(&path, &hex, 0o600).map_err(|error| LaunchKeyError::Io {
+        path: path.clone(),
+        error,
     })?;
     Ok(LaunchKey(hex))
 }
@@ -310,15 +308,26 @@ mod tests {
             fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
             let e = load_or_make(dir.path(), vm).expect_err(vm).to_string();
             assert!(e.contains(want), "{vm}: {e}");
-            assert_eq!(fs::read(&p).expect("kept"), content, "{vm}: the file is kept");
+            assert_eq!(
+                fs::read(&p).expect("kept"),
+                content,
+                "{vm}: the file is kept"
+            );
         }
         std::os::unix::fs::symlink("/etc/hostname", d.join("link")).expect("symlink");
-        let e = load_or_make(dir.path(), "link").expect_err("symlink").to_string();
+        let e = load_or_make(dir.path(), "link")
+            .expect_err("symlink")
+            .to_string();
         assert!(e.contains("symbolic link"), "{e}");
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod dir");
-        let e = load_or_make(dir.path(), "new").expect_err("open dir").to_string();
+        let e = load_or_make(dir.path(), "new")
+            .expect_err("open dir")
+            .to_string();
         assert!(e.contains("mode 0755"), "{e}");
-        assert!(!d.join("new").exists(), "nothing is made in an open directory");
+        assert!(
+            !d.join("new").exists(),
+            "nothing is made in an open directory"
+        );
     }
 
     #[test]

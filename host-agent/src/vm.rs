@@ -24,15 +24,14 @@ use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
 
 use crate::config::{LaunchKeyMode, Vm};
-use crate::launch_key::{LaunchKeys, Proof};
 use crate::control::{
-    LaunchKeyState,
-    CredState, CredentialOutcome, CredentialStatus, KeyTrust, Outcome, RotateReport, UnitOutcome,
-    VmStatus,
+    CredState, CredentialOutcome, CredentialStatus, KeyTrust, LaunchKeyState, Outcome,
+    RotateReport, UnitOutcome, VmStatus,
 };
 use crate::generations::Generations;
 use crate::heap;
 use crate::keyring::{DialKey, KeyRing};
+use crate::launch_key::{LaunchKeys, Proof};
 use crate::metrics::{self, FailureKind};
 use crate::source;
 
@@ -407,8 +406,7 @@ impl VmTask {
                             continue;
                         }
                         SessionEnd::NotLaunched(e) => {
-                            metrics::global()
-                                .failure(&self.vm.name, FailureKind::LaunchKeyRefused);
+                            metrics::global().failure(&self.vm.name, FailureKind::LaunchKeyRefused);
                             self.unreachable(&e);
                             self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                         }

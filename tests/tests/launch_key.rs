@@ -89,11 +89,18 @@ fn a_vm_on_the_same_address_without_the_key_gets_nothing_and_the_launched_vm_get
     let mut w = world_requiring_the_key();
     // The impostor has the public bootstrap and no key.
     let imported = w.boot_impostor(VM, None).expect("impostor");
-    assert!(imported.iter().any(|n| n == "vmcred.bootstrap"), "{imported:?}");
+    assert!(
+        imported.iter().any(|n| n == "vmcred.bootstrap"),
+        "{imported:?}"
+    );
     let st = wait_for_launch_key(&w, "missing");
     let err = st["last_error"].as_str().unwrap_or_default();
     assert!(err.contains("did not return VM a's launch key"), "{st}");
-    assert_eq!(w.read_guest(VM, "token"), None, "the impostor got the value");
+    assert_eq!(
+        w.read_guest(VM, "token"),
+        None,
+        "the impostor got the value"
+    );
     // A rotate does not push to it either.
     let out = w.rotate(VM, &["token"], "3s").expect("rotate");
     assert!(!out.status.success(), "rotate to an impostor succeeded");
@@ -139,7 +146,11 @@ fn a_hostile_guest_s_oversized_key_is_refused_and_nothing_is_pushed() {
     wait_for_launch_key(&w, "mismatch");
     let st = double.state.lock().expect("state");
     assert!(st.hellos >= 1, "the host never said hello");
-    assert!(st.applies.is_empty(), "pushed to a refused guest: {:?}", st.applies);
+    assert!(
+        st.applies.is_empty(),
+        "pushed to a refused guest: {:?}",
+        st.applies
+    );
 }
 
 #[test]
