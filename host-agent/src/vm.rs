@@ -901,10 +901,10 @@ impl VmTask {
                             Probe::Hello => {
                                 pings_since_hello = 0;
                                 self.hello(&mut client).await.and_then(|g| {
-                            self.admit(&g)?;
-                            guest = g;
-                            Ok(())
-                        })
+                                    self.admit(&g)?;
+                                    guest = g;
+                                    Ok(())
+                                })
                             }
                             Probe::Ping => {
                                 pings_since_hello += 1;
