@@ -22,8 +22,9 @@ use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
 use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
+use zeroize::Zeroize;
 
-use crate::config::{LaunchKeyMode, Vm};
+use crate::config::Vm;
 use crate::control::{
     CredState, CredentialOutcome, CredentialStatus, KeyTrust, LaunchKeyState, Outcome,
     RotateReport, UnitOutcome, VmStatus,
@@ -573,6 +574,15 @@ impl VmTask {
         let Some(next) = next else {
             return self.hello_probe(client).await;
         };
+        if self.launch_keys.requires(&self.vm.name) {
+            // `Hello` is the probe here: the guest proves its launch before
+            // it is handed a pin or its pins are believed.
+            let mut opened = self.hello_probe(client).await?;
+            if matches!(&opened.hello, Some(Ok(g)) if g.launch == Proof::Matches) {
+                self.hand_over(&mut opened.client, next).await?;
+            }
+            return Ok(opened);
+        }
         let probe = pb::TrustRequest::default();
         match tokio::time::timeout(self.timing.rpc_timeout, client.trust(probe)).await {
             Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
@@ -592,6 +602,16 @@ impl VmTask {
                 )))
             }
         }
+        self.hand_over(&mut client, next).await?;
+        Ok(Opened {
+            client,
+            hello: None,
+        })
+    }
+
+    /// Hands the guest the next key's pin (`Trust`) and records the pins
+    /// it then holds.
+    async fn hand_over(&self, client: &mut HostClient, next: tls::Pin) -> Result<(), Open> {
         let req = pb::TrustRequest {
             next_pin: next.0.to_vec(),
         };
@@ -608,10 +628,7 @@ impl VmTask {
                 "the guest did not store the next host key pin"
             ),
         }
-        Ok(Opened {
-            client,
-            hello: None,
-        })
+        Ok(())
     }
 
     /// The first call of a session with no pin to hand over: `Hello`.
@@ -686,7 +703,9 @@ impl VmTask {
 
     /// What a Hello reply says, bounded; the pins and what is shown in
     /// `status` are recorded.
-    fn view_of(&self, reply: pb::HelloReply) -> GuestView {
+    fn view_of(&self, mut reply: pb::HelloReply) -> GuestView {
+        let launch = self.launch_keys.check(&self.vm.name, &reply.launch_key);
+        reply.launch_key.zeroize();
         let mut held = BTreeMap::new();
         for h in reply.held.into_iter().take(rules::MAX_FILES) {
             // A malformed entry only means we resend that credential.
@@ -696,21 +715,20 @@ impl VmTask {
                 }
             }
         }
-        if !reply.pins.is_empty() {
-            self.record_pins(&reply.pins);
-        }
-        let launch = self.launch_keys.check(
-            &self.vm.name,
-            self.vm.launch_key == LaunchKeyMode::Required,
-            &reply.launch_key,
-        );
         let owed = bound_units(reply.owed_units);
-        let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
-        self.update(|s| {
-            s.generation_applied = reply.applied_generation;
-            s.owed_units = owed.clone();
-            s.guest_version = Some(version);
-        });
+        // A guest that has not proved its launch may be another VM: what it
+        // claims is not shown as this VM's (`admit` refuses it).
+        if matches!(launch, Proof::NotRequired | Proof::Matches) {
+            if !reply.pins.is_empty() {
+                self.record_pins(&reply.pins);
+            }
+            let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
+            self.update(|s| {
+                s.generation_applied = reply.applied_generation;
+                s.owed_units = owed.clone();
+                s.guest_version = Some(version);
+            });
+        }
         GuestView {
             applied: reply.applied_generation,
             held,
@@ -730,8 +748,9 @@ impl VmTask {
             Proof::Missing => format!(
                 "refused: the guest did not return VM {vm}'s launch key (launch_key = \"required\"), \
                  so nothing shows that `vmcred-host launch` started it; nothing was pushed. A VM \
-                 started before its key existed, or not through `vmcred-host launch`, needs a \
-                 relaunch through it; another VM on this CID gets nothing"
+                 started before its key existed, or not through `vmcred-host launch`, or whose \
+                 guest agent is from before launch keys, needs a relaunch through it (with a \
+                 current guest agent); another VM on this CID gets nothing"
             ),
             Proof::Mismatch => format!(
                 "refused: the guest returned a launch key that is not VM {vm}'s; nothing was \
@@ -865,11 +884,12 @@ impl VmTask {
                         r.map(|_| ())
                     }
                     Some(Command::Reconfigure(vm, timing)) => {
-                        let was = self.vm.launch_key;
                         self.reconfigure(vm, *timing);
-                        // A guest admitted under the old setting proves
-                        // itself again before the reload's push.
-                        if self.vm.launch_key != was {
+                        // A guest admitted while no key was required
+                        // proves itself before the reload's push.
+                        if self.launch_keys.requires(&self.vm.name)
+                            && guest.launch != Proof::Matches
+                        {
                             match self.hello(&mut client).await {
                                 Ok(g) => guest = g,
                                 Err(e) => return SessionEnd::Lost(e),
@@ -945,6 +965,16 @@ impl VmTask {
         only: &[String],
         why: Why,
     ) -> Result<RotateReport, String> {
+        // The last word on admission, whatever this task's copy of the
+        // config says: a reload that turned the key on reaches `launch_keys`
+        // at once, this task's `Reconfigure` perhaps later.
+        if self.launch_keys.requires(&self.vm.name) && guest.launch != Proof::Matches {
+            return Err(format!(
+                "VM {} now requires its launch key, which this session's guest has not shown; \
+                 nothing pushed (redialling)",
+                self.vm.name
+            ));
+        }
         // Polls are steady, not bursts (see `heap`).
         let _burst = (why != Why::Poll).then(heap::busy);
         self.retry_due = false;
