@@ -5,10 +5,11 @@
 //! 7 800 of them, 187 KB of `.rela.dyn`, in the guest agent. DT_RELR encodes
 //! the same relocations as a bitmap of a few KB. Nothing else changes: the
 //! binary stays PIE with full RELRO and BIND_NOW, and the loader applies the
-//! same relocations. It needs glibc >= 2.36 where the agent runs, for
-//! dynamic and static-pie builds alike; an older glibc refuses to start it
-//! with "version `GLIBC_ABI_DT_RELR' not found" rather than running it
-//! wrongly. Only glibc targets: a musl older than 1.2.4 would not refuse
+//! same relocations. A dynamic build needs glibc >= 2.36 where the agent
+//! runs; an older glibc refuses to start it with "version
+//! `GLIBC_ABI_DT_RELR' not found" rather than running it wrongly. A
+//! static-pie build carries glibc's own start code, so it needs that glibc
+//! only where it is built. Only glibc targets: a musl older than 1.2.4 would not refuse
 //! such a binary, it would start it unrelocated. Linkers without the
 //! option (GNU ld < 2.38) warn and ignore it. See "Guest footprint" in
 //! ARCHITECTURE.md.
