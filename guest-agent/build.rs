@@ -6,18 +6,25 @@
 //! the same relocations as a bitmap of a few KB. Nothing else changes: the
 //! binary stays PIE with full RELRO and BIND_NOW, and the loader applies the
 //! same relocations. A dynamic build needs glibc >= 2.36 where the agent
-//! runs; an older glibc refuses to start it with "version
-//! `GLIBC_ABI_DT_RELR' not found" rather than running it wrongly. A
-//! static-pie build carries glibc's own start code, so it needs that glibc
-//! only where it is built. Only glibc targets: a musl older than 1.2.4 would not refuse
+//! runs (in practice the glibc it was built against, which is newer); an
+//! older glibc refuses to start it with "version `GLIBC_ABI_DT_RELR' not
+//! found" rather than running it wrongly. Only glibc targets: a musl older than 1.2.4 would not refuse
 //! such a binary, it would start it unrelocated. Linkers without the
 //! option (GNU ld < 2.38) warn and ignore it. See "Guest footprint" in
 //! ARCHITECTURE.md.
+///
+/// Dynamic builds only: a static-pie carries the build machine's start
+/// code, and glibc's before 2.36 ignores DT_RELR, so a static binary built
+/// on an older machine would link cleanly and crash at start, with no
+/// version check to refuse it. The static binary (the one for guests with
+/// an older glibc) is therefore linked as before.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    if os == "linux" && env == "gnu" {
+    let features = std::env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
+    let static_crt = features.split(',').any(|f| f == "crt-static");
+    if os == "linux" && env == "gnu" && !static_crt {
         println!("cargo:rustc-link-arg-bin=vmcred-guest=-Wl,-z,pack-relative-relocs");
     }
 }

@@ -206,6 +206,14 @@ struct Opened {
     hello: Option<Result<GuestView, String>>,
 }
 
+impl Opened {
+    /// False when the first `Hello` showed a guest that has not proved its
+    /// launch: `session` refuses it before anything else.
+    fn admissible(&self) -> bool {
+        !matches!(&self.hello, Some(Ok(g)) if !matches!(g.launch, Proof::NotRequired | Proof::Matches))
+    }
+}
+
 /// Pins kept from a guest's report (it holds at most two).
 const MAX_GUEST_PINS: usize = 4;
 
@@ -384,10 +392,6 @@ impl VmTask {
             }
             match dialled {
                 Ok(opened) => {
-                    self.update(|s| {
-                        s.connected = true;
-                        s.last_error = None;
-                    });
                     debug!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
                     let mut synced = false;
                     let end = self
@@ -519,8 +523,10 @@ impl VmTask {
                  a key rollover that is now retired, relaunch the VM"
             ));
         };
-        info!(vm = %self.vm.name, "guest refused the current host key; handing it the current pin under the previous key");
+        info!(vm = %self.vm.name, "guest refused the current host key; trying the previous key, to hand it the current pin");
         match self.open(&prev, Some(current.pin)).await {
+            // Not handed the pin: `session` refuses it and says why.
+            Ok(opened) if !opened.admissible() => return Ok(opened),
             Ok(_) => {}
             Err(Open::Unreachable(e) | Open::Refused(e)) => {
                 self.update(|s| s.key_refused = true);
@@ -541,11 +547,10 @@ impl VmTask {
 
     /// Dials, authenticates with `key`, and proves the guest accepted it
     /// with the session's first call: TLS 1.3 reports a refused client
-    /// certificate only at the first read. With no `next` pin to hand over
-    /// that call is the `Hello` the session needs anyway (its reply carries
-    /// the guest's pins), which saves a round trip per connect; otherwise
-    /// it is a `Trust` call that hands `next` over. Either answer is
-    /// recorded as the guest's pins.
+    /// certificate only at the first read. That call is the `Hello` the
+    /// session needs anyway (its reply carries the guest's pins and launch
+    /// key); then, with a `next` pin to hand over and a guest admissible
+    /// by its launch key, a `Trust` call hands it over.
     async fn open(&self, key: &DialKey, next: Option<tls::Pin>) -> Result<Opened, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
@@ -566,47 +571,21 @@ impl VmTask {
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
         cork.handshake_done();
-        let mut client = vmcred_proto::rpc::host_client_over(tls)
+        let client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
         // HTTP/2 flushes once it has written the call below.
         cork.release();
-        let Some(next) = next else {
-            return self.hello_probe(client).await;
-        };
-        if self.launch_keys.requires(&self.vm.name) {
-            // `Hello` is the probe here: the guest proves its launch before
-            // it is handed a pin or its pins are believed.
-            let mut opened = self.hello_probe(client).await?;
-            if matches!(&opened.hello, Some(Ok(g)) if g.launch == Proof::Matches) {
+        let mut opened = self.hello_probe(client).await?;
+        // Only a guest that proved its launch (or whose VM requires no key)
+        // is handed the next pin: whether the VM requires one is decided
+        // from the same `Hello`, so a reload between cannot split the two.
+        if let Some(next) = next {
+            if opened.admissible() {
                 self.hand_over(&mut opened.client, next).await?;
             }
-            return Ok(opened);
         }
-        let probe = pb::TrustRequest::default();
-        match tokio::time::timeout(self.timing.rpc_timeout, client.trust(probe)).await {
-            Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
-            Ok(Ok(reply)) => self.record_pins(&reply.into_inner().pins),
-            // A guest from before key rollovers: the session works, and
-            // there is no pin to hand over.
-            Ok(Err(s)) if s.code() == Code::Unimplemented => {
-                return Ok(Opened {
-                    client,
-                    hello: None,
-                })
-            }
-            Ok(Err(s)) => {
-                return Err(Open::Refused(format!(
-                    "the guest refused the session (is the host key pinned?): {}",
-                    guest_text(s.message())
-                )))
-            }
-        }
-        self.hand_over(&mut client, next).await?;
-        Ok(Opened {
-            client,
-            hello: None,
-        })
+        Ok(opened)
     }
 
     /// Hands the guest the next key's pin (`Trust`) and records the pins
@@ -620,6 +599,11 @@ impl VmTask {
             Ok(Ok(reply)) => {
                 self.record_pins(&reply.into_inner().pins);
                 info!(vm = %self.vm.name, next = %next, "guest holds the next host key pin");
+            }
+            // A guest from before key rollovers: the session works, and
+            // there is no pin to hand over.
+            Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                debug!(vm = %self.vm.name, "the guest keeps a fixed pin (no Trust)");
             }
             // The session stays usable; status shows the pin missing.
             Ok(Err(s)) => warn!(
@@ -794,6 +778,10 @@ impl VmTask {
         if let Err(e) = self.admit(&guest) {
             return SessionEnd::NotLaunched(e);
         }
+        self.update(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
         match self.sync(&mut client, &mut guest, &[], Why::Connect).await {
             Ok(r) => self.log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),

@@ -240,3 +240,57 @@ fn turning_the_key_on_by_reload_refuses_a_connected_guest_without_it() {
     );
     assert!(w.launch_key_path(VM).exists(), "the reload made the key");
 }
+
+/// A reload turns the key on while the VM task is busy in a push and a
+/// rotate waits in its queue ahead of the reload's new config: the rotate
+/// must not reach the guest, which never proved its launch. (What stops it
+/// is the check before every push against the agent's set of VMs that
+/// require a key, not the task's own copy of the config, which it takes
+/// only after the rotate.)
+#[test]
+fn a_rotate_queued_before_the_reload_that_requires_the_key_is_not_pushed() {
+    let mut w = World::new().expect("world");
+    w.add_vm(VM, false).expect("vm");
+    w.set_secret(VM, "token", b"v1", false).expect("secret");
+    let double = w.start_hostile(VM, Mode::Honest).expect("double");
+    w.start_host().expect("host");
+    wait_until(T, || {
+        double.held("token").as_deref() == Some(b"v1".as_slice())
+    })
+    .expect("synced while off");
+
+    // The next push is answered "busy" four times: the task stays in it
+    // for about a second (0.1 + 0.2 + 0.3 + 0.4 s of back-off).
+    double.set_mode(Mode::Busy(4));
+    w.set_secret(VM, "token", b"v2", false).expect("v2");
+    let first = w.rotate_in_background(VM, &["token"], "20s");
+    wait_until(T, || {
+        double
+            .state
+            .lock()
+            .is_ok_and(|s| s.applies.iter().any(|a| a.3 == tonic::Code::Aborted))
+    })
+    .expect("the push is being refused as busy");
+    w.set_secret(VM, "token", b"v3", false).expect("v3");
+    let second = w.rotate_in_background(VM, &["token"], "4s");
+    std::thread::sleep(Duration::from_millis(150));
+    w.guests.get_mut(VM).expect("guest").launch_key = true;
+    w.reload_host_applied().expect("reload");
+
+    let first = first.join().expect("join").expect("rotate 1");
+    let second = second.join().expect("join").expect("rotate 2");
+    assert!(
+        !second.status.success(),
+        "the queued rotate reached an unproven guest: {}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+    assert_ne!(
+        double.held("token").as_deref(),
+        Some(b"v3".as_slice()),
+        "the queued rotate's value was pushed after the key was required"
+    );
+    wait_for_launch_key(&w, "missing");
+    // The push that was in flight when the reload came is the only one
+    // that may have landed.
+    drop(first);
+}
