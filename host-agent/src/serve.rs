@@ -184,6 +184,7 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
         vm_runtime,
     });
 
+    daemon.ensure_launch_keys(&cfg);
     // Before the sockets exist: a client can connect (and a supervisor
     // signal) as soon as one is in place, and a SIGTERM then must still
     // remove them rather than kill the process with the default action.
@@ -416,13 +417,12 @@ impl Daemon {
         drop(old);
     }
 
-    /// Starts, stops and reconfigures VM tasks to match `cfg`. Never waits
-    /// on a VM task: a busy one gets its new config from a helper task.
-    fn apply_config(&self, cfg: &Config) {
-        vsock_device::warn_if_open(cfg);
-        crate::openbao::store().configure(cfg, self.credentials_dir.clone());
-        // Before the VM tasks start (and, at start, before readiness): the
-        // VMs' units load these files when they start.
+    /// Makes or reads the launch keys of the VMs that require one, and
+    /// makes them the required set. Before the VM tasks start or get a new
+    /// config; at start also before the sockets exist, so that a `launch`
+    /// that found the control socket finds its key file too (a VM's unit
+    /// waits for readiness, which comes later still).
+    fn ensure_launch_keys(&self, cfg: &Config) {
         let required = cfg
             .vms
             .values()
@@ -431,6 +431,14 @@ impl Daemon {
         for (vm, e) in self.launch_keys.ensure(&cfg.state_dir, required) {
             error!(vm = %vm, error = %e, "no launch key for this VM: nothing is pushed to it until this is mended and the config reloaded");
         }
+    }
+
+    /// Starts, stops and reconfigures VM tasks to match `cfg`. Never waits
+    /// on a VM task: a busy one gets its new config from a helper task.
+    fn apply_config(&self, cfg: &Config) {
+        vsock_device::warn_if_open(cfg);
+        crate::openbao::store().configure(cfg, self.credentials_dir.clone());
+        self.ensure_launch_keys(cfg);
         let t = timing(cfg);
         let (old, _) = self.snapshot();
         let mut new = BTreeMap::new();
