@@ -290,6 +290,35 @@ let
           connects to it and writes `CONNECT <port>`.
         '';
       };
+      launchKey = mkOption {
+        type = types.enum [ "off" "required" ];
+        default =
+          if isMicrovm name && hypervisorOf name == "qemu" && config.cid != null
+          then "required" else "off";
+        defaultText = literalExpression
+          ''"required" for a microvm.nix qemu VM with a `cid` (qemu is the only hypervisor microvm.nix runs that takes boot data from private files), else "off"'';
+        description = ''
+          Whether the agent pushes anything to this VM only when its guest
+          returns the VM's *launch key* (rendered as `launch_key =
+          "required"`). It protects against H1: an AF_VSOCK VM is dialled by
+          its CID alone, so while it is stopped a local user who can open
+          `/dev/vhost-vsock` (root, or a `kvm` group member) could start a
+          VM of their own on that CID and receive this VM's credentials.
+          With "required" the agent keeps a random key for the VM
+          (`/var/lib/vmcred/launch-keys/<name>`, made when the agent
+          starts), `microvm@<name>.service` gets it with
+          `LoadCredential=vmcred.launch-key:...`, and vmcred's launch
+          wrapper hands it to the guest through a private qemu SMBIOS or
+          fw_cfg file, never a command line. Only qemu has such a file, so
+          "required" on another hypervisor is refused (for hybrid vsock,
+          cloud-hypervisor and Firecracker, "off" is safe: the VMM's socket
+          path is the VM's identity). Cost: a VM started before its key
+          existed (before the agent first ran with this setting) is refused
+          until it is restarted (`systemctl restart microvm@<name>`). For a
+          VM that is not a microvm.nix VM, "required" means you pass the
+          key yourself (`vmcred-host launch` with that `LoadCredential=`).
+        '';
+      };
       port = mkOption {
         type = types.port;
         default = 700;
@@ -315,6 +344,7 @@ let
   renderedVms = mapAttrs (vmName: vm:
     optionalAttrs (vm.cid != null) { inherit (vm) cid; }
     // optionalAttrs (vm.hybridSocket != null) { hybrid_socket = vm.hybridSocket; }
+    // optionalAttrs (vm.launchKey == "required") { launch_key = "required"; }
     // {
       inherit (vm) port;
       # The agent reads the source itself: no LoadCredential= copy, which
@@ -504,6 +534,34 @@ let
         message = ''
           ${opt}: the VM has no vsock: set microvm.vsock.cid in ${where}
           (a CID of 3 or more, unique on this host for qemu, crosvm, kvmtool and alioth)${lib.optionalString (hv == "cloud-hypervisor") ",\n          or `--vsock cid=N,socket=PATH` in microvm.cloud-hypervisor.extraArgs"}.
+        '';
+      }
+      {
+        assertion = vm.launchKey != "required" || !(builtins.elem hv supportedHypervisors) || hv == "qemu";
+        message = ''
+          ${opt}.launchKey = "required", but microvm.nix runs this VM with ${hv}, which takes boot
+          data only on a command line (${if hv == "cloud-hypervisor" then "--platform oem_strings" else "the kernel command line"}), where ${if hv == "firecracker" then "every process in the guest can read it and the guest kernel logs it at boot" else "every local user can read it in /proc/<pid>/cmdline"}:
+          whoever reads the launch key can answer as this VM. vmcred passes the key only through a
+          private file, which of microvm.nix's hypervisors only qemu reads (SMBIOS or fw_cfg).
+          Either run the VM under qemu (microvm.hypervisor = "qemu" in ${where}), or set
+          ${opt}.launchKey = "off"${if builtins.elem hv hybridHypervisors then '':
+          that is safe here, since ${hv} is reached through hybrid vsock, its own Unix socket,
+          which only the VMM's user can create: the socket path already tells the agent which
+          VM answers.'' else '', accepting that while this VM is stopped, anyone who can
+          open /dev/vhost-vsock (root, the kvm group) can start a VM on its CID and receive its
+          credentials.''}
+        '';
+      }
+      {
+        # (Without vmcred's guest module, the assertion above explains.)
+        assertion = vm.launchKey != "required" || hv != "qemu"
+          || !(lib.hasAttrByPath [ "services" "vmcred" "guest" "microvm" "launchWrapper" ] (guestOptionsOf vmName))
+          || guestHas [ "services" "vmcred" "guest" "microvm" "launchWrapper" ];
+        message = ''
+          ${opt}.launchKey = "required", but the VM's runner has no vmcred launch wrapper
+          (services.vmcred.guest.microvm.launchWrapper is off in ${where}), so nothing would pass
+          the guest its launch key and the agent would refuse the guest forever. Turn the wrapper
+          on (services.vmcred.guest.microvm.launchWrapper = true), or set ${opt}.launchKey = "off".
         '';
       }
     ]
@@ -1107,6 +1165,15 @@ in
     # with overrideStrategy = "asDropin" over its microvm@ template).
     (mkIf (cfg.enable && hasMicrovmHost) {
       systemd.services = mapAttrs' (vmName: vm: nameValuePair "microvm@${vmName}" {
+        # After=: the agent is Type=notify(-reload) and reports ready only
+        # once it has made every required launch key, which LoadCredential=
+        # below reads when this unit starts (a reload that adds a VM is
+        # done, with notify-reload, only after its key exists too).
+        # Wants=, not Requires=: Requires= would stop or restart every VM
+        # whenever the agent is stopped or restarted (an upgrade), and the
+        # VMs must outlive the agent. If the agent never ran, the key file
+        # is missing and systemd refuses to start the VM (LoadCredential=
+        # of a missing file fails the start): no VM runs without its key.
         after = [ "vmcred-host.service" ];
         wants = [ "vmcred-host.service" ];
         serviceConfig = {
@@ -1117,11 +1184,15 @@ in
           # (the launcher's per-VM directory, 0700), never in /tmp.
           RuntimeDirectory = "vmcred-launch/${vlib.escapeUnitValue vmName}";
           RuntimeDirectoryMode = "0700";
-        } // optionalAttrs (any (c: c.boot) (attrValues vm.credentials)) {
-          # The launcher reads $CREDENTIALS_DIRECTORY/<cred> for boot = true.
+        } // optionalAttrs (any (c: c.boot) (attrValues vm.credentials) || vm.launchKey == "required") {
+          # The launcher reads $CREDENTIALS_DIRECTORY/<cred> for boot = true,
+          # and $CREDENTIALS_DIRECTORY/vmcred.launch-key for launchKey =
+          # "required" (the key the agent keeps for the VM).
           LoadCredential = mapAttrsToList (credName: c:
             "${vlib.escapeUnitValue credName}:${vlib.escapeUnitValue (sourceString vmName credName c)}")
-            (filterAttrs (_: c: c.boot) vm.credentials);
+            (filterAttrs (_: c: c.boot) vm.credentials)
+            ++ optional (vm.launchKey == "required")
+              "vmcred.launch-key:${vlib.escapeUnitValue "${stateDir}/launch-keys/${vmName}"}";
         };
       }) (filterAttrs (n: _: microvmVms ? ${n}) cfg.vms);
     })

@@ -14,7 +14,7 @@ use clap::Parser;
 
 use vmcred_host::cli::args::{Cli, Cmd, KeyStepArg, LaunchArgs};
 use vmcred_host::cli::report;
-use vmcred_host::config::Config;
+use vmcred_host::config::{Config, LaunchKeyMode};
 use vmcred_host::control::Request;
 use vmcred_host::keyring::KeyStep;
 use vmcred_host::{cli, client, launch, serve, source};
@@ -212,6 +212,12 @@ fn run_launch(config: &std::path::Path, args: LaunchArgs) -> Result<ExitCode> {
                 allow_on_command_line: c.allow_on_command_line,
             })
             .collect(),
+        launch_key: match vm.launch_key {
+            LaunchKeyMode::Off => launch::LaunchKey::Off,
+            LaunchKeyMode::Required => launch::LaunchKey::Required {
+                agent_file: cfg.state_dir.join("launch-keys").join(vm_name),
+            },
+        },
         credentials_dir: source::credentials_directory(),
         runtime_dir,
         argv: args.argv,

@@ -101,6 +101,7 @@ let
       db-vm = {
         cid = 5;
         port = 700;
+        launch_key = "required";
         credentials = {
           DB_ROOT = { path = "/run/secrets/db-root"; boot = true; allow_on_command_line = false; };
           "weird%name" = { path = "/run/secrets/odd%file"; boot = false; allow_on_command_line = false; };
@@ -360,6 +361,46 @@ in
     "microvm: microvm@test-vm after and wants vmcred-host.service" =
       check (hasInfix "After=vmcred-host.service" chUnit && hasInfix "Wants=vmcred-host.service" chUnit) chUnit;
     "microvm: qemu VM gets its boot credential" = contains qemuUnit "LoadCredential=DB_ROOT:/run/secrets/db-root";
+    "launch key: a qemu VM with a CID defaults to launch_key = \"required\"" =
+      eq (map (v: parsedToml.vms.${v}.launch_key or null) [ "db-vm" "test-vm" "plain" ]) [ "required" null null ];
+    "launch key: microvm@db-vm loads vmcred.launch-key from the agent's launch-keys/db-vm" =
+      contains qemuUnit "LoadCredential=vmcred.launch-key:/var/lib/vmcred/launch-keys/db-vm\n";
+    "launch key: cloud-hypervisor microvm@test-vm gets no launch key" = lacks chUnit "launch-key";
+    "launch key: the key's unit is ordered after (and wants) vmcred-host.service, which makes it" =
+      check (hasInfix "After=vmcred-host.service" qemuUnit && hasInfix "Wants=vmcred-host.service" qemuUnit
+        && !(hasInfix "Requires=vmcred-host.service" qemuUnit) && !(hasInfix "BindsTo=vmcred-host.service" qemuUnit)) qemuUnit;
+    "launch key: launchKey = \"off\" on a qemu VM renders nothing and loads no key" =
+      let
+        h = evalHost { modules = [ seedsModule { services.vmcred.host.vms.db-vm.launchKey = "off"; } ]; };
+        t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile h.services.vmcred.host.configFile));
+        u = h.test.unitText."microvm@db-vm" or "";
+      in check (!(t.vms.db-vm ? launch_key) && !(hasInfix "launch-key" u) && hasInfix "LoadCredential=DB_ROOT:" u
+        && h.test.failedAssertions == [ ]) u;
+    "launch key: a qemu VM with only the key (no boot credential) still gets its LoadCredential=" =
+      let
+        h = evalHost { modules = [{
+          microvm.vms.k.config = { microvm.hypervisor = "qemu"; microvm.vsock.cid = 9; };
+          services.vmcred.host = { enable = true; vms.k.credentials.A.source = "/run/secrets/a"; };
+        }]; };
+        u = h.test.unitText."microvm@k" or "";
+      in check (hasInfix "LoadCredential=vmcred.launch-key:/var/lib/vmcred/launch-keys/k\n" u && h.test.failedAssertions == [ ]) u;
+    "launch key: a VM microvm.nix does not manage may require one (its launch is the user's)" =
+      let
+        h = evalHost { modules = vmWith { launchKey = "required"; credentials.A.source = "/run/secrets/a"; }; };
+        t = builtins.fromTOML (builtins.unsafeDiscardStringContext (builtins.readFile h.services.vmcred.host.configFile));
+      in check (h.test.failedAssertions == [ ] && (t.vms.v.launch_key or null) == "required") (builtins.toJSON h.test.failedAssertions);
+    "refused: launchKey = \"required\" on cloud-hypervisor (no private carrier)" =
+      refusedWith "chkey" [{ microvm.vms.v.config = { microvm.hypervisor = "cloud-hypervisor"; microvm.vsock.cid = 3; };
+                             services.vmcred.host = { enable = true; vms.v = { launchKey = "required"; credentials.A.source = "/run/secrets/a"; }; }; }]
+        "is reached through hybrid vsock";
+    "refused: launchKey = \"required\" on crosvm names the CID risk of \"off\"" =
+      refusedWith "crosvmkey" [{ microvm.vms.v.config = { microvm.hypervisor = "crosvm"; microvm.vsock.cid = 3; };
+                                 services.vmcred.host = { enable = true; vms.v = { launchKey = "required"; credentials.A.source = "/run/secrets/a"; }; }; }]
+        "can start a VM on its CID";
+    "refused: launchKey = \"required\" on a qemu VM without the launch wrapper" =
+      refusedWith "nowrapper" [{ microvm.vms.v.config = { microvm.hypervisor = "qemu"; microvm.vsock.cid = 3; services.vmcred.guest.microvm.launchWrapper = false; };
+                                 services.vmcred.host = { enable = true; vms.v.credentials.A.source = "/run/secrets/a"; }; }]
+        "has no vmcred launch wrapper";
     "microvm: no microvm@ unit for a VM microvm.nix does not manage" = eq (units ? "microvm@plain") false;
     "microvm: cloud-hypervisor package is the launch wrapper" = eq (chPkg.vmcredLaunchWrapper or null) "test-vm";
     "microvm: wrapper keeps the real version" = eq (chPkg.version or null) "48.0";

@@ -101,6 +101,7 @@ let
   }];
 
   guest = name: host.microvm.vms.${name}.config.config;
+  hostTomlParsed = builtins.fromTOML (str (builtins.readFile host.services.vmcred.host.configFile));
   str = x: builtins.unsafeDiscardStringContext (toString x);
 
   cases = lib.mapAttrs (name: settings:
@@ -123,6 +124,8 @@ let
       argv0 = "microvm@${g.networking.hostName}";
       cid = vm.cid;
       hybridSocket = vm.hybridSocket;
+      launchKey = vm.launchKey;
+      tomlLaunchKey = hostTomlParsed.vms.${name}.launch_key or null;
       unit = host.test.unitText."microvm@${name}" or "";
       guestToml = builtins.readFile g.services.vmcred.guest.configFile;
       guestFailed = g.test.failedAssertions or [ ];
@@ -160,6 +163,24 @@ in
       microvm.vms.b.config = { imports = [ vmSettings.qemu-microvm ]; microvm.socket = "control.sock"; };
       services.vmcred.host = { enable = true; vms.a.credentials.A.source = "/run/secrets/x"; vms.b.credentials.A.source = "/run/secrets/x"; };
     }];
+    launch-key-on-cloud-hypervisor = failedOf (oneVm "c" vmSettings.ch {
+      launchKey = "required"; credentials.A.source = "/run/secrets/x";
+    });
+    launch-key-on-firecracker = failedOf (oneVm "f" vmSettings.firecracker {
+      launchKey = "required"; credentials.A.source = "/run/secrets/x";
+    });
+    launch-key-on-crosvm = failedOf (oneVm "k" vmSettings.crosvm {
+      launchKey = "required"; credentials.A.source = "/run/secrets/x";
+    });
+    launch-key-on-kvmtool = failedOf (oneVm "k" vmSettings.kvmtool {
+      launchKey = "required"; credentials.A.source = "/run/secrets/x";
+    });
+    launch-key-on-alioth = failedOf (oneVm "k" vmSettings.alioth {
+      launchKey = "required"; credentials.A.source = "/run/secrets/x";
+    });
+    launch-key-without-wrapper = failedOf (oneVm "q"
+      (vmSettings.qemu-microvm // { services.vmcred.guest.microvm.launchWrapper = false; })
+      { credentials.A.source = "/run/secrets/x"; });
     evaluated-config-without-guest-module = failedOf [{
       microvm.vms.e.evaluatedConfig = (import ./mini-nixos.nix { inherit nixpkgs; standinPkgs = pkgs; }) {
         modules = [ (guestModulesOf vmSettings.qemu-microvm) ];
@@ -171,6 +192,9 @@ in
   accepted = {
     qemu-fw-cfg-name-at-limit = failedOf (oneVm "q" vmSettings.qemu-microvm {
       credentials.NAME_OF_TWENTY_EIGHT_BYTES_X = { source = "/run/secrets/x"; boot = true; };
+    });
+    launch-key-off-on-crosvm = failedOf (oneVm "k" vmSettings.crosvm {
+      launchKey = "off"; credentials.A.source = "/run/secrets/x";
     });
     qemu-q35-long-boot-name = failedOf (oneVm "q" vmSettings.qemu-q35 {
       credentials.THIS_NAME_IS_TOO_LONG_FOR_FW_CFG = { source = "/run/secrets/x"; boot = true; };

@@ -116,7 +116,13 @@ def run_case(name, c):
     os.chmod(base, 0o755)
     boot_value = f"boot-constant-{name}"
     canary = f"secret-canary-{name}-{os.getpid()}"
-    for cred, value in (("BOOT_CONST", boot_value), ("SECRET_TOKEN", canary)):
+    # The launch key, as LoadCredential=vmcred.launch-key:<state_dir>/launch-keys/<vm>
+    # would give it (the agent writes 64 lowercase hex digits).
+    launch_key = os.urandom(32).hex() if c["launchKey"] == "required" else None
+    loaded = [("BOOT_CONST", boot_value), ("SECRET_TOKEN", canary)]
+    if launch_key:
+        loaded.append(("vmcred.launch-key", launch_key))
+    for cred, value in loaded:
         p = os.path.join(creds, cred)
         with open(p, "w") as f:
             f.write(value)
@@ -231,6 +237,24 @@ def run_case(name, c):
                f"{label}: the boot credential goes through a private file, not the argv", detail)
     else:
         result(on_argv, f"{label}: the boot credential (allowOnCommandLine) is carried on its command line", detail)
+
+    # The launch key: through a private file only, never any argv or output.
+    key_b64 = base64.b64encode(launch_key.encode()).decode() if launch_key else None
+    if launch_key:
+        want_carrier = "fw-cfg" if c["machine"].startswith("microvm") else "smbios"
+        listed = [f for f in (doc.get("files", []) if isinstance(doc, dict) else []) if f.get("name") == "vmcred.launch-key"]
+        ok = len(listed) == 1 and listed[0].get("mode") == "0400" and listed[0].get("carrier") == want_carrier \
+            and listed[0].get("path", "").startswith(rundir + "/")
+        result(ok, f"{label}: --dry-run --json lists the launch key file (vmcred.launch-key, {want_carrier}, 0400, in $RUNTIME_DIRECTORY)", out)
+        if ok:
+            held = open(listed[0]["path"]).read()
+            want = launch_key if want_carrier == "fw-cfg" else f"io.systemd.credential.binary:vmcred.launch-key={key_b64}"
+            result(held == want and listed[0]["path"] in files,
+                   f"{label}: the launch key file holds the key as the guest's systemd imports it, and qemu's argv names it", detail)
+        result(all(v not in s_ for v in (launch_key, key_b64, launch_key[:16]) for s_ in (text, p.stderr, p.stdout)),
+               f"{label}: the launch key never reaches the argv, the dry-run output or stderr", out + p.stderr)
+    else:
+        result("launch-key" not in text, f"{label}: launch_key off: nothing about a launch key on the argv", out)
 
     # Carrier files: in the private runtime directory, owned by the
     # hypervisor's user, not readable by others.

@@ -68,7 +68,10 @@ pub enum Cmd {
     /// on the VM's unit). qemu gets them through private files (-smbios
     /// type=11,path= or -fw_cfg, by machine type); other hypervisors only
     /// have a command line, so a boot secret goes there only if marked
-    /// allow_on_command_line. The bootstrap is public.
+    /// allow_on_command_line. The bootstrap is public. A VM with
+    /// launch_key = "required" also gets its launch key
+    /// ($CREDENTIALS_DIRECTORY/vmcred.launch-key), under qemu only and
+    /// never on a command line.
     Launch(LaunchArgs),
     /// Validate a config file and print what it configures (no values are read).
     CheckConfig,

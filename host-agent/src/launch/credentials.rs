@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use vmcred_proto::rules::{self, BOOTSTRAP_CREDENTIAL};
+use vmcred_proto::rules::{self, BOOTSTRAP_CREDENTIAL, LAUNCH_KEY_CREDENTIAL};
 use zeroize::Zeroizing;
 
 use super::{BootCredential, LaunchError, LaunchInput, Payload};
@@ -25,10 +25,16 @@ pub(crate) fn check_names(vm: &str, creds: &[BootCredential]) -> Result<(), Laun
             vm: vm.to_string(),
             source,
         })?;
-        if c.name == BOOTSTRAP_CREDENTIAL {
+        let reserved_for = match c.name.as_str() {
+            BOOTSTRAP_CREDENTIAL => Some("vmcred's own bootstrap"),
+            LAUNCH_KEY_CREDENTIAL => Some("the VM's launch key, which vmcred passes itself when the VM has launch_key = \"required\""),
+            _ => None,
+        };
+        if let Some(reserved_for) = reserved_for {
             return Err(LaunchError::ReservedName {
                 vm: vm.to_string(),
                 name: c.name.clone(),
+                reserved_for,
             });
         }
         if let Some(ch) = c.name.chars().find(|ch| FORBIDDEN_NAME_CHARS.contains(ch)) {
@@ -48,8 +54,10 @@ pub(crate) fn check_names(vm: &str, creds: &[BootCredential]) -> Result<(), Laun
     Ok(())
 }
 
-/// The bootstrap (first) and every boot credential, values read from the
-/// credentials directory and size-checked.
+/// The bootstrap (first), the launch key if the VM has one, and every boot
+/// credential, values read from the credentials directory and
+/// size-checked. The launch key is not one of the VM's credentials, so it
+/// does not count towards their total.
 pub(crate) fn payloads(input: &LaunchInput) -> Result<Vec<Payload>, LaunchError> {
     let bootstrap = input.bootstrap.encode();
     let mut sizes = vec![bootstrap.len()];
@@ -58,6 +66,7 @@ pub(crate) fn payloads(input: &LaunchInput) -> Result<Vec<Payload>, LaunchError>
         value: Zeroizing::new(bootstrap.into_bytes()),
         secret: false,
     }];
+    out.extend(super::launch_key::payload(input)?);
     if input.boot_credentials.is_empty() {
         return Ok(out);
     }
@@ -74,7 +83,21 @@ pub(crate) fn payloads(input: &LaunchInput) -> Result<Vec<Payload>, LaunchError>
         });
     };
     for c in &input.boot_credentials {
-        let value = read_credential(&input.vm, dir, &c.name)?;
+        let value = read_credential(&input.vm, dir, &c.name, |len| {
+            rules::validate_size(&c.name, len)
+        })
+        .map_err(|e| match e {
+            ReadError::Missing(path) => LaunchError::MissingCredential {
+                vm: input.vm.clone(),
+                name: c.name.clone(),
+                path,
+            },
+            ReadError::TooLarge(source) => LaunchError::Size {
+                vm: input.vm.clone(),
+                source,
+            },
+            ReadError::Other(e) => e,
+        })?;
         sizes.push(value.len());
         rules::validate_total(sizes.iter().copied()).map_err(|source| LaunchError::Size {
             vm: input.vm.clone(),
@@ -89,10 +112,25 @@ pub(crate) fn payloads(input: &LaunchInput) -> Result<Vec<Payload>, LaunchError>
     Ok(out)
 }
 
+/// Why [`read_credential`] read nothing: the two cases its callers word
+/// themselves, and the rest.
+pub(crate) enum ReadError<E> {
+    /// No such file (the path).
+    Missing(std::path::PathBuf),
+    /// The size check refused the file's length.
+    TooLarge(E),
+    Other(LaunchError),
+}
+
 /// Reads `dir/name`: not following a symlink, not blocking on a FIFO, only
-/// a regular file, at most 1 MiB, into a buffer that is wiped on drop and
-/// never reallocated.
-fn read_credential(vm: &str, dir: &Path, name: &str) -> Result<Zeroizing<Vec<u8>>, LaunchError> {
+/// a regular file whose length `check_len` accepts, into a buffer that is
+/// wiped on drop and never reallocated.
+pub(crate) fn read_credential<E>(
+    vm: &str,
+    dir: &Path,
+    name: &str,
+    check_len: impl FnOnce(usize) -> Result<(), E>,
+) -> Result<Zeroizing<Vec<u8>>, ReadError<E>> {
     let path = dir.join(name);
     let fail = |source: io::Error| LaunchError::ReadCredential {
         vm: vm.to_string(),
@@ -113,22 +151,16 @@ fn read_credential(vm: &str, dir: &Path, name: &str) -> Result<Zeroizing<Vec<u8>
         .open(&path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(LaunchError::MissingCredential {
-                vm: vm.to_string(),
-                name: name.to_string(),
-                path,
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Missing(path)),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(not_regular("a symbolic link"))
+            return Err(ReadError::Other(not_regular("a symbolic link")))
         }
-        Err(e) => return Err(fail(e)),
+        Err(e) => return Err(ReadError::Other(fail(e))),
     };
-    let meta = file.metadata().map_err(fail)?;
+    let meta = file.metadata().map_err(|e| ReadError::Other(fail(e)))?;
     let ft = meta.file_type();
     if !ft.is_file() {
-        return Err(not_regular(if ft.is_dir() {
+        return Err(ReadError::Other(not_regular(if ft.is_dir() {
             "a directory"
         } else if ft.is_fifo() {
             "a FIFO"
@@ -138,13 +170,10 @@ fn read_credential(vm: &str, dir: &Path, name: &str) -> Result<Zeroizing<Vec<u8>
             "a device"
         } else {
             "not a regular file"
-        }));
+        })));
     }
     let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
-    rules::validate_size(name, len).map_err(|source| LaunchError::Size {
-        vm: vm.to_string(),
-        source,
-    })?;
+    check_len(len).map_err(ReadError::TooLarge)?;
     // One byte more than expected, to notice a file that grew.
     let mut buf = Zeroizing::new(vec![0u8; len + 1]);
     let mut filled = 0;
@@ -153,15 +182,15 @@ fn read_credential(vm: &str, dir: &Path, name: &str) -> Result<Zeroizing<Vec<u8>
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e)),
+            Err(e) => return Err(ReadError::Other(fail(e))),
         }
     }
     if filled > len {
-        return Err(LaunchError::ChangedWhileReading {
+        return Err(ReadError::Other(LaunchError::ChangedWhileReading {
             vm: vm.to_string(),
             name: name.to_string(),
             path,
-        });
+        }));
     }
     buf.truncate(filled);
     Ok(buf)

@@ -13,6 +13,9 @@
 //!   one, but every guest process can read it, so public data only unless a
 //!   credential is marked `allow_on_command_line`.
 //!
+//! With `launch_key = "required"` the VM's launch key (`launch_key.rs`)
+//! goes the same way, through qemu's private files only.
+//!
 //! One module per hypervisor (`hypervisor/*.rs`, the shape of microvm.nix's
 //! `lib/runners/*.nix`) knows that hypervisor's argv: where its kernel
 //! command line is, which carriers it offers, and which it picks. No value
@@ -21,6 +24,7 @@
 pub mod carrier;
 mod credentials;
 pub mod hypervisor;
+mod launch_key;
 mod notify;
 pub mod runtime_dir;
 
@@ -40,6 +44,7 @@ use vmcred_proto::bootstrap::Bootstrap;
 use vmcred_proto::rules::{self, RuleError};
 use zeroize::Zeroizing;
 
+pub use launch_key::LaunchKey;
 pub use notify::notify_launched;
 
 /// The hypervisor whose argv is rewritten.
@@ -210,6 +215,8 @@ pub struct LaunchInput {
     pub argv0: Option<OsString>,
     pub bootstrap: Bootstrap,
     pub boot_credentials: Vec<BootCredential>,
+    /// Whether the guest is passed its launch key.
+    pub launch_key: LaunchKey,
     /// `$CREDENTIALS_DIRECTORY` of the VM's unit: boot credential `NAME` is
     /// read from `credentials_dir/NAME`.
     pub credentials_dir: Option<PathBuf>,
@@ -295,8 +302,12 @@ pub enum LaunchError {
     UnknownHypervisor { program: PathBuf },
     #[error("VM {vm:?}: boot credential: {source}")]
     BadName { vm: String, source: RuleError },
-    #[error("VM {vm:?}: boot credential name {name:?} is reserved for vmcred's own bootstrap")]
-    ReservedName { vm: String, name: String },
+    #[error("VM {vm:?}: boot credential name {name:?} is reserved for {reserved_for}")]
+    ReservedName {
+        vm: String,
+        name: String,
+        reserved_for: &'static str,
+    },
     #[error("VM {vm:?}: boot credential {name:?} cannot be passed at launch: its name contains {ch:?} (names of boot credentials may not contain = , [ ] or \")")]
     UnsafeName { vm: String, name: String, ch: char },
     #[error("VM {vm:?}: boot credential {name:?} is listed twice")]
@@ -335,6 +346,21 @@ pub enum LaunchError {
     },
     #[error("VM {vm:?}: {source}")]
     Size { vm: String, source: RuleError },
+    #[error("VM {vm:?} has launch_key = \"required\" but {what}: add LoadCredential=vmcred.launch-key:{} to the VM's unit (microvm@{vm}.service), with After= and Wants=vmcred-host.service: the host agent makes that file when it starts, before it reports ready", .agent_file.display())]
+    LaunchKeyMissing {
+        vm: String,
+        what: String,
+        agent_file: PathBuf,
+    },
+    #[error("VM {vm:?}: the launch key in $CREDENTIALS_DIRECTORY/vmcred.launch-key is {len} bytes; expected 1 to {max} (the host agent writes 64 hex digits): point LoadCredential=vmcred.launch-key: at the agent's state_dir/launch-keys/{vm}", max = rules::MAX_LAUNCH_KEY_BYTES)]
+    LaunchKeySize { vm: String, len: usize },
+    #[error("VM {vm:?} has launch_key = \"required\", but {hypervisor} could pass the launch key only on {place}; whoever reads the key can answer as this VM, so vmcred never puts it on a command line, whatever allow_on_command_line says. Choose one: run this VM under qemu, which passes the key through a private file (SMBIOS or fw_cfg); or set launch_key = \"off\" on it in the host config, {off_is}")]
+    LaunchKeyNoPrivateCarrier {
+        vm: String,
+        hypervisor: Hypervisor,
+        place: &'static str,
+        off_is: &'static str,
+    },
     #[error("VM {vm:?}: boot credential{plural} {names} would have to go on cloud-hypervisor's command line, where every local user can read {them} through /proc/PID/cmdline (cloud-hypervisor has no way to read OEM strings from a file). Choose one for each: set allow_on_command_line = true on it in the host config to accept that; or set boot = false so that it arrives over vsock from the host agent right after boot; or run this VM under qemu, which reads OEM strings from private files")]
     CommandLineNotAllowed {
         vm: String,
@@ -512,6 +538,7 @@ pub fn prepare(input: &LaunchInput) -> Result<Prepared, LaunchError> {
         return Err(LaunchError::NoCommand);
     }
     credentials::check_names(&input.vm, &input.boot_credentials)?;
+    launch_key::check(input)?;
     hypervisor::check(input)?;
     let payloads = credentials::payloads(input)?;
     let mut build = Build::new(input);

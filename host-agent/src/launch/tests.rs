@@ -55,6 +55,7 @@ impl Fixture {
                     allow_on_command_line: *allow,
                 })
                 .collect(),
+            launch_key: LaunchKey::Off,
             credentials_dir: Some(self.creds.clone()),
             runtime_dir: Some(self.run.clone()),
             argv: argv.iter().map(OsString::from).collect(),
@@ -749,8 +750,12 @@ fn oversize_values_are_refused() {
 #[test]
 fn names_are_checked() {
     let f = fixture();
-    let cases: [(&[(&str, bool)], &str); 6] = [
+    let cases: [(&[(&str, bool)], &str); 7] = [
         (&[("a=b", false)], "'='"),
+        (
+            &[("vmcred.launch-key", false)],
+            "reserved for the VM's launch key",
+        ),
         (&[("a,b", false)], "','"),
         (&[("a]", false)], "']'"),
         (&[("vmcred.bootstrap", false)], "reserved"),
@@ -1275,4 +1280,340 @@ fn qemu_smbios_override_is_refused_only_where_tables_never_exist() {
     input.argv[2] = "microvm".into();
     let e = prepare(&input).unwrap_err();
     assert!(matches!(e, LaunchError::CarrierUnsupported { .. }), "{e}");
+}
+
+// ------------------------------------------------------ launch key --
+
+/// A launch key as the host agent writes it: 64 lowercase hex digits.
+const KEY: &[u8] = b"5ec2e7c0ffee00112233445566778899aabbccddeeff0123456789abcdef0a1b";
+
+impl Fixture {
+    /// `test-vm` with `launch_key = "required"` and its key delivered.
+    fn with_key(&self, mut input: LaunchInput) -> LaunchInput {
+        self.put(rules::LAUNCH_KEY_CREDENTIAL, KEY);
+        input.launch_key = LaunchKey::Required {
+            agent_file: PathBuf::from("/var/lib/vmcred/launch-keys/test-vm"),
+        };
+        input
+    }
+}
+
+/// Asserts that no form of the launch key is in `text`.
+fn assert_no_key(text: &[u8]) {
+    assert!(!has(text, KEY), "launch key leaked");
+    assert!(!has(text, &KEY[..16]), "part of the launch key leaked");
+    assert!(
+        !has(text, STANDARD.encode(KEY).as_bytes()),
+        "base64 launch key leaked"
+    );
+}
+
+/// Asserts that nothing a user or log sees carries the key.
+fn assert_key_only_in_files(p: &Prepared) {
+    assert_no_key(&argv_bytes(&p.argv));
+    assert_no_key(&argv_bytes(&p.shown_argv));
+    assert_no_key(format!("{p:?}").as_bytes());
+    for w in &p.warnings {
+        assert_no_key(w.as_bytes());
+    }
+    assert!(p.redacted.is_empty(), "{:?}", p.redacted);
+}
+
+#[test]
+fn qemu_smbios_carries_the_launch_key_in_a_private_file() {
+    let f = fixture();
+    f.put("API_KEY", SECRET);
+    let input = f.with_key(f.input(
+        Hypervisor::Qemu,
+        &[("API_KEY", false)],
+        &["qemu-system-x86_64", "-m", "512"],
+    ));
+    let p = prepare(&input).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let expected = [
+        ("00-vmcred.bootstrap.smbios", bootstrap_oem()),
+        (
+            "01-vmcred.launch-key.smbios",
+            binary_oem("vmcred.launch-key", KEY),
+        ),
+        ("02-API_KEY.smbios", binary_oem("API_KEY", SECRET)),
+    ];
+    let mut want_argv = vec!["qemu-system-x86_64".to_string(), "-m".into(), "512".into()];
+    for (file, content) in &expected {
+        let path = f.vm_dir().join(file);
+        assert_eq!(fs::read_to_string(&path).unwrap(), *content, "{file}");
+        assert_eq!(mode(&path), 0o400, "{file}");
+        want_argv.push("-smbios".into());
+        want_argv.push(format!("type=11,path={}", path.display()));
+    }
+    assert_eq!(strs(&p.argv), want_argv);
+    assert_eq!(p.shown_argv, p.argv);
+    assert_eq!(
+        p.files[1],
+        PrivateFile {
+            path: f.vm_dir().join("01-vmcred.launch-key.smbios"),
+            mode: 0o400,
+            carrier: Carrier::Smbios,
+            name: "vmcred.launch-key".into(),
+        }
+    );
+    assert_key_only_in_files(&p);
+    assert_no_secret(&argv_bytes(&p.argv));
+}
+
+#[test]
+fn qemu_fw_cfg_carries_the_launch_key_in_a_private_file() {
+    let f = fixture();
+    let input = f.with_key(f.input(
+        Hypervisor::Qemu,
+        &[],
+        &["qemu-system-x86_64", "-M", "microvm,accel=kvm"],
+    ));
+    let p = prepare(&input).unwrap();
+    let path = f.vm_dir().join("01-vmcred.launch-key.fw_cfg");
+    assert_eq!(fs::read(&path).unwrap(), KEY);
+    assert_eq!(mode(&path), 0o400);
+    assert_eq!(mode(&f.vm_dir()), 0o700);
+    let argv = strs(&p.argv);
+    assert_eq!(argv[..3], ["qemu-system-x86_64", "-M", "microvm,accel=kvm"]);
+    assert_eq!(
+        argv[5..],
+        [
+            "-fw_cfg".to_string(),
+            format!(
+                "name=opt/io.systemd.credentials/vmcred.launch-key,file={}",
+                path.display()
+            )
+        ]
+    );
+    assert_eq!(argv.len(), 7);
+    assert_eq!(
+        (
+            p.files[1].name.as_str(),
+            p.files[1].carrier,
+            p.files[1].mode
+        ),
+        ("vmcred.launch-key", Carrier::FwCfg, 0o400)
+    );
+    assert_key_only_in_files(&p);
+}
+
+#[test]
+fn qemu_cmdline_carrier_moves_the_bootstrap_but_never_the_launch_key() {
+    let f = fixture();
+    for machine in ["q35", "microvm"] {
+        let mut input = f.with_key(f.input(
+            Hypervisor::Qemu,
+            &[],
+            &[
+                "qemu-system-x86_64",
+                "-M",
+                machine,
+                "-kernel",
+                "k",
+                "-append",
+                "console=ttyS0",
+            ],
+        ));
+        input.carrier = CarrierChoice::Cmdline;
+        let p = prepare(&input).unwrap();
+        assert!(strs(&p.argv)[6].contains("vmcred.bootstrap:"), "{machine}");
+        assert_eq!(p.files.len(), 1, "{machine}");
+        assert_eq!(p.files[0].name, "vmcred.launch-key", "{machine}");
+        assert_ne!(p.files[0].carrier, Carrier::Cmdline, "{machine}");
+        assert_key_only_in_files(&p);
+    }
+}
+
+#[test]
+fn every_command_line_only_hypervisor_refuses_the_launch_key() {
+    use vmcred_proto::bootstrap::HostTransport;
+    let f = fixture();
+    let fc_config = f.tmp.path().join("fc.json");
+    fs::write(
+        &fc_config,
+        br#"{"boot-source":{"boot_args":"console=ttyS0"}}"#,
+    )
+    .unwrap();
+    let fc_config = fc_config.display().to_string();
+    let cases: [(Hypervisor, Vec<&str>, HostTransport); 5] = [
+        (
+            Hypervisor::CloudHypervisor,
+            vec!["cloud-hypervisor", "--kernel", "k"],
+            HostTransport::Hybrid,
+        ),
+        (
+            Hypervisor::Firecracker,
+            vec!["firecracker", "--config-file", &fc_config],
+            HostTransport::Hybrid,
+        ),
+        (
+            Hypervisor::Crosvm,
+            vec!["crosvm", "run", "k"],
+            HostTransport::Vsock,
+        ),
+        (
+            Hypervisor::Kvmtool,
+            vec!["lkvm", "run", "-k", "k"],
+            HostTransport::Vsock,
+        ),
+        (
+            Hypervisor::Alioth,
+            vec!["alioth", "run", "-k", "k"],
+            HostTransport::Vsock,
+        ),
+    ];
+    for (hypervisor, argv, host) in cases {
+        // A boot secret the user allowed on the command line goes there;
+        // the launch key never does.
+        f.put("ENVIRONMENT", OTHER);
+        let mut input = f.input(hypervisor, &[("ENVIRONMENT", true)], &argv);
+        input.bootstrap.host = host;
+        assert!(prepare(&input).is_ok(), "{hypervisor} without a key");
+        fs::remove_dir_all(&f.run).ok();
+
+        let input = f.with_key(input);
+        let e = prepare(&input).unwrap_err();
+        assert!(
+            matches!(e, LaunchError::LaunchKeyNoPrivateCarrier { .. }),
+            "{hypervisor}: {e}"
+        );
+        let text = e.to_string();
+        for needle in [
+            "launch_key = \"required\"",
+            "under qemu",
+            "launch_key = \"off\"",
+            "allow_on_command_line",
+            hypervisor.as_str(),
+        ] {
+            assert!(text.contains(needle), "{hypervisor}: {needle:?} in {text}");
+        }
+        let why_off = match host {
+            HostTransport::Hybrid => "socket path already tells",
+            HostTransport::Vsock => "start a VM on its CID",
+        };
+        assert!(text.contains(why_off), "{hypervisor}: {text}");
+        assert_no_key(text.as_bytes());
+        assert!(!f.run.exists(), "{hypervisor}: nothing written");
+    }
+}
+
+#[test]
+fn a_missing_launch_key_names_the_load_credential_line() {
+    let f = fixture();
+    let mut input = f.with_key(f.input(Hypervisor::Qemu, &[], &["qemu-kvm"]));
+    fs::remove_file(f.creds.join("vmcred.launch-key")).unwrap();
+    let e = prepare(&input).unwrap_err();
+    assert!(matches!(e, LaunchError::LaunchKeyMissing { .. }), "{e}");
+    let text = e.to_string();
+    for needle in [
+        "LoadCredential=vmcred.launch-key:/var/lib/vmcred/launch-keys/test-vm",
+        "microvm@test-vm.service",
+        "After= and Wants=vmcred-host.service",
+        "not found",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in: {text}");
+    }
+
+    input.credentials_dir = None;
+    let text = prepare(&input).unwrap_err().to_string();
+    for needle in [
+        "$CREDENTIALS_DIRECTORY is not set",
+        "LoadCredential=vmcred.launch-key:/var/lib/vmcred/launch-keys/test-vm",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in: {text}");
+    }
+    assert!(!f.run.exists(), "nothing written after a refusal");
+}
+
+#[test]
+fn a_launch_key_that_is_not_a_bounded_regular_file_is_refused() {
+    let f = fixture();
+    let input = f.with_key(f.input(Hypervisor::Qemu, &[], &["qemu-kvm"]));
+    let target = f.creds.join("vmcred.launch-key");
+    let real = f.tmp.path().join("real-key");
+    fs::write(&real, KEY).unwrap();
+    fs::remove_file(&target).unwrap();
+
+    symlink(&real, &target).unwrap();
+    let e = prepare(&input).unwrap_err();
+    assert!(matches!(e, LaunchError::NotRegularFile { .. }), "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_no_key(e.to_string().as_bytes());
+    fs::remove_file(&target).unwrap();
+
+    nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert!(prepare(&input).unwrap_err().to_string().contains("a FIFO"));
+    fs::remove_file(&target).unwrap();
+
+    for (len, ok) in [
+        (0, false),
+        (1, true),
+        (128, true),
+        (129, false),
+        (4096, false),
+    ] {
+        fs::write(&target, vec![b'a'; len]).unwrap();
+        match prepare(&input) {
+            Ok(_) => assert!(ok, "{len} bytes accepted"),
+            Err(e) => {
+                assert!(!ok, "{len} bytes: {e}");
+                assert!(matches!(e, LaunchError::LaunchKeySize { .. }), "{e}");
+                assert!(e.to_string().contains(&format!("is {len} bytes")), "{e}");
+            }
+        }
+        fs::remove_dir_all(&f.run).ok();
+    }
+}
+
+#[test]
+fn launch_key_off_passes_nothing_new() {
+    let f = fixture();
+    // A key in the credentials directory is not read when the VM has none.
+    f.put(rules::LAUNCH_KEY_CREDENTIAL, KEY);
+    let p = prepare(&f.input(Hypervisor::Qemu, &[], &["qemu-system-x86_64", "-m", "512"])).unwrap();
+    let path = f.vm_dir().join("00-vmcred.bootstrap.smbios");
+    assert_eq!(
+        strs(&p.argv),
+        [
+            "qemu-system-x86_64".to_string(),
+            "-m".into(),
+            "512".into(),
+            "-smbios".into(),
+            format!("type=11,path={}", path.display())
+        ]
+    );
+    assert_eq!(p.files.len(), 1);
+    assert_eq!(fs::read_dir(f.vm_dir()).unwrap().count(), 1);
+    // Hypervisors without a private carrier launch as before.
+    let p = prepare(&f.input(Hypervisor::Crosvm, &[], &["crosvm", "run", "k"])).unwrap();
+    assert_eq!(strs(&p.argv)[..2], ["crosvm", "run"]);
+    assert_no_key(&argv_bytes(&p.argv));
+}
+
+#[test]
+fn an_argv_that_already_passes_a_launch_key_is_refused() {
+    let f = fixture();
+    for (flag, value) in [
+        (
+            "-fw_cfg",
+            "name=opt/io.systemd.credentials/vmcred.launch-key,file=/tmp/k",
+        ),
+        (
+            "-smbios",
+            "type=11,value=io.systemd.credential:vmcred.launch-key=x",
+        ),
+        ("-append", "systemd.set_credential=vmcred.launch-key:x"),
+    ] {
+        let input = f.with_key(f.input(
+            Hypervisor::Qemu,
+            &[],
+            &["qemu-system-x86_64", "-kernel", "k", flag, value],
+        ));
+        let e = prepare(&input).unwrap_err();
+        assert!(
+            matches!(&e, LaunchError::AlreadyDefined { name, .. } if name == "vmcred.launch-key"),
+            "{flag}: {e}"
+        );
+    }
 }

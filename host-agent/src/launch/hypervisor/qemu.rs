@@ -8,7 +8,7 @@
 use super::{bad_argv, find_once, find_option, unsupported, value_at};
 use crate::launch::carrier::{cmdline, fw_cfg, smbios, split_qemu_opts};
 use crate::launch::{Build, Carrier, Hypervisor, LaunchError, LaunchInput, Payload};
-use vmcred_proto::rules::BOOTSTRAP_CREDENTIAL;
+use vmcred_proto::rules::{BOOTSTRAP_CREDENTIAL, LAUNCH_KEY_CREDENTIAL};
 
 const Q: Hypervisor = Hypervisor::Qemu;
 const MACHINE: &[&str] = &["-M", "-machine", "--machine"];
@@ -108,9 +108,10 @@ fn plan(input: &LaunchInput) -> Result<Plan, LaunchError> {
             secrets: Carrier::FwCfg,
         }),
         Some(Carrier::Cmdline) => {
-            // Secrets stay in private files; the machine type decides which,
-            // and is only needed when there are secrets.
-            let secrets = if input.boot_credentials.is_empty() {
+            // Secrets (the launch key too) stay in private files; the
+            // machine type decides which, and is only needed when there are
+            // secrets.
+            let secrets = if input.boot_credentials.is_empty() && !input.launch_key.is_required() {
                 Carrier::FwCfg
             } else if has_smbios {
                 Carrier::Smbios
@@ -172,6 +173,12 @@ fn check_existing(input: &LaunchInput, names: &[&str]) -> Result<(), LaunchError
 
 pub(super) fn check(input: &LaunchInput) -> Result<(), LaunchError> {
     let names: Vec<&str> = std::iter::once(BOOTSTRAP_CREDENTIAL)
+        .chain(
+            input
+                .launch_key
+                .is_required()
+                .then_some(LAUNCH_KEY_CREDENTIAL),
+        )
         .chain(input.boot_credentials.iter().map(|c| c.name.as_str()))
         .collect();
     check_existing(input, &names)?;
