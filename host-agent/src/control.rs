@@ -127,6 +127,52 @@ pub struct VmStatus {
     pub key_refused: bool,
     #[serde(default)]
     pub key_trust: KeyTrust,
+    /// What the guest proved about its launch at the last `Hello` (see
+    /// `launch_key`).
+    #[serde(default)]
+    pub launch_key: LaunchKeyState,
+}
+
+/// `launch_key` in `status`: whether the guest showed the VM's launch key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchKeyState {
+    /// The VM requires none (`launch_key = "off"`).
+    #[default]
+    Off,
+    /// Required; no guest has answered since start or reload.
+    Unchecked,
+    /// The guest returned the VM's key.
+    Verified,
+    /// Refused: the guest returned none.
+    Missing,
+    /// Refused: the guest returned another key.
+    Mismatch,
+    /// Refused: the agent has no key for the VM.
+    NoHostKey,
+}
+
+impl LaunchKeyState {
+    /// Before any guest answered.
+    pub fn configured(mode: crate::config::LaunchKeyMode) -> Self {
+        match mode {
+            crate::config::LaunchKeyMode::Off => LaunchKeyState::Off,
+            crate::config::LaunchKeyMode::Required => LaunchKeyState::Unchecked,
+        }
+    }
+}
+
+impl From<crate::launch_key::Proof> for LaunchKeyState {
+    fn from(p: crate::launch_key::Proof) -> Self {
+        use crate::launch_key::Proof;
+        match p {
+            Proof::NotRequired => LaunchKeyState::Off,
+            Proof::Matches => LaunchKeyState::Verified,
+            Proof::Missing => LaunchKeyState::Missing,
+            Proof::Mismatch => LaunchKeyState::Mismatch,
+            Proof::NoHostKey => LaunchKeyState::NoHostKey,
+        }
+    }
 }
 
 /// A credential's state as `status` shows it. The wire names (status
@@ -855,7 +901,7 @@ mod tests {
                 r#"{"name":"ERROR","boot":false,"state":"error","error":null},"#,
                 r#"{"name":"OMITTED","boot":false,"state":"omitted","error":null}],"#,
                 r#""owed_units":[],"guest_version":null,"guest_pins":[],"key_refused":false,"#,
-                r#""key_trust":"unknown"}}"#
+                r#""key_trust":"unknown","launch_key":"off"}}"#
             )
         );
         let back: Reply =

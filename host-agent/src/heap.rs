@@ -417,7 +417,7 @@ mod tests {
             .iter()
             .map(|n| {
                 let v = vm(n.clone(), &format!("{n}.sock"));
-                spawn(v, timing, keys.clone(), generations.clone(), None)
+                spawn(v, timing, keys.clone(), Default::default(), generations.clone(), None)
             })
             .collect();
         let mut dialled = false;
@@ -443,6 +443,7 @@ mod tests {
             vm("heap-up".into(), "up.sock"),
             timing,
             keys.clone(),
+            Default::default(),
             generations.clone(),
             None,
         );

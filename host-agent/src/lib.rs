@@ -10,6 +10,7 @@ pub mod generations;
 pub mod heap;
 pub mod keyring;
 pub mod launch;
+pub mod launch_key;
 pub mod metrics;
 pub mod openbao;
 pub mod serve;

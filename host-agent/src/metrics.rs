@@ -46,6 +46,8 @@ pub enum FailureKind {
     Unreachable,
     /// The guest refused the host key.
     KeyRefused,
+    /// The host refused the guest: it did not return the VM's launch key.
+    LaunchKeyRefused,
     /// A connection broke after it was set up (a call failed or timed out).
     SessionLost,
     /// A credential's source went missing.
@@ -68,9 +70,10 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 12] = [
         FailureKind::Unreachable,
         FailureKind::KeyRefused,
+        FailureKind::LaunchKeyRefused,
         FailureKind::SessionLost,
         FailureKind::SourceMissing,
         FailureKind::SourceError,
@@ -87,6 +90,7 @@ impl FailureKind {
         match self {
             FailureKind::Unreachable => "unreachable",
             FailureKind::KeyRefused => "key_refused",
+            FailureKind::LaunchKeyRefused => "launch_key_refused",
             FailureKind::SessionLost => "session_lost",
             FailureKind::SourceMissing => "source_missing",
             FailureKind::SourceError => "source_error",

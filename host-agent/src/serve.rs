@@ -42,7 +42,9 @@ pub use lock::{LockError, StateLock};
 
 use crate::config::Config;
 use crate::control::{self, Reply, Request, RotateReport};
+use crate::config::LaunchKeyMode;
 use crate::generations::Generations;
+use crate::launch_key::LaunchKeys;
 use crate::keyring::{self, KeyRing, KeyStep};
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
@@ -95,6 +97,9 @@ struct Shared {
 
 struct Daemon {
     keys: Arc<KeyRing>,
+    /// Per-VM launch keys (`launch_key = "required"`), made or read in
+    /// `apply_config`, checked by the VM tasks.
+    launch_keys: LaunchKeys,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
     shared: Mutex<Shared>,
@@ -161,6 +166,7 @@ pub async fn serve_with(config_path: &Path, vm_runtime: tokio::runtime::Handle) 
     info!(pin = %keys.current().pin, phase = ?keys.phase(), state_dir = %cfg.state_dir.display(), "host key ready");
     let daemon = Arc::new(Daemon {
         keys,
+        launch_keys: LaunchKeys::default(),
         generations: Generations::open(cfg.state_dir.join("generations"))
             .context("cannot open the generations directory")?,
         credentials_dir: source::credentials_directory(),
@@ -415,6 +421,16 @@ impl Daemon {
     fn apply_config(&self, cfg: &Config) {
         vsock_device::warn_if_open(cfg);
         crate::openbao::store().configure(cfg, self.credentials_dir.clone());
+        // Before the VM tasks start (and, at start, before readiness): the
+        // VMs' units load these files when they start.
+        let required = cfg
+            .vms
+            .values()
+            .filter(|v| v.launch_key == LaunchKeyMode::Required)
+            .map(|v| v.name.as_str());
+        for (vm, e) in self.launch_keys.ensure(&cfg.state_dir, required) {
+            error!(vm = %vm, error = %e, "no launch key for this VM: nothing is pushed to it until this is mended and the config reloaded");
+        }
         let t = timing(cfg);
         let (old, _) = self.snapshot();
         let mut new = BTreeMap::new();
@@ -436,6 +452,7 @@ impl Daemon {
                         vm.clone(),
                         t,
                         self.keys.clone(),
+                        self.launch_keys.clone(),
                         self.generations.clone(),
                         self.credentials_dir.clone(),
                     );

@@ -23,8 +23,10 @@ use vmcred_proto::rpc::pb;
 use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
 
-use crate::config::Vm;
+use crate::config::{LaunchKeyMode, Vm};
+use crate::launch_key::{LaunchKeys, Proof};
 use crate::control::{
+    LaunchKeyState,
     CredState, CredentialOutcome, CredentialStatus, KeyTrust, Outcome, RotateReport, UnitOutcome,
     VmStatus,
 };
@@ -112,6 +114,7 @@ pub fn spawn(
     vm: Arc<Vm>,
     timing: Timing,
     keys: Arc<KeyRing>,
+    launch_keys: LaunchKeys,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
 ) -> VmHandle {
@@ -141,6 +144,7 @@ pub fn spawn(
         guest_pins: Vec::new(),
         key_refused: false,
         key_trust: KeyTrust::Unknown,
+        launch_key: LaunchKeyState::configured(vm.launch_key),
     }));
     let handle = VmHandle {
         tx,
@@ -151,6 +155,7 @@ pub fn spawn(
         vm,
         timing,
         keys,
+        launch_keys,
         generations,
         credentials_dir,
         status,
@@ -169,6 +174,8 @@ struct GuestView {
     applied: u64,
     held: BTreeMap<String, [u8; 32]>,
     owed: Vec<UnitOutcome>,
+    /// What its launch key proved (see `launch_key`).
+    launch: Proof,
 }
 
 /// Why a session ended.
@@ -179,6 +186,9 @@ enum SessionEnd {
     Lost(String),
     /// The host's keys changed: dial again at once.
     Rekey,
+    /// The guest did not prove it is the VM `launch` started: nothing was
+    /// pushed; dial again after the back-off.
+    NotLaunched(String),
 }
 
 /// Why a dial did not give a session.
@@ -248,6 +258,7 @@ struct VmTask {
     vm: Arc<Vm>,
     timing: Timing,
     keys: Arc<KeyRing>,
+    launch_keys: LaunchKeys,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
     status: Arc<Mutex<VmStatus>>,
@@ -395,6 +406,12 @@ impl VmTask {
                             info!(vm = %self.vm.name, "host keys changed; redialling");
                             continue;
                         }
+                        SessionEnd::NotLaunched(e) => {
+                            metrics::global()
+                                .failure(&self.vm.name, FailureKind::LaunchKeyRefused);
+                            self.unreachable(&e);
+                            self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
+                        }
                         SessionEnd::Lost(e) => {
                             metrics::global().failure(&self.vm.name, FailureKind::SessionLost);
                             if self.reach == Reach::Up {
@@ -442,8 +459,7 @@ impl VmTask {
                             break;
                         }
                         Some(Command::Reconfigure(vm, timing)) => {
-                            self.vm = vm;
-                            self.timing = *timing;
+                            self.reconfigure(vm, *timing);
                         }
                     },
                 }
@@ -685,6 +701,11 @@ impl VmTask {
         if !reply.pins.is_empty() {
             self.record_pins(&reply.pins);
         }
+        let launch = self.launch_keys.check(
+            &self.vm.name,
+            self.vm.launch_key == LaunchKeyMode::Required,
+            &reply.launch_key,
+        );
         let owed = bound_units(reply.owed_units);
         let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
         self.update(|s| {
@@ -696,7 +717,45 @@ impl VmTask {
             applied: reply.applied_generation,
             held,
             owed,
+            launch,
         }
+    }
+
+    /// Admits a guest to pushes only when its launch key proves it is the
+    /// VM (or the VM requires none); records what it proved in `status`.
+    /// Called after every `Hello`, before anything is pushed.
+    fn admit(&self, guest: &GuestView) -> Result<(), String> {
+        self.update(|s| s.launch_key = LaunchKeyState::from(guest.launch));
+        let vm = &self.vm.name;
+        Err(match guest.launch {
+            Proof::NotRequired | Proof::Matches => return Ok(()),
+            Proof::Missing => format!(
+                "refused: the guest did not return VM {vm}'s launch key (launch_key = \"required\"), \
+                 so nothing shows that `vmcred-host launch` started it; nothing was pushed. A VM \
+                 started before its key existed, or not through `vmcred-host launch`, needs a \
+                 relaunch through it; another VM on this CID gets nothing"
+            ),
+            Proof::Mismatch => format!(
+                "refused: the guest returned a launch key that is not VM {vm}'s; nothing was \
+                 pushed. Another VM may be running on this VM's CID; or the VM was launched \
+                 with a key since replaced: relaunch it"
+            ),
+            Proof::NoHostKey => format!(
+                "refused: the host agent has no launch key for VM {vm} (its log says why; \
+                 {}/{vm}); nothing is pushed until it has one",
+                crate::launch_key::DIR
+            ),
+        })
+    }
+
+    /// A new config for this VM (a reload); shows a changed `launch_key`
+    /// setting in `status` at once.
+    fn reconfigure(&mut self, vm: Arc<Vm>, timing: Timing) {
+        if vm.launch_key != self.vm.launch_key {
+            self.update(|s| s.launch_key = LaunchKeyState::configured(vm.launch_key));
+        }
+        self.vm = vm;
+        self.timing = timing;
     }
 
     async fn session(
@@ -715,6 +774,9 @@ impl VmTask {
             Ok(g) => g,
             Err(e) => return SessionEnd::Lost(e),
         };
+        if let Err(e) = self.admit(&guest) {
+            return SessionEnd::NotLaunched(e);
+        }
         match self.sync(&mut client, &mut guest, &[], Why::Connect).await {
             Ok(r) => self.log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),
@@ -783,7 +845,11 @@ impl VmTask {
                     Some(Command::Wake) => {
                         last_probe = tokio::time::Instant::now();
                         pings_since_hello = 0;
-                        self.hello(&mut client).await.map(|g| guest = g)
+                        self.hello(&mut client).await.and_then(|g| {
+                            self.admit(&g)?;
+                            guest = g;
+                            Ok(())
+                        })
                     }
                     Some(Command::Rekey(reply)) => {
                         rekeys.push(reply);
@@ -801,8 +867,19 @@ impl VmTask {
                         r.map(|_| ())
                     }
                     Some(Command::Reconfigure(vm, timing)) => {
-                        self.vm = vm;
-                        self.timing = *timing;
+                        let was = self.vm.launch_key;
+                        self.reconfigure(vm, *timing);
+                        // A guest admitted under the old setting proves
+                        // itself again before the reload's push.
+                        if self.vm.launch_key != was {
+                            match self.hello(&mut client).await {
+                                Ok(g) => guest = g,
+                                Err(e) => return SessionEnd::Lost(e),
+                            }
+                            if let Err(e) = self.admit(&guest) {
+                                return SessionEnd::NotLaunched(e);
+                            }
+                        }
                         self.sync(&mut client, &mut guest, &[], Why::Reload).await.map(|r| self.log_report(&r, Why::Reload))
                     }
                 },
@@ -825,7 +902,11 @@ impl VmTask {
                         match probe_kind(pings_since_hello, !guest.owed.is_empty()) {
                             Probe::Hello => {
                                 pings_since_hello = 0;
-                                self.hello(&mut client).await.map(|g| guest = g)
+                                self.hello(&mut client).await.and_then(|g| {
+                            self.admit(&g)?;
+                            guest = g;
+                            Ok(())
+                        })
                             }
                             Probe::Ping => {
                                 pings_since_hello += 1;
@@ -1092,7 +1173,9 @@ impl VmTask {
             self.retry_due = matches!(status.code(), Code::Aborted | Code::FailedPrecondition);
             if status.code() == Code::FailedPrecondition {
                 // Learn what the guest now claims, for status.
-                *guest = self.hello(client).await?;
+                let g = self.hello(client).await?;
+                self.admit(&g)?;
+                *guest = g;
             }
             self.finish(&report, guest);
             return Ok(report);
@@ -1430,6 +1513,7 @@ mod tests {
                 keepalive: Duration::from_secs(60),
             },
             keys: Arc::new(KeyRing::load(dir.path()).expect("host key")),
+            launch_keys: LaunchKeys::default(),
             generations: Generations::open(dir.path().join("generations")).expect("generations"),
             credentials_dir: None,
             status: Arc::new(Mutex::new(VmStatus {
@@ -1446,6 +1530,7 @@ mod tests {
                 guest_pins: Vec::new(),
                 key_refused: false,
                 key_trust: KeyTrust::Unknown,
+                launch_key: LaunchKeyState::Off,
             })),
             rx,
             cred_state: BTreeMap::new(),

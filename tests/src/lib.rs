@@ -87,6 +87,10 @@ pub struct Guest {
     /// (`JOURNAL_STREAM`), as for the host agent.
     pub prefix: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `launch_key = "required"` in the host config: `launch_dry_run`
+    /// then hands the host's key file to `launch` as the VM's unit would
+    /// (`LoadCredential=vmcred.launch-key:…`).
+    pub launch_key: bool,
 }
 
 /// A host agent, its config and its guests in one temporary directory.
@@ -164,6 +168,7 @@ impl World {
             child: None,
             prefix: Vec::new(),
             env: Vec::new(),
+            launch_key: false,
         };
         self.guests.insert(name.into(), g);
         self.creds.entry(name.into()).or_default();
@@ -215,6 +220,9 @@ impl World {
                 "\n[vms.{vm}]\nhybrid_socket = \"{}\"\nport = {PORT}\n",
                 g.muxer_socket.display()
             ));
+            if g.launch_key {
+                t.push_str("launch_key = \"required\"\n");
+            }
             for (cred, (path, boot)) in self.creds.get(vm).into_iter().flatten() {
                 t.push_str(&format!(
                     "[vms.{vm}.credentials.\"{cred}\"]\npath = \"{}\"\nboot = {boot}\n",
@@ -310,6 +318,17 @@ impl World {
     /// Boots a guest: the launch wrapper's SMBIOS files are imported the
     /// way PID 1 does it, then the guest agent starts.
     pub fn boot_guest(&mut self, vm: &str) -> Result<Vec<String>> {
+        self.boot_guest_as(vm, None)
+    }
+
+    /// Boots another VM in `vm`'s place, as whoever can start a VM on a
+    /// stopped VM's CID would: the same public bootstrap, and instead of
+    /// the launch key `key` (`None`: no key at all).
+    pub fn boot_impostor(&mut self, vm: &str, key: Option<&[u8]>) -> Result<Vec<String>> {
+        self.boot_guest_as(vm, Some(key))
+    }
+
+    fn boot_guest_as(&mut self, vm: &str, impostor: Option<Option<&[u8]>>) -> Result<Vec<String>> {
         let argv = self.launch_dry_run(vm, "qemu")?;
         let files: Vec<PathBuf> = argv
             .iter()
@@ -326,11 +345,22 @@ impl World {
         for f in files {
             let oem = std::fs::read(&f)?;
             let (name, value) = import_smbios(&oem)?;
+            if impostor.is_some() && name == "vmcred.launch-key" {
+                continue;
+            }
             write_atomic(&g.creds_dir.join(&name), &value, 0o400)?;
             imported.push(name);
         }
+        if let Some(Some(key)) = impostor {
+            write_atomic(&g.creds_dir.join("vmcred.launch-key"), key, 0o400)?;
+        }
         self.start_guest_agent(vm)?;
         Ok(imported)
+    }
+
+    /// Where the host agent keeps `vm`'s launch key.
+    pub fn launch_key_path(&self, vm: &str) -> PathBuf {
+        self.path().join("host-state/launch-keys").join(vm)
     }
 
     /// `vmcred-host launch --dry-run`: the hypervisor argv it would exec.
@@ -346,6 +376,13 @@ impl World {
             if *boot {
                 std::fs::copy(path, unit_creds.join(cred))?;
             }
+        }
+        if g.launch_key {
+            std::fs::copy(
+                self.launch_key_path(vm),
+                unit_creds.join("vmcred.launch-key"),
+            )
+            .context("the host agent's launch key for the VM (is the host started?)")?;
         }
         let base: Vec<&str> = match hypervisor {
             "qemu" => vec!["qemu-system-x86_64", "-m", "512", "-nographic"],
@@ -417,6 +454,8 @@ impl World {
             guest_cfg.display().to_string(),
             "--bootstrap".into(),
             g.creds_dir.join("vmcred.bootstrap").display().to_string(),
+            "--launch-key".into(),
+            g.creds_dir.join("vmcred.launch-key").display().to_string(),
             "--credentials-dir".into(),
             g.creds_dir.display().to_string(),
             "--state-dir".into(),
