@@ -34,9 +34,9 @@ NESTED_L2_MODULES="vsock.ko vmw_vsock_virtio_transport_common.ko virtio.ko virti
 vmw_vsock_virtio_transport.ko virtio_mmio.ko qemu_fw_cfg.ko"
 # Where L1 keeps the nested pieces.
 NL1=/usr/local/lib/vmcred-test/nested
-# What `vmcred-host status --json` says of a VM whose guest did not return
-# its launch key (grep -E).
-NESTED_REFUSAL_RE='launch.key'
+# What `vmcred-host status --json` says of a VM whose guest returned no
+# launch key (grep -E): the host refused it.
+NESTED_REFUSAL_RE='"launch_key": *"missing"'
 
 # nested_prepare_rootfs: the suite's cached tree + qemu-system-x86 from the
 # suite's own archive (apt in a chroot of a copy; the base tree is untouched),
@@ -505,7 +505,8 @@ grep -a "host connected" $W/l2-console.log | head -n 3
 grep -a "^VMCRED-L2 API_KEY" $W/l2-console.log
 grep -a "^VMCRED-L2 credential from fw_cfg" $W/l2-console.log
 grep -a "holding the VM.s launch key" $W/l2-console.log | head -n 1
-vmcred-host status --config $W/host.toml' || true
+vmcred-host status --config $W/host.toml
+vmcred-host status --config $W/host.toml --vm vm2 --json | grep -o "\"launch_key\": *\"[a-z-]*\""' || true
 		out=${GUEST_OUT//$'\r'/}
 		indent <<<"$out"
 		local port
@@ -517,8 +518,9 @@ vmcred-host status --config $W/host.toml' || true
 			fail "$tag L2: host admitted from CID 2 and a port < 1024, API_KEY whole"
 		fi
 		if grep -qx 'VMCRED-L2 credential from fw_cfg: vmcred.launch-key 64 bytes mode=400' <<<"$out" &&
-			grep -q "holding the VM's launch key" <<<"$out" && grep -q "^VMCRED-L2 API_KEY sha256=$digest1 " <<<"$out"; then
-			pass "$tag L2 imported vmcred.launch-key from fw_cfg into /run/credentials/@system (64 bytes, 0400), its agent holds it, and the host, which requires it for vm2, pushed API_KEY to it"
+			grep -q "holding the VM's launch key" <<<"$out" && grep -q "^VMCRED-L2 API_KEY sha256=$digest1 " <<<"$out" &&
+			grep -qE '^"launch_key": *"verified"$' <<<"$out"; then
+			pass "$tag L2 imported vmcred.launch-key from fw_cfg into /run/credentials/@system (64 bytes, 0400), its agent holds it, the host's status says launch_key \"verified\", and the host pushed API_KEY to it"
 		else
 			fail "$tag L2 got the launch key through fw_cfg and was admitted with it"
 		fi
