@@ -303,7 +303,7 @@ umask 077
 printf "vmcred-test-nested-api-key-c-%s" "$(od -An -N8 -tx1 /dev/urandom | tr -d " \n")" >$W/secrets/api-key.new
 mv $W/secrets/api-key.new $W/secrets/api-key
 rm -f $W/rotate-impostor.rc
-setsid sh -c "vmcred-host rotate --config $W/host.toml vm2 API_KEY --timeout 120s --json >$W/rotate-impostor.json 2>$W/rotate-impostor.err; echo \$? >$W/rotate-impostor.rc" </dev/null >/dev/null 2>&1 &
+setsid sh -c "vmcred-host rotate --config $W/host.toml vm2 API_KEY --timeout 60s --json >$W/rotate-impostor.json 2>$W/rotate-impostor.err; echo \$? >$W/rotate-impostor.rc" </dev/null >/dev/null 2>&1 &
 echo started' || true
 	if ! nested_wait_l1 "$tag" 600 'vmcred-host status --config /root/nested/host.toml --vm vm2 --json | grep -E -q '"'$NESTED_REFUSAL_RE'"'' /root/nested/impostor-console.log; then
 		log "nested: the host's status never named a launch key refusal in 600 s"
