@@ -417,7 +417,14 @@ mod tests {
             .iter()
             .map(|n| {
                 let v = vm(n.clone(), &format!("{n}.sock"));
-                spawn(v, timing, keys.clone(), Default::default(), generations.clone(), None)
+                spawn(
+                    v,
+                    timing,
+                    keys.clone(),
+                    Default::default(),
+                    generations.clone(),
+                    None,
+                )
             })
             .collect();
         let mut dialled = false;

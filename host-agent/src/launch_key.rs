@@ -18,7 +18,7 @@
 //! removing the file and restarting the agent; running VMs are then
 //! refused until relaunched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -86,48 +86,69 @@ pub enum Proof {
     NoHostKey,
 }
 
-/// The keys of every VM that requires one, shared by `serve` (which makes
-/// and loads them) and the VM tasks (which check guests against them).
+/// Which VMs require a key, and the keys, shared by `serve` (which sets
+/// them at start and on every reload) and the VM tasks (which check guests
+/// against them). The set lives here, not only in each task's copy of the
+/// config: a task that has not yet taken a reload's new config (its queue
+/// full) still checks under the new setting, so turning the key on never
+/// waits on a busy task.
 #[derive(Debug, Clone, Default)]
-pub struct LaunchKeys(Arc<RwLock<BTreeMap<String, Arc<LaunchKey>>>>);
+pub struct LaunchKeys(Arc<RwLock<Held>>);
+
+#[derive(Debug, Default)]
+struct Held {
+    required: BTreeSet<String>,
+    keys: BTreeMap<String, Arc<LaunchKey>>,
+}
 
 impl LaunchKeys {
-    /// Loads or makes the key of each VM in `required` that is not already
-    /// held (a reload reads only new VMs' files). Returns the VMs whose key
-    /// could not be had, with why; those VMs are refused every push.
+    /// Makes `required` the VMs that require a key, and loads or makes the
+    /// key of each that is not already held (a reload reads only new VMs'
+    /// files). Returns the VMs whose key could not be had, with why; those
+    /// VMs are refused every push.
     pub fn ensure<'a>(
         &self,
         state_dir: &Path,
         required: impl IntoIterator<Item = &'a str>,
     ) -> Vec<(String, LaunchKeyError)> {
-        let mut failed = Vec::new();
-        let held: Vec<String> = self
+        let required: BTreeSet<String> = required.into_iter().map(str::to_string).collect();
+        let held: BTreeSet<String> = self
             .0
             .read()
-            .map(|m| m.keys().cloned().collect())
+            .map(|h| h.keys.keys().cloned().collect())
             .unwrap_or_default();
+        let mut failed = Vec::new();
         let mut new = Vec::new();
-        for vm in required {
-            if held.iter().any(|h| h == vm) {
-                continue;
-            }
+        for vm in required.difference(&held) {
             match load_or_make(state_dir, vm) {
-                Ok(k) => new.push((vm.to_string(), Arc::new(k))),
-                Err(e) => failed.push((vm.to_string(), e)),
+                Ok(k) => new.push((vm.clone(), Arc::new(k))),
+                Err(e) => failed.push((vm.clone(), e)),
             }
         }
-        if let Ok(mut m) = self.0.write() {
-            m.extend(new);
-        }
+        // A poisoned lock is recovered: the set must change whatever
+        // happened to a reader.
+        let mut h = self.0.write().unwrap_or_else(|p| p.into_inner());
+        h.keys.extend(new);
+        h.required = required;
         failed
     }
 
+    /// Whether `vm` requires a key now.
+    pub fn requires(&self, vm: &str) -> bool {
+        self.0
+            .read()
+            .map(|h| h.required.contains(vm))
+            // Fail closed.
+            .unwrap_or(true)
+    }
+
     /// Checks a guest's claim for `vm`.
-    pub fn check(&self, vm: &str, required: bool, claim: &[u8]) -> Proof {
-        if !required {
-            return Proof::NotRequired;
-        }
-        let key = self.0.read().ok().and_then(|m| m.get(vm).cloned());
+    pub fn check(&self, vm: &str, claim: &[u8]) -> Proof {
+        let key = match self.0.read() {
+            Ok(h) if !h.required.contains(vm) => return Proof::NotRequired,
+            Ok(h) => h.keys.get(vm).cloned(),
+            Err(_) => None,
+        };
         match key {
             None => Proof::NoHostKey,
             Some(_) if claim.is_empty() => Proof::Missing,
@@ -165,11 +186,9 @@ pub fn load_or_make(state_dir: &Path, vm: &str) -> Result<LaunchKey, LaunchKeyEr
         hex.push(HEX[usize::from(b >> 4)]);
         hex.push(HEX[usize::from(b & 15)]);
     }
-    vmcred_proto::fsutil::write_atomic(&path, &hex, 0o600).map_err(|error| {
-        LaunchKeyError::Io {
-            path: path.clone(),
-            error,
-        }
+    vmcred_proto::fsutil::write_atomic(&path, &hex, 0o600).map_err(|error| LaunchKeyError::Io {
+        path: path.clone(),
+        error,
     })?;
     Ok(LaunchKey(hex))
 }
@@ -277,20 +296,30 @@ mod tests {
     fn a_claim_matches_only_the_exact_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let keys = LaunchKeys::default();
-        assert!(keys.ensure(dir.path(), ["a"]).is_empty());
+        assert!(keys.ensure(dir.path(), ["a", "b"]).is_empty());
         let text = fs::read(path(dir.path(), "a")).expect("read");
-        assert_eq!(keys.check("a", true, &text), Proof::Matches);
-        assert_eq!(keys.check("a", false, b""), Proof::NotRequired);
-        assert_eq!(keys.check("a", true, b""), Proof::Missing);
-        assert_eq!(keys.check("a", true, &text[..63]), Proof::Mismatch);
+        let b_key = fs::read(path(dir.path(), "b")).expect("read b");
+        assert_eq!(keys.check("a", &text), Proof::Matches);
+        assert_eq!(keys.check("a", b""), Proof::Missing);
+        assert_eq!(keys.check("a", &text[..63]), Proof::Mismatch);
+        assert_eq!(keys.check("a", &b_key), Proof::Mismatch, "another VM's key");
         let mut longer = text.clone();
         longer.push(b'0');
-        assert_eq!(keys.check("a", true, &longer), Proof::Mismatch);
-        let mut flipped = text.clone();
-        flipped[10] ^= 1;
-        assert_eq!(keys.check("a", true, &flipped), Proof::Mismatch);
-        assert_eq!(keys.check("a", true, &vec![b'a'; 100_000]), Proof::Mismatch);
-        assert_eq!(keys.check("b", true, &text), Proof::NoHostKey);
+        assert_eq!(keys.check("a", &longer), Proof::Mismatch);
+        for at in [0, 10, 31, 32, 63] {
+            let mut flipped = text.clone();
+            flipped[at] ^= 1;
+            assert_eq!(keys.check("a", &flipped), Proof::Mismatch, "byte {at}");
+        }
+        assert_eq!(keys.check("a", &vec![b'a'; 100_000]), Proof::Mismatch);
+        assert_eq!(keys.check("c", &text), Proof::NotRequired);
+        // A reload that drops the requirement, then brings it back: the
+        // key held is the same.
+        assert!(keys.ensure(dir.path(), ["b"]).is_empty());
+        assert!(!keys.requires("a"));
+        assert_eq!(keys.check("a", b""), Proof::NotRequired);
+        assert!(keys.ensure(dir.path(), ["a", "b"]).is_empty());
+        assert_eq!(keys.check("a", &text), Proof::Matches);
     }
 
     #[test]
@@ -310,15 +339,26 @@ mod tests {
             fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
             let e = load_or_make(dir.path(), vm).expect_err(vm).to_string();
             assert!(e.contains(want), "{vm}: {e}");
-            assert_eq!(fs::read(&p).expect("kept"), content, "{vm}: the file is kept");
+            assert_eq!(
+                fs::read(&p).expect("kept"),
+                content,
+                "{vm}: the file is kept"
+            );
         }
         std::os::unix::fs::symlink("/etc/hostname", d.join("link")).expect("symlink");
-        let e = load_or_make(dir.path(), "link").expect_err("symlink").to_string();
+        let e = load_or_make(dir.path(), "link")
+            .expect_err("symlink")
+            .to_string();
         assert!(e.contains("symbolic link"), "{e}");
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod dir");
-        let e = load_or_make(dir.path(), "new").expect_err("open dir").to_string();
+        let e = load_or_make(dir.path(), "new")
+            .expect_err("open dir")
+            .to_string();
         assert!(e.contains("mode 0755"), "{e}");
-        assert!(!d.join("new").exists(), "nothing is made in an open directory");
+        assert!(
+            !d.join("new").exists(),
+            "nothing is made in an open directory"
+        );
     }
 
     #[test]
@@ -332,8 +372,9 @@ mod tests {
         let failed = keys.ensure(dir.path(), ["bad", "good"]);
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, "bad");
-        assert_eq!(keys.check("bad", true, b"x"), Proof::NoHostKey);
+        assert!(keys.requires("bad"));
+        assert_eq!(keys.check("bad", b"x"), Proof::NoHostKey);
         let good = fs::read(path(dir.path(), "good")).expect("read");
-        assert_eq!(keys.check("good", true, &good), Proof::Matches);
+        assert_eq!(keys.check("good", &good), Proof::Matches);
     }
 }

@@ -41,11 +41,11 @@ pub use limits::raise_nofile_limit;
 pub use lock::{LockError, StateLock};
 
 use crate::config::Config;
-use crate::control::{self, Reply, Request, RotateReport};
 use crate::config::LaunchKeyMode;
+use crate::control::{self, Reply, Request, RotateReport};
 use crate::generations::Generations;
-use crate::launch_key::LaunchKeys;
 use crate::keyring::{self, KeyRing, KeyStep};
+use crate::launch_key::LaunchKeys;
 use crate::source;
 use crate::vm::{self, Command, Timing, VmHandle};
 use access::Access;

@@ -22,17 +22,17 @@ use unicode_general_category::{get_general_category, GeneralCategory};
 use vmcred_proto::rpc::pb;
 use vmcred_proto::rpc::HostClient;
 use vmcred_proto::{rules, tls, transport};
+use zeroize::Zeroize;
 
-use crate::config::{LaunchKeyMode, Vm};
-use crate::launch_key::{LaunchKeys, Proof};
+use crate::config::Vm;
 use crate::control::{
-    LaunchKeyState,
-    CredState, CredentialOutcome, CredentialStatus, KeyTrust, Outcome, RotateReport, UnitOutcome,
-    VmStatus,
+    CredState, CredentialOutcome, CredentialStatus, KeyTrust, LaunchKeyState, Outcome,
+    RotateReport, UnitOutcome, VmStatus,
 };
 use crate::generations::Generations;
 use crate::heap;
 use crate::keyring::{DialKey, KeyRing};
+use crate::launch_key::{LaunchKeys, Proof};
 use crate::metrics::{self, FailureKind};
 use crate::source;
 
@@ -204,6 +204,14 @@ enum Open {
 struct Opened {
     client: HostClient,
     hello: Option<Result<GuestView, String>>,
+}
+
+impl Opened {
+    /// False when the first `Hello` showed a guest that has not proved its
+    /// launch: `session` refuses it before anything else.
+    fn admissible(&self) -> bool {
+        !matches!(&self.hello, Some(Ok(g)) if !matches!(g.launch, Proof::NotRequired | Proof::Matches))
+    }
 }
 
 /// Pins kept from a guest's report (it holds at most two).
@@ -384,10 +392,6 @@ impl VmTask {
             }
             match dialled {
                 Ok(opened) => {
-                    self.update(|s| {
-                        s.connected = true;
-                        s.last_error = None;
-                    });
                     debug!(vm = %self.vm.name, target = %self.vm.target, "connected to guest agent");
                     let mut synced = false;
                     let end = self
@@ -407,8 +411,7 @@ impl VmTask {
                             continue;
                         }
                         SessionEnd::NotLaunched(e) => {
-                            metrics::global()
-                                .failure(&self.vm.name, FailureKind::LaunchKeyRefused);
+                            metrics::global().failure(&self.vm.name, FailureKind::LaunchKeyRefused);
                             self.unreachable(&e);
                             self.update(|s| s.last_error = Some(cap(&e, bound::LAST_ERROR)));
                         }
@@ -520,8 +523,10 @@ impl VmTask {
                  a key rollover that is now retired, relaunch the VM"
             ));
         };
-        info!(vm = %self.vm.name, "guest refused the current host key; handing it the current pin under the previous key");
+        info!(vm = %self.vm.name, "guest refused the current host key; trying the previous key, to hand it the current pin");
         match self.open(&prev, Some(current.pin)).await {
+            // Not handed the pin: `session` refuses it and says why.
+            Ok(opened) if !opened.admissible() => return Ok(opened),
             Ok(_) => {}
             Err(Open::Unreachable(e) | Open::Refused(e)) => {
                 self.update(|s| s.key_refused = true);
@@ -542,11 +547,10 @@ impl VmTask {
 
     /// Dials, authenticates with `key`, and proves the guest accepted it
     /// with the session's first call: TLS 1.3 reports a refused client
-    /// certificate only at the first read. With no `next` pin to hand over
-    /// that call is the `Hello` the session needs anyway (its reply carries
-    /// the guest's pins), which saves a round trip per connect; otherwise
-    /// it is a `Trust` call that hands `next` over. Either answer is
-    /// recorded as the guest's pins.
+    /// certificate only at the first read. That call is the `Hello` the
+    /// session needs anyway (its reply carries the guest's pins and launch
+    /// key); then, with a `next` pin to hand over and a guest admissible
+    /// by its launch key, a `Trust` call hands it over.
     async fn open(&self, key: &DialKey, next: Option<tls::Pin>) -> Result<Opened, Open> {
         let stream = transport::dial(&self.vm.target, self.timing.rpc_timeout)
             .await
@@ -567,33 +571,26 @@ impl VmTask {
         .map_err(|_| Open::Unreachable("TLS handshake timed out".to_string()))?
         .map_err(|e| Open::Refused(format!("TLS handshake with the guest failed: {e}")))?;
         cork.handshake_done();
-        let mut client = vmcred_proto::rpc::host_client_over(tls)
+        let client = vmcred_proto::rpc::host_client_over(tls)
             .await
             .map_err(|e| Open::Unreachable(format!("gRPC setup failed: {e}")))?;
         // HTTP/2 flushes once it has written the call below.
         cork.release();
-        let Some(next) = next else {
-            return self.hello_probe(client).await;
-        };
-        let probe = pb::TrustRequest::default();
-        match tokio::time::timeout(self.timing.rpc_timeout, client.trust(probe)).await {
-            Err(_) => return Err(Open::Unreachable("Trust timed out".to_string())),
-            Ok(Ok(reply)) => self.record_pins(&reply.into_inner().pins),
-            // A guest from before key rollovers: the session works, and
-            // there is no pin to hand over.
-            Ok(Err(s)) if s.code() == Code::Unimplemented => {
-                return Ok(Opened {
-                    client,
-                    hello: None,
-                })
-            }
-            Ok(Err(s)) => {
-                return Err(Open::Refused(format!(
-                    "the guest refused the session (is the host key pinned?): {}",
-                    guest_text(s.message())
-                )))
+        let mut opened = self.hello_probe(client).await?;
+        // Only a guest that proved its launch (or whose VM requires no key)
+        // is handed the next pin: whether the VM requires one is decided
+        // from the same `Hello`, so a reload between cannot split the two.
+        if let Some(next) = next {
+            if opened.admissible() {
+                self.hand_over(&mut opened.client, next).await?;
             }
         }
+        Ok(opened)
+    }
+
+    /// Hands the guest the next key's pin (`Trust`) and records the pins
+    /// it then holds.
+    async fn hand_over(&self, client: &mut HostClient, next: tls::Pin) -> Result<(), Open> {
         let req = pb::TrustRequest {
             next_pin: next.0.to_vec(),
         };
@@ -603,6 +600,11 @@ impl VmTask {
                 self.record_pins(&reply.into_inner().pins);
                 info!(vm = %self.vm.name, next = %next, "guest holds the next host key pin");
             }
+            // A guest from before key rollovers: the session works, and
+            // there is no pin to hand over.
+            Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                debug!(vm = %self.vm.name, "the guest keeps a fixed pin (no Trust)");
+            }
             // The session stays usable; status shows the pin missing.
             Ok(Err(s)) => warn!(
                 vm = %self.vm.name,
@@ -610,10 +612,7 @@ impl VmTask {
                 "the guest did not store the next host key pin"
             ),
         }
-        Ok(Opened {
-            client,
-            hello: None,
-        })
+        Ok(())
     }
 
     /// The first call of a session with no pin to hand over: `Hello`.
@@ -688,7 +687,9 @@ impl VmTask {
 
     /// What a Hello reply says, bounded; the pins and what is shown in
     /// `status` are recorded.
-    fn view_of(&self, reply: pb::HelloReply) -> GuestView {
+    fn view_of(&self, mut reply: pb::HelloReply) -> GuestView {
+        let launch = self.launch_keys.check(&self.vm.name, &reply.launch_key);
+        reply.launch_key.zeroize();
         let mut held = BTreeMap::new();
         for h in reply.held.into_iter().take(rules::MAX_FILES) {
             // A malformed entry only means we resend that credential.
@@ -698,21 +699,20 @@ impl VmTask {
                 }
             }
         }
-        if !reply.pins.is_empty() {
-            self.record_pins(&reply.pins);
-        }
-        let launch = self.launch_keys.check(
-            &self.vm.name,
-            self.vm.launch_key == LaunchKeyMode::Required,
-            &reply.launch_key,
-        );
         let owed = bound_units(reply.owed_units);
-        let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
-        self.update(|s| {
-            s.generation_applied = reply.applied_generation;
-            s.owed_units = owed.clone();
-            s.guest_version = Some(version);
-        });
+        // A guest that has not proved its launch may be another VM: what it
+        // claims is not shown as this VM's (`admit` refuses it).
+        if matches!(launch, Proof::NotRequired | Proof::Matches) {
+            if !reply.pins.is_empty() {
+                self.record_pins(&reply.pins);
+            }
+            let version = cap(&guest_text(&reply.guest_version), bound::VERSION);
+            self.update(|s| {
+                s.generation_applied = reply.applied_generation;
+                s.owed_units = owed.clone();
+                s.guest_version = Some(version);
+            });
+        }
         GuestView {
             applied: reply.applied_generation,
             held,
@@ -732,8 +732,9 @@ impl VmTask {
             Proof::Missing => format!(
                 "refused: the guest did not return VM {vm}'s launch key (launch_key = \"required\"), \
                  so nothing shows that `vmcred-host launch` started it; nothing was pushed. A VM \
-                 started before its key existed, or not through `vmcred-host launch`, needs a \
-                 relaunch through it; another VM on this CID gets nothing"
+                 started before its key existed, or not through `vmcred-host launch`, or whose \
+                 guest agent is from before launch keys, needs a relaunch through it (with a \
+                 current guest agent); another VM on this CID gets nothing"
             ),
             Proof::Mismatch => format!(
                 "refused: the guest returned a launch key that is not VM {vm}'s; nothing was \
@@ -777,6 +778,10 @@ impl VmTask {
         if let Err(e) = self.admit(&guest) {
             return SessionEnd::NotLaunched(e);
         }
+        self.update(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
         match self.sync(&mut client, &mut guest, &[], Why::Connect).await {
             Ok(r) => self.log_report(&r, Why::Connect),
             Err(e) => return SessionEnd::Lost(e),
@@ -867,11 +872,12 @@ impl VmTask {
                         r.map(|_| ())
                     }
                     Some(Command::Reconfigure(vm, timing)) => {
-                        let was = self.vm.launch_key;
                         self.reconfigure(vm, *timing);
-                        // A guest admitted under the old setting proves
-                        // itself again before the reload's push.
-                        if self.vm.launch_key != was {
+                        // A guest admitted while no key was required
+                        // proves itself before the reload's push.
+                        if self.launch_keys.requires(&self.vm.name)
+                            && guest.launch != Proof::Matches
+                        {
                             match self.hello(&mut client).await {
                                 Ok(g) => guest = g,
                                 Err(e) => return SessionEnd::Lost(e),
@@ -903,10 +909,10 @@ impl VmTask {
                             Probe::Hello => {
                                 pings_since_hello = 0;
                                 self.hello(&mut client).await.and_then(|g| {
-                            self.admit(&g)?;
-                            guest = g;
-                            Ok(())
-                        })
+                                    self.admit(&g)?;
+                                    guest = g;
+                                    Ok(())
+                                })
                             }
                             Probe::Ping => {
                                 pings_since_hello += 1;
@@ -947,6 +953,16 @@ impl VmTask {
         only: &[String],
         why: Why,
     ) -> Result<RotateReport, String> {
+        // The last word on admission, whatever this task's copy of the
+        // config says: a reload that turned the key on reaches `launch_keys`
+        // at once, this task's `Reconfigure` perhaps later.
+        if self.launch_keys.requires(&self.vm.name) && guest.launch != Proof::Matches {
+            return Err(format!(
+                "VM {} now requires its launch key, which this session's guest has not shown; \
+                 nothing pushed (redialling)",
+                self.vm.name
+            ));
+        }
         // Polls are steady, not bursts (see `heap`).
         let _burst = (why != Why::Poll).then(heap::busy);
         self.retry_due = false;

@@ -75,7 +75,7 @@ pub struct State {
     pub hellos: usize,
     /// Trust calls: each is a round trip of the host's connect.
     pub trusts: usize,
-    /// What it returns as the VM's launch key (`Flood`: 100 000 bytes).
+    /// What it returns as the VM's launch key (`Flood`: 4096 bytes).
     pub launch_key: Vec<u8>,
 }
 
@@ -391,8 +391,9 @@ impl Guest for Double {
                     owed_units: flood_units(2000),
                     // Pins: too many, wrong lengths; the host keeps a few.
                     pins: (0..500).map(|i| vec![i as u8; 33 + i % 3]).collect(),
-                    // A launch key far over the bound.
-                    launch_key: vec![b'k'; 100_000],
+                    // A launch key over the bound (the reply as a whole
+                    // stays under the host's decode limit).
+                    launch_key: vec![b'k'; 4096],
                 }
             }
             Mode::Oversized => HelloReply {

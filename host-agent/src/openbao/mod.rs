@@ -552,10 +552,7 @@ impl Store {
         force: bool,
     ) -> Result<Read, Problem> {
         let cached = {
-            let s = self
-                .shared
-                .lock()
-                .map_err(|_| Problem::BadReply("internal: lock".into()))?;
+            let s = self.locked().map_err(Problem::BadReply)?;
             s.cache
                 .get(key)
                 .filter(|e| e.body.is_some())
@@ -599,10 +596,7 @@ impl Store {
         .await?;
         let meta = reply::metadata(&r.body).map_err(Problem::BadReply)?;
         let seen = {
-            let s = self
-                .shared
-                .lock()
-                .map_err(|_| Problem::BadReply("internal: lock".into()))?;
+            let s = self.locked().map_err(Problem::BadReply)?;
             s.seen
                 .get(&seen_key(&engine.server.address, key))
                 .copied()
@@ -620,14 +614,17 @@ impl Store {
         Ok((meta.current_version, meta.current))
     }
 
+    /// The shared state. A poisoned lock (a panic while it was held) is
+    /// an internal error for the caller to report, never a value.
+    fn locked(&self) -> Result<std::sync::MutexGuard<'_, Shared>, String> {
+        self.shared.lock().map_err(|_| "internal: lock".to_string())
+    }
+
     /// The value of one credential from what the store last gave.
     pub fn read(&self, name: &str, r: &SecretRef) -> Result<Value, SourceError> {
         let key = r.key();
         let (body, version) = {
-            let s = self
-                .shared
-                .lock()
-                .map_err(|_| SourceError::OpenBao("internal: lock".into()))?;
+            let s = self.locked().map_err(SourceError::OpenBao)?;
             let address = s
                 .server
                 .as_ref()

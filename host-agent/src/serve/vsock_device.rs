@@ -1,13 +1,15 @@
 //! Whether `/dev/vhost-vsock` lets any local user claim a guest CID.
 //!
 //! The host dials an AF_VSOCK VM by its CID alone and accepts any guest
-//! certificate (see ARCHITECTURE.md, "Known limits"). Whoever can open
-//! `/dev/vhost-vsock` can start a VM with any CID that is not in use, so
-//! while a configured VM is down, its CID can be taken by a VM of any user
-//! who may open the device, and the agent would push that VM's credentials
-//! to it. systemd's default udev rule makes the device 0666; the NixOS host
-//! module makes it 0660 root:kvm. This module only looks at the node's mode
-//! (it never opens the device) and says so loudly; it never stops the agent.
+//! certificate. Whoever can open `/dev/vhost-vsock` can start a VM with any
+//! CID that is not in use, so while a configured VM is down, its CID can be
+//! taken by a VM of any user who may open the device, and unless the VM
+//! requires its launch key (see ARCHITECTURE.md, "Launch key") the agent
+//! would push that VM's credentials to it. systemd's default udev rule
+//! makes the device 0666; the NixOS host module makes it 0660 root:kvm.
+//! This module only looks at the node's mode (it never opens the device)
+//! and says so loudly for the VMs without a launch key; it never stops
+//! the agent.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
@@ -15,7 +17,7 @@ use std::path::Path;
 
 use tracing::{debug, warn};
 
-use crate::config::Config;
+use crate::config::{Config, LaunchKeyMode};
 use vmcred_proto::transport::Target;
 
 /// Where VMMs open vhost-vsock.
@@ -61,34 +63,38 @@ pub fn access(path: &Path) -> Access {
     }
 }
 
-/// At start and on each reload: when any VM is dialled over AF_VSOCK and
-/// the device is open to every user, one warning saying what that means
-/// and how to close it.
+/// At start and on each reload: when a VM dialled over AF_VSOCK does not
+/// require its launch key and the device is open to every user, one
+/// warning saying what that means and how to close it.
 pub fn warn_if_open(cfg: &Config) {
     check(cfg, Path::new(VHOST_VSOCK));
 }
 
-/// [`warn_if_open`] with the device at `path`; `None` when no VM dials
-/// AF_VSOCK (the node is then not even looked at).
+/// [`warn_if_open`] with the device at `path`; `None` when every VM is
+/// either not dialled over AF_VSOCK or requires its launch key (the node
+/// is then not even looked at).
 fn check(cfg: &Config, path: &Path) -> Option<Access> {
-    if !cfg
+    let exposed: Vec<&str> = cfg
         .vms
         .values()
-        .any(|vm| matches!(vm.target, Target::Vsock { .. }))
-    {
-        return None;
-    }
+        .filter(|vm| {
+            matches!(vm.target, Target::Vsock { .. }) && vm.launch_key == LaunchKeyMode::Off
+        })
+        .map(|vm| vm.name.as_str())
+        .collect();
+    let first = exposed.first()?;
     let a = access(path);
-    report(path, a);
+    report(path, a, first, exposed.len());
     Some(a)
 }
 
-fn report(path: &Path, access: Access) {
+fn report(path: &Path, access: Access, first: &str, exposed: usize) {
     match access {
         Access::OpenToAll { mode } => warn!(
             device = %path.display(),
             mode = %format!("{mode:04o}"),
-            "{} is mode {mode:04o}: any local user can start a VM with the CID of a stopped AF_VSOCK VM and receive that VM's credentials from this agent. Make it 0660 root:kvm: on NixOS, services.vmcred.host.restrictVhostVsock (on by default); elsewhere, a udev rule KERNEL==\"vhost-vsock\", GROUP=\"kvm\", MODE=\"0660\", OPTIONS+=\"static_node=vhost-vsock\" (and only trusted users in kvm)",
+            vms = exposed,
+            "{} is mode {mode:04o}: any local user can start a VM with the CID of a stopped AF_VSOCK VM that does not require its launch key ({exposed} here, e.g. {first:?}) and receive that VM's credentials from this agent. Set launch_key = \"required\" on those VMs (qemu VMs started through `vmcred-host launch`; the NixOS host module's default there), and make the device 0660 root:kvm: on NixOS, services.vmcred.host.restrictVhostVsock (on by default); elsewhere, a udev rule KERNEL==\"vhost-vsock\", GROUP=\"kvm\", MODE=\"0660\", OPTIONS+=\"static_node=vhost-vsock\" (and only trusted users in kvm)",
             path.display()
         ),
         Access::Restricted { mode } => {
@@ -163,6 +169,12 @@ mod tests {
         assert_eq!(check(&hybrid, &p), None);
         let vsock = cfg("[vms.h]\nhybrid_socket = \"/v/h.vsock\"\n[vms.q]\ncid = 3");
         assert_eq!(check(&vsock, &p), Some(Access::OpenToAll { mode: 0o666 }));
+        let keyed = cfg("[vms.q]\ncid = 3\nlaunch_key = \"required\"");
+        assert_eq!(
+            check(&keyed, &p),
+            None,
+            "a VM with a launch key is not exposed"
+        );
     }
 
     /// What the operator reads: at WARN only when open to all, saying
@@ -201,6 +213,8 @@ mod tests {
             "is mode 0666",
             "any local user can start a VM with the CID of a stopped AF_VSOCK VM",
             "receive that VM's credentials",
+            "does not require its launch key (1 here, e.g. \"q\")",
+            "launch_key = \"required\"",
             "services.vmcred.host.restrictVhostVsock",
             "MODE=\"0660\"",
             "static_node=vhost-vsock",
