@@ -34,6 +34,13 @@ NESTED_L2_MODULES="vsock.ko vmw_vsock_virtio_transport_common.ko virtio.ko virti
 vmw_vsock_virtio_transport.ko virtio_mmio.ko qemu_fw_cfg.ko"
 # Where L1 keeps the nested pieces.
 NL1=/usr/local/lib/vmcred-test/nested
+# vm2's launch_key setting. "off" is the negative control: the host then
+# pushes to the impostor, and the launch key checks and the impostor's
+# fail (which shows they are not vacuous).
+NESTED_LAUNCH_KEY=${VMCRED_VM_NESTED_LAUNCH_KEY:-required}
+# What `vmcred-host status --json` says of a VM whose guest returned no
+# launch key (grep -E): the host refused it.
+NESTED_REFUSAL_RE='"launch_key": *"missing"'
 
 # nested_prepare_rootfs: the suite's cached tree + qemu-system-x86 from the
 # suite's own archive (apt in a chroot of a copy; the base tree is untouched),
@@ -209,11 +216,12 @@ print(format(sum(1 << num[c] for c in sys.stdin.read().split()), "016x"))') || r
 	log "nested: L1's vmcred-host serve runs under the rendered unit's bounding set $NESTED_BSET (CapBnd $NESTED_BND)"
 }
 
-# nested_wait_l1 TAG SECONDS COMMAND: run COMMAND in L1 every 5 s until it
-# exits 0 (its output in GUEST_OUT); 1 after SECONDS. Every minute the last
-# line of L2's console is logged, to show how far L2 got.
+# nested_wait_l1 TAG SECONDS COMMAND [CONSOLE]: run COMMAND in L1 every 5 s
+# until it exits 0 (its output in GUEST_OUT); 1 after SECONDS. Every minute
+# the last line of the nested guest's console (L2's, or CONSOLE in L1) is
+# logged, to show how far it got.
 nested_wait_l1() {
-	local end=$((SECONDS + $2)) next=$((SECONDS + 60)) o
+	local end=$((SECONDS + $2)) next=$((SECONDS + 60)) o c=${4:-/root/nested/l2-console.log}
 	while :; do
 		guest_run -t 60 "$3" && return 0
 		[ "$SECONDS" -lt "$end" ] || return 1
@@ -221,8 +229,8 @@ nested_wait_l1() {
 		if [ "$SECONDS" -ge "$next" ]; then
 			next=$((SECONDS + 60))
 			o=$GUEST_OUT
-			guest_run -t 30 'tail -c 2000 /root/nested/l2-console.log | tr -d "\r" | grep -a . | tail -n 1' || true
-			log "nested: waiting; L2's console ends with: $GUEST_OUT"
+			guest_run -t 30 'tail -c 2000 '"$c"' | tr -d "\r" | grep -a . | tail -n 1' || true
+			log "nested: waiting; ${c##*/} ends with: $GUEST_OUT"
 			GUEST_OUT=$o
 		fi
 		sleep 5
@@ -236,7 +244,104 @@ nested_wait_l1() {
 nested_save_logs() {
 	guest_run -t 60 'cat /root/nested/l2-console.log' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-l2-console.log"
 	guest_run -t 60 'cat /root/nested/serve.log' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-serve.log"
+	guest_run -t 60 'cat /root/nested/impostor-console.log 2>/dev/null' && printf '%s\n' "$GUEST_OUT" >"$WORK/nested-impostor-console.log"
 	true
+}
+
+# nested_impostor_test: H1's attack on real AF_VSOCK, after the proof above.
+# L2 (vm2, launched with its launch key) is stopped; an impostor boots on
+# the same CID 3 from the same kernel and initramfs (the stock agent)
+# under a qemu started by hand, as anyone who can open /dev/vhost-vsock
+# can: the public bootstrap on fw_cfg, no launch key. The host dials it by
+# its CID as before, and a rotation is asked for; the host must push
+# nothing (its status names the refusal), and the impostor's credentials
+# directory must hold nothing but the bootstrap.
+nested_impostor_test() {
+	local tag="[nested]" out t_imp rc
+	guest_run -t 110 'W=/root/nested N='"$NL1"'
+q=$(pgrep -f "^qemu-system-x86_64 -name vmcred-nested-l2" | head -1)
+[ -n "$q" ] && kill -TERM $q
+for _ in $(seq 300); do kill -0 "$q" 2>/dev/null || break; sleep 0.2; done
+if [ -z "$q" ] || kill -0 "$q" 2>/dev/null; then echo "L2 still running (pid ${q:-none})"; exit 1; fi
+echo "L2 stopped"
+echo "impostor fw_cfg bootstrap: $(cat $W/impostor/vmcred.bootstrap)"
+setsid qemu-system-x86_64 -name vmcred-nested-impostor -M microvm -accel tcg -cpu max -smp 1 -m 128M \
+	-nodefaults -no-user-config -display none -no-reboot \
+	-kernel $N/vmlinux -initrd $N/l2-initramfs.img \
+	-append "console=ttyS0 loglevel=7 panic=-1 tsc_early_khz=2000000 pci=off rdinit=/init" \
+	-fw_cfg name=opt/io.systemd.credentials/vmcred.bootstrap,file=$W/impostor/vmcred.bootstrap \
+	-device vhost-vsock-device,guest-cid=3 \
+	-serial file:$W/impostor-console.log >$W/impostor-qemu.log 2>&1 </dev/null &
+for _ in $(seq 150); do
+	q2=$(pgrep -f "^qemu-system-x86_64 -name vmcred-nested-impostor" | head -1)
+	v=
+	[ -n "$q2" ] && v=$(for fd in /proc/$q2/fd/*; do [ "$(readlink $fd)" = /dev/vhost-vsock ] && echo "${fd##*/}"; done | head -1)
+	[ -n "$v" ] && break
+	sleep 0.2
+done
+echo "impostor qemu pid ${q2:-none}, /dev/vhost-vsock fd ${v:-none}"
+tr "\0" "\n" </proc/$q2/cmdline | grep -A1 -x -- -fw_cfg
+[ -n "$v" ] || { tail -n 5 $W/impostor-qemu.log; exit 1; }' || true
+	out=${GUEST_OUT//$'\r'/}
+	t_imp=$(now)
+	indent <<<"$out"
+	if grep -qx 'L2 stopped' <<<"$out" && grep -q '^impostor qemu pid [0-9]*, /dev/vhost-vsock fd [0-9]' <<<"$out" &&
+		grep -q '^impostor fw_cfg bootstrap: vmcred-bootstrap-v1 port=700 pin=[^ ]* host=vsock$' <<<"$out" &&
+		[ "$(grep -c '^name=opt/io.systemd.credentials/' <<<"$out")" = 1 ]; then
+		pass "$tag the attack: L2 stopped, and an impostor qemu (not through vmcred-host launch) holds CID 3 on /dev/vhost-vsock with the same image, vm2's public bootstrap as its only fw_cfg credential, and no launch key"
+	else
+		fail "$tag the impostor started on CID 3 after L2 stopped"
+		return
+	fi
+
+	if nested_wait_l1 "$tag" "$NESTED_BOOT_TIMEOUT" 'grep -a -m1 "listening" /root/nested/impostor-console.log' /root/nested/impostor-console.log; then
+		log "nested: the impostor's agent is listening, $(elapsed "$t_imp") s after its qemu started"
+	else
+		fail "$tag the impostor booted to the agent's listening within ${NESTED_BOOT_TIMEOUT} s"
+		return
+	fi
+
+	# A new value and a rotation: the host has something to push now.
+	guest_run 'W=/root/nested
+umask 077
+printf "vmcred-test-nested-api-key-c-%s" "$(od -An -N8 -tx1 /dev/urandom | tr -d " \n")" >$W/secrets/api-key.new
+mv $W/secrets/api-key.new $W/secrets/api-key
+rm -f $W/rotate-impostor.rc
+setsid sh -c "vmcred-host rotate --config $W/host.toml vm2 API_KEY --timeout 60s --json >$W/rotate-impostor.json 2>$W/rotate-impostor.err; echo \$? >$W/rotate-impostor.rc" </dev/null >/dev/null 2>&1 &
+echo started' || true
+	# rotate ends on the ack or after its 60 s; the host has said hello to
+	# the impostor by then (it redials every few seconds).
+	nested_wait_l1 "$tag" 300 'test -s /root/nested/rotate-impostor.rc' /root/nested/impostor-console.log || true
+	if ! nested_wait_l1 "$tag" 120 'vmcred-host status --config /root/nested/host.toml --vm vm2 --json | grep -E -q '"'$NESTED_REFUSAL_RE'"'' /root/nested/impostor-console.log; then
+		log "nested: the host's status did not name a launch key refusal within 120 s of rotate's end"
+	fi
+	guest_run 'W=/root/nested C=$W/impostor-console.log
+echo "rotate rc=$(cat $W/rotate-impostor.rc 2>/dev/null)"; cat $W/rotate-impostor.json; echo; cat $W/rotate-impostor.err
+vmcred-host status --config $W/host.toml --vm vm2 --json >$W/status-impostor.json; cat $W/status-impostor.json; echo
+echo "status lines naming the refusal: $(grep -E -c '"'$NESTED_REFUSAL_RE'"' $W/status-impostor.json)"
+echo "host connections: $(grep -a -c "host connected" $C)"
+grep -a "host connected" $C | head -n 2
+grep -a "^VMCRED-L2 credentials:" $C | tail -n 1
+echo "impostor API_KEY lines: $(grep -a -c "^VMCRED-L2 API_KEY" $C)"
+echo "impostor apply lines: $(grep -a -c "apply:" $C)"
+echo "impostor fw_cfg credentials: $(grep -a -c "^VMCRED-L2 credential from fw_cfg" $C)"
+echo "impostor launch key lines: $(grep -a -c "holding the VM.s launch key" $C)"' || true
+	out=${GUEST_OUT//$'\r'/}
+	indent <<<"$out"
+	rc=$(sed -n 's/^rotate rc=//p' <<<"$out")
+	if ! grep -q '^status lines naming the refusal: 0$' <<<"$out" && grep -q '^status lines naming the refusal: [0-9]' <<<"$out" && [ -n "$rc" ] && [ "$rc" != 0 ] &&
+		! grep -q '"applied": *true' <<<"$out" && ! grep -q '^host connections: 0$' <<<"$out"; then
+		pass "$tag the host reached the impostor on CID 3 (TLS, its pinned key) and refused it: status names the launch key, and vmcred-host rotate vm2 exited $rc with nothing applied ($(elapsed "$t_imp") s after the impostor's qemu started)"
+	else
+		fail "$tag the host refused the impostor (status names the launch key; rotate rc=${rc:-?} must be non-zero, nothing applied)"
+	fi
+	if grep -qx 'VMCRED-L2 credentials: vmcred.bootstrap' <<<"$out" && grep -qx 'impostor API_KEY lines: 0' <<<"$out" &&
+		grep -qx 'impostor apply lines: 0' <<<"$out" && grep -qx 'impostor fw_cfg credentials: 0' <<<"$out" &&
+		grep -qx 'impostor launch key lines: 0' <<<"$out"; then
+		pass "$tag the impostor's /run/credentials/@system holds vmcred.bootstrap only: no API_KEY (no digest line, its agent logged no apply), no launch key"
+	else
+		fail "$tag the impostor got none of vm2's credentials"
+	fi
 }
 
 nested_test() {
@@ -301,6 +406,7 @@ rpc_timeout = "300s"
 [vms.vm2]
 cid = 3
 port = 700
+launch_key = "'"$NESTED_LAUNCH_KEY"'"
 
 [vms.vm2.credentials.API_KEY]
 path = "$W/secrets/api-key"
@@ -313,7 +419,11 @@ RUST_LOG=debug setsid setpriv --bounding-set '"$NESTED_BSET"' --inh-caps -all --
 for _ in $(seq 300); do [ -e $W/state/host.pin ] && [ -S $W/control.sock ] && break; sleep 0.2; done
 P=$(pgrep -x vmcred-host | head -1)
 echo "serve: pid $P, pin $(cat $W/state/host.pin)"
-echo "serve CapBnd=$(sed -n "s/^CapBnd:[[:space:]]*//p" /proc/$P/status)"' || true
+echo "serve CapBnd=$(sed -n "s/^CapBnd:[[:space:]]*//p" /proc/$P/status)"
+# The launch key serve made for vm2 (its shape only; never its value).
+K=$W/state/launch-keys/vm2
+for _ in $(seq 50); do [ -s $K ] && break; sleep 0.2; done
+echo "launch key file: mode=$(stat -c %a $K) bytes=$(wc -c <$K) hex64=$(grep -c -x "[0-9a-f]\{64\}" $K)"' || true
 	out=${GUEST_OUT//$'\r'/}
 	indent <<<"$out"
 	digest1=$(sed -n 's/^value-a sha256=\([0-9a-f]\{64\}\)$/\1/p' <<<"$out")
@@ -324,10 +434,19 @@ echo "serve CapBnd=$(sed -n "s/^CapBnd:[[:space:]]*//p" /proc/$P/status)"' || tr
 		fail "$tag L1: vhost_vsock loaded, vmcred-host serve running"
 		return
 	fi
+	if grep -qx 'launch key file: mode=600 bytes=64 hex64=1' <<<"$out"; then
+		pass "$tag vmcred-host serve made vm2's launch key (launch_key = \"required\"): state_dir/launch-keys/vm2, mode 0600, 64 lowercase hex digits, no newline"
+	else
+		fail "$tag serve made state_dir/launch-keys/vm2 (0600, 64 hex digits) for launch_key = \"required\""
+	fi
 
 	# L2 through the real launcher: fw_cfg carrier, qemu with vhost-vsock.
 	guest_run -t 110 'W=/root/nested N='"$NL1"'
-setsid vmcred-host launch --config $W/host.toml --vm vm2 --hypervisor qemu --carrier fw-cfg --runtime-dir $W/launch-runtime -- \
+# What LoadCredential=vmcred.launch-key:<state_dir>/launch-keys/vm2 on the
+# VM unit gives the launcher: a 0700 directory with a 0400 copy.
+rm -rf $W/launch-creds && mkdir -m 0700 $W/launch-creds
+install -m 0400 $W/state/launch-keys/vm2 $W/launch-creds/vmcred.launch-key
+CREDENTIALS_DIRECTORY=$W/launch-creds setsid vmcred-host launch --config $W/host.toml --vm vm2 --hypervisor qemu --carrier fw-cfg --runtime-dir $W/launch-runtime -- \
 	qemu-system-x86_64 -name vmcred-nested-l2 -M microvm -accel tcg -cpu max -smp 1 -m 128M \
 	-nodefaults -no-user-config -display none -no-reboot \
 	-kernel $N/vmlinux -initrd $N/l2-initramfs.img \
@@ -338,6 +457,13 @@ for _ in $(seq 100); do q=$(pgrep -f "^qemu-system-x86_64 -name vmcred-nested-l2
 echo "l2 qemu pid ${q:-none}"
 [ -n "$q" ] || { cat $W/launch.log; exit 1; }
 tr "\0" "\n" </proc/$q/cmdline | grep -A1 -x -- -fw_cfg
+# The key went as a file, not on the (world-readable) command line.
+if grep -a -q -F -f $W/state/launch-keys/vm2 /proc/$q/cmdline; then echo "launch key ON qemu command line"; else echo "launch key not on qemu command line"; fi
+kf=$(tr "\0" "\n" </proc/$q/cmdline | sed -n "s|^name=opt/io.systemd.credentials/vmcred.launch-key,file=||p")
+[ -n "$kf" ] && echo "launch key fw_cfg file: mode=$(stat -c %a "$kf") dir-mode=$(stat -c %a "$(dirname "$kf")") same=$(cmp -s "$kf" $W/state/launch-keys/vm2 && echo yes || echo no)"
+# The bootstrap is public: the impostor below is given a copy of it.
+bf=$(tr "\0" "\n" </proc/$q/cmdline | sed -n "s|^name=opt/io.systemd.credentials/vmcred.bootstrap,file=||p")
+mkdir -p $W/impostor && cp "$bf" $W/impostor/vmcred.bootstrap && chmod 0644 $W/impostor/vmcred.bootstrap
 # qemu opens /dev/vhost-vsock when it realizes the device, a moment after exec.
 for _ in $(seq 150); do
 	v=$(for fd in /proc/$q/fd/*; do [ "$(readlink $fd)" = /dev/vhost-vsock ] && echo "${fd##*/}"; done | head -1)
@@ -355,6 +481,13 @@ true' || true
 	else
 		fail "$tag L1: L2's qemu launched with fw_cfg and /dev/vhost-vsock"
 		return
+	fi
+	if grep -q '^name=opt/io.systemd.credentials/vmcred.launch-key,file=' <<<"$out" &&
+		grep -qx 'launch key not on qemu command line' <<<"$out" &&
+		grep -qxE 'launch key fw_cfg file: mode=[46]00 dir-mode=700 same=yes' <<<"$out"; then
+		pass "$tag vmcred-host launch, given \$CREDENTIALS_DIRECTORY/vmcred.launch-key, put the launch key on L2's qemu as fw_cfg opt/io.systemd.credentials/vmcred.launch-key from a private file (owner-only, in a 0700 directory), not on its command line"
+	else
+		fail "$tag vmcred-host launch passed vm2's launch key to qemu as a private fw_cfg file"
 	fi
 
 	# L2 boots (TCG inside TCG) to the agent's `listening`.
@@ -376,7 +509,10 @@ true' || true
 grep -a "^VMCRED-L2 bootstrap" $W/l2-console.log
 grep -a "host connected" $W/l2-console.log | head -n 3
 grep -a "^VMCRED-L2 API_KEY" $W/l2-console.log
-vmcred-host status --config $W/host.toml' || true
+grep -a "^VMCRED-L2 credential from fw_cfg" $W/l2-console.log
+grep -a "holding the VM.s launch key" $W/l2-console.log | head -n 1
+vmcred-host status --config $W/host.toml
+vmcred-host status --config $W/host.toml --vm vm2 --json | grep -o "\"launch_key\": *\"[a-z-]*\""' || true
 		out=${GUEST_OUT//$'\r'/}
 		indent <<<"$out"
 		local port
@@ -386,6 +522,13 @@ vmcred-host status --config $W/host.toml' || true
 			pass "$tag L2's agent (bootstrap host=vsock from fw_cfg) admitted the host from CID 2 port $port over virtio-vsock/vhost-vsock, and API_KEY arrived whole (digest equal, mode 0400, mount read-only again) $(elapsed "$t_l2") s after L2's qemu started"
 		else
 			fail "$tag L2: host admitted from CID 2 and a port < 1024, API_KEY whole"
+		fi
+		if grep -qx 'VMCRED-L2 credential from fw_cfg: vmcred.launch-key 64 bytes mode=400' <<<"$out" &&
+			grep -q "holding the VM's launch key" <<<"$out" && grep -q "^VMCRED-L2 API_KEY sha256=$digest1 " <<<"$out" &&
+			grep -qE '^"launch_key": *"verified"$' <<<"$out"; then
+			pass "$tag L2 imported vmcred.launch-key from fw_cfg into /run/credentials/@system (64 bytes, 0400), its agent holds it, the host's status says launch_key \"verified\", and the host pushed API_KEY to it"
+		else
+			fail "$tag L2 got the launch key through fw_cfg and was admitted with it"
 		fi
 	else
 		fail "$tag L2: API_KEY delivered"
@@ -450,19 +593,29 @@ grep -a "refused a connection before TLS" $W/l2-console.log | tail -n 1' || true
 		fail "$tag an unprivileged L1 user's connection to L2 is refused before TLS"
 	fi
 
-	# Nothing printed a value: L1 checks its own logs and L2's console
-	# against the values it holds (the digests only are reported).
+	# The attack (H1, ARCHITECTURE "Known limits"): vm2 stops, and a VM that
+	# launch did not start takes its CID 3, with the same image and the
+	# stock agent, the public bootstrap on fw_cfg (copied from L2's launch
+	# above), and no launch key. The host must push it nothing.
+	nested_impostor_test
+
+	# Nothing printed a value: L1 checks its own logs and both consoles
+	# against the values it holds, the launch key included (the digests
+	# only are reported).
 	guest_run 'W=/root/nested
-for f in $W/serve.log $W/l2-console.log $W/launch.log $W/rotate.json $W/rotate.err; do
-	if grep -a -q -F -f <(cat $W/secrets/api-key; printf "\nvmcred-test-nested-api-key\n") "$f"; then echo "leak in $f"; fi
+for f in $W/serve.log $W/l2-console.log $W/launch.log $W/rotate.json $W/rotate.err \
+	$W/impostor-console.log $W/impostor-qemu.log $W/rotate-impostor.json $W/rotate-impostor.err $W/status-impostor.json; do
+	[ -e "$f" ] || { echo "missing $f"; continue; }
+	if grep -a -q -F -f <(cat $W/secrets/api-key; printf "\nvmcred-test-nested-api-key\n"; { cat $W/state/launch-keys/vm2 && echo; } 2>/dev/null) "$f"; then echo "leak in $f"; fi
 done; echo checked' || true
+	indent <<<"$(grep -v '^checked$' <<<"$GUEST_OUT")"
 	if grep -q '^checked$' <<<"$GUEST_OUT" && ! grep -q '^leak' <<<"$GUEST_OUT"; then
-		pass "$tag no value in L1's serve log, launch log, rotate output or L2's console"
+		pass "$tag no credential value and no launch key in L1's serve log, launch log, rotate outputs, status, qemu's output or either nested guest's console"
 	else
 		fail "$tag a value in a log: $(grep '^leak' <<<"$GUEST_OUT" | tr '\n' ' ')"
 	fi
 	nested_save_logs
-	guest_run 'pkill -TERM -f "^qemu-system-x86_64 -name vmcred-nested-l2"; true' || true
+	guest_run 'pkill -TERM -f "^qemu-system-x86_64 -name vmcred-nested-(l2|impostor)"; true' || true
 	guest_poweroff 60 || log "nested: L1 did not power off in 60 s; stopping qemu"
 	stop_pid "$QEMU_PID"
 	stop_pid "${VDV_PID:-}"

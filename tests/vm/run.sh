@@ -31,7 +31,9 @@
 #      module's rendered vmcred-guest.service, instead of running
 #      tests/nix/render-guest-unit.sh), CARGO_TARGET_DIR,
 #      VMCRED_VM_NESTED_SUITE (the nested proof's suite, default bookworm),
-#      VMCRED_VM_NESTED_BOOT_TIMEOUT (seconds L2 may take to listen, 2400).
+#      VMCRED_VM_NESTED_BOOT_TIMEOUT (seconds L2 may take to listen, 2400),
+#      VMCRED_VM_NESTED_LAUNCH_KEY (vm2's launch_key, default required; off
+#      is the negative control, under which the impostor checks fail).
 # Exit: 0 all checks passed, 1 a check failed (or something needed could not be
 #       fetched or built), 77 cannot run here at all (not root, not x86_64, no cargo).
 # shellcheck source-path=SCRIPTDIR
