@@ -40,8 +40,7 @@ use vmcred_proto::rules;
 pub use limits::raise_nofile_limit;
 pub use lock::{LockError, StateLock};
 
-use crate::config::Config;
-use crate::config::LaunchKeyMode;
+use crate::config::{Config, LaunchKeyMode};
 use crate::control::{self, Reply, Request, RotateReport};
 use crate::generations::Generations;
 use crate::keyring::{self, KeyRing, KeyStep};
@@ -97,8 +96,9 @@ struct Shared {
 
 struct Daemon {
     keys: Arc<KeyRing>,
-    /// Per-VM launch keys (`launch_key = "required"`), made or read in
-    /// `apply_config`, checked by the VM tasks.
+    /// Per-VM launch keys (`launch_key = "required"`), made or read by
+    /// `ensure_launch_keys` (at start and on each reload), checked by the
+    /// VM tasks.
     launch_keys: LaunchKeys,
     generations: Generations,
     credentials_dir: Option<PathBuf>,
