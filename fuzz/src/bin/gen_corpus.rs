@@ -138,6 +138,8 @@ fn main() {
         guest_version: vmcred_proto::VERSION.into(),
         owed_units: vec![unit("broken.service", false, "exit status 1")],
         pins: rollover_pins(),
+        // 64 hex digits, the shape of a VM's launch key.
+        launch_key: b"0123456789abcdef".repeat(4),
     };
     write(
         out,

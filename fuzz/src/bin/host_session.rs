@@ -143,6 +143,9 @@ fn world() -> &'static World {
                 name: "fuzz-vm".into(),
                 target: Target::Unix { path: socket },
                 port: 700,
+                // Off: with a key required, almost every input would stop
+                // at the Hello check and never reach the pushes fuzzed here.
+                launch_key: vmcred_host::config::LaunchKeyMode::Off,
                 credentials,
             };
             let timing = Timing {
@@ -153,7 +156,14 @@ fn world() -> &'static World {
             };
             let generations =
                 Generations::open(dir.path().join("generations")).expect("generations");
-            vm::spawn(Arc::new(vm), timing, keys, generations, None)
+            vm::spawn(
+                Arc::new(vm),
+                timing,
+                keys,
+                Default::default(),
+                generations,
+                None,
+            )
         });
         World {
             _dir: dir,
