@@ -215,7 +215,7 @@ fn run_launch(config: &std::path::Path, args: LaunchArgs) -> Result<ExitCode> {
         launch_key: match vm.launch_key {
             LaunchKeyMode::Off => launch::LaunchKey::Off,
             LaunchKeyMode::Required => launch::LaunchKey::Required {
-                agent_file: cfg.state_dir.join("launch-keys").join(vm_name),
+                agent_file: vmcred_host::launch_key::path(&cfg.state_dir, vm_name),
             },
         },
         credentials_dir: source::credentials_directory(),

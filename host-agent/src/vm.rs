@@ -199,18 +199,18 @@ enum Open {
     Refused(String),
 }
 
-/// A session just dialled, and the guest's Hello when that was its first
-/// call (see `VmTask::open`).
+/// A session just dialled, and the answer to its first call, `Hello`
+/// (see `VmTask::open`).
 struct Opened {
     client: HostClient,
-    hello: Option<Result<GuestView, String>>,
+    hello: Result<GuestView, String>,
 }
 
 impl Opened {
     /// False when the first `Hello` showed a guest that has not proved its
     /// launch: `session` refuses it before anything else.
     fn admissible(&self) -> bool {
-        !matches!(&self.hello, Some(Ok(g)) if !matches!(g.launch, Proof::NotRequired | Proof::Matches))
+        !matches!(&self.hello, Ok(g) if !matches!(g.launch, Proof::NotRequired | Proof::Matches))
     }
 }
 
@@ -636,10 +636,7 @@ impl VmTask {
                 )))
             }
         };
-        Ok(Opened {
-            client,
-            hello: Some(hello),
-        })
+        Ok(Opened { client, hello })
     }
 
     /// Keeps the pins the guest reports: a claim, shown in `status`.
@@ -767,10 +764,6 @@ impl VmTask {
         synced: &mut bool,
     ) -> SessionEnd {
         let Opened { mut client, hello } = opened;
-        let hello = match hello {
-            Some(h) => h,
-            None => self.hello(&mut client).await,
-        };
         let mut guest = match hello {
             Ok(g) => g,
             Err(e) => return SessionEnd::Lost(e),

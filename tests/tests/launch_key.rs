@@ -8,7 +8,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use vmcred_tests::hostile_guest::Mode;
+use vmcred_tests::hostile_guest::{HostileGuest, Mode};
 use vmcred_tests::{wait_until, World};
 
 const T: Duration = Duration::from_secs(30);
@@ -34,6 +34,17 @@ fn wait_for_launch_key(w: &World, state: &str) -> serde_json::Value {
     });
     assert!(seen.is_ok(), "launch_key never became {state:?}: {last}");
     last
+}
+
+/// VM `a` requires the key and holds SECRET; the hostile double (honest
+/// until told otherwise) answers in its place. The host is not started.
+fn keyed_vm_with_double() -> (World, HostileGuest) {
+    let mut w = World::new().expect("world");
+    w.add_vm(VM, false).expect("vm");
+    w.guests.get_mut(VM).expect("guest").launch_key = true;
+    w.set_secret(VM, "token", SECRET, false).expect("secret");
+    let double = w.start_hostile(VM, Mode::Honest).expect("double");
+    (w, double)
 }
 
 /// VMs `a` and `b` require the key (b's is another VM's real key).
@@ -159,11 +170,7 @@ fn a_vm_on_the_same_address_without_the_key_gets_nothing_and_the_launched_vm_get
 
 #[test]
 fn a_hostile_guest_s_oversized_key_is_refused_and_nothing_is_pushed() {
-    let mut w = World::new().expect("world");
-    w.add_vm(VM, false).expect("vm");
-    w.guests.get_mut(VM).expect("guest").launch_key = true;
-    w.set_secret(VM, "token", SECRET, false).expect("secret");
-    let double = w.start_hostile(VM, Mode::Honest).expect("double");
+    let (mut w, double) = keyed_vm_with_double();
     double.state.lock().expect("state").launch_key = vec![b'k'; 100_000];
     w.start_host().expect("host");
     wait_for_launch_key(&w, "mismatch");
@@ -179,11 +186,7 @@ fn a_hostile_guest_s_oversized_key_is_refused_and_nothing_is_pushed() {
 
 #[test]
 fn an_unproven_guest_is_not_handed_the_next_host_key_pin_nor_believed() {
-    let mut w = World::new().expect("world");
-    w.add_vm(VM, false).expect("vm");
-    w.guests.get_mut(VM).expect("guest").launch_key = true;
-    w.set_secret(VM, "token", SECRET, false).expect("secret");
-    let double = w.start_hostile(VM, Mode::Honest).expect("double");
+    let (mut w, double) = keyed_vm_with_double();
     w.start_host().expect("host");
     wait_for_launch_key(&w, "missing");
     let out = w
